@@ -1,0 +1,175 @@
+"""Build and job endpoints (the seed's Builds API and the Jobs API)."""
+
+from __future__ import annotations
+
+import uuid
+from functools import cached_property
+from typing import Any
+
+from django.db.models import Prefetch
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from builds import services
+from builds.filters import BuildFilter
+from builds.models import Build, Job, JobDependency
+from builds.serializers import (
+    BuildListSerializer,
+    BuildSerializer,
+    CreateBuildRequestSerializer,
+    CreateRepoBuildRequestSerializer,
+    JobListSerializer,
+    JobSerializer,
+    LogTokenSerializer,
+)
+from harmont.errors import ApiError
+from harmont.logtokens import mint_log_token
+from harmont.pagination import paginate
+from harmont.serializers import ErrorSerializer
+from organizations.access import ORG_PERMISSIONS, OrgScopedMixin
+from pipelines.api import PAGE_PARAMS, get_pipeline
+
+BUILD_REQUEST_FIELDS = ("branch", "commit", "message", "source", "env", "pipeline_ir", "source_b64",
+                        "source_url", "source_sha256")
+FILTER_PARAMS = [
+    OpenApiParameter("branch", str), OpenApiParameter("state", str), OpenApiParameter("commit", str),
+    OpenApiParameter("source", str),
+    OpenApiParameter("created_after", str, description="ISO-8601; builds created at or after."),
+    OpenApiParameter("created_before", str, description="ISO-8601; builds created before."),
+]
+
+
+def request_object(request: Request) -> dict[str, Any]:
+    if not isinstance(request.data, dict):
+        raise ApiError("invalid_request", "The request body must be a JSON object.")
+    return request.data
+
+
+def build_request_from(body: dict[str, Any]) -> services.BuildRequest:
+    return services.validate_build_request(**{name: body.get(name) for name in BUILD_REQUEST_FIELDS})
+
+
+class BuildScopedMixin(OrgScopedMixin):
+    """Resolves `self.build` (with its pipeline) from org/pipeline/number in one query."""
+
+    @cached_property
+    def build(self) -> Build:
+        number_raw: str = self.kwargs["number"]
+        number = int(number_raw) if number_raw.strip().lstrip("+").isdigit() else None
+        build = None
+        if number is not None and number < 2**31:
+            build = (
+                Build.objects.select_related("pipeline")
+                .filter(pipeline__organization=self.org, pipeline__slug=self.kwargs["pipeline"],
+                        pipeline__archived_at__isnull=True, number=number)
+                .first()
+            )
+        if build is None:
+            pipeline = get_pipeline(self.org, self.kwargs["pipeline"])  # pipeline_not_found first
+            raise ApiError("build_not_found", f"No build {number_raw} in pipeline {pipeline.slug}.")
+        return build
+
+
+class PipelineBuildsView(OrgScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+
+    @extend_schema(operation_id="listBuilds", tags=["builds"], parameters=PAGE_PARAMS + FILTER_PARAMS,
+                   responses={200: BuildListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, org: str, pipeline: str) -> Response:
+        pipe = get_pipeline(self.org, pipeline)
+        filtered = BuildFilter(request.query_params, queryset=Build.objects.filter(pipeline=pipe))
+        if not filtered.is_valid():
+            fields = {name: [str(m) for m in msgs] for name, msgs in filtered.errors.items()}
+            raise ApiError("invalid_filter", f"Invalid filter: {', '.join(sorted(fields))}.", fields=fields)
+        page = paginate(request, filtered.qs, key="number", descending=True)
+        for build in page.items:
+            build.pipeline = pipe  # already known; saves a join
+        return Response({"data": BuildSerializer(page.items, many=True).data, "next_cursor": page.next_cursor})
+
+    @extend_schema(operation_id="createBuild", tags=["builds"], request=CreateBuildRequestSerializer,
+                   responses={201: BuildSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
+                              422: ErrorSerializer})
+    def post(self, request: Request, org: str, pipeline: str) -> Response:
+        pipe = get_pipeline(self.org, pipeline)
+        build = services.create_build(pipeline=pipe, request=build_request_from(request_object(request)),
+                                      created_by=request.user)
+        return Response(BuildSerializer(build).data, status=status.HTTP_201_CREATED)
+
+
+class RepoBuildsView(OrgScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+
+    @extend_schema(operation_id="createBuildBySource", tags=["builds"], request=CreateRepoBuildRequestSerializer,
+                   responses={201: BuildSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
+                              422: ErrorSerializer})
+    def post(self, request: Request, org: str) -> Response:
+        body = request_object(request)
+        build_request = build_request_from(body)
+        missing = {name: ["This field is required."] for name in ("repo_name", "source_slug")
+                   if not isinstance(body.get(name), str) or not body.get(name)}
+        if missing:
+            raise ApiError("build_invalid", f"Invalid build request: {', '.join(sorted(missing))}.", fields=missing)
+        pipe = services.find_pipeline_by_repo(org=self.org, repo_name=body["repo_name"],
+                                              source_slug=body["source_slug"])
+        build = services.create_build(pipeline=pipe, request=build_request, created_by=request.user)
+        return Response(BuildSerializer(build).data, status=status.HTTP_201_CREATED)
+
+
+class BuildDetailView(BuildScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+
+    @extend_schema(operation_id="getBuild", tags=["builds"], responses={200: BuildSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
+        return Response(BuildSerializer(self.build).data)
+
+
+class BuildCancelView(BuildScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+
+    @extend_schema(operation_id="cancelBuild", tags=["builds"], request=None,
+                   responses={200: BuildSerializer, 404: ErrorSerializer, 409: ErrorSerializer})
+    def put(self, request: Request, org: str, pipeline: str, number: str) -> Response:
+        return Response(BuildSerializer(services.cancel_build(build=self.build)).data)
+
+
+class BuildLogTokenView(BuildScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+
+    @extend_schema(operation_id="getBuildLogToken", tags=["builds"],
+                   responses={200: LogTokenSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
+        minted = mint_log_token(build_id=self.build.id)
+        return Response(LogTokenSerializer({"token": minted.token, "expires_at": minted.expires_at}).data)
+
+
+def jobs_of(build: Build):  # noqa: ANN201 (QuerySet[Job])
+    edges = JobDependency.objects.order_by("prerequisite__position").only("job_id", "prerequisite_id")
+    return Job.objects.filter(build=build).prefetch_related(Prefetch("prerequisite_edges", queryset=edges))
+
+
+class JobListView(BuildScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+
+    @extend_schema(operation_id="listJobs", tags=["jobs"], responses={200: JobListSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
+        jobs = jobs_of(self.build).order_by("position")
+        return Response({"data": JobSerializer(jobs, many=True).data})
+
+
+class JobDetailView(BuildScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+
+    @extend_schema(operation_id="getJob", tags=["jobs"], responses={200: JobSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, org: str, pipeline: str, number: str, job_id: str) -> Response:
+        try:
+            job_uuid = uuid.UUID(job_id)
+        except ValueError:
+            job_uuid = None
+        job = jobs_of(self.build).filter(pk=job_uuid).first() if job_uuid else None
+        if job is None:
+            raise ApiError("job_not_found", f"No job {job_id} in build #{self.build.number}.")
+        return Response(JobSerializer(job).data)
+

@@ -1,0 +1,20 @@
+"""Filters of the build list (django-filter), combinable with the keyset cursor."""
+
+from __future__ import annotations
+
+import django_filters
+
+from builds.models import Build, BuildSource, BuildState
+
+
+class BuildFilter(django_filters.FilterSet):
+    branch = django_filters.CharFilter()
+    commit = django_filters.CharFilter()
+    state = django_filters.ChoiceFilter(choices=BuildState.choices)
+    source = django_filters.ChoiceFilter(choices=BuildSource.choices)
+    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+
+    class Meta:
+        model = Build
+        fields = ["branch", "commit", "state", "source", "created_after", "created_before"]

@@ -1,0 +1,152 @@
+"""Builds, their jobs, the edges between jobs, and log chunks."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from organizations.models import Organization
+from pipelines.models import Pipeline
+
+
+class BuildState(models.TextChoices):
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    SKIPPED = "skipped"
+
+
+class BuildSource(models.TextChoices):
+    WEBHOOK = "webhook"
+    UI = "ui"
+    API = "api"
+    TRIGGER_JOB = "trigger_job"
+    SCHEDULE = "schedule"
+
+
+class JobState(models.TextChoices):
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELING = "canceling"
+    CANCELED = "canceled"
+    TIMING_OUT = "timing_out"
+    TIMED_OUT = "timed_out"
+
+
+class BuildQuerySet(models.QuerySet["Build"]):
+    def for_org(self, org: Organization) -> "BuildQuerySet":
+        return self.filter(pipeline__organization=org)
+
+
+class Build(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    pipeline = models.ForeignKey(Pipeline, on_delete=models.CASCADE, related_name="builds")
+    number = models.PositiveIntegerField()
+    state = models.CharField(max_length=12, choices=BuildState.choices, default=BuildState.SCHEDULED)
+    branch = models.CharField(max_length=255)
+    commit = models.CharField(max_length=255)
+    message = models.TextField(blank=True, null=True)
+    source = models.CharField(max_length=12, choices=BuildSource.choices, default=BuildSource.API)
+    env = models.JSONField(default=dict, blank=True)
+    # The IR the jobs were planned from, as received (audit trail and re-runs).
+    pipeline_ir = models.JSONField(null=True, blank=True)
+    timeout_seconds = models.PositiveIntegerField(null=True, blank=True)
+    source_archive = models.FileField(upload_to="sources/", blank=True, null=True)
+    source_url = models.CharField(max_length=2000, blank=True, null=True)
+    source_sha256 = models.CharField(max_length=64, blank=True, null=True)
+    error_code = models.CharField(max_length=40, blank=True, null=True)
+    error_message = models.TextField(blank=True, null=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                   on_delete=models.SET_NULL, related_name="+")
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    scheduled_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = BuildQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["pipeline", "number"], name="build_number_unique")]
+        # The unique (pipeline, number) index serves the plain newest-first list;
+        # these serve the filtered lists without scanning a pipeline's history.
+        indexes = [
+            models.Index(fields=["pipeline", "branch", "-number"], name="build_by_branch"),
+            models.Index(fields=["pipeline", "state", "-number"], name="build_by_state"),
+            models.Index(fields=["pipeline", "commit"], name="build_by_commit"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.pipeline_id}#{self.number}"
+
+
+class Job(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    build = models.ForeignKey(Build, on_delete=models.CASCADE, related_name="jobs")
+    # Denormalised from build.pipeline so agents find their organization's
+    # scheduled jobs with one index range scan, without joins.
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    # Position in dependency order: every prerequisite has a smaller position.
+    position = models.PositiveIntegerField()
+    step_key = models.CharField(max_length=255)
+    name = models.CharField(max_length=500, blank=True, null=True)
+    command = models.TextField()
+    image = models.CharField(max_length=500, blank=True, null=True)
+    env = models.JSONField(default=dict, blank=True)
+    timeout_seconds = models.PositiveIntegerField()
+    cache = models.JSONField(null=True, blank=True)
+    runner = models.CharField(max_length=255, blank=True, null=True)
+    runner_args = models.JSONField(null=True, blank=True)
+    state = models.CharField(max_length=12, choices=JobState.choices, default=JobState.PENDING)
+    exit_code = models.IntegerField(null=True, blank=True)
+    error_code = models.CharField(max_length=40, blank=True, null=True)
+    error_message = models.TextField(blank=True, null=True)
+    soft_failed = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    scheduled_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["build", "position"], name="job_position_unique"),
+            models.UniqueConstraint(fields=["build", "step_key"], name="job_key_unique"),
+        ]
+        indexes = [
+            # Agents claim the oldest scheduled job of an organization.
+            models.Index(fields=["organization", "state", "scheduled_at"], name="job_claim_queue"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.step_key} ({self.state})"
+
+
+class EdgeKind(models.TextChoices):
+    BUILDS_IN = "builds_in"
+    DEPENDS_ON = "depends_on"
+
+
+class JobDependency(models.Model):
+    """`job` may start only after `prerequisite` passed (or was skipped)."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="prerequisite_edges")
+    prerequisite = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="dependent_edges")
+    kind = models.CharField(max_length=10, choices=EdgeKind.choices)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["job", "prerequisite"], name="job_dependency_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.prerequisite_id} -> {self.job_id} ({self.kind})"

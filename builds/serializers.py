@@ -1,0 +1,78 @@
+"""Build and job JSON <-> Python. No queries here: views prefetch what is shown."""
+
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from builds.models import Build, BuildSource, Job
+from harmont.serializers import page_serializer
+
+
+class BuildSerializer(serializers.ModelSerializer):
+    pipeline_slug = serializers.CharField(source="pipeline.slug", read_only=True)
+
+    class Meta:
+        model = Build
+        fields = ["id", "number", "state", "pipeline_slug", "branch", "commit", "message", "source",
+                  "error_code", "error_message", "created_at", "scheduled_at", "started_at", "finished_at"]
+        read_only_fields = fields
+
+
+BuildListSerializer = page_serializer("BuildList", BuildSerializer)
+
+
+class JobSerializer(serializers.ModelSerializer):
+    depends_on = serializers.SerializerMethodField()
+    retry_policy = serializers.SerializerMethodField()
+    soft_fail_policy = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Job
+        fields = ["id", "step_key", "name", "command", "state", "exit_code", "error_code", "error_message",
+                  "depends_on", "soft_failed", "retry_policy", "soft_fail_policy", "created_at", "started_at",
+                  "finished_at"]
+        read_only_fields = fields
+
+    def get_depends_on(self, job: Job) -> list[str]:
+        # `prerequisite_edges` is prefetched by the view (one query per list).
+        return [str(edge.prerequisite_id) for edge in job.prerequisite_edges.all()]
+
+    def get_retry_policy(self, job: Job) -> dict | None:
+        return None  # retries are not part of the v0 IR yet
+
+    def get_soft_fail_policy(self, job: Job) -> dict | None:
+        return None
+
+
+class JobListSerializer(serializers.Serializer):
+    data = JobSerializer(many=True)
+
+
+class LogTokenSerializer(serializers.Serializer):
+    token = serializers.CharField(help_text="Build-scoped token for the log stream's `token` query parameter.")
+    expires_at = serializers.DateTimeField()
+
+
+class _BuildRequestFields(serializers.Serializer):
+    """Schema of the create-build body; validation itself is `services.validate_build_request`."""
+
+    branch = serializers.CharField()
+    commit = serializers.CharField()
+    message = serializers.CharField(required=False, allow_null=True)
+    source = serializers.ChoiceField(choices=BuildSource.choices, required=False, allow_null=True)
+    pipeline_ir = serializers.CharField(required=False, allow_null=True,
+                                        help_text="The v0 IR as a JSON string (an object is accepted too).")
+    env = serializers.DictField(child=serializers.CharField(), required=False, allow_null=True)
+    source_b64 = serializers.CharField(required=False, allow_null=True,
+                                       help_text="Base64 of a gzipped tarball of the code to build.")
+    source_url = serializers.CharField(required=False, allow_null=True)
+    source_sha256 = serializers.CharField(required=False, allow_null=True)
+
+
+class CreateBuildRequestSerializer(_BuildRequestFields):
+    pass
+
+
+class CreateRepoBuildRequestSerializer(_BuildRequestFields):
+    repo_name = serializers.CharField(help_text="`owner/repo`, matched case-insensitively.")
+    source_slug = serializers.CharField(help_text="The pipeline's name inside the repository.")

@@ -1,0 +1,267 @@
+"""Writes for builds and jobs: creating, canceling, and job results."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from builds import states
+from builds.models import Build, BuildSource, BuildState, EdgeKind, Job, JobDependency, JobState
+from harmont.errors import ApiError, validation_error
+from organizations.models import Organization, User
+from pipelines import ir
+from pipelines.models import Pipeline
+
+MANUAL_SOURCES = frozenset({BuildSource.API, BuildSource.UI})
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """A validated create-build request, before anything is written."""
+
+    branch: str
+    commit: str
+    message: str | None
+    source: str
+    env: dict[str, str]
+    pipeline_ir: Any  # str | dict | None
+    source_archive: bytes | None
+    source_url: str | None
+    source_sha256: str | None
+
+
+def validate_build_request(*, branch: Any, commit: Any, message: Any = None, source: Any = None,
+                           env: Any = None, pipeline_ir: Any = None, source_b64: Any = None,
+                           source_url: Any = None, source_sha256: Any = None) -> BuildRequest:
+    """Check every field of a create-build request; 422 `build_invalid` listing all bad fields."""
+    fields: dict[str, list[str]] = {}
+
+    def text(name: str, value: Any, *, required: bool = False, max_length: int = 255) -> str | None:
+        if value is None or value == "":
+            if required:
+                fields[name] = ["This field is required."]
+            return None
+        if not isinstance(value, str):
+            fields[name] = ["Must be a string."]
+            return None
+        if len(value) > max_length:
+            fields[name] = [f"At most {max_length} characters."]
+            return None
+        return value
+
+    branch_v = text("branch", branch, required=True)
+    commit_v = text("commit", commit, required=True)
+    message_v = text("message", message, max_length=100_000)
+    source_v = text("source", source) or BuildSource.API
+    if source_v not in BuildSource.values:
+        fields["source"] = [f"Must be one of: {', '.join(BuildSource.values)}."]
+    env_v: dict[str, str] = {}
+    if env is not None:
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            fields["env"] = ["Must be an object mapping strings to strings."]
+        else:
+            env_v = env
+    if pipeline_ir is not None and not isinstance(pipeline_ir, (str, dict)):
+        fields["pipeline_ir"] = ["Must be the v0 IR as a JSON string (or object)."]
+    archive: bytes | None = None
+    if source_b64 not in (None, ""):
+        if not isinstance(source_b64, str):
+            fields["source_b64"] = ["Must be a base64 string."]
+        else:
+            try:
+                archive = base64.b64decode(source_b64, validate=True)
+            except (binascii.Error, ValueError):
+                fields["source_b64"] = ["Not valid base64."]
+    url_v = text("source_url", source_url, max_length=2000)
+    sha_v = text("source_sha256", source_sha256, max_length=64)
+    if sha_v is not None and (len(sha_v) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha_v)):
+        fields["source_sha256"] = ["Must be 64 hexadecimal characters."]
+    if fields:
+        raise validation_error(fields, code="build_invalid", message=f"Invalid build request: {', '.join(sorted(fields))}.")
+    return BuildRequest(
+        branch=branch_v or "", commit=commit_v or "", message=message_v, source=source_v, env=env_v,
+        pipeline_ir=pipeline_ir if pipeline_ir not in ("",) else None, source_archive=archive,
+        source_url=url_v, source_sha256=sha_v.lower() if sha_v else None,
+    )
+
+
+def find_pipeline_by_repo(*, org: Organization, repo_name: str, source_slug: str) -> Pipeline:
+    """The oldest live pipeline of `org` with this repo (any case) and source slug."""
+    pipeline = (
+        Pipeline.objects.for_org(org)
+        .filter(repo_name__iexact=repo_name, source_slug=source_slug)
+        .order_by("id")
+        .first()
+    )
+    if pipeline is None:
+        raise ApiError("pipeline_not_found",
+                       f"No pipeline for repository {repo_name!r} with source slug {source_slug!r}.")
+    return pipeline
+
+
+def _plan(pipeline: Pipeline, request: BuildRequest) -> tuple[Any, ir.Plan | None, ir.PlanError | None]:
+    """Decide the IR (request, else stored definition) and plan it, before any write."""
+    document = request.pipeline_ir if request.pipeline_ir is not None else pipeline.definition
+    if document is None:
+        return None, None, ir.PlanError(
+            "definition_missing",
+            f"The request has no pipeline_ir and pipeline {pipeline.slug!r} has no stored definition.",
+        )
+    try:
+        loaded = ir.load_ir(document)
+        return loaded, ir.plan_ir(loaded, build_env=request.env), None
+    except ir.PlanError as exc:
+        stored = document if not isinstance(document, (str, bytes)) else {"raw": str(document)[:100_000]}
+        return stored, None, exc
+
+
+def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User | None = None,
+                 now: datetime | None = None) -> Build:
+    """Number, store and plan a build: the build row, its jobs and their edges in bulk.
+
+    A rejected plan still records the build (`failed`, with the planner's
+    error code) and then raises 422 `build_plan_rejected`, so the attempt is
+    visible in the history exactly like a build that failed.
+    """
+    if not pipeline.allow_manual and request.source in MANUAL_SOURCES:
+        raise ApiError("pipeline_manual_disabled",
+                       f"Pipeline {pipeline.slug!r} does not allow manual builds (source {request.source!r}).")
+    now = now or timezone.now()
+    document, plan, error = _plan(pipeline, request)
+    build_id = uuid.uuid4()
+    archive_name = None
+    if request.source_archive is not None:
+        archive_name = default_storage.save(f"sources/{build_id}.tar.gz", ContentFile(request.source_archive))
+    try:
+        build = _insert_build(pipeline=pipeline, build_id=build_id, request=request, document=document,
+                              plan=plan, error=error, archive_name=archive_name, created_by=created_by, now=now)
+    except BaseException:
+        if archive_name:
+            default_storage.delete(archive_name)
+        raise
+    if error is not None:
+        raise ApiError("build_plan_rejected",
+                       f"Build #{build.number} failed: the pipeline definition was rejected "
+                       f"({error.code}): {error.message}")
+    return build
+
+
+@transaction.atomic
+def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequest, document: Any,
+                  plan: ir.Plan | None, error: ir.PlanError | None, archive_name: str | None,
+                  created_by: User | None, now: datetime) -> Build:
+    # The counter row's lock is held until commit, so concurrent creates on one
+    # pipeline queue here and take consecutive numbers; a rollback returns the number.
+    Pipeline.objects.filter(pk=pipeline.pk).update(build_counter=F("build_counter") + 1)
+    number = Pipeline.objects.filter(pk=pipeline.pk).values_list("build_counter", flat=True).get()
+    jobs = _job_rows(build_id, pipeline.organization_id, plan, now) if plan else []
+    job_states = [job.state for job in jobs]
+    state = states.roll_up(job_states, build_error=error is not None)
+    source_url = request.source_url
+    if archive_name:
+        source_url = f"{settings.PUBLIC_URL}/api/v0/internal/builds/{build_id}/source.tar.gz"
+    build = Build.objects.create(
+        id=build_id, pipeline=pipeline, number=number, state=state, branch=request.branch,
+        commit=request.commit, message=request.message, source=request.source, env=request.env,
+        pipeline_ir=document, timeout_seconds=plan.timeout_seconds if plan else None,
+        source_archive=archive_name, source_url=source_url, source_sha256=request.source_sha256,
+        error_code=error.code if error else None, error_message=error.message if error else None,
+        created_by=created_by, created_at=now, scheduled_at=now,
+        finished_at=now if state in states.TERMINAL_BUILD_STATES else None,
+    )
+    if jobs:
+        Job.objects.bulk_create(jobs)
+        JobDependency.objects.bulk_create(_edge_rows(jobs, plan))
+    build.pipeline = pipeline
+    return build
+
+
+def _job_rows(build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime) -> list[Job]:
+    rows = []
+    for planned in plan.jobs:
+        root = not planned.depends_on
+        rows.append(Job(
+            id=uuid.uuid4(), build_id=build_id, organization_id=org_id, position=planned.index,
+            step_key=planned.key, name=planned.label or planned.key, command=planned.command,
+            image=planned.image, env=planned.env,
+            timeout_seconds=planned.timeout_seconds or settings.DEFAULT_JOB_TIMEOUT_SECONDS,
+            cache=planned.cache, runner=planned.runner, runner_args=planned.runner_args,
+            state=JobState.SCHEDULED if root else JobState.PENDING,
+            scheduled_at=now if root else None, created_at=now,
+        ))
+    return rows
+
+
+def _edge_rows(jobs: list[Job], plan: ir.Plan) -> list[JobDependency]:
+    edges = []
+    for planned, job in zip(plan.jobs, jobs):
+        for prereq in planned.depends_on:
+            kind = EdgeKind.BUILDS_IN if prereq == planned.builds_in else EdgeKind.DEPENDS_ON
+            edges.append(JobDependency(job=job, prerequisite=jobs[prereq], kind=kind))
+    return edges
+
+
+def cancel_build(*, build: Build, now: datetime | None = None) -> Build:
+    """Cancel a build: waiting jobs end `canceled`, running ones go `canceling`.
+
+    Idempotent for a build already canceled; 409 for one that already finished.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        locked = states.lock_build(build.pk)
+        if locked.cancel_requested_at is None:
+            if locked.state in states.TERMINAL_BUILD_STATES:
+                raise ApiError("build_already_finished",
+                               f"Build #{locked.number} already {locked.state}; there is nothing to cancel.")
+            Build.objects.filter(pk=locked.pk).update(cancel_requested_at=now)
+            waiting = Job.objects.filter(build_id=locked.pk, state__in=(JobState.PENDING, JobState.SCHEDULED))
+            states.transition_jobs(waiting.values_list("id", flat=True), to=JobState.CANCELED, now=now)
+            active = Job.objects.filter(build_id=locked.pk, state__in=(JobState.ASSIGNED, JobState.RUNNING))
+            states.transition_jobs(active.values_list("id", flat=True), to=JobState.CANCELING, now=now)
+        settled = states.settle_build(build_id=locked.pk, now=now)
+    settled.pipeline = build.pipeline
+    return settled
+
+
+def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code: str | None = None,
+               error_message: str | None = None, now: datetime | None = None) -> bool:
+    """End a job in a terminal `state`; then skip/schedule what follows and roll up.
+
+    Returns False (and changes nothing) when the job was no longer in a state
+    that may move there: the other writer of a race already ended it.
+    """
+    if state not in states.TERMINAL_JOB_STATES:
+        raise ValueError(f"{state} is not a terminal job state")
+    now = now or timezone.now()
+    with transaction.atomic():
+        states.lock_build(job.build_id)
+        changed = states.transition_jobs([job.pk], to=state, now=now, exit_code=exit_code,
+                                         error_code=error_code, error_message=error_message)
+        if changed:
+            states.settle_build(build_id=job.build_id, now=now)
+    return bool(changed)
+
+
+def move_job(*, job: Job, state: str, now: datetime | None = None) -> bool:
+    """A non-terminal job transition (assigned, running, canceling, timing_out), then roll up."""
+    if state in states.TERMINAL_JOB_STATES:
+        raise ValueError("use finish_job for terminal states")
+    now = now or timezone.now()
+    with transaction.atomic():
+        states.lock_build(job.build_id)
+        changed = states.transition_jobs([job.pk], to=state, now=now)
+        if changed:
+            states.settle_build(build_id=job.build_id, now=now)
+    return bool(changed)
+

@@ -1,0 +1,301 @@
+"""The error envelope, the request id, and the catalog of error codes.
+
+Every failure under `/api/v0` leaves through `envelope_response`: domain errors
+raised by services (`ApiError`), DRF's own exceptions, Django's 404/405/413,
+and anything unhandled. One shape, one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from rest_framework import exceptions as drf_exceptions
+from rest_framework.views import exception_handler as drf_exception_handler
+
+logger = logging.getLogger("harmont.errors")
+
+API_PREFIX = "/api/v0/"
+
+STATUS_BY_TYPE = {
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "payload_too_large": 413,
+    "validation_failed": 422,
+    "rate_limited": 429,
+    "server_error": 500,
+}
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    code: str
+    type: str
+    title: str
+    explanation: str
+
+
+def _catalog(*entries: tuple[str, str, str, str]) -> dict[str, ErrorCode]:
+    return {code: ErrorCode(code, type_, title, text) for code, type_, title, text in entries}
+
+
+# Each code has a page at /docs/errors/<code>; the texts are what that page says.
+CATALOG: dict[str, ErrorCode] = _catalog(
+    ("invalid_request", "invalid_request", "Invalid request",
+     "The request could not be understood: a malformed body, a missing field, or a value of the wrong kind."),
+    ("invalid_json", "invalid_request", "Malformed JSON",
+     "The request body is not valid JSON. Send a JSON object with Content-Type: application/json."),
+    ("unsupported_media_type", "invalid_request", "Unsupported content type",
+     "This endpoint accepts only application/json request bodies."),
+    ("invalid_limit", "invalid_request", "Invalid page size",
+     "The `limit` query parameter must be an integer from 1 to 100."),
+    ("invalid_cursor", "invalid_request", "Invalid cursor",
+     "The `cursor` query parameter must be a `next_cursor` value returned by the same list endpoint."),
+    ("invalid_filter", "invalid_request", "Invalid filter",
+     "A list filter in the query string has a value of the wrong kind (for example a date that does not parse)."),
+    ("cli_code_invalid", "invalid_request", "CLI login code not valid",
+     "The CLI login nonce or paste code is unknown, not yet authorized, already used, or expired. Start the login again."),
+    ("unauthorized", "unauthorized", "Authentication required",
+     "Send `Authorization: Bearer <token>` with a session token or a personal API token that is neither revoked nor expired."),
+    ("insufficient_org_role", "forbidden", "Role too low",
+     "You are a member of this organization, but your role does not allow this action. Ask an owner or admin."),
+    ("pipeline_manual_disabled", "forbidden", "Manual builds disabled",
+     "This pipeline does not allow builds triggered from the API or the web pages (`allow_manual: false`); it builds from webhooks only."),
+    ("route_not_found", "not_found", "No such route",
+     "No API endpoint exists at this path. Check the path against /api/v0/openapi.json."),
+    ("organization_not_found", "not_found", "Organization not found",
+     "No organization with this slug exists that you are a member of."),
+    ("pipeline_not_found", "not_found", "Pipeline not found",
+     "No pipeline with this slug (or repository and source slug) exists in the organization."),
+    ("build_not_found", "not_found", "Build not found",
+     "No build with this number exists in the pipeline. Build numbers are decimal integers."),
+    ("job_not_found", "not_found", "Job not found",
+     "No job with this id exists in the build."),
+    ("member_not_found", "not_found", "Member not found",
+     "No member with this user id exists in the organization."),
+    ("invite_not_found", "not_found", "Invite not found",
+     "No pending invite with this id exists in the organization."),
+    ("api_token_not_found", "not_found", "API token not found",
+     "No personal API token with this id belongs to you."),
+    ("method_not_allowed", "invalid_request", "Method not allowed",
+     "This endpoint exists but does not accept this HTTP method."),
+    ("last_owner", "conflict", "Last owner",
+     "An organization must keep at least one owner: the last owner cannot be demoted or removed."),
+    ("personal_org_owner", "conflict", "Personal organization",
+     "The owner of a personal organization cannot leave or be demoted in it."),
+    ("build_already_finished", "conflict", "Build already finished",
+     "The build has already passed, failed or been skipped; there is nothing left to cancel."),
+    ("already_member", "conflict", "Already a member",
+     "The invited person is already a member of this organization."),
+    ("payload_too_large", "payload_too_large", "Request body too large",
+     "The request body is larger than this server accepts (HARMONT_MAX_REQUEST_BYTES)."),
+    ("validation_failed", "validation_failed", "Validation failed",
+     "One or more fields are invalid; `fields` maps each field name to its messages."),
+    ("build_invalid", "validation_failed", "Build request invalid",
+     "The build request is missing `branch` or `commit`, or a field such as `env` or `source_b64` is malformed; see `fields`."),
+    ("build_plan_rejected", "validation_failed", "Pipeline definition rejected",
+     "The v0 IR could not be planned. The build was recorded as failed; its `error_code` and `error_message` say why "
+     "(invalid_json, bad_version, invalid_ir, missing_field, unknown_step_type, duplicate_key, unknown_dependency, cycle, definition_missing)."),
+    ("pipeline_slug_taken", "validation_failed", "Pipeline slug taken",
+     "Another pipeline in this organization already has the slug derived from this name. Choose another name."),
+    ("invite_invalid", "validation_failed", "Invite cannot be accepted",
+     "The invite token is unknown, revoked, expired, already used, or was sent to another email address."),
+    ("rate_limited", "rate_limited", "Too many requests",
+     "Slow down: this endpoint limits how often it may be called. Retry after the number of seconds in Retry-After."),
+    ("server_error", "server_error", "Server error",
+     "Something went wrong on the server. The request id identifies the failure in the server's logs."),
+)
+
+
+class ApiError(Exception):
+    """A domain error that the API renders as the envelope. Raised by services."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        fields: dict[str, list[str]] | None = None,
+        status: int | None = None,
+    ) -> None:
+        entry = CATALOG[code]
+        super().__init__(message)
+        self.code = code
+        self.type = entry.type
+        self.message = message
+        self.fields = fields
+        self.status = status or STATUS_BY_TYPE[entry.type]
+
+
+def validation_error(fields: dict[str, list[str]], *, code: str = "validation_failed", message: str | None = None) -> ApiError:
+    names = ", ".join(sorted(fields))
+    return ApiError(code, message or f"Invalid fields: {names}.", fields=fields)
+
+
+# ---------------------------------------------------------------- request id
+
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def request_id_for(request: HttpRequest) -> str:
+    rid = getattr(request, "request_id", None)
+    if rid is None:
+        incoming = request.headers.get("X-Request-Id", "")
+        rid = incoming if _SANE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request.request_id = rid  # type: ignore[attr-defined]
+    return rid
+
+
+def is_api_path(request: HttpRequest) -> bool:
+    return request.path.startswith(API_PREFIX) or request.path == API_PREFIX.rstrip("/")
+
+
+def doc_url(code: str) -> str:
+    return f"{settings.PUBLIC_URL}/docs/errors/{code}"
+
+
+def envelope(request: HttpRequest, code: str, message: str, *, type_: str | None = None,
+             fields: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": type_ or CATALOG[code].type,
+        "code": code,
+        "message": message,
+        "doc_url": doc_url(code),
+        "request_id": request_id_for(request),
+    }
+    if fields:
+        body["fields"] = fields
+    return {"error": body}
+
+
+def envelope_response(request: HttpRequest, code: str, message: str, *, status: int,
+                      type_: str | None = None, fields: dict[str, list[str]] | None = None,
+                      headers: dict[str, str] | None = None) -> JsonResponse:
+    response = JsonResponse(envelope(request, code, message, type_=type_, fields=fields), status=status)
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
+# ---------------------------------------------------------------- DRF handler
+
+def _flatten_detail(detail: Any) -> dict[str, list[str]]:
+    """DRF ValidationError detail → {field: [messages]} (nested keys dotted)."""
+    if isinstance(detail, dict):
+        out: dict[str, list[str]] = {}
+        for key, value in detail.items():
+            if isinstance(value, dict):
+                for sub, msgs in _flatten_detail(value).items():
+                    out[f"{key}.{sub}"] = msgs
+            elif isinstance(value, list) and value and isinstance(value[0], dict):
+                for i, item in enumerate(value):
+                    for sub, msgs in _flatten_detail(item).items():
+                        out[f"{key}[{i}].{sub}"] = msgs
+            else:
+                items = value if isinstance(value, list) else [value]
+                out[str(key)] = [str(m) for m in items]
+        return out
+    items = detail if isinstance(detail, list) else [detail]
+    return {"non_field_errors": [str(m) for m in items]}
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse | None:
+    """DRF exception handler: every error becomes the envelope."""
+    request = context["request"]
+    if isinstance(exc, ApiError):
+        return envelope_response(request, exc.code, exc.message, status=exc.status, fields=exc.fields)
+    if isinstance(exc, RequestDataTooBig):
+        return _too_large(request)
+    if isinstance(exc, drf_exceptions.ValidationError):
+        fields = _flatten_detail(exc.detail)
+        return envelope_response(request, "validation_failed", f"Invalid fields: {', '.join(sorted(fields))}.",
+                                 status=422, fields=fields)
+    if isinstance(exc, drf_exceptions.ParseError):
+        return envelope_response(request, "invalid_json", f"Malformed request body: {exc.detail}", status=400)
+    if isinstance(exc, drf_exceptions.UnsupportedMediaType):
+        return envelope_response(request, "unsupported_media_type", str(exc.detail), status=415)
+    if isinstance(exc, (drf_exceptions.NotAuthenticated, drf_exceptions.AuthenticationFailed)):
+        return envelope_response(request, "unauthorized", str(exc.detail), status=401,
+                                 headers={"WWW-Authenticate": 'Bearer realm="api"'})
+    if isinstance(exc, drf_exceptions.MethodNotAllowed):
+        return envelope_response(request, "method_not_allowed", str(exc.detail), status=405)
+    if isinstance(exc, drf_exceptions.Throttled):
+        wait = int(exc.wait or 1)
+        return envelope_response(request, "rate_limited", f"Too many requests; retry in {wait} s.", status=429,
+                                 headers={"Retry-After": str(wait)})
+    if isinstance(exc, drf_exceptions.NotFound):
+        return envelope_response(request, "route_not_found", str(exc.detail), status=404)
+    if isinstance(exc, drf_exceptions.PermissionDenied):
+        return envelope_response(request, "insufficient_org_role", str(exc.detail), status=403)
+    if isinstance(exc, drf_exceptions.APIException):
+        return envelope_response(request, "invalid_request", str(exc.detail), status=exc.status_code,
+                                 type_="invalid_request" if exc.status_code < 500 else "server_error")
+    response = drf_exception_handler(exc, context)
+    if response is not None:  # Django's Http404 / PermissionDenied
+        if response.status_code == 404:
+            return envelope_response(request, "route_not_found", "Not found.", status=404)
+        return envelope_response(request, "insufficient_org_role", "Permission denied.", status=403)
+    return None  # unhandled: ApiErrorMiddleware renders the 500
+
+
+def _too_large(request: HttpRequest) -> JsonResponse:
+    return envelope_response(request, "payload_too_large",
+                             f"Request body exceeds {settings.MAX_REQUEST_BYTES} bytes.", status=413)
+
+
+# ---------------------------------------------------------------- middleware
+
+class RequestIdMiddleware:
+    """Assigns the request id first and stamps it on every response."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        rid = request_id_for(request)
+        if is_api_path(request):
+            # Refuse oversized bodies before anything reads them.
+            length = request.META.get("CONTENT_LENGTH") or "0"
+            if length.isdigit() and int(length) > settings.MAX_REQUEST_BYTES:
+                response: HttpResponse = _too_large(request)
+                response["X-Request-Id"] = rid
+                return response
+        response = self.get_response(request)
+        response["X-Request-Id"] = rid
+        return response
+
+
+class ApiErrorMiddleware:
+    """Last line for `/api/v0`: exceptions that escaped the views become envelopes."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        return self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exc: Exception) -> HttpResponse | None:
+        if not is_api_path(request):
+            return None
+        if isinstance(exc, ApiError):
+            return envelope_response(request, exc.code, exc.message, status=exc.status, fields=exc.fields)
+        if isinstance(exc, RequestDataTooBig):
+            return _too_large(request)
+        logger.exception("unhandled error on %s %s (request %s)", request.method, request.path,
+                         request_id_for(request))
+        return envelope_response(request, "server_error", "Internal server error.", status=500)
+
+
+def route_not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+    """Catch-all for unknown paths under /api/v0."""
+    return envelope_response(request, "route_not_found", f"No API route {request.method} {request.path}.",
+                             status=404)

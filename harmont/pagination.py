@@ -1,0 +1,77 @@
+"""Keyset pagination: `?limit=` and an opaque `?cursor=`.
+
+A page is "the next `limit` rows after the last key seen", answered by the
+index behind the ordering column, so page 9,000 costs what page 1 costs. The
+cursor is the last key, base64url-encoded; it is opaque to clients, not secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from django.db.models import Model, QuerySet
+from rest_framework.request import Request
+
+from harmont.errors import ApiError
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 100
+
+M = TypeVar("M", bound=Model)
+
+
+@dataclass(frozen=True)
+class Page(Generic[M]):
+    items: list[M]
+    next_cursor: str | None
+
+
+def parse_limit(request: Request) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None or raw == "":
+        return DEFAULT_LIMIT
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError("invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}, got {raw!r}.") from None
+    if not 1 <= value <= MAX_LIMIT:
+        raise ApiError("invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}, got {value}.")
+    return value
+
+
+def encode_cursor(value: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"k": value}).encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> int:
+    try:
+        padded = raw + "=" * (-len(raw) % 4)
+        data: Any = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        value = data["k"]
+    except (binascii.Error, UnicodeError, ValueError, TypeError, KeyError):
+        raise ApiError("invalid_cursor", "cursor does not decode; pass a next_cursor from this list.") from None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError("invalid_cursor", "cursor does not decode; pass a next_cursor from this list.")
+    return value
+
+
+def paginate(request: Request, queryset: QuerySet[M], *, key: str, descending: bool = False) -> Page[M]:
+    """One keyset page of `queryset` ordered by the integer column `key`.
+
+    `key` must be unique within the queryset (an id, or a build number within
+    one pipeline), so "after the last key" never skips or repeats a row.
+    """
+    limit = parse_limit(request)
+    cursor = request.query_params.get("cursor")
+    if cursor:
+        after = decode_cursor(cursor)
+        queryset = queryset.filter(**{f"{key}__{'lt' if descending else 'gt'}": after})
+    rows = list(queryset.order_by(f"-{key}" if descending else key)[: limit + 1])
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(getattr(rows[-1], key)) if has_more else None
+    return Page(rows, next_cursor)

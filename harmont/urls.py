@@ -1,0 +1,26 @@
+"""Top-level routes. Everything under /api/v0 ends in the envelope, even unknown paths."""
+
+from django.contrib import admin
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from harmont import views
+from harmont.errors import route_not_found
+
+api_v0 = [
+    path("ping", views.ping, name="ping"),
+    path("openapi.json", SpectacularAPIView.as_view(), name="openapi"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="openapi"), name="api-docs"),
+    path("", include("organizations.urls")),
+    path("", include("pipelines.urls")),
+    path("", include("builds.urls")),
+]
+
+urlpatterns = [
+    path("healthz", views.healthz, name="healthz"),
+    path("docs/errors/", views.error_index, name="error-index"),
+    path("docs/errors/<str:code>", views.error_doc, name="error-doc"),
+    path("admin/", admin.site.urls),
+    path("api/v0/", include(api_v0)),
+    re_path(r"^api/v0(?:/.*)?$", route_not_found),
+]

@@ -1,0 +1,70 @@
+"""Writes for pipelines."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from harmont.errors import ApiError
+from organizations.models import Organization
+from organizations.services import slugify_name
+from pipelines import ir
+from pipelines.models import Pipeline, Visibility
+
+_SCP_LIKE = re.compile(r"^[^/@:]+@[^/:]+:")  # git@github.com:owner/repo
+_SCHEME_HOST = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*/?")
+
+
+def derive_repo_name(repository: str) -> str | None:
+    """`https://github.com/acme/web.git` and `git@github.com:acme/web.git` → `acme/web`."""
+    path = _SCHEME_HOST.sub("", repository.strip(), count=1)
+    path = _SCP_LIKE.sub("", path, count=1)
+    path = path.rstrip("/")
+    if path.endswith(".git"):
+        path = path[: -len(".git")]
+    segments = [s for s in path.split("/") if s]
+    if not segments:
+        return None
+    return "/".join(segments[-2:])
+
+
+def validate_definition(definition: Any, *, field: str = "definition") -> dict:
+    """A stored definition must plan like a build's IR would; returns the decoded document."""
+    try:
+        doc = ir.load_ir(definition)
+        ir.plan_ir(doc)
+    except ir.PlanError as exc:
+        raise ApiError("validation_failed", f"{field} rejected: {exc.message}",
+                       fields={field: [f"{exc.code}: {exc.message}"]}) from None
+    return doc
+
+
+@transaction.atomic
+def create_pipeline(*, org: Organization, name: str, repository: str, default_branch: str,
+                    description: str | None = None, repo_name: str | None = None,
+                    allow_manual: bool = True, visibility: str = Visibility.PRIVATE,
+                    source_slug: str | None = None, definition: Any = None,
+                    triggers: list | None = None, now: datetime | None = None) -> Pipeline:
+    slug = slugify_name(name, fallback="pipeline")
+    stored_definition = validate_definition(definition) if definition is not None else None
+    if Pipeline.objects.filter(organization=org, slug=slug).exists():
+        raise _slug_taken(slug)
+    try:
+        with transaction.atomic():
+            return Pipeline.objects.create(
+                organization=org, slug=slug, name=name, description=description, repository=repository,
+                repo_name=repo_name or derive_repo_name(repository), default_branch=default_branch,
+                allow_manual=allow_manual, visibility=visibility, source_slug=source_slug or slug,
+                definition=stored_definition, triggers=triggers, created_at=now or timezone.now(),
+            )
+    except IntegrityError:  # lost a race for the same slug
+        raise _slug_taken(slug) from None
+
+
+def _slug_taken(slug: str) -> ApiError:
+    return ApiError("pipeline_slug_taken", f"A pipeline with slug {slug!r} already exists in this organization.",
+                    fields={"name": [f"slug {slug!r} is taken"]})
