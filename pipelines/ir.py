@@ -1,0 +1,470 @@
+"""The v0 IR: parse, validate and plan a pipeline definition into jobs.
+
+A pipeline definition arrives in one of two shapes (SPEC §6):
+
+* the graph form the `harmont` package emits today: petgraph-style
+  ``{"graph": {"nodes": [...], "edges": [[from, to, kind], ...]}}``;
+* the flat form older clients send: ``{"steps": [...]}`` where ``wait`` steps
+  are barriers and ``builds_in`` / ``depends_on`` name other steps by key.
+
+Both reduce to one internal shape (validated steps plus a set of
+``(prerequisite, dependant, kind)`` edges), so ordering, cycle detection and
+job assembly exist once.
+
+Pure functions over dicts (no Django); the build service turns a :class:`Plan`
+into rows. The first problem raises :class:`PlanError`, whose message locates
+the culprit by path (``steps[2]``, ``graph.edges[0]``), 0-based like the node
+indexes in graph edges.
+
+Decisions the spec leaves open:
+
+* ``null`` for an optional field means the same as leaving it out.
+* A flat step without ``type`` is a command step; if it also lacks ``cmd``
+  that is reported as ``missing_field`` rather than an unknown type.
+* Consecutive flat ``wait`` steps act as one barrier: steps after the second
+  wait still depend on the steps before the first.
+* A step naming itself (graph self-edge or flat self-reference) is
+  ``invalid_ir``; longer loops are ``cycle``.
+* Fields we don't know are ignored, so newer clients keep working; in the
+  graph form that includes top-level ``env`` / ``default_image``, which only
+  the flat form defines.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+IR_VERSION = "0"
+BUILDS_IN = "builds_in"
+DEPENDS_ON = "depends_on"
+EDGE_KINDS = (BUILDS_IN, DEPENDS_ON)
+
+# Every job gets these first so tools like apt never block on a prompt or
+# emit terminal control codes into the log; any layer of the IR may override.
+BASE_JOB_ENV: dict[str, str] = {"DEBIAN_FRONTEND": "noninteractive", "TERM": "dumb"}
+
+# (prerequisite node index, dependant node index, edge kind)
+_Edge = tuple[int, int, str]
+
+
+class PlanError(Exception):
+    """The IR was rejected; ``code`` is the stable machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        # Both in args so the error survives pickling and reprs usefully.
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One job to create, with its prerequisites as indexes into ``Plan.jobs``."""
+
+    index: int
+    key: str
+    label: str | None
+    command: str
+    image: str | None
+    env: dict[str, str]
+    timeout_seconds: int | None
+    cache: dict | None
+    runner: str | None
+    runner_args: dict | None
+    builds_in: int | None
+    depends_on: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Jobs in dependency order plus the pipeline-wide timeout, if any."""
+
+    jobs: tuple[PlannedJob, ...]
+    timeout_seconds: int | None
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A validated command step before ordering.
+
+    ``job`` still has placeholder ``index``/``builds_in``/``depends_on`` and
+    only the IR's own env layers; ``_assemble`` fills in the rest.
+    ``location`` is its path in the document, for error messages.
+    """
+
+    location: str
+    job: PlannedJob
+
+    @property
+    def where(self) -> str:
+        return f"{self.location} ({self.job.key!r})"
+
+
+# --- entry points -----------------------------------------------------------
+
+
+def load_ir(raw: str | bytes | dict) -> dict:
+    """Decode ``raw`` into the IR object; anything but a JSON object is ``invalid_json``."""
+    if isinstance(raw, dict):
+        return raw
+    if isinstance(raw, (str, bytes, bytearray)):
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers both bad JSON and bytes that aren't UTF-8;
+            # RecursionError is absurdly deep nesting, still just bad input.
+            raise PlanError("invalid_json", f"The pipeline IR is not valid JSON: {exc}.") from None
+    else:
+        doc = raw
+    if not isinstance(doc, dict):
+        raise PlanError("invalid_json", f"The pipeline IR must be a JSON object, got {_show(doc)}.")
+    return doc
+
+
+def plan_ir(raw: str | bytes | dict, *, build_env: dict[str, str] | None = None) -> Plan:
+    """Validate the IR and order its steps into jobs; raise PlanError on the first problem.
+
+    ``build_env`` (the build's own ``env``) is applied last, so it overrides
+    every env layer the pipeline defines.
+    """
+    doc = load_ir(raw)
+    _check_version(doc)
+    timeout = _optional_timeout(doc.get("timeout_seconds"), "The top-level 'timeout_seconds'")
+    graph, flat = doc.get("graph"), doc.get("steps")
+    if graph is not None and flat is not None:
+        raise _invalid("The IR has both 'graph' and 'steps'; send exactly one of the two forms.")
+    if graph is not None:
+        steps, edges = _read_graph(graph)
+    elif flat is not None:
+        steps, edges = _read_flat(doc, flat)
+    else:
+        steps, edges = [], set()
+    order = _dependency_order(steps, edges)
+    return Plan(jobs=_assemble(steps, edges, order, build_env or {}), timeout_seconds=timeout)
+
+
+# --- shared field checks ----------------------------------------------------
+
+
+def _invalid(message: str) -> PlanError:
+    """The error for a structurally broken document, by far the most common kind."""
+    return PlanError("invalid_ir", message)
+
+
+def _check_version(doc: dict) -> None:
+    if "version" not in doc:
+        raise PlanError("bad_version", 'The IR has no \'version\'; expected "0".')
+    if doc["version"] != IR_VERSION:
+        raise PlanError("bad_version", f"IR 'version' {_show(doc['version'])} is not \"0\".")
+
+
+def _show(value: Any) -> str:
+    """Quote a value for a message as JSON, truncated so a huge value can't flood it."""
+    text = json.dumps(value, default=repr, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    # bool subclasses int in Python, but `true` is never a count or an index.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_timeout(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or value <= 0:
+        raise _invalid(f"{what} must be a positive whole number of seconds, got {_show(value)}.")
+    return value
+
+
+def _optional_list(container: dict, field: str, where: str) -> list:
+    value = container.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _invalid(f"{where}.{field} must be an array, got {_show(value)}.")
+    return value
+
+
+def _optional_object(value: Any, what: str) -> dict | None:
+    if value is not None and not isinstance(value, dict):
+        raise _invalid(f"{what} must be an object, got {_show(value)}.")
+    # Deep-copied so a plan never aliases (or lets callers mutate) the document.
+    return copy.deepcopy(value)
+
+
+def _optional_text(value: Any, what: str) -> str | None:
+    # Only the type is checked: the DSL passes e.g. `label=""` through as is.
+    if value is not None and not isinstance(value, str):
+        raise _invalid(f"{what} must be a string, got {_show(value)}.")
+    return value
+
+
+def _env_map(value: Any, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _invalid(f"{what} must be an object, got {_show(value)}.")
+    for name, item in value.items():
+        if not isinstance(item, str):
+            raise _invalid(
+                f"{what} sets {name!r} to {_show(item)}; env values must be strings."
+            )
+    return dict(value)
+
+
+def _required_text(step: dict, field: str, where: str) -> str:
+    value = step.get(field)
+    if not isinstance(value, str) or not value:
+        problem = f"has no {field!r}" if value is None else f"has {field!r} {_show(value)}"
+        raise PlanError("missing_field", f"{where} {problem}; it must be a non-empty string.")
+    return value
+
+
+def _read_command_step(
+    step: dict, location: str, *, outer_env: dict[str, str], default_image: str | None = None
+) -> _Step:
+    """Validate one CommandStep; the same fields exist in both IR forms."""
+    key = _required_text(step, "key", location)
+    where = f"{location} ({key!r})"
+    command = _required_text(step, "cmd", where)
+    image = _optional_text(step.get("image"), f"{where} 'image'")
+    job = PlannedJob(
+        index=-1,
+        key=key,
+        label=_optional_text(step.get("label"), f"{where} 'label'"),
+        command=command,
+        image=image if image is not None else default_image,
+        env={**outer_env, **_env_map(step.get("env"), f"{where} 'env'")},
+        timeout_seconds=_optional_timeout(
+            step.get("timeout_seconds"), f"{where} 'timeout_seconds'"
+        ),
+        cache=_optional_object(step.get("cache"), f"{where} 'cache'"),
+        runner=_optional_text(step.get("runner"), f"{where} 'runner'"),
+        runner_args=_optional_object(step.get("runner_args"), f"{where} 'runner_args'"),
+        builds_in=None,
+        depends_on=(),
+    )
+    return _Step(location=location, job=job)
+
+
+def _check_unique_key(step: _Step, seen: dict[str, _Step]) -> None:
+    if step.job.key in seen:
+        raise PlanError(
+            "duplicate_key",
+            f"{step.location} repeats the key {step.job.key!r} of {seen[step.job.key].location}; "
+            "step keys must be unique.",
+        )
+    seen[step.job.key] = step
+
+
+# --- graph form -------------------------------------------------------------
+
+
+def _read_graph(graph: Any) -> tuple[list[_Step], set[_Edge]]:
+    if not isinstance(graph, dict):
+        raise _invalid(f"'graph' must be an object, got {_show(graph)}.")
+    nodes = _optional_list(graph, "nodes", "graph")
+    edges = _optional_list(graph, "edges", "graph")
+    if _optional_list(graph, "node_holes", "graph"):
+        # Holes are left by deleted nodes; the DSL never emits them and
+        # renumbering around them would silently change what edges mean.
+        raise _invalid("graph.node_holes is not empty; graphs with node holes are not supported.")
+    direction = graph.get("edge_property", "directed")
+    if direction != "directed":
+        raise _invalid(f"graph.edge_property must be \"directed\", got {_show(direction)}.")
+    steps: list[_Step] = []
+    seen: dict[str, _Step] = {}
+    for i, node in enumerate(nodes):
+        where = f"graph.nodes[{i}]"
+        if not isinstance(node, dict) or not isinstance(node.get("step"), dict):
+            raise _invalid(f"{where} must be an object with a 'step' object.")
+        outer_env = _env_map(node.get("env"), f"{where} 'env'")
+        step = _read_command_step(node["step"], f"{where}.step", outer_env=outer_env)
+        _check_unique_key(step, seen)
+        steps.append(step)
+    return steps, _read_edges(edges, steps)
+
+
+def _read_edges(edges: list, steps: list[_Step]) -> set[_Edge]:
+    result: set[_Edge] = set()
+    parent_of: dict[int, int] = {}
+    for i, edge in enumerate(edges):
+        where = f"graph.edges[{i}]"
+        if not isinstance(edge, list) or len(edge) != 3:
+            raise _invalid(f"{where} must be an array [from, to, kind], got {_show(edge)}.")
+        source, target, kind = edge
+        if kind not in EDGE_KINDS:
+            raise _invalid(
+                f"{where} has kind {_show(kind)}; expected \"builds_in\" or \"depends_on\"."
+            )
+        for end in (source, target):
+            _check_node_index(end, where, len(steps))
+        if source == target:
+            raise _invalid(f"{where} links {steps[source].where} to itself.")
+        if kind == BUILDS_IN:
+            previous = parent_of.setdefault(target, source)
+            if previous != source:
+                raise _invalid(
+                    f"{where} gives {steps[target].where} a second builds_in parent "
+                    f"({steps[source].where}, besides {steps[previous].where}); "
+                    "a step builds in at most one parent."
+                )
+        result.add((source, target, kind))  # a set: repeated edges collapse
+    return result
+
+
+def _check_node_index(end: Any, where: str, node_count: int) -> None:
+    if _is_int(end) and 0 <= end < node_count:
+        return
+    valid = f"node indexes run from 0 to {node_count - 1}" if node_count else "there are no nodes"
+    if not _is_int(end):
+        raise _invalid(f"{where} has {_show(end)} where a node index belongs; {valid}.")
+    raise _invalid(f"{where} refers to node {end}, but {valid}.")
+
+
+# --- flat form --------------------------------------------------------------
+
+
+def _read_flat(doc: dict, entries: Any) -> tuple[list[_Step], set[_Edge]]:
+    if not isinstance(entries, list):
+        raise _invalid(f"'steps' must be an array, got {_show(entries)}.")
+    outer_env = _env_map(doc.get("env"), "The top-level 'env'")
+    default_image = _optional_text(doc.get("default_image"), "The top-level 'default_image'")
+    steps: list[_Step] = []
+    seen: dict[str, _Step] = {}
+    edges: set[_Edge] = set()
+    references: list[tuple[int, str, str]] = []  # (node, kind, key named)
+    segment: list[int] = []  # command steps since the last wait
+    barrier: list[int] = []  # what the last wait makes later steps depend on
+    for i, entry in enumerate(entries):
+        where = f"steps[{i}]"
+        if not isinstance(entry, dict):
+            raise _invalid(f"{where} must be an object, got {_show(entry)}.")
+        step_type = entry.get("type", "command")
+        if step_type == "wait":
+            # An empty segment (two waits in a row) keeps the earlier barrier
+            # rather than dropping the ordering it promised.
+            barrier, segment = (segment or barrier), []
+            continue
+        if step_type != "command":
+            raise PlanError(
+                "unknown_step_type",
+                f"{where} has unknown type {_show(step_type)}; expected \"command\" or \"wait\".",
+            )
+        step = _read_command_step(entry, where, outer_env=outer_env, default_image=default_image)
+        _check_unique_key(step, seen)
+        node = len(steps)
+        steps.append(step)
+        references.extend((node, kind, key) for kind, key in _flat_references(entry, step.where))
+        edges.update((source, node, DEPENDS_ON) for source in barrier)
+        segment.append(node)
+    index_of = {step.job.key: node for node, step in enumerate(steps)}
+    for node, kind, key in references:
+        if key not in index_of:
+            raise PlanError(
+                "unknown_dependency",
+                f"{steps[node].where} has {kind} {key!r}, but no step has that key.",
+            )
+        if index_of[key] == node:
+            raise _invalid(f"{steps[node].where} names itself in {kind}.")
+        edges.add((index_of[key], node, kind))
+    return steps, edges
+
+
+def _flat_references(entry: dict, where: str) -> Iterable[tuple[str, str]]:
+    """Yield the (kind, key) pairs a flat step uses to name its prerequisites."""
+    parent = entry.get("builds_in")
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise _invalid(f"{where} 'builds_in' must be a step key, got {_show(parent)}.")
+        yield BUILDS_IN, parent
+    needs = entry.get("depends_on")
+    if needs is None:
+        return
+    if not isinstance(needs, list) or not all(isinstance(key, str) for key in needs):
+        raise _invalid(f"{where} 'depends_on' must be an array of step keys, got {_show(needs)}.")
+    for key in needs:
+        yield DEPENDS_ON, key
+
+
+# --- ordering and assembly --------------------------------------------------
+
+
+def _dependency_order(steps: list[_Step], edges: set[_Edge]) -> list[int]:
+    """Kahn's algorithm, always taking the earliest ready step in document order.
+
+    So a document that is already in a valid order comes back unchanged, and
+    any other one changes as little as possible.
+    """
+    children: list[list[int]] = [[] for _ in steps]
+    waiting = [0] * len(steps)  # unplaced prerequisites per step
+    for source, target in {(source, target) for source, target, _kind in edges}:
+        children[source].append(target)
+        waiting[target] += 1
+    ready = [node for node, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        node = heapq.heappop(ready)
+        order.append(node)
+        for child in children[node]:
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                heapq.heappush(ready, child)
+    if len(order) < len(steps):
+        raise _cycle_error(steps, edges, set(range(len(steps))) - set(order))
+    return order
+
+
+def _cycle_error(steps: list[_Step], edges: set[_Edge], stuck: set[int]) -> PlanError:
+    """Describe one concrete cycle among the steps Kahn's algorithm could not place."""
+    # Every stuck step still waits on some stuck prerequisite, so walking
+    # prerequisites from any of them must eventually revisit a step.
+    parents: dict[int, list[int]] = {node: [] for node in stuck}
+    for source, target, _kind in edges:
+        if source in stuck and target in stuck:
+            parents[target].append(source)
+    path: list[int] = []
+    seen_at: dict[int, int] = {}
+    node = min(stuck)
+    while node not in seen_at:
+        seen_at[node] = len(path)
+        path.append(node)
+        node = min(parents[node])
+    loop = path[seen_at[node]:][::-1]  # reversed: we walked towards prerequisites
+    # Start at the earliest step so the message reads in document order.
+    start = loop.index(min(loop))
+    loop = loop[start:] + loop[:start]
+    names = " -> ".join(steps[n].job.key for n in [*loop, loop[0]])
+    return PlanError("cycle", f"The step dependencies form a cycle: {names}.")
+
+
+def _assemble(
+    steps: list[_Step], edges: set[_Edge], order: list[int], build_env: dict[str, str]
+) -> tuple[PlannedJob, ...]:
+    position = {node: index for index, node in enumerate(order)}
+    prerequisites: dict[int, set[int]] = {node: set() for node in order}
+    builds_in: dict[int, int] = {}
+    for source, target, kind in edges:
+        prerequisites[target].add(position[source])
+        if kind == BUILDS_IN:
+            builds_in[target] = position[source]
+    return tuple(
+        replace(
+            steps[node].job,
+            index=position[node],
+            env={**BASE_JOB_ENV, **steps[node].job.env, **build_env},
+            builds_in=builds_in.get(node),
+            depends_on=tuple(sorted(prerequisites[node])),
+        )
+        for node in order
+    )
