@@ -126,6 +126,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "harmont.errors.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Serves the admin's and the pages' static files from gunicorn itself.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -169,6 +171,11 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
 MEDIA_ROOT = Path(env_str("HARMONT_MEDIA_ROOT", str(BASE_DIR / "var" / "media")))
 
 # Request bodies: a build may carry its source as base64 in JSON, so the JSON

@@ -1,0 +1,34 @@
+# The Harmont server. `make run` serves a demo on http://127.0.0.1:$(PORT); `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+export PORT
+
+.PHONY: install run test test-postgres bench migrate clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+migrate: install
+	$(PY) manage.py migrate --noinput
+
+# Installs, migrates, seeds the demo, and serves in the foreground until Ctrl-C.
+run: install
+	$(PY) -m harmont.run
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-postgres: install
+	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/harmont} $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/api_bench.py
+
+clean:
+	rm -rf $(VENV) var db.sqlite3

@@ -1,0 +1,83 @@
+"""`make run`: migrate, seed the demo, and serve until interrupted.
+
+Runs the server processes as children and stops every one of them when it is
+interrupted (Ctrl-C) or when any of them dies, so nothing is left behind.
+Local defaults only: production deployments run gunicorn (and the other
+processes) under their own supervisor, as the README describes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR = BASE_DIR / "var"
+
+
+def local_secret_key() -> str:
+    """A secret key kept in var/secret_key, created on first run (sessions survive restarts)."""
+    path = VAR / "secret_key"
+    if not path.exists():
+        VAR.mkdir(exist_ok=True)
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def manage(*args: str, env: dict[str, str]) -> None:
+    subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), *args], env=env, check=True, cwd=BASE_DIR)
+
+
+def server_processes(env: dict[str, str]) -> list[list[str]]:
+    port = env["PORT"]
+    workers = env.get("HARMONT_WORKERS", "2")
+    return [
+        [sys.executable, "-m", "gunicorn", "harmont.wsgi:application", "--bind", f"127.0.0.1:{port}",
+         "--workers", workers, "--access-logfile", "-", "--graceful-timeout", "5"],
+    ]
+
+
+def main() -> int:
+    env = dict(os.environ)
+    env.setdefault("PORT", "8000")
+    if not env.get("HARMONT_SECRET_KEY"):
+        env["HARMONT_SECRET_KEY"] = local_secret_key()
+    env.setdefault("HARMONT_PUBLIC_URL", f"http://127.0.0.1:{env['PORT']}")
+    manage("migrate", "--noinput", env=env)
+    manage("collectstatic", "--noinput", "--verbosity", "0", env=env)
+    manage("seed_demo", env=env)
+
+    children = [subprocess.Popen(cmd, env=env, cwd=BASE_DIR) for cmd in server_processes(env)]
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping and all(child.poll() is None for child in children):
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        deadline = time.monotonic() + 10
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+    failed = [child for child in children if child.returncode not in (0, -signal.SIGTERM)]
+    return 1 if failed and not stopping else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
