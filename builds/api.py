@@ -23,7 +23,7 @@ from builds.serializers import (
     CreateRepoBuildRequestSerializer,
     JobListSerializer,
     JobSerializer,
-    LogTokenSerializer,
+    LogTokenResponseSerializer,
 )
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
@@ -139,10 +139,10 @@ class BuildLogTokenView(BuildScopedMixin, APIView):
     permission_classes = ORG_PERMISSIONS
 
     @extend_schema(operation_id="getBuildLogToken", tags=["builds"],
-                   responses={200: LogTokenSerializer, 404: ErrorSerializer})
+                   responses={200: LogTokenResponseSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
         minted = mint_log_token(build_id=self.build.id)
-        return Response(LogTokenSerializer({"token": minted.token, "expires_at": minted.expires_at}).data)
+        return Response(LogTokenResponseSerializer({"token": minted.token, "expires_at": minted.expires_at}).data)
 
 
 def jobs_of(build: Build):  # noqa: ANN201 (QuerySet[Job])

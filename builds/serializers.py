@@ -48,7 +48,7 @@ class JobListSerializer(serializers.Serializer):
     data = JobSerializer(many=True)
 
 
-class LogTokenSerializer(serializers.Serializer):
+class LogTokenResponseSerializer(serializers.Serializer):
     token = serializers.CharField(help_text="Build-scoped token for the log stream's `token` query parameter.")
     expires_at = serializers.DateTimeField()
 

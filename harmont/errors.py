@@ -66,6 +66,8 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "The CLI login nonce or paste code is unknown, not yet authorized, already used, or expired. Start the login again."),
     ("unauthorized", "unauthorized", "Authentication required",
      "Send `Authorization: Bearer <token>` with a session token or a personal API token that is neither revoked nor expired."),
+    ("forbidden", "forbidden", "Forbidden",
+     "The request was refused before it reached the API (for example a Host header this server does not serve)."),
     ("insufficient_org_role", "forbidden", "Role too low",
      "You are a member of this organization, but your role does not allow this action. Ask an owner or admin."),
     ("pipeline_manual_disabled", "forbidden", "Manual builds disabled",
@@ -270,8 +272,25 @@ class RequestIdMiddleware:
                 response["X-Request-Id"] = rid
                 return response
         response = self.get_response(request)
+        if is_api_path(request) and response.status_code >= 400 and not _is_json(response):
+            # Errors raised before any view runs (a disallowed Host header, a
+            # body Django refuses to read) come back as Django's HTML pages.
+            response = _envelope_for_status(request, response.status_code)
         response["X-Request-Id"] = rid
         return response
+
+
+def _is_json(response: HttpResponse) -> bool:
+    return response.get("Content-Type", "").startswith("application/json")
+
+
+_CODE_FOR_STATUS = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "route_not_found",
+                    405: "method_not_allowed", 413: "payload_too_large", 429: "rate_limited"}
+
+
+def _envelope_for_status(request: HttpRequest, status: int) -> JsonResponse:
+    code = _CODE_FOR_STATUS.get(status, "server_error" if status >= 500 else "invalid_request")
+    return envelope_response(request, code, CATALOG[code].title + ".", status=status)
 
 
 class ApiErrorMiddleware:

@@ -143,3 +143,9 @@ def assert_error(response, status: int, code: str) -> dict[str, Any]:
     assert error["doc_url"].endswith(f"/docs/errors/{code}")
     assert error["request_id"] == response["X-Request-Id"]
     return error
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings) -> None:
+    # PBKDF2's deliberate slowness is for attackers, not for a test suite.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

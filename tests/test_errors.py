@@ -1,0 +1,139 @@
+"""The error envelope and X-Request-Id on every failure path under /api/v0 (SPEC §1)."""
+
+from __future__ import annotations
+
+import pytest
+
+from builds.models import Build
+from tests.conftest import assert_error
+
+
+def test_unknown_route_is_envelope_404(api):
+    assert_error(api.get("/api/v0/no/such/route"), 404, "route_not_found")
+
+
+def test_unknown_route_without_auth_is_still_envelope(anon):
+    assert_error(anon.post("/api/v0/nothing-here"), 404, "route_not_found")
+
+
+def test_bare_api_prefix_is_envelope(anon):
+    assert_error(anon.get("/api/v0"), 404, "route_not_found")
+
+
+def test_wrong_method_is_envelope_405(api):
+    error = assert_error(api.delete("/api/v0/ping"), 405, "method_not_allowed")
+    assert "DELETE" in error["message"]
+
+
+def test_missing_token_is_401_with_bearer_challenge(anon, org):
+    response = anon.get(f"/api/v0/organizations/{org.slug}/pipelines")
+    assert_error(response, 401, "unauthorized")
+    assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("header", ["Token abc", "Bearer", "Bearer short", "Basic dXNlcjpwYXNz",
+                                    "Bearer " + "x" * 300, "Bearer hm_doesnotexist0000000000000000000000000000"])
+def test_malformed_or_unknown_token_is_401(anon, org, header):
+    response = anon.get(f"/api/v0/organizations/{org.slug}/pipelines", HTTP_AUTHORIZATION=header)
+    assert_error(response, 401, "unauthorized")
+
+
+def test_malformed_json_is_400_and_writes_nothing(api, pipeline, org):
+    response = api.post(f"/api/v0/organizations/{org.slug}/pipelines/{pipeline.slug}/builds",
+                        data='{"branch": "main",', content_type="application/json")
+    assert_error(response, 400, "invalid_json")
+    assert Build.objects.count() == 0
+
+
+def test_wrong_content_type_is_415_envelope(api, pipeline, org):
+    response = api.post(f"/api/v0/organizations/{org.slug}/pipelines/{pipeline.slug}/builds",
+                        data="branch=main&commit=abc", content_type="application/x-www-form-urlencoded")
+    error = assert_error(response, 415, "unsupported_media_type")
+    assert error["type"] == "invalid_request"
+    assert Build.objects.count() == 0
+
+
+def test_body_too_large_is_413_before_anything_is_read(api, pipeline, org, settings):
+    settings.MAX_REQUEST_BYTES = 2048
+    body = '{"branch": "main", "commit": "abc", "message": "' + "x" * 4096 + '"}'
+    response = api.post(f"/api/v0/organizations/{org.slug}/pipelines/{pipeline.slug}/builds",
+                        data=body, content_type="application/json")
+    assert_error(response, 413, "payload_too_large")
+    assert Build.objects.count() == 0
+
+
+def test_unhandled_exception_is_500_envelope_without_details(api, build, monkeypatch):
+    from builds import api as builds_api
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(builds_api.BuildDetailView, "get", explode)
+    pipeline = build.pipeline
+    response = api.get(f"/api/v0/organizations/{pipeline.organization.slug}/pipelines/{pipeline.slug}/builds/1")
+    error = assert_error(response, 500, "server_error")
+    assert "secret internals" not in response.content.decode()
+    assert error["type"] == "server_error"
+
+
+def test_disallowed_host_is_envelope(client):
+    response = client.get("/api/v0/ping", HTTP_HOST="evil.example")
+    assert_error(response, 400, "invalid_request")
+
+
+def test_validation_error_lists_fields(api, org):
+    response = api.post(f"/api/v0/organizations/{org.slug}/pipelines", {"name": "x"}, format="json")
+    error = assert_error(response, 422, "validation_failed")
+    assert set(error["fields"]) == {"repository", "default_branch"}
+    assert error["type"] == "validation_failed"
+
+
+def test_sane_request_id_is_echoed(anon):
+    response = anon.get("/api/v0/ping", HTTP_X_REQUEST_ID="abc-123_x.y")
+    assert response["X-Request-Id"] == "abc-123_x.y"
+
+
+@pytest.mark.parametrize("bad", ["has space", "x" * 129, "semi;colon", "ünïcode"])
+def test_insane_request_id_is_replaced(anon, bad):
+    response = anon.get("/api/v0/no-route", HTTP_X_REQUEST_ID=bad)
+    assert response["X-Request-Id"] != bad
+    assert len(response["X-Request-Id"]) == 32
+    assert response.json()["error"]["request_id"] == response["X-Request-Id"]
+
+
+def test_request_id_is_on_success_responses_too(anon):
+    assert len(anon.get("/api/v0/ping")["X-Request-Id"]) == 32
+
+
+def test_every_doc_url_is_served(client, api):
+    from harmont.errors import CATALOG
+
+    for code in CATALOG:
+        response = client.get(f"/docs/errors/{code}")
+        assert response.status_code == 200, code
+        assert code in response.content.decode()
+    assert client.get("/docs/errors/").status_code == 200
+    assert client.get("/docs/errors/not-a-code").status_code == 404
+
+
+def test_error_doc_url_points_at_public_url(api, settings):
+    settings.PUBLIC_URL = "https://ci.example.org"
+    error = assert_error(api.get("/api/v0/nope"), 404, "route_not_found")
+    assert error["doc_url"] == "https://ci.example.org/docs/errors/route_not_found"
+
+
+def test_ping_and_healthz(anon, client, db):
+    assert anon.get("/api/v0/ping").json() == {"status": "ok"}
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.content == b"ok"
+
+
+def test_healthz_is_503_while_database_is_unreachable(client, monkeypatch):
+    from django.db import OperationalError, connection
+
+    def broken_cursor(*args, **kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(connection, "cursor", broken_cursor)
+    response = client.get("/healthz")
+    assert response.status_code == 503
