@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from functools import cached_property
 from typing import Any
@@ -32,6 +33,8 @@ from harmont.serializers import ErrorSerializer
 from organizations.access import ORG_PERMISSIONS, OrgScopedMixin
 from pipelines.api import PAGE_PARAMS, get_pipeline
 
+# Leading zeros are dropped before the (at most 10) significant digits reach int().
+BUILD_NUMBER = re.compile(r"\+?0*([0-9]{1,10})")
 BUILD_REQUEST_FIELDS = ("branch", "commit", "message", "source", "env", "pipeline_ir", "source_b64",
                         "source_url", "source_sha256")
 FILTER_PARAMS = [
@@ -58,7 +61,10 @@ class BuildScopedMixin(OrgScopedMixin):
     @cached_property
     def build(self) -> Build:
         number_raw: str = self.kwargs["number"]
-        number = int(number_raw) if number_raw.strip().lstrip("+").isdigit() else None
+        # ASCII digits only: str.isdigit() also accepts "²" (which int() refuses) and other
+        # scripts' digits, and a looser strip let "++1" reach int(); both were 500s.
+        match = BUILD_NUMBER.fullmatch(number_raw)
+        number = int(match[1]) if match else None
         build = None
         if number is not None and number < 2**31:
             build = (

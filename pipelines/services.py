@@ -17,6 +17,8 @@ from pipelines.models import Pipeline, Visibility
 
 _SCP_LIKE = re.compile(r"^[^/@:]+@[^/:]+:")  # git@github.com:owner/repo
 _SCHEME_HOST = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*/?")
+SLUG_MAX_LENGTH = Pipeline._meta.get_field("slug").max_length
+REPO_NAME_MAX_LENGTH = Pipeline._meta.get_field("repo_name").max_length
 
 
 def derive_repo_name(repository: str) -> str | None:
@@ -49,7 +51,13 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                     allow_manual: bool = True, visibility: str = Visibility.PRIVATE,
                     source_slug: str | None = None, definition: Any = None,
                     triggers: list | None = None, now: datetime | None = None) -> Pipeline:
-    slug = slugify_name(name, fallback="pipeline")
+    # Names may be longer than the slug column; cut there rather than fail the INSERT.
+    slug = slugify_name(name, fallback="pipeline")[:SLUG_MAX_LENGTH].rstrip("-")
+    repo_name = repo_name or derive_repo_name(repository)
+    if repo_name is not None and len(repo_name) > REPO_NAME_MAX_LENGTH:
+        raise ApiError("validation_failed", "repo_name derived from repository is too long.",
+                       fields={"repo_name": [f"The name derived from repository is longer than "
+                                             f"{REPO_NAME_MAX_LENGTH} characters; give repo_name explicitly."]})
     stored_definition = validate_definition(definition) if definition is not None else None
     if Pipeline.objects.filter(organization=org, slug=slug).exists():
         raise _slug_taken(slug)
@@ -57,7 +65,7 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
         with transaction.atomic():
             return Pipeline.objects.create(
                 organization=org, slug=slug, name=name, description=description, repository=repository,
-                repo_name=repo_name or derive_repo_name(repository), default_branch=default_branch,
+                repo_name=repo_name, default_branch=default_branch,
                 allow_manual=allow_manual, visibility=visibility, source_slug=source_slug or slug,
                 definition=stored_definition, triggers=triggers, created_at=now or timezone.now(),
             )

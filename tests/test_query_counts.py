@@ -1,0 +1,151 @@
+"""Read endpoints cost a small constant number of queries, whatever the page size, depth or job count.
+
+Every request pays two before the view proper: the bearer token (with its user)
+and the caller's membership (with its organization). The token's `last_used_at`
+is fresh, so authentication does not write.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone as dt_timezone
+
+import pytest
+from django.utils import timezone
+
+from builds.models import Build, Job
+from harmont.pagination import encode_cursor
+from organizations.models import ApiToken
+from pipelines import services as pipeline_services
+from pipelines.models import Pipeline
+from tests.conftest import make_build
+from tests.dsl import hm
+from tests.test_builds_api import builds_url
+
+AUTH_AND_MEMBERSHIP = 2
+T0 = datetime(2026, 1, 1, tzinfo=dt_timezone.utc)
+
+
+@pytest.fixture
+def quiet_api(api, owner):
+    """The owner's client, with `last_used_at` fresh so authenticating never writes."""
+    assert ApiToken.objects.filter(user=owner).update(last_used_at=timezone.now()) == 1
+    return api
+
+
+@pytest.fixture
+def many_builds(pipeline) -> Pipeline:
+    """150 builds, numbers 1..150; odd numbers on main, even on dev."""
+    Build.objects.bulk_create(
+        Build(pipeline=pipeline, number=n, branch="main" if n % 2 else "dev", commit=f"c{n}",
+              created_at=T0 + timedelta(minutes=n), scheduled_at=T0 + timedelta(minutes=n))
+        for n in range(1, 151)
+    )
+    Pipeline.objects.filter(pk=pipeline.pk).update(build_counter=150)
+    return pipeline
+
+
+def chain_ir(length: int) -> dict:
+    step = hm.sh("echo 0", key="s0")
+    for i in range(1, length):
+        step = step.sh(f"echo {i}", key=f"s{i}")
+    return hm.pipeline([step, hm.wait(), hm.sh("echo done", key="done")])
+
+
+# ===================================================================== builds
+
+
+@pytest.mark.django_db
+def test_get_build(quiet_api, django_assert_num_queries, build):
+    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 1):  # the build with its pipeline
+        response = quiet_api.get(builds_url(build.pipeline, "/1"))
+    assert response.status_code == 200
+
+
+@pytest.mark.django_db
+def test_get_unknown_build(quiet_api, django_assert_num_queries, build):
+    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 2):  # the build miss, then which 404
+        response = quiet_api.get(builds_url(build.pipeline, "/2"))
+    assert response.status_code == 404
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("params", [
+    {"limit": 1}, {"limit": 100}, {},
+    {"limit": 50, "cursor": encode_cursor(60)}, {"limit": 100, "cursor": encode_cursor(3)},
+    {"limit": 1, "branch": "main"}, {"limit": 100, "branch": "main"},
+    {"limit": 20, "branch": "dev", "cursor": encode_cursor(30)},
+    {"limit": 100, "state": "scheduled", "source": "api", "created_after": "2026-01-01T01:00:00Z"},
+], ids=["limit-1", "limit-100", "default", "deep", "last-page", "main-1", "main-100", "dev-deep", "filters"])
+def test_list_builds(quiet_api, django_assert_num_queries, many_builds, params):
+    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 2):  # the pipeline, one page of builds
+        response = quiet_api.get(builds_url(many_builds), params)
+    assert response.status_code == 200, response.content
+    assert response.json()["data"]
+
+
+@pytest.mark.django_db
+def test_list_builds_walks_150_rows_at_constant_cost(quiet_api, django_assert_num_queries, many_builds):
+    cursor, seen = None, []
+    while True:
+        with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 2):
+            body = quiet_api.get(builds_url(many_builds), {"limit": 7, **({"cursor": cursor} if cursor else {})}).json()
+        seen += [b["number"] for b in body["data"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(range(150, 0, -1))
+
+
+# ===================================================================== jobs
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("length", [1, 29], ids=["2-jobs", "30-jobs"])
+def test_list_jobs(quiet_api, django_assert_num_queries, pipeline, length):
+    build = make_build(pipeline, pipeline_ir=chain_ir(length))
+    assert Job.objects.filter(build=build).count() == length + 1
+
+    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 3):  # the build, its jobs, their edges
+        response = quiet_api.get(builds_url(pipeline, "/1/jobs"))
+
+    assert response.status_code == 200
+    data = response.json()["data"]
+    assert len(data) == length + 1
+    assert len(data[-1]["depends_on"]) == length
+
+
+@pytest.mark.django_db
+def test_get_job(quiet_api, django_assert_num_queries, pipeline):
+    build = make_build(pipeline, pipeline_ir=chain_ir(29))
+    done = Job.objects.get(build=build, step_key="done")
+
+    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 3):  # the build, the job, its edges
+        response = quiet_api.get(builds_url(pipeline, f"/1/jobs/{done.id}"))
+
+    assert response.status_code == 200
+    assert len(response.json()["depends_on"]) == 29
+
+
+# ===================================================================== pipelines
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("params", [{"limit": 1}, {"limit": 100}, {"limit": 10, "cursor": encode_cursor(0)}],
+                         ids=["limit-1", "limit-100", "cursor"])
+def test_list_pipelines(quiet_api, django_assert_num_queries, org, params):
+    for i in range(30):
+        pipeline_services.create_pipeline(org=org, name=f"p{i}", repository=f"https://github.com/acme/p{i}",
+                                          default_branch="main")
+
+    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 1):  # one page of pipelines
+        response = quiet_api.get(f"/api/v0/organizations/{org.slug}/pipelines", params)
+
+    assert response.status_code == 200
+    assert response.json()["data"]
+
+
+@pytest.mark.django_db
+def test_get_pipeline(quiet_api, django_assert_num_queries, pipeline):
+    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 1):
+        response = quiet_api.get(f"/api/v0/organizations/{pipeline.organization.slug}/pipelines/{pipeline.slug}")
+    assert response.status_code == 200
