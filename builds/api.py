@@ -29,7 +29,7 @@ from builds.serializers import (
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
 from harmont.pagination import paginate
-from harmont.serializers import ErrorSerializer
+from harmont.serializers import ErrorSerializer, json_object
 from organizations.access import ORG_PERMISSIONS, OrgScopedMixin
 from pipelines.api import PAGE_PARAMS, get_pipeline
 
@@ -45,14 +45,11 @@ FILTER_PARAMS = [
 ]
 
 
-def request_object(request: Request) -> dict[str, Any]:
-    if not isinstance(request.data, dict):
-        raise ApiError("invalid_request", "The request body must be a JSON object.")
-    return request.data
-
-
-def build_request_from(body: dict[str, Any]) -> services.BuildRequest:
-    return services.validate_build_request(**{name: body.get(name) for name in BUILD_REQUEST_FIELDS})
+def build_request_from(body: dict[str, Any], *, also_required: tuple[str, ...] = ()) -> services.BuildRequest:
+    return services.validate_build_request(
+        **{name: body.get(name) for name in BUILD_REQUEST_FIELDS},
+        also_required={name: body.get(name) for name in also_required},
+    )
 
 
 class BuildScopedMixin(OrgScopedMixin):
@@ -100,7 +97,7 @@ class PipelineBuildsView(OrgScopedMixin, APIView):
                               422: ErrorSerializer})
     def post(self, request: Request, org: str, pipeline: str) -> Response:
         pipe = get_pipeline(self.org, pipeline)
-        build = services.create_build(pipeline=pipe, request=build_request_from(request_object(request)),
+        build = services.create_build(pipeline=pipe, request=build_request_from(json_object(request)),
                                       created_by=request.user)
         return Response(BuildSerializer(build).data, status=status.HTTP_201_CREATED)
 
@@ -112,12 +109,8 @@ class RepoBuildsView(OrgScopedMixin, APIView):
                    responses={201: BuildSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
                               422: ErrorSerializer})
     def post(self, request: Request, org: str) -> Response:
-        body = request_object(request)
-        build_request = build_request_from(body)
-        missing = {name: ["This field is required."] for name in ("repo_name", "source_slug")
-                   if not isinstance(body.get(name), str) or not body.get(name)}
-        if missing:
-            raise ApiError("build_invalid", f"Invalid build request: {', '.join(sorted(missing))}.", fields=missing)
+        body = json_object(request)
+        build_request = build_request_from(body, also_required=("repo_name", "source_slug"))
         pipe = services.find_pipeline_by_repo(org=self.org, repo_name=body["repo_name"],
                                               source_slug=body["source_slug"])
         build = services.create_build(pipeline=pipe, request=build_request, created_by=request.user)

@@ -43,8 +43,13 @@ class BuildRequest:
 
 def validate_build_request(*, branch: Any, commit: Any, message: Any = None, source: Any = None,
                            env: Any = None, pipeline_ir: Any = None, source_b64: Any = None,
-                           source_url: Any = None, source_sha256: Any = None) -> BuildRequest:
-    """Check every field of a create-build request; 422 `build_invalid` listing all bad fields."""
+                           source_url: Any = None, source_sha256: Any = None,
+                           also_required: dict[str, Any] | None = None) -> BuildRequest:
+    """Check every field of a create-build request; 422 `build_invalid` listing all bad fields.
+
+    `also_required` names further string fields the caller's route needs (the
+    by-repo route's `repo_name` and `source_slug`), reported in the same pass.
+    """
     fields: dict[str, list[str]] = {}
 
     def text(name: str, value: Any, *, required: bool = False, max_length: int = 255) -> str | None:
@@ -60,6 +65,8 @@ def validate_build_request(*, branch: Any, commit: Any, message: Any = None, sou
             return None
         return value
 
+    for name, value in (also_required or {}).items():
+        text(name, value, required=True)
     branch_v = text("branch", branch, required=True)
     commit_v = text("commit", commit, required=True)
     message_v = text("message", message, max_length=100_000)
@@ -120,10 +127,13 @@ def _plan(pipeline: Pipeline, request: BuildRequest) -> tuple[Any, ir.Plan | Non
         )
     try:
         loaded = ir.load_ir(document)
+    except ir.PlanError as exc:
+        # Not JSON: keep what was sent (bounded) so the failed build shows it.
+        return {"raw": str(document)[:100_000]}, None, exc
+    try:
         return loaded, ir.plan_ir(loaded, build_env=request.env), None
     except ir.PlanError as exc:
-        stored = document if not isinstance(document, (str, bytes)) else {"raw": str(document)[:100_000]}
-        return stored, None, exc
+        return loaded, None, exc
 
 
 def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User | None = None,

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rest_framework import serializers
+from rest_framework.request import Request
+
+from harmont.errors import ApiError
+
+
+def json_object(request: Request) -> dict[str, Any]:
+    """The request body, which must be a JSON object (an array or a scalar is a 400)."""
+    data = request.data
+    if not isinstance(data, dict):
+        raise ApiError("invalid_request", "The request body must be a JSON object.")
+    return data
 
 
 class ErrorBodySerializer(serializers.Serializer):

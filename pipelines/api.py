@@ -10,7 +10,7 @@ from rest_framework.views import APIView
 
 from harmont.errors import ApiError
 from harmont.pagination import paginate
-from harmont.serializers import ErrorSerializer
+from harmont.serializers import ErrorSerializer, json_object
 from organizations.access import ORG_PERMISSIONS, OrgScopedMixin
 from organizations.models import Role
 from pipelines import services
@@ -45,7 +45,7 @@ class PipelineListView(OrgScopedMixin, APIView):
                    responses={201: PipelineSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
                               422: ErrorSerializer})
     def post(self, request: Request, org: str) -> Response:
-        body = CreatePipelineRequestSerializer(data=request.data)
+        body = CreatePipelineRequestSerializer(data=json_object(request))
         body.is_valid(raise_exception=True)
         pipeline = services.create_pipeline(org=self.org, **body.validated_data)
         return Response(PipelineSerializer(pipeline).data, status=status.HTTP_201_CREATED)

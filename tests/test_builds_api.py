@@ -896,3 +896,24 @@ def test_cancel_with_wrong_method_is_405(api, pipeline, build):
 def test_build_ids_are_uuids(api, pipeline):
     body = post_build(api, pipeline).json()
     assert uuid.UUID(body["id"]).version == 4
+
+
+@pytest.mark.django_db
+def test_create_by_repo_reports_every_missing_field_at_once(api, org, pipeline):
+    response = api.post(repo_url(org.slug), {"commit": "abc", "source_slug": ""}, format="json")
+    error = assert_error(response, 422, "build_invalid")
+    assert set(error["fields"]) == {"branch", "repo_name", "source_slug"}
+    assert not Build.objects.exists()
+
+
+@pytest.mark.django_db
+def test_rejected_ir_string_that_parsed_is_stored_as_the_document(api, pipeline):
+    document = {"version": "0", "steps": [{"key": "a", "cmd": "x", "depends_on": ["zz"]}]}
+    assert_error(post_build(api, pipeline, pipeline_ir=json.dumps(document)), 422, "build_plan_rejected")
+    assert Build.objects.get().pipeline_ir == document
+
+
+@pytest.mark.django_db
+def test_rejected_ir_that_is_not_json_is_kept_verbatim(api, pipeline):
+    assert_error(post_build(api, pipeline, pipeline_ir="{nope"), 422, "build_plan_rejected")
+    assert Build.objects.get().pipeline_ir == {"raw": "{nope"}

@@ -137,3 +137,9 @@ def test_healthz_is_503_while_database_is_unreachable(client, monkeypatch):
     monkeypatch.setattr(connection, "cursor", broken_cursor)
     response = client.get("/healthz")
     assert response.status_code == 503
+
+
+def test_pathologically_nested_json_is_400_not_a_crash(api, pipeline, org):
+    response = api.post(f"/api/v0/organizations/{org.slug}/pipelines/{pipeline.slug}/builds",
+                        data="[" * 100_000, content_type="application/json")
+    assert_error(response, 400, "invalid_json")
