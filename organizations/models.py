@@ -174,3 +174,22 @@ class CliLoginGrant(models.Model):
 
     def __str__(self) -> str:
         return f"cli {self.kind} grant for {self.user_id}"
+
+
+class AgentToken(models.Model):
+    """An organization's token for its agents. Only the SHA-256 of the raw value is stored."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="agent_tokens")
+    description = models.CharField(max_length=255, blank=True, default="")
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_by = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["organization", "created_at"], name="agenttoken_by_org")]
+
+    def __str__(self) -> str:
+        return f"agent token {self.description or self.id} of {self.organization_id}"

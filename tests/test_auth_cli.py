@@ -1,0 +1,256 @@
+"""CLI login: loopback transfer/claim and paste code/redeem (SPEC §2, §10)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+from datetime import timedelta
+from unittest import mock
+
+import pytest
+from django.core.cache import cache
+from django.db import connection
+from django.utils import timezone
+from rest_framework.throttling import ScopedRateThrottle
+
+from harmont.errors import ApiError
+from organizations import services
+from organizations.models import ApiToken, CliGrantKind, CliLoginGrant, TokenKind
+from tests.conftest import assert_error, is_postgres
+
+CODE_PATTERN = re.compile(r"^[0-9ABCDEFGHJKMNPQRSTVWXYZ]{16}$")
+
+
+@pytest.fixture(autouse=True)
+def fresh_throttle():
+    """Claim/redeem are throttled per client address through the cache; start and end each test clean."""
+    cache.clear()
+    yield
+    cache.clear()
+
+
+def new_nonce() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def claim(anon, nonce):  # noqa: ANN001, ANN201
+    return anon.post("/api/v0/auth/cli/claim", {"nonce": nonce}, format="json")
+
+
+def redeem(anon, code):  # noqa: ANN001, ANN201
+    return anon.post("/api/v0/auth/cli/redeem", {"code": code}, format="json")
+
+
+def as_bearer(anon, token: str):  # noqa: ANN001, ANN201
+    anon.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    return anon
+
+
+# ---------------------------------------------------------------- transfer / claim
+
+def test_transfer_then_claim_gives_a_working_session_token(api, anon, owner):
+    nonce = new_nonce()
+    response = api.post("/api/v0/auth/cli/transfer", {"nonce": nonce}, format="json")
+    assert response.status_code == 204 and response.content == b""
+    grant = CliLoginGrant.objects.get()
+    assert grant.kind == CliGrantKind.TRANSFER and grant.user == owner and grant.used_at is None
+    assert grant.secret_hash == services.hash_secret(nonce)
+    assert grant.expires_at == grant.created_at + timedelta(seconds=60)
+
+    response = claim(anon, nonce)
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"token"}
+    assert len(body["token"]) == 43 and re.fullmatch(r"[A-Za-z0-9_-]{43}", body["token"])
+    session = ApiToken.objects.get(token_hash=services.hash_secret(body["token"]))
+    assert session.kind == TokenKind.SESSION and session.user == owner
+    grant.refresh_from_db()
+    assert grant.used_at is not None
+    assert as_bearer(anon, body["token"]).get("/api/v0/user").json()["email"] == "owner@example.com"
+
+
+def test_transfer_stores_no_usable_token(api, owner):
+    before = ApiToken.objects.count()
+    assert api.post("/api/v0/auth/cli/transfer", {"nonce": new_nonce()}, format="json").status_code == 204
+    assert ApiToken.objects.count() == before  # the session token is minted at claim time
+
+
+def test_claim_twice_is_400(api, anon):
+    nonce = new_nonce()
+    api.post("/api/v0/auth/cli/transfer", {"nonce": nonce}, format="json")
+    assert claim(anon, nonce).status_code == 200
+    assert_error(claim(anon, nonce), 400, "cli_code_invalid")
+    assert ApiToken.objects.filter(kind=TokenKind.SESSION).count() == 1
+
+
+def test_claim_before_transfer_is_400_and_does_not_block_the_later_claim(api, anon):
+    nonce = new_nonce()
+    assert_error(claim(anon, nonce), 400, "cli_code_invalid")
+    api.post("/api/v0/auth/cli/transfer", {"nonce": nonce}, format="json")
+    assert claim(anon, nonce).status_code == 200
+
+
+def test_claim_after_60_seconds_is_400_and_consumes_the_grant(api, anon):
+    nonce = new_nonce()
+    api.post("/api/v0/auth/cli/transfer", {"nonce": nonce}, format="json")
+    later = timezone.now() + timedelta(seconds=61)
+    with mock.patch("django.utils.timezone.now", return_value=later):
+        assert_error(claim(anon, nonce), 400, "cli_code_invalid")
+    grant = CliLoginGrant.objects.get()
+    assert grant.used_at == later
+    assert not ApiToken.objects.filter(kind=TokenKind.SESSION).exists()
+    assert_error(claim(anon, nonce), 400, "cli_code_invalid")
+
+
+def test_claim_service_honours_the_60_second_window(owner):
+    start = timezone.now()
+    services.park_cli_transfer(user=owner, nonce="n" * 32, now=start)
+    assert services.claim_cli_transfer(nonce="n" * 32, now=start + timedelta(seconds=59)).token.user == owner
+
+
+def test_nonce_parked_twice_is_400_invalid_request(api, stranger_api, owner):
+    nonce = new_nonce()
+    assert api.post("/api/v0/auth/cli/transfer", {"nonce": nonce}, format="json").status_code == 204
+    assert_error(stranger_api.post("/api/v0/auth/cli/transfer", {"nonce": nonce}, format="json"), 400,
+                 "invalid_request")
+    assert CliLoginGrant.objects.get().user == owner
+
+
+@pytest.mark.parametrize("body", [{}, {"nonce": ""}, {"nonce": "   "}, {"nonce": 42}, {"nonce": "x" * 513}])
+def test_transfer_without_a_usable_nonce_is_400(api, body):
+    assert_error(api.post("/api/v0/auth/cli/transfer", body, format="json"), 400, "invalid_request")
+    assert not CliLoginGrant.objects.exists()
+
+
+def test_transfer_of_a_json_array_is_400(api):
+    assert_error(api.post("/api/v0/auth/cli/transfer", ["nonce"], format="json"), 400, "invalid_request")
+
+
+def test_transfer_needs_a_bearer_token(anon, db):
+    assert_error(anon.post("/api/v0/auth/cli/transfer", {"nonce": new_nonce()}, format="json"), 401, "unauthorized")
+    assert not CliLoginGrant.objects.exists()
+
+
+@pytest.mark.parametrize("body", [{}, {"nonce": ""}, {"nonce": None}, {"nonce": ["a"]}])
+def test_claim_without_nonce_is_400(anon, db, body):
+    assert_error(anon.post("/api/v0/auth/cli/claim", body, format="json"), 400, "cli_code_invalid")
+
+
+def test_claim_ignores_a_bearer_header(api, anon):
+    nonce = new_nonce()
+    api.post("/api/v0/auth/cli/transfer", {"nonce": nonce}, format="json")
+    anon.credentials(HTTP_AUTHORIZATION="Bearer garbage-garbage-garbage")
+    assert claim(anon, nonce).status_code == 200
+
+
+# ---------------------------------------------------------------- code / redeem
+
+def test_code_then_redeem_gives_a_working_session_token(api, anon, owner):
+    response = api.post("/api/v0/auth/cli/code")
+    assert response.status_code == 200
+    code = response.json()["code"]
+    assert response.json() == {"code": code}
+    assert CODE_PATTERN.match(code)
+    grant = CliLoginGrant.objects.get()
+    assert grant.kind == CliGrantKind.CODE and grant.secret_hash == services.hash_secret(code)
+    assert grant.expires_at == grant.created_at + timedelta(seconds=300)
+
+    response = redeem(anon, code)
+    assert response.status_code == 200
+    token = response.json()["token"]
+    assert len(token) == 43
+    assert as_bearer(anon, token).get("/api/v0/user").json()["uuid"] == str(owner.uuid)
+
+
+def test_redeem_accepts_lower_case_and_separators(api, anon):
+    code = api.post("/api/v0/auth/cli/code").json()["code"]
+    typed = f"{code[:4].lower()}-{code[4:8].lower()} {code[8:]}"
+    assert redeem(anon, typed).status_code == 200
+
+
+def test_redeem_twice_is_400(api, anon):
+    code = api.post("/api/v0/auth/cli/code").json()["code"]
+    assert redeem(anon, code).status_code == 200
+    assert_error(redeem(anon, code), 400, "cli_code_invalid")
+    assert ApiToken.objects.filter(kind=TokenKind.SESSION).count() == 1
+
+
+def test_redeem_after_five_minutes_is_400_and_consumes_the_code(owner, anon):
+    start = timezone.now() - timedelta(seconds=301)
+    code = services.create_cli_code(user=owner, now=start)
+    assert_error(redeem(anon, code), 400, "cli_code_invalid")
+    assert CliLoginGrant.objects.get().used_at is not None
+    assert not ApiToken.objects.filter(kind=TokenKind.SESSION).exists()
+
+
+@pytest.mark.parametrize("body", [{}, {"code": ""}, {"code": None}, {"code": "0000000000000000"}, {"code": "short"}])
+def test_redeem_without_a_valid_code_is_400(anon, db, body):
+    assert_error(anon.post("/api/v0/auth/cli/redeem", body, format="json"), 400, "cli_code_invalid")
+
+
+def test_redeem_with_a_transfer_nonce_is_400(api, anon):
+    # The two grant kinds never stand in for each other.
+    nonce = "0123456789ABCDEF"
+    api.post("/api/v0/auth/cli/transfer", {"nonce": nonce}, format="json")
+    assert_error(redeem(anon, nonce), 400, "cli_code_invalid")
+    assert claim(anon, nonce).status_code == 200
+
+
+def test_code_needs_a_bearer_token(anon, db):
+    assert_error(anon.post("/api/v0/auth/cli/code"), 401, "unauthorized")
+
+
+def test_codes_are_distinct(api):
+    codes = {api.post("/api/v0/auth/cli/code").json()["code"] for _ in range(5)}
+    assert len(codes) == 5
+
+
+def test_claim_and_redeem_are_throttled_with_the_envelope(anon, db, monkeypatch):
+    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"cli_login": "3/min"})
+    for _ in range(3):
+        assert_error(claim(anon, "guess-guess-guess"), 400, "cli_code_invalid")
+    response = redeem(anon, "0000000000000000")
+    assert_error(response, 429, "rate_limited")
+    assert int(response["Retry-After"]) >= 1
+
+
+def test_old_grants_are_swept_when_new_ones_are_made(owner):
+    long_ago = timezone.now() - timedelta(days=2)
+    services.park_cli_transfer(user=owner, nonce="old-nonce-old-nonce", now=long_ago)
+    services.create_cli_code(user=owner)
+    assert list(CliLoginGrant.objects.values_list("kind", flat=True)) == [CliGrantKind.CODE]
+
+
+@pytest.mark.parametrize("kind", [CliGrantKind.TRANSFER, CliGrantKind.CODE])
+def test_racing_claims_of_one_grant_yield_exactly_one_token(transactional_db, kind):
+    if not is_postgres():
+        pytest.skip("needs PostgreSQL's concurrent writers")
+    user = services.create_user(email="racer@example.com")
+    if kind == CliGrantKind.TRANSFER:
+        secret = new_nonce()
+        services.park_cli_transfer(user=user, nonce=secret)
+        consume = lambda: services.claim_cli_transfer(nonce=secret)  # noqa: E731
+    else:
+        secret = services.create_cli_code(user=user)
+        consume = lambda: services.redeem_cli_code(code=secret)  # noqa: E731
+    barrier = threading.Barrier(6)
+    outcomes: list[str] = []
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            consume()
+            outcomes.append("token")
+        except ApiError as exc:
+            outcomes.append(exc.code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["cli_code_invalid"] * 5 + ["token"]
+    assert ApiToken.objects.filter(kind=TokenKind.SESSION, user=user).count() == 1
