@@ -112,10 +112,23 @@ class Job(models.Model):
     error_code = models.CharField(max_length=40, blank=True, null=True)
     error_message = models.TextField(blank=True, null=True)
     soft_failed = models.BooleanField(default=False)
+    # Set when the command was ended by a signal (exit_code is then 128 + signal).
+    signal = models.PositiveSmallIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     scheduled_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Execution: who runs it, with which job-scoped credential, last sign of life.
+    agent = models.ForeignKey("builds.Agent", null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="jobs")
+    credential_hash = models.CharField(max_length=64, unique=True, null=True, blank=True)
+    assigned_at = models.DateTimeField(null=True, blank=True)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Bytes of log content stored so far (enforces the per-job log limit).
+    log_bytes = models.BigIntegerField(default=0)
+    log_truncated = models.BooleanField(default=False)
+    # The files a `builds_in` child starts from, uploaded by the agent that ran this job.
+    workspace_archive = models.FileField(upload_to="workspaces/", blank=True, null=True)
 
     class Meta:
         constraints = [
@@ -125,6 +138,8 @@ class Job(models.Model):
         indexes = [
             # Agents claim the oldest scheduled job of an organization.
             models.Index(fields=["organization", "state", "scheduled_at"], name="job_claim_queue"),
+            # The reaper looks for active jobs whose agent went quiet.
+            models.Index(fields=["state", "last_heartbeat_at"], name="job_by_heartbeat"),
         ]
 
     def __str__(self) -> str:
@@ -150,3 +165,48 @@ class JobDependency(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prerequisite_id} -> {self.job_id} ({self.kind})"
+
+
+class StreamKind(models.IntegerChoices):
+    STDOUT = 0
+    STDERR = 1
+    META = 2
+
+
+class LogChunk(models.Model):
+    """A piece of a job's output. `(job, seq)` is unique, so a re-sent chunk is stored once."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="log_chunks")
+    seq = models.PositiveIntegerField()
+    stream_kind = models.PositiveSmallIntegerField(choices=StreamKind.choices)
+    content = models.TextField()
+    ts = models.DateTimeField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "seq"], name="log_chunk_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}#{self.seq}"
+
+
+class Agent(models.Model):
+    """One running agent process, as it registered itself."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="agents")
+    token = models.ForeignKey("organizations.AgentToken", on_delete=models.CASCADE, related_name="agents")
+    name = models.CharField(max_length=255)
+    hostname = models.CharField(max_length=255, blank=True, default="")
+    version = models.CharField(max_length=50, blank=True, default="")
+    os = models.CharField(max_length=255, blank=True, default="")
+    session_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["organization", "last_seen_at"], name="agent_by_org")]
+
+    def __str__(self) -> str:
+        return self.name

@@ -31,8 +31,9 @@ SATISFIED_STATES: frozenset[str] = frozenset({J.PASSED, J.SKIPPED})
 BLOCKING_STATES: frozenset[str] = frozenset({J.FAILED, J.TIMED_OUT, J.CANCELED})
 
 JOB_TRANSITIONS: dict[str, frozenset[str]] = {
-    J.PENDING: frozenset({J.SCHEDULED, J.SKIPPED, J.CANCELED}),
-    J.SCHEDULED: frozenset({J.ASSIGNED, J.SKIPPED, J.CANCELED}),
+    # Waiting jobs time out only with their build (pipeline timeout).
+    J.PENDING: frozenset({J.SCHEDULED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
+    J.SCHEDULED: frozenset({J.ASSIGNED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
     # An agent that claimed a job but vanished before starting it hands it back.
     J.ASSIGNED: frozenset({J.RUNNING, J.SCHEDULED, J.CANCELING, J.CANCELED, J.FAILED, J.TIMED_OUT}),
     J.RUNNING: frozenset({J.PASSED, J.FAILED, J.CANCELING, J.TIMING_OUT, J.TIMED_OUT}),

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from builds import api
+from builds import agent_api, api
 
 BUILD = "organizations/<str:org>/pipelines/<str:pipeline>/builds/<str:number>"
 
@@ -13,4 +13,20 @@ urlpatterns = [
     path(f"{BUILD}/log-token", api.BuildLogTokenView.as_view(), name="build-log-token"),
     path(f"{BUILD}/jobs", api.JobListView.as_view(), name="job-list"),
     path(f"{BUILD}/jobs/<str:job_id>", api.JobDetailView.as_view(), name="job-detail"),
+]
+
+AGENT_JOB = "agent/jobs/<str:job_id>"
+
+urlpatterns += [
+    path("agent/register", agent_api.RegisterView.as_view(), name="agent-register"),
+    path("agent/disconnect", agent_api.DisconnectView.as_view(), name="agent-disconnect"),
+    path("agent/claim", agent_api.ClaimView.as_view(), name="agent-claim"),
+    path(f"{AGENT_JOB}/start", agent_api.StartView.as_view(), name="agent-job-start"),
+    path(f"{AGENT_JOB}/heartbeat", agent_api.HeartbeatView.as_view(), name="agent-job-heartbeat"),
+    path(f"{AGENT_JOB}/logs", agent_api.LogsView.as_view(), name="agent-job-logs"),
+    path(f"{AGENT_JOB}/finish", agent_api.FinishView.as_view(), name="agent-job-finish"),
+    path(f"{AGENT_JOB}/workspace", agent_api.WorkspaceUploadView.as_view(), name="agent-job-workspace"),
+    path(f"{AGENT_JOB}/parent-workspace", agent_api.ParentWorkspaceView.as_view(), name="agent-parent-workspace"),
+    path("internal/builds/<str:build_uuid>/source.tar.gz", agent_api.SourceArchiveView.as_view(),
+         name="build-source"),
 ]

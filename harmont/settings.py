@@ -63,7 +63,8 @@ def database_from_url(url: str) -> dict:
     if parts.scheme in ("sqlite", "sqlite3"):
         return {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": unquote(parts.path.lstrip("/")) or BASE_DIR / "db.sqlite3",
+            # sqlite:///relative.db or sqlite:////absolute/path.db, as dj-database-url reads them.
+            "NAME": unquote(parts.path[1:]) or BASE_DIR / "db.sqlite3",
             "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
         }
     if parts.scheme not in ("postgres", "postgresql", "pgsql"):
@@ -186,6 +187,18 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
 # Jobs without their own timeout get this one (seconds).
 DEFAULT_JOB_TIMEOUT_SECONDS = env_int("HARMONT_DEFAULT_JOB_TIMEOUT", 3600, minimum=1)
 SESSION_TOKEN_TTL_DAYS = 30
+
+# Execution.
+# An active job whose agent sent nothing for this long has failed (agent_heartbeat_lost).
+AGENT_HEARTBEAT_TIMEOUT_SECONDS = env_int("HARMONT_AGENT_HEARTBEAT_TIMEOUT", 30, minimum=5)
+# Agents stop their own overdue commands; the server steps in only after this grace.
+JOB_TIMEOUT_GRACE_SECONDS = env_int("HARMONT_JOB_TIMEOUT_GRACE", 30, minimum=0)
+# How long an agent waits between SIGTERM and SIGKILL when stopping a command.
+AGENT_CANCEL_GRACE_SECONDS = env_int("HARMONT_CANCEL_GRACE", 10, minimum=0)
+# Output past this many bytes per job is dropped (one meta chunk says so).
+JOB_LOG_LIMIT_BYTES = env_int("HARMONT_JOB_LOG_LIMIT", 64 * 1024 * 1024, minimum=1024)
+# How often the reaper looks for lost agents and overdue jobs and builds.
+REAPER_INTERVAL_SECONDS = env_int("HARMONT_REAPER_INTERVAL", 5, minimum=1)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["harmont.auth.BearerTokenAuthentication"],

@@ -1,4 +1,4 @@
-"""Writes for builds and jobs: creating, canceling, and job results."""
+"""Writes for builds: validating a create request, creating, canceling."""
 
 from __future__ import annotations
 
@@ -242,36 +242,3 @@ def cancel_build(*, build: Build, now: datetime | None = None) -> Build:
         settled = states.settle_build(build_id=locked.pk, now=now)
     settled.pipeline = build.pipeline
     return settled
-
-
-def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code: str | None = None,
-               error_message: str | None = None, now: datetime | None = None) -> bool:
-    """End a job in a terminal `state`; then skip/schedule what follows and roll up.
-
-    Returns False (and changes nothing) when the job was no longer in a state
-    that may move there: the other writer of a race already ended it.
-    """
-    if state not in states.TERMINAL_JOB_STATES:
-        raise ValueError(f"{state} is not a terminal job state")
-    now = now or timezone.now()
-    with transaction.atomic():
-        states.lock_build(job.build_id)
-        changed = states.transition_jobs([job.pk], to=state, now=now, exit_code=exit_code,
-                                         error_code=error_code, error_message=error_message)
-        if changed:
-            states.settle_build(build_id=job.build_id, now=now)
-    return bool(changed)
-
-
-def move_job(*, job: Job, state: str, now: datetime | None = None) -> bool:
-    """A non-terminal job transition (assigned, running, canceling, timing_out), then roll up."""
-    if state in states.TERMINAL_JOB_STATES:
-        raise ValueError("use finish_job for terminal states")
-    now = now or timezone.now()
-    with transaction.atomic():
-        states.lock_build(job.build_id)
-        changed = states.transition_jobs([job.pk], to=state, now=now)
-        if changed:
-            states.settle_build(build_id=job.build_id, now=now)
-    return bool(changed)
-

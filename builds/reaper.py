@@ -1,0 +1,28 @@
+"""The reaper loop: the part of execution no agent can report on (lost agents, overdue work)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from django.db import DatabaseError, close_old_connections
+
+from builds import services
+
+log = logging.getLogger("harmont.reaper")
+
+
+def run_reaper(*, stop: threading.Event, interval: float, once: bool = False) -> None:
+    """Reap every `interval` seconds until `stop` is set. Each pass is idempotent and
+    every verdict is a compare-and-set, so several reapers at once are harmless."""
+    while not stop.is_set():
+        try:
+            report = services.reap()
+            if report.heartbeat_lost or report.job_timeouts or report.pipeline_timeouts:
+                log.info("reaped: %s", report)
+        except DatabaseError:
+            log.exception("reaper pass failed; retrying")
+            close_old_connections()
+        if once:
+            return
+        stop.wait(interval)

@@ -1,0 +1,29 @@
+"""Every write to builds and jobs. Callers use `from builds import services`."""
+
+from builds.services.builds import (
+    BuildRequest,
+    cancel_build,
+    create_build,
+    find_pipeline_by_repo,
+    validate_build_request,
+)
+from builds.services.jobs import (
+    ChunkIn,
+    Claim,
+    ReapReport,
+    append_log,
+    claim_job,
+    finish_job,
+    heartbeat,
+    move_job,
+    reap,
+    report_finish,
+    start_job,
+    store_workspace,
+)
+
+__all__ = [
+    "BuildRequest", "ChunkIn", "Claim", "ReapReport", "append_log", "cancel_build", "claim_job", "create_build",
+    "find_pipeline_by_repo", "finish_job", "heartbeat", "move_job", "reap", "report_finish", "start_job",
+    "store_workspace", "validate_build_request",
+]
