@@ -5,7 +5,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from builds import services
-from builds.models import Build, Job, JobDependency
+from builds.models import Agent, Build, Job, JobDependency, LogChunk
 from builds.states import TERMINAL_BUILD_STATES
 from harmont.errors import ApiError
 
@@ -60,7 +60,8 @@ class JobAdmin(admin.ModelAdmin):
     list_filter = ["state"]
     search_fields = ["step_key", "name", "command", "build__pipeline__slug"]
     list_select_related = ["build", "build__pipeline"]
-    raw_id_fields = ["build", "organization"]
+    raw_id_fields = ["build", "organization", "agent"]
+    exclude = ["credential_hash"]
     readonly_fields = ["id", "build", "organization", "position", "state", "exit_code", "error_code",
                        "error_message", "created_at", "scheduled_at", "started_at", "finished_at"]
 
@@ -70,3 +71,21 @@ class JobDependencyAdmin(admin.ModelAdmin):
     list_display = ["job", "prerequisite", "kind"]
     list_select_related = ["job", "prerequisite"]
     raw_id_fields = ["job", "prerequisite"]
+
+
+@admin.register(Agent)
+class AgentAdmin(admin.ModelAdmin):
+    list_display = ["name", "organization", "hostname", "version", "last_seen_at", "stopped_at"]
+    list_select_related = ["organization"]
+    search_fields = ["name", "hostname", "organization__slug"]
+    exclude = ["session_hash"]
+    readonly_fields = ["id", "organization", "token", "name", "hostname", "version", "os", "created_at",
+                       "last_seen_at", "stopped_at"]
+
+
+@admin.register(LogChunk)
+class LogChunkAdmin(admin.ModelAdmin):
+    list_display = ["job", "seq", "stream_kind", "ts"]
+    list_select_related = ["job"]
+    raw_id_fields = ["job"]
+    readonly_fields = ["job", "seq", "stream_kind", "content", "ts", "created_at"]

@@ -11,7 +11,6 @@ because each authentication class looks only in its own table.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from django.conf import settings
@@ -29,13 +28,17 @@ from rest_framework.views import APIView
 from builds import services
 from builds.models import Agent, Build, Job, JobState
 from builds.services.jobs import builds_in_parent, has_builds_in_children, job_for_credential
-from harmont.auth import hash_secret
+from harmont.auth import (
+    AGENT_SESSION_PREFIX,
+    AGENT_TOKEN_PREFIX,
+    JOB_CREDENTIAL_PREFIX,
+    hash_secret,
+    new_prefixed_secret,
+)
 from harmont.errors import ApiError, validation_error
 from harmont.serializers import ErrorSerializer, json_object
 from organizations.models import AgentToken
 
-AGENT_TOKEN_PREFIX = "hma_"
-AGENT_SESSION_PREFIX = "hms_"
 LIVE_JOB_STATES = frozenset({JobState.ASSIGNED, JobState.RUNNING, JobState.CANCELING, JobState.TIMING_OUT})
 
 
@@ -92,7 +95,7 @@ class AgentSessionAuthentication(AgentTokenAuthentication):
 
 class JobCredentialAuthentication(AgentTokenAuthentication):
     def authenticate(self, request: Request) -> tuple[AgentPrincipal, Job] | None:
-        raw = _bearer(request, services.jobs.JOB_CREDENTIAL_PREFIX)
+        raw = _bearer(request, JOB_CREDENTIAL_PREFIX)
         if raw is None:
             return None
         job = job_for_credential(raw)
@@ -246,7 +249,7 @@ class RegisterView(AgentView):
         body = RegisterRequest(data=json_object(request))
         body.is_valid(raise_exception=True)
         token: AgentToken = request.auth
-        session = AGENT_SESSION_PREFIX + secrets.token_urlsafe(32)
+        session = new_prefixed_secret(AGENT_SESSION_PREFIX)
         now = timezone.now()
         agent = Agent.objects.create(organization_id=token.organization_id, token=token,
                                      session_hash=hash_secret(session), created_at=now, last_seen_at=now,

@@ -7,7 +7,11 @@ import uuid
 from functools import cached_property
 from typing import Any
 
+from datetime import timedelta
+
+from django.conf import settings
 from django.db.models import Prefetch
+from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.request import Request
@@ -16,8 +20,11 @@ from rest_framework.views import APIView
 
 from builds import services
 from builds.filters import BuildFilter
-from builds.models import Build, Job, JobDependency
+from builds.models import Agent, Build, Job, JobDependency
+from builds.services.jobs import ACTIVE_STATES
 from builds.serializers import (
+    AgentListSerializer,
+    AgentStatusSerializer,
     BuildListSerializer,
     BuildSerializer,
     CreateBuildRequestSerializer,
@@ -37,6 +44,7 @@ from pipelines.api import PAGE_PARAMS, get_pipeline
 BUILD_NUMBER = re.compile(r"\+?0*([0-9]{1,10})")
 BUILD_REQUEST_FIELDS = ("branch", "commit", "message", "source", "env", "pipeline_ir", "source_b64",
                         "source_url", "source_sha256")
+AGENT_LIST_WINDOW = timedelta(days=1)
 FILTER_PARAMS = [
     OpenApiParameter("branch", str), OpenApiParameter("state", str), OpenApiParameter("commit", str),
     OpenApiParameter("source", str),
@@ -172,3 +180,21 @@ class JobDetailView(BuildScopedMixin, APIView):
             raise ApiError("job_not_found", f"No job {job_id} in build #{self.build.number}.")
         return Response(JobSerializer(job).data)
 
+
+
+class AgentListView(OrgScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+
+    @extend_schema(operation_id="listAgents", tags=["agents"],
+                   responses={200: AgentListSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, org: str) -> Response:
+        """Agents seen in the last day, most recently seen first, with what each is running."""
+        now = timezone.now()
+        active = Job.objects.filter(state__in=ACTIVE_STATES).select_related("build", "build__pipeline")
+        agents = (
+            Agent.objects.filter(organization=self.org, last_seen_at__gte=now - AGENT_LIST_WINDOW)
+            .order_by("-last_seen_at")
+            .prefetch_related(Prefetch("jobs", queryset=active, to_attr="active_jobs"))
+        )
+        context = {"now": now, "lost_after": settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS}
+        return Response({"data": AgentStatusSerializer(agents, many=True, context=context).data})

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from builds.models import Build, BuildSource, Job
+from builds.models import Agent, Build, BuildSource, Job
 from harmont.serializers import page_serializer
 
 
@@ -76,3 +77,38 @@ class CreateBuildRequestSerializer(_BuildRequestFields):
 class CreateRepoBuildRequestSerializer(_BuildRequestFields):
     repo_name = serializers.CharField(help_text="`owner/repo`, matched case-insensitively.")
     source_slug = serializers.CharField(help_text="The pipeline's name inside the repository.")
+
+
+class CurrentJobSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    state = serializers.CharField()
+    step_key = serializers.CharField()
+    build_number = serializers.IntegerField(source="build.number")
+    pipeline_slug = serializers.CharField(source="build.pipeline.slug")
+
+
+class AgentStatusSerializer(serializers.ModelSerializer):
+    connection_state = serializers.SerializerMethodField(
+        help_text="connected (heard from recently), lost (silent), or stopped (exited cleanly)")
+    current_job = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Agent
+        fields = ["id", "name", "hostname", "version", "os", "created_at", "last_seen_at", "connection_state",
+                  "current_job"]
+        read_only_fields = fields
+
+    def get_connection_state(self, agent: Agent) -> str:
+        if agent.stopped_at is not None:
+            return "stopped"
+        silent = (self.context["now"] - agent.last_seen_at).total_seconds()
+        return "lost" if silent > self.context["lost_after"] else "connected"
+
+    @extend_schema_field(CurrentJobSerializer(allow_null=True))
+    def get_current_job(self, agent: Agent) -> dict | None:
+        jobs = agent.active_jobs  # prefetched by the view
+        return CurrentJobSerializer(jobs[0]).data if jobs else None
+
+
+class AgentListSerializer(serializers.Serializer):
+    data = AgentStatusSerializer(many=True)

@@ -6,6 +6,7 @@ BUILD = "organizations/<str:org>/pipelines/<str:pipeline>/builds/<str:number>"
 
 urlpatterns = [
     path("organizations/<str:org>/builds", api.RepoBuildsView.as_view(), name="repo-builds"),
+    path("organizations/<str:org>/agents", api.AgentListView.as_view(), name="agent-list"),
     path("organizations/<str:org>/pipelines/<str:pipeline>/builds", api.PipelineBuildsView.as_view(),
          name="build-list"),
     path(BUILD, api.BuildDetailView.as_view(), name="build-detail"),

@@ -21,6 +21,10 @@ from rest_framework.request import Request
 from organizations.models import ApiToken, User
 
 PERSONAL_TOKEN_PREFIX = "hm_"
+# Agent credentials (see builds/agent_api.py); each prefix has its own table.
+AGENT_TOKEN_PREFIX = "hma_"
+AGENT_SESSION_PREFIX = "hms_"
+JOB_CREDENTIAL_PREFIX = "hmj_"
 # Writing last_used_at on every request would turn every read into a write;
 # once every few minutes is precise enough for "last used".
 LAST_USED_RESOLUTION = timedelta(minutes=5)
@@ -37,6 +41,10 @@ def new_session_secret() -> str:
 
 def new_personal_secret() -> str:
     return PERSONAL_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_prefixed_secret(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
 
 
 def _is_plausible_token(raw: str) -> bool:

@@ -92,6 +92,8 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "The job has no builds_in parent, or the parent left no workspace (it did not pass)."),
     ("source_not_found", "not_found", "Source not found",
      "The build has no uploaded source archive."),
+    ("agent_token_not_found", "not_found", "Agent token not found",
+     "No agent token with this id exists in the organization."),
     ("method_not_allowed", "invalid_request", "Method not allowed",
      "This endpoint exists but does not accept this HTTP method."),
     ("last_owner", "conflict", "Last owner",

@@ -19,7 +19,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from organizations import services
-from organizations.models import ApiToken, CliLoginGrant, Invite, Membership, Organization, User
+from organizations.models import AgentToken, ApiToken, CliLoginGrant, Invite, Membership, Organization, User
 
 
 class UserCreateForm(AdminUserCreationForm):
@@ -141,3 +141,37 @@ class CliLoginGrantAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: CliLoginGrant | None = None) -> bool:
         return False
+
+
+@admin.register(AgentToken)
+class AgentTokenAdmin(admin.ModelAdmin):
+    list_display = ("organization", "description", "created_by", "created_at", "last_used_at", "revoked_at")
+    list_select_related = ("organization", "created_by")
+    list_filter = (("revoked_at", admin.EmptyFieldListFilter),)
+    search_fields = ("organization__slug", "description")
+    fields = ("organization", "description", "created_by", "created_at", "last_used_at", "revoked_at")
+    readonly_fields = ("created_by", "created_at", "last_used_at", "revoked_at")
+    raw_id_fields = ("organization",)
+    ordering = ("-created_at",)
+    actions = ["revoke_selected"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: AgentToken | None = None) -> tuple[str, ...]:
+        return self.readonly_fields + (("organization",) if obj else ())
+
+    def save_model(self, request: HttpRequest, obj: AgentToken, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        issued = services.create_agent_token(organization=obj.organization, created_by=request.user,
+                                             description=obj.description)
+        obj.pk, obj.token_hash, obj.created_at = issued.token.pk, issued.token.token_hash, issued.token.created_at
+        obj.created_by = request.user
+        obj._state.adding = False
+        self.message_user(request, f"Agent token for {obj.organization.slug}: {issued.raw} "
+                                   "(copy it now: it is not shown again).", messages.WARNING)
+
+    @admin.action(description="Revoke selected agent tokens", permissions=["change"])
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[AgentToken]) -> None:
+        for token in queryset:
+            services.revoke_agent_token(token=token)
+        self.message_user(request, f"Revoked {queryset.count()} agent token(s).", messages.SUCCESS)

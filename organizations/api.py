@@ -22,11 +22,15 @@ from rest_framework.views import APIView
 
 from harmont.errors import ApiError
 from harmont.pagination import paginate
-from harmont.serializers import ErrorSerializer
+from harmont.serializers import ErrorSerializer, json_object
 from organizations import services
 from organizations.access import ORG_PERMISSIONS, OrgScopedMixin
-from organizations.models import ApiToken, Membership, Organization, Role, TokenKind, User
+from organizations.models import AgentToken, ApiToken, Membership, Organization, Role, TokenKind, User
 from organizations.serializers import (
+    AgentTokenCreateRequestSerializer,
+    AgentTokenCreateResponseSerializer,
+    AgentTokenListSerializer,
+    AgentTokenSerializer,
     AcceptInviteRequestSerializer,
     ApiTokenCreateRequestSerializer,
     ApiTokenCreateResponseSerializer,
@@ -92,7 +96,7 @@ def body_string(request: Request, name: str) -> str:
 
 
 def validated(serializer_class: type, request: Request) -> dict[str, Any]:
-    body = serializer_class(data=request.data)
+    body = serializer_class(data=json_object(request))
     body.is_valid(raise_exception=True)
     return body.validated_data
 
@@ -335,3 +339,44 @@ class AcceptInviteView(APIView):
     def post(self, request: Request) -> Response:
         body = validated(AcceptInviteRequestSerializer, request)
         return Response(OrganizationSerializer(services.accept_invite(user=request.user, token=body["token"])).data)
+
+
+class AgentTokenListView(OrgScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+    required_role = {"GET": Role.ADMIN, "POST": Role.ADMIN}
+    role_action = "manage agent tokens"
+
+    @extend_schema(operation_id="listAgentTokens", tags=["agents"],
+                   responses={200: AgentTokenListSerializer, 403: ErrorSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, org: str) -> Response:
+        """The organization's agent tokens that are not revoked, newest first (never the secret)."""
+        tokens = AgentToken.objects.filter(organization=self.org, revoked_at__isnull=True).order_by("-created_at")
+        return Response({"data": AgentTokenSerializer(tokens, many=True).data})
+
+    @extend_schema(operation_id="createAgentToken", tags=["agents"], request=AgentTokenCreateRequestSerializer,
+                   responses={201: AgentTokenCreateResponseSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
+                              422: ErrorSerializer})
+    def post(self, request: Request, org: str) -> Response:
+        """A new agent token; the raw value is in this answer only."""
+        body = validated(AgentTokenCreateRequestSerializer, request)
+        issued = services.create_agent_token(organization=self.org, created_by=request.user,
+                                             description=body["description"])
+        return Response(AgentTokenCreateResponseSerializer({"token": issued.raw, "agent_token": issued.token}).data,
+                        status=status.HTTP_201_CREATED)
+
+
+class AgentTokenDetailView(OrgScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+    required_role = {"DELETE": Role.ADMIN}
+    role_action = "manage agent tokens"
+
+    @extend_schema(operation_id="revokeAgentToken", tags=["agents"], request=None,
+                   responses={204: None, 403: ErrorSerializer, 404: ErrorSerializer})
+    def delete(self, request: Request, org: str, id: str) -> Response:  # noqa: A002 (matches the other routes)
+        """Revoke the token; agents using it are refused at their next request."""
+        token_id = parse_uuid(id)
+        token = AgentToken.objects.filter(organization=self.org, pk=token_id).first() if token_id else None
+        if token is None:
+            raise ApiError("agent_token_not_found", f"No agent token {id} in this organization.")
+        services.revoke_agent_token(token=token)
+        return Response(status=status.HTTP_204_NO_CONTENT)

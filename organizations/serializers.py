@@ -13,7 +13,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from harmont.serializers import page_serializer
-from organizations.models import ApiToken, Invite, Membership, Organization, Role
+from organizations.models import AgentToken, ApiToken, Invite, Membership, Organization, Role
 from organizations.services import INVITE_ROLES
 
 
@@ -177,3 +177,24 @@ class CreateInviteRequestSerializer(serializers.Serializer):
 
 class AcceptInviteRequestSerializer(serializers.Serializer):
     token = serializers.CharField(max_length=256, help_text="The token from the invite.")
+
+
+class AgentTokenSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AgentToken
+        fields = ["id", "description", "created_at", "last_used_at", "revoked_at"]
+        read_only_fields = fields
+
+
+class AgentTokenListSerializer(serializers.Serializer):
+    data = AgentTokenSerializer(many=True)
+
+
+class AgentTokenCreateRequestSerializer(serializers.Serializer):
+    description = serializers.CharField(max_length=255, required=False, allow_blank=True, default="",
+                                        help_text="Where the agents using this token run.")
+
+
+class AgentTokenCreateResponseSerializer(serializers.Serializer):
+    token = serializers.CharField(help_text="The raw agent token (hma_...). Shown only here, once.")
+    agent_token = AgentTokenSerializer()

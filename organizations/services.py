@@ -13,10 +13,17 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
-from harmont.auth import hash_secret, new_personal_secret, new_session_secret
+from harmont.auth import (
+    AGENT_TOKEN_PREFIX,
+    hash_secret,
+    new_personal_secret,
+    new_prefixed_secret,
+    new_session_secret,
+)
 from harmont.errors import ApiError, validation_error
 from organizations.access import require_role
 from organizations.models import (
+    AgentToken,
     ApiToken,
     CliGrantKind,
     CliLoginGrant,
@@ -170,6 +177,29 @@ def revoke_api_token(*, token: ApiToken, now: datetime | None = None) -> ApiToke
     """Revoke one token (personal or session). Idempotent: the first revocation time stays."""
     now = now or timezone.now()
     if ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=now):
+        token.revoked_at = now
+    return token
+
+
+@dataclass(frozen=True)
+class IssuedAgentToken:
+    token: AgentToken
+    raw: str
+
+
+def create_agent_token(*, organization: Organization, created_by: User | None = None, description: str = "",
+                       now: datetime | None = None) -> IssuedAgentToken:
+    """A token the organization's agents register with; the raw value exists only in the result."""
+    raw = new_prefixed_secret(AGENT_TOKEN_PREFIX)
+    token = AgentToken.objects.create(organization=organization, description=description, created_by=created_by,
+                                      token_hash=hash_secret(raw), created_at=now or timezone.now())
+    return IssuedAgentToken(token, raw)
+
+
+def revoke_agent_token(*, token: AgentToken, now: datetime | None = None) -> AgentToken:
+    """Revoke an agent token: its agents are refused at their next request. Idempotent."""
+    now = now or timezone.now()
+    if AgentToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=now):
         token.revoked_at = now
     return token
 

@@ -20,4 +20,7 @@ urlpatterns = [
     path("organizations/<str:org>/invites", api.InviteListView.as_view(), name="invite-list"),
     path("organizations/<str:org>/invites/<str:id>", api.InviteDetailView.as_view(), name="invite-detail"),
     path("invites/accept", api.AcceptInviteView.as_view(), name="invite-accept"),
+    path("organizations/<str:org>/agent-tokens", api.AgentTokenListView.as_view(), name="agent-token-list"),
+    path("organizations/<str:org>/agent-tokens/<str:id>", api.AgentTokenDetailView.as_view(),
+         name="agent-token-detail"),
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,11 +16,10 @@ from django.utils import timezone
 
 from builds import states
 from builds.models import Agent, Build, Job, JobDependency, JobState, LogChunk, StreamKind
-from harmont.auth import hash_secret
+from harmont.auth import JOB_CREDENTIAL_PREFIX, hash_secret, new_prefixed_secret
 
 J = JobState
 ACTIVE_STATES = (J.ASSIGNED, J.RUNNING, J.CANCELING, J.TIMING_OUT)
-JOB_CREDENTIAL_PREFIX = "hmj_"
 
 
 def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code: str | None = None,
@@ -85,7 +83,7 @@ def claim_job(*, agent: Agent, now: datetime | None = None) -> Claim | None:
             )
             if candidate is None:
                 return None
-            credential = JOB_CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+            credential = new_prefixed_secret(JOB_CREDENTIAL_PREFIX)
             won = states.transition_jobs(
                 [candidate.pk], to=J.ASSIGNED, now=now, agent=agent, credential_hash=hash_secret(credential),
                 assigned_at=now, last_heartbeat_at=now,
