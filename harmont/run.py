@@ -30,16 +30,24 @@ def local_secret_key() -> str:
     return path.read_text().strip()
 
 
-def manage(*args: str, env: dict[str, str]) -> None:
-    subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), *args], env=env, check=True, cwd=BASE_DIR)
+def manage(*args: str, env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), *args], env=env, check=True, cwd=BASE_DIR,
+                          stdout=subprocess.PIPE, text=True)
+    return done.stdout
 
 
-def server_processes(env: dict[str, str]) -> list[list[str]]:
+def server_processes(env: dict[str, str], agent_token: str) -> list[list[str]]:
+    """The web server, the reaper, and one local agent for the demo organization."""
     port = env["PORT"]
     workers = env.get("HARMONT_WORKERS", "2")
+    manage_py = str(BASE_DIR / "manage.py")
     return [
         [sys.executable, "-m", "gunicorn", "harmont.wsgi:application", "--bind", f"127.0.0.1:{port}",
-         "--workers", workers, "--access-logfile", "-", "--graceful-timeout", "5"],
+         "--workers", workers, "--graceful-timeout", "5"]
+        + (["--access-logfile", "-"] if env.get("HARMONT_ACCESS_LOG") == "1" else []),
+        [sys.executable, manage_py, "runreaper"],
+        [sys.executable, manage_py, "runagent", "--server", f"http://127.0.0.1:{port}", "--token", agent_token,
+         "--name", "local-agent", "--workdir", str(VAR / "agent")],
     ]
 
 
@@ -49,11 +57,14 @@ def main() -> int:
     if not env.get("HARMONT_SECRET_KEY"):
         env["HARMONT_SECRET_KEY"] = local_secret_key()
     env.setdefault("HARMONT_PUBLIC_URL", f"http://127.0.0.1:{env['PORT']}")
-    manage("migrate", "--noinput", env=env)
+    print(manage("migrate", "--noinput", env=env), end="")
     manage("collectstatic", "--noinput", "--verbosity", "0", env=env)
-    manage("seed_demo", env=env)
+    print(manage("seed_demo", env=env), end="")
+    agent_token = manage("createagenttoken", "--org", "demo", "--description", "local agent (make run)",
+                         "--replace", env=env).strip()
+    print("  a local agent runs the demo organization's jobs (var/agent/)\n", flush=True)
 
-    children = [subprocess.Popen(cmd, env=env, cwd=BASE_DIR) for cmd in server_processes(env)]
+    children = [subprocess.Popen(cmd, env=env, cwd=BASE_DIR) for cmd in server_processes(env, agent_token)]
     stopping = False
 
     def stop(signum: int, frame: object) -> None:

@@ -6,8 +6,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from organizations.models import Organization
-from organizations.services import create_agent_token
+from organizations.models import AgentToken, Organization
+from organizations.services import create_agent_token, revoke_agent_token
 
 
 class Command(BaseCommand):
@@ -16,9 +16,15 @@ class Command(BaseCommand):
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--org", required=True, help="The organization's slug")
         parser.add_argument("--description", default="", help="Where the agents using it run")
+        parser.add_argument("--replace", action="store_true",
+                            help="Revoke the organization's other tokens with the same description first")
 
     def handle(self, *args: Any, **options: Any) -> None:
         org = Organization.objects.filter(slug=options["org"]).first()
         if org is None:
             raise CommandError(f"No organization {options['org']!r}.")
+        if options["replace"]:
+            for old in AgentToken.objects.filter(organization=org, description=options["description"],
+                                                 revoked_at__isnull=True):
+                revoke_agent_token(token=old)
         self.stdout.write(create_agent_token(organization=org, description=options["description"]).raw)
