@@ -283,14 +283,14 @@ class Agent:
             shipper.add(META, f"harmont-agent: could not prepare the workspace: {exc}\n")
             self._ship_final(shipper)
             self._finish(job, {"exit_code": None, "error_code": "workspace_unavailable",
-                               "error_message": str(exc)[:1000]})
+                               "error_message": str(exc)[:1000]}, shipper)
             return
         started = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/start", token=job.token,
                                       body={"agent_name": self.name})
         if started.get("cancel"):
             shipper.add(META, "harmont-agent: canceled before start\n")
             self._ship_final(shipper)
-            self._finish(job, {"exit_code": None, "outcome": "canceled"})
+            self._finish(job, {"exit_code": None, "outcome": "canceled"}, shipper)
             return
         if job.image:
             shipper.add(META, f"harmont-agent: image {job.image} requested; running on the agent host "
@@ -300,7 +300,7 @@ class Agent:
         if job.upload_workspace and result.get("outcome") is None and result.get("exit_code") == 0:
             self._upload_workspace(job, workspace, shipper)
         self._ship_final(shipper)
-        self._finish(job, result)
+        self._finish(job, result, shipper)
         shutil.rmtree(workspace, ignore_errors=True)
 
     def _prepare_workspace(self, job: JobSpec, workspace: Path, shipper: LogShipper) -> None:
@@ -323,7 +323,9 @@ class Agent:
         for reader in readers:
             reader.start()
         deadline = time.monotonic() + job.timeout_seconds
-        next_flush = next_beat = time.monotonic()
+        # `start` was the first sign of life; a short job finishes before its first heartbeat.
+        next_flush = time.monotonic() + FLUSH_INTERVAL
+        next_beat = time.monotonic() + HEARTBEAT_INTERVAL
         outcome: str | None = None
         while process.poll() is None:
             now = time.monotonic()
@@ -373,10 +375,16 @@ class Agent:
             shipper.add(META, f"harmont-agent: workspace upload refused ({status}): {body[:300]!r}\n")
 
     def _ship_final(self, shipper: LogShipper) -> None:
-        shipper.flush()
+        # Large tails go ahead on their own; a small one rides along with the finish report.
+        if sum(len(chunk["content"]) for chunk in shipper.pending) > MAX_CHUNK_CHARS:
+            shipper.flush()
 
-    def _finish(self, job: JobSpec, result: dict[str, Any]) -> None:
-        self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/finish", token=job.token, body=result)
+    def _finish(self, job: JobSpec, result: dict[str, Any], shipper: LogShipper | None = None) -> None:
+        body = dict(result)
+        if shipper is not None:
+            with shipper.lock:
+                body["chunks"] = list(shipper.pending)
+        self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/finish", token=job.token, body=body)
 
 
 def pump(stream: io.BufferedReader, kind: int, shipper: LogShipper) -> None:

@@ -203,6 +203,7 @@ class HeartbeatRequest(serializers.Serializer):
 
 
 class FinishRequest(serializers.Serializer):
+    chunks = ChunkSerializer(many=True, required=False, help_text="The last log chunks, stored before the finish.")
     exit_code = serializers.IntegerField(allow_null=True, required=False, min_value=-1, max_value=65535)
     signal = serializers.IntegerField(allow_null=True, required=False, min_value=1, max_value=255)
     outcome = serializers.ChoiceField(choices=["canceled", "timed_out"], allow_null=True, required=False)
@@ -328,6 +329,8 @@ class FinishView(JobView):
         body = FinishRequest(data=json_object(request))
         body.is_valid(raise_exception=True)
         data = body.validated_data
+        if data.get("chunks"):
+            services.append_log(job=job, chunks=[services.ChunkIn(**chunk) for chunk in data["chunks"]])
         state = services.report_finish(job=job, exit_code=data.get("exit_code"), signal=data.get("signal"),
                                        outcome=data.get("outcome"), error_code=data.get("error_code"),
                                        error_message=data.get("error_message"))
