@@ -1,7 +1,42 @@
-"""ASGI entry point, for servers that speak ASGI."""
+"""The ASGI entry point `make run` serves (gunicorn with uvicorn workers).
+
+Live log streams (`/v0/...`) go to Django's ASGI handler, where each open
+stream is a coroutine. Everything else goes to the ordinary WSGI application
+on a small thread pool (a2wsgi): Django's own ASGI path runs sync views one at
+a time and drops their persistent database connections, which costs the REST
+API most of its throughput.
+"""
+
 import os
 
-from django.core.asgi import get_asgi_application
+from a2wsgi import WSGIMiddleware
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "harmont.settings")
-application = get_asgi_application()
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+from django.core.wsgi import get_wsgi_application  # noqa: E402
+
+STREAM_PREFIX = "/v0/"
+WSGI_THREADS = int(os.environ.get("HARMONT_WSGI_THREADS", "8"))
+
+django_asgi = get_asgi_application()
+wsgi = WSGIMiddleware(get_wsgi_application(), workers=WSGI_THREADS)
+
+
+async def lifespan(receive, send) -> None:  # noqa: ANN001
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def application(scope, receive, send) -> None:  # noqa: ANN001 (ASGI callables)
+    if scope["type"] == "lifespan":
+        await lifespan(receive, send)
+    elif scope["type"] == "http" and scope["path"].startswith(STREAM_PREFIX):
+        await django_asgi(scope, receive, send)
+    else:
+        await wsgi(scope, receive, send)

@@ -42,8 +42,11 @@ def server_processes(env: dict[str, str], agent_token: str) -> list[list[str]]:
     workers = env.get("HARMONT_WORKERS", "2")
     manage_py = str(BASE_DIR / "manage.py")
     return [
-        [sys.executable, "-m", "gunicorn", "harmont.wsgi:application", "--bind", f"127.0.0.1:{port}",
-         "--workers", workers, "--graceful-timeout", "5"]
+        # ASGI with uvicorn workers: open log streams are coroutines, REST requests go to
+        # the WSGI app on a thread pool (see harmont/asgi.py).
+        [sys.executable, "-m", "gunicorn", "harmont.asgi:application", "--worker-class",
+         "uvicorn_worker.UvicornWorker", "--bind", f"127.0.0.1:{port}", "--workers", workers,
+         "--graceful-timeout", "5"]
         + (["--access-logfile", "-"] if env.get("HARMONT_ACCESS_LOG") == "1" else []),
         [sys.executable, manage_py, "runreaper"],
         [sys.executable, manage_py, "runagent", "--server", f"http://127.0.0.1:{port}", "--token", agent_token,

@@ -197,6 +197,8 @@ JOB_TIMEOUT_GRACE_SECONDS = env_int("HARMONT_JOB_TIMEOUT_GRACE", 30, minimum=0)
 AGENT_CANCEL_GRACE_SECONDS = env_int("HARMONT_CANCEL_GRACE", 10, minimum=0)
 # Output past this many bytes per job is dropped (one meta chunk says so).
 JOB_LOG_LIMIT_BYTES = env_int("HARMONT_JOB_LOG_LIMIT", 64 * 1024 * 1024, minimum=1024)
+# Origins (comma list, or *) whose pages may read the live log stream.
+LOG_STREAM_CORS_ORIGINS = env_list("HARMONT_LOG_STREAM_CORS_ORIGINS", "")
 # How often the reaper looks for lost agents and overdue jobs and builds.
 REAPER_INTERVAL_SECONDS = env_int("HARMONT_REAPER_INTERVAL", 5, minimum=1)
 

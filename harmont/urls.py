@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
+from builds.stream import job_log_stream
 from harmont import views
 from harmont.errors import route_not_found
 
@@ -18,6 +19,8 @@ api_v0 = [
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
+    # Outside /api/v0: EventSource can't send headers, so the token is in the query.
+    path("v0/jobs/<str:job_id>/logs", job_log_stream, name="job-log-stream"),
     path("docs/errors/", views.error_index, name="error-index"),
     path("docs/errors/<str:code>", views.error_doc, name="error-doc"),
     path("admin/", admin.site.urls),

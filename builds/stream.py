@@ -1,0 +1,230 @@
+"""Live job logs: the Server-Sent Events stream at /v0/jobs/{job_id}/logs.
+
+Served by an async view, so an open stream costs a coroutine, not a request
+worker. New output reaches waiting streams through one `LogHub` per event loop
+(one per server process): every tick it asks the database, in one query, for
+the chunks after each watched job's cursor and the states of those jobs, and
+fans the answer out to the subscribers. So the database sees one poll per
+process per tick however many browsers are watching.
+
+Why per-job cursors rather than "chunk id > last id": appends to one job are
+serialised by its row lock and numbered by the agent, so `seq > cursor` can't
+skip a chunk that commits late, whereas a global id can commit out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections
+from django.db.models import Q
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+
+from builds.models import Job, LogChunk
+from builds.states import TERMINAL_JOB_STATES
+from harmont.logtokens import LogTokenInvalid, verify_log_token
+
+log = logging.getLogger("harmont.stream")
+
+TICK_SECONDS = 0.2
+KEEPALIVE_SECONDS = 15.0
+DONE = object()  # sentinel queued after a job's last chunk
+
+
+def chunk_dict(seq: int, stream_kind: int, content: str, ts: datetime) -> dict[str, Any]:
+    return {"seq": seq, "stream_kind": stream_kind, "content": content,
+            "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+
+
+def frame(event: str, data: Any, *, event_id: int | None = None) -> bytes:
+    lines = [f"id: {event_id}"] if event_id is not None else []
+    lines += [f"event: {event}", f"data: {json.dumps(data, separators=(',', ':'))}"]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+@dataclass(eq=False)
+class Subscriber:
+    job_id: uuid.UUID
+    last_seq: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+def fetch_updates(cursors: dict[uuid.UUID, int]) -> tuple[dict[uuid.UUID, str], list[tuple]]:
+    """States of the watched jobs, then their chunks past each cursor (in that order: a job
+    seen terminal here has all of its chunks in the second answer)."""
+    try:
+        states = dict(Job.objects.filter(pk__in=list(cursors)).values_list("id", "state"))
+        condition = Q()
+        for job_id, seq in cursors.items():
+            condition |= Q(job_id=job_id, seq__gt=seq)
+        chunks = list(
+            LogChunk.objects.filter(condition).order_by("job_id", "seq")
+            .values_list("job_id", "seq", "stream_kind", "content", "ts")
+        )
+        return states, chunks
+    except DatabaseError:
+        close_old_connections()  # a dropped connection is replaced on the next tick
+        raise
+
+
+class LogHub:
+    def __init__(self, tick: float = TICK_SECONDS) -> None:
+        self.tick = tick
+        self.subscribers: dict[uuid.UUID, set[Subscriber]] = {}
+        self.cursors: dict[uuid.UUID, int] = {}
+        self.task: asyncio.Task | None = None
+
+    def subscribe(self, job_id: uuid.UUID, after_seq: int) -> Subscriber:
+        subscriber = Subscriber(job_id, after_seq)
+        self.subscribers.setdefault(job_id, set()).add(subscriber)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+        return subscriber
+
+    def start_from(self, subscriber: Subscriber, seq: int) -> None:
+        """The subscriber's history reached `seq`; the hub need not look before it."""
+        subscriber.last_seq = max(subscriber.last_seq, seq)
+        if subscriber.job_id not in self.subscribers:
+            return  # the job ended meanwhile; its DONE is already queued
+        current = self.cursors.get(subscriber.job_id)
+        self.cursors[subscriber.job_id] = subscriber.last_seq if current is None else min(current,
+                                                                                           subscriber.last_seq)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        watchers = self.subscribers.get(subscriber.job_id)
+        if watchers is None:
+            return
+        watchers.discard(subscriber)
+        if not watchers:
+            del self.subscribers[subscriber.job_id]
+            self.cursors.pop(subscriber.job_id, None)
+
+    async def _run(self) -> None:
+        while self.subscribers:
+            await asyncio.sleep(self.tick)
+            cursors = {job: seq for job, seq in self.cursors.items() if job in self.subscribers}
+            if not cursors:
+                continue
+            try:
+                states, chunks = await sync_to_async(fetch_updates, thread_sensitive=False)(cursors)
+            except DatabaseError:
+                log.exception("log stream poll failed; retrying")
+                continue
+            self._deliver(states, chunks)
+
+    def _deliver(self, states: dict[uuid.UUID, str], chunks: list[tuple]) -> None:
+        for job_id, seq, stream_kind, content, ts in chunks:
+            self.cursors[job_id] = max(self.cursors.get(job_id, 0), seq)
+            payload = chunk_dict(seq, stream_kind, content, ts)
+            for subscriber in self.subscribers.get(job_id, ()):
+                subscriber.queue.put_nowait(payload)
+        for job_id, state in states.items():
+            if state in TERMINAL_JOB_STATES:
+                for subscriber in self.subscribers.pop(job_id, ()):
+                    subscriber.queue.put_nowait(DONE)
+                self.cursors.pop(job_id, None)
+
+
+# One hub per event loop: under ASGI that is one per process; under a WSGI
+# server each streaming request runs its own loop (and so its own hub).
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LogHub] = weakref.WeakKeyDictionary()
+
+
+def hub() -> LogHub:
+    loop = asyncio.get_running_loop()
+    if loop not in _hubs:
+        _hubs[loop] = LogHub()
+    return _hubs[loop]
+
+
+def stream_error(code: str, message: str, status: int, request: HttpRequest) -> JsonResponse:
+    # Flat JSON, not the API envelope: the hosted service's stream answers this way.
+    return with_cors(JsonResponse({"code": code, "message": message}, status=status), request)
+
+
+def with_cors(response: HttpResponse, request: HttpRequest) -> HttpResponse:
+    origin = request.headers.get("Origin")
+    allowed = settings.LOG_STREAM_CORS_ORIGINS
+    if origin and ("*" in allowed or origin in allowed):
+        response["Access-Control-Allow-Origin"] = origin
+        response["Vary"] = "Origin"
+    return response
+
+
+def resume_point(request: HttpRequest) -> int:
+    raw = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id") or "0"
+    return int(raw) if raw.isdigit() and len(raw) <= 10 else 0
+
+
+def history(job_id: uuid.UUID, after_seq: int) -> tuple[str, list[dict[str, Any]]]:
+    state = Job.objects.values_list("state", flat=True).get(pk=job_id)
+    rows = LogChunk.objects.filter(job_id=job_id, seq__gt=after_seq).order_by("seq").values_list(
+        "seq", "stream_kind", "content", "ts")
+    return state, [chunk_dict(*row) for row in rows]
+
+
+async def job_log_stream(request: HttpRequest, job_id: str) -> HttpResponse:
+    try:
+        build_id = verify_log_token(request.GET.get("token"))
+    except LogTokenInvalid:
+        return stream_error("log_stream_unauthorized", "A valid, unexpired log token is required (?token=).",
+                            401, request)
+    try:
+        job_uuid = uuid.UUID(job_id)
+    except ValueError:
+        job_uuid = None
+    if job_uuid is None or not await Job.objects.filter(pk=job_uuid, build_id=build_id).aexists():
+        return stream_error("log_stream_forbidden", "This log token does not open that job's log.", 403, request)
+
+    after = resume_point(request)
+    logs = hub()
+    subscriber = logs.subscribe(job_uuid, after)
+    try:
+        state, chunks = await sync_to_async(history)(job_uuid, after)
+    except BaseException:
+        logs.unsubscribe(subscriber)
+        raise
+    logs.start_from(subscriber, chunks[-1]["seq"] if chunks else after)
+    finished = state in TERMINAL_JOB_STATES
+    if finished:
+        logs.unsubscribe(subscriber)
+    response = StreamingHttpResponse(
+        events(logs, subscriber, chunks, finished), content_type="text/event-stream; charset=utf-8")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return with_cors(response, request)
+
+
+async def events(logs: LogHub, subscriber: Subscriber, history_chunks: list[dict[str, Any]],
+                 finished: bool) -> AsyncIterator[bytes]:
+    try:
+        yield frame("history", {"chunks": history_chunks},
+                    event_id=history_chunks[-1]["seq"] if history_chunks else None)
+        if finished:
+            yield frame("done", {})
+            return
+        while True:
+            try:
+                item = await asyncio.wait_for(subscriber.queue.get(), timeout=KEEPALIVE_SECONDS)
+            except asyncio.TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if item is DONE:
+                yield frame("done", {})
+                return
+            if item["seq"] <= subscriber.last_seq:
+                continue  # already in the history
+            subscriber.last_seq = item["seq"]
+            yield frame("chunk", item, event_id=item["seq"])
+    finally:
+        logs.unsubscribe(subscriber)
