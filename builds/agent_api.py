@@ -28,6 +28,7 @@ from rest_framework.views import APIView
 from builds import services
 from builds.models import Agent, Build, Job, JobState
 from builds.services.jobs import builds_in_parent, has_builds_in_children, job_for_credential
+from builds.states import TERMINAL_JOB_STATES
 from harmont.auth import (
     AGENT_SESSION_PREFIX,
     AGENT_TOKEN_PREFIX,
@@ -194,7 +195,8 @@ class LogsRequest(serializers.Serializer):
 
 class Directive(serializers.Serializer):
     state = serializers.CharField()
-    cancel = serializers.BooleanField(help_text="Stop the command: SIGTERM, grace, SIGKILL; then finish.")
+    cancel = serializers.BooleanField(help_text="Stop the command: SIGTERM, grace, SIGKILL; then finish. "
+                                                "Also set once the job has ended: don't (keep) run(ning) it.")
     timeout = serializers.BooleanField(help_text="The job is over its time: stop it and finish as timed out.")
 
 
@@ -212,7 +214,11 @@ class FinishRequest(serializers.Serializer):
 
 
 def directive(state: str) -> dict[str, Any]:
-    return {"state": state, "cancel": state == JobState.CANCELING, "timeout": state == JobState.TIMING_OUT}
+    # A job the server already ended (the reaper gave up on its agent, its pipeline timed
+    # out while it was assigned) must not run (on): the agent hears that as a cancel, and
+    # its finish report is then a no-op.
+    stop = state == JobState.CANCELING or state in TERMINAL_JOB_STATES
+    return {"state": state, "cancel": stop, "timeout": state == JobState.TIMING_OUT}
 
 
 def job_spec(job: Job) -> dict[str, Any]:

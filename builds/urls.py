@@ -14,6 +14,7 @@ urlpatterns = [
     path(f"{BUILD}/log-token", api.BuildLogTokenView.as_view(), name="build-log-token"),
     path(f"{BUILD}/jobs", api.JobListView.as_view(), name="job-list"),
     path(f"{BUILD}/jobs/<str:job_id>", api.JobDetailView.as_view(), name="job-detail"),
+    path(f"{BUILD}/jobs/<str:job_id>/log", api.JobLogView.as_view(), name="job-log"),
 ]
 
 AGENT_JOB = "agent/jobs/<str:job_id>"

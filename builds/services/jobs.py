@@ -88,10 +88,13 @@ def claim_job(*, agent: Agent, now: datetime | None = None) -> Claim | None:
                 [candidate.pk], to=J.ASSIGNED, now=now, agent=agent, credential_hash=hash_secret(credential),
                 assigned_at=now, last_heartbeat_at=now,
             )
-            if won:
-                states.settle_build(build_id=candidate.build_id, now=now)
-                job = Job.objects.select_related("build", "build__pipeline").get(pk=candidate.pk)
-                return Claim(job, credential)
+        if won:
+            # Roll up only after the claim committed: waiting for the build's lock while
+            # holding the job's deadlocks with cancel_build / time_out_build, which lock the
+            # build first and then update its scheduled jobs.
+            states.settle_build(build_id=candidate.build_id, now=now)
+            job = Job.objects.select_related("build", "build__pipeline").get(pk=candidate.pk)
+            return Claim(job, credential)
     return None
 
 
@@ -156,15 +159,24 @@ def report_finish(*, job: Job, exit_code: int | None, signal: int | None = None,
                   now: datetime | None = None) -> str:
     """The agent's final report. Idempotent: a retried report after success changes nothing."""
     now = now or timezone.now()
-    current = Job.objects.values_list("state", flat=True).get(pk=job.pk)
-    if current in states.TERMINAL_JOB_STATES:
-        return current
-    state, code = outcome_state(current=current, exit_code=exit_code, outcome=outcome, error_code=error_code)
-    message = error_message
-    if code == "job_timeout" and not message:
-        message = f"The job ran longer than its timeout of {job.timeout_seconds} s."
-    finish_job(job=job, state=state, exit_code=exit_code, signal=signal, error_code=code,
-               error_message=message, now=now)
+    # A cancel or timeout landing between the read and the write makes the compare-and-set
+    # lose (running → passed is no move from canceling); judge again from the new state,
+    # else the job would sit in canceling until the reaper fails it as lost.
+    for _ in range(3):
+        current, current_code, current_message = Job.objects.values_list(
+            "state", "error_code", "error_message").get(pk=job.pk)
+        if current in states.TERMINAL_JOB_STATES:
+            return current
+        state, code = outcome_state(current=current, exit_code=exit_code, outcome=outcome, error_code=error_code)
+        message = error_message
+        if state == J.TIMED_OUT and current_code == "pipeline_timeout":
+            # Stopped because its build ran out of time (time_out_build), not its own timeout.
+            code, message = current_code, message or current_message
+        if code == "job_timeout" and not message:
+            message = f"The job ran longer than its timeout of {job.timeout_seconds} s."
+        if finish_job(job=job, state=state, exit_code=exit_code, signal=signal, error_code=code,
+                      error_message=message, now=now):
+            break
     touch(job, now)
     return Job.objects.values_list("state", flat=True).get(pk=job.pk)
 
@@ -204,10 +216,11 @@ def append_log(*, job: Job, chunks: list[ChunkIn], now: datetime | None = None) 
             size = len(chunk.content.encode())
             if locked.log_bytes + added_bytes + size > limit:
                 truncated = True
+                notice = f"[harmont] log limit of {limit} bytes reached; further output of this job is not stored\n"
+                # log_bytes stays the exact size of what is stored (the raw log's Content-Length).
+                added_bytes += len(notice.encode())
                 rows.append(LogChunk(job_id=job.pk, seq=chunk.seq, stream_kind=StreamKind.META, ts=chunk.ts,
-                                     created_at=now,
-                                     content=f"[harmont] log limit of {limit} bytes reached; "
-                                             f"further output of this job is not stored\n"))
+                                     created_at=now, content=notice))
                 break
             added_bytes += size
             rows.append(LogChunk(job_id=job.pk, seq=chunk.seq, stream_kind=chunk.stream_kind,
@@ -302,7 +315,11 @@ def time_out_build(*, build_id: uuid.UUID, now: datetime) -> bool:
         states.transition_jobs(waiting.values_list("id", flat=True), to=J.TIMED_OUT, now=now,
                                error_code="pipeline_timeout")
         running = Job.objects.filter(build_id=build_id, state=J.RUNNING)
-        states.transition_jobs(running.values_list("id", flat=True), to=J.TIMING_OUT, now=now)
+        # The code tells the agent's later timed-out report apart from the job's own timeout.
+        states.transition_jobs(running.values_list("id", flat=True), to=J.TIMING_OUT, now=now,
+                               error_code="pipeline_timeout",
+                               error_message=f"Stopped: the build ran longer than its pipeline timeout of "
+                                             f"{build.timeout_seconds} s.")
         states.settle_build(build_id=build_id, now=now)
     return True
 

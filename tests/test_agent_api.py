@@ -1,0 +1,1216 @@
+"""The agent HTTP API (/api/v0/agent/...) and the services behind it, without agent processes.
+
+Three credentials, each good for its own routes only: the organization's agent
+token (hma_) registers, the agent's session (hms_) claims, the job credential
+(hmj_) reports on its one job and downloads that job's inputs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+from collections import Counter
+from datetime import datetime, timedelta, timezone as dt_timezone
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from builds import services as build_services
+from builds.models import Agent, Build, BuildState, Job, JobState, LogChunk
+from harmont.auth import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
+from harmont.logtokens import mint_log_token
+from organizations import services as org_services
+from organizations.models import ApiToken, Organization
+from tests.conftest import assert_error, is_postgres, make_build
+from tests.dsl import hm
+from tests.test_builds_api import build_at, iso, tarball
+
+J = JobState
+AGENT = "/api/v0/agent"
+SPEC_KEYS = {"id", "build_id", "build_number", "pipeline_slug", "step_key", "name", "command", "env",
+             "timeout_seconds", "image", "source_path", "parent_workspace_path", "upload_workspace",
+             "cancel_grace_seconds"}
+T0 = datetime(2025, 1, 6, 12, 0, tzinfo=dt_timezone.utc)  # in the past: "now" is always later
+
+
+# ===================================================================== helpers
+
+
+def bearer(raw: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    client.raw_token = raw  # type: ignore[attr-defined]
+    return client
+
+
+def job_url(job_id: Any, action: str) -> str:
+    return f"{AGENT}/jobs/{job_id}/{action}"
+
+
+def source_url(build_id: Any) -> str:
+    return f"/api/v0/internal/builds/{build_id}/source.tar.gz"
+
+
+def register(raw_agent_token: str, **body: Any):
+    return bearer(raw_agent_token).post(f"{AGENT}/register", {"name": "runner-1", **body}, format="json")
+
+
+def make_agent(org: Organization, *, name: str = "runner-1", token: Any = None) -> Agent:
+    """An agent row made directly (for service-level tests that need no session)."""
+    token = token or org_services.create_agent_token(organization=org).token
+    return Agent.objects.create(organization=org, token=token, name=name,
+                                session_hash=hash_secret(new_prefixed_secret(AGENT_SESSION_PREFIX)))
+
+
+def claim(session: APIClient) -> tuple[dict[str, Any], APIClient]:
+    """Claim over HTTP: (job spec, a client holding the job credential)."""
+    response = session.post(f"{AGENT}/claim")
+    assert response.status_code == 200, response.content
+    return response.json()["job"], bearer(response.json()["job_token"])
+
+
+def start(job_client: APIClient, job_id: Any) -> dict[str, Any]:
+    response = job_client.post(job_url(job_id, "start"))
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def finish(job_client: APIClient, job_id: Any, **body: Any):
+    return job_client.post(job_url(job_id, "finish"), body, format="json")
+
+
+def send_logs(job_client: APIClient, job_id: Any, chunks: list[dict[str, Any]]):
+    return job_client.post(job_url(job_id, "logs"), {"chunks": chunks}, format="json")
+
+
+def ended(state: str) -> dict[str, Any]:
+    """The answer for a job that is over: whatever the agent still runs for it must stop."""
+    return {"state": state, "cancel": True, "timeout": False}
+
+
+def chunk(seq: int, content: str, stream_kind: int = 0) -> dict[str, Any]:
+    return {"seq": seq, "stream_kind": stream_kind, "content": content, "ts": iso(T0 + timedelta(seconds=seq))}
+
+
+def stored_log(job_id: Any) -> list[tuple[int, int, str]]:
+    return list(LogChunk.objects.filter(job_id=job_id).order_by("seq").values_list("seq", "stream_kind", "content"))
+
+
+def job_of(build: Build, key: str) -> Job:
+    return Job.objects.get(build=build, step_key=key)
+
+
+def job_states_of(build: Build) -> dict[str, str]:
+    return dict(Job.objects.filter(build=build).values_list("step_key", "state"))
+
+
+def parallel_ir(count: int, prefix: str = "s") -> dict[str, Any]:
+    return hm.pipeline([hm.sh(f"echo {i}", key=f"{prefix}{i}") for i in range(count)])
+
+
+@pytest.fixture
+def agent_token(org):
+    return org_services.create_agent_token(organization=org, description="tests")
+
+
+@pytest.fixture
+def session(agent_token) -> APIClient:
+    """A registered agent's client (hms_); `.agent` is its row."""
+    response = register(agent_token.raw)
+    assert response.status_code == 201, response.content
+    client = bearer(response.json()["session_token"])
+    client.agent = Agent.objects.get(pk=response.json()["agent"]["id"])  # type: ignore[attr-defined]
+    return client
+
+
+@pytest.fixture
+def running(session, build):
+    """Job `a` of `build` claimed and started: (spec, job client)."""
+    spec, job_client = claim(session)
+    assert spec["step_key"] == "a"
+    start(job_client, spec["id"])
+    return spec, job_client
+
+
+# ===================================================================== credential isolation
+
+
+AGENT_ROUTES = [
+    ("post", f"{AGENT}/register"), ("post", f"{AGENT}/disconnect"), ("post", f"{AGENT}/claim"),
+    ("post", "start"), ("post", "heartbeat"), ("post", "logs"), ("post", "finish"), ("put", "workspace"),
+    ("get", "parent-workspace"), ("get", "source"),
+]
+
+
+def call_route(client: APIClient, method: str, route: str, job: Job):
+    if route == "source":
+        path = source_url(job.build_id)
+    elif route.startswith("/"):
+        path = route
+    else:
+        path = job_url(job.pk, route)
+    if route == "workspace":
+        return client.put(path, b"\x1f\x8b archive", content_type="application/gzip")
+    if method == "get":
+        return client.get(path)
+    return getattr(client, method)(path, {}, format="json")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("method,route", AGENT_ROUTES)
+def test_rest_credentials_and_log_tokens_are_401_on_every_agent_route(api, owner, session, build, method, route):
+    _, job_client = claim(session)
+    job = job_of(build, "a")
+    before = Job.objects.values_list("state", "last_heartbeat_at").get(pk=job.pk)
+    session_token = org_services.issue_session_token(user=owner).raw
+    log_token = mint_log_token(build_id=build.pk).token
+
+    for raw in (api.raw_token, session_token, log_token):
+        assert_error(call_route(bearer(raw), method, route, job), 401, "unauthorized")
+
+    assert Job.objects.values_list("state", "last_heartbeat_at").get(pk=job.pk) == before
+    assert Agent.objects.count() == 1
+    assert not LogChunk.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("method,route", AGENT_ROUTES)
+def test_no_credential_is_401_on_every_agent_route(anon, session, build, method, route):
+    claim(session)
+    assert_error(call_route(anon, method, route, job_of(build, "a")), 401, "unauthorized")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/api/v0/user", "/api/v0/organizations", "/api/v0/organizations/acme-corp/agents"])
+def test_agent_credentials_are_401_on_rest_routes(agent_token, session, build, path):
+    _, job_client = claim(session)
+    for raw in (agent_token.raw, session.raw_token, job_client.raw_token):
+        assert_error(bearer(raw).get(path), 401, "unauthorized")
+
+
+@pytest.mark.django_db
+def test_agent_token_can_only_register(agent_token, build):
+    client = bearer(agent_token.raw)
+    job = job_of(build, "a")
+    assert_error(client.post(f"{AGENT}/claim"), 401, "unauthorized")
+    assert_error(client.post(job_url(job.pk, "start")), 401, "unauthorized")
+    assert_error(client.post(f"{AGENT}/disconnect"), 401, "unauthorized")
+    assert_error(client.get(source_url(build.pk)), 401, "unauthorized")
+    job.refresh_from_db()
+    assert job.state == J.SCHEDULED
+
+
+@pytest.mark.django_db
+def test_agent_session_can_not_report_on_jobs(session, build):
+    spec, _ = claim(session)
+
+    assert_error(session.post(job_url(spec["id"], "start")), 401, "unauthorized")
+    assert_error(finish(session, spec["id"], exit_code=0), 401, "unauthorized")
+    assert_error(session.post(f"{AGENT}/register", {"name": "again"}, format="json"), 401, "unauthorized")
+
+    job = job_of(build, "a")
+    assert (job.state, job.started_at, job.exit_code) == (J.ASSIGNED, None, None)
+    assert Agent.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_job_credential_is_no_good_for_claim_or_register(session, pipeline):
+    make_build(pipeline)
+    make_build(pipeline)
+    spec, job_client = claim(session)
+
+    assert_error(job_client.post(f"{AGENT}/claim"), 401, "unauthorized")
+    assert_error(job_client.post(f"{AGENT}/register", {"name": "x"}, format="json"), 401, "unauthorized")
+    assert_error(job_client.post(f"{AGENT}/disconnect"), 401, "unauthorized")
+    assert Job.objects.filter(state=J.ASSIGNED).count() == 1
+    assert Agent.objects.count() == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("method,route", [("post", "start"), ("post", "heartbeat"), ("post", "logs"),
+                                          ("post", "finish"), ("put", "workspace"), ("get", "parent-workspace")])
+def test_job_credential_of_job_a_is_refused_for_job_b(session, pipeline, method, route):
+    make_build(pipeline)
+    make_build(pipeline)
+    spec_a, client_a = claim(session)
+    spec_b, _ = claim(session)
+    job_b = Job.objects.get(pk=spec_b["id"])
+    before = Job.objects.values_list("state", "last_heartbeat_at", "workspace_archive").get(pk=job_b.pk)
+
+    assert_error(call_route(client_a, method, route, job_b), 404, "job_not_found")
+
+    assert Job.objects.values_list("state", "last_heartbeat_at", "workspace_archive").get(pk=job_b.pk) == before
+    assert not LogChunk.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("header", ["Bearer hma_unknown-token-value-0123456789", "Bearer hms_unknown-0123456789",
+                                    "Bearer hmj_unknown-0123456789", "Basic hma_abc", "Bearer", "hma_abc",
+                                    "Bearer hma_" + "x" * 300])
+def test_unknown_or_malformed_agent_credentials_are_401(build, header):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=header)
+    assert_error(client.post(f"{AGENT}/register", {"name": "x"}, format="json"), 401, "unauthorized")
+    assert_error(client.post(f"{AGENT}/claim"), 401, "unauthorized")
+    assert_error(client.post(job_url(job_of(build, "a").pk, "heartbeat"), {}, format="json"), 401, "unauthorized")
+    assert not Agent.objects.exists()
+
+
+# ===================================================================== register
+
+
+@pytest.mark.django_db
+def test_register_returns_201_with_agent_and_session_token(agent_token, org):
+    response = register(agent_token.raw, name="runner-7", hostname="ci-7.local", version="0.3.1", os="linux")
+
+    assert response.status_code == 201, response.content
+    body = response.json()
+    agent = Agent.objects.get()
+    assert body == {
+        "agent": {"id": str(agent.id), "name": "runner-7", "hostname": "ci-7.local", "version": "0.3.1",
+                  "os": "linux", "created_at": iso(agent.created_at), "last_seen_at": iso(agent.last_seen_at)},
+        "session_token": body["session_token"],
+    }
+    assert body["session_token"].startswith("hms_") and len(body["session_token"]) == 4 + 43
+    assert agent.session_hash == hashlib.sha256(body["session_token"].encode()).hexdigest()
+    assert (agent.organization, agent.token, agent.stopped_at) == (org, agent_token.token, None)
+    agent_token.token.refresh_from_db()
+    assert agent_token.token.last_used_at == agent.created_at
+
+
+@pytest.mark.django_db
+def test_register_twice_gives_two_agents_with_their_own_sessions(agent_token):
+    first = register(agent_token.raw).json()
+    second = register(agent_token.raw).json()
+    assert first["agent"]["id"] != second["agent"]["id"]
+    assert first["session_token"] != second["session_token"]
+    assert bearer(first["session_token"]).post(f"{AGENT}/claim").status_code == 204
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body,field", [
+    ({}, "name"), ({"name": ""}, "name"), ({"name": None}, "name"), ({"name": "x" * 256}, "name"),
+    ({"name": "ok", "version": "v" * 51}, "version"), ({"name": "ok", "hostname": ["a"]}, "hostname"),
+    ({"name": "a\x00b"}, "name"),
+])
+def test_register_with_bad_body_is_422_and_writes_nothing(agent_token, body, field):
+    response = bearer(agent_token.raw).post(f"{AGENT}/register", body, format="json")
+
+    error = assert_error(response, 422, "validation_failed")
+    assert set(error["fields"]) == {field}
+    assert not Agent.objects.exists()
+    agent_token.token.refresh_from_db()
+    assert agent_token.token.last_used_at is None
+
+
+@pytest.mark.django_db
+def test_register_with_a_non_object_body_is_400(agent_token):
+    assert_error(bearer(agent_token.raw).post(f"{AGENT}/register", ["runner"], format="json"), 400, "invalid_request")
+    response = bearer(agent_token.raw).post(f"{AGENT}/register", "{not json", content_type="application/json")
+    assert_error(response, 400, "invalid_json")
+    assert not Agent.objects.exists()
+
+
+@pytest.mark.django_db
+def test_disconnect_stops_the_session(session):
+    response = session.post(f"{AGENT}/disconnect")
+
+    assert response.status_code == 204
+    session.agent.refresh_from_db()
+    assert session.agent.stopped_at is not None
+    assert_error(session.post(f"{AGENT}/claim"), 401, "unauthorized")
+
+
+# ===================================================================== claim
+
+
+@pytest.mark.django_db
+def test_claim_returns_the_full_job_spec_and_a_job_credential(session, pipeline, settings):
+    build = make_build(pipeline, env={"DEPLOY_ENV": "staging", "TERM": "xterm"})
+
+    response = session.post(f"{AGENT}/claim")
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    a = job_of(build, "a")
+    assert set(body) == {"job", "job_token"}
+    assert body["job"] == {
+        "id": str(a.id), "build_id": str(build.id), "build_number": 1, "pipeline_slug": "web-ci",
+        "step_key": "a", "name": "a", "command": "echo a",
+        "env": {"DEBIAN_FRONTEND": "noninteractive", "TERM": "xterm", "DEPLOY_ENV": "staging",
+                "CI": "true", "HARMONT": "true", "HARMONT_BUILD_ID": str(build.id), "HARMONT_BUILD_NUMBER": "1",
+                "HARMONT_PIPELINE_SLUG": "web-ci", "HARMONT_BRANCH": "main", "HARMONT_COMMIT": "abc123",
+                "HARMONT_STEP_KEY": "a"},
+        "timeout_seconds": settings.DEFAULT_JOB_TIMEOUT_SECONDS, "image": "ubuntu:24.04",
+        "source_path": None, "parent_workspace_path": None, "upload_workspace": True,
+        "cancel_grace_seconds": settings.AGENT_CANCEL_GRACE_SECONDS,
+    }
+    token = body["job_token"]
+    assert token.startswith("hmj_") and len(token) == 4 + 43
+    assert a.credential_hash == hashlib.sha256(token.encode()).hexdigest()
+
+
+@pytest.mark.django_db
+def test_claim_assigns_the_job_and_the_build_runs(session, build):
+    before = timezone.now()
+    spec, _ = claim(session)
+
+    a, b = job_of(build, "a"), job_of(build, "b")
+    assert spec["id"] == str(a.id)
+    assert (a.state, a.agent_id) == (J.ASSIGNED, session.agent.id)
+    assert a.assigned_at >= before and a.last_heartbeat_at == a.assigned_at
+    assert a.started_at is None
+    assert b.state == J.PENDING and b.agent_id is None
+    build.refresh_from_db()
+    assert build.state == BuildState.RUNNING
+    session.agent.refresh_from_db()
+    assert session.agent.last_seen_at >= before
+
+
+@pytest.mark.django_db
+def test_claim_with_nothing_scheduled_is_204(session, build):
+    claim(session)
+
+    # `b` is pending behind `a`: not claimable.
+    response = session.post(f"{AGENT}/claim")
+
+    assert response.status_code == 204
+    assert response.content == b""
+    assert job_of(build, "b").state == J.PENDING
+
+
+@pytest.mark.django_db
+def test_claim_takes_the_oldest_scheduled_job(session, pipeline):
+    newer = build_at(pipeline, T0 + timedelta(minutes=5))   # number 1, scheduled later
+    older = build_at(pipeline, T0)                          # number 2, scheduled first
+
+    first, _ = claim(session)
+    second, _ = claim(session)
+
+    assert (first["build_id"], first["build_number"]) == (str(older.id), 2)
+    assert (second["build_id"], second["build_number"]) == (str(newer.id), 1)
+    assert session.post(f"{AGENT}/claim").status_code == 204
+
+
+@pytest.mark.django_db
+def test_claim_never_takes_another_orgs_job(session, build, other_pipeline):
+    theirs = build_at(other_pipeline, T0 - timedelta(days=1))  # older than ours
+
+    spec, _ = claim(session)
+
+    assert spec["build_id"] == str(build.id)
+    assert session.post(f"{AGENT}/claim").status_code == 204
+    assert job_of(theirs, "a").state == J.SCHEDULED
+    assert job_of(theirs, "a").agent_id is None
+
+
+@pytest.mark.django_db
+def test_claim_does_not_take_canceled_jobs(session, build):
+    build_services.cancel_build(build=build)
+    assert session.post(f"{AGENT}/claim").status_code == 204
+
+
+@pytest.mark.django_db
+def test_spec_of_a_builds_in_child_points_at_its_parents_workspace(session, running, build):
+    spec_a, client_a = running
+    assert finish(client_a, spec_a["id"], exit_code=0).status_code == 200
+
+    spec_b, _ = claim(session)
+
+    assert spec_b["step_key"] == "b"
+    assert spec_b["parent_workspace_path"] == f"{AGENT}/jobs/{spec_b['id']}/parent-workspace"
+    assert spec_b["upload_workspace"] is False
+    assert spec_b["source_path"] is None
+    assert spec_b["image"] is None
+    assert spec_b["env"]["HARMONT_STEP_KEY"] == "b"
+
+
+@pytest.mark.django_db
+def test_source_path_only_for_jobs_that_start_from_the_source(session, pipeline, settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path
+    # `root` and `after` (depends_on only: a fresh workspace) need the source; `child` starts from root's files.
+    root = hm.sh("make", key="root")
+    ir = hm.pipeline([root.sh("make test", key="child"), hm.wait(), hm.sh("make deploy", key="after")])
+    build = make_build(pipeline, pipeline_ir=ir, source_b64=base64.b64encode(tarball({"f": b"1"})).decode())
+    path = source_url(build.id)
+
+    root_spec, root_client = claim(session)
+    assert (root_spec["step_key"], root_spec["source_path"], root_spec["upload_workspace"]) == ("root", path, True)
+    start(root_client, root_spec["id"])
+    finish(root_client, root_spec["id"], exit_code=0)
+    child_spec, child_client = claim(session)
+    assert (child_spec["step_key"], child_spec["source_path"]) == ("child", None)
+    assert child_spec["parent_workspace_path"] is not None
+    start(child_client, child_spec["id"])
+    finish(child_client, child_spec["id"], exit_code=0)
+    after_spec, _ = claim(session)
+    assert (after_spec["step_key"], after_spec["source_path"], after_spec["parent_workspace_path"]) == (
+        "after", path, None)
+
+
+@pytest.mark.django_db
+def test_sequential_claims_by_several_agents_take_each_job_once_oldest_first(org, pipeline):
+    builds = [build_at(pipeline, T0 + timedelta(minutes=i), pipeline_ir=parallel_ir(4, prefix=f"b{i}-"))
+              for i in range(3)]
+    agents = [make_agent(org, name=f"runner-{i}") for i in range(3)]
+    expected = [job.pk for job in Job.objects.filter(build__in=builds).order_by("scheduled_at", "position")]
+
+    claimed: list[tuple[Any, Any]] = []
+    for turn in range(len(expected)):
+        agent = agents[turn % 3]
+        result = build_services.claim_job(agent=agent)
+        assert result is not None
+        claimed.append((result.job.pk, agent.pk))
+
+    assert [job_id for job_id, _ in claimed] == expected
+    assert all(build_services.claim_job(agent=agent) is None for agent in agents)
+    assert dict(Job.objects.filter(build__in=builds).values_list("id", "agent_id")) == dict(claimed)
+    assert set(Job.objects.filter(build__in=builds).values_list("state", flat=True)) == {J.ASSIGNED}
+    credentials = Job.objects.filter(build__in=builds).values_list("credential_hash", flat=True)
+    assert len(set(credentials)) == len(expected) and None not in credentials
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_racing_agents_claim_every_job_exactly_once(org, pipeline):
+    if not is_postgres():
+        pytest.skip("claim races need PostgreSQL row locks (SKIP LOCKED); SQLite serialises all writers")
+    builds = [build_at(pipeline, T0 + timedelta(seconds=i), pipeline_ir=parallel_ir(50, prefix=f"b{i}-"))
+              for i in range(4)]
+    assert Job.objects.filter(state=J.SCHEDULED).count() == 200
+    agents = [make_agent(org, name=f"racer-{i}") for i in range(4)]
+    barrier = threading.Barrier(len(agents))
+    claimed: dict[Any, list[Any]] = {agent.pk: [] for agent in agents}
+    errors: list[BaseException] = []
+
+    def run(agent: Agent) -> None:
+        try:
+            barrier.wait(timeout=30)
+            while (result := build_services.claim_job(agent=agent)) is not None:
+                claimed[agent.pk].append(result.job.pk)
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the test's thread)
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(agent,)) for agent in agents]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert not any(thread.is_alive() for thread in threads), "a claimer hung"
+    assert not errors, errors
+    all_claims = [job_id for ids in claimed.values() for job_id in ids]
+    duplicates = [job_id for job_id, n in Counter(all_claims).items() if n > 1]
+    assert not duplicates
+    assert sorted(all_claims) == sorted(Job.objects.filter(build__in=builds).values_list("id", flat=True))
+    assert not Job.objects.filter(state=J.SCHEDULED).exists()
+    # The database agrees with what each agent was told.
+    owners = dict(Job.objects.values_list("id", "agent_id"))
+    assert all(owners[job_id] == agent_id for agent_id, ids in claimed.items() for job_id in ids)
+    assert set(Build.objects.filter(pk__in=[b.pk for b in builds]).values_list("state", flat=True)) == {
+        BuildState.RUNNING}
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_racing_a_cancel_of_the_same_build_does_not_deadlock(org, build, monkeypatch):
+    if not is_postgres():
+        pytest.skip("lock ordering needs PostgreSQL row locks; SQLite serialises all writers")
+    from builds import states
+
+    agent = make_agent(org)
+    claim_reached_rollup, cancel_done = threading.Event(), threading.Event()
+    real_settle = states.settle_build
+    claimer: dict[str, Any] = {}
+    errors: list[tuple[str, BaseException]] = []
+
+    def settle_after_the_cancel(**kwargs: Any) -> Build:
+        # The claimer rolls its build up only once the cancel is through (or gave up waiting):
+        # a claim that still held its job's row lock here would block the cancel, then deadlock with it.
+        if threading.current_thread() is claimer["thread"]:
+            claim_reached_rollup.set()
+            cancel_done.wait(timeout=5)
+        return real_settle(**kwargs)
+
+    monkeypatch.setattr(states, "settle_build", settle_after_the_cancel)
+
+    def do_claim() -> None:
+        try:
+            claimer["result"] = build_services.claim_job(agent=agent)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(("claim", exc))
+        finally:
+            connection.close()
+
+    def do_cancel() -> None:
+        try:
+            assert claim_reached_rollup.wait(timeout=10)
+            build_services.cancel_build(build=Build.objects.get(pk=build.pk))
+            cancel_done.set()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(("cancel", exc))
+        finally:
+            connection.close()
+
+    claimer["thread"] = threading.Thread(target=do_claim)
+    canceler = threading.Thread(target=do_cancel)
+    claimer["thread"].start()
+    canceler.start()
+    claimer["thread"].join(timeout=30)
+    canceler.join(timeout=30)
+
+    assert not errors, errors
+    assert claimer["result"].job.step_key == "a"
+    assert job_states_of(build) == {"a": J.CANCELING, "b": J.CANCELED}
+    build.refresh_from_db()
+    assert build.state == BuildState.CANCELED
+
+
+# ===================================================================== start
+
+
+@pytest.mark.django_db
+def test_start_moves_the_job_to_running(session, build):
+    spec, job_client = claim(session)
+    before = timezone.now()
+
+    response = job_client.post(job_url(spec["id"], "start"))
+
+    assert response.status_code == 200
+    assert response.json() == {"state": "running", "cancel": False, "timeout": False}
+    a = job_of(build, "a")
+    assert a.state == J.RUNNING
+    assert a.started_at >= before and a.last_heartbeat_at == a.started_at
+    build.refresh_from_db()
+    assert (build.state, build.started_at) == (BuildState.RUNNING, a.started_at)
+
+
+@pytest.mark.django_db
+def test_start_twice_keeps_the_first_start(running, build):
+    spec, job_client = running
+    first = job_of(build, "a").started_at
+
+    assert start(job_client, spec["id"]) == {"state": "running", "cancel": False, "timeout": False}
+    assert job_of(build, "a").started_at == first
+
+
+@pytest.mark.django_db
+def test_start_after_the_build_was_canceled_says_cancel(session, build):
+    spec, job_client = claim(session)
+    build_services.cancel_build(build=build)
+
+    assert start(job_client, spec["id"]) == {"state": "canceling", "cancel": True, "timeout": False}
+    a = job_of(build, "a")
+    assert (a.state, a.started_at) == (J.CANCELING, None)
+
+
+@pytest.mark.django_db
+def test_start_of_a_job_the_server_already_ended_says_cancel(session, build, settings):
+    spec, job_client = claim(session)
+    # The agent took longer than the heartbeat timeout to fetch its inputs: the reaper gave up on it.
+    lost = timezone.now() + timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS + 1)
+    assert build_services.reap(now=lost).heartbeat_lost == 1
+
+    assert start(job_client, spec["id"]) == ended("failed")
+    a = job_of(build, "a")
+    assert (a.state, a.started_at, a.error_code) == (J.FAILED, None, "agent_heartbeat_lost")
+
+
+@pytest.mark.django_db
+def test_heartbeat_and_logs_of_a_job_the_server_already_ended_say_cancel(running, build, settings):
+    spec, job_client = running
+    lost = timezone.now() + timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS + 1)
+    build_services.reap(now=lost)
+
+    assert job_client.post(job_url(spec["id"], "heartbeat"), {}, format="json").json() == ended("failed")
+    assert send_logs(job_client, spec["id"], [chunk(1, "late\n")]).json() == ended("failed")
+    # Its report afterwards changes nothing.
+    assert finish(job_client, spec["id"], exit_code=0).json() == ended("failed")
+    assert job_of(build, "a").error_code == "agent_heartbeat_lost"
+
+
+# ===================================================================== logs
+
+
+@pytest.mark.django_db
+def test_logs_are_stored(running, build):
+    spec, job_client = running
+    chunks = [chunk(1, "hello\n"), chunk(2, "warning: x\n", stream_kind=1), chunk(3, "[step]\n", stream_kind=2)]
+
+    response = send_logs(job_client, spec["id"], chunks)
+
+    assert response.status_code == 200, response.content
+    assert response.json() == {"state": "running", "cancel": False, "timeout": False}
+    assert stored_log(spec["id"]) == [(1, 0, "hello\n"), (2, 1, "warning: x\n"), (3, 2, "[step]\n")]
+    stored = LogChunk.objects.get(job_id=spec["id"], seq=2)
+    assert stored.ts == T0 + timedelta(seconds=2)
+    a = job_of(build, "a")
+    assert a.log_bytes == len("hello\nwarning: x\n[step]\n")
+
+
+@pytest.mark.django_db
+def test_resent_and_overlapping_batches_store_each_seq_once(running, build):
+    spec, job_client = running
+    lines = [f"line {i} ✓\n" for i in range(1, 8)]
+    first = [chunk(i, lines[i - 1]) for i in (1, 2, 3)]
+
+    assert send_logs(job_client, spec["id"], first).status_code == 200
+    assert send_logs(job_client, spec["id"], first).status_code == 200            # a retry
+    overlapping = [chunk(i, lines[i - 1]) for i in (2, 3, 4, 5)]
+    assert send_logs(job_client, spec["id"], overlapping).status_code == 200
+    out_of_order = [chunk(i, lines[i - 1]) for i in (7, 6, 5)]
+    assert send_logs(job_client, spec["id"], out_of_order).status_code == 200
+
+    log = stored_log(spec["id"])
+    assert [seq for seq, _, _ in log] == [1, 2, 3, 4, 5, 6, 7]
+    assert "".join(content for _, _, content in log) == "".join(lines)
+    assert job_of(build, "a").log_bytes == len("".join(lines).encode())
+
+
+@pytest.mark.django_db
+def test_an_empty_batch_is_fine(running):
+    spec, job_client = running
+    assert send_logs(job_client, spec["id"], []).status_code == 200
+    assert not LogChunk.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("bad,field", [
+    ({"seq": 0}, "seq"), ({"seq": -1}, "seq"), ({"seq": 2**31}, "seq"), ({"seq": "x"}, "seq"),
+    ({"stream_kind": 5}, "stream_kind"), ({"stream_kind": None}, "stream_kind"),
+    ({"content": None}, "content"), ({"content": "nul \x00 byte"}, "content"),
+    ({"ts": "yesterday"}, "ts"), ({"ts": None}, "ts"),
+])
+def test_invalid_chunks_are_422_and_nothing_is_stored(running, build, bad, field):
+    spec, job_client = running
+    broken = {**chunk(2, "bad"), **bad}
+
+    response = send_logs(job_client, spec["id"], [chunk(1, "good\n"), broken])
+
+    error = assert_error(response, 422, "validation_failed")
+    assert list(error["fields"]) == [f"chunks.1.{field}"]
+    assert not LogChunk.objects.exists()
+    assert job_of(build, "a").log_bytes == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("missing", ["seq", "stream_kind", "content", "ts"])
+def test_chunks_missing_a_field_are_422(running, missing):
+    spec, job_client = running
+    broken = chunk(1, "x")
+    del broken[missing]
+    error = assert_error(send_logs(job_client, spec["id"], [broken]), 422, "validation_failed")
+    assert list(error["fields"]) == [f"chunks.0.{missing}"]
+    assert not LogChunk.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body", [{}, {"chunks": "x"}, {"chunks": [1]}])
+def test_a_malformed_logs_body_is_422(running, body):
+    spec, job_client = running
+    assert_error(job_client.post(job_url(spec["id"], "logs"), body, format="json"), 422, "validation_failed")
+    assert not LogChunk.objects.exists()
+
+
+@pytest.mark.django_db
+def test_output_past_the_log_limit_is_dropped_with_one_meta_chunk(running, build, settings):
+    settings.JOB_LOG_LIMIT_BYTES = 100
+    spec, job_client = running
+    forty = "x" * 39 + "\n"
+
+    assert send_logs(job_client, spec["id"], [chunk(1, forty), chunk(2, forty)]).status_code == 200
+    response = send_logs(job_client, spec["id"], [chunk(3, forty), chunk(4, forty)])
+    assert response.json() == {"state": "running", "cancel": False, "timeout": False}
+    assert send_logs(job_client, spec["id"], [chunk(5, "more\n"), chunk(6, "and more\n")]).status_code == 200
+    assert send_logs(job_client, spec["id"], [chunk(3, forty)]).status_code == 200  # a retry of the cut chunk
+
+    log = stored_log(spec["id"])
+    assert [(seq, kind) for seq, kind, _ in log] == [(1, 0), (2, 0), (3, 2)]
+    assert log[0][2] == log[1][2] == forty
+    assert "log limit of 100 bytes" in log[2][2]
+    assert sum(1 for _, kind, _ in log if kind == 2) == 1
+    a = job_of(build, "a")
+    assert (a.log_truncated, a.state) == (True, J.RUNNING)
+    assert a.log_bytes == sum(len(content.encode()) for _, _, content in log)
+    # The job goes on and finishes normally.
+    assert finish(job_client, spec["id"], exit_code=0).json()["state"] == "passed"
+
+
+@pytest.mark.django_db
+def test_logs_answer_cancel_once_the_build_was_canceled(running, build):
+    spec, job_client = running
+    assert send_logs(job_client, spec["id"], [chunk(1, "a\n")]).json()["cancel"] is False
+
+    build_services.cancel_build(build=build)
+    response = send_logs(job_client, spec["id"], [chunk(2, "b\n")])
+
+    assert response.json() == {"state": "canceling", "cancel": True, "timeout": False}
+    assert [seq for seq, _, _ in stored_log(spec["id"])] == [1, 2]
+
+
+@pytest.mark.django_db
+def test_logs_refresh_the_jobs_heartbeat(running, build):
+    spec, job_client = running
+    Job.objects.filter(pk=spec["id"]).update(last_heartbeat_at=T0)
+    send_logs(job_client, spec["id"], [chunk(1, "x")])
+    assert job_of(build, "a").last_heartbeat_at > T0
+
+
+# ===================================================================== heartbeat
+
+
+@pytest.mark.django_db
+def test_heartbeat_records_life(running, session, build):
+    spec, job_client = running
+    Job.objects.filter(pk=spec["id"]).update(last_heartbeat_at=T0)
+    Agent.objects.filter(pk=session.agent.pk).update(last_seen_at=T0)
+
+    response = job_client.post(job_url(spec["id"], "heartbeat"), {}, format="json")
+
+    assert response.status_code == 200
+    assert response.json() == {"state": "running", "cancel": False, "timeout": False}
+    assert job_of(build, "a").last_heartbeat_at > T0
+    session.agent.refresh_from_db()
+    assert session.agent.last_seen_at > T0
+
+
+@pytest.mark.django_db
+def test_heartbeat_with_an_empty_body_is_fine(running):
+    spec, job_client = running
+    assert job_client.post(job_url(spec["id"], "heartbeat")).json()["state"] == "running"
+
+
+@pytest.mark.django_db
+def test_heartbeat_timing_out_moves_running_to_timing_out(running, build):
+    spec, job_client = running
+
+    response = job_client.post(job_url(spec["id"], "heartbeat"), {"timing_out": True}, format="json")
+
+    assert response.json() == {"state": "timing_out", "cancel": False, "timeout": True}
+    assert job_of(build, "a").state == J.TIMING_OUT
+    build.refresh_from_db()
+    assert build.state == BuildState.RUNNING
+
+
+@pytest.mark.django_db
+def test_heartbeat_answers_cancel_after_the_build_was_canceled(running, build):
+    spec, job_client = running
+    build_services.cancel_build(build=build)
+    response = job_client.post(job_url(spec["id"], "heartbeat"), {}, format="json")
+    assert response.json() == {"state": "canceling", "cancel": True, "timeout": False}
+
+
+@pytest.mark.django_db
+def test_heartbeat_with_a_bad_body_is_422(running, build):
+    spec, job_client = running
+    response = job_client.post(job_url(spec["id"], "heartbeat"), {"timing_out": "maybe"}, format="json")
+    error = assert_error(response, 422, "validation_failed")
+    assert set(error["fields"]) == {"timing_out"}
+    assert job_of(build, "a").state == J.RUNNING
+
+
+# ===================================================================== finish
+
+
+@pytest.mark.django_db
+def test_finish_with_exit_0_passes_and_schedules_the_next_job(running, build):
+    spec, job_client = running
+
+    response = finish(job_client, spec["id"], exit_code=0)
+
+    assert response.status_code == 200
+    assert response.json() == ended("passed")
+    a, b = job_of(build, "a"), job_of(build, "b")
+    assert (a.state, a.exit_code, a.error_code, a.signal) == (J.PASSED, 0, None, None)
+    assert a.finished_at is not None
+    assert b.state == J.SCHEDULED and b.scheduled_at == a.finished_at
+    build.refresh_from_db()
+    assert (build.state, build.finished_at) == (BuildState.RUNNING, None)
+
+
+@pytest.mark.django_db
+def test_the_whole_build_passes_through_the_agent_api(session, running, build):
+    spec_a, client_a = running
+    finish(client_a, spec_a["id"], exit_code=0)
+    spec_b, client_b = claim(session)
+    start(client_b, spec_b["id"])
+
+    assert finish(client_b, spec_b["id"], exit_code=0).json()["state"] == "passed"
+
+    build.refresh_from_db()
+    assert build.state == BuildState.PASSED
+    assert build.finished_at == job_of(build, "b").finished_at
+
+
+@pytest.mark.django_db
+def test_finish_with_exit_3_fails_and_skips_dependents(running, build):
+    spec, job_client = running
+
+    response = finish(job_client, spec["id"], exit_code=3)
+
+    assert response.json() == ended("failed")
+    a, b = job_of(build, "a"), job_of(build, "b")
+    assert (a.state, a.exit_code, a.error_code) == (J.FAILED, 3, None)
+    assert b.state == J.SKIPPED
+    build.refresh_from_db()
+    assert build.state == BuildState.FAILED
+    assert build.finished_at == a.finished_at
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("report", [{"exit_code": 0}, {"exit_code": 143, "signal": 15}, {"exit_code": 1},
+                                    {"exit_code": None, "outcome": "canceled"}])
+def test_a_canceling_job_ends_canceled_whatever_the_exit(running, build, report):
+    spec, job_client = running
+    build_services.cancel_build(build=build)
+
+    response = finish(job_client, spec["id"], **report)
+
+    assert response.json() == ended("canceled")
+    a = job_of(build, "a")
+    assert (a.state, a.exit_code, a.error_code) == (J.CANCELED, report["exit_code"], None)
+    assert job_of(build, "b").state == J.CANCELED
+    build.refresh_from_db()
+    assert build.state == BuildState.CANCELED
+    assert build.finished_at == a.finished_at
+
+
+@pytest.mark.django_db
+def test_outcome_timed_out_ends_timed_out(running, build):
+    spec, job_client = running
+
+    response = finish(job_client, spec["id"], exit_code=137, signal=9, outcome="timed_out")
+
+    assert response.json()["state"] == "timed_out"
+    a = job_of(build, "a")
+    assert (a.state, a.exit_code, a.signal, a.error_code) == (J.TIMED_OUT, 137, 9, "job_timeout")
+    assert str(a.timeout_seconds) in a.error_message
+    assert job_of(build, "b").state == J.SKIPPED
+    build.refresh_from_db()
+    assert build.state == BuildState.FAILED
+
+
+@pytest.mark.django_db
+def test_a_timing_out_job_ends_timed_out_even_with_exit_0(running, build):
+    spec, job_client = running
+    job_client.post(job_url(spec["id"], "heartbeat"), {"timing_out": True}, format="json")
+
+    assert finish(job_client, spec["id"], exit_code=0).json()["state"] == "timed_out"
+    assert job_of(build, "a").error_code == "job_timeout"
+
+
+@pytest.mark.django_db
+def test_a_stop_the_agent_decided_on_its_own_fails_the_job(running, build):
+    spec, job_client = running
+
+    response = finish(job_client, spec["id"], exit_code=143, signal=15, outcome="canceled")
+
+    assert response.json()["state"] == "failed"
+    a = job_of(build, "a")
+    assert (a.state, a.error_code, a.exit_code, a.signal) == (J.FAILED, "agent_stopped", 143, 15)
+    build.refresh_from_db()
+    assert build.state == BuildState.FAILED
+
+
+@pytest.mark.django_db
+def test_workspace_unavailable_fails_the_job_before_it_starts(session, build):
+    spec, job_client = claim(session)
+
+    response = finish(job_client, spec["id"], exit_code=None, error_code="workspace_unavailable",
+                      error_message="parent workspace download failed: 404")
+
+    assert response.json()["state"] == "failed"
+    a = job_of(build, "a")
+    assert (a.state, a.exit_code, a.error_code, a.error_message) == (
+        J.FAILED, None, "workspace_unavailable", "parent workspace download failed: 404")
+    assert job_of(build, "b").state == J.SKIPPED
+
+
+@pytest.mark.django_db
+def test_a_retried_finish_is_a_200_no_op(running, build):
+    spec, job_client = running
+    assert finish(job_client, spec["id"], exit_code=0).json()["state"] == "passed"
+    first = job_of(build, "a")
+
+    # The retry (even one that says something else) changes nothing.
+    response = finish(job_client, spec["id"], exit_code=1)
+
+    assert response.status_code == 200
+    assert response.json() == ended("passed")
+    again = job_of(build, "a")
+    assert (again.state, again.exit_code, again.finished_at) == (J.PASSED, 0, first.finished_at)
+    assert job_of(build, "b").state == J.SCHEDULED
+
+
+@pytest.mark.django_db
+def test_finish_stores_the_log_tail_sent_with_it(running, build):
+    spec, job_client = running
+    send_logs(job_client, spec["id"], [chunk(1, "building\n")])
+
+    response = finish(job_client, spec["id"], exit_code=0,
+                      chunks=[chunk(1, "building\n"), chunk(2, "done\n"), chunk(3, "exit status 0\n", 2)])
+
+    assert response.json() == ended("passed")
+    assert stored_log(spec["id"]) == [(1, 0, "building\n"), (2, 0, "done\n"), (3, 2, "exit status 0\n")]
+
+
+@pytest.mark.django_db
+def test_finish_with_an_invalid_log_tail_is_422_and_changes_nothing(running, build):
+    spec, job_client = running
+
+    response = finish(job_client, spec["id"], exit_code=0, chunks=[chunk(1, "ok\n"), {**chunk(2, "x"), "seq": 0}])
+
+    error = assert_error(response, 422, "validation_failed")
+    assert list(error["fields"]) == ["chunks.1.seq"]
+    assert not LogChunk.objects.exists()
+    assert job_of(build, "a").state == J.RUNNING
+
+
+@pytest.mark.django_db
+def test_the_signal_is_recorded(running, build):
+    spec, job_client = running
+    finish(job_client, spec["id"], exit_code=130, signal=2)
+    a = job_of(build, "a")
+    assert (a.state, a.exit_code, a.signal) == (J.FAILED, 130, 2)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body,field", [
+    ({"exit_code": "zero"}, "exit_code"), ({"exit_code": 70000}, "exit_code"), ({"signal": 0}, "signal"),
+    ({"outcome": "passed"}, "outcome"), ({"error_code": "oops"}, "error_code"),
+    ({"error_message": "x" * 2001}, "error_message"),
+])
+def test_finish_with_a_bad_body_is_422_and_changes_nothing(running, build, body, field):
+    spec, job_client = running
+    error = assert_error(finish(job_client, spec["id"], **body), 422, "validation_failed")
+    assert set(error["fields"]) == {field}
+    a = job_of(build, "a")
+    assert (a.state, a.finished_at) == (J.RUNNING, None)
+
+
+# ===================================================================== workspaces
+
+
+@pytest.fixture
+def media(settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path
+    return tmp_path
+
+
+def download(response) -> bytes:
+    try:
+        return b"".join(response.streaming_content)
+    finally:
+        response.close()
+
+
+@pytest.mark.django_db
+def test_a_parents_workspace_reaches_its_builds_in_child(media, session, running, build):
+    spec_a, client_a = running
+    archive = tarball({"out/app.bin": b"\x00\x01built"})
+
+    response = client_a.put(job_url(spec_a["id"], "workspace"), archive, content_type="application/gzip")
+
+    assert response.status_code == 204
+    a = job_of(build, "a")
+    assert (media / a.workspace_archive.name).read_bytes() == archive
+    finish(client_a, spec_a["id"], exit_code=0)
+    spec_b, client_b = claim(session)
+    got = client_b.get(spec_b["parent_workspace_path"])
+    assert got.status_code == 200
+    assert got["Content-Type"] == "application/gzip"
+    assert download(got) == archive
+
+
+@pytest.mark.django_db
+def test_a_second_upload_replaces_the_first(media, running, build):
+    spec, job_client = running
+    job_client.put(job_url(spec["id"], "workspace"), b"first", content_type="application/gzip")
+    job_client.put(job_url(spec["id"], "workspace"), b"second", content_type="application/gzip")
+
+    a = job_of(build, "a")
+    assert a.workspace_archive.read() == b"second"
+    a.workspace_archive.close()
+    assert [p.name for p in (media / "workspaces").iterdir()] == [a.workspace_archive.name.split("/")[-1]]
+
+
+@pytest.mark.django_db
+def test_parent_workspace_of_a_root_job_is_404(media, running):
+    spec, job_client = running
+    assert_error(job_client.get(job_url(spec["id"], "parent-workspace")), 404, "workspace_not_found")
+
+
+@pytest.mark.django_db
+def test_parent_workspace_when_the_parent_uploaded_none_is_404(media, session, running):
+    spec_a, client_a = running
+    finish(client_a, spec_a["id"], exit_code=0)
+    spec_b, client_b = claim(session)
+    assert_error(client_b.get(spec_b["parent_workspace_path"]), 404, "workspace_not_found")
+
+
+@pytest.mark.django_db
+def test_workspace_upload_after_the_job_finished_is_409(media, running, build):
+    spec, job_client = running
+    finish(job_client, spec["id"], exit_code=0)
+
+    response = job_client.put(job_url(spec["id"], "workspace"), b"late", content_type="application/gzip")
+
+    assert_error(response, 409, "job_not_active")
+    assert not job_of(build, "a").workspace_archive
+    assert not (media / "workspaces").exists()
+
+
+@pytest.mark.django_db
+def test_empty_workspace_upload_is_422(media, running, build):
+    spec, job_client = running
+    response = job_client.put(job_url(spec["id"], "workspace"), b"", content_type="application/gzip")
+    assert_error(response, 422, "validation_failed")
+    assert not job_of(build, "a").workspace_archive
+
+
+@pytest.mark.django_db
+def test_workspace_upload_as_json_is_415(media, running, build):
+    spec, job_client = running
+    response = job_client.put(job_url(spec["id"], "workspace"), {"a": 1}, format="json")
+    assert_error(response, 415, "unsupported_media_type")
+    assert not job_of(build, "a").workspace_archive
+
+
+# ===================================================================== build source
+
+
+@pytest.fixture
+def source_build(media, pipeline):
+    archive = tarball({"Makefile": b"all:\n\ttrue\n"})
+    build = make_build(pipeline, source_b64=base64.b64encode(archive).decode())
+    build.archive = archive  # type: ignore[attr-defined]
+    return build
+
+
+@pytest.mark.django_db
+def test_source_download_with_the_builds_job_credential(session, source_build):
+    spec, job_client = claim(session)
+    assert spec["source_path"] == source_url(source_build.id)
+
+    response = job_client.get(spec["source_path"])
+
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/gzip"
+    assert download(response) == source_build.archive
+
+
+@pytest.mark.django_db
+def test_source_of_another_build_is_404(session, source_build, pipeline):
+    other = make_build(pipeline, source_b64=base64.b64encode(b"other source").decode())
+    spec, job_client = claim(session)
+    assert spec["build_id"] == str(source_build.id)
+
+    assert_error(job_client.get(source_url(other.id)), 404, "build_not_found")
+    assert_error(job_client.get(source_url("not-a-uuid")), 404, "build_not_found")
+
+
+@pytest.mark.django_db
+def test_source_with_a_finished_jobs_credential_is_404(session, source_build):
+    spec, job_client = claim(session)
+    start(job_client, spec["id"])
+    finish(job_client, spec["id"], exit_code=0)
+
+    assert_error(job_client.get(source_url(source_build.id)), 404, "build_not_found")
+
+
+@pytest.mark.django_db
+def test_source_without_credential_is_401(anon, api, source_build):
+    assert_error(anon.get(source_url(source_build.id)), 401, "unauthorized")
+    assert_error(api.get(source_url(source_build.id)), 401, "unauthorized")
+
+
+@pytest.mark.django_db
+def test_source_of_a_build_without_one_is_404(session, build):
+    _, job_client = claim(session)
+    assert_error(job_client.get(source_url(build.id)), 404, "source_not_found")
+
+
+# ===================================================================== the agents list
+
+
+def agents_url(org_slug: str) -> str:
+    return f"/api/v0/organizations/{org_slug}/agents"
+
+
+@pytest.mark.django_db
+def test_agents_list_shows_each_agents_connection_and_current_job(api, org, agent_token, build, settings):
+    connected = bearer(register(agent_token.raw, name="busy", hostname="h1", version="1.0", os="linux")
+                       .json()["session_token"])
+    register(agent_token.raw, name="quiet", hostname="h2", version="1.1")
+    stopped = bearer(register(agent_token.raw, name="gone", hostname="h3", version="1.2").json()["session_token"])
+    spec, _ = claim(connected)
+    assert stopped.post(f"{AGENT}/disconnect").status_code == 204
+    now = timezone.now()
+    Agent.objects.filter(name="quiet").update(
+        last_seen_at=now - timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS + 5))
+    Agent.objects.filter(name="gone").update(last_seen_at=now - timedelta(seconds=1))
+
+    response = api.get(agents_url(org.slug))
+
+    assert response.status_code == 200
+    agents = {agent.name: agent for agent in Agent.objects.all()}
+    row = {name: {"id": str(a.id), "name": a.name, "hostname": a.hostname, "version": a.version, "os": a.os,
+                  "created_at": iso(a.created_at), "last_seen_at": iso(a.last_seen_at)}
+           for name, a in agents.items()}
+    assert response.json() == {"data": [
+        {**row["busy"], "connection_state": "connected",
+         "current_job": {"id": spec["id"], "state": "assigned", "step_key": "a", "build_number": 1,
+                         "pipeline_slug": "web-ci"}},
+        {**row["gone"], "connection_state": "stopped", "current_job": None},
+        {**row["quiet"], "connection_state": "lost", "current_job": None},
+    ]}
+
+
+@pytest.mark.django_db
+def test_an_agents_current_job_clears_when_the_job_ends(api, org, running):
+    spec, job_client = running
+    assert api.get(agents_url(org.slug)).json()["data"][0]["current_job"]["state"] == "running"
+    finish(job_client, spec["id"], exit_code=0)
+    assert api.get(agents_url(org.slug)).json()["data"][0]["current_job"] is None
+
+
+@pytest.mark.django_db
+def test_agents_list_leaves_out_other_orgs_and_long_gone_agents(api, org, other_org, agent_token):
+    make_agent(other_org, name="theirs")
+    register(agent_token.raw, name="ours")
+    old = make_agent(org, name="last-week")
+    Agent.objects.filter(pk=old.pk).update(last_seen_at=timezone.now() - timedelta(days=7))
+
+    assert [row["name"] for row in api.get(agents_url(org.slug)).json()["data"]] == ["ours"]
+
+
+@pytest.mark.django_db
+def test_members_may_list_agents_but_strangers_get_404(member_api, stranger_api, org, agent_token):
+    register(agent_token.raw)
+    assert len(member_api.get(agents_url(org.slug)).json()["data"]) == 1
+    assert_error(stranger_api.get(agents_url(org.slug)), 404, "organization_not_found")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("count", [1, 10])
+def test_agents_list_costs_the_same_queries_for_1_and_10_agents(api, owner, org, pipeline, count,
+                                                                 django_assert_num_queries):
+    token = org_services.create_agent_token(organization=org).token
+    for i in range(count):
+        agent = make_agent(org, name=f"runner-{i}", token=token)
+        make_build(pipeline)
+        assert build_services.claim_job(agent=agent) is not None
+    ApiToken.objects.filter(user=owner).update(last_used_at=timezone.now())  # authenticating won't write
+
+    # token + membership, the agents, their active jobs (with build and pipeline)
+    with django_assert_num_queries(4):
+        response = api.get(agents_url(org.slug))
+
+    assert len(response.json()["data"]) == count
+    assert all(row["current_job"] is not None for row in response.json()["data"])
