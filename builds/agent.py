@@ -327,34 +327,40 @@ class Agent:
         next_flush = time.monotonic() + FLUSH_INTERVAL
         next_beat = time.monotonic() + HEARTBEAT_INTERVAL
         outcome: str | None = None
-        while process.poll() is None:
-            now = time.monotonic()
-            if now >= next_flush:
-                shipper.flush()
-                next_flush = now + FLUSH_INTERVAL
-            if now >= next_beat:
-                beat = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/heartbeat", token=job.token,
-                                           body={})
-                if beat.get("cancel"):
-                    shipper.cancel_requested.set()
-                if beat.get("timeout"):
-                    outcome = outcome or "timed_out"
-                next_beat = now + HEARTBEAT_INTERVAL
-            if outcome is None and shipper.cancel_requested.is_set():
-                outcome = "canceled"
-            if outcome is None and self.abort.is_set():
-                outcome = "canceled"
-            if outcome is None and now >= deadline:
-                outcome = "timed_out"
-                # Shows the job as timing_out while the command is being stopped.
-                self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/heartbeat", token=job.token,
-                                    body={"timing_out": True})
-            if outcome is not None:
-                reason = "timed out" if outcome == "timed_out" else "canceled"
-                shipper.add(META, f"harmont-agent: {reason}; stopping the command\n")
-                stop_process_group(process, grace=job.cancel_grace_seconds)
-                break
-            time.sleep(0.05)
+        try:
+            while process.poll() is None:
+                now = time.monotonic()
+                if now >= next_flush:
+                    shipper.flush()
+                    next_flush = now + FLUSH_INTERVAL
+                if now >= next_beat:
+                    beat = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/heartbeat", token=job.token,
+                                               body={})
+                    if beat.get("cancel"):
+                        shipper.cancel_requested.set()
+                    if beat.get("timeout"):
+                        outcome = outcome or "timed_out"
+                    next_beat = now + HEARTBEAT_INTERVAL
+                if outcome is None and shipper.cancel_requested.is_set():
+                    outcome = "canceled"
+                if outcome is None and self.abort.is_set():
+                    outcome = "canceled"
+                if outcome is None and now >= deadline:
+                    outcome = "timed_out"
+                    # Shows the job as timing_out while the command is being stopped.
+                    self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/heartbeat", token=job.token,
+                                        body={"timing_out": True})
+                if outcome is not None:
+                    reason = "timed out" if outcome == "timed_out" else "canceled"
+                    shipper.add(META, f"harmont-agent: {reason}; stopping the command\n")
+                    stop_process_group(process, grace=job.cancel_grace_seconds)
+                    break
+                time.sleep(0.05)
+        except BaseException:
+            # The agent is going down (its token was revoked, a report was refused): don't
+            # leave the command running with nobody left to watch, stop or report it.
+            stop_process_group(process, grace=job.cancel_grace_seconds)
+            raise
         process.wait()
         for reader in readers:
             reader.join(timeout=5)

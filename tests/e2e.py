@@ -1,0 +1,273 @@
+"""Helpers for the end-to-end agent tests: a live server, real agent processes, a reaper thread.
+
+Agents are `python manage.py runagent` subprocesses talking HTTP to a live server
+running in a thread of the test process, so settings changed with the `settings`
+fixture reach the server (and the reaper thread) too. Tests using these fixtures need
+a transactional database: the server's threads must see what the test commits. The
+agents' output goes to files printed at teardown, which pytest shows only when the
+test failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from django.db import connections
+from django.test.testcases import LiveServerThread, _StaticFilesHandler
+
+from builds.models import Job, LogChunk, StreamKind
+from builds.reaper import run_reaper
+from organizations import services as org_services
+from organizations.models import Organization
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, *, interval: float = 0.1, what: str = "") -> T:
+    """Poll `predicate` until it returns something truthy (returned) or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"gave up after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------ reading results
+
+
+def job_log(job: Job, *, kinds: tuple[int, ...] = (StreamKind.STDOUT, StreamKind.STDERR, StreamKind.META)) -> str:
+    """The job's stored log: chunk contents in seq order, of the given stream kinds."""
+    return "".join(LogChunk.objects.filter(job=job, stream_kind__in=kinds).order_by("seq")
+                   .values_list("content", flat=True))
+
+
+def stdout_of(job: Job) -> str:
+    return job_log(job, kinds=(StreamKind.STDOUT,))
+
+
+def stderr_of(job: Job) -> str:
+    return job_log(job, kinds=(StreamKind.STDERR,))
+
+
+def jobs_by_key(build: Any) -> dict[str, Job]:
+    return {job.step_key: job for job in Job.objects.filter(build_id=build.pk)}
+
+
+def pid_from_log(job: Job, timeout: float = 10) -> int:
+    """A command started with `echo pid=$$; exec ...` prints its pid; wait until it is stored."""
+    def find() -> int | None:
+        for line in stdout_of(job).splitlines():
+            if line.startswith("pid="):
+                return int(line[4:])
+        return None
+    return wait_for(find, timeout, what=f"the pid line of job {job.step_key}")
+
+
+def process_exists(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie counts as gone: it no longer runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# ------------------------------------------------------------------ agent processes
+
+
+@dataclass
+class AgentProcess:
+    name: str
+    workdir: Path
+    process: subprocess.Popen
+    stdout_path: Path
+    stderr_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def send(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return (f"--- agent {self.name} (pid {self.pid}, exit {self.process.poll()}) stdout:\n"
+                f"{self.stdout_path.read_text(errors='replace')}"
+                f"--- stderr:\n{self.stderr_path.read_text(errors='replace')}")
+
+
+@dataclass
+class Agents:
+    """Starts agents against the live server; `close()` kills them and whatever they left running."""
+
+    server: str
+    token: str
+    base: Path
+    started: list[AgentProcess] = field(default_factory=list)
+
+    def start(self, name: str, *, poll_interval: float | None = 0.2) -> AgentProcess:
+        """Start `manage.py runagent` as `name`; `poll_interval=None` keeps the agent's default."""
+        workdir = self.base / name
+        command = [sys.executable, "manage.py", "runagent", "--server", self.server, "--token", self.token,
+                   "--workdir", str(workdir), "--name", name]
+        if poll_interval is not None:
+            command += ["--poll-interval", str(poll_interval)]
+        stdout_path, stderr_path = self.base / f"{name}.stdout", self.base / f"{name}.stderr"
+        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+            process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        agent = AgentProcess(name, workdir, process, stdout_path, stderr_path)
+        self.started.append(agent)
+        return agent
+
+    def close(self) -> None:
+        for agent in self.started:
+            if agent.process.poll() is None:
+                agent.process.kill()
+                agent.process.wait(timeout=10)
+        # Commands run in their own process groups, so killing an agent leaves them
+        # running: find them by their working directory (inside an agent's workdir).
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cwd = os.readlink(proc / "cwd")
+            except OSError:
+                continue
+            if cwd.startswith(str(self.base) + os.sep):
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for agent in self.started:
+            print(agent.output())
+
+
+@pytest.fixture(scope="module")
+def e2e_database(django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[None]:
+    """SQLite only: run the module on a file copy of the in-memory test database.
+
+    Each connection to an in-memory SQLite database would be a database of its own, so
+    Django's live server shares the test thread's one connection with every request
+    thread. Concurrent agents then interleave transactions on it ("no such savepoint").
+    A file gives every thread its own connection, serialised by SQLite's own locking
+    (WAL, and the settings' busy timeout). The in-memory database stays alive (its
+    connection is kept, not closed) and is put back for the rest of the session.
+    """
+    conn = connections["default"]
+    if conn.vendor != "sqlite" or not conn.is_in_memory_db():
+        yield
+        return
+    path = tmp_path_factory.mktemp("e2e-db") / "db.sqlite3"
+    with django_db_blocker.unblock():
+        conn.ensure_connection()
+        memory, name = conn.connection, conn.settings_dict["NAME"]
+        copy = sqlite3.connect(path)
+        memory.backup(copy)
+        copy.execute("PRAGMA journal_mode=WAL")
+        copy.close()
+        conn.connection = None  # forget it without closing: closing would destroy the database
+        conn.settings_dict["NAME"] = str(path)
+    try:
+        yield
+    finally:
+        with django_db_blocker.unblock():
+            conn.close()
+            conn.settings_dict["NAME"] = name
+            conn.connection = memory
+
+
+@pytest.fixture(scope="module")
+def e2e_server(e2e_database: None) -> Iterator[str]:
+    """A threaded live server for the module (Django's LiveServerThread); its base URL.
+
+    Not pytest-django's `live_server`: that one is session-wide and, once started,
+    keeps serving whatever database connection it was given at the time.
+    """
+    thread = LiveServerThread("localhost", _StaticFilesHandler, connections_override={})
+    thread.daemon = True
+    thread.start()
+    thread.is_ready.wait()
+    if thread.error:
+        raise thread.error
+    try:
+        yield f"http://{thread.host}:{thread.port}"
+    finally:
+        thread.terminate()
+
+
+@pytest.fixture
+def agent_token(org: Organization) -> str:
+    """A raw agent token (`hma_...`) of the `org` fixture's organization."""
+    return org_services.create_agent_token(organization=org, description="e2e").raw
+
+
+@pytest.fixture
+def agents(e2e_server: str, transactional_db: None, e2e_settings: Any, agent_token: str, tmp_path: Path
+           ) -> Iterator[Agents]:
+    """Agents of the `org` fixture's organization; killed at teardown, with what they left running."""
+    pool = Agents(server=e2e_server, token=agent_token, base=tmp_path / "agents")
+    pool.base.mkdir()
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def reaper(e2e_server: str, transactional_db: None) -> Iterator[threading.Thread]:
+    """The reaper loop in a thread of the test process, every 0.5 s, for the test's duration."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        try:
+            run_reaper(stop=stop, interval=0.5)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=loop, name="reaper", daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def e2e_settings(settings: Any, tmp_path: Path) -> Any:
+    """Stored workspaces go to the test's directory; a canceled command gets 2 s before SIGKILL."""
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.AGENT_CANCEL_GRACE_SECONDS = 2
+    return settings
