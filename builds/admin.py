@@ -1,4 +1,10 @@
-"""Operators' view of builds and jobs. States are read-only: only services change them."""
+"""Operators' view of builds, jobs, their edges, logs and agents.
+
+These rows are written only by the services (create_build, the agent API, the
+reaper), so the admin shows them read-only: no add, no edit. Operators can
+delete, and cancel builds with the action, which calls the same service as
+the API and the Cancel button.
+"""
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -10,38 +16,63 @@ from builds.states import TERMINAL_BUILD_STATES
 from harmont.errors import ApiError
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """View and delete only: every write to these rows belongs to a service."""
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
 class JobInline(admin.TabularInline):
     model = Job
-    fields = ["position", "step_key", "name", "state", "exit_code", "started_at", "finished_at"]
+    fields = ["position", "step_key", "name", "state", "exit_code", "error_code", "agent", "started_at",
+              "finished_at"]
     readonly_fields = fields
     extra = 0
     can_delete = False
     show_change_link = True
     ordering = ["position"]
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Job]:
+        return super().get_queryset(request).select_related("agent")
+
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
 
 @admin.register(Build)
-class BuildAdmin(admin.ModelAdmin):
-    list_display = ["__str__", "pipeline", "number", "state", "branch", "short_commit", "source", "created_at",
-                    "finished_at"]
-    list_filter = ["state", "source"]
-    search_fields = ["branch", "commit", "message", "pipeline__slug", "pipeline__organization__slug"]
-    list_select_related = ["pipeline", "pipeline__organization"]
+class BuildAdmin(ReadOnlyAdmin):
+    list_display = ["title", "state", "branch", "short_commit", "source", "created_by", "created_at", "finished_at"]
+    list_filter = ["state", "source", "created_at"]
+    search_fields = ["=id", "branch", "commit", "message", "pipeline__slug", "pipeline__organization__slug",
+                     "created_by__email"]
+    list_select_related = ["pipeline", "pipeline__organization", "created_by"]
     raw_id_fields = ["pipeline", "created_by"]
-    readonly_fields = ["id", "pipeline", "number", "state", "error_code", "error_message", "cancel_requested_at",
-                       "created_at", "scheduled_at", "started_at", "finished_at", "pipeline_ir", "source_archive"]
+    readonly_fields = ["id", "pipeline", "number", "state", "branch", "commit", "message", "source", "created_by",
+                       "env", "error_code", "error_message", "cancel_requested_at", "created_at", "scheduled_at",
+                       "started_at", "finished_at", "timeout_seconds", "source_url", "source_sha256",
+                       "source_archive", "pipeline_ir"]
     inlines = [JobInline]
     actions = ["cancel_selected"]
     date_hierarchy = "created_at"
+    # COUNT(*) over every build on each filtered page is the slowest query of a big history.
+    show_full_result_count = False
+
+    @admin.display(description="build", ordering="number")
+    def title(self, build: Build) -> str:
+        return f"{build.pipeline.organization.slug}/{build.pipeline.slug} #{build.number}"
 
     @admin.display(description="commit")
     def short_commit(self, build: Build) -> str:
         return build.commit[:12]
 
-    @admin.action(description="Cancel selected builds")
+    @admin.action(description="Cancel selected builds", permissions=["view"])
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Build]) -> None:
         canceled = skipped = 0
         for build in queryset.select_related("pipeline").exclude(state__in=TERMINAL_BUILD_STATES):
@@ -55,28 +86,38 @@ class BuildAdmin(admin.ModelAdmin):
 
 
 @admin.register(Job)
-class JobAdmin(admin.ModelAdmin):
-    list_display = ["step_key", "build", "state", "exit_code", "error_code", "started_at", "finished_at"]
-    list_filter = ["state"]
-    search_fields = ["step_key", "name", "command", "build__pipeline__slug"]
-    list_select_related = ["build", "build__pipeline"]
+class JobAdmin(ReadOnlyAdmin):
+    list_display = ["step_key", "build_title", "state", "exit_code", "error_code", "agent", "started_at",
+                    "finished_at"]
+    list_filter = ["state", "error_code"]
+    search_fields = ["=id", "step_key", "name", "command", "build__pipeline__slug"]
+    list_select_related = ["build", "build__pipeline", "build__pipeline__organization", "agent"]
     raw_id_fields = ["build", "organization", "agent"]
-    exclude = ["credential_hash"]
-    readonly_fields = ["id", "build", "organization", "position", "state", "exit_code", "error_code",
-                       "error_message", "created_at", "scheduled_at", "started_at", "finished_at"]
+    exclude = ["credential_hash", "env", "workspace_archive"]
+    readonly_fields = ["id", "build", "organization", "position", "step_key", "name", "command", "image",
+                       "timeout_seconds", "cache", "runner", "runner_args", "state", "exit_code", "signal",
+                       "error_code", "error_message", "soft_failed", "agent", "assigned_at", "last_heartbeat_at",
+                       "log_bytes", "log_truncated", "created_at", "scheduled_at", "started_at", "finished_at"]
+    show_full_result_count = False
+
+    @admin.display(description="build", ordering="build__number")
+    def build_title(self, job: Job) -> str:
+        return f"{job.build.pipeline.organization.slug}/{job.build.pipeline.slug} #{job.build.number}"
 
 
 @admin.register(JobDependency)
-class JobDependencyAdmin(admin.ModelAdmin):
+class JobDependencyAdmin(ReadOnlyAdmin):
     list_display = ["job", "prerequisite", "kind"]
+    list_filter = ["kind"]
     list_select_related = ["job", "prerequisite"]
     raw_id_fields = ["job", "prerequisite"]
 
 
 @admin.register(Agent)
-class AgentAdmin(admin.ModelAdmin):
-    list_display = ["name", "organization", "hostname", "version", "last_seen_at", "stopped_at"]
-    list_select_related = ["organization"]
+class AgentAdmin(ReadOnlyAdmin):
+    list_display = ["name", "organization", "token", "hostname", "version", "last_seen_at", "stopped_at"]
+    list_filter = [("stopped_at", admin.EmptyFieldListFilter)]
+    list_select_related = ["organization", "token"]
     search_fields = ["name", "hostname", "organization__slug"]
     exclude = ["session_hash"]
     readonly_fields = ["id", "organization", "token", "name", "hostname", "version", "os", "created_at",
@@ -84,8 +125,11 @@ class AgentAdmin(admin.ModelAdmin):
 
 
 @admin.register(LogChunk)
-class LogChunkAdmin(admin.ModelAdmin):
+class LogChunkAdmin(ReadOnlyAdmin):
     list_display = ["job", "seq", "stream_kind", "ts"]
+    list_filter = ["stream_kind"]
     list_select_related = ["job"]
+    search_fields = ["=job__id"]
     raw_id_fields = ["job"]
     readonly_fields = ["job", "seq", "stream_kind", "content", "ts", "created_at"]
+    show_full_result_count = False

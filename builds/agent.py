@@ -174,6 +174,7 @@ class LogShipper:
     seq: int = 0
     pending: list[dict[str, Any]] = field(default_factory=list)
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    timeout_requested: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, stream_kind: int, text: str) -> None:
@@ -197,6 +198,8 @@ class LogShipper:
             self.pending = [chunk for chunk in self.pending if chunk["seq"] not in sent]
         if answer and answer.get("cancel"):
             self.cancel_requested.set()
+        if answer and answer.get("timeout"):
+            self.timeout_requested.set()
 
 
 class Agent:
@@ -209,6 +212,7 @@ class Agent:
         self.poll_interval = poll_interval
         self.once = once
         self.session: str | None = None
+        self.current_job: JobSpec | None = None
         self.stopping = threading.Event()  # first SIGTERM: finish the current job, claim no more
         self.abort = threading.Event()  # second SIGTERM: cancel the current job too
 
@@ -218,9 +222,13 @@ class Agent:
         if self.stopping.is_set():
             log.info("second stop signal: canceling the current job")
             self.abort.set()
+            # Don't stay stuck retrying an unreachable server either.
+            self.transport.stop_retrying.set()
         else:
             log.info("stop signal: finishing the current job, then exiting")
             self.stopping.set()
+            if self.current_job is None:
+                self.transport.stop_retrying.set()  # idle: nothing is left to report
 
     def register(self) -> None:
         data = self.transport.json("POST", "/api/v0/agent/register", token=self.token, ok=(201,), body={
@@ -241,12 +249,28 @@ class Agent:
                         return 0
                     self.stopping.wait(self.poll_interval * random.uniform(0.8, 1.2))
                     continue
-                self.run_job(JobSpec.from_claim(claimed))
+                job = JobSpec.from_claim(claimed)
+                self.current_job = job
+                try:
+                    self.run_job(job)
+                except Unauthorized:
+                    raise
+                except AgentError as exc:
+                    # The server refused a report about this job (it ended meanwhile, or the
+                    # request was wrong): give the job up, keep serving the others.
+                    log.error("job %s abandoned: %s", job.id, exc)
+                    shutil.rmtree(self.workdir / job.id, ignore_errors=True)
+                finally:
+                    self.current_job = None
                 if self.once:
                     return 0
         except Unauthorized:
             log.error("the server refused this agent's token (revoked?); exiting")
             return 2
+        except AgentError as exc:
+            if not self.transport.stop_retrying.is_set():
+                raise
+            log.warning("stopped while the server was unreachable: %s", exc)
         finally:
             self.disconnect()
         return 0
@@ -339,8 +363,10 @@ class Agent:
                     if beat.get("cancel"):
                         shipper.cancel_requested.set()
                     if beat.get("timeout"):
-                        outcome = outcome or "timed_out"
+                        shipper.timeout_requested.set()
                     next_beat = now + HEARTBEAT_INTERVAL
+                if outcome is None and shipper.timeout_requested.is_set():
+                    outcome = "timed_out"
                 if outcome is None and shipper.cancel_requested.is_set():
                     outcome = "canceled"
                 if outcome is None and self.abort.is_set():

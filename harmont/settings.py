@@ -152,6 +152,8 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                # The organization switcher on every page, queried only if a page shows it.
+                "organizations.views.nav_context",
             ],
         },
     },
@@ -190,7 +192,8 @@ SESSION_TOKEN_TTL_DAYS = 30
 
 # Execution.
 # An active job whose agent sent nothing for this long has failed (agent_heartbeat_lost).
-AGENT_HEARTBEAT_TIMEOUT_SECONDS = env_int("HARMONT_AGENT_HEARTBEAT_TIMEOUT", 30, minimum=5)
+# Agents heartbeat every 5 s, so anything near that would reap healthy, quiet jobs.
+AGENT_HEARTBEAT_TIMEOUT_SECONDS = env_int("HARMONT_AGENT_HEARTBEAT_TIMEOUT", 30, minimum=15)
 # Agents stop their own overdue commands; the server steps in only after this grace.
 JOB_TIMEOUT_GRACE_SECONDS = env_int("HARMONT_JOB_TIMEOUT_GRACE", 30, minimum=0)
 # How long an agent waits between SIGTERM and SIGKILL when stopping a command.
@@ -235,6 +238,10 @@ CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"
 
 LOGIN_URL = "/login"
 LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/login"
+# Anyone who reaches the server may create an account at /signup unless this is off;
+# then operators create users (admin, `manage.py createtoken`) or invite them.
+SIGNUP_ENABLED = env_bool("HARMONT_SIGNUP_ENABLED", True)
 
 LOGGING = {
     "version": 1,

@@ -26,4 +26,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v0/", include(api_v0)),
     re_path(r"^api/v0(?:/.*)?$", route_not_found),
+    # The server-rendered pages (session sign-in); none of their paths start with a prefix above.
+    path("", include("organizations.page_urls")),
+    path("", include("pipelines.page_urls")),
+    path("", include("builds.page_urls")),
 ]

@@ -78,6 +78,8 @@ class UserAdmin(DjangoUserAdmin):
 class OrganizationAdmin(admin.ModelAdmin):
     list_display = ("slug", "name", "personal_for", "created_at")
     list_select_related = ("personal_for",)
+    # "Empty" personal_for: the shared organizations, without everyone's personal one.
+    list_filter = (("personal_for", admin.EmptyFieldListFilter),)
     search_fields = ("slug", "name")
     raw_id_fields = ("personal_for",)
     readonly_fields = ("slug", "personal_for", "created_at")

@@ -116,7 +116,8 @@ def touch(job: Job, now: datetime) -> None:
 def start_job(*, job: Job, now: datetime | None = None) -> str:
     """The agent begins running the command: assigned → running. Returns the job's state after."""
     now = now or timezone.now()
-    move_job(job=job, state=J.RUNNING, now=now, last_heartbeat_at=now)
+    move_job(job=job, state=J.RUNNING, now=now)
+    touch(job, now)
     return Job.objects.values_list("state", flat=True).get(pk=job.pk)
 
 
@@ -226,8 +227,8 @@ def append_log(*, job: Job, chunks: list[ChunkIn], now: datetime | None = None) 
             rows.append(LogChunk(job_id=job.pk, seq=chunk.seq, stream_kind=chunk.stream_kind,
                                  content=chunk.content, ts=chunk.ts, created_at=now))
         LogChunk.objects.bulk_create(rows, ignore_conflicts=True)
-        Job.objects.filter(pk=job.pk).update(log_bytes=F("log_bytes") + added_bytes, log_truncated=truncated,
-                                             last_heartbeat_at=now)
+        Job.objects.filter(pk=job.pk).update(log_bytes=F("log_bytes") + added_bytes, log_truncated=truncated)
+    touch(job, now)
     return len(rows)
 
 

@@ -79,7 +79,7 @@ class Command(BaseCommand):
         self.stdout.write(
             "\n"
             f"Harmont demo is ready at {base}/\n"
-            f"  sign in:      {base}/admin/  as {DEMO_EMAIL} / {password}\n"
+            f"  sign in:      {base}/login  as {DEMO_EMAIL} / {password}  (also {base}/admin/)\n"
             f"  API token:    {token}\n"
             f"  try it:\n"
             f"    curl -s -X POST {builds} \\\n"

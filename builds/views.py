@@ -1,0 +1,293 @@
+"""HTML pages for builds: the build page, its live status, logs, cancel; the agents page.
+
+The build page is server-rendered; a little JavaScript (static/harmont/build.js)
+keeps it current. It polls `status.json` (session-authenticated, constant
+query count) for states, and follows a job's log on the SSE stream
+`/v0/jobs/<id>/logs` with a build-scoped log token from `log-token.json`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from functools import wraps
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.db.models import Prefetch
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+
+from builds import services
+from builds.api import AGENT_LIST_WINDOW, jobs_of, job_log_bytes, job_log_tail, tail_range, text_response
+from builds.models import Agent, Build, Job
+from builds.services.jobs import ACTIVE_STATES
+from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
+from harmont.errors import ApiError
+from harmont.logtokens import mint_log_token
+from organizations import services as org_services
+from organizations.models import AgentToken
+from organizations.views import OrgPage, org_page
+
+# Build numbers are PostgreSQL integers; a larger number in a URL is simply no build.
+MAX_BUILD_NUMBER = 2**31 - 1
+# What the build page and its status poll read of a build and of its jobs. A
+# build's IR, env and source and a job's env can be large and are never shown.
+BUILD_FIELDS = ("id", "pipeline__id", "pipeline__slug", "pipeline__name", "pipeline__organization", "number",
+                "state", "branch", "commit", "message", "source", "error_code", "error_message", "created_by__email",
+                "cancel_requested_at", "created_at", "started_at", "finished_at")
+JOB_FIELDS = ("id", "build_id", "position", "step_key", "name", "command", "image", "state", "exit_code",
+              "error_code", "error_message", "signal", "started_at", "finished_at", "log_bytes", "log_truncated")
+# The 2-second poll redraws states only.
+STATUS_JOB_FIELDS = ("id", "build_id", "position", "state", "exit_code", "error_code", "error_message", "started_at",
+                     "finished_at")
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def duration_seconds(row: Build | Job, now: datetime) -> float | None:
+    """Seconds from start to finish, or to `now` while it runs; None before it started."""
+    if row.started_at is None:
+        return None
+    return max(0.0, ((row.finished_at or now) - row.started_at).total_seconds())
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} m {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} m"
+
+
+def build_url(build: Build) -> str:
+    """The build page; `build.pipeline.organization` must be loaded (callers attach it)."""
+    return reverse("builds_ui:build", args=[build.pipeline.organization.slug, build.pipeline.slug, build.number])
+
+
+# ---------------------------------------------------------------- resolving a build
+
+
+def page_build(page: OrgPage, pipeline: str, number: int) -> Build:
+    """The build, in one query, through the caller's organization: anything else is a 404."""
+    build = None
+    if number <= MAX_BUILD_NUMBER:
+        build = (
+            Build.objects.select_related("pipeline", "created_by").only(*BUILD_FIELDS)
+            .filter(pipeline__organization=page.org, pipeline__slug=pipeline, pipeline__archived_at__isnull=True,
+                    number=number)
+            .first()
+        )
+    if build is None:
+        raise Http404(f"No build {number} in pipeline {pipeline!r}.")
+    build.pipeline.organization = page.org
+    return build
+
+
+def job_rows(build: Build, now: datetime) -> list[Job]:
+    """The build's jobs in dependency order, each with `after` (its prerequisites' keys) and a duration."""
+    jobs = list(jobs_of(build).only(*JOB_FIELDS).order_by("position"))
+    keys = {job.pk: job.step_key for job in jobs}
+    for job in jobs:
+        job.after = [keys[edge.prerequisite_id] for edge in job.prerequisite_edges.all()]
+        job.duration = format_duration(duration_seconds(job, now))
+    return jobs
+
+
+def build_status(build: Build, jobs: list[Job], now: datetime) -> dict[str, Any]:
+    """What the page's poll needs to redraw states: the build and each job, no log content."""
+    return {
+        "build": {
+            "number": build.number, "state": build.state, "error_code": build.error_code,
+            "error_message": build.error_message,
+            "duration": format_duration(duration_seconds(build, now)),
+            "finished": build.finished_at is not None,
+            "cancelable": build.state not in TERMINAL_BUILD_STATES,
+        },
+        "jobs": [
+            {"id": str(job.pk), "state": job.state, "exit_code": job.exit_code, "error_code": job.error_code,
+             "error_message": job.error_message, "duration": format_duration(duration_seconds(job, now)),
+             "finished": job.state in TERMINAL_JOB_STATES}
+            for job in jobs
+        ],
+    }
+
+
+def page_json_login_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Like login_required, but a signed-out caller gets 401 JSON, not a redirect to the sign-in page:
+    these are read by the page's script, which stops polling and says so."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not request.user.is_authenticated:
+            return JsonResponse({"error": "signed_out", "message": "Sign in again to follow this build."},
+                                status=401)
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- the build page
+
+
+@login_required
+@require_GET
+def build_detail(request: HttpRequest, org: str, pipeline: str, number: int) -> HttpResponse:
+    page = org_page(request, org)
+    build = page_build(page, pipeline, number)
+    now = timezone.now()
+    jobs = job_rows(build, now)
+    build.duration = format_duration(duration_seconds(build, now))
+    base = build_url(build)
+    return render(request, "builds/build.html", page.context(
+        pipeline=build.pipeline, build=build, jobs=jobs,
+        cancelable=build.state not in TERMINAL_BUILD_STATES,
+        page_config={
+            "statusUrl": f"{base}/status.json", "logTokenUrl": f"{base}/log-token.json",
+            # The SSE route lives outside /api (EventSource can't send headers); see harmont/urls.py.
+            "streamUrl": "/v0/jobs/{job_id}/logs",
+            "finished": build.finished_at is not None,
+        },
+    ))
+
+
+@page_json_login_required
+@require_GET
+@never_cache
+def build_status_json(request: HttpRequest, org: str, pipeline: str, number: int) -> JsonResponse:
+    """Polled by the build page every ~2 s: membership, build, jobs; three queries however many jobs."""
+    page = org_page(request, org)
+    build = page_build(page, pipeline, number)
+    jobs = list(Job.objects.filter(build=build).only(*STATUS_JOB_FIELDS).order_by("position"))
+    return JsonResponse(build_status(build, jobs, timezone.now()))
+
+
+@page_json_login_required
+@require_GET
+@never_cache
+def build_log_token_json(request: HttpRequest, org: str, pipeline: str, number: int) -> JsonResponse:
+    """A log token for the build's streams (what `GET .../log-token` gives API clients)."""
+    page = org_page(request, org)
+    build = page_build(page, pipeline, number)
+    minted = mint_log_token(build_id=build.id)
+    return JsonResponse({"token": minted.token, "expires_at": minted.expires_at.isoformat().replace("+00:00", "Z")})
+
+
+@login_required
+@require_POST
+def build_cancel(request: HttpRequest, org: str, pipeline: str, number: int) -> HttpResponse:
+    """The Cancel button: any member may cancel, as in the API (`PUT .../cancel`)."""
+    page = org_page(request, org)
+    build = page_build(page, pipeline, number)
+    try:
+        services.cancel_build(build=build)
+    except ApiError as exc:  # already finished (409): say so on the page
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Build #{build.number} canceled.")
+    return redirect(build_url(build))
+
+
+@login_required
+@require_GET
+def job_raw_log(request: HttpRequest, org: str, pipeline: str, number: int, job_id: uuid.UUID) -> HttpResponse:
+    """The whole log as text/plain, like `GET /api/v0/.../jobs/<id>/log` but for a signed-in browser."""
+    page = org_page(request, org)
+    build = page_build(page, pipeline, number)
+    job = Job.objects.filter(build=build, pk=job_id).only("id", "log_bytes").first()
+    if job is None:
+        raise Http404(f"No job {job_id} in build #{build.number}.")
+    wanted = tail_range(request.headers.get("Range"), job.log_bytes)
+    if wanted is None:
+        return text_response(job_log_bytes(job), status=200)
+    body = job_log_tail(job, wanted)
+    response = text_response(body, status=206)
+    response["Content-Range"] = f"bytes {job.log_bytes - len(body)}-{job.log_bytes - 1}/{job.log_bytes}"
+    return response
+
+
+# ---------------------------------------------------------------- agents and agent tokens (admins)
+
+
+class AgentTokenForm(forms.Form):
+    description = forms.CharField(max_length=255, required=False,
+                                  help_text="Where the agents using this token run, e.g. “build box 1”.")
+
+
+def _admin_page(request: HttpRequest, org: str) -> OrgPage:
+    page = org_page(request, org)
+    if not page.is_admin:
+        # A member may know the organization: 403 (not 404) with the reason, as the API's insufficient_org_role.
+        raise PermissionDenied(f"Only admins and owners of {page.org.name} manage agents; your role is "
+                               f"{page.membership.role}.")
+    return page
+
+
+def connection_state(agent: Agent, now: datetime) -> str:
+    """Same rule as the API's agent list (`AgentStatusSerializer`): stopped, lost, or connected."""
+    if agent.stopped_at is not None:
+        return "stopped"
+    silent = (now - agent.last_seen_at).total_seconds()
+    return "lost" if silent > settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS else "connected"
+
+
+def _agents_page(request: HttpRequest, page: OrgPage, *, form: AgentTokenForm,
+                 created: org_services.IssuedAgentToken | None = None, status: int = 200) -> HttpResponse:
+    now = timezone.now()
+    active = Job.objects.filter(state__in=ACTIVE_STATES).select_related("build", "build__pipeline").only(
+        "id", "agent_id", "state", "step_key", "build__number", "build__pipeline__slug")
+    agents = list(
+        Agent.objects.filter(organization=page.org, last_seen_at__gte=now - AGENT_LIST_WINDOW)
+        .select_related("token").order_by("-last_seen_at")
+        .prefetch_related(Prefetch("jobs", queryset=active, to_attr="active_jobs"))
+    )
+    for agent in agents:
+        agent.connection_state = connection_state(agent, now)
+        agent.current_job = agent.active_jobs[0] if agent.active_jobs else None
+    tokens = AgentToken.objects.filter(organization=page.org, revoked_at__isnull=True).select_related(
+        "created_by").order_by("-created_at")
+    return render(request, "builds/agents.html", page.context(agents=agents, tokens=tokens, form=form,
+                                                              created=created), status=status)
+
+
+@login_required
+def agents(request: HttpRequest, org: str) -> HttpResponse:
+    """Agents seen in the last day and the organization's agent tokens; POST creates a token (shown once)."""
+    page = _admin_page(request, org)
+    if request.method != "POST":
+        return _agents_page(request, page, form=AgentTokenForm())
+    form = AgentTokenForm(request.POST)
+    if not form.is_valid():
+        return _agents_page(request, page, form=form, status=422)
+    issued = org_services.create_agent_token(organization=page.org, created_by=request.user,  # type: ignore[arg-type]
+                                             description=form.cleaned_data["description"])
+    return _agents_page(request, page, form=AgentTokenForm(), created=issued)
+
+
+@login_required
+@require_POST
+def revoke_agent_token(request: HttpRequest, org: str, token_id: uuid.UUID) -> HttpResponse:
+    page = _admin_page(request, org)
+    token = AgentToken.objects.filter(organization=page.org, pk=token_id).first()
+    if token is None:
+        raise Http404("No such agent token.")
+    org_services.revoke_agent_token(token=token)
+    messages.success(request, f"Revoked the agent token “{token.description or token.pk}”; its agents stop at "
+                              "their next request.")
+    return redirect("builds_ui:agents", org=page.org.slug)
+
