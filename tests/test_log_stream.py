@@ -1,0 +1,611 @@
+"""Live logs: the SSE stream at /v0/jobs/{job_id}/logs?token= (SPEC §8, issue 4).
+
+Every test serves the production entry point, `harmont.asgi:application`, with uvicorn
+in a thread (`tests.live`), and reads the stream with a real HTTP client, line by line
+as it arrives, while the test writes output through `services.append_log` or the
+agent API of the same server. The stream promises: one `history` event first, then
+each new chunk once, in seq order, with its seq as the event id; `done` within a
+second of the job ending, then the end of the response; resume after an event id;
+keep-alive comments in silence; flat JSON errors; one database poll per tick for
+all the streams of a process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import datetime, timedelta, timezone as dt_timezone
+from typing import Any
+
+import jwt
+import pytest
+from django.db import OperationalError, connection, connections
+from django.utils import timezone
+
+from builds import services, stream
+from builds.models import Build, Job, JobState, StreamKind
+from harmont.logtokens import mint_log_token
+from tests.conftest import is_postgres, make_build
+from tests.live import EventStream, LiveServer, asgi_server, e2e_database, live_asgi  # noqa: F401  (fixtures)
+from tests.test_agent_api import make_agent, parallel_ir
+from tests.test_builds_api import builds_url, iso
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+T0 = datetime(2025, 1, 6, 12, 0, tzinfo=dt_timezone.utc)
+OUT, ERR, META = StreamKind.STDOUT, StreamKind.STDERR, StreamKind.META
+CORS_ORIGIN = "https://ci.example.com"
+
+
+# ===================================================================== helpers
+
+
+def content(job: Job, seq: int) -> str:
+    return f"{job.step_key} línea {seq} ✓\n"  # non-ASCII on purpose
+
+
+def chunk(job: Job, seq: int, kind: int = OUT) -> dict[str, Any]:
+    """A chunk as the stream must send it."""
+    return {"seq": seq, "stream_kind": kind, "content": content(job, seq), "ts": iso(T0 + timedelta(seconds=seq))}
+
+
+def write(job: Job, seqs: range | list[int], kind: int = OUT) -> int:
+    return services.append_log(job=job, chunks=[
+        services.ChunkIn(seq, kind, content(job, seq), T0 + timedelta(seconds=seq)) for seq in seqs])
+
+
+def start_jobs(build: Build) -> dict[str, tuple[Job, str]]:
+    """Claim and start every scheduled job of `build`: {step key: (job, job credential)}."""
+    agent = make_agent(build.pipeline.organization)
+    started = {}
+    while (claim := services.claim_job(agent=agent)) is not None:
+        services.start_job(job=claim.job)
+        started[claim.job.step_key] = (claim.job, claim.credential)
+    return started
+
+
+def token_for(build: Build, **kwargs: Any) -> str:
+    return mint_log_token(build_id=build.pk, **kwargs).token
+
+
+def logs_path(job: Job | str, token: str | None, query: str = "") -> str:
+    job_id = job.pk if isinstance(job, Job) else job
+    return f"/v0/jobs/{job_id}/logs" + (f"?token={token}" if token is not None else "?") + query
+
+
+def watch(live: LiveServer, job: Job, query: str = "", headers: dict[str, str] | None = None) -> EventStream:
+    events = live.stream(logs_path(job, token_for(job.build), query), headers)
+    assert events.status == 200, events.body
+    return events
+
+
+def history_of(events: EventStream) -> list[dict[str, Any]]:
+    first = events.next()
+    assert first.event == "history", first.lines
+    chunks = first.data["chunks"]
+    assert set(first.data) == {"chunks"}
+    assert first.id == (chunks[-1]["seq"] if chunks else None), first.lines
+    return chunks
+
+
+def until_done(events: EventStream, timeout: float = 5) -> list[dict[str, Any]]:
+    """The chunks that come before `done` (each checked to carry its seq as id); then the end."""
+    received = []
+    while (event := events.next_data_event(timeout)).event != "done":
+        assert event.event == "chunk", event.lines
+        assert event.id == event.data["seq"], event.lines
+        received.append(event.data)
+    assert event.data == {} and event.lines == ["event: done", "data: {}"]
+    events.wait_closed()
+    return received
+
+
+def seqs(chunks: list[dict[str, Any]]) -> list[int]:
+    return [c["seq"] for c in chunks]
+
+
+@pytest.fixture
+def running(build) -> tuple[Job, str]:
+    """Job `a` of `build`, running: (job, its agent's job credential)."""
+    return start_jobs(build)["a"]
+
+
+# ===================================================================== history, live chunks, done
+
+
+def test_history_comes_first_then_live_chunks_then_done(live_asgi, build, running):
+    job, _ = running
+    write(job, [1, 3], OUT)
+    write(job, [2], ERR)
+
+    events = watch(live_asgi, job)
+    assert events.headers["Content-Type"].startswith("text/event-stream")
+    first = events.next()
+    assert first.lines[:2] == ["id: 3", "event: history"] and len(first.lines) == 3
+    assert first.data == {"chunks": [chunk(job, 1), chunk(job, 2, ERR), chunk(job, 3)]}
+    events.assert_silent(0.4)  # two ticks: nothing new, nothing sent
+
+    write(job, [4], ERR)
+    live = events.next()
+    assert live.lines[:2] == ["id: 4", "event: chunk"] and len(live.lines) == 3
+    assert live.data == chunk(job, 4, ERR)
+    write(job, [5, 6, 7])
+    assert [e.data for e in events.chunks(3)] == [chunk(job, 5), chunk(job, 6), chunk(job, 7)]
+
+    services.report_finish(job=job, exit_code=0)
+    assert until_done(events) == []
+
+
+def test_chunks_sent_through_the_agent_api_arrive_once_each_in_order(live_asgi, build, running):
+    job, credential = running
+    agent = {"Authorization": f"Bearer {credential}"}
+
+    def send(route: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = live_asgi.request("POST", f"/api/v0/agent/jobs/{job.pk}/{route}", body=body, headers=agent)
+        assert response.status == 200, response.body
+        return response.json()
+
+    def batch(*numbers: int) -> list[dict[str, Any]]:
+        return [chunk(job, n) for n in numbers]
+
+    send("logs", {"chunks": batch(1)})
+    events = watch(live_asgi, job)
+    assert history_of(events) == batch(1)
+
+    send("logs", {"chunks": batch(2, 3)})
+    send("logs", {"chunks": batch(2, 3)})  # a retried batch
+    send("logs", {"chunks": batch(3, 4)})  # overlapping
+    assert [e.data for e in events.chunks(3)] == batch(2, 3, 4)
+    events.assert_silent(0.4)  # two ticks
+
+    assert send("finish", {"chunks": batch(5, 6), "exit_code": 0})["state"] == "passed"
+    assert until_done(events) == batch(5, 6)
+
+
+def test_several_batches_between_two_ticks_arrive_in_order_without_repeats(live_asgi, build, running):
+    job, _ = running
+    events = watch(live_asgi, job)
+    assert history_of(events) == []
+
+    # Out of order, repeated, all well within one tick (0.2 s).
+    write(job, [1, 2, 3])
+    write(job, [5, 4])
+    write(job, [2, 3, 6])
+    write(job, [6])
+
+    assert [e.data for e in events.chunks(6)] == [chunk(job, n) for n in range(1, 7)]
+    events.assert_silent(0.4)  # two ticks
+
+
+def test_history_and_live_chunks_meet_without_gaps_or_repeats_while_a_writer_races(live_asgi, build, running):
+    job, _ = running
+    total = 150
+
+    def writer() -> None:
+        try:
+            for first in range(1, total + 1, 3):
+                write(job, range(first, first + 3))
+                time.sleep(0.003)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    watchers = []
+    for _ in range(5):  # each joins at another point of the output
+        watchers.append(watch(live_asgi, job))
+        time.sleep(0.08)
+    thread.join()
+    services.report_finish(job=job, exit_code=1)
+
+    joined_at = []
+    for events in watchers:
+        history = history_of(events)
+        live = until_done(events)
+        assert seqs(history) + seqs(live) == list(range(1, total + 1))
+        assert history + live == [chunk(job, n) for n in range(1, total + 1)]
+        joined_at.append(len(history))
+    assert len(set(joined_at)) > 1, joined_at  # the watchers really joined at different points
+
+
+@pytest.mark.parametrize("finish", ["report_finish", "finish_job"])
+def test_done_arrives_within_a_second_of_the_job_ending_then_the_stream_ends(live_asgi, build, running, finish):
+    job, _ = running
+    write(job, [1])
+    events = watch(live_asgi, job)
+    assert history_of(events) == [chunk(job, 1)]
+    events.assert_silent(0.3)
+
+    if finish == "report_finish":
+        assert services.report_finish(job=job, exit_code=3) == JobState.FAILED
+    else:
+        assert services.finish_job(job=job, state=JobState.TIMED_OUT, error_code="job_timeout")
+    ended = time.monotonic()
+
+    done = events.next_data_event()
+    assert (done.event, done.data) == ("done", {})
+    assert done.at - ended < 1.0
+    assert events.wait_closed(timeout=1) - ended < 1.0
+
+
+def test_last_chunks_written_before_the_end_come_before_done(live_asgi, build, running):
+    job, _ = running
+    events = watch(live_asgi, job)
+    assert history_of(events) == []
+
+    write(job, [1, 2])
+    services.report_finish(job=job, exit_code=0)  # within the same tick as the output
+
+    assert until_done(events) == [chunk(job, 1), chunk(job, 2)]
+
+
+def test_jobs_ending_at_any_moment_of_a_tick_deliver_all_their_output_before_done(live_asgi, pipeline):
+    build = make_build(pipeline, pipeline_ir=parallel_ir(8))
+    jobs = [job for job, _ in start_jobs(build).values()]
+    watchers = [watch(live_asgi, job) for job in jobs]
+    for events in watchers:
+        assert history_of(events) == []
+
+    for job in jobs:  # 8 jobs ending 25 ms apart: spread over a whole 0.2 s tick
+        write(job, [1, 2])
+        services.report_finish(job=job, exit_code=0)
+        time.sleep(0.025)
+
+    for job, events in zip(jobs, watchers):
+        assert until_done(events) == [chunk(job, 1), chunk(job, 2)]
+
+
+def test_a_job_already_over_gets_its_history_then_done_at_once(live_asgi, build, running):
+    job, _ = running
+    write(job, [1, 2])
+    services.report_finish(job=job, exit_code=0)
+
+    events = watch(live_asgi, job)
+    history = events.next()
+    assert history.data == {"chunks": [chunk(job, 1), chunk(job, 2)]}
+    done = events.next(timeout=1)
+    assert (done.event, done.data) == ("done", {})
+    assert done.at - history.at < 0.15  # at once, not after a tick of the hub
+    events.wait_closed()
+
+
+def test_a_job_that_never_ran_and_ended_gets_empty_history_then_done(live_asgi, build):
+    services.cancel_build(build=build)
+    job = Job.objects.get(build=build, step_key="b")
+    assert job.state == JobState.CANCELED
+
+    events = watch(live_asgi, job)
+    first = events.next()
+    assert first.lines == ["event: history", 'data: {"chunks":[]}']  # no id: there is nothing to resume after
+    assert until_done(events, timeout=1) == []
+
+
+# ===================================================================== resume
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+def test_resume_replays_from_the_chunk_after_the_given_id(live_asgi, build, running, how):
+    job, _ = running
+    write(job, range(1, 6))
+    query, headers = ("&last_event_id=3", None) if how == "query" else ("", {"Last-Event-ID": "3"})
+
+    events = watch(live_asgi, job, query, headers)
+    assert history_of(events) == [chunk(job, 4), chunk(job, 5)]
+
+    write(job, [6])
+    assert [e.data for e in events.chunks(1)] == [chunk(job, 6)]
+
+
+def test_reconnecting_with_the_last_id_seen_loses_nothing_and_repeats_nothing(live_asgi, build, running):
+    job, _ = running
+    write(job, [1, 2])
+    events = watch(live_asgi, job)
+    assert seqs(history_of(events)) == [1, 2]
+    write(job, [3])
+    last = events.chunks(1)[-1].id
+    events.close()  # the browser tab's connection drops...
+
+    write(job, [4, 5])  # ...while the job goes on
+
+    again = watch(live_asgi, job, headers={"Last-Event-ID": str(last)})
+    assert history_of(again) == [chunk(job, 4), chunk(job, 5)]
+    write(job, [6])
+    services.report_finish(job=job, exit_code=0)
+    assert until_done(again) == [chunk(job, 6)]
+
+
+def test_resume_from_the_newest_id_gives_empty_history_and_then_the_new_chunks(live_asgi, build, running):
+    job, _ = running
+    write(job, [1, 2])
+
+    events = watch(live_asgi, job, headers={"Last-Event-ID": "2"})
+    first = events.next()
+    assert first.lines == ["event: history", 'data: {"chunks":[]}']
+    write(job, [3])
+    assert [e.data for e in events.chunks(1)] == [chunk(job, 3)]
+
+
+def test_a_resume_point_that_is_not_an_id_replays_everything(live_asgi, build, running):
+    job, _ = running
+    write(job, [1, 2])
+    for value in ["abc", "-1", "1.5", "99999999999", ""]:
+        events = watch(live_asgi, job, f"&last_event_id={value}")
+        assert seqs(history_of(events)) == [1, 2], value
+        events = watch(live_asgi, job, headers={"Last-Event-ID": value})
+        assert seqs(history_of(events)) == [1, 2], value
+
+
+# ===================================================================== keep-alive
+
+
+def test_silence_is_broken_by_comment_lines(live_asgi, build, running, monkeypatch):
+    monkeypatch.setattr(stream, "KEEPALIVE_SECONDS", 0.3)
+    job, _ = running
+    events = watch(live_asgi, job)
+    history = events.next()
+    assert history.data == {"chunks": []}
+
+    first = events.next(timeout=2)
+    assert first.event == "comment" and first.lines[0].startswith(":"), first.lines
+    assert 0.25 <= first.at - history.at < 1.3
+    second = events.next(timeout=2)
+    assert second.event == "comment"
+    assert 0.25 <= second.at - first.at < 1.3
+
+    write(job, [1])  # the stream is still alive
+    assert [e.data for e in events.chunks(1)] == [chunk(job, 1)]
+
+
+# ===================================================================== errors and headers
+
+
+def assert_stream_error(events: EventStream, status: int, code: str) -> None:
+    assert events.status == status, (events.status, events.body)
+    assert events.headers["Content-Type"] == "application/json"
+    body = events.json()
+    assert set(body) == {"code", "message"}, body  # flat, not the API's error envelope
+    assert body["code"] == code and body["message"]
+
+
+def test_missing_bad_or_expired_token_is_401(live_asgi, api, build, running, settings):
+    job, _ = running
+    claims = {"iss": "harmont", "aud": "logs", "sub": str(build.pk), "exp": int(time.time()) + 600}
+    tokens = {
+        "missing": None,
+        "empty": "",
+        "garbage": "garbage",
+        "not a jwt": "a.b.c",
+        "expired": token_for(build, now=timezone.now() - timedelta(hours=2)),
+        "another secret": jwt.encode(claims, "another secret, as long as a real one should be", algorithm="HS256"),
+        "another audience": jwt.encode({**claims, "aud": "api"}, settings.LOG_TOKEN_SECRET, algorithm="HS256"),
+        "an API token": api.raw_token,
+    }
+    for what, token in tokens.items():
+        events = live_asgi.stream(logs_path(job, token))
+        assert events.status == 401, what
+        assert_stream_error(events, 401, "log_stream_unauthorized")
+
+
+def test_a_token_just_before_expiry_still_opens_the_stream(live_asgi, build, running):
+    job, _ = running
+    token = token_for(build, now=timezone.now() - timedelta(minutes=59))
+    assert live_asgi.stream(logs_path(job, token)).status == 200
+
+
+def test_a_token_for_another_build_is_403(live_asgi, pipeline, other_pipeline, build, running):
+    job, _ = running
+    for other in (make_build(pipeline), make_build(other_pipeline)):
+        assert_stream_error(live_asgi.stream(logs_path(job, token_for(other))), 403, "log_stream_forbidden")
+
+
+def test_a_malformed_or_unknown_job_id_is_403(live_asgi, build):
+    for job_id in ["not-a-uuid", "123", "00000000-0000-0000-0000-000000000000", "%C3%A9"]:
+        events = live_asgi.stream(logs_path(job_id, token_for(build)))
+        assert events.status == 403, job_id
+        assert_stream_error(events, 403, "log_stream_forbidden")
+
+
+def test_stream_headers_forbid_caching_and_proxy_buffering(live_asgi, build, running):
+    events = watch(live_asgi, running[0])
+    assert events.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert events.headers["Cache-Control"] == "no-cache"
+    assert events.headers["X-Accel-Buffering"] == "no"
+    assert "Content-Length" not in events.headers
+
+
+def test_cors_allows_only_the_configured_origins(live_asgi, build, running, settings):
+    settings.LOG_STREAM_CORS_ORIGINS = [CORS_ORIGIN]
+    job, _ = running
+
+    allowed = watch(live_asgi, job, headers={"Origin": CORS_ORIGIN})
+    assert allowed.headers["Access-Control-Allow-Origin"] == CORS_ORIGIN
+    assert "Origin" in allowed.headers["Vary"]
+    other = watch(live_asgi, job, headers={"Origin": "https://evil.example.com"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    no_origin = watch(live_asgi, job)
+    assert "Access-Control-Allow-Origin" not in no_origin.headers
+
+    # The browser may read why it was refused, too.
+    refused = live_asgi.stream(logs_path(job, "garbage"), {"Origin": CORS_ORIGIN})
+    assert refused.status == 401 and refused.headers["Access-Control-Allow-Origin"] == CORS_ORIGIN
+    refused = live_asgi.stream(logs_path(job, "garbage"), {"Origin": "https://evil.example.com"})
+    assert refused.status == 401 and "Access-Control-Allow-Origin" not in refused.headers
+
+    settings.LOG_STREAM_CORS_ORIGINS = []  # the default: no origin at all
+    assert "Access-Control-Allow-Origin" not in watch(live_asgi, job, headers={"Origin": CORS_ORIGIN}).headers
+
+
+# ===================================================================== many streams
+
+
+def hub_watching(job: Job) -> stream.LogHub:
+    """The hub of the server's event loop that has subscribers for `job`."""
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        for candidate in list(stream._hubs.values()):
+            if job.pk in candidate.subscribers:
+                return candidate
+        time.sleep(0.02)
+    raise AssertionError("no hub watches the job")
+
+
+def test_many_streams_share_one_poll_per_tick(live_asgi, pipeline, monkeypatch):
+    build = make_build(pipeline, pipeline_ir=parallel_ir(5))
+    jobs = [job for job, _ in start_jobs(build).values()]
+    assert len(jobs) == 5
+    calls: list[tuple[float, frozenset, int]] = []
+    real_fetch = stream.fetch_updates
+
+    def counted_fetch(cursors: dict) -> Any:
+        executed: list[str] = []
+
+        def count(execute, sql, params, many, context):  # noqa: ANN001, ANN202
+            executed.append(sql)
+            return execute(sql, params, many, context)
+
+        with connections["default"].execute_wrapper(count):
+            result = real_fetch(cursors)
+        calls.append((time.monotonic(), frozenset(cursors), len(executed)))
+        return result
+
+    monkeypatch.setattr(stream, "fetch_updates", counted_fetch)
+
+    watchers = {job.pk: [watch(live_asgi, job) for _ in range(4)] for job in jobs}  # 20 streams
+    for events in sum(watchers.values(), []):
+        assert history_of(events) == []
+    hub = hub_watching(jobs[0])
+    assert {job_id: len(subs) for job_id, subs in hub.subscribers.items()} == {job.pk: 4 for job in jobs}
+
+    started = time.monotonic()
+    for job in jobs:
+        write(job, [1, 2])
+    for job in jobs:
+        for events in watchers[job.pk]:  # each stream gets its own job's output only
+            assert [e.data for e in events.chunks(2)] == [chunk(job, 1), chunk(job, 2)]
+    time.sleep(0.6)  # a few idle ticks too
+    for job in jobs:
+        write(job, [3])
+    for job in jobs:
+        for events in watchers[job.pk]:
+            assert [e.data for e in events.chunks(1)] == [chunk(job, 3)]
+    elapsed = time.monotonic() - started
+
+    window = [call for call in calls if call[0] >= started]
+    # At most one poll per tick for the 20 streams (one per stream would be 20 per tick)...
+    assert 0 < len(window) <= elapsed / stream.TICK_SECONDS + 2, (len(window), elapsed)
+    # ...each covering every watched job, in the same two queries however many there are.
+    assert all(watched >= {job.pk for job in jobs} for _, watched, _ in window)
+    assert {queries for _, _, queries in window} == {2}
+
+
+def test_a_closed_stream_stops_being_watched(live_asgi, build, running):
+    job, _ = running
+    watchers = [watch(live_asgi, job) for _ in range(3)]
+    for events in watchers:
+        history_of(events)
+    hub = hub_watching(job)
+    assert len(hub.subscribers[job.pk]) == 3
+
+    watchers[0].close()
+    watchers[1].close()
+    deadline = time.monotonic() + 2
+    while len(hub.subscribers.get(job.pk, ())) != 1:
+        assert time.monotonic() < deadline, "closed streams are still subscribed"
+        time.sleep(0.02)
+
+    write(job, [1])  # the one left still gets the output
+    assert [e.data for e in watchers[2].chunks(1)] == [chunk(job, 1)]
+
+    watchers[2].close()
+    while job.pk in hub.subscribers or job.pk in hub.cursors:
+        assert time.monotonic() < deadline + 2, "the job is still watched"
+        time.sleep(0.02)
+
+
+def test_a_failed_poll_is_retried_on_the_next_tick(live_asgi, build, running, monkeypatch):
+    job, _ = running
+    real_fetch = stream.fetch_updates
+    failures = []
+
+    def flaky_fetch(cursors: dict) -> Any:
+        if not failures:
+            failures.append(cursors)
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_fetch(cursors)
+
+    events = watch(live_asgi, job)
+    assert history_of(events) == []
+    monkeypatch.setattr(stream, "fetch_updates", flaky_fetch)
+    write(job, [1])
+
+    assert [e.data for e in events.chunks(1)] == [chunk(job, 1)]
+    assert len(failures) == 1
+
+
+def test_open_streams_do_not_starve_the_rest_api(live_asgi, api, build, running):
+    job, _ = running
+    watchers = [watch(live_asgi, job) for _ in range(30)]
+    for events in watchers:
+        assert history_of(events) == []
+
+    bearer = {"Authorization": f"Bearer {api.raw_token}"}
+    build_path = builds_url(build.pipeline, f"/{build.number}")
+    for _ in range(5):
+        for path, headers in (("/api/v0/ping", {}), (build_path, bearer)):
+            asked = time.monotonic()
+            response = live_asgi.request("GET", path, headers=headers, timeout=5)
+            assert response.status == 200, response.body
+            assert time.monotonic() - asked < 1.0
+    assert live_asgi.request("GET", build_path, headers=bearer).json()["number"] == build.number
+
+    write(job, [1])  # and the 30 streams are still there
+    for events in watchers:
+        assert [e.data for e in events.chunks(1)] == [chunk(job, 1)]
+
+
+@pytest.mark.postgres
+def test_open_streams_do_not_hold_a_database_connection_each(live_asgi, build, running):
+    if not is_postgres():
+        pytest.skip("counts PostgreSQL sessions")
+    job, _ = running
+
+    def sessions() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+            return cursor.fetchone()[0]
+
+    before = sessions()
+    watchers = [watch(live_asgi, job) for _ in range(40)]
+    for events in watchers:
+        assert history_of(events) == []
+    # The queries of opening a stream run on the loop's shared executor (as the hub's poll
+    # does), so its few threads' connections serve every stream; 40 open streams holding 40
+    # connections would exhaust max_connections long before the 500 the benchmark opens.
+    assert sessions() - before <= min(32, (os.cpu_count() or 1) + 4) < len(watchers)
+
+
+# ===================================================================== the log limit, live
+
+
+def test_past_the_log_limit_the_stream_gets_one_meta_chunk_and_then_done(live_asgi, build, running, settings):
+    settings.JOB_LOG_LIMIT_BYTES = 50
+    job, _ = running
+    assert len(content(job, 1).encode()) == 15
+    events = watch(live_asgi, job)
+    assert history_of(events) == []
+
+    write(job, [1, 2])
+    write(job, [3, 4, 5])  # 4 would pass 50 bytes: a notice takes its seq, 5 is dropped
+    received = [e.data for e in events.chunks(4)]
+    assert received[:3] == [chunk(job, n) for n in range(1, 4)]
+    assert received[3]["seq"] == 4 and received[3]["stream_kind"] == META
+    assert "log limit of 50 bytes" in received[3]["content"]
+
+    write(job, [6, 7])  # dropped
+    events.assert_silent(0.4)  # two ticks
+
+    assert services.report_finish(job=job, exit_code=0) == JobState.PASSED
+    assert until_done(events) == []
+    job.refresh_from_db()
+    assert (job.state, job.log_truncated) == (JobState.PASSED, True)
