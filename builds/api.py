@@ -21,7 +21,8 @@ from rest_framework.views import APIView
 
 from builds import services
 from builds.filters import BuildFilter
-from builds.models import Agent, Build, Job, JobDependency, LogChunk
+from builds.logs import raw_log_head, raw_log_response
+from builds.models import Agent, Build, Job, JobDependency
 from builds.services.jobs import ACTIVE_STATES
 from builds.serializers import (
     AgentListSerializer,
@@ -46,7 +47,6 @@ BUILD_NUMBER = re.compile(r"\+?0*([0-9]{1,10})")
 BUILD_REQUEST_FIELDS = ("branch", "commit", "message", "source", "env", "pipeline_ir", "source_b64",
                         "source_url", "source_sha256")
 AGENT_LIST_WINDOW = timedelta(days=1)
-SUFFIX_RANGE = re.compile(r"bytes=-([0-9]{1,18})")
 FILTER_PARAMS = [
     OpenApiParameter("branch", str), OpenApiParameter("state", str), OpenApiParameter("commit", str),
     OpenApiParameter("source", str),
@@ -215,63 +215,11 @@ class JobLogView(BuildScopedMixin, APIView):
                                                 description="`bytes=-N`: only the last N bytes (206).")],
                    responses={(200, "text/plain"): str, (206, "text/plain"): str, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str, job_id: str) -> HttpResponse:
-        job = self.job(job_id)
-        wanted = tail_range(request.headers.get("Range"), job.log_bytes)
-        if wanted is None:
-            return text_response(job_log_bytes(job), status=200)
-        body = job_log_tail(job, wanted)
-        response = text_response(body, status=206)
-        response["Content-Range"] = f"bytes {job.log_bytes - len(body)}-{job.log_bytes - 1}/{job.log_bytes}"
-        return response
+        return raw_log_response(self.job(job_id), request.headers.get("Range"))
 
     @extend_schema(exclude=True)
     def head(self, request: Request, org: str, pipeline: str, number: str, job_id: str) -> HttpResponse:
-        job = self.job(job_id)
-        response = HttpResponse(b"", content_type="text/plain; charset=utf-8")
-        response["Content-Length"] = str(job.log_bytes)
-        response["Accept-Ranges"] = "bytes"
-        return response
-
-
-def tail_range(header: str | None, size: int) -> int | None:
-    """The N of `Range: bytes=-N` (clamped to the size), or None for the whole log.
-
-    Only the suffix form is served: it is what a cheap tail needs. Other
-    forms are ignored and the whole log is sent, which RFC 9110 allows.
-    """
-    if not header:
-        return None
-    match = SUFFIX_RANGE.fullmatch(header.strip())
-    # `bytes=-0` asks for nothing, which no 206 can describe; ignored like the other forms
-    # (it used to answer 206 with the whole log: `body[-0:]` is all of it).
-    if not match or size == 0 or int(match[1]) == 0:
-        return None
-    return min(int(match[1]), size)
-
-
-def job_log_bytes(job: Job) -> bytes:
-    contents = LogChunk.objects.filter(job=job).order_by("seq").values_list("content", flat=True)
-    return "".join(contents.iterator(chunk_size=500)).encode()
-
-
-def job_log_tail(job: Job, wanted: int) -> bytes:
-    """The last `wanted` bytes, reading chunks from the end only as far as needed."""
-    parts: list[bytes] = []
-    have = 0
-    for content in LogChunk.objects.filter(job=job).order_by("-seq").values_list("content", flat=True).iterator(
-            chunk_size=100):
-        data = content.encode()
-        parts.append(data)
-        have += len(data)
-        if have >= wanted:
-            break
-    return b"".join(reversed(parts))[-wanted:]
-
-
-def text_response(body: bytes, *, status: int) -> HttpResponse:
-    response = HttpResponse(body, status=status, content_type="text/plain; charset=utf-8")
-    response["Accept-Ranges"] = "bytes"
-    return response
+        return raw_log_head(self.job(job_id))
 
 
 class AgentListView(OrgScopedMixin, APIView):

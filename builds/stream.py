@@ -117,7 +117,7 @@ class LogHub:
                 continue
             try:
                 states, chunks = await sync_to_async(fetch_updates, thread_sensitive=False)(cursors)
-            except DatabaseError:
+            except Exception:  # noqa: BLE001 — one bad poll must not end every stream of the process
                 log.exception("log stream poll failed; retrying")
                 continue
             self._deliver(states, chunks)

@@ -28,7 +28,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from builds import services
-from builds.api import AGENT_LIST_WINDOW, jobs_of, job_log_bytes, job_log_tail, tail_range, text_response
+from builds.api import AGENT_LIST_WINDOW, jobs_of
+from builds.logs import raw_log_response
 from builds.models import Agent, Build, Job
 from builds.services.jobs import ACTIVE_STATES
 from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
@@ -212,13 +213,7 @@ def job_raw_log(request: HttpRequest, org: str, pipeline: str, number: int, job_
     job = Job.objects.filter(build=build, pk=job_id).only("id", "log_bytes").first()
     if job is None:
         raise Http404(f"No job {job_id} in build #{build.number}.")
-    wanted = tail_range(request.headers.get("Range"), job.log_bytes)
-    if wanted is None:
-        return text_response(job_log_bytes(job), status=200)
-    body = job_log_tail(job, wanted)
-    response = text_response(body, status=206)
-    response["Content-Range"] = f"bytes {job.log_bytes - len(body)}-{job.log_bytes - 1}/{job.log_bytes}"
-    return response
+    return raw_log_response(job, request.headers.get("Range"))
 
 
 # ---------------------------------------------------------------- agents and agent tokens (admins)
