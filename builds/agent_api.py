@@ -34,7 +34,6 @@ from harmont.auth import (
     AGENT_TOKEN_PREFIX,
     JOB_CREDENTIAL_PREFIX,
     hash_secret,
-    new_prefixed_secret,
 )
 from harmont.errors import ApiError, validation_error
 from harmont.serializers import ErrorSerializer, json_object
@@ -255,14 +254,8 @@ class RegisterView(AgentView):
         """Register this agent process; the answer's session token claims jobs."""
         body = RegisterRequest(data=json_object(request))
         body.is_valid(raise_exception=True)
-        token: AgentToken = request.auth
-        session = new_prefixed_secret(AGENT_SESSION_PREFIX)
-        now = timezone.now()
-        agent = Agent.objects.create(organization_id=token.organization_id, token=token,
-                                     session_hash=hash_secret(session), created_at=now, last_seen_at=now,
-                                     **body.validated_data)
-        AgentToken.objects.filter(pk=token.pk).update(last_used_at=now)
-        return Response({"agent": AgentSerializer(agent).data, "session_token": session},
+        registration = services.register_agent(token=request.auth, **body.validated_data)
+        return Response({"agent": AgentSerializer(registration.agent).data, "session_token": registration.session},
                         status=status.HTTP_201_CREATED)
 
 
@@ -272,7 +265,7 @@ class DisconnectView(AgentView):
     @extend_schema(operation_id="agentDisconnect", tags=["agent"], request=None, responses={204: None})
     def post(self, request: Request) -> Response:
         """The agent is exiting; it no longer counts as connected."""
-        Agent.objects.filter(pk=request.auth.pk).update(stopped_at=timezone.now())
+        services.disconnect_agent(agent=request.auth)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -285,7 +278,7 @@ class ClaimView(AgentView):
         """Take the oldest scheduled job of the organization (204: none waiting; poll again)."""
         agent: Agent = request.auth
         now = timezone.now()
-        Agent.objects.filter(pk=agent.pk).update(last_seen_at=now)
+        services.agent_seen(agent=agent, now=now)
         claim = services.claim_job(agent=agent, now=now)
         if claim is None:
             return Response(status=status.HTTP_204_NO_CONTENT)

@@ -1,5 +1,6 @@
 """Every write to builds and jobs. Callers use `from builds import services`."""
 
+from builds.services.agents import Registration, agent_seen, disconnect_agent, register_agent
 from builds.services.builds import (
     BuildRequest,
     cancel_build,
@@ -23,6 +24,7 @@ from builds.services.jobs import (
 )
 
 __all__ = [
+    "Registration", "agent_seen", "disconnect_agent", "register_agent",
     "BuildRequest", "ChunkIn", "Claim", "ReapReport", "append_log", "cancel_build", "claim_job", "create_build",
     "find_pipeline_by_repo", "finish_job", "heartbeat", "move_job", "reap", "report_finish", "start_job",
     "store_workspace", "validate_build_request",

@@ -17,7 +17,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from builds import states
-from builds.models import Build, BuildSource, BuildState, EdgeKind, Job, JobDependency, JobState
+from builds.models import Build, BuildSource, EdgeKind, Job, JobDependency, JobState
 from harmont.errors import ApiError, validation_error
 from organizations.models import Organization, User
 from pipelines import ir
