@@ -47,6 +47,10 @@ class BuildQuerySet(models.QuerySet["Build"]):
     def for_org(self, org: Organization) -> "BuildQuerySet":
         return self.filter(pipeline__organization=org)
 
+    def for_display(self) -> "BuildQuerySet":
+        """Without the large JSON columns no build listing shows (decoding them is most of a read)."""
+        return self.defer("pipeline_ir", "env")
+
 
 class Build(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)

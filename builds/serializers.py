@@ -5,18 +5,27 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from builds.models import Agent, Build, BuildSource, Job
+from builds.models import Agent, BuildSource, BuildState, Job
 from harmont.serializers import page_serializer
 
 
-class BuildSerializer(serializers.ModelSerializer):
+class BuildSerializer(serializers.Serializer):
+    # Declared, not a ModelSerializer: this is the hottest read of the API, and a
+    # ModelSerializer introspects the model to build its fields on every use.
+    id = serializers.UUIDField(read_only=True)
+    number = serializers.IntegerField(read_only=True, help_text="Sequential and unique within the pipeline.")
+    state = serializers.ChoiceField(choices=BuildState.choices, read_only=True)
     pipeline_slug = serializers.CharField(source="pipeline.slug", read_only=True)
-
-    class Meta:
-        model = Build
-        fields = ["id", "number", "state", "pipeline_slug", "branch", "commit", "message", "source",
-                  "error_code", "error_message", "created_at", "scheduled_at", "started_at", "finished_at"]
-        read_only_fields = fields
+    branch = serializers.CharField(read_only=True, allow_null=True)
+    commit = serializers.CharField(read_only=True, allow_null=True)
+    message = serializers.CharField(read_only=True, allow_null=True)
+    source = serializers.CharField(read_only=True, allow_null=True)
+    error_code = serializers.CharField(read_only=True, allow_null=True)
+    error_message = serializers.CharField(read_only=True, allow_null=True)
+    created_at = serializers.DateTimeField(read_only=True)
+    scheduled_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    started_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    finished_at = serializers.DateTimeField(read_only=True, allow_null=True)
 
 
 BuildListSerializer = page_serializer("BuildList", BuildSerializer)

@@ -22,6 +22,8 @@ from tests.dsl import hm
 from tests.test_builds_api import builds_url
 
 AUTH_AND_MEMBERSHIP = 2
+# Build-scoped routes find the build through the caller's membership: one query for both.
+AUTH = 1
 T0 = datetime(2026, 1, 1, tzinfo=dt_timezone.utc)
 
 
@@ -56,14 +58,14 @@ def chain_ir(length: int) -> dict:
 
 @pytest.mark.django_db
 def test_get_build(quiet_api, django_assert_num_queries, build):
-    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 1):  # the build with its pipeline
+    with django_assert_num_queries(AUTH + 1):  # the build with its pipeline and the caller's role
         response = quiet_api.get(builds_url(build.pipeline, "/1"))
     assert response.status_code == 200
 
 
 @pytest.mark.django_db
 def test_get_unknown_build(quiet_api, django_assert_num_queries, build):
-    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 2):  # the build miss, then which 404
+    with django_assert_num_queries(AUTH + 3):  # the build miss, then which 404: membership, pipeline
         response = quiet_api.get(builds_url(build.pipeline, "/2"))
     assert response.status_code == 404
 
@@ -105,7 +107,7 @@ def test_list_jobs(quiet_api, django_assert_num_queries, pipeline, length):
     build = make_build(pipeline, pipeline_ir=chain_ir(length))
     assert Job.objects.filter(build=build).count() == length + 1
 
-    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 3):  # the build, its jobs, their edges
+    with django_assert_num_queries(AUTH + 3):  # the build, its jobs, their edges
         response = quiet_api.get(builds_url(pipeline, "/1/jobs"))
 
     assert response.status_code == 200
@@ -119,7 +121,7 @@ def test_get_job(quiet_api, django_assert_num_queries, pipeline):
     build = make_build(pipeline, pipeline_ir=chain_ir(29))
     done = Job.objects.get(build=build, step_key="done")
 
-    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 3):  # the build, the job, its edges
+    with django_assert_num_queries(AUTH + 3):  # the build, the job, its edges
         response = quiet_api.get(builds_url(pipeline, f"/1/jobs/{done.id}"))
 
     assert response.status_code == 200
