@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: install run test test-postgres bench migrate clean
+.PHONY: install run test test-postgres bench bench-dispatch bench-stream migrate clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,15 @@ test: install
 test-postgres: install
 	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/harmont} $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Benchmarks on a scratch PostgreSQL database; each prints ratios against a baseline of the same run.
 bench: install
 	$(PY) bench/api_bench.py
+
+bench-dispatch: install
+	$(PY) bench/dispatch_bench.py
+
+bench-stream: install
+	$(PY) bench/stream_bench.py
 
 clean:
 	rm -rf $(VENV) var db.sqlite3

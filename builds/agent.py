@@ -381,7 +381,10 @@ class Agent:
                     shipper.add(META, f"harmont-agent: {reason}; stopping the command\n")
                     stop_process_group(process, grace=job.cancel_grace_seconds)
                     break
-                time.sleep(0.05)
+                try:  # returns as soon as the command ends, instead of sleeping past it
+                    process.wait(timeout=0.05)
+                except subprocess.TimeoutExpired:
+                    pass
         except BaseException:
             # The agent is going down (its token was revoked, a report was refused): don't
             # leave the command running with nobody left to watch, stop or report it.

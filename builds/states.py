@@ -130,19 +130,42 @@ def transition_jobs(job_ids: Iterable[uuid.UUID], *, to: str, now: datetime, **f
 
 
 def lock_build(build_id: uuid.UUID) -> Build:
-    """Take the build's row lock (PostgreSQL); callers must be inside a transaction."""
-    return Build.objects.select_for_update().select_related("pipeline").get(pk=build_id)
+    """Take the build's row lock (PostgreSQL); callers must be inside a transaction.
+
+    `of=("self",)` locks the build row only, not its pipeline's; the large JSON
+    columns are not read.
+    """
+    return Build.objects.select_for_update(of=("self",)).defer("pipeline_ir", "env").get(pk=build_id)
 
 
-def settle_build(*, build_id: uuid.UUID, now: datetime | None = None) -> Build:
+def mark_build_running(build_id: uuid.UUID) -> None:
+    """A job of the build was just assigned: roll-up rule 4 without reading the build's jobs.
+
+    An assigned job is past `scheduled` and not terminal, so the roll-up can
+    only be `running`, unless a cancel or a build-level error decided earlier
+    (rules 1 and 3 win), which the conditions leave alone. A conditional UPDATE
+    needs no lock, so claims don't queue on their build's row.
+    """
+    Build.objects.filter(pk=build_id, state=BuildState.SCHEDULED, cancel_requested_at__isnull=True,
+                         error_code__isnull=True).update(state=BuildState.RUNNING)
+
+
+def mark_build_started(build_id: uuid.UUID, now: datetime) -> None:
+    """A job of the build started running: the build's `started_at`, if it had none."""
+    Build.objects.filter(pk=build_id, started_at__isnull=True).update(started_at=now)
+
+
+def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Build | None = None) -> Build:
     """Apply follow-up transitions (skip / schedule) and roll the build state up.
 
-    Called after every job transition, inside the same transaction. Reads the
-    build's jobs and edges once (two queries) however many jobs changed.
+    Called after every job transition that can change what follows, inside the
+    same transaction; pass the build if the caller already holds its lock. Reads
+    the build's jobs and edges once (two queries) however many jobs changed.
     """
     now = now or timezone.now()
-    with transaction.atomic():
-        build = lock_build(build_id)
+    # savepoint=False: inside the caller's transaction a savepoint would only cost two queries.
+    with transaction.atomic(savepoint=False):
+        build = locked or lock_build(build_id)
         jobs = list(Job.objects.filter(build_id=build_id).values_list("id", "state", "started_at"))
         states = {job_id: state for job_id, state, _ in jobs}
         prerequisites: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)

@@ -526,19 +526,19 @@ def test_a_claim_racing_a_cancel_of_the_same_build_does_not_deadlock(org, build,
 
     agent = make_agent(org)
     claim_reached_rollup, cancel_done = threading.Event(), threading.Event()
-    real_settle = states.settle_build
+    real_mark = states.mark_build_running
     claimer: dict[str, Any] = {}
     errors: list[tuple[str, BaseException]] = []
 
-    def settle_after_the_cancel(**kwargs: Any) -> Build:
+    def roll_up_after_the_cancel(*args: Any, **kwargs: Any) -> None:
         # The claimer rolls its build up only once the cancel is through (or gave up waiting):
         # a claim that still held its job's row lock here would block the cancel, then deadlock with it.
         if threading.current_thread() is claimer["thread"]:
             claim_reached_rollup.set()
             cancel_done.wait(timeout=5)
-        return real_settle(**kwargs)
+        return real_mark(*args, **kwargs)
 
-    monkeypatch.setattr(states, "settle_build", settle_after_the_cancel)
+    monkeypatch.setattr(states, "mark_build_running", roll_up_after_the_cancel)
 
     def do_claim() -> None:
         try:

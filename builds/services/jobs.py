@@ -33,11 +33,11 @@ def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code
         raise ValueError(f"{state} is not a terminal job state")
     now = now or timezone.now()
     with transaction.atomic():
-        states.lock_build(job.build_id)
+        locked = states.lock_build(job.build_id)
         changed = states.transition_jobs([job.pk], to=state, now=now, exit_code=exit_code,
                                          error_code=error_code, error_message=error_message, signal=signal)
         if changed:
-            states.settle_build(build_id=job.build_id, now=now)
+            states.settle_build(build_id=job.build_id, now=now, locked=locked)
     return bool(changed)
 
 
@@ -47,10 +47,10 @@ def move_job(*, job: Job, state: str, now: datetime | None = None, **fields: Any
         raise ValueError("use finish_job for terminal states")
     now = now or timezone.now()
     with transaction.atomic():
-        states.lock_build(job.build_id)
+        locked = states.lock_build(job.build_id)
         changed = states.transition_jobs([job.pk], to=state, now=now, **fields)
         if changed:
-            states.settle_build(build_id=job.build_id, now=now)
+            states.settle_build(build_id=job.build_id, now=now, locked=locked)
     return bool(changed)
 
 
@@ -89,11 +89,13 @@ def claim_job(*, agent: Agent, now: datetime | None = None) -> Claim | None:
                 assigned_at=now, last_heartbeat_at=now,
             )
         if won:
-            # Roll up only after the claim committed: waiting for the build's lock while
-            # holding the job's deadlocks with cancel_build / time_out_build, which lock the
-            # build first and then update its scheduled jobs.
-            states.settle_build(build_id=candidate.build_id, now=now)
-            job = Job.objects.select_related("build", "build__pipeline").get(pk=candidate.pk)
+            # Only after the claim committed, and without the build's lock: waiting for it
+            # while holding the job's deadlocks with cancel_build / time_out_build, which
+            # lock the build first and then update its scheduled jobs.
+            states.mark_build_running(candidate.build_id)
+            job = (Job.objects.select_related("build", "build__pipeline")
+                   .defer("build__pipeline_ir", "build__pipeline__definition", "build__pipeline__triggers")
+                   .get(pk=candidate.pk))
             return Claim(job, credential)
     return None
 
@@ -101,6 +103,8 @@ def claim_job(*, agent: Agent, now: datetime | None = None) -> Claim | None:
 def job_for_credential(raw: str) -> Job | None:
     return (
         Job.objects.select_related("build", "agent", "agent__token")
+        # Agent requests never read these; decoding them was a large part of each request.
+        .defer("env", "cache", "runner_args", "build__pipeline_ir", "build__env")
         .filter(credential_hash=hash_secret(raw))
         .first()
     )
@@ -116,9 +120,14 @@ def touch(job: Job, now: datetime) -> None:
 def start_job(*, job: Job, now: datetime | None = None) -> str:
     """The agent begins running the command: assigned → running. Returns the job's state after."""
     now = now or timezone.now()
-    move_job(job=job, state=J.RUNNING, now=now)
-    touch(job, now)
-    return Job.objects.values_list("state", flat=True).get(pk=job.pk)
+    # assigned → running changes no roll-up (the build is running since the claim), so no
+    # build lock: a compare-and-set on the job and the build's first start time.
+    started = states.transition_jobs([job.pk], to=J.RUNNING, now=now, last_heartbeat_at=now)
+    if started:
+        states.mark_build_started(job.build_id, now)
+    if job.agent_id:
+        Agent.objects.filter(pk=job.agent_id).update(last_seen_at=now)
+    return J.RUNNING if started else Job.objects.values_list("state", flat=True).get(pk=job.pk)
 
 
 def heartbeat(*, job: Job, timing_out: bool = False, now: datetime | None = None) -> str:
@@ -177,8 +186,9 @@ def report_finish(*, job: Job, exit_code: int | None, signal: int | None = None,
             message = f"The job ran longer than its timeout of {job.timeout_seconds} s."
         if finish_job(job=job, state=state, exit_code=exit_code, signal=signal, error_code=code,
                       error_message=message, now=now):
-            break
-    touch(job, now)
+            if job.agent_id:
+                Agent.objects.filter(pk=job.agent_id).update(last_seen_at=now)
+            return state
     return Job.objects.values_list("state", flat=True).get(pk=job.pk)
 
 
