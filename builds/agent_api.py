@@ -27,7 +27,7 @@ from rest_framework.views import APIView
 
 from builds import services
 from builds.models import Agent, Build, Job, JobState
-from builds.services.jobs import builds_in_parent, has_builds_in_children, job_for_credential
+from builds.services.jobs import builds_in_links, builds_in_parent, job_for_credential
 from builds.states import TERMINAL_JOB_STATES
 from harmont.auth import (
     AGENT_SESSION_PREFIX,
@@ -222,7 +222,8 @@ def directive(state: str) -> dict[str, Any]:
 
 def job_spec(job: Job) -> dict[str, Any]:
     build: Build = job.build
-    root = builds_in_parent(job) is None
+    links = builds_in_links(job)
+    root = links.parent_id is None
     env = {
         **job.env,
         "CI": "true", "HARMONT": "true", "HARMONT_BUILD_ID": str(build.pk), "HARMONT_BUILD_NUMBER": str(build.number),
@@ -235,7 +236,7 @@ def job_spec(job: Job) -> dict[str, Any]:
         "timeout_seconds": job.timeout_seconds, "image": job.image,
         "source_path": f"/api/v0/internal/builds/{build.pk}/source.tar.gz" if root and build.source_archive else None,
         "parent_workspace_path": None if root else f"/api/v0/agent/jobs/{job.pk}/parent-workspace",
-        "upload_workspace": has_builds_in_children(job),
+        "upload_workspace": links.has_children,
         "cancel_grace_seconds": settings.AGENT_CANCEL_GRACE_SECONDS,
     }
 
@@ -278,7 +279,8 @@ class ClaimView(AgentView):
         """Take the oldest scheduled job of the organization (204: none waiting; poll again)."""
         agent: Agent = request.auth
         now = timezone.now()
-        services.agent_seen(agent=agent, now=now)
+        if now - agent.last_seen_at >= services.jobs.AGENT_SEEN_RESOLUTION:
+            services.agent_seen(agent=agent, now=now)
         claim = services.claim_job(agent=agent, now=now)
         if claim is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
@@ -329,7 +331,7 @@ class FinishView(JobView):
         body.is_valid(raise_exception=True)
         data = body.validated_data
         if data.get("chunks"):
-            services.append_log(job=job, chunks=[services.ChunkIn(**chunk) for chunk in data["chunks"]])
+            services.append_log(job=job, chunks=[services.ChunkIn(**chunk) for chunk in data["chunks"]], alive=False)
         state = services.report_finish(job=job, exit_code=data.get("exit_code"), signal=data.get("signal"),
                                        outcome=data.get("outcome"), error_code=data.get("error_code"),
                                        error_message=data.get("error_message"))

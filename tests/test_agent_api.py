@@ -356,6 +356,8 @@ def test_claim_returns_the_full_job_spec_and_a_job_credential(session, pipeline,
 
 @pytest.mark.django_db
 def test_claim_assigns_the_job_and_the_build_runs(session, build):
+    # Last seen a while ago: the claim refreshes it (within AGENT_SEEN_RESOLUTION it may not).
+    Agent.objects.filter(pk=session.agent.pk).update(last_seen_at=timezone.now() - timedelta(minutes=1))
     before = timezone.now()
     spec, _ = claim(session)
 

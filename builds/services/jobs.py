@@ -75,10 +75,12 @@ def claim_job(*, agent: Agent, now: datetime | None = None) -> Claim | None:
     for _ in range(5):
         with transaction.atomic():
             candidate = (
-                Job.objects.select_for_update(skip_locked=True)
+                # of=("self",): lock (and skip) job rows only, never their build or pipeline.
+                Job.objects.select_for_update(skip_locked=True, of=("self",))
+                .select_related("build", "build__pipeline")
+                .defer("build__pipeline_ir", "build__pipeline__definition", "build__pipeline__triggers")
                 .filter(organization_id=agent.organization_id, state=J.SCHEDULED)
                 .order_by("scheduled_at", "position")
-                .only("id", "build_id")
                 .first()
             )
             if candidate is None:
@@ -93,10 +95,8 @@ def claim_job(*, agent: Agent, now: datetime | None = None) -> Claim | None:
             # while holding the job's deadlocks with cancel_build / time_out_build, which
             # lock the build first and then update its scheduled jobs.
             states.mark_build_running(candidate.build_id)
-            job = (Job.objects.select_related("build", "build__pipeline")
-                   .defer("build__pipeline_ir", "build__pipeline__definition", "build__pipeline__triggers")
-                   .get(pk=candidate.pk))
-            return Claim(job, credential)
+            candidate.state, candidate.agent = J.ASSIGNED, agent
+            return Claim(candidate, credential)
     return None
 
 
@@ -110,9 +110,21 @@ def job_for_credential(raw: str) -> Job | None:
     )
 
 
+# "Last seen" is shown to the second at best; refreshing it on every request of a busy
+# agent would be a write per request for nothing.
+AGENT_SEEN_RESOLUTION = timedelta(seconds=2)
+
+
 def touch(job: Job, now: datetime) -> None:
     """A sign of life from the job's agent (also refreshes the agent's last-seen time)."""
     Job.objects.filter(pk=job.pk).update(last_heartbeat_at=now)
+    agent_seen_by(job, now)
+
+
+def agent_seen_by(job: Job, now: datetime) -> None:
+    agent = job.agent if job.agent_id and "agent" in job._state.fields_cache else None
+    if agent is not None and agent.last_seen_at and now - agent.last_seen_at < AGENT_SEEN_RESOLUTION:
+        return
     if job.agent_id:
         Agent.objects.filter(pk=job.agent_id).update(last_seen_at=now)
 
@@ -125,8 +137,7 @@ def start_job(*, job: Job, now: datetime | None = None) -> str:
     started = states.transition_jobs([job.pk], to=J.RUNNING, now=now, last_heartbeat_at=now)
     if started:
         states.mark_build_started(job.build_id, now)
-    if job.agent_id:
-        Agent.objects.filter(pk=job.agent_id).update(last_seen_at=now)
+    agent_seen_by(job, now)
     return J.RUNNING if started else Job.objects.values_list("state", flat=True).get(pk=job.pk)
 
 
@@ -186,8 +197,7 @@ def report_finish(*, job: Job, exit_code: int | None, signal: int | None = None,
             message = f"The job ran longer than its timeout of {job.timeout_seconds} s."
         if finish_job(job=job, state=state, exit_code=exit_code, signal=signal, error_code=code,
                       error_message=message, now=now):
-            if job.agent_id:
-                Agent.objects.filter(pk=job.agent_id).update(last_seen_at=now)
+            agent_seen_by(job, now)
             return state
     return Job.objects.values_list("state", flat=True).get(pk=job.pk)
 
@@ -203,7 +213,7 @@ class ChunkIn:
     ts: datetime
 
 
-def append_log(*, job: Job, chunks: list[ChunkIn], now: datetime | None = None) -> int:
+def append_log(*, job: Job, chunks: list[ChunkIn], now: datetime | None = None, alive: bool = True) -> int:
     """Store the chunks not stored yet; returns how many were new.
 
     The job's row lock serialises appends to one job, so a retried batch racing
@@ -238,7 +248,8 @@ def append_log(*, job: Job, chunks: list[ChunkIn], now: datetime | None = None) 
                                  content=chunk.content, ts=chunk.ts, created_at=now))
         LogChunk.objects.bulk_create(rows, ignore_conflicts=True)
         Job.objects.filter(pk=job.pk).update(log_bytes=F("log_bytes") + added_bytes, log_truncated=truncated)
-    touch(job, now)
+    if alive:
+        touch(job, now)
     return len(rows)
 
 
@@ -260,8 +271,24 @@ def builds_in_parent(job: Job) -> Job | None:
     return edge.prerequisite if edge else None
 
 
-def has_builds_in_children(job: Job) -> bool:
-    return JobDependency.objects.filter(prerequisite=job, kind="builds_in").exists()
+@dataclass(frozen=True)
+class BuildsInLinks:
+    parent_id: uuid.UUID | None  # the job whose files this one starts from
+    has_children: bool  # some job starts from this one's files
+
+
+def builds_in_links(job: Job) -> BuildsInLinks:
+    """Both directions of the job's `builds_in` edges, in one query."""
+    edges = JobDependency.objects.filter(Q(job=job) | Q(prerequisite=job), kind="builds_in").values_list(
+        "job_id", "prerequisite_id")
+    parent = None
+    children = False
+    for job_id, prerequisite_id in edges:
+        if job_id == job.pk:
+            parent = prerequisite_id
+        else:
+            children = True
+    return BuildsInLinks(parent, children)
 
 
 # ------------------------------------------------------------------ the reaper
