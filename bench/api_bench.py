@@ -41,7 +41,8 @@ BASE_DIR = BENCH_DIR.parent
 # urls.py would shadow any top-level `settings`/`urls`; import from the project root instead.
 sys.path[:] = [str(BASE_DIR)] + [p for p in sys.path if p and Path(p).resolve() != BENCH_DIR]
 
-PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+from bench.harness import PG_HOST, PG_PORT, PG_USER, admin_connect, ensure_postgres, say  # noqa: E402
+
 DB_NAME = "harmont_bench"
 DATABASE_URL = f"postgres://{PG_USER}@{PG_HOST}:{PG_PORT}/{DB_NAME}"
 
@@ -61,8 +62,8 @@ os.environ["HARMONT_DEBUG"] = "0"  # DEBUG keeps every query in memory; never me
 os.environ["HARMONT_ALLOWED_HOSTS"] = "127.0.0.1,localhost"  # what the load and the checks send
 os.environ.setdefault("HARMONT_LOG_LEVEL", "WARNING")
 
-import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
+
 
 # A small stored definition of the shape `hm.pipeline([...])` renders: a -> b, c after a.
 DEFINITION: dict[str, Any] = {
@@ -82,38 +83,7 @@ DEFINITION: dict[str, Any] = {
 BRANCHES = ["main"] * 5 + ["develop", "release/1.x"] + [f"feature/topic-{i}" for i in range(13)]
 
 
-def say(message: str = "") -> None:
-    print(message, flush=True)
-
-
 # ------------------------------------------------------------------ database
-
-
-def admin_connect() -> psycopg.Connection:
-    return psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True,
-                           connect_timeout=3)
-
-
-def ensure_postgres() -> None:
-    try:
-        admin_connect().close()
-        return
-    except psycopg.OperationalError:
-        pass
-    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
-    if not versions:
-        raise SystemExit(f"PostgreSQL is not answering on {PG_HOST}:{PG_PORT} and no cluster is installed.")
-    say(f"PostgreSQL not answering; starting cluster {versions[-1]}/main")
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", "start"], check=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            admin_connect().close()
-            return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def drop_database() -> None:

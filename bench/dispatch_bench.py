@@ -54,13 +54,10 @@ sys.path[:] = [str(BASE_DIR)] + [p for p in sys.path if p and Path(p).resolve() 
 import psycopg
 from psycopg import sql
 
-PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+from bench.harness import PG_HOST, PG_PORT, PG_USER, admin_connect, ensure_postgres, say
+
 WORKERS = 2  # uvicorn workers, as `make run` starts them (HARMONT_WORKERS default)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def say(message: str = "") -> None:
-    print(message, flush=True)
 
 
 def loadavg() -> str:
@@ -75,33 +72,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # ------------------------------------------------------------------ PostgreSQL
-
-
-def admin_connect() -> psycopg.Connection:
-    return psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True,
-                           connect_timeout=3)
-
-
-def ensure_postgres() -> None:
-    try:
-        admin_connect().close()
-        return
-    except psycopg.OperationalError:
-        pass
-    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
-    if not versions:
-        raise SystemExit(f"PostgreSQL is not answering on {PG_HOST}:{PG_PORT} and no cluster is installed.")
-    say(f"PostgreSQL not answering; starting cluster {versions[-1]}/main")
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", "start"], check=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            admin_connect().close()
-            return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def drop_database(name: str) -> None:
