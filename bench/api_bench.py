@@ -17,11 +17,9 @@ import http.client
 import json
 import os
 import re
-import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +39,19 @@ BASE_DIR = BENCH_DIR.parent
 # urls.py would shadow any top-level `settings`/`urls`; import from the project root instead.
 sys.path[:] = [str(BASE_DIR)] + [p for p in sys.path if p and Path(p).resolve() != BENCH_DIR]
 
-from bench.harness import PG_HOST, PG_PORT, PG_USER, admin_connect, ensure_postgres, say  # noqa: E402
+from bench.harness import (  # noqa: E402
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
+    admin_connect,
+    busy_cpu_seconds,
+    children_of,
+    ensure_postgres,
+    free_port,
+    own_cpu_seconds,
+    process_cpu,
+    say,
+)
 
 DB_NAME = "harmont_bench"
 DATABASE_URL = f"postgres://{PG_USER}@{PG_HOST}:{PG_PORT}/{DB_NAME}"
@@ -256,12 +266,6 @@ def shorten_sql(statement: str) -> str:
 # ------------------------------------------------------------------ server
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_gunicorn(port: int, log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "gunicorn", "harmont.wsgi:application", "--bind", f"127.0.0.1:{port}",
            "--workers", str(WORKERS), "--worker-class", "sync", "--log-level", "warning",
@@ -313,44 +317,6 @@ def auth_headers(target: Target, token: str) -> dict[str, str]:
 # (gunicorn), for PostgreSQL (the backends serving the bench database) and for
 # the load generator, and how much of the machine everything else used meanwhile.
 # CPU per request is what the request costs; contention moves it much less than req/s.
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        # Fields after the parenthesised command name: state, ppid, ..., utime (12th), stime (13th).
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def process_cpu(pid: int) -> float | None:
-    fields = _stat_fields(pid)
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS if fields else None
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
-            if fields and fields[1] == str(pid):
-                found.append(int(entry.name))
-    return found
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
-
-
-def own_cpu_seconds() -> float:
-    """This process (the Python load generator's threads) plus its reaped children (wrk)."""
-    mine, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return mine.ru_utime + mine.ru_stime + kids.ru_utime + kids.ru_stime
-
 
 @dataclass(frozen=True)
 class CpuSnapshot:

@@ -27,11 +27,9 @@ import argparse
 import http.client
 import json
 import os
-import resource
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,10 +52,22 @@ sys.path[:] = [str(BASE_DIR)] + [p for p in sys.path if p and Path(p).resolve() 
 import psycopg
 from psycopg import sql
 
-from bench.harness import PG_HOST, PG_PORT, PG_USER, admin_connect, ensure_postgres, say
+from bench.harness import (  # noqa: F401 (stream_bench imports some of these from here)
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
+    admin_connect,
+    busy_cpu_seconds,
+    children_of,
+    ensure_postgres,
+    free_port,
+    own_cpu_seconds,
+    process_cpu,
+    say,
+    stat_fields,
+)
 
 WORKERS = 2  # uvicorn workers, as `make run` starts them (HARMONT_WORKERS default)
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def loadavg() -> str:
@@ -126,12 +136,6 @@ def configure_django(db_name: str, *, media_root: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ the server and other processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(port: int, log_path: Path, env: dict[str, str], *, workers: int = WORKERS,
@@ -204,47 +208,6 @@ def raise_on_sigterm() -> None:
 # this script) and what everything else on the machine used meanwhile.
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        # Fields after the parenthesised command name: state, ppid, ..., utime (12th), stime (13th),
-        # cutime, cstime (reaped children: an agent's `bash -c` commands).
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def process_cpu(pid: int, *, with_children: bool = False) -> float | None:
-    fields = _stat_fields(pid)
-    if not fields:
-        return None
-    ticks = int(fields[11]) + int(fields[12])
-    if with_children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLOCK_TICKS
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
-            if fields and fields[1] == str(pid):
-                found.append(int(entry.name))
-    return found
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
-
-
-def own_cpu_seconds() -> float:
-    """This process plus its reaped children (wrk)."""
-    mine, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return mine.ru_utime + mine.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 @dataclass
 class CpuSnapshot:
     wall: float
@@ -295,7 +258,7 @@ def tree_pids(root: int) -> list[int]:
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
+            fields = stat_fields(int(entry.name))
             if fields:
                 parents[int(entry.name)] = int(fields[1])
     found, frontier = [root], [root]
