@@ -36,7 +36,7 @@ from harmont.auth import (
     hash_secret,
 )
 from harmont.errors import ApiError, validation_error
-from harmont.serializers import ErrorSerializer, json_object
+from harmont.serializers import ErrorSerializer, validated
 from organizations.models import AgentToken
 
 LIVE_JOB_STATES = frozenset({JobState.ASSIGNED, JobState.RUNNING, JobState.CANCELING, JobState.TIMING_OUT})
@@ -253,9 +253,7 @@ class RegisterView(AgentView):
                        401: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request) -> Response:
         """Register this agent process; the answer's session token claims jobs."""
-        body = RegisterRequest(data=json_object(request))
-        body.is_valid(raise_exception=True)
-        registration = services.register_agent(token=request.auth, **body.validated_data)
+        registration = services.register_agent(token=request.auth, **validated(RegisterRequest, request))
         return Response({"agent": AgentSerializer(registration.agent).data, "session_token": registration.session},
                         status=status.HTTP_201_CREATED)
 
@@ -301,9 +299,8 @@ class HeartbeatView(JobView):
                    responses={200: Directive, 401: ErrorSerializer})
     def post(self, request: Request, job_id: str) -> Response:
         """Still alive. The answer tells the agent whether to stop the command."""
-        body = HeartbeatRequest(data=json_object(request))
-        body.is_valid(raise_exception=True)
-        state = services.heartbeat(job=self.job(request, job_id), timing_out=body.validated_data["timing_out"])
+        timing_out = validated(HeartbeatRequest, request)["timing_out"]
+        state = services.heartbeat(job=self.job(request, job_id), timing_out=timing_out)
         return Response(directive(state))
 
 
@@ -313,9 +310,7 @@ class LogsView(JobView):
     def post(self, request: Request, job_id: str) -> Response:
         """Append output chunks. A chunk whose seq is already stored is ignored (safe to retry)."""
         job = self.job(request, job_id)
-        body = LogsRequest(data=json_object(request))
-        body.is_valid(raise_exception=True)
-        chunks = [services.ChunkIn(**chunk) for chunk in body.validated_data["chunks"]]
+        chunks = [services.ChunkIn(**chunk) for chunk in validated(LogsRequest, request)["chunks"]]
         services.append_log(job=job, chunks=chunks)
         state = Job.objects.values_list("state", flat=True).get(pk=job.pk)
         return Response(directive(state))
@@ -327,9 +322,7 @@ class FinishView(JobView):
     def post(self, request: Request, job_id: str) -> Response:
         """The command ended (or could not start). Safe to retry."""
         job = self.job(request, job_id)
-        body = FinishRequest(data=json_object(request))
-        body.is_valid(raise_exception=True)
-        data = body.validated_data
+        data = validated(FinishRequest, request)
         if data.get("chunks"):
             services.append_log(job=job, chunks=[services.ChunkIn(**chunk) for chunk in data["chunks"]], alive=False)
         state = services.report_finish(job=job, exit_code=data.get("exit_code"), signal=data.get("signal"),

@@ -18,6 +18,13 @@ def json_object(request: Request) -> dict[str, Any]:
     return data
 
 
+def validated(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
+    """The request's JSON object, validated by `serializer_class` (422 with `fields` if not)."""
+    body = serializer_class(data=json_object(request))
+    body.is_valid(raise_exception=True)
+    return body.validated_data
+
+
 class ErrorBodySerializer(serializers.Serializer):
     type = serializers.CharField(help_text="Stable machine error type.")
     code = serializers.CharField(help_text="Catalog code; see doc_url.")

@@ -22,7 +22,7 @@ from rest_framework.views import APIView
 
 from harmont.errors import ApiError
 from harmont.pagination import paginate
-from harmont.serializers import ErrorSerializer, json_object
+from harmont.serializers import ErrorSerializer, validated
 from organizations import services
 from organizations.access import ORG_PERMISSIONS, OrgScopedMixin
 from organizations.models import AgentToken, ApiToken, Membership, Organization, Role, TokenKind, User
@@ -93,12 +93,6 @@ def body_string(request: Request, name: str) -> str:
     data: Any = request.data
     value = data.get(name) if isinstance(data, dict) else None
     return value if isinstance(value, str) else ""
-
-
-def validated(serializer_class: type, request: Request) -> dict[str, Any]:
-    body = serializer_class(data=json_object(request))
-    body.is_valid(raise_exception=True)
-    return body.validated_data
 
 
 # ---------------------------------------------------------------- the current user

@@ -10,7 +10,7 @@ from rest_framework.views import APIView
 
 from harmont.errors import ApiError
 from harmont.pagination import paginate
-from harmont.serializers import ErrorSerializer, json_object
+from harmont.serializers import ErrorSerializer, validated
 from organizations.access import ORG_PERMISSIONS, OrgScopedMixin
 from organizations.models import Role
 from pipelines import services
@@ -45,9 +45,7 @@ class PipelineListView(OrgScopedMixin, APIView):
                    responses={201: PipelineSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
                               422: ErrorSerializer})
     def post(self, request: Request, org: str) -> Response:
-        body = CreatePipelineRequestSerializer(data=json_object(request))
-        body.is_valid(raise_exception=True)
-        pipeline = services.create_pipeline(org=self.org, **body.validated_data)
+        pipeline = services.create_pipeline(org=self.org, **validated(CreatePipelineRequestSerializer, request))
         return Response(PipelineSerializer(pipeline).data, status=status.HTTP_201_CREATED)
 
 
