@@ -122,11 +122,12 @@ def touch(job: Job, now: datetime) -> None:
 
 
 def agent_seen_by(job: Job, now: datetime) -> None:
-    agent = job.agent if job.agent_id and "agent" in job._state.fields_cache else None
-    if agent is not None and agent.last_seen_at and now - agent.last_seen_at < AGENT_SEEN_RESOLUTION:
+    if not job.agent_id:
         return
-    if job.agent_id:
-        Agent.objects.filter(pk=job.agent_id).update(last_seen_at=now)
+    agent = job.agent  # loaded with the job by job_for_credential
+    if agent.last_seen_at and now - agent.last_seen_at < AGENT_SEEN_RESOLUTION:
+        return
+    Agent.objects.filter(pk=agent.pk).update(last_seen_at=now)
 
 
 def start_job(*, job: Job, now: datetime | None = None) -> str:
