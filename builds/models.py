@@ -29,6 +29,13 @@ class BuildSource(models.TextChoices):
     SCHEDULE = "schedule"
 
 
+class JobKind(models.TextChoices):
+    COMMAND = "command"
+    # Renders the pipeline from the repository's `.hm/*.py` on an agent; the rest
+    # of the build is planned from the IR it sends back.
+    RENDER = "render"
+
+
 class JobState(models.TextChoices):
     PENDING = "pending"
     SCHEDULED = "scheduled"
@@ -103,6 +110,7 @@ class Job(models.Model):
     # Position in dependency order: every prerequisite has a smaller position.
     position = models.PositiveIntegerField()
     step_key = models.CharField(max_length=255)
+    kind = models.CharField(max_length=10, choices=JobKind.choices, default=JobKind.COMMAND)
     name = models.CharField(max_length=500, blank=True, null=True)
     command = models.TextField()
     image = models.CharField(max_length=500, blank=True, null=True)
@@ -214,3 +222,52 @@ class Agent(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+def artifact_upload_path(artifact: "Artifact", filename: str) -> str:
+    # Keyed by ids, never by the job's own path: a path is user data and may hold anything.
+    return f"artifacts/{artifact.build_id}/{artifact.id}"
+
+
+class Artifact(models.Model):
+    """A file a job left under `$HARMONT_ARTIFACTS`, uploaded by its agent when the command ended."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    build = models.ForeignKey(Build, on_delete=models.CASCADE, related_name="artifacts")
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="artifacts")
+    # Relative to the artifacts directory, `/`-separated.
+    path = models.CharField(max_length=1000)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    mime_type = models.CharField(max_length=255)
+    file = models.FileField(upload_to=artifact_upload_path, max_length=500)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "path"], name="artifact_path_unique")]
+        indexes = [
+            # The build's artifact list, keyset-paginated by (created_at, id).
+            models.Index(fields=["build", "created_at", "id"], name="artifact_by_build"),
+        ]
+
+    def __str__(self) -> str:
+        return self.path
+
+
+class WebhookDelivery(models.Model):
+    """A webhook delivery already acted on, so that a redelivery creates nothing new."""
+
+    repository = models.ForeignKey("pipelines.Repository", on_delete=models.CASCADE, related_name="deliveries")
+    delivery_id = models.CharField(max_length=100)
+    event = models.CharField(max_length=50)
+    received_at = models.DateTimeField(default=timezone.now)
+    builds_created = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        verbose_name_plural = "webhook deliveries"
+        constraints = [
+            models.UniqueConstraint(fields=["repository", "delivery_id"], name="webhook_delivery_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event} {self.delivery_id}"

@@ -7,6 +7,7 @@ later as a confusing runtime error.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from pathlib import Path
@@ -103,6 +104,13 @@ LOG_TOKEN_SECRET = env_str("HARMONT_LOG_TOKEN_SECRET") or hashlib.sha256(
 ).hexdigest()
 LOG_TOKEN_TTL_SECONDS = env_int("HARMONT_LOG_TOKEN_TTL", 3600, minimum=1)
 
+# Keys that encrypt secrets and webhook secrets at rest (Fernet keys, comma-separated:
+# the first encrypts, all decrypt, so a key can be rotated in). Derived from the secret
+# key by default; set it explicitly in production so rotating the secret key keeps them readable.
+SECRETS_KEYS = env_list("HARMONT_SECRETS_KEY", "") or [
+    base64.urlsafe_b64encode(hashlib.sha256(b"harmont-secrets:" + SECRET_KEY.encode()).digest()).decode()
+]
+
 ALLOWED_HOSTS = env_list("HARMONT_ALLOWED_HOSTS", "localhost,127.0.0.1")
 PORT = env_int("PORT", 8000, minimum=1)
 PUBLIC_URL = env_str("HARMONT_PUBLIC_URL", f"http://127.0.0.1:{PORT}").rstrip("/")
@@ -180,6 +188,10 @@ STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 MEDIA_ROOT = Path(env_str("HARMONT_MEDIA_ROOT", str(BASE_DIR / "var" / "media")))
+
+# Artifacts: one file, and all of one build's files together, may not exceed these.
+ARTIFACT_MAX_BYTES = env_int("HARMONT_ARTIFACT_MAX_BYTES", 100 * 1024 * 1024, minimum=1)
+BUILD_ARTIFACTS_MAX_BYTES = env_int("HARMONT_BUILD_ARTIFACTS_MAX_BYTES", 1024 * 1024 * 1024, minimum=1)
 
 # Request bodies: a build may carry its source as base64 in JSON, so the JSON
 # limit is generous; anything above it is a 413 in the error envelope.

@@ -50,3 +50,53 @@ class Pipeline(models.Model):
 
     def __str__(self) -> str:
         return f"{self.organization_id}/{self.slug}"
+
+
+class Repository(models.Model):
+    """A source repository an organization registered pipelines from.
+
+    It says where agents clone the code from and holds the secret its webhooks
+    are signed with (encrypted, see harmont.crypto). Pipelines belong to it by
+    `(organization, repo_name)`, matched case-insensitively like the by-repo
+    build endpoint matches them.
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="repositories")
+    url = models.CharField(max_length=500)
+    repo_name = models.CharField(max_length=255)
+    webhook_secret_encrypted = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "repositories"
+        constraints = [
+            # Leads with lower(repo_name): webhooks look a repository up by name across organizations.
+            models.UniqueConstraint(Lower("repo_name"), "organization", name="repository_name_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return self.repo_name
+
+
+class Secret(models.Model):
+    """A named secret injected into jobs' environments; a pipeline's secret wins over the organization's."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="secrets")
+    # Null: the secret is the organization's, for every pipeline.
+    pipeline = models.ForeignKey(Pipeline, null=True, blank=True, on_delete=models.CASCADE, related_name="secrets")
+    name = models.CharField(max_length=255)
+    value_encrypted = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "name"], condition=models.Q(pipeline__isnull=True),
+                                    name="secret_org_name_unique"),
+            models.UniqueConstraint(fields=["pipeline", "name"], condition=models.Q(pipeline__isnull=False),
+                                    name="secret_pipeline_name_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
