@@ -36,6 +36,10 @@ class Pipeline(models.Model):
     # The last build number handed out. Incremented under the row lock inside the
     # transaction that inserts the build, so numbers have no gaps or duplicates.
     build_counter = models.PositiveIntegerField(default=0)
+    # Set when the pipeline was registered from its repository's pipeline envelope;
+    # re-registering archives the ones whose entry disappeared.
+    registered_from = models.ForeignKey("Repository", null=True, blank=True, on_delete=models.SET_NULL,
+                                        related_name="pipelines")
     created_at = models.DateTimeField(default=timezone.now)
     archived_at = models.DateTimeField(null=True, blank=True)
 

@@ -30,6 +30,7 @@ from builds.models import Job, LogChunk, StreamKind
 from builds.reaper import run_reaper
 from organizations import services as org_services
 from organizations.models import Organization
+from pipelines.models import Pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -234,9 +235,16 @@ def agent_token(org: Organization) -> str:
 
 
 @pytest.fixture
-def agents(e2e_server: str, transactional_db: None, e2e_settings: Any, agent_token: str, tmp_path: Path
-           ) -> Iterator[Agents]:
-    """Agents of the `org` fixture's organization; killed at teardown, with what they left running."""
+def agents(e2e_server: str, transactional_db: None, e2e_settings: Any, agent_token: str, tmp_path: Path,
+           pipeline: Pipeline) -> Iterator[Agents]:
+    """Agents of the `org` fixture's organization; killed at teardown, with what they left running.
+
+    The `pipeline` fixture's repository is cleared: its builds run their commands in
+    an empty workspace instead of cloning a repository these machines can't reach
+    (tests/test_checkout_e2e.py covers checkouts, with local repositories).
+    """
+    pipeline.repository = ""
+    pipeline.save(update_fields=["repository"])
     pool = Agents(server=e2e_server, token=agent_token, base=tmp_path / "agents")
     pool.base.mkdir()
     try:

@@ -139,9 +139,9 @@ def test_create_with_blank_ir_uses_stored_definition(api, pipeline):
 
 
 @pytest.mark.django_db
-def test_create_without_ir_or_definition_records_failed_build(api, org):
-    bare = pipeline_services.create_pipeline(org=org, name="Bare", repository="https://github.com/acme/bare",
-                                             default_branch="main")
+def test_create_without_ir_definition_or_any_source_records_failed_build(api, org):
+    # No repository and no source either: there is nothing to render a pipeline from.
+    bare = pipeline_services.create_pipeline(org=org, name="Bare", repository="", default_branch="main")
 
     error = assert_error(post_build(api, bare), 422, "build_plan_rejected")
 

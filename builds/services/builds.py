@@ -17,13 +17,15 @@ from django.db.models import F
 from django.utils import timezone
 
 from builds import states
-from builds.models import Build, BuildSource, EdgeKind, Job, JobDependency, JobState
+from builds.models import Build, BuildSource, EdgeKind, Job, JobDependency, JobKind, JobState
 from harmont.errors import ApiError, validation_error
 from organizations.models import Organization, User
 from pipelines import ir
 from pipelines.models import Pipeline
 
 MANUAL_SOURCES = frozenset({BuildSource.API, BuildSource.UI})
+# The render job's key; the planner refuses it in rendered pipelines so it stays unique.
+RENDER_STEP_KEY = ":render"
 
 
 @dataclass(frozen=True)
@@ -117,23 +119,40 @@ def find_pipeline_by_repo(*, org: Organization, repo_name: str, source_slug: str
     return pipeline
 
 
-def _plan(pipeline: Pipeline, request: BuildRequest) -> tuple[Any, ir.Plan | None, ir.PlanError | None]:
-    """Decide the IR (request, else stored definition) and plan it, before any write."""
-    document = request.pipeline_ir if request.pipeline_ir is not None else pipeline.definition
-    if document is None:
-        return None, None, ir.PlanError(
-            "definition_missing",
-            f"The request has no pipeline_ir and pipeline {pipeline.slug!r} has no stored definition.",
-        )
+def can_check_out(*, pipeline: Pipeline, request: BuildRequest) -> bool:
+    """Whether an agent can get the build's code: uploaded, a tarball URL, or the pipeline's repository."""
+    return bool(request.source_archive is not None or request.source_url or pipeline.repository.strip())
+
+
+def plan_document(document: Any, *, env: dict[str, str]) -> tuple[Any, ir.Plan | None, ir.PlanError | None]:
+    """Decode and plan an IR document: (what to store as the build's IR, plan, error)."""
     try:
         loaded = ir.load_ir(document)
     except ir.PlanError as exc:
         # Not JSON: keep what was sent (bounded) so the failed build shows it.
         return {"raw": str(document)[:100_000]}, None, exc
     try:
-        return loaded, ir.plan_ir(loaded, build_env=request.env), None
+        return loaded, ir.plan_ir(loaded, build_env=env), None
     except ir.PlanError as exc:
         return loaded, None, exc
+
+
+def _plan(pipeline: Pipeline, request: BuildRequest) -> tuple[Any, ir.Plan | None, ir.PlanError | None]:
+    """Decide the IR (request, else stored definition) and plan it, before any write.
+
+    With neither, the build is rendered on an agent from the repository's
+    `.hm/*.py` (all three results None), if an agent can get the code at all.
+    """
+    document = request.pipeline_ir if request.pipeline_ir is not None else pipeline.definition
+    if document is None:
+        if can_check_out(pipeline=pipeline, request=request):
+            return None, None, None
+        return None, None, ir.PlanError(
+            "definition_missing",
+            f"The request has no pipeline_ir, pipeline {pipeline.slug!r} has no stored definition, "
+            f"and there is no source to render one from.",
+        )
+    return plan_document(document, env=request.env)
 
 
 def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User | None = None,
@@ -175,7 +194,12 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
     # pipeline queue here and take consecutive numbers; a rollback returns the number.
     Pipeline.objects.filter(pk=pipeline.pk).update(build_counter=F("build_counter") + 1)
     number = Pipeline.objects.filter(pk=pipeline.pk).values_list("build_counter", flat=True).get()
-    jobs = _job_rows(build_id, pipeline.organization_id, plan, now) if plan else []
+    if plan is not None:
+        jobs = job_rows(build_id=build_id, org_id=pipeline.organization_id, plan=plan, now=now)
+    elif error is None:
+        jobs = [_render_job(build_id=build_id, pipeline=pipeline, env=request.env, now=now)]
+    else:
+        jobs = []
     job_states = [job.state for job in jobs]
     state = states.roll_up(job_states, build_error=error is not None)
     source_url = request.source_url
@@ -192,17 +216,32 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
     )
     if jobs:
         Job.objects.bulk_create(jobs)
-        JobDependency.objects.bulk_create(_edge_rows(jobs, plan))
+        if plan is not None:
+            JobDependency.objects.bulk_create(edge_rows(jobs, plan))
     build.pipeline = pipeline
     return build
 
 
-def _job_rows(build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime) -> list[Job]:
+def _render_job(*, build_id: uuid.UUID, pipeline: Pipeline, env: dict[str, str], now: datetime) -> Job:
+    return Job(
+        id=uuid.uuid4(), build_id=build_id, organization_id=pipeline.organization_id, position=0,
+        step_key=RENDER_STEP_KEY, kind=JobKind.RENDER, name=f"Render pipeline {pipeline.source_slug}",
+        command=f"render pipeline {pipeline.source_slug!r} from .hm/*.py",
+        env={**ir.BASE_JOB_ENV, **env}, timeout_seconds=settings.RENDER_TIMEOUT_SECONDS,
+        state=JobState.SCHEDULED, scheduled_at=now, created_at=now,
+    )
+
+
+def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
+             after: Job | None = None) -> list[Job]:
+    """Unsaved jobs for a plan. `after`: every job comes after that one (the render job)."""
+    offset = after.position + 1 if after is not None else 0
     rows = []
     for planned in plan.jobs:
-        root = not planned.depends_on
+        # Jobs of a rendered plan wait for their render job to pass, so its failure skips them.
+        root = not planned.depends_on and after is None
         rows.append(Job(
-            id=uuid.uuid4(), build_id=build_id, organization_id=org_id, position=planned.index,
+            id=uuid.uuid4(), build_id=build_id, organization_id=org_id, position=offset + planned.index,
             step_key=planned.key, name=planned.label or planned.key, command=planned.command,
             image=planned.image, env=planned.env,
             timeout_seconds=planned.timeout_seconds or settings.DEFAULT_JOB_TIMEOUT_SECONDS,
@@ -213,12 +252,14 @@ def _job_rows(build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime) ->
     return rows
 
 
-def _edge_rows(jobs: list[Job], plan: ir.Plan) -> list[JobDependency]:
+def edge_rows(jobs: list[Job], plan: ir.Plan, *, after: Job | None = None) -> list[JobDependency]:
     edges = []
     for planned, job in zip(plan.jobs, jobs):
         for prereq in planned.depends_on:
             kind = EdgeKind.BUILDS_IN if prereq == planned.builds_in else EdgeKind.DEPENDS_ON
             edges.append(JobDependency(job=job, prerequisite=jobs[prereq], kind=kind))
+        if after is not None and not planned.depends_on:
+            edges.append(JobDependency(job=job, prerequisite=after, kind=EdgeKind.DEPENDS_ON))
     return edges
 
 

@@ -7,7 +7,9 @@ fresh password and replaces the previous demo token, and prints both.
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
 from typing import Any
 
 from django.conf import settings
@@ -36,7 +38,8 @@ HELLO_DEFINITION: dict[str, Any] = {
     "timeout_seconds": 600,
     "graph": {
         "nodes": [
-            _node("hello", "echo 'Hello from Harmont'; uname -a", ":wave: hello", image="ubuntu:24.04"),
+            _node("hello", "echo 'Hello from Harmont'; cat README.md; uname -a", ":wave: hello",
+                  image="ubuntu:24.04"),
             _node("build", "mkdir -p out && date -u > out/built-at.txt && echo built", ":hammer: build"),
             _node("test", "test -s out/built-at.txt && echo \"tested build from $(cat out/built-at.txt)\"",
                   ":test_tube: test"),
@@ -47,6 +50,30 @@ HELLO_DEFINITION: dict[str, Any] = {
         "edge_property": "directed",
     },
 }
+
+
+DEMO_README = "Hello from the demo repository: the `hello` pipeline's agent checked this file out with git.\n"
+
+
+def demo_repository() -> str:
+    """A local git repository for the demo pipeline, so its builds check out real code.
+
+    Returns its `file://` URL, or "" (builds start with an empty workspace) when git is missing.
+    """
+    path = settings.BASE_DIR / "var" / "demo-repo"
+    if not (path / ".git").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "README.md").write_text(DEMO_README)
+        identity = {"GIT_AUTHOR_NAME": "Harmont demo", "GIT_AUTHOR_EMAIL": DEMO_EMAIL,
+                    "GIT_COMMITTER_NAME": "Harmont demo", "GIT_COMMITTER_EMAIL": DEMO_EMAIL}
+        try:
+            for command in (["init", "--quiet", "--initial-branch=main"], ["add", "README.md"],
+                            ["commit", "--quiet", "-m", "The demo repository"]):
+                subprocess.run(["git", *command], cwd=path, env={**os.environ, **identity}, check=True,
+                               capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+    return path.as_uri()
 
 
 class Command(BaseCommand):
@@ -65,10 +92,14 @@ class Command(BaseCommand):
             org = create_organization(name="demo", owner=user)
         Membership.objects.update_or_create(organization=org, user=user, defaults={"role": Role.OWNER})
 
+        repository = demo_repository()
         pipeline = Pipeline.objects.for_org(org).filter(slug="hello").first()
         if pipeline is None:
-            pipeline = create_pipeline(org=org, name="hello", repository="https://example.com/demo/hello.git",
+            pipeline = create_pipeline(org=org, name="hello", repository=repository, repo_name="demo/hello",
                                        default_branch="main", source_slug="hello", definition=HELLO_DEFINITION)
+        elif pipeline.repository != repository:
+            pipeline.repository = repository
+            pipeline.save(update_fields=["repository"])
 
         ApiToken.objects.filter(user=user, kind=TokenKind.PERSONAL, description=DEMO_TOKEN_DESCRIPTION,
                                 revoked_at__isnull=True).update(revoked_at=timezone.now())
