@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.conf import settings
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.request import Request
@@ -13,9 +16,12 @@ from harmont.pagination import paginate
 from harmont.serializers import ErrorSerializer, validated
 from organizations.access import ORG_PERMISSIONS, OrgScopedMixin
 from organizations.models import Role
-from pipelines import services
+from pipelines import secrets as secret_services
+from pipelines import registration, services
 from pipelines.models import Pipeline
+from pipelines.serializers import SecretListSerializer, SecretSerializer, SetSecretRequestSerializer
 from pipelines.serializers import CreatePipelineRequestSerializer, PipelineListSerializer, PipelineSerializer
+from pipelines.serializers import RegisterPipelinesRequestSerializer, RegisterPipelinesResponseSerializer
 
 PAGE_PARAMS = [
     OpenApiParameter("limit", int, description="Page size (1-100, default 50)."),
@@ -56,3 +62,108 @@ class PipelineDetailView(OrgScopedMixin, APIView):
                    responses={200: PipelineSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str) -> Response:
         return Response(PipelineSerializer(get_pipeline(self.org, pipeline)).data)
+
+
+class PipelineRegisterView(OrgScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+    required_role = {"POST": Role.ADMIN}
+    role_action = "register pipelines"
+
+    @extend_schema(operation_id="registerPipelines", tags=["pipelines"], request=RegisterPipelinesRequestSerializer,
+                   responses={200: RegisterPipelinesResponseSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
+                              422: ErrorSerializer})
+    def post(self, request: Request, org: str) -> Response:
+        """Create or update a repository's pipelines from its pipeline envelope (idempotent).
+
+        Pipelines registered earlier from the same repository whose entry is gone are
+        archived: hidden from lists, their builds kept.
+        """
+        done = registration.register_pipelines(org=self.org, **validated(RegisterPipelinesRequestSerializer, request))
+        return Response({
+            "repository": {"repo_name": done.repository.repo_name, "url": done.repository.url,
+                           "webhook_secret_set": bool(done.repository.webhook_secret_encrypted),
+                           "webhook_url": f"{settings.PUBLIC_URL}/webhooks/github"},
+            "pipelines": PipelineSerializer(done.pipelines, many=True).data,
+            "archived": done.archived,
+        })
+
+    @extend_schema(exclude=True)
+    def get(self, request: Request, org: str) -> Response:
+        # The route shadows a pipeline whose slug is "register"; reading it still works.
+        return PipelineDetailView.as_view()(request._request, org=org, pipeline="register")
+
+
+# ---------------------------------------------------------------- secrets
+
+
+class SecretScopeMixin(OrgScopedMixin):
+    """Secrets of the organization, or of one pipeline when the URL names it. Admins only, reads included:
+    even the names say what a pipeline deploys to."""
+
+    permission_classes = ORG_PERMISSIONS
+    required_role = {"GET": Role.ADMIN, "HEAD": Role.ADMIN, "POST": Role.ADMIN, "DELETE": Role.ADMIN}
+    role_action = "manage secrets"
+
+    def scope(self) -> dict[str, Any]:
+        slug = self.kwargs.get("pipeline")
+        return {"organization": self.org, "pipeline": get_pipeline(self.org, slug) if slug is not None else None}
+
+    def list_secrets(self) -> Response:
+        return Response({"secrets": SecretSerializer(secret_services.list_secrets(**self.scope()), many=True).data})
+
+    def set_secret(self, request: Request) -> Response:
+        body = validated(SetSecretRequestSerializer, request)
+        secret, created = secret_services.set_secret(**self.scope(), name=body["name"], value=body["value"])
+        # 201 when the name is new, 200 when an existing secret's value was replaced.
+        return Response(SecretSerializer(secret).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+    def delete_secret(self, name: str) -> Response:
+        secret_services.delete_secret(**self.scope(), name=name)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+SECRET_NAME_PARAM = OpenApiParameter("name", str, OpenApiParameter.PATH, description="The secret's name.")
+SET_SECRET_RESPONSES = {200: SecretSerializer, 201: SecretSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
+                        422: ErrorSerializer}
+
+
+class OrgSecretListView(SecretScopeMixin, APIView):
+    @extend_schema(operation_id="listOrgSecrets", tags=["secrets"],
+                   responses={200: SecretListSerializer, 403: ErrorSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, org: str) -> Response:
+        """The organization's secrets (every pipeline gets them), by name; never their values."""
+        return self.list_secrets()
+
+    @extend_schema(operation_id="setOrgSecret", tags=["secrets"], request=SetSecretRequestSerializer,
+                   responses=SET_SECRET_RESPONSES)
+    def post(self, request: Request, org: str) -> Response:
+        """Create a secret (201) or replace the value of the one with this name (200)."""
+        return self.set_secret(request)
+
+
+class OrgSecretDetailView(SecretScopeMixin, APIView):
+    @extend_schema(operation_id="deleteOrgSecret", tags=["secrets"], request=None, parameters=[SECRET_NAME_PARAM],
+                   responses={204: None, 403: ErrorSerializer, 404: ErrorSerializer})
+    def delete(self, request: Request, org: str, name: str) -> Response:
+        return self.delete_secret(name)
+
+
+class PipelineSecretListView(SecretScopeMixin, APIView):
+    @extend_schema(operation_id="listPipelineSecrets", tags=["secrets"],
+                   responses={200: SecretListSerializer, 403: ErrorSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, org: str, pipeline: str) -> Response:
+        """The pipeline's own secrets (they win over the organization's of the same name); never their values."""
+        return self.list_secrets()
+
+    @extend_schema(operation_id="setPipelineSecret", tags=["secrets"], request=SetSecretRequestSerializer,
+                   responses=SET_SECRET_RESPONSES)
+    def post(self, request: Request, org: str, pipeline: str) -> Response:
+        """Create a pipeline secret (201) or replace the value of the one with this name (200)."""
+        return self.set_secret(request)
+
+
+class PipelineSecretDetailView(SecretScopeMixin, APIView):
+    @extend_schema(operation_id="deletePipelineSecret", tags=["secrets"], request=None,
+                   parameters=[SECRET_NAME_PARAM], responses={204: None, 403: ErrorSerializer, 404: ErrorSerializer})
+    def delete(self, request: Request, org: str, pipeline: str, name: str) -> Response:
+        return self.delete_secret(name)

@@ -39,3 +39,57 @@ class CreatePipelineRequestSerializer(serializers.Serializer):
         if not any(c.isalnum() for c in value):
             raise serializers.ValidationError("must contain at least one letter or digit")
         return value
+
+
+class StrictCharField(serializers.CharField):
+    """A JSON string and nothing else (DRF's CharField would turn 123 into "123")."""
+
+    def to_internal_value(self, data: object) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class SecretSerializer(serializers.Serializer):
+    """A secret as the API shows it: never its value."""
+
+    name = serializers.CharField()
+    updated_at = serializers.DateTimeField()
+
+
+class SecretListSerializer(serializers.Serializer):
+    secrets = SecretSerializer(many=True)
+
+
+class SetSecretRequestSerializer(serializers.Serializer):
+    # Only the kinds are checked here; the rules (environment variable name, size) are
+    # pipelines.secrets.secret_errors, shared with the admin.
+    name = StrictCharField(trim_whitespace=False, help_text="An environment variable name: [A-Za-z_][A-Za-z0-9_]*.")
+    value = StrictCharField(trim_whitespace=False, allow_blank=True, write_only=True,
+                            help_text="The value (non-empty, at most 64 KiB). Never returned.")
+
+
+class RegisterPipelinesRequestSerializer(serializers.Serializer):
+    repository = serializers.CharField(max_length=500, help_text="The clone URL agents check the code out from.")
+    repo_name = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=255,
+                                      help_text="owner/name; derived from repository when absent.")
+    default_branch = serializers.CharField(max_length=255)
+    webhook_secret = serializers.CharField(required=False, allow_null=True, allow_blank=True, write_only=True,
+                                           trim_whitespace=False, help_text=(
+                                               "The secret GitHub signs webhooks with. Absent or null keeps the "
+                                               "stored one; an empty string removes it. Never returned."))
+    envelope = AnyJSONField(help_text="What `harmont.dump_registry_json()` prints (object or JSON string).")
+
+
+class RegisteredRepositorySerializer(serializers.Serializer):
+    repo_name = serializers.CharField()
+    url = serializers.CharField()
+    webhook_secret_set = serializers.BooleanField()
+    webhook_url = serializers.CharField(help_text="Where to point the repository's GitHub webhook.")
+
+
+class RegisterPipelinesResponseSerializer(serializers.Serializer):
+    repository = RegisteredRepositorySerializer()
+    pipelines = PipelineSerializer(many=True)
+    archived = serializers.ListField(child=serializers.CharField(),
+                                     help_text="Slugs of pipelines archived because their entry disappeared.")

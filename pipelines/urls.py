@@ -4,6 +4,13 @@ from pipelines import api
 
 urlpatterns = [
     path("organizations/<str:org>/pipelines", api.PipelineListView.as_view(), name="pipeline-list"),
+    path("organizations/<str:org>/pipelines/register", api.PipelineRegisterView.as_view(), name="pipeline-register"),
     path("organizations/<str:org>/pipelines/<str:pipeline>", api.PipelineDetailView.as_view(),
          name="pipeline-detail"),
+    path("organizations/<str:org>/secrets", api.OrgSecretListView.as_view(), name="org-secret-list"),
+    path("organizations/<str:org>/secrets/<str:name>", api.OrgSecretDetailView.as_view(), name="org-secret-detail"),
+    path("organizations/<str:org>/pipelines/<str:pipeline>/secrets", api.PipelineSecretListView.as_view(),
+         name="pipeline-secret-list"),
+    path("organizations/<str:org>/pipelines/<str:pipeline>/secrets/<str:name>", api.PipelineSecretDetailView.as_view(),
+         name="pipeline-secret-detail"),
 ]
