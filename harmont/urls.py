@@ -5,6 +5,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from builds.stream import job_log_stream
+from builds.webhook_views import github_webhook
 from harmont import views
 from harmont.errors import route_not_found
 
@@ -24,6 +25,8 @@ urlpatterns = [
     path("docs/errors/", views.error_index, name="error-index"),
     path("docs/errors/<str:code>", views.error_doc, name="error-doc"),
     path("admin/", admin.site.urls),
+    # Signed with the repository's webhook secret; no session, no bearer token.
+    path("webhooks/github", github_webhook, name="github-webhook"),
     path("api/v0/", include(api_v0)),
     re_path(r"^api/v0(?:/.*)?$", route_not_found),
     # The server-rendered pages (session sign-in); none of their paths start with a prefix above.

@@ -1,0 +1,136 @@
+"""`POST /webhooks/github`: GitHub's push and pull_request deliveries start builds.
+
+A plain Django view outside /api/v0: GitHub authenticates with the HMAC of the
+body (`X-Hub-Signature-256`), not a bearer token or a session, and it sends no
+CSRF token. Its answers are JSON and its errors the API's envelope, written
+out here because the envelope middleware covers /api/v0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import wraps
+from typing import Any, Callable
+from urllib.parse import parse_qs
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt
+
+from builds import services, webhooks
+from builds.models import Build, WebhookDelivery
+from harmont.errors import ApiError, envelope_response
+
+logger = logging.getLogger("harmont.webhooks")
+
+DELIVERY_ID_MAX_LENGTH = WebhookDelivery._meta.get_field("delivery_id").max_length
+
+
+def _json_errors(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
+    """Domain errors, oversized bodies and crashes leave as the envelope, like the API's."""
+
+    @wraps(view)
+    def wrapped(request: HttpRequest) -> HttpResponse:
+        try:
+            return view(request)
+        except ApiError as exc:
+            return envelope_response(request, exc.code, exc.message, status=exc.status, fields=exc.fields)
+        except RequestDataTooBig:
+            return _too_large(request)
+        except Exception:
+            logger.exception("webhook delivery failed")
+            return envelope_response(request, "server_error", "Internal server error.", status=500)
+
+    return wrapped
+
+
+def _too_large(request: HttpRequest) -> JsonResponse:
+    limit = min(settings.WEBHOOK_MAX_BYTES, settings.MAX_REQUEST_BYTES)
+    return envelope_response(request, "payload_too_large", f"Webhook body exceeds {limit} bytes.", status=413)
+
+
+def _unauthorized(request: HttpRequest) -> JsonResponse:
+    # One answer for a missing signature, a wrong one and an unknown repository,
+    # so a caller without the secret learns nothing about which repositories exist.
+    return envelope_response(request, "webhook_signature_invalid",
+                             "The X-Hub-Signature-256 signature does not verify for this repository.", status=401)
+
+
+def _decode(request: HttpRequest, body: bytes) -> Any:
+    """The payload, sent as application/json or (GitHub's other choice) as a `payload` form field."""
+    if request.content_type == "application/x-www-form-urlencoded":
+        fields = parse_qs(body.decode("utf-8"), strict_parsing=False)
+        raw = fields.get("payload", [""])[0]
+    else:
+        raw = body.decode("utf-8")
+    return json.loads(raw)
+
+
+@csrf_exempt
+@_json_errors
+def github_webhook(request: HttpRequest) -> HttpResponse:
+    """Verify a delivery against every repository registered under its name, then build what it triggers."""
+    if request.method != "POST":
+        return envelope_response(request, "method_not_allowed", f"Method {request.method} not allowed; POST a "
+                                 "GitHub webhook delivery.", status=405, headers={"Allow": "POST"})
+    length = request.META.get("CONTENT_LENGTH") or "0"
+    if length.isdigit() and int(length) > settings.WEBHOOK_MAX_BYTES:
+        return _too_large(request)
+    body = request.body
+    signature = request.headers.get("X-Hub-Signature-256", "")
+    if not signature:
+        return _unauthorized(request)
+    event_name = request.headers.get("X-GitHub-Event", "").strip()
+    delivery_id = request.headers.get("X-GitHub-Delivery", "").strip()
+    if not event_name or not delivery_id or len(delivery_id) > DELIVERY_ID_MAX_LENGTH:
+        return envelope_response(request, "webhook_invalid",
+                                 "The X-GitHub-Event and X-GitHub-Delivery headers are required "
+                                 f"(a delivery id of at most {DELIVERY_ID_MAX_LENGTH} characters).", status=400)
+    try:
+        payload = _decode(request, body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return envelope_response(request, "invalid_json", f"The webhook body is not valid JSON: {exc}", status=400)
+    repo_name = webhooks.repository_full_name(payload)
+    repositories = (services.verified_repositories(repo_name=repo_name, body=body, signature=signature)
+                    if repo_name else [])
+    if not repositories:
+        return _unauthorized(request)
+
+    if event_name == "ping":
+        return JsonResponse({"ok": True})
+    if event_name not in webhooks.SUPPORTED_EVENTS:
+        return JsonResponse({"ok": True, "event": event_name, "ignored": True}, status=202)
+    try:
+        event = webhooks.parse_event(event_name, payload)
+    except webhooks.PayloadError as exc:
+        return envelope_response(request, "webhook_invalid", str(exc), status=400)
+    results = [services.handle_webhook_delivery(repository=repository, delivery_id=delivery_id, event=event)
+               for repository in repositories]
+    return JsonResponse({
+        "ok": True, "event": event_name, "delivery_id": delivery_id,
+        "repositories": [_result_json(result) for result in results],
+    })
+
+
+def _result_json(result: services.DeliveryResult) -> dict[str, Any]:
+    org_slug = result.repository.organization.slug
+    return {
+        "organization": org_slug,
+        "repository": result.repository.repo_name,
+        "redelivery": result.redelivery,
+        "builds_created": result.builds_created,
+        "builds": [_build_json(org_slug, build) for build in result.builds],
+        "refused": [{"pipeline": refused.pipeline.slug, "code": refused.code, "message": refused.message}
+                    for refused in result.refused],
+    }
+
+
+def _build_json(org_slug: str, build: Build) -> dict[str, Any]:
+    path = reverse("builds_ui:build", args=[org_slug, build.pipeline.slug, build.number])
+    return {
+        "pipeline": build.pipeline.slug, "number": build.number, "state": build.state,
+        "error_code": build.error_code, "url": f"{settings.PUBLIC_URL}{path}",
+    }
