@@ -11,7 +11,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from builds import services
-from builds.models import Agent, Build, Job, JobDependency, LogChunk
+from builds.models import Agent, Artifact, Build, Job, JobDependency, LogChunk, WebhookDelivery
 from builds.states import TERMINAL_BUILD_STATES
 from harmont.errors import ApiError
 
@@ -133,3 +133,31 @@ class LogChunkAdmin(ReadOnlyAdmin):
     raw_id_fields = ["job"]
     readonly_fields = ["job", "seq", "stream_kind", "content", "ts", "created_at"]
     show_full_result_count = False
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    list_display = ["delivery_id", "event", "repository", "organization", "builds_created", "received_at"]
+    list_filter = ["event", "received_at"]
+    list_select_related = ["repository", "repository__organization"]
+    search_fields = ["=delivery_id", "repository__repo_name", "repository__organization__slug"]
+    readonly_fields = ["repository", "delivery_id", "event", "received_at", "builds_created"]
+    show_full_result_count = False
+
+    @admin.display(description="organization", ordering="repository__organization__slug")
+    def organization(self, delivery: WebhookDelivery) -> str:
+        return delivery.repository.organization.slug
+
+
+@admin.register(Artifact)
+class ArtifactAdmin(ReadOnlyAdmin):
+    list_display = ["path", "build_title", "job", "size", "mime_type", "created_at"]
+    list_select_related = ["build", "build__pipeline", "build__pipeline__organization", "job"]
+    search_fields = ["=id", "path", "=build__id", "=job__id", "sha256"]
+    raw_id_fields = ["build", "job"]
+    readonly_fields = ["id", "build", "job", "path", "size", "sha256", "mime_type", "file", "created_at"]
+    show_full_result_count = False
+
+    @admin.display(description="build", ordering="build__number")
+    def build_title(self, artifact: Artifact) -> str:
+        return f"{artifact.build.pipeline.organization.slug}/{artifact.build.pipeline.slug} #{artifact.build.number}"

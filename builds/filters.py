@@ -1,10 +1,10 @@
-"""Filters of the build list (django-filter), combinable with the keyset cursor."""
+"""Filters of the build and artifact lists (django-filter), combinable with the keyset cursor."""
 
 from __future__ import annotations
 
 import django_filters
 
-from builds.models import Build, BuildSource, BuildState
+from builds.models import Artifact, Build, BuildSource, BuildState
 
 
 class BuildFilter(django_filters.FilterSet):
@@ -18,3 +18,11 @@ class BuildFilter(django_filters.FilterSet):
     class Meta:
         model = Build
         fields = ["branch", "commit", "state", "source", "created_after", "created_before"]
+
+
+class ArtifactFilter(django_filters.FilterSet):
+    job_id = django_filters.UUIDFilter(field_name="job_id")
+
+    class Meta:
+        model = Artifact
+        fields = ["job_id"]

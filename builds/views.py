@@ -29,8 +29,9 @@ from django.views.decorators.http import require_GET, require_POST
 
 from builds import services
 from builds.api import AGENT_LIST_WINDOW, jobs_of
+from builds.artifacts import artifact_response, find_artifact
 from builds.logs import raw_log_response
-from builds.models import Agent, Build, Job
+from builds.models import Agent, Artifact, Build, Job
 from builds.services.jobs import ACTIVE_STATES
 from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
 from harmont.errors import ApiError
@@ -51,6 +52,8 @@ JOB_FIELDS = ("id", "build_id", "position", "step_key", "name", "command", "imag
 # The 2-second poll redraws states only.
 STATUS_JOB_FIELDS = ("id", "build_id", "position", "state", "exit_code", "error_code", "error_message", "started_at",
                      "finished_at")
+# The build page lists this many artifacts (oldest first); the API lists them all.
+ARTIFACTS_ON_PAGE = 100
 
 
 # ---------------------------------------------------------------- formatting
@@ -155,8 +158,14 @@ def build_detail(request: HttpRequest, org: str, pipeline: str, number: int) -> 
     jobs = job_rows(build, now)
     build.duration = format_duration(duration_seconds(build, now))
     base = build_url(build)
+    artifacts = list(Artifact.objects.filter(build=build).only("id", "job_id", "path", "size")
+                     .order_by("created_at", "id")[:ARTIFACTS_ON_PAGE + 1])
+    step_keys = {job.pk: job.step_key for job in jobs}
+    for artifact in artifacts:
+        artifact.step_key = step_keys.get(artifact.job_id, "")
     return render(request, "builds/build.html", page.context(
         pipeline=build.pipeline, build=build, jobs=jobs,
+        artifacts=artifacts[:ARTIFACTS_ON_PAGE], more_artifacts=len(artifacts) > ARTIFACTS_ON_PAGE,
         cancelable=build.state not in TERMINAL_BUILD_STATES,
         page_config={
             "statusUrl": f"{base}/status.json", "logTokenUrl": f"{base}/log-token.json",
@@ -214,6 +223,19 @@ def job_raw_log(request: HttpRequest, org: str, pipeline: str, number: int, job_
     if job is None:
         raise Http404(f"No job {job_id} in build #{build.number}.")
     return raw_log_response(job, request.headers.get("Range"))
+
+
+@login_required
+@require_GET
+def artifact_download(request: HttpRequest, org: str, pipeline: str, number: int,
+                      artifact_id: uuid.UUID) -> HttpResponse:
+    """An artifact's bytes, like `GET /api/v0/.../artifacts/<id>/download` but for a signed-in browser."""
+    page = org_page(request, org)
+    build = page_build(page, pipeline, number)
+    artifact = find_artifact(build=build, artifact_id=artifact_id)
+    if artifact is None:
+        raise Http404(f"No artifact {artifact_id} in build #{build.number}.")
+    return artifact_response(artifact)
 
 
 # ---------------------------------------------------------------- agents and agent tokens (admins)

@@ -17,17 +17,26 @@ from django.urls import reverse
 from django.utils import timezone
 
 from builds import services as build_services
-from builds.models import Agent, Build, Job, JobDependency, JobState, LogChunk
+from builds.models import Agent, Build, Job, JobDependency, JobState, LogChunk, WebhookDelivery
+from builds.artifacts import store_artifact
 from builds.services import ChunkIn
 from harmont.auth import hash_secret
+from harmont.crypto import encrypt_text
 from organizations import services as org_services
 from organizations.models import Role, User
+from pipelines import secrets as secret_services
 from pipelines import services as pipeline_services
+from pipelines.models import Repository
 from tests.conftest import make_build, two_step_ir
 
 pytestmark = pytest.mark.django_db
 
 PROJECT_APPS = {"organizations", "pipelines", "builds"}
+
+
+@pytest.fixture(autouse=True)
+def _media(settings: Any, tmp_path: Any) -> None:
+    settings.MEDIA_ROOT = tmp_path / "media"  # stored artifacts
 
 
 @pytest.fixture
@@ -67,6 +76,12 @@ def populate(n: int) -> None:
         build_services.start_job(job=claim.job)
         build_services.append_log(job=claim.job, chunks=[
             ChunkIn(seq=s, stream_kind=0, content=f"line {s}\n", ts=timezone.now()) for s in (1, 2)])
+        store_artifact(job=claim.job, path=f"reports/{i}.txt", content=b"report")
+        repository = Repository.objects.create(organization=org, url=f"https://x/{i}.git", repo_name=f"x/{i}",
+                                               webhook_secret_encrypted=encrypt_text("s"))
+        WebhookDelivery.objects.create(repository=repository, delivery_id=str(uuid.uuid4()), event="push")
+        secret_services.set_secret(organization=org, pipeline=pipeline if i % 2 else None, name=f"TOKEN_{i}",
+                                   value="s3cret")
         Group.objects.create(name=f"group {i} {tag}")
         assert build.jobs.count() == 2
 
