@@ -9,9 +9,11 @@ from functools import cached_property
 from typing import Any
 
 from django.conf import settings
-from django.db.models import F, Prefetch
-from django.http import HttpResponse
+from django.db import connection
+from django.db.models import Prefetch
+from django.http import FileResponse, HttpResponse
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.renderers import BaseRenderer, JSONRenderer
@@ -20,13 +22,16 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from builds import services
-from builds.filters import BuildFilter
+from builds.artifacts import artifact_response, find_artifact
+from builds.filters import ArtifactFilter, BuildFilter
 from builds.logs import raw_log_head, raw_log_response
-from builds.models import Agent, Build, Job, JobDependency
+from builds.models import Agent, Artifact, Build, Job, JobDependency
 from builds.services.jobs import ACTIVE_STATES
 from builds.serializers import (
     AgentListSerializer,
     AgentStatusSerializer,
+    ArtifactListSerializer,
+    ArtifactSerializer,
     BuildListSerializer,
     BuildSerializer,
     CreateBuildRequestSerializer,
@@ -37,11 +42,13 @@ from builds.serializers import (
 )
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
-from harmont.pagination import paginate
+from harmont.pagination import paginate, paginate_by_creation
+from harmont.rows import Columns
 from harmont.serializers import ErrorSerializer, json_object
 from organizations.access import ORG_PERMISSIONS, OrgScopedMixin, membership_for
-from organizations.models import Membership
+from organizations.models import Membership, Organization, User
 from pipelines.api import PAGE_PARAMS, get_pipeline
+from pipelines.models import Pipeline
 
 # Leading zeros are dropped before the (at most 10) significant digits reach int().
 BUILD_NUMBER = re.compile(r"\+?0*([0-9]{1,10})")
@@ -66,6 +73,44 @@ def build_request_from(body: dict[str, Any], *, also_required: tuple[str, ...] =
     )
 
 
+# The build behind a build-scoped URL, found through the caller's membership of its
+# organization. Every build-scoped request runs it, so it is written out as SQL: the
+# ORM spent about 1 ms of CPU building and compiling this four-table join, PostgreSQL
+# about 0.3 ms planning and answering it. It loads what
+# `select_related("pipeline__organization").only(*BUILD_FIELDS, "pipeline__slug",
+# "pipeline__organization__slug")` would, plus the caller's role.
+SCOPED_BUILD = Columns(Build, BUILD_FIELDS)
+SCOPED_PIPELINE = Columns(Pipeline, ("id", "organization", "slug"))
+SCOPED_ORGANIZATION = Columns(Organization, ("id", "slug"))
+SCOPED_BUILD_SQL = (
+    f"SELECT {SCOPED_BUILD.select('b')}, {SCOPED_PIPELINE.select('p')}, {SCOPED_ORGANIZATION.select('o')}, m.role "
+    f"FROM {Build._meta.db_table} b "
+    f"JOIN {Pipeline._meta.db_table} p ON p.id = b.pipeline_id "
+    f"JOIN {Organization._meta.db_table} o ON o.id = p.organization_id "
+    f"JOIN {Membership._meta.db_table} m ON m.organization_id = o.id "
+    "WHERE o.slug = %s AND m.user_id = %s AND p.slug = %s AND p.archived_at IS NULL AND b.number = %s"
+)
+
+
+def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User) -> Build | None:
+    """Build `number` of an unarchived pipeline of an organization `user` belongs to, or None.
+
+    The build comes with `pipeline` and `pipeline.organization` loaded and the
+    caller's role as `caller_role`; its other columns are deferred.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(SCOPED_BUILD_SQL, [org_slug, user.pk, pipeline_slug, number])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    cells = iter(row)
+    build = SCOPED_BUILD.load(cells, connection)
+    build.pipeline = SCOPED_PIPELINE.load(cells, connection)
+    build.pipeline.organization = SCOPED_ORGANIZATION.load(cells, connection)
+    build.caller_role = next(cells)
+    return build
+
+
 class BuildScopedMixin(OrgScopedMixin):
     """Resolves `self.build` and the caller's membership from org/pipeline/number in one query.
 
@@ -83,17 +128,8 @@ class BuildScopedMixin(OrgScopedMixin):
         number = int(match[1]) if match else None
         build = None
         if number is not None and number < 2**31:
-            build = (
-                # Only the columns a build-scoped route reads: compiling and loading every
-                # column of three tables was most of this request's time.
-                Build.objects.select_related("pipeline__organization")
-                .only(*BUILD_FIELDS, "pipeline__slug", "pipeline__organization__slug")
-                .filter(pipeline__organization__slug=self.kwargs["org"],
-                        pipeline__organization__memberships__user=self.request.user,
-                        pipeline__slug=self.kwargs["pipeline"], pipeline__archived_at__isnull=True, number=number)
-                .annotate(caller_role=F("pipeline__organization__memberships__role"))
-                .first()
-            )
+            build = scoped_build(org_slug=self.kwargs["org"], pipeline_slug=self.kwargs["pipeline"], number=number,
+                                 user=self.request.user)
         if build is None:
             # Say what is missing, in order: the organization, the pipeline, the build.
             membership = membership_for(self.request.user, self.kwargs["org"])
@@ -260,3 +296,48 @@ class AgentListView(OrgScopedMixin, APIView):
         )
         context = {"now": now, "lost_after": settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS}
         return Response({"data": AgentStatusSerializer(agents, many=True, context=context).data})
+
+
+# ------------------------------------------------------------------ artifacts
+
+
+def build_api_url(build: Build) -> str:
+    """The build's absolute API URL (`build` loaded by BuildScopedMixin, with its pipeline and organization)."""
+    return (f"{settings.PUBLIC_URL}/api/v0/organizations/{build.pipeline.organization.slug}/pipelines/"
+            f"{build.pipeline.slug}/builds/{build.number}")
+
+
+class ArtifactListView(BuildScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+
+    @extend_schema(operation_id="listArtifacts", tags=["artifacts"],
+                   parameters=PAGE_PARAMS + [OpenApiParameter("job_id", OpenApiTypes.UUID,
+                                                              description="Only this job's artifacts.")],
+                   responses={200: ArtifactListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
+        """The files the build's jobs stored, oldest first."""
+        filtered = ArtifactFilter(request.query_params, queryset=Artifact.objects.filter(build=self.build))
+        if not filtered.is_valid():
+            fields = {name: [str(m) for m in msgs] for name, msgs in filtered.errors.items()}
+            raise ApiError("invalid_filter", f"Invalid filter: {', '.join(sorted(fields))}.", fields=fields)
+        page = paginate_by_creation(request, filtered.qs)
+        context = {"build_url": build_api_url(self.build)}
+        return Response({"data": ArtifactSerializer(page.items, many=True, context=context).data,
+                         "next_cursor": page.next_cursor})
+
+
+class ArtifactDownloadView(BuildScopedMixin, APIView):
+    permission_classes = ORG_PERMISSIONS
+
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        # The answer is the file whatever the client accepts; errors are the JSON envelope.
+        return super().perform_content_negotiation(request, force=True)
+
+    @extend_schema(operation_id="downloadArtifact", tags=["artifacts"],
+                   responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 404: ErrorSerializer})
+    def get(self, request: Request, org: str, pipeline: str, number: str, artifact_id: str) -> FileResponse:
+        """The artifact's bytes, as an attachment named after the file."""
+        artifact = find_artifact(build=self.build, artifact_id=artifact_id)
+        if artifact is None:
+            raise ApiError("artifact_not_found", f"No artifact {artifact_id} in build #{self.build.number}.")
+        return artifact_response(artifact)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import datetime, tzinfo
+from typing import Any
+
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.settings import api_settings
 
-from builds.models import Agent, BuildSource, BuildState, Job
+from builds.models import Agent, Artifact, Build, BuildSource, BuildState, Job
 from harmont.serializers import page_serializer
 
 
@@ -26,6 +31,53 @@ class BuildSerializer(serializers.Serializer):
     scheduled_at = serializers.DateTimeField(read_only=True, allow_null=True)
     started_at = serializers.DateTimeField(read_only=True, allow_null=True)
     finished_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
+    def to_representation(self, instance: Build) -> dict[str, Any]:
+        # The declared fields above are the schema. Rendering through them would
+        # deep-copy all fourteen for every serializer instance (every build of a
+        # list, every GET build): most of this serializer's cost. `build_data`
+        # produces the same dict directly; a test holds the two equal.
+        return build_data(instance)
+
+
+# An unbound DateTimeField formats exactly as the declared ones do; it needs no parent or context.
+_DATETIME = serializers.DateTimeField()
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _datetime(value: datetime | None, tz: tzinfo) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # never loaded so (USE_TZ); DRF's field decides what a naive value means
+        return _DATETIME.to_representation(value)
+    # DRF's DateTimeField, minus its per-value look-ups of the format and the time zone
+    # (a quarter of a 50-build list's rendering): REST_FRAMEWORK's DATETIME_FORMAT is a
+    # strftime pattern, applied in the current time zone.
+    return value.astimezone(tz).strftime(api_settings.DATETIME_FORMAT)
+
+
+def build_data(build: Build) -> dict[str, Any]:
+    """What BuildSerializer's declared fields render for `build`, key for key, in their order."""
+    tz = timezone.get_current_timezone()
+    return {
+        "id": _text(build.id),
+        "number": None if build.number is None else int(build.number),
+        "state": _text(build.state),
+        "pipeline_slug": _text(build.pipeline.slug),
+        "branch": _text(build.branch),
+        "commit": _text(build.commit),
+        "message": _text(build.message),
+        "source": _text(build.source),
+        "error_code": _text(build.error_code),
+        "error_message": _text(build.error_message),
+        "created_at": _datetime(build.created_at, tz),
+        "scheduled_at": _datetime(build.scheduled_at, tz),
+        "started_at": _datetime(build.started_at, tz),
+        "finished_at": _datetime(build.finished_at, tz),
+    }
 
 
 BuildListSerializer = page_serializer("BuildList", BuildSerializer)
@@ -121,3 +173,21 @@ class AgentStatusSerializer(serializers.ModelSerializer):
 
 class AgentListSerializer(serializers.Serializer):
     data = AgentStatusSerializer(many=True)
+
+
+class ArtifactSerializer(serializers.Serializer):
+    id = serializers.UUIDField(read_only=True)
+    job_id = serializers.UUIDField(read_only=True)
+    path = serializers.CharField(read_only=True, help_text="Relative to the job's $HARMONT_ARTIFACTS.")
+    size = serializers.IntegerField(read_only=True, help_text="Bytes.")
+    sha256 = serializers.CharField(read_only=True)
+    mime_type = serializers.CharField(read_only=True)
+    created_at = serializers.DateTimeField(read_only=True)
+    download_url = serializers.SerializerMethodField(help_text="GET with the same bearer token.")
+
+    def get_download_url(self, artifact: Artifact) -> str:
+        # The build's URL comes from the view (context), which resolved it already: no query per row.
+        return f"{self.context['build_url']}/artifacts/{artifact.pk}/download"
+
+
+ArtifactListSerializer = page_serializer("ArtifactList", ArtifactSerializer)

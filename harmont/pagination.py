@@ -11,9 +11,11 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from django.db.models import Model, QuerySet
+from django.core.exceptions import ValidationError
+from django.db.models import Model, Q, QuerySet
 from rest_framework.request import Request
 
 from harmont.errors import ApiError
@@ -74,4 +76,41 @@ def paginate(request: Request, queryset: QuerySet[M], *, key: str, descending: b
     has_more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(getattr(rows[-1], key)) if has_more else None
+    return Page(rows, next_cursor)
+
+
+def encode_time_cursor(created_at: datetime, pk: Any) -> str:
+    payload = {"t": created_at.isoformat(), "i": str(pk)}
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+
+def _invalid_cursor() -> ApiError:
+    return ApiError("invalid_cursor", "cursor does not decode; pass a next_cursor from this list.")
+
+
+def paginate_by_creation(request: Request, queryset: QuerySet[M]) -> Page[M]:
+    """One keyset page of `queryset`, oldest first, ordered by `(created_at, pk)`.
+
+    For tables keyed by UUIDs, where no integer column orders the rows: the
+    cursor is the last row's creation time and primary key, and the pair is
+    unique, so rows created in the same microsecond are neither skipped nor
+    repeated. An index on `(..., created_at, id)` answers each page.
+    """
+    limit = parse_limit(request)
+    cursor = request.query_params.get("cursor")
+    if cursor:
+        try:
+            padded = cursor + "=" * (-len(cursor) % 4)
+            data: Any = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+            created_at = datetime.fromisoformat(data["t"])
+            pk = queryset.model._meta.pk.to_python(data["i"])
+        except (binascii.Error, UnicodeError, ValueError, TypeError, KeyError, ValidationError):
+            raise _invalid_cursor() from None
+        if created_at.tzinfo is None or pk is None:
+            raise _invalid_cursor()
+        queryset = queryset.filter(Q(created_at__gt=created_at) | Q(created_at=created_at, pk__gt=pk))
+    rows = list(queryset.order_by("created_at", "pk")[: limit + 1])
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_time_cursor(rows[-1].created_at, rows[-1].pk) if has_more else None
     return Page(rows, next_cursor)
