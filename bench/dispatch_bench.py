@@ -320,7 +320,9 @@ def migrate_and_seed(jobs_per_build: int, command: str) -> tuple[Seed, Seed]:
     seeds = []
     for name in (ORG_NAME, PROBE_ORG):
         org = create_organization(name=name, owner=user)
-        pipeline = create_pipeline(org=org, name=PIPELINE_NAME, repository=f"https://example.com/{name}/app.git",
+        # No repository: root jobs then start from an empty workspace (no source to fetch),
+        # so what is measured is dispatch, not a clone per job.
+        pipeline = create_pipeline(org=org, name=PIPELINE_NAME, repository="", repo_name=f"{name}/app",
                                    default_branch="main", definition=definition(jobs_per_build, command))
         agent_token = create_agent_token(organization=org, created_by=user, description="dispatch bench").raw
         seeds.append(Seed(org=org.slug, pipeline=pipeline.slug, api_token=api_token, agent_token=agent_token))
@@ -347,6 +349,11 @@ def shorten_sql(statement: str) -> str:
     import re
 
     statement = re.sub(r'"([a-z_]+)"\."([a-z_]+)"', r"\2", statement)
+    cte = re.match(r"WITH \w+ AS \((UPDATE|INSERT INTO|DELETE FROM) \"?([a-z_]+)", statement)
+    if cte:  # a data-modifying WITH: what it changes, then what it reads
+        read = re.findall(r"FROM \"?([a-z_]+)", statement.split("RETURNING", 1)[-1])
+        tables = [t for t in read if t != "ended"]
+        return f"WITH ({cte.group(1).split()[0]} {cte.group(2)}) SELECT {', '.join(dict.fromkeys(tables)) or '?'}"
     match = re.match(r"(SELECT|UPDATE|INSERT|DELETE|SAVEPOINT|RELEASE)\b(.*)", statement, re.DOTALL)
     if not match:
         return statement[:80]
@@ -364,6 +371,8 @@ def measure_agent_calls(probe: Seed, jobs_per_build: int, runs_file: Path) -> di
 
     Goes through the full middleware and DRF stack with django.test.Client, against the
     probe organization (its own agent token), so the measured agents never see these jobs.
+    The first build's jobs go as an agent coming back from idle does them (claim, start,
+    finish); the others as a busy agent does (start, then a finish that claims the next job).
     """
     from django.db import connection
     from django.test import Client
@@ -371,7 +380,7 @@ def measure_agent_calls(probe: Seed, jobs_per_build: int, runs_file: Path) -> di
 
     client = Client()
     costs = {name: CallCost(name) for name in ("create build (REST)", "claim (200)", "start", "finish",
-                                               "claim (204, idle)")}
+                                               "finish + next claim", "claim (204, idle)")}
 
     def call(name: str, path: str, token: str, body: dict[str, Any] | None = None, expect: int = 200) -> Any:
         with CaptureQueriesContext(connection) as captured:
@@ -394,15 +403,19 @@ def measure_agent_calls(probe: Seed, jobs_per_build: int, runs_file: Path) -> di
     register = client.post("/api/v0/agent/register", data=json.dumps({"name": "probe-agent"}),
                            content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {probe.agent_token}")
     session = register.json()["session_token"]
-    for _ in range(3 * jobs_per_build):
-        claimed = call("claim (200)", "/api/v0/agent/claim", session)
+    handed_over = None
+    for i in range(3 * jobs_per_build):
+        busy = i >= jobs_per_build
+        claimed = handed_over or call("claim (200)", "/api/v0/agent/claim", session)
         job_id, job_token = claimed["job"]["id"], claimed["job_token"]
         call("start", f"/api/v0/agent/jobs/{job_id}/start", job_token, {"agent_name": "probe-agent"})
         # What a real agent sends for a silent command: two meta lines riding on the finish.
         now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
         chunks = [{"seq": 1, "stream_kind": 2, "content": "harmont-agent: running job on probe-agent\n", "ts": now},
                   {"seq": 2, "stream_kind": 2, "content": "harmont-agent: exit status 0\n", "ts": now}]
-        call("finish", f"/api/v0/agent/jobs/{job_id}/finish", job_token, {"exit_code": 0, "chunks": chunks})
+        answer = call("finish + next claim" if busy else "finish", f"/api/v0/agent/jobs/{job_id}/finish", job_token,
+                      {"exit_code": 0, "chunks": chunks, "claim_next": busy})
+        handed_over = answer.get("next")
     for _ in range(5):
         call("claim (204, idle)", "/api/v0/agent/claim", session, expect=204)
     return costs
@@ -523,93 +536,10 @@ class AgentProc:
     log_path: Path
 
 
-# `--agent-exec-wait`: an experiment, not the product. The stock `Agent._execute` checks
-# `process.poll()` and then sleeps 50 ms, so even `true` holds its agent >= 50 ms. Here
-# `poll()` instead waits up to 50 ms for the exit (Popen.wait returns within a millisecond
-# of it), which is what changing the loop's `time.sleep(0.05)` into a wait on the
-# process would do. Nothing else of the agent changes.
-EXEC_WAIT_BOOTSTRAP = """
-import subprocess, sys, types
-import builds.agent as agent
-
-class WaitingPopen(subprocess.Popen):
-    def poll(self):
-        try:
-            return self.wait(timeout=0.05)
-        except subprocess.TimeoutExpired:
-            return None
-
-agent.subprocess = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess)
-                                            if not k.startswith('__')})
-agent.subprocess.Popen = WaitingPopen
-sys.exit(agent.main(sys.argv[1:]))
-"""
-
-
-# `--server-experiment NAME[,NAME]`: experiments, not the product. Each is a gunicorn
-# `post_worker_init` hook that replaces one function in every worker, to measure what a
-# suggested change to the server would buy. Nothing outside bench/ is edited.
-#
-# lock-build-of-self: the stock `builds.states.lock_build` is
-#   `select_for_update().select_related("pipeline")`, and PostgreSQL's FOR UPDATE without
-#   OF locks the rows of every table in the query: the build's *pipeline* row too, so
-#   every job transition of every build of a pipeline (and create_build's counter UPDATE)
-#   queues on that one row. The replacement locks only the build (`of=("self",)`).
-# claim-start-without-build-lock: the stock claim and start each take the build's row lock
-#   and run settle_build (lock, read every job and edge of the build, roll up), although
-#   the only roll-up a claim or a start can cause is scheduled -> running and the build's
-#   first started_at. The replacements do exactly that with conditional UPDATEs, no lock;
-#   finish (the transition that schedules, skips and ends builds) is unchanged.
-SERVER_EXPERIMENTS = {
-    "lock-build-of-self": """
-    from builds import states
-    from builds.models import Build
-
-    def lock_build(build_id):
-        return Build.objects.select_for_update(of=("self",)).select_related("pipeline").get(pk=build_id)
-
-    states.lock_build = lock_build
-""",
-    "claim-start-without-build-lock": """
-    from django.db import transaction
-    from django.utils import timezone
-
-    from builds import services, states
-    from builds.models import Build, BuildState, Job, JobState
-    from builds.services import jobs as job_services
-    from harmont.auth import JOB_CREDENTIAL_PREFIX, hash_secret, new_prefixed_secret
-
-    def claim_job(*, agent, now=None):
-        now = now or timezone.now()
-        for _ in range(5):
-            with transaction.atomic():
-                candidate = (Job.objects.select_for_update(skip_locked=True)
-                             .filter(organization_id=agent.organization_id, state=JobState.SCHEDULED)
-                             .order_by("scheduled_at", "position").only("id", "build_id").first())
-                if candidate is None:
-                    return None
-                credential = new_prefixed_secret(JOB_CREDENTIAL_PREFIX)
-                won = states.transition_jobs([candidate.pk], to=JobState.ASSIGNED, now=now, agent=agent,
-                                             credential_hash=hash_secret(credential), assigned_at=now,
-                                             last_heartbeat_at=now)
-            if won:
-                Build.objects.filter(pk=candidate.build_id, state=BuildState.SCHEDULED).update(
-                    state=BuildState.RUNNING)
-                job = Job.objects.select_related("build", "build__pipeline").get(pk=candidate.pk)
-                return job_services.Claim(job, credential)
-        return None
-
-    def start_job(*, job, now=None):
-        now = now or timezone.now()
-        states.transition_jobs([job.pk], to=JobState.RUNNING, now=now, last_heartbeat_at=now)
-        Build.objects.filter(pk=job.build_id, started_at__isnull=True).update(started_at=now)
-        job_services.touch(job, now)
-        return Job.objects.values_list("state", flat=True).get(pk=job.pk)
-
-    services.claim_job = claim_job
-    services.start_job = start_job
-""",
-}
+# Experiments, not the product: a gunicorn `post_worker_init` hook (a config file in the
+# run's temp dir) replaces functions in every worker, to measure what a change to the
+# server would buy before it is made. bench/stream_bench.py has a table of them
+# (`--server-experiment`); the dispatch changes they measured here are in the code now.
 
 
 def wait_for_experiment(log_path: Path, workers: int = WORKERS, timeout: float = 30) -> None:
@@ -622,16 +552,16 @@ def wait_for_experiment(log_path: Path, workers: int = WORKERS, timeout: float =
         time.sleep(0.2)
 
 
-def experiment_config(names: list[str], table: dict[str, str] | None = None) -> str:
+def experiment_config(names: list[str], table: dict[str, str]) -> str:
     """A gunicorn config file whose post_worker_init applies the named experiments and says so."""
-    body = "".join((table or SERVER_EXPERIMENTS)[name] for name in names)
+    body = "".join(table[name] for name in names)
     marker = ("\n    import os, sys\n    print(f'harmont-bench experiment applied in pid {os.getpid()}', "
               "file=sys.stderr, flush=True)\n")
     return f"def post_worker_init(worker):\n{body}{marker}"
 
 
 def start_agents(count: int, *, server: str, token: str, poll_interval: float, work: Path,
-                 env: dict[str, str], exec_wait: bool = False) -> list[AgentProc]:
+                 env: dict[str, str]) -> list[AgentProc]:
     agents = []
     # The agent needs no Django settings or database; give it none, as on a separate machine.
     agent_env = {k: v for k, v in env.items() if k not in ("DATABASE_URL", "HARMONT_SECRET_KEY")}
@@ -639,10 +569,8 @@ def start_agents(count: int, *, server: str, token: str, poll_interval: float, w
         name = f"bench-agent-{i}"
         log_path = work / f"{name}.log"
         with log_path.open("w") as log:
-            launcher = [sys.executable, "-c", EXEC_WAIT_BOOTSTRAP] if exec_wait else [
-                sys.executable, "manage.py", "runagent"]
             process = subprocess.Popen(
-                [*launcher, "--server", server, "--token", token, "--name", name,
+                [sys.executable, "manage.py", "runagent", "--server", server, "--token", token, "--name", name,
                  "--workdir", str(work / name), "--poll-interval", str(poll_interval)],
                 cwd=BASE_DIR, env=agent_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own group: cleanup kills it and anything it left behind
@@ -829,10 +757,7 @@ def report(phases: list[Phase], costs: dict[str, CallCost], args: argparse.Names
         f"{PG_HOST}:{PG_PORT}/{DB_NAME}")
     say(f"server: gunicorn harmont.asgi:application, {WORKERS} uvicorn workers (REST via a2wsgi threads), "
         f"CONN_MAX_AGE={conn_max_age}, access log off")
-    variant = " (EXPERIMENT: exec loop waits on the process)" if args.agent_exec_wait else ""
-    if args.server_experiment:
-        say(f"EXPERIMENT on the server: {args.server_experiment} (see SERVER_EXPERIMENTS in bench/dispatch_bench.py)")
-    say(f"agents: {args.agents} x `manage.py runagent --poll-interval {args.poll_interval}`{variant}; jobs: "
+    say(f"agents: {args.agents} x `manage.py runagent --poll-interval {args.poll_interval}`; jobs: "
         f"{args.builds} builds x {args.jobs_per_build} independent jobs per phase, cmd {args.command!r}")
     say()
     head = f"  {'':<44}" + "".join(f"{p.name:>14}" for p in phases)
@@ -886,18 +811,18 @@ def report(phases: list[Phase], costs: dict[str, CallCost], args: argparse.Names
     say("Fixed costs, measured after the phases:")
     if stack:
         say(f"  HTTP stack, GET /api/v0/ping (no auth, no query), wrk -c8: {stack[0]:.2f} ms server CPU per "
-            f"request ({stack[1]:.0f} req/s); an agent makes 3 requests per job")
+            f"request ({stack[1]:.0f} req/s); a busy agent makes 2 requests per job")
     say(f"  the agent's spawn of `bash -c` (Popen, new session, two pipes, wait): {spawn[0]:.1f} ms wall, "
         f"{spawn[1]:.1f} ms CPU")
-    say("  the agent's exec loop sleeps 50 ms between poll()s, so every job holds its agent >= 50 ms")
     say()
     say("Per call, in-process through the full middleware stack (django.test.Client, no HTTP, no contention):")
     say(f"  {'call':<24} {'queries':>8} {'ms p50':>8}")
     for cost in costs.values():
         say(f"  {cost.name:<24} {statistics.median(cost.queries):8.0f} {percentile(cost.seconds, 50) * 1000:8.2f}")
-    per_job = sum(statistics.median(costs[n].queries) for n in ("claim (200)", "start", "finish"))
-    per_job_ms = sum(percentile(costs[n].seconds, 50) for n in ("claim (200)", "start", "finish")) * 1000
-    say(f"  {'claim + start + finish':<24} {per_job:8.0f} {per_job_ms:8.2f}   (one job, server side, "
+    busy = ("start", "finish + next claim")
+    per_job = sum(statistics.median(costs[n].queries) for n in busy)
+    per_job_ms = sum(percentile(costs[n].seconds, 50) for n in busy) * 1000
+    say(f"  {'start + finish/claim':<24} {per_job:8.0f} {per_job_ms:8.2f}   (one job of a busy agent, server side, "
         f"no HTTP/ASGI overhead)")
     if args.show_queries:
         for cost in costs.values():
@@ -946,19 +871,11 @@ def main() -> int:
                         help="each job's cmd; the default appends the job id to a file (a bash builtin, as "
                              "cheap as `true`) so the script can prove every job ran exactly once")
     parser.add_argument("--show-queries", action="store_true", help="print the SQL of each agent call")
-    parser.add_argument("--server-experiment", default="",
-                        help=f"experiments, comma list: patch the server in each worker ({', '.join(SERVER_EXPERIMENTS)}; "
-                             "see SERVER_EXPERIMENTS)")
-    parser.add_argument("--agent-exec-wait", action="store_true",
-                        help="experiment: agents wait on the command's exit instead of the 50 ms sleep loop")
     parser.add_argument("--keep", action="store_true", help=f"keep the {DB_NAME} database afterwards")
     args = parser.parse_args()
     names = [n.strip() for n in args.phases.split(",") if n.strip()]
     if not names or any(n not in ("burst", "paced") for n in names):
         parser.error("--phases takes burst and/or paced")
-    experiments = [n.strip() for n in args.server_experiment.split(",") if n.strip()]
-    if any(n not in SERVER_EXPERIMENTS for n in experiments):
-        parser.error(f"--server-experiment takes {', '.join(SERVER_EXPERIMENTS)}")
 
     raise_on_sigterm()
     ensure_postgres()
@@ -977,27 +894,17 @@ def main() -> int:
 
         say(f"load average at start: {loadavg()}")
         seed, probe = migrate_and_seed(args.jobs_per_build, args.command)
-        if experiments:  # the in-process query counts below then show the experiment too
-            scope: dict[str, Any] = {}
-            exec(experiment_config(experiments), scope)  # noqa: S102 (our own constant source)
-            scope["post_worker_init"](None)
         costs = measure_agent_calls(probe, args.jobs_per_build, work / "probe-runs.txt")
         conn_max_age = settings.DATABASES["default"].get("CONN_MAX_AGE")
         relations = table_oids()
         connections.close_all()
 
         port = free_port()
-        config = None
-        if experiments:
-            config = work / "gunicorn_experiment.py"
-            config.write_text(experiment_config(experiments))
-        server = start_server(port, work / "gunicorn.log", env, config=config)
+        server = start_server(port, work / "gunicorn.log", env)
         base = f"http://127.0.0.1:{port}"
-        if experiments:
-            wait_for_experiment(work / "gunicorn.log")
         say(f"server on {base}; starting {args.agents} agents (poll interval {args.poll_interval} s)")
         agents = start_agents(args.agents, server=base, token=seed.agent_token, poll_interval=args.poll_interval,
-                              work=work, env=env, exec_wait=args.agent_exec_wait)
+                              work=work, env=env)
         wait_for_agents(seed.org, args.agents, agents)
         time.sleep(1.0)  # let every agent reach its idle poll loop
 

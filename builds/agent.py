@@ -7,6 +7,7 @@ One job at a time:
   claim → fetch source / parent workspace → start → run `bash -c cmd` in its own
   process group, shipping output as numbered chunks every 500 ms and
   heartbeating → upload the workspace (if a `builds_in` child needs it) → finish.
+A busy agent's finish also claims its next job (`claim_next`), one request less per job.
 
 Every request is retried with backoff on network errors and 5xx answers. Log
 chunks carry a per-job sequence number and the server stores each (job, seq)
@@ -16,6 +17,7 @@ once, so a retried batch never duplicates or loses output.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import http.client
 import io
 import json
@@ -23,10 +25,13 @@ import logging
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -36,6 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from builds.checkout import SourceError, fetch_tarball, git_checkout
+
 log = logging.getLogger("harmont.agent")
 
 VERSION = "1.0"
@@ -43,6 +50,7 @@ STDOUT, STDERR, META = 0, 1, 2
 FLUSH_INTERVAL = 0.5  # seconds between log shipments while a command runs
 MAX_CHUNK_CHARS = 64 * 1024
 HEARTBEAT_INTERVAL = 5.0
+RENDERER = Path(__file__).with_name("render_pipeline.py")
 
 
 class AgentError(Exception):
@@ -92,28 +100,39 @@ class Transport:
             conn.close()
             self._local.conn = None
 
-    def request(self, method: str, path: str, *, token: str, body: Any = None, raw: bytes | None = None,
-                content_type: str = "application/json", retry: bool = True) -> tuple[int, bytes]:
-        """Send until the server gives a non-5xx answer (or retrying is stopped); returns (status, body)."""
+    def request(self, method: str, path: str, *, token: str, body: Any = None, raw: bytes | Any = None,
+                content_type: str = "application/json", retry: bool = True, headers: dict[str, str] | None = None,
+                attempts: int | None = None) -> tuple[int, bytes]:
+        """Send until the server gives a non-5xx answer (or retrying is stopped); returns (status, body).
+
+        `raw` may be a file-like object (sent as it is read, from the start on every
+        attempt; give its Content-Length in `headers`). `attempts` bounds the tries:
+        the last one's 5xx answer is returned, its network error raised.
+        """
         payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        headers = {"Authorization": f"Bearer {token}", "User-Agent": f"harmont-agent/{VERSION}"}
+        headers = {"Authorization": f"Bearer {token}", "User-Agent": f"harmont-agent/{VERSION}", **(headers or {})}
         if payload is not None:
             headers["Content-Type"] = content_type
         delay = 0.5
+        attempt = 0
         while True:
+            attempt += 1
+            last = not retry or (attempts is not None and attempt >= attempts)
             try:
+                if hasattr(payload, "seek"):
+                    payload.seek(0)
                 conn = self._connection()
                 conn.request(method, self.base_path + path, body=payload, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
-                if response.status < 500 or not retry:
+                if response.status < 500 or last:
                     if response.will_close:
                         self._drop_connection()
                     return response.status, data
                 log.warning("%s %s: server error %s; retrying", method, path, response.status)
             except (OSError, http.client.HTTPException) as exc:
                 self._drop_connection()
-                if not retry:
+                if last:
                     raise
                 log.warning("%s %s: %s; retrying in %.1fs", method, path, exc, delay)
             if self.stop_retrying.is_set():
@@ -148,10 +167,18 @@ class JobSpec:
     timeout_seconds: int
     image: str | None
     step_key: str
-    source_path: str | None
+    # Where a root job's code comes from: {"kind": "archive", "path"} (uploaded with the
+    # build), {"kind": "url", "url", "sha256"} (a tarball) or {"kind": "git", "url",
+    # "commit", "branch"} (clone the repository); None: start empty.
+    source: dict[str, Any] | None
     parent_workspace_path: str | None
     upload_workspace: bool
     cancel_grace_seconds: float
+    # A render job: {"source_slug", "result_path"}; the agent renders the pipeline
+    # from the checked-out `.hm/*.py` instead of running a command.
+    render: dict[str, Any] | None = None
+    # Secret values in `env`: the shipper replaces them with [REDACTED] (SecretMasker).
+    mask: list[str] = field(default_factory=list)
 
     @classmethod
     def from_claim(cls, data: dict[str, Any]) -> "JobSpec":
@@ -159,15 +186,78 @@ class JobSpec:
         return cls(
             id=job["id"], token=data["job_token"], command=job["command"], env=job["env"],
             timeout_seconds=job["timeout_seconds"], image=job.get("image"), step_key=job["step_key"],
-            source_path=job.get("source_path"), parent_workspace_path=job.get("parent_workspace_path"),
+            source=job.get("source"), parent_workspace_path=job.get("parent_workspace_path"),
+            render=job.get("render"),
             upload_workspace=job.get("upload_workspace", False),
             cancel_grace_seconds=job.get("cancel_grace_seconds", 10),
+            mask=job.get("mask", []),
         )
+
+
+REDACTED = "[REDACTED]"
+# Shorter values are injected but not masked: replacing every "1" or "ok" in a log would
+# destroy the output and, by the holes it leaves, tell the value anyway.
+MIN_MASKED_LENGTH = 3
+
+
+class SecretMasker:
+    """Replaces secret values with [REDACTED] in one stream of output that arrives in pieces.
+
+    A value may be split across two reads of a pipe, so the end of a piece that
+    could be the start of a value (at most len(longest value) - 1 characters, and
+    usually nothing) is held back and masked together with the next piece;
+    `close()` releases it at the end of the output. Besides each value, each line
+    of a multi-line value is masked (a key file printed line by line), all with
+    surrounding whitespace stripped; longer values are replaced first.
+    """
+
+    def __init__(self, values: list[str]) -> None:
+        candidates = {part.strip() for value in values for part in (value, *value.splitlines())}
+        self.values = sorted((c for c in candidates if len(c) >= MIN_MASKED_LENGTH), key=lambda c: (-len(c), c))
+        self.pattern = re.compile("|".join(map(re.escape, self.values))) if self.values else None
+        self.tail = ""
+
+    def feed(self, text: str) -> str:
+        """The masked text that can be shipped now; a possible start of a value is kept for later."""
+        if self.pattern is None:
+            return text
+        raw = self.tail + text
+        cut = self._held_from(raw, 0)
+        out: list[str] = []
+        pos = 0
+        for match in self.pattern.finditer(raw):
+            if match.start() >= cut:
+                break
+            out += [raw[pos:match.start()], REDACTED]
+            pos = match.end()
+            if pos > cut:  # a whole value ran into the held part: keep back only what follows it
+                cut = self._held_from(raw, pos)
+        out.append(raw[pos:cut])
+        self.tail = raw[cut:]
+        return "".join(out)
+
+    def close(self) -> str:
+        """The output ended: what was held back, masked."""
+        rest, self.tail = self.tail, ""
+        return self.pattern.sub(REDACTED, rest) if self.pattern is not None and rest else rest
+
+    def _held_from(self, raw: str, lo: int) -> int:
+        """Where the longest suffix of raw[lo:] that is a proper prefix of some value starts (len(raw): none)."""
+        end = len(raw)
+        start = end
+        for value in self.values:
+            # Only lengths that would hold back more than already found; the first
+            # character is compared before the whole prefix.
+            for length in range(min(len(value) - 1, end - lo), end - start, -1):
+                if raw[end - length] == value[0] and raw.endswith(value[:length]):
+                    start = end - length
+                    break
+        return start
 
 
 @dataclass
 class LogShipper:
-    """Numbers output chunks and ships them in order; a failed batch is re-sent as it was."""
+    """Masks secrets in output, numbers the chunks and ships them in order; a failed batch is re-sent as it was."""
 
     transport: Transport
     job: JobSpec
@@ -176,15 +266,29 @@ class LogShipper:
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     timeout_requested: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    maskers: dict[int, SecretMasker] = field(default_factory=dict)  # one per stream kind
 
     def add(self, stream_kind: int, text: str) -> None:
         if not text:
             return
         with self.lock:
-            for start in range(0, len(text), MAX_CHUNK_CHARS):
-                self.seq += 1
-                self.pending.append({"seq": self.seq, "stream_kind": stream_kind,
-                                     "content": text[start:start + MAX_CHUNK_CHARS], "ts": utcnow_iso()})
+            masker = self.maskers.get(stream_kind)
+            if masker is None:
+                masker = self.maskers[stream_kind] = SecretMasker(self.job.mask)
+            self._number(stream_kind, masker.feed(text))
+
+    def close(self) -> None:
+        """The output is over: release what the maskers held back (masked) as the last chunks."""
+        with self.lock:
+            for stream_kind, masker in sorted(self.maskers.items()):
+                self._number(stream_kind, masker.close())
+
+    def _number(self, stream_kind: int, text: str) -> None:
+        # Called with the lock held, with text already masked.
+        for start in range(0, len(text), MAX_CHUNK_CHARS):
+            self.seq += 1
+            self.pending.append({"seq": self.seq, "stream_kind": stream_kind,
+                                 "content": text[start:start + MAX_CHUNK_CHARS], "ts": utcnow_iso()})
 
     def flush(self) -> None:
         with self.lock:
@@ -213,6 +317,10 @@ class Agent:
         self.once = once
         self.session: str | None = None
         self.current_job: JobSpec | None = None
+        # The last finish report also asked for the next job (`claim_next`): its answer, a job
+        # or None for "none waiting", stands in for the next claim.
+        self.handed_over: dict[str, Any] | None = None
+        self.has_handover = False
         self.stopping = threading.Event()  # first SIGTERM: finish the current job, claim no more
         self.abort = threading.Event()  # second SIGTERM: cancel the current job too
 
@@ -242,7 +350,9 @@ class Agent:
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             self.register()
-            while not self.stopping.is_set():
+            # A job handed over with the last finish is this agent's already: it runs even if a
+            # stop signal came meanwhile, like a job claimed just before one.
+            while self.handed_over is not None or not self.stopping.is_set():
                 claimed = self.claim()
                 if claimed is None:
                     if self.once:
@@ -260,6 +370,7 @@ class Agent:
                     # request was wrong): give the job up, keep serving the others.
                     log.error("job %s abandoned: %s", job.id, exc)
                     shutil.rmtree(self.workdir / job.id, ignore_errors=True)
+                    shutil.rmtree(self._artifacts_dir(job), ignore_errors=True)
                 finally:
                     self.current_job = None
                 if self.once:
@@ -285,6 +396,9 @@ class Agent:
 
     def claim(self) -> dict[str, Any] | None:
         assert self.session
+        if self.has_handover:
+            claimed, self.handed_over, self.has_handover = self.handed_over, None, False
+            return claimed
         status, data = self.transport.request("POST", "/api/v0/agent/claim", token=self.session, body={})
         if status == 204:
             return None
@@ -303,7 +417,7 @@ class Agent:
         shipper = LogShipper(self.transport, job)
         try:
             self._prepare_workspace(job, workspace, shipper)
-        except (AgentError, OSError, tarfile.TarError) as exc:
+        except (AgentError, OSError, tarfile.TarError, SourceError) as exc:
             shipper.add(META, f"harmont-agent: could not prepare the workspace: {exc}\n")
             self._ship_final(shipper)
             self._finish(job, {"exit_code": None, "error_code": "workspace_unavailable",
@@ -320,26 +434,78 @@ class Agent:
             shipper.add(META, f"harmont-agent: image {job.image} requested; running on the agent host "
                               f"(no container engine)\n")
         shipper.add(META, f"harmont-agent: running {job.step_key} on {self.name}\n")
-        result = self._execute(job, workspace, shipper)
+        artifacts = self._artifacts_dir(job)
+        shutil.rmtree(artifacts, ignore_errors=True)
+        artifacts.mkdir(parents=True)
+        if job.render:
+            result = self._render(job, workspace, shipper)
+        else:
+            result = self._execute(job, workspace, shipper)
         if job.upload_workspace and result.get("outcome") is None and result.get("exit_code") == 0:
             self._upload_workspace(job, workspace, shipper)
+        self._upload_artifacts(job, artifacts, shipper)  # whatever the result; never changes it
         self._ship_final(shipper)
         self._finish(job, result, shipper)
         shutil.rmtree(workspace, ignore_errors=True)
 
     def _prepare_workspace(self, job: JobSpec, workspace: Path, shipper: LogShipper) -> None:
-        for path, what in ((job.source_path, "source"), (job.parent_workspace_path, "parent workspace")):
-            if path:
-                archive = self.transport.download(path, token=job.token)
-                unpack(archive, workspace)
-                shipper.add(META, f"harmont-agent: unpacked {what} ({len(archive)} bytes)\n")
+        source = job.source or {}
+        if source.get("kind") == "archive":
+            archive = self.transport.download(source["path"], token=job.token)
+            unpack(archive, workspace)
+            shipper.add(META, f"harmont-agent: unpacked source ({len(archive)} bytes)\n")
+        elif source.get("kind") == "url":
+            archive = fetch_tarball(source["url"], sha256=source.get("sha256"))
+            unpack(archive, workspace)
+            shipper.add(META, f"harmont-agent: unpacked source from {source['url']} ({len(archive)} bytes)\n")
+        elif source.get("kind") == "git":
+            revision = git_checkout(source["url"], commit=source["commit"], branch=source.get("branch"),
+                                    workspace=workspace)
+            shipper.add(META, f"harmont-agent: checked out {source['url']} at {revision}\n")
+        if job.parent_workspace_path:
+            archive = self.transport.download(job.parent_workspace_path, token=job.token)
+            unpack(archive, workspace)
+            shipper.add(META, f"harmont-agent: unpacked parent workspace ({len(archive)} bytes)\n")
 
-    def _execute(self, job: JobSpec, workspace: Path, shipper: LogShipper) -> dict[str, Any]:
+    def _render(self, job: JobSpec, workspace: Path, shipper: LogShipper) -> dict[str, Any]:
+        """Render the build's pipeline from the checkout and send its IR; the server plans the rest."""
+        assert job.render is not None
+        output = self.workdir / f"{job.id}.pipeline.json"
+        output.unlink(missing_ok=True)
+        argv = [sys.executable, "-I", str(RENDERER), job.render["source_slug"], str(output)]
+        result = self._execute(job, workspace, shipper, argv=argv)
+        if result.get("outcome") is not None:
+            return result
+        try:
+            if result.get("exit_code") != 0:
+                problem = f"the renderer exited with status {result.get('exit_code')}"
+            else:
+                document = json.loads(output.read_text())
+                answer = self.transport.json("POST", job.render["result_path"], token=job.token,
+                                             body={"pipeline_ir": document}, ok=(200, 422))
+                if "error" not in answer:
+                    shipper.add(META, f"harmont-agent: pipeline sent; {answer['jobs']} jobs planned\n")
+                    return result
+                # The server already failed the build with the planner's reason.
+                problem = f"the server rejected the rendered pipeline: {answer['error']['message']}"
+                shipper.add(META, f"harmont-agent: render failed: {problem}\n")
+                return {**result, "error_code": "render_failed", "error_message": problem[:2000]}
+        except (OSError, ValueError) as exc:
+            problem = f"the renderer left no pipeline: {exc}"
+        finally:
+            output.unlink(missing_ok=True)
+        shipper.add(META, f"harmont-agent: render failed: {problem}\n")
+        self.transport.json("POST", job.render["result_path"], token=job.token, body={"error": problem})
+        return {**result, "error_code": "render_failed", "error_message": problem[:2000]}
+
+    def _execute(self, job: JobSpec, workspace: Path, shipper: LogShipper,
+                 argv: list[str] | None = None) -> dict[str, Any]:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", str(workspace)),
                "LANG": "C.UTF-8",
-               **job.env, "HARMONT_JOB_ID": job.id, "HARMONT_WORKSPACE": str(workspace)}
+               **job.env, "HARMONT_JOB_ID": job.id, "HARMONT_WORKSPACE": str(workspace),
+               "HARMONT_ARTIFACTS": str(self._artifacts_dir(job))}
         process = subprocess.Popen(
-            ["bash", "-c", job.command], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
+            argv or ["bash", "-c", job.command], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
         readers = [threading.Thread(target=pump, args=(stream, kind, shipper), daemon=True)
@@ -409,6 +575,70 @@ class Agent:
         if status != 204:
             shipper.add(META, f"harmont-agent: workspace upload refused ({status}): {body[:300]!r}\n")
 
+    # ------------------------------------------------------------ artifacts
+
+    def _artifacts_dir(self, job: JobSpec) -> Path:
+        # Beside the workspaces, not inside the job's: the workspace is packed for builds_in children.
+        return self.workdir / "artifacts" / job.id
+
+    def _upload_artifacts(self, job: JobSpec, directory: Path, shipper: LogShipper) -> None:
+        """Upload every file the job left under $HARMONT_ARTIFACTS, then remove the directory.
+
+        A file that is not stored (too large, over the build's limit, a path the
+        server refuses, the server unreachable) gets a line in the job's log; the
+        job's result never changes because of an artifact.
+        """
+        try:
+            files, skipped = collect_artifacts(directory)
+            for relative, reason in skipped:
+                shipper.add(META, f"harmont-agent: skipped artifact {relative}: {reason}\n")
+            if not files:
+                return
+            # Stored uploads count as signs of life, but one large file may take longer to
+            # send than the server waits between heartbeats.
+            with KeepAlive(self.transport, job):
+                for relative, path, nofollow in files:
+                    if not self._upload_artifact(job, relative, path, nofollow, shipper):
+                        break
+        except Exception as exc:  # noqa: BLE001 - whatever goes wrong here, the job's report must still go out
+            log.exception("job %s: uploading artifacts failed", job.id)
+            shipper.add(META, f"harmont-agent: artifacts not uploaded: {exc}\n")
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _upload_artifact(self, job: JobSpec, relative: str, path: Path, nofollow: bool,
+                         shipper: LogShipper) -> bool:
+        """PUT one file; False when the rest can't be stored either (the job ended, the server is gone)."""
+        try:
+            # O_NONBLOCK: a file swapped for a FIFO meanwhile must not hang the agent; O_NOFOLLOW:
+            # nor may one swapped for a link to outside the directory be read.
+            flags = os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if nofollow else 0)
+            with os.fdopen(os.open(path, flags), "rb") as file:
+                info = os.fstat(file.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    shipper.add(META, f"harmont-agent: skipped artifact {relative}: not a regular file\n")
+                    return True
+                body = BoundedReader(file, info.st_size)
+                digest = body.sha256()
+                query = urllib.parse.urlencode({"path": relative, "sha256": digest})
+                status, data = self.transport.request(
+                    "PUT", f"/api/v0/agent/jobs/{job.id}/artifacts?{query}", token=job.token, raw=body,
+                    content_type="application/octet-stream", headers={"Content-Length": str(info.st_size)},
+                    attempts=ARTIFACT_UPLOAD_ATTEMPTS)
+        except (OSError, http.client.HTTPException, AgentError) as exc:
+            shipper.add(META, f"harmont-agent: artifact {relative} not uploaded: {exc}\n")
+            return not isinstance(exc, AgentError)  # AgentError here: the agent is stopping
+        if status in (200, 201):
+            shipper.add(META, f"harmont-agent: uploaded artifact {relative} ({info.st_size} bytes)\n")
+            return True
+        try:
+            error = json.loads(data)["error"]
+            code, message = error["code"], error["message"]
+        except (ValueError, KeyError, TypeError):
+            code, message = f"HTTP {status}", data[:300].decode(errors="replace")
+        shipper.add(META, f"harmont-agent: artifact {relative} refused ({code}): {message}\n")
+        return status != 401 and code != "job_not_active"
+
     def _ship_final(self, shipper: LogShipper) -> None:
         # Large tails go ahead on their own; a small one rides along with the finish report.
         if sum(len(chunk["content"]) for chunk in shipper.pending) > MAX_CHUNK_CHARS:
@@ -417,9 +647,14 @@ class Agent:
     def _finish(self, job: JobSpec, result: dict[str, Any], shipper: LogShipper | None = None) -> None:
         body = dict(result)
         if shipper is not None:
+            shipper.close()
             with shipper.lock:
                 body["chunks"] = list(shipper.pending)
-        self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/finish", token=job.token, body=body)
+        # A busy agent's next claim rides along with the report, unless it may claim no more.
+        body["claim_next"] = not (self.once or self.stopping.is_set())
+        answer = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/finish", token=job.token, body=body)
+        if body["claim_next"] and "next" in answer:  # left out by a retried report (and by older servers)
+            self.handed_over, self.has_handover = answer["next"], True
 
 
 def pump(stream: io.BufferedReader, kind: int, shipper: LogShipper) -> None:
@@ -447,6 +682,112 @@ def stop_process_group(process: subprocess.Popen, *, grace: float) -> None:
         os.killpg(process.pid, signal.SIGKILL)  # also reaps children that outlived the leader
     except ProcessLookupError:
         pass
+
+
+ARTIFACT_UPLOAD_ATTEMPTS = 3
+
+
+class BoundedReader:
+    """A file read as a request body of exactly `size` bytes (its size when it was opened).
+
+    A job's background process may still be appending to it; sending more bytes
+    than the Content-Length announced would break the connection.
+    """
+
+    def __init__(self, file: io.BufferedReader, size: int) -> None:
+        self.file = file
+        self.size = size
+        self.remaining = size
+
+    def seek(self, offset: int) -> None:
+        self.file.seek(offset)
+        self.remaining = self.size - offset
+
+    def read(self, n: int = -1) -> bytes:
+        if self.remaining <= 0:
+            return b""
+        data = self.file.read(self.remaining if n is None or n < 0 else min(n, self.remaining))
+        self.remaining -= len(data)
+        return data
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        self.seek(0)
+        while chunk := self.read(1024 * 1024):
+            digest.update(chunk)
+        self.seek(0)
+        return digest.hexdigest()
+
+
+def printable(name: str) -> str:
+    """A file name as UTF-8 text (bytes that aren't UTF-8 become U+FFFD), for the log and the server."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def collect_artifacts(directory: Path) -> tuple[list[tuple[str, Path, bool]], list[tuple[str, str]]]:
+    """The files to upload from `directory` as (relative path, path to open, open without following links),
+    and the entries skipped with the reason.
+
+    A symbolic link is uploaded only if it leads to a regular file inside the
+    directory: a job must not make the agent upload what it can read elsewhere
+    on the host (its own token, other jobs' workspaces). Linked directories are
+    not entered.
+    """
+    root = directory.resolve()
+    files: list[tuple[str, Path, bool]] = []
+    skipped: list[tuple[str, str]] = []
+    for current, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        base = Path(current)
+        linked_dirs = [name for name in dirnames if (base / name).is_symlink()]
+        for name in sorted(filenames + linked_dirs):
+            path = base / name
+            relative = printable(path.relative_to(root).as_posix())
+            try:
+                if path.is_symlink():
+                    target = path.resolve()
+                    if not target.is_relative_to(root):
+                        skipped.append((relative, "a symbolic link to outside $HARMONT_ARTIFACTS"))
+                    elif not target.is_file():
+                        skipped.append((relative, "a symbolic link to no regular file"))
+                    else:
+                        files.append((relative, target, False))
+                elif not stat.S_ISREG(path.lstat().st_mode):
+                    skipped.append((relative, "not a regular file"))
+                else:
+                    files.append((relative, path, True))
+            except (OSError, RuntimeError) as exc:  # removed meanwhile, a link loop
+                skipped.append((relative, str(exc)))
+    return files, skipped
+
+
+class KeepAlive:
+    """Heartbeats a job from a thread while the agent is busy with one long request."""
+
+    def __init__(self, transport: Transport, job: JobSpec) -> None:
+        self.transport = transport
+        self.job = job
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"keepalive-{job.id}", daemon=True)
+
+    def __enter__(self) -> "KeepAlive":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=HEARTBEAT_INTERVAL * 2)
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.wait(HEARTBEAT_INTERVAL):
+                try:
+                    self.transport.request("POST", f"/api/v0/agent/jobs/{self.job.id}/heartbeat",
+                                           token=self.job.token, body={}, retry=False)
+                except (OSError, http.client.HTTPException):
+                    pass  # the next one may get through; the uploads report their own failures
+        finally:
+            self.transport._drop_connection()  # this thread's connection
 
 
 def pack(directory: Path) -> bytes:

@@ -11,13 +11,14 @@ because each authentication class looks only in its own table.
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from django.conf import settings
 from django.http import FileResponse
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import authentication, exceptions, serializers, status
 from rest_framework.parsers import BaseParser
 from rest_framework.permissions import BasePermission
@@ -26,8 +27,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from builds import services
-from builds.models import Agent, Build, Job, JobState
-from builds.services.jobs import builds_in_links, builds_in_parent, job_for_credential
+from builds.artifacts import store_artifact
+from builds.models import Agent, Build, Job, JobKind, JobState
+from builds.services.jobs import agent_for_session, builds_in_links, builds_in_parent, job_for_credential
 from builds.states import TERMINAL_JOB_STATES
 from harmont.auth import (
     AGENT_SESSION_PREFIX,
@@ -36,8 +38,9 @@ from harmont.auth import (
     hash_secret,
 )
 from harmont.errors import ApiError, validation_error
-from harmont.serializers import ErrorSerializer, validated
+from harmont.serializers import ErrorSerializer, json_object, validated
 from organizations.models import AgentToken
+from pipelines.secrets import secrets_for_job
 
 LIVE_JOB_STATES = frozenset({JobState.ASSIGNED, JobState.RUNNING, JobState.CANCELING, JobState.TIMING_OUT})
 
@@ -86,9 +89,10 @@ class AgentSessionAuthentication(AgentTokenAuthentication):
         raw = _bearer(request, AGENT_SESSION_PREFIX)
         if raw is None:
             return None
-        agent = Agent.objects.select_related("token").filter(session_hash=hash_secret(raw)).first()
-        # Revoking the organization's token stops its agents at their next request.
-        if agent is None or agent.token.revoked_at is not None or agent.stopped_at is not None:
+        # Revoking the organization's token stops its agents at their next request. The
+        # checks are in the query (one answer for all three cases); every idle poll pays it.
+        agent = agent_for_session(raw)
+        if agent is None:
             raise exceptions.AuthenticationFailed("Unknown agent session, or its agent token was revoked.")
         return AgentPrincipal(agent.name), agent
 
@@ -98,8 +102,8 @@ class JobCredentialAuthentication(AgentTokenAuthentication):
         raw = _bearer(request, JOB_CREDENTIAL_PREFIX)
         if raw is None:
             return None
-        job = job_for_credential(raw)
-        if job is None or (job.agent is not None and job.agent.token.revoked_at is not None):
+        job = job_for_credential(raw)  # None also when the job's agent token was revoked
+        if job is None:
             raise exceptions.AuthenticationFailed("Unknown job credential, or its agent token was revoked.")
         return AgentPrincipal(f"job {job.pk}"), job
 
@@ -158,6 +162,22 @@ class AgentSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class SourceSpec(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["archive", "url", "git"], help_text=(
+        "archive: GET `path` with the job credential and unpack it; url: download the tarball at `url` and check "
+        "`sha256` when given; git: clone the repository at `url` and check out `commit` (`HEAD`: tip of `branch`)."))
+    path = serializers.CharField(allow_null=True)
+    url = serializers.CharField(allow_null=True)
+    sha256 = serializers.CharField(allow_null=True)
+    commit = serializers.CharField(allow_null=True)
+    branch = serializers.CharField(allow_null=True)
+
+
+class RenderSpec(serializers.Serializer):
+    source_slug = serializers.CharField(help_text="The pipeline to render from the checkout's .hm/*.py.")
+    result_path = serializers.CharField(help_text="POST the rendered IR (or the failure) here.")
+
+
 class JobSpecSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     build_id = serializers.UUIDField()
@@ -169,11 +189,14 @@ class JobSpecSerializer(serializers.Serializer):
     env = serializers.DictField(child=serializers.CharField())
     timeout_seconds = serializers.IntegerField()
     image = serializers.CharField(allow_null=True)
-    source_path = serializers.CharField(allow_null=True, help_text="GET with the job credential; unpack into "
-                                                                   "the workspace first.")
+    source = SourceSpec(allow_null=True, help_text="Where a root job's code comes from; null: start empty.")
     parent_workspace_path = serializers.CharField(allow_null=True, help_text="The builds_in parent's files.")
     upload_workspace = serializers.BooleanField(help_text="PUT the workspace after the command passes.")
     cancel_grace_seconds = serializers.IntegerField()
+    mask = serializers.ListField(child=serializers.CharField(trim_whitespace=False),
+                                 help_text="Secret values in `env`: replace them with [REDACTED] in the output shipped.")
+    render = RenderSpec(allow_null=True, help_text="Set for a render job: render the pipeline instead of "
+                                                   "running `command`.")
 
 
 class ClaimResponse(serializers.Serializer):
@@ -208,8 +231,76 @@ class FinishRequest(serializers.Serializer):
     exit_code = serializers.IntegerField(allow_null=True, required=False, min_value=-1, max_value=65535)
     signal = serializers.IntegerField(allow_null=True, required=False, min_value=1, max_value=255)
     outcome = serializers.ChoiceField(choices=["canceled", "timed_out"], allow_null=True, required=False)
-    error_code = serializers.ChoiceField(choices=["workspace_unavailable"], allow_null=True, required=False)
+    error_code = serializers.ChoiceField(choices=["workspace_unavailable", "render_failed"], allow_null=True,
+                                         required=False)
     error_message = serializers.CharField(allow_null=True, required=False, allow_blank=True, max_length=2000)
+    claim_next = serializers.BooleanField(required=False, default=False, help_text=(
+        "Also claim this agent's next job: the answer's `next` is then what `claim` would have answered "
+        "(null: none waiting). Only the report that ends the job claims; a retried one leaves `next` out."))
+
+
+class FinishResponse(Directive):
+    next = ClaimResponse(required=False, allow_null=True, help_text="Only when the report asked for `claim_next`.")
+
+
+# Agents send a few log chunks with every shipment and every finish, and checking them
+# with the nested serializers above cost more than the rest of such a request. The
+# checks below pass only input those serializers would take as it is, with the same
+# values; anything else (None) goes through the serializers, so bad input still gets
+# their 422 and per-field messages.
+_CHUNK_FIELDS = ChunkSerializer().fields
+_FINISH_FIELDS = FinishRequest().fields
+REPORT_FIELDS = ("exit_code", "signal", "outcome", "error_code", "error_message")
+
+
+def _int_within(value: Any, field: serializers.IntegerField) -> bool:
+    return type(value) is int and field.min_value <= value <= field.max_value  # bool is no int here
+
+
+def _choice(value: Any, field: serializers.ChoiceField) -> bool:
+    return isinstance(value, str) and value in field.choices
+
+
+def plain_chunks(items: Any) -> list[services.ChunkIn] | None:
+    """A list of well-formed chunks, checked by hand; None when anything is off (see above)."""
+    if not isinstance(items, list):
+        return None
+    chunks = []
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        seq, kind, content, ts = item.get("seq"), item.get("stream_kind"), item.get("content"), item.get("ts")
+        if not (_int_within(seq, _CHUNK_FIELDS["seq"]) and type(kind) is int
+                and kind in _CHUNK_FIELDS["stream_kind"].choices
+                and type(content) is str and "\x00" not in content and type(ts) is str):
+            return None
+        try:
+            when = _CHUNK_FIELDS["ts"].to_internal_value(ts)  # the serializer's own parsing and time zone
+        except serializers.ValidationError:
+            return None
+        chunks.append(services.ChunkIn(seq, kind, content, when))
+    return chunks
+
+
+def plain_finish(body: dict[str, Any]) -> dict[str, Any] | None:
+    """A well-formed finish report, checked by hand; None when anything is off (see above)."""
+    chunks = plain_chunks(body["chunks"]) if "chunks" in body else []
+    if chunks is None:
+        return None
+    report = {name: body.get(name) for name in REPORT_FIELDS}
+    exit_code, signal, outcome, error_code, message = report.values()
+    if ((exit_code is not None and not _int_within(exit_code, _FINISH_FIELDS["exit_code"]))
+            or (signal is not None and not _int_within(signal, _FINISH_FIELDS["signal"]))
+            or (outcome is not None and not _choice(outcome, _FINISH_FIELDS["outcome"]))
+            or (error_code is not None and not _choice(error_code, _FINISH_FIELDS["error_code"]))):
+        return None
+    if message is not None and not (type(message) is str and message == message.strip() and "\x00" not in message
+                                    and len(message) <= _FINISH_FIELDS["error_message"].max_length):
+        return None  # (the serializer trims whitespace; such a message takes the long way)
+    claim_next = body.get("claim_next", False)
+    if type(claim_next) is not bool:
+        return None
+    return {"chunks": chunks, "claim_next": claim_next, **report}
 
 
 def directive(state: str) -> dict[str, Any]:
@@ -224,8 +315,12 @@ def job_spec(job: Job) -> dict[str, Any]:
     build: Build = job.build
     links = builds_in_links(job)
     root = links.parent_id is None
+    # Secrets override the job's own env (the pipeline's, the step's and the build request's),
+    # so a build request can't put its own value under an admin's secret name; the server's
+    # variables come last (secret names can't take them: pipelines.secrets.is_reserved_name).
+    secrets = secrets_for_job(organization_id=build.pipeline.organization_id, pipeline_id=build.pipeline_id)
     env = {
-        **job.env,
+        **job.env, **secrets,
         "CI": "true", "HARMONT": "true", "HARMONT_BUILD_ID": str(build.pk), "HARMONT_BUILD_NUMBER": str(build.number),
         "HARMONT_PIPELINE_SLUG": build.pipeline.slug, "HARMONT_BRANCH": build.branch, "HARMONT_COMMIT": build.commit,
         "HARMONT_STEP_KEY": job.step_key,
@@ -234,11 +329,27 @@ def job_spec(job: Job) -> dict[str, Any]:
         "id": job.pk, "build_id": build.pk, "build_number": build.number, "pipeline_slug": build.pipeline.slug,
         "step_key": job.step_key, "name": job.name, "command": job.command, "env": env,
         "timeout_seconds": job.timeout_seconds, "image": job.image,
-        "source_path": f"/api/v0/internal/builds/{build.pk}/source.tar.gz" if root and build.source_archive else None,
+        "source": source_spec(build) if root else None,
         "parent_workspace_path": None if root else f"/api/v0/agent/jobs/{job.pk}/parent-workspace",
         "upload_workspace": links.has_children,
         "cancel_grace_seconds": settings.AGENT_CANCEL_GRACE_SECONDS,
+        "mask": list(dict.fromkeys(secrets.values())),
+        "render": {"source_slug": build.pipeline.source_slug, "result_path": f"/api/v0/agent/jobs/{job.pk}/pipeline"}
+        if job.kind == JobKind.RENDER else None,
     }
+
+
+def source_spec(build: Build) -> dict[str, Any] | None:
+    """Where the build's code comes from: the upload, a tarball URL, else the pipeline's repository."""
+    spec = dict.fromkeys(("path", "url", "sha256", "commit", "branch"))
+    if build.source_archive:
+        return {**spec, "kind": "archive", "path": f"/api/v0/internal/builds/{build.pk}/source.tar.gz"}
+    if build.source_url:
+        return {**spec, "kind": "url", "url": build.source_url, "sha256": build.source_sha256}
+    repository = build.pipeline.repository.strip()
+    if repository:
+        return {**spec, "kind": "git", "url": repository, "commit": build.commit, "branch": build.branch}
+    return None
 
 
 # ------------------------------------------------------------------ views
@@ -282,7 +393,11 @@ class ClaimView(AgentView):
         claim = services.claim_job(agent=agent, now=now)
         if claim is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
-        return Response({"job": JobSpecSerializer(job_spec(claim.job)).data, "job_token": claim.credential})
+        return Response(claim_answer(claim))
+
+
+def claim_answer(claim: services.Claim) -> dict[str, Any]:
+    return {"job": JobSpecSerializer(job_spec(claim.job)).data, "job_token": claim.credential}
 
 
 class StartView(JobView):
@@ -310,25 +425,45 @@ class LogsView(JobView):
     def post(self, request: Request, job_id: str) -> Response:
         """Append output chunks. A chunk whose seq is already stored is ignored (safe to retry)."""
         job = self.job(request, job_id)
-        chunks = [services.ChunkIn(**chunk) for chunk in validated(LogsRequest, request)["chunks"]]
+        chunks = plain_chunks(json_object(request).get("chunks"))
+        if chunks is None:
+            chunks = [services.ChunkIn(**chunk) for chunk in validated(LogsRequest, request)["chunks"]]
         services.append_log(job=job, chunks=chunks)
-        state = Job.objects.values_list("state", flat=True).get(pk=job.pk)
-        return Response(directive(state))
+        # The job's state as its credential was checked, a moment ago: as fresh as a read here.
+        return Response(directive(job.state))
 
 
 class FinishView(JobView):
     @extend_schema(operation_id="agentFinishJob", tags=["agent"], request=FinishRequest,
-                   responses={200: Directive, 401: ErrorSerializer, 422: ErrorSerializer})
+                   responses={200: FinishResponse, 401: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request, job_id: str) -> Response:
-        """The command ended (or could not start). Safe to retry."""
+        """The command ended (or could not start). Safe to retry.
+
+        With `claim_next`, the answer also hands the agent its next job, which
+        spares a busy agent one request per job.
+        """
         job = self.job(request, job_id)
-        data = validated(FinishRequest, request)
-        if data.get("chunks"):
-            services.append_log(job=job, chunks=[services.ChunkIn(**chunk) for chunk in data["chunks"]], alive=False)
-        state = services.report_finish(job=job, exit_code=data.get("exit_code"), signal=data.get("signal"),
-                                       outcome=data.get("outcome"), error_code=data.get("error_code"),
-                                       error_message=data.get("error_message"))
-        return Response(directive(state))
+        report = plain_finish(json_object(request))
+        if report is None:
+            data = validated(FinishRequest, request)
+            report = {name: data.get(name) for name in REPORT_FIELDS}
+            report["chunks"] = [services.ChunkIn(**chunk) for chunk in data.get("chunks") or []]
+            report["claim_next"] = data["claim_next"]
+        # As the credential was checked: a job already over means this is a retry (its first
+        # attempt's answer got lost), which must not claim a second job for the same agent.
+        live = job.state not in TERMINAL_JOB_STATES
+        state = services.report_finish(job=job, exit_code=report["exit_code"], signal=report["signal"],
+                                       outcome=report["outcome"], error_code=report["error_code"],
+                                       error_message=report["error_message"], chunks=report["chunks"])
+        answer = directive(state)
+        if report["claim_next"] and live:
+            # As a claim with the agent's session would: the credential's check already refused
+            # a revoked agent token; a stopped agent gets nothing more.
+            claim = None
+            if job.agent_id and job.agent_serving:
+                claim = services.jobs.claim_for_agent(agent_id=job.agent_id, organization_id=job.organization_id)
+            answer["next"] = claim_answer(claim) if claim is not None else None
+        return Response(answer)
 
 
 class WorkspaceUploadView(JobView):
@@ -379,3 +514,74 @@ class SourceArchiveView(AgentView):
             raise ApiError("source_not_found", "This build has no uploaded source.")
         return _archive_response(job.build.source_archive, f"{job.build_id}.tar.gz")
 
+
+
+class RenderResultRequest(serializers.Serializer):
+    pipeline_ir = serializers.JSONField(required=False, help_text="The rendered v0 IR (object or JSON string).")
+    error = serializers.CharField(required=False, max_length=10_000, trim_whitespace=False,
+                                  help_text="Why the render failed, instead of an IR.")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if ("pipeline_ir" in attrs) == ("error" in attrs):
+            raise serializers.ValidationError({"pipeline_ir": ["Send exactly one of pipeline_ir and error."]})
+        return attrs
+
+
+class RenderResultView(JobView):
+    @extend_schema(operation_id="agentRenderResult", tags=["agent"], request=RenderResultRequest,
+                   responses={200: inline_serializer("RenderAccepted", {"jobs": serializers.IntegerField()}),
+                              401: ErrorSerializer, 409: ErrorSerializer, 422: ErrorSerializer})
+    def post(self, request: Request, job_id: str) -> Response:
+        """A render job's result: the IR the rest of the build is planned from, or why rendering failed.
+
+        Safe to retry. A rejected IR is 422 `build_plan_rejected` (the build failed);
+        a reported failure fails the build with `render_failed`.
+        """
+        job = self.job(request, job_id)
+        data = validated(RenderResultRequest, request)
+        if "error" in data:
+            services.fail_render(job=job, message=data["error"])
+            return Response({"jobs": 0})
+        return Response({"jobs": services.accept_rendered_pipeline(job=job, document=data["pipeline_ir"])})
+
+
+# ------------------------------------------------------------------ artifacts
+
+
+class StoredArtifactSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    path = serializers.CharField()
+    size = serializers.IntegerField()
+    sha256 = serializers.CharField()
+    mime_type = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+class ArtifactUploadView(JobView):
+    @extend_schema(
+        operation_id="agentUploadArtifact", tags=["agent"],
+        parameters=[
+            OpenApiParameter("path", str, required=True,
+                             description="The file's path relative to $HARMONT_ARTIFACTS, `/`-separated."),
+            OpenApiParameter("sha256", str, description="The file's SHA-256 (hex); checked against the bytes."),
+        ],
+        request={"application/octet-stream": {"type": "string", "format": "binary"}},
+        responses={201: StoredArtifactSerializer, 200: StoredArtifactSerializer, 401: ErrorSerializer,
+                   409: ErrorSerializer, 413: ErrorSerializer, 422: ErrorSerializer},
+    )
+    def put(self, request: Request, job_id: str) -> Response:
+        """Store one file of the job's artifacts (the raw bytes, with a Content-Length).
+
+        201: stored; 200: the same bytes were already stored at this path (a retry).
+        """
+        job = self.job(request, job_id)
+        length = request.META.get("CONTENT_LENGTH") or ""
+        if request.META.get("HTTP_TRANSFER_ENCODING") or (length and not length.isdigit()):
+            # Without a length the WSGI body reads as empty: the file would be stored truncated.
+            raise ApiError("invalid_request", "Send the artifact's bytes with a Content-Length header "
+                                              "(not chunked).", status=411)
+        # Read from the request stream as it arrives (request.body would hold the whole file in memory).
+        stored = store_artifact(job=job, path=request.query_params.get("path", ""), size=int(length or 0),
+                                content=request.stream or io.BytesIO(), sha256=request.query_params.get("sha256"))
+        return Response(StoredArtifactSerializer(stored.artifact).data,
+                        status=status.HTTP_201_CREATED if stored.created else status.HTTP_200_OK)

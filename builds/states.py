@@ -4,7 +4,7 @@ Nothing else writes `Job.state` or `Build.state`. Every job transition is a
 compare-and-set (`UPDATE ... WHERE state IN (<allowed sources>)`), so when two
 writers race (an agent finishing while a user cancels) exactly one wins and the
 loser sees zero rows changed. Work on one build is serialised by locking its
-row first (`settle_build`), so roll-ups never interleave.
+row first (`lock_build`, `lock_build_for_roll_up`), so roll-ups never interleave.
 """
 
 from __future__ import annotations
@@ -12,12 +12,15 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from django.db import transaction
+from django.db import connection, models, transaction
+from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
-from builds.models import Build, BuildState, Job, JobDependency, JobState
+from builds.models import Build, BuildState, EdgeKind, Job, JobDependency, JobState
 
 J = JobState
 
@@ -114,11 +117,62 @@ def follow_ups(states: Mapping[uuid.UUID, str],
     return changes
 
 
-def transition_jobs(job_ids: Iterable[uuid.UUID], *, to: str, now: datetime, **fields: object) -> int:
-    """Compare-and-set: move the given jobs to `to` where the table allows; returns rows changed."""
+def transition_jobs(job_ids: Iterable[uuid.UUID], *, to: str, now: datetime,
+                    only_from: Iterable[str] | None = None, **fields: object) -> int:
+    """Compare-and-set: move the given jobs to `to` where the table allows; returns rows changed.
+
+    `only_from` narrows the allowed sources further, e.g. to the one state a
+    decision was made from: if the job moved on meanwhile, nothing changes.
+
+    SQL rather than QuerySet.update(): every start and finish of a job runs
+    this, and building the ORM's UPDATE cost twice what running it does.
+    """
     ids = list(job_ids)
-    if not ids:
+    sources = _sources(to, only_from)
+    if not ids or not sources:
         return 0
+    assignments, params = job_assignments(_transition_values(to, now, fields))
+    params += [db_value(Job, "id", job_id) for job_id in ids] + sorted(sources)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE builds_job SET {assignments} WHERE id IN ({', '.join(['%s'] * len(ids))})"
+            f" AND state IN ({', '.join(['%s'] * len(sources))})",
+            params,
+        )
+        return cursor.rowcount
+
+
+@dataclass(frozen=True)
+class Add:
+    """A column value for `job_assignments`: add to the column instead of setting it."""
+
+    amount: int
+
+
+def job_assignments(values: Mapping[str, object]) -> tuple[str, list[Any]]:
+    """`col = %s, ...` and its parameters for an UPDATE of builds_job, from field names and values."""
+    assignments, params = [], []
+    for name, value in values.items():
+        column = Job._meta.get_field(name).column
+        if isinstance(value, Add):
+            assignments.append(f"{column} = {column} + %s")
+            params.append(value.amount)
+        else:
+            assignments.append(f"{column} = %s")
+            params.append(db_value(Job, name, value.pk if isinstance(value, models.Model) else value))
+    return ", ".join(assignments), params
+
+
+def _transition(jobs: QuerySet[Job], *, to: str, now: datetime, **fields: object) -> int:
+    """`transition_jobs` for the jobs of a queryset."""
+    return jobs.filter(state__in=_sources(to, None)).update(**_transition_values(to, now, fields))
+
+
+def _sources(to: str, only_from: Iterable[str] | None) -> frozenset[str]:
+    return sources_for(to) if only_from is None else sources_for(to) & frozenset(only_from)
+
+
+def _transition_values(to: str, now: datetime, fields: Mapping[str, object]) -> dict[str, object]:
     values: dict[str, object] = {"state": to, **fields}
     if to in TERMINAL_JOB_STATES:
         values.setdefault("finished_at", now)
@@ -126,7 +180,85 @@ def transition_jobs(job_ids: Iterable[uuid.UUID], *, to: str, now: datetime, **f
         values.setdefault("scheduled_at", now)
     elif to == J.RUNNING:
         values.setdefault("started_at", now)
-    return Job.objects.filter(pk__in=ids, state__in=sources_for(to)).update(**values)
+    return values
+
+
+def db_value(model: type[models.Model], field: str, value: Any) -> Any:
+    """`value` as the ORM would send it for that column, for the few statements written as SQL.
+
+    (UUIDs are text on SQLite, datetimes are stored in UTC, and so on.)
+    """
+    return model._meta.get_field(field).get_db_prep_save(value, connection)
+
+
+@dataclass(frozen=True)
+class Assigned:
+    job_id: Any
+    builds_in_parent_id: uuid.UUID | None  # the job whose files this one starts from
+    builds_in_children: bool  # some job starts from this one's files
+
+
+def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_hash: str,
+                    now: datetime) -> Assigned | None:
+    """scheduled → assigned for the organization's oldest scheduled job (None: none waiting).
+
+    The answer also carries the job's `builds_in` links, which its spec needs.
+
+    One statement, autocommitted, so the claimed row is locked for no longer
+    than the UPDATE itself. On PostgreSQL `FOR UPDATE SKIP LOCKED` lets racing
+    agents each take a different row instead of queueing on the oldest one; the
+    locked row's state is checked again under the lock, so it is still
+    `scheduled`. SQLite runs one writing statement at a time, so there the
+    statement alone decides. Either way one job goes to exactly one agent.
+    Written as SQL because the ORM has no UPDATE ... RETURNING.
+    """
+    skip_locked = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE builds_job SET state = %s, agent_id = %s, credential_hash = %s, assigned_at = %s,"
+            " last_heartbeat_at = %s"
+            " WHERE state = %s AND id = (SELECT id FROM builds_job WHERE organization_id = %s AND state = %s"
+            f" ORDER BY scheduled_at, position LIMIT 1{skip_locked})"
+            " RETURNING id,"
+            " (SELECT prerequisite_id FROM builds_jobdependency WHERE job_id = builds_job.id AND kind = %s LIMIT 1),"
+            " EXISTS (SELECT 1 FROM builds_jobdependency WHERE prerequisite_id = builds_job.id AND kind = %s)",
+            [J.ASSIGNED, db_value(Job, "agent", agent_id), credential_hash, db_value(Job, "assigned_at", now),
+             db_value(Job, "last_heartbeat_at", now), J.SCHEDULED, organization_id, J.SCHEDULED,
+             EdgeKind.BUILDS_IN, EdgeKind.BUILDS_IN],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    job_id, parent_id, children = row
+    return Assigned(job_id, None if parent_id is None else uuid.UUID(str(parent_id)), bool(children))
+
+
+@dataclass(frozen=True)
+class RollUpInputs:
+    """What a build's roll-up needs besides its jobs' states."""
+
+    state: str
+    cancel_requested: bool
+    build_error: bool  # a build-level failure (rejected plan, pipeline timeout)
+    started: bool
+    finished: bool
+
+
+def lock_build_for_roll_up(build_id: uuid.UUID) -> RollUpInputs:
+    """Take the build's row lock (PostgreSQL) and read only what the roll-up needs.
+
+    The same lock as `lock_build`, for the hot path of a job's end: five plain
+    values instead of a model instance (callers are inside a transaction).
+    """
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT state, cancel_requested_at IS NOT NULL, error_code IS NOT NULL, started_at IS NOT NULL,"
+            f" finished_at IS NOT NULL FROM builds_build WHERE id = %s{lock}",
+            [db_value(Build, "id", build_id)],
+        )
+        state, cancel_requested, build_error, started, finished = cursor.fetchone()
+    return RollUpInputs(state, bool(cancel_requested), bool(build_error), bool(started), bool(finished))
 
 
 def lock_build(build_id: uuid.UUID) -> Build:
@@ -192,3 +324,75 @@ def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Bu
             Build.objects.filter(pk=build.pk).update(state=state, started_at=started_at, finished_at=finished_at)
             build.state, build.started_at, build.finished_at = state, started_at, finished_at
         return build
+
+
+def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
+            only_from: Iterable[str] | None = None, **fields: object) -> tuple[bool, set[str]]:
+    """`transition_jobs` for one job that ends, and the states of the build's other jobs.
+
+    The caller holds the build's lock, so the states read are every other
+    job's as of now. Every end of one of the build's jobs queues for that
+    lock: on PostgreSQL a data-modifying WITH does both in one round trip
+    (its read sees the other jobs, not this statement's own update, which is
+    why the job itself is left out of it).
+    """
+    if to not in TERMINAL_JOB_STATES:
+        raise ValueError(f"{to} is not a terminal job state")
+    sources = sorted(_sources(to, only_from))
+    if not sources:
+        return False, set()
+    assignments, params = job_assignments(_transition_values(to, now, fields))
+    job, build = db_value(Job, "id", job_id), db_value(Job, "build", build_id)
+    update = (f"UPDATE builds_job SET {assignments} WHERE id = %s"
+              f" AND state IN ({', '.join(['%s'] * len(sources))})")
+    others = "SELECT DISTINCT state FROM builds_job WHERE build_id = %s AND id <> %s"
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(f"WITH ended AS ({update} RETURNING 1)"
+                           f" SELECT (SELECT COUNT(*) FROM ended), ARRAY({others})",
+                           [*params, job, *sources, build, job])
+            changed, other_states = cursor.fetchone()
+            return bool(changed), set(other_states)
+        cursor.execute(update, [*params, job, *sources])
+        if not cursor.rowcount:
+            return False, set()
+        cursor.execute(others, [build, job])
+        return True, {row[0] for row in cursor.fetchall()}
+
+
+def settle_after_job_end(*, build_id: uuid.UUID, build: RollUpInputs, job_id: uuid.UUID, state: str,
+                         others: set[str], now: datetime) -> None:
+    """What one job's end changes: its dependents and the build's roll-up, without reading the whole build.
+
+    The caller holds the build's lock (`build` is what it read under it), the
+    job just moved to terminal `state`, and `others` are the states of the
+    build's other jobs (`end_job`). A job that passed can only make its own
+    pending dependents ready and, if it was the last one running, end the
+    build: a query only when some job is still pending. The rare cases go
+    through the full `settle_build`: a failure skips its dependents
+    transitively, a cancel or a build-level error decides the roll-up, and a
+    build with no start time yet takes it from its jobs.
+    """
+    if state != J.PASSED or build.cancel_requested or build.build_error or not build.started:
+        settle_build(build_id=build_id, now=now)
+        return
+    present = others | {state}
+    if J.PENDING in present:
+        # pending → scheduled leaves the roll-up as it is (rules 2–5 treat both alike),
+        # so the states read above still decide it.
+        promote_dependents(job_id=job_id, now=now)
+    # The roll-up's rules only ask whether some/every job is in a state: distinct states suffice.
+    rolled = roll_up(present)
+    if rolled in TERMINAL_BUILD_STATES and not build.finished:
+        # No cancel and no build error: terminal means every job is terminal.
+        Build.objects.filter(pk=build_id).update(state=rolled, finished_at=now)
+    elif rolled != build.state:
+        Build.objects.filter(pk=build_id).update(state=rolled)
+
+
+def promote_dependents(*, job_id: uuid.UUID, now: datetime) -> int:
+    """Schedule the pending dependents of `job_id` whose every prerequisite passed or was skipped."""
+    unsatisfied = JobDependency.objects.filter(job=OuterRef("pk")).exclude(prerequisite__state__in=SATISFIED_STATES)
+    ready = Job.objects.filter(state=J.PENDING, prerequisite_edges__prerequisite_id=job_id).exclude(
+        Exists(unsatisfied))
+    return _transition(ready, to=J.SCHEDULED, now=now)

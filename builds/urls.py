@@ -15,6 +15,9 @@ urlpatterns = [
     path(f"{BUILD}/jobs", api.JobListView.as_view(), name="job-list"),
     path(f"{BUILD}/jobs/<str:job_id>", api.JobDetailView.as_view(), name="job-detail"),
     path(f"{BUILD}/jobs/<str:job_id>/log", api.JobLogView.as_view(), name="job-log"),
+    path(f"{BUILD}/artifacts", api.ArtifactListView.as_view(), name="artifact-list"),
+    path(f"{BUILD}/artifacts/<str:artifact_id>/download", api.ArtifactDownloadView.as_view(),
+         name="artifact-download"),
 ]
 
 AGENT_JOB = "agent/jobs/<str:job_id>"
@@ -27,7 +30,9 @@ urlpatterns += [
     path(f"{AGENT_JOB}/heartbeat", agent_api.HeartbeatView.as_view(), name="agent-job-heartbeat"),
     path(f"{AGENT_JOB}/logs", agent_api.LogsView.as_view(), name="agent-job-logs"),
     path(f"{AGENT_JOB}/finish", agent_api.FinishView.as_view(), name="agent-job-finish"),
+    path(f"{AGENT_JOB}/pipeline", agent_api.RenderResultView.as_view(), name="agent-job-pipeline"),
     path(f"{AGENT_JOB}/workspace", agent_api.WorkspaceUploadView.as_view(), name="agent-job-workspace"),
+    path(f"{AGENT_JOB}/artifacts", agent_api.ArtifactUploadView.as_view(), name="agent-job-artifacts"),
     path(f"{AGENT_JOB}/parent-workspace", agent_api.ParentWorkspaceView.as_view(), name="agent-parent-workspace"),
     path("internal/builds/<str:build_uuid>/source.tar.gz", agent_api.SourceArchiveView.as_view(),
          name="build-source"),

@@ -62,10 +62,16 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "The `cursor` query parameter must be a `next_cursor` value returned by the same list endpoint."),
     ("invalid_filter", "invalid_request", "Invalid filter",
      "A list filter in the query string has a value of the wrong kind (for example a date that does not parse)."),
+    ("webhook_invalid", "invalid_request", "Webhook delivery invalid",
+     "The webhook lacks the X-GitHub-Event or X-GitHub-Delivery header, or its payload lacks a field the event needs "
+     "(such as `ref` and `after` of a push, or `pull_request.head.sha`)."),
     ("cli_code_invalid", "invalid_request", "CLI login code not valid",
      "The CLI login nonce or paste code is unknown, not yet authorized, already used, or expired. Start the login again."),
     ("unauthorized", "unauthorized", "Authentication required",
      "Send `Authorization: Bearer <token>` with a session token or a personal API token that is neither revoked nor expired."),
+    ("webhook_signature_invalid", "unauthorized", "Webhook signature invalid",
+     "The webhook's X-Hub-Signature-256 is missing or is not the HMAC-SHA256 of the body under the webhook secret "
+     "of a repository registered with this name. Set the same secret in GitHub and on the repository."),
     ("forbidden", "forbidden", "Forbidden",
      "The request was refused before it reached the API (for example a Host header this server does not serve)."),
     ("insufficient_org_role", "forbidden", "Role too low",
@@ -94,6 +100,9 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "The build has no uploaded source archive."),
     ("agent_token_not_found", "not_found", "Agent token not found",
      "No agent token with this id exists in the organization."),
+    ("secret_not_found", "not_found", "Secret not found",
+     "No secret with this name exists in the organization (or, under `.../pipelines/{pipeline}/secrets`, in "
+     "that pipeline). Names are case-sensitive, like environment variables."),
     ("method_not_allowed", "invalid_request", "Method not allowed",
      "This endpoint exists but does not accept this HTTP method."),
     ("last_owner", "conflict", "Last owner",
@@ -104,6 +113,12 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "The build has already passed, failed or been skipped; there is nothing left to cancel."),
     ("job_not_active", "conflict", "Job not active",
      "The job has already finished, so an agent can no longer change it."),
+    ("job_not_render", "conflict", "Not a render job",
+     "Only the render job of a build (the one that renders the pipeline from the repository's .hm/*.py on an agent) "
+     "may send the build's pipeline."),
+    ("render_failed", "validation_failed", "Pipeline render failed",
+     "Rendering the pipeline from the repository's .hm/*.py failed on the agent (an exception, no such pipeline, no "
+     ".hm/*.py files). The build failed before any step ran; the render job's log holds the renderer's output."),
     ("already_member", "conflict", "Already a member",
      "The invited person is already a member of this organization."),
     ("payload_too_large", "payload_too_large", "Request body too large",
@@ -114,11 +129,35 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "The build request is missing `branch` or `commit`, or a field such as `env` or `source_b64` is malformed; see `fields`."),
     ("build_plan_rejected", "validation_failed", "Pipeline definition rejected",
      "The v0 IR could not be planned. The build was recorded as failed; its `error_code` and `error_message` say why "
-     "(invalid_json, bad_version, invalid_ir, missing_field, unknown_step_type, duplicate_key, unknown_dependency, cycle, definition_missing)."),
+     "(invalid_json, bad_version, invalid_ir, missing_field, unknown_step_type, duplicate_key, unknown_dependency, cycle, definition_missing). "
+     "A build whose pipeline is rendered on an agent fails the same way, or with `render_failed` when the render "
+     "itself failed."),
+    ("pipeline_envelope_invalid", "validation_failed", "Pipeline envelope invalid",
+     "The pipeline envelope (what harmont.dump_registry_json() prints) is malformed or one of its pipelines is "
+     "invalid; `fields` names each problem, and a definition's message starts with the planner's error code "
+     "(invalid_json, bad_version, invalid_ir, missing_field, unknown_step_type, duplicate_key, unknown_dependency, "
+     "cycle, definition_missing). Nothing was changed."),
     ("pipeline_slug_taken", "validation_failed", "Pipeline slug taken",
      "Another pipeline in this organization already has the slug derived from this name. Choose another name."),
     ("invite_invalid", "validation_failed", "Invite cannot be accepted",
      "The invite token is unknown, revoked, expired, already used, or was sent to another email address."),
+    ("artifact_not_found", "not_found", "Artifact not found",
+     "No artifact with this id exists in the build."),
+    ("artifact_path_invalid", "validation_failed", "Artifact path invalid",
+     "An artifact's path must be relative to $HARMONT_ARTIFACTS: `/`-separated, at most 1000 characters, "
+     "without a leading `/`, `..` segments or control characters."),
+    ("artifact_checksum_mismatch", "validation_failed", "Artifact checksum mismatch",
+     "The SHA-256 of the uploaded bytes differs from the `sha256` the upload named: the file changed or was "
+     "damaged on the way. Nothing was stored."),
+    ("artifact_exists", "conflict", "Artifact already stored",
+     "The job already stored an artifact at this path with different content. Artifacts are immutable: a "
+     "retried upload of the same bytes is accepted, different bytes are not."),
+    ("artifact_too_large", "payload_too_large", "Artifact too large",
+     "The file is larger than one artifact may be (HARMONT_ARTIFACT_MAX_BYTES). It was not stored; the job's "
+     "result is unchanged."),
+    ("build_artifacts_quota_exceeded", "payload_too_large", "Build artifact quota exceeded",
+     "Storing this file would take the build's artifacts together past HARMONT_BUILD_ARTIFACTS_MAX_BYTES. It was "
+     "not stored; the job's result is unchanged."),
     ("rate_limited", "rate_limited", "Too many requests",
      "Slow down: this endpoint limits how often it may be called. Retry after the number of seconds in Retry-After."),
     ("server_error", "server_error", "Server error",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -49,6 +50,19 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
 
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+def env_json_object(name: str) -> dict:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(f"{name} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def database_from_url(url: str) -> dict:
@@ -183,20 +197,37 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"]
+# Stored files (uploaded sources, workspaces, artifacts) go through Django's default storage:
+# files under MEDIA_ROOT, unless HARMONT_STORAGE_BACKEND names another backend (for example
+# django-storages' S3 backend), which gets HARMONT_STORAGE_OPTIONS (a JSON object) as its options.
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": {"BACKEND": env_str("HARMONT_STORAGE_BACKEND", "django.core.files.storage.FileSystemStorage"),
+                "OPTIONS": env_json_object("HARMONT_STORAGE_OPTIONS")},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 MEDIA_ROOT = Path(env_str("HARMONT_MEDIA_ROOT", str(BASE_DIR / "var" / "media")))
 
-# Artifacts: one file, and all of one build's files together, may not exceed these.
-ARTIFACT_MAX_BYTES = env_int("HARMONT_ARTIFACT_MAX_BYTES", 100 * 1024 * 1024, minimum=1)
-BUILD_ARTIFACTS_MAX_BYTES = env_int("HARMONT_BUILD_ARTIFACTS_MAX_BYTES", 1024 * 1024 * 1024, minimum=1)
+# A render job (the pipeline rendered from the repository on an agent) may take this long.
+RENDER_TIMEOUT_SECONDS = env_int("HARMONT_RENDER_TIMEOUT", 600, minimum=10)
 
 # Request bodies: a build may carry its source as base64 in JSON, so the JSON
 # limit is generous; anything above it is a 413 in the error envelope.
 MAX_REQUEST_BYTES = env_int("HARMONT_MAX_REQUEST_BYTES", 64 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
+
+# Artifacts: one file, and all of one build's files together, may not exceed these.
+# One file is one request body, so it can't be larger than a request may be: the
+# per-file limit follows HARMONT_MAX_REQUEST_BYTES unless set lower.
+ARTIFACT_MAX_BYTES = env_int("HARMONT_ARTIFACT_MAX_BYTES", MAX_REQUEST_BYTES, minimum=1)
+if ARTIFACT_MAX_BYTES > MAX_REQUEST_BYTES:
+    raise ImproperlyConfigured(
+        f"HARMONT_ARTIFACT_MAX_BYTES ({ARTIFACT_MAX_BYTES}) may not exceed HARMONT_MAX_REQUEST_BYTES "
+        f"({MAX_REQUEST_BYTES}): an artifact is uploaded as one request body"
+    )
+BUILD_ARTIFACTS_MAX_BYTES = env_int("HARMONT_BUILD_ARTIFACTS_MAX_BYTES", 1024 * 1024 * 1024, minimum=1)
+
+# GitHub caps webhook payloads at 25 MB; /webhooks/github refuses larger bodies (413) unread.
+WEBHOOK_MAX_BYTES = env_int("HARMONT_WEBHOOK_MAX_BYTES", 25 * 1024 * 1024, minimum=1024)
 
 # Jobs without their own timeout get this one (seconds).
 DEFAULT_JOB_TIMEOUT_SECONDS = env_int("HARMONT_DEFAULT_JOB_TIMEOUT", 3600, minimum=1)

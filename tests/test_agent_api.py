@@ -21,6 +21,7 @@ from rest_framework.test import APIClient
 
 from builds import services as build_services
 from builds.models import Agent, Build, BuildState, Job, JobState, LogChunk
+from builds.services import jobs as job_services
 from harmont.auth import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
 from harmont.logtokens import mint_log_token
 from organizations import services as org_services
@@ -32,8 +33,8 @@ from tests.test_builds_api import build_at, iso, tarball
 J = JobState
 AGENT = "/api/v0/agent"
 SPEC_KEYS = {"id", "build_id", "build_number", "pipeline_slug", "step_key", "name", "command", "env",
-             "timeout_seconds", "image", "source_path", "parent_workspace_path", "upload_workspace",
-             "cancel_grace_seconds"}
+             "timeout_seconds", "image", "source", "parent_workspace_path", "upload_workspace",
+             "cancel_grace_seconds", "render", "mask"}
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=dt_timezone.utc)  # in the past: "now" is always later
 
 
@@ -346,8 +347,12 @@ def test_claim_returns_the_full_job_spec_and_a_job_credential(session, pipeline,
                 "HARMONT_PIPELINE_SLUG": "web-ci", "HARMONT_BRANCH": "main", "HARMONT_COMMIT": "abc123",
                 "HARMONT_STEP_KEY": "a"},
         "timeout_seconds": settings.DEFAULT_JOB_TIMEOUT_SECONDS, "image": "ubuntu:24.04",
-        "source_path": None, "parent_workspace_path": None, "upload_workspace": True,
-        "cancel_grace_seconds": settings.AGENT_CANCEL_GRACE_SECONDS,
+        # No upload and no source_url: the agent clones the pipeline's repository at the commit.
+        "source": {"kind": "git", "url": "https://github.com/acme/web.git", "commit": "abc123", "branch": "main",
+                   "path": None, "sha256": None},
+        "parent_workspace_path": None, "upload_workspace": True,
+        "cancel_grace_seconds": settings.AGENT_CANCEL_GRACE_SECONDS, "render": None,
+        "mask": [],  # no secrets (tests/test_secrets_api.py)
     }
     token = body["job_token"]
     assert token.startswith("hmj_") and len(token) == 4 + 43
@@ -426,31 +431,32 @@ def test_spec_of_a_builds_in_child_points_at_its_parents_workspace(session, runn
     assert spec_b["step_key"] == "b"
     assert spec_b["parent_workspace_path"] == f"{AGENT}/jobs/{spec_b['id']}/parent-workspace"
     assert spec_b["upload_workspace"] is False
-    assert spec_b["source_path"] is None
+    assert spec_b["source"] is None
     assert spec_b["image"] is None
     assert spec_b["env"]["HARMONT_STEP_KEY"] == "b"
 
 
 @pytest.mark.django_db
-def test_source_path_only_for_jobs_that_start_from_the_source(session, pipeline, settings, tmp_path):
+def test_source_only_for_jobs_that_start_from_the_source(session, pipeline, settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path
     # `root` and `after` (depends_on only: a fresh workspace) need the source; `child` starts from root's files.
     root = hm.sh("make", key="root")
     ir = hm.pipeline([root.sh("make test", key="child"), hm.wait(), hm.sh("make deploy", key="after")])
     build = make_build(pipeline, pipeline_ir=ir, source_b64=base64.b64encode(tarball({"f": b"1"})).decode())
-    path = source_url(build.id)
+    path = {"kind": "archive", "path": source_url(build.id), "url": None, "sha256": None, "commit": None,
+            "branch": None}
 
     root_spec, root_client = claim(session)
-    assert (root_spec["step_key"], root_spec["source_path"], root_spec["upload_workspace"]) == ("root", path, True)
+    assert (root_spec["step_key"], root_spec["source"], root_spec["upload_workspace"]) == ("root", path, True)
     start(root_client, root_spec["id"])
     finish(root_client, root_spec["id"], exit_code=0)
     child_spec, child_client = claim(session)
-    assert (child_spec["step_key"], child_spec["source_path"]) == ("child", None)
+    assert (child_spec["step_key"], child_spec["source"]) == ("child", None)
     assert child_spec["parent_workspace_path"] is not None
     start(child_client, child_spec["id"])
     finish(child_client, child_spec["id"], exit_code=0)
     after_spec, _ = claim(session)
-    assert (after_spec["step_key"], after_spec["source_path"], after_spec["parent_workspace_path"]) == (
+    assert (after_spec["step_key"], after_spec["source"], after_spec["parent_workspace_path"]) == (
         "after", path, None)
 
 
@@ -963,6 +969,89 @@ def test_finish_stores_the_log_tail_sent_with_it(running, build):
 
 
 @pytest.mark.django_db
+def test_a_log_tail_past_the_limit_is_cut_with_the_finish(running, build, settings):
+    settings.JOB_LOG_LIMIT_BYTES = 100
+    spec, job_client = running
+    forty = "x" * 39 + "\n"
+    send_logs(job_client, spec["id"], [chunk(1, forty), chunk(2, forty)])
+
+    response = finish(job_client, spec["id"], exit_code=0, chunks=[chunk(2, forty), chunk(3, forty), chunk(4, "z")])
+
+    assert response.json() == ended("passed")
+    log = stored_log(spec["id"])
+    assert [(seq, kind) for seq, kind, _ in log] == [(1, 0), (2, 0), (3, 2)]
+    assert "log limit of 100 bytes" in log[2][2]
+    a = job_of(build, "a")
+    assert (a.state, a.log_truncated) == (J.PASSED, True)
+    assert a.log_bytes == sum(len(content.encode()) for _, _, content in log)
+
+
+@pytest.mark.django_db
+def test_finish_with_claim_next_hands_the_agent_its_next_job(session, running, build):
+    spec, job_client = running
+
+    response = finish(job_client, spec["id"], exit_code=0, claim_next=True)
+
+    assert response.status_code == 200
+    body = response.json()
+    following = body.pop("next")
+    assert body == ended("passed")
+    assert set(following) == {"job", "job_token"}
+    assert set(following["job"]) == SPEC_KEYS
+    b = job_of(build, "b")
+    assert (following["job"]["id"], following["job"]["step_key"]) == (str(b.pk), "b")
+    assert (b.state, b.agent_id) == (J.ASSIGNED, session.agent.pk)
+    assert b.credential_hash == hash_secret(following["job_token"])
+    # The credential it hands over works like a claim's.
+    assert start(bearer(following["job_token"]), b.pk) == {"state": "running", "cancel": False, "timeout": False}
+
+
+@pytest.mark.django_db
+def test_finish_with_claim_next_and_nothing_waiting_says_so(running, build):
+    spec, job_client = running
+
+    response = finish(job_client, spec["id"], exit_code=3, claim_next=True)  # b is skipped
+
+    assert response.json() == {**ended("failed"), "next": None}
+    assert job_states_of(build) == {"a": J.FAILED, "b": J.SKIPPED}
+
+
+@pytest.mark.django_db
+def test_a_retried_finish_claims_no_second_job(session, running, build, pipeline):
+    spec, job_client = running
+    assert finish(job_client, spec["id"], exit_code=0, claim_next=True).json()["next"]["job"]["step_key"] == "b"
+    other = make_build(pipeline)  # another job is waiting
+
+    # The first answer got lost; the agent sends its report again.
+    response = finish(job_client, spec["id"], exit_code=0, claim_next=True)
+
+    assert response.json() == ended("passed")  # no `next`: the agent claims as usual
+    assert job_states_of(build) == {"a": J.PASSED, "b": J.ASSIGNED}
+    assert job_states_of(other) == {"a": J.SCHEDULED, "b": J.PENDING}
+
+
+@pytest.mark.django_db
+def test_a_stopped_agent_gets_no_next_job(session, running, build):
+    spec, job_client = running
+    assert session.post(f"{AGENT}/disconnect").status_code == 204
+
+    response = finish(job_client, spec["id"], exit_code=0, claim_next=True)
+
+    assert response.json() == {**ended("passed"), "next": None}
+    assert job_states_of(build) == {"a": J.PASSED, "b": J.SCHEDULED}
+
+
+@pytest.mark.django_db
+def test_finish_with_a_bad_claim_next_is_422_and_changes_nothing(running, build):
+    spec, job_client = running
+
+    error = assert_error(finish(job_client, spec["id"], exit_code=0, claim_next="maybe"), 422, "validation_failed")
+
+    assert set(error["fields"]) == {"claim_next"}
+    assert job_states_of(build) == {"a": J.RUNNING, "b": J.PENDING}
+
+
+@pytest.mark.django_db
 def test_finish_with_an_invalid_log_tail_is_422_and_changes_nothing(running, build):
     spec, job_client = running
 
@@ -1098,9 +1187,10 @@ def source_build(media, pipeline):
 @pytest.mark.django_db
 def test_source_download_with_the_builds_job_credential(session, source_build):
     spec, job_client = claim(session)
-    assert spec["source_path"] == source_url(source_build.id)
+    assert spec["source"]["kind"] == "archive"
+    assert spec["source"]["path"] == source_url(source_build.id)
 
-    response = job_client.get(spec["source_path"])
+    response = job_client.get(spec["source"]["path"])
 
     assert response.status_code == 200
     assert response["Content-Type"] == "application/gzip"
@@ -1216,3 +1306,106 @@ def test_agents_list_costs_the_same_queries_for_1_and_10_agents(api, owner, org,
 
     assert len(response.json()["data"]) == count
     assert all(row["current_job"] is not None for row in response.json()["data"])
+
+
+# ===================================================================== the hand-written fast paths
+#
+# Agent requests look their credential up, claim and load jobs with SQL written out, and
+# check chunk lists and finish reports by hand. These hold each one equal to the ORM or
+# serializer path it stands in for.
+
+
+def loaded_fields(instance) -> dict[str, Any]:
+    deferred = instance.get_deferred_fields()
+    return {f.attname: getattr(instance, f.attname) for f in type(instance)._meta.concrete_fields
+            if f.attname not in deferred}
+
+
+@pytest.mark.django_db
+def test_the_job_credential_loads_what_the_orm_would(running, session, build):
+    spec, job_client = running
+    raw = job_client.raw_token
+
+    job = job_services.job_for_credential(raw)
+
+    fields = loaded_fields(job)
+    assert set(fields) >= {"id", "build_id", "organization_id", "kind", "state", "timeout_seconds", "agent_id"}
+    assert fields == {name: getattr(Job.objects.get(pk=spec["id"]), name) for name in fields}
+    assert (job.agent_seen_recently, job.agent_serving, job.build_started) == (True, True, True)
+    Agent.objects.filter(pk=session.agent.pk).update(last_seen_at=T0, stopped_at=T0)
+    Build.objects.filter(pk=build.pk).update(started_at=None)
+    again = job_services.job_for_credential(raw)
+    assert (again.agent_seen_recently, again.agent_serving, again.build_started) == (False, False, False)
+    assert job_services.job_for_credential(raw + "x") is None
+
+
+@pytest.mark.django_db
+def test_the_agent_session_loads_what_the_orm_would(session):
+    agent = job_services.agent_for_session(session.raw_token)
+
+    fields = loaded_fields(agent)
+    assert set(fields) == {"id", "organization_id", "name", "last_seen_at"}
+    assert fields == {name: getattr(Agent.objects.get(pk=session.agent.pk), name) for name in fields}
+
+
+@pytest.mark.django_db
+def test_a_claimed_job_has_what_the_orm_loads(org, pipeline, settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path
+    build = make_build(pipeline, pipeline_ir=parallel_ir(2), env={"FOO": "bar"}, source_url="https://x.test/s.tgz",
+                       source_sha256="ab" * 32)
+
+    claim = build_services.claim_job(agent=make_agent(org))
+
+    job = Job.objects.select_related("build", "build__pipeline").get(pk=claim.job.pk)
+    assert loaded_fields(claim.job) == {name: getattr(job, name) for name in loaded_fields(claim.job)}
+    assert {"env", "command", "step_key", "image", "timeout_seconds"} <= set(loaded_fields(claim.job))
+    # The build as the claim read it: scheduled, and running once the claim has marked it so.
+    assert (claim.job.build.state, job.build.state) == (BuildState.SCHEDULED, BuildState.RUNNING)
+    job.build.state = BuildState.SCHEDULED
+    for ours, theirs in ((claim.job.build, job.build), (claim.job.build.pipeline, job.build.pipeline)):
+        assert loaded_fields(ours) == {name: getattr(theirs, name) for name in loaded_fields(ours)}
+    assert claim.job.build.pk == build.pk
+    # Whatever the spec does not read loads on first use.
+    assert claim.job.build.message == build.message and claim.job.build.pipeline.name == pipeline.name
+
+
+@pytest.mark.parametrize("ts", ["2025-01-06T12:00:00Z", "2025-01-06T12:00:00.123456+02:00", "2025-01-06T12:00:00",
+                                "2025-01-06 12:00", "2025-01-06"])
+def test_checked_chunks_are_what_the_serializer_makes_of_them(ts):
+    from builds.agent_api import LogsRequest, plain_chunks
+
+    body = {"chunks": [{"seq": 1, "stream_kind": 0, "content": "a\n", "ts": ts},
+                       {"seq": 2**31 - 1, "stream_kind": 2, "content": "", "ts": ts, "extra": 1}]}
+    serializer = LogsRequest(data=body)
+    assert serializer.is_valid(), serializer.errors
+
+    assert plain_chunks(body["chunks"]) == [build_services.ChunkIn(**c) for c in serializer.validated_data["chunks"]]
+
+
+@pytest.mark.parametrize("body", [
+    {"exit_code": 0}, {"exit_code": -1, "signal": 255, "outcome": "timed_out"}, {"exit_code": None},
+    {"outcome": "canceled", "error_message": ""}, {"error_code": "workspace_unavailable", "error_message": "no"},
+    {"exit_code": 65535, "claim_next": True}, {},
+])
+def test_checked_finish_reports_are_what_the_serializer_makes_of_them(body):
+    from builds.agent_api import REPORT_FIELDS, FinishRequest, plain_finish
+
+    serializer = FinishRequest(data=body)
+    assert serializer.is_valid(), serializer.errors
+    data = serializer.validated_data
+
+    assert plain_finish(body) == {"chunks": [], "claim_next": data["claim_next"],
+                                  **{name: data.get(name) for name in REPORT_FIELDS}}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("chunks", [
+    [{"seq": "3", "stream_kind": "1", "content": "x", "ts": "2025-01-06T12:00:00Z"}],  # strings the serializer takes
+    [{"seq": 3, "stream_kind": 1, "content": 5, "ts": "2025-01-06T12:00:00Z"}],
+])
+def test_chunks_the_checks_leave_to_the_serializer_are_stored_as_it_says(running, chunks):
+    spec, job_client = running
+
+    assert send_logs(job_client, spec["id"], chunks).status_code == 200
+
+    assert stored_log(spec["id"]) == [(3, 1, "x" if chunks[0]["content"] == "x" else "5")]

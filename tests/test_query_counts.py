@@ -1,4 +1,4 @@
-"""Read endpoints cost a small constant number of queries, whatever the page size, depth or job count.
+"""Endpoints cost a small constant number of queries, whatever the page size, depth or job count.
 
 Every request pays two before the view proper: the bearer token (with its user)
 and the caller's membership (with its organization). The token's `last_used_at`
@@ -14,11 +14,13 @@ from django.utils import timezone
 
 from builds.models import Build, Job
 from harmont.pagination import encode_cursor
+from organizations import services as org_services
 from organizations.models import ApiToken
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline
-from tests.conftest import make_build
+from tests.conftest import is_postgres, make_build
 from tests.dsl import hm
+from tests.test_agent_api import AGENT, bearer, chunk, job_url, register
 from tests.test_builds_api import builds_url
 
 AUTH_AND_MEMBERSHIP = 2
@@ -151,3 +153,101 @@ def test_get_pipeline(quiet_api, django_assert_num_queries, pipeline):
     with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 1):
         response = quiet_api.get(f"/api/v0/organizations/{pipeline.organization.slug}/pipelines/{pipeline.slug}")
     assert response.status_code == 200
+
+
+# ===================================================================== agent endpoints
+#
+# A busy agent makes two requests per job: start, and a finish that also claims its next
+# job. Each costs a small constant whatever the size of the build. The counts include
+# the credential's lookup; the agent's last-seen time is fresh, so no request writes it.
+
+
+def parallel(count: int) -> dict:
+    return hm.pipeline([hm.sh(f"echo {i}", key=f"p{i}") for i in range(count)])
+
+
+@pytest.fixture
+def agent_session(org):
+    token = org_services.create_agent_token(organization=org, description="tests")
+    response = register(token.raw)
+    assert response.status_code == 201, response.content
+    return bearer(response.json()["session_token"])
+
+
+def end_job() -> int:
+    """A job's end and the read of the other jobs' states: one statement on PostgreSQL, two on SQLite.
+
+    (See builds.states.end_job.)
+    """
+    return 1 if is_postgres() else 2
+
+
+# Finishing, without the statements of the job's end: the credential, the transaction
+# (savepoint here), the last log chunks, the build's lock.
+FINISH = 5
+# Claiming: the claim, the job with its build and pipeline, its secrets (the job spec).
+CLAIM = 3
+
+
+def claim_and_start(session) -> tuple[dict, object]:
+    response = session.post(f"{AGENT}/claim")
+    assert response.status_code == 200, response.content
+    spec, job_client = response.json()["job"], bearer(response.json()["job_token"])
+    assert job_client.post(job_url(spec["id"], "start")).status_code == 200
+    return spec, job_client
+
+
+def finish_body(**extra) -> dict:
+    # What an agent sends for a silent command: its two meta lines ride along.
+    return {"exit_code": 0, "chunks": [chunk(1, "running\n", 2), chunk(2, "exit status 0\n", 2)], **extra}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("size", [2, 30])
+def test_a_busy_agents_requests_cost_the_same_for_2_and_30_jobs(agent_session, pipeline, size,
+                                                               django_assert_num_queries):
+    make_build(pipeline, pipeline_ir=parallel(size))
+
+    with django_assert_num_queries(1 + CLAIM + 1):  # the session; the build's first claim marks it running
+        response = agent_session.post(f"{AGENT}/claim")
+    assert response.status_code == 200
+    spec, job_client = response.json()["job"], bearer(response.json()["job_token"])
+    with django_assert_num_queries(3):  # the credential, running, the build's first start time
+        assert job_client.post(job_url(spec["id"], "start")).json()["state"] == "running"
+    with django_assert_num_queries(6):  # the credential, savepoint, the job's lock, insert, log size, release
+        response = job_client.post(job_url(spec["id"], "logs"), {"chunks": [chunk(1, "x\n")]}, format="json")
+    assert response.json()["state"] == "running"
+
+    with django_assert_num_queries(FINISH + end_job() + CLAIM):
+        response = job_client.post(job_url(spec["id"], "finish"), finish_body(claim_next=True), format="json")
+    assert response.json()["state"] == "passed" and response.json()["next"]["job"]["step_key"] == "p1"
+
+    following = response.json()["next"]
+    job_client = bearer(following["job_token"])
+    with django_assert_num_queries(2):  # the credential, running
+        assert job_client.post(job_url(following["job"]["id"], "start")).json()["state"] == "running"
+    last = size == 2
+    with django_assert_num_queries(FINISH + end_job() + (1 if last else 0)):  # the last one ends the build
+        response = job_client.post(job_url(following["job"]["id"], "finish"), finish_body(), format="json")
+    assert response.json() == {"state": "passed", "cancel": True, "timeout": False}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("length", [1, 29], ids=["2-jobs", "30-jobs"])
+def test_finishing_a_job_with_a_waiting_dependent_costs_one_query_more(agent_session, pipeline, length,
+                                                                       django_assert_num_queries):
+    make_build(pipeline, pipeline_ir=chain_ir(length))
+    spec, job_client = claim_and_start(agent_session)
+
+    with django_assert_num_queries(FINISH + end_job() + 1):  # its pending dependent becomes scheduled
+        response = job_client.post(job_url(spec["id"], "finish"), finish_body(), format="json")
+
+    assert response.json()["state"] == "passed"
+    assert Job.objects.get(step_key="s1" if length > 1 else "done").state == "scheduled"
+
+
+@pytest.mark.django_db
+def test_an_idle_claim_is_two_queries(agent_session, pipeline, django_assert_num_queries):
+    with django_assert_num_queries(2):  # the session, the claim that finds nothing
+        response = agent_session.post(f"{AGENT}/claim")
+    assert response.status_code == 204

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -10,34 +11,53 @@ from typing import Any
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import transaction
-from django.db.models import F, Q
+from django.db import connection, models, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from builds import states
-from builds.models import Agent, Build, Job, JobDependency, JobState, LogChunk, StreamKind
+from builds.models import Agent, Build, BuildState, Job, JobDependency, JobState, LogChunk, StreamKind
 from harmont.auth import JOB_CREDENTIAL_PREFIX, hash_secret, new_prefixed_secret
+from pipelines.models import Pipeline
 
 J = JobState
 ACTIVE_STATES = (J.ASSIGNED, J.RUNNING, J.CANCELING, J.TIMING_OUT)
 
 
 def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code: str | None = None,
-               error_message: str | None = None, signal: int | None = None, now: datetime | None = None) -> bool:
+               error_message: str | None = None, signal: int | None = None, now: datetime | None = None,
+               expected: str | None = None, chunks: Sequence[ChunkIn] = ()) -> bool:
     """End a job in a terminal `state`; then skip/schedule what follows and roll up.
 
-    Returns False (and changes nothing) when the job was no longer in a state
-    that may move there: the other writer of a race already ended it.
+    Returns False (and changes nothing but storing `chunks`) when the job was
+    no longer in a state that may move there: the other writer of a race
+    already ended it. With `expected`, also when the job is no longer in that
+    state (the caller chose `state` because the job was `expected`).
+
+    `chunks`, the job's last output, are stored in the same transaction: no
+    reader sees the job ended without them, and its row is written once.
     """
     if state not in states.TERMINAL_JOB_STATES:
         raise ValueError(f"{state} is not a terminal job state")
     now = now or timezone.now()
     with transaction.atomic():
-        locked = states.lock_build(job.build_id)
-        changed = states.transition_jobs([job.pk], to=state, now=now, exit_code=exit_code,
-                                         error_code=error_code, error_message=error_message, signal=signal)
+        # The output goes first, before the build's lock when it can: every end of one of
+        # the build's jobs queues for that lock, so it is held for as few statements as
+        # possible. (Inserting takes no lock that a writer holding the build's waits for.)
+        log = _store_fitting_chunks(job, chunks, now) if chunks else {}
+        build = states.lock_build_for_roll_up(job.build_id)
+        if log is None:
+            # Near the log limit: under the job's row lock, which comes after the build's
+            # (as for every writer that takes both).
+            log = _store_chunks(job.pk, chunks, now)[1]
+        changed, others = states.end_job(job_id=job.pk, build_id=job.build_id, to=state, now=now,
+                                         only_from=None if expected is None else (expected,), exit_code=exit_code,
+                                         error_code=error_code, error_message=error_message, signal=signal, **log)
         if changed:
-            states.settle_build(build_id=job.build_id, now=now, locked=locked)
+            states.settle_after_job_end(build_id=job.build_id, build=build, job_id=job.pk, state=state,
+                                        others=others, now=now)
+        elif log:
+            _set_job_columns(job.pk, log)  # the job moved on meanwhile; its output is kept all the same
     return bool(changed)
 
 
@@ -64,50 +84,113 @@ class Claim:
 
 
 def claim_job(*, agent: Agent, now: datetime | None = None) -> Claim | None:
-    """Give `agent` the oldest scheduled job of its organization, or None.
+    """Give `agent` the oldest scheduled job of its organization, or None."""
+    claim = claim_for_agent(agent_id=agent.pk, organization_id=agent.organization_id, now=now)
+    if claim is not None:
+        claim.job.agent = agent
+    return claim
 
-    PostgreSQL: `FOR UPDATE SKIP LOCKED` lets racing agents each lock a
-    different candidate instead of queueing on the same row. SQLite has no row
-    locks; there the compare-and-set UPDATE decides, and a loser tries the next
-    candidate. Either way one job goes to exactly one agent.
+
+def claim_for_agent(*, agent_id: uuid.UUID, organization_id: int, now: datetime | None = None) -> Claim | None:
+    """`claim_job` by the agent's id (a finish report's job names its agent; it needn't be loaded).
+
+    The claim itself is one statement (`states.assign_next_job`, which also
+    answers the job's `builds_in` links); then one query reads the job with
+    its build and pipeline for the job spec.
     """
     now = now or timezone.now()
-    for _ in range(5):
-        with transaction.atomic():
-            candidate = (
-                # of=("self",): lock (and skip) job rows only, never their build or pipeline.
-                Job.objects.select_for_update(skip_locked=True, of=("self",))
-                .select_related("build", "build__pipeline")
-                .defer("build__pipeline_ir", "build__pipeline__definition", "build__pipeline__triggers")
-                .filter(organization_id=agent.organization_id, state=J.SCHEDULED)
-                .order_by("scheduled_at", "position")
-                .first()
-            )
-            if candidate is None:
-                return None
-            credential = new_prefixed_secret(JOB_CREDENTIAL_PREFIX)
-            won = states.transition_jobs(
-                [candidate.pk], to=J.ASSIGNED, now=now, agent=agent, credential_hash=hash_secret(credential),
-                assigned_at=now, last_heartbeat_at=now,
-            )
-        if won:
-            # Only after the claim committed, and without the build's lock: waiting for it
-            # while holding the job's deadlocks with cancel_build / time_out_build, which
-            # lock the build first and then update its scheduled jobs.
-            states.mark_build_running(candidate.build_id)
-            candidate.state, candidate.agent = J.ASSIGNED, agent
-            return Claim(candidate, credential)
-    return None
+    credential = new_prefixed_secret(JOB_CREDENTIAL_PREFIX)
+    assigned = states.assign_next_job(organization_id=organization_id, agent_id=agent_id,
+                                      credential_hash=hash_secret(credential), now=now)
+    if assigned is None:
+        return None
+    job = _claimed_job(assigned.job_id)
+    job.builds_in = BuildsInLinks(assigned.builds_in_parent_id, assigned.builds_in_children)
+    if job.build.state == BuildState.SCHEDULED:
+        # Only after the claim committed, and without the build's lock: waiting for it
+        # while holding the job's deadlocks with cancel_build / time_out_build, which
+        # lock the build first and then update its scheduled jobs. A build read as past
+        # `scheduled` needs nothing: builds never go back to it.
+        states.mark_build_running(job.build_id)
+    return Claim(job, credential)
 
 
-def job_for_credential(raw: str) -> Job | None:
-    return (
-        Job.objects.select_related("build", "agent", "agent__token")
-        # Agent requests never read these; decoding them was a large part of each request.
-        .defer("env", "cache", "runner_args", "build__pipeline_ir", "build__env")
-        .filter(credential_hash=hash_secret(raw))
-        .first()
+# What the job spec reads of the build and the pipeline besides their ids (builds.agent_api:
+# job_spec, source_spec), read along with the job; anything else loads on first use.
+# Text and integer columns only: their values need no conversion on either database.
+SPEC_BUILD_FIELDS = ("pipeline_id", "number", "state", "branch", "commit", "source_archive", "source_url",
+                     "source_sha256")
+SPEC_PIPELINE_FIELDS = ("organization_id", "slug", "repository", "source_slug")
+
+
+def _claimed_job(job_id: Any) -> Job:
+    """The job with the columns of its build and pipeline that the spec reads, in one query.
+
+    SQL, because building the ORM's three-table query was a sixth of a busy
+    server's CPU. The job's large JSON columns are left out (they load on
+    first use).
+    """
+    quote = connection.ops.quote_name  # (`commit` is a column of builds)
+    job_columns = [f"j.{quote(f.column)}" for f in Job._meta.concrete_fields if f.name not in ("cache", "runner_args")]
+    extra = [f"b.{quote(name)} AS {quote('build_' + name)}" for name in SPEC_BUILD_FIELDS]
+    extra += [f"p.{quote(name)} AS {quote('pipeline_' + name)}" for name in SPEC_PIPELINE_FIELDS]
+    jobs = Job.objects.raw(
+        f"SELECT {', '.join(job_columns + extra)} FROM builds_job j JOIN builds_build b ON b.id = j.build_id"
+        " JOIN pipelines_pipeline p ON p.id = b.pipeline_id WHERE j.id = %s",
+        [states.db_value(Job, "id", job_id)],
     )
+    job = next(iter(jobs))
+    build = _instance(Build, {"id": job.build_id,
+                              **{name: getattr(job, f"build_{name}") for name in SPEC_BUILD_FIELDS}})
+    build.pipeline = _instance(Pipeline, {"id": build.pipeline_id,
+                                          **{name: getattr(job, f"pipeline_{name}") for name in SPEC_PIPELINE_FIELDS}})
+    job.build = build
+    return job
+
+
+def _instance(model: type[models.Model], values: dict[str, Any]) -> models.Model:
+    """A model instance loaded with these column values (by attname); its other fields load on first use."""
+    fields = [f for f in model._meta.concrete_fields if f.attname in values]
+    return model.from_db(connection.alias, [f.attname for f in fields], [values[f.attname] for f in fields])
+
+
+# Every agent request starts with one of the two lookups below. They are written as
+# SQL: building the same query with the ORM cost three to four times as much CPU as
+# running it, on every request. Manager.raw() still makes the model instance (with
+# only these columns loaded; any other loads on first use).
+
+
+def agent_for_session(raw: str) -> Agent | None:
+    """The agent an agent session belongs to (None: unknown, stopped, or its agent token was revoked)."""
+    agents = Agent.objects.raw(
+        "SELECT a.id, a.organization_id, a.name, a.last_seen_at FROM builds_agent a"
+        " JOIN organizations_agenttoken t ON t.id = a.token_id"
+        " WHERE a.session_hash = %s AND a.stopped_at IS NULL AND t.revoked_at IS NULL",
+        [hash_secret(raw)],
+    )
+    return next(iter(agents), None)
+
+
+def job_for_credential(raw: str, *, now: datetime | None = None) -> Job | None:
+    """The job a job credential opens (None: unknown, or its agent's token was revoked).
+
+    Also, as plain values: `agent_seen_recently` (the job's agent was seen
+    within AGENT_SEEN_RESOLUTION of `now`) and `build_started` (its build has
+    a start time), which spare `agent_seen_by` and `start_job` a write, and
+    `agent_serving` (the agent has not stopped, so it may claim more jobs).
+    """
+    now = now or timezone.now()
+    jobs = Job.objects.raw(
+        "SELECT j.id, j.build_id, j.organization_id, j.kind, j.state, j.timeout_seconds, j.error_code,"
+        " j.error_message, j.log_bytes, j.log_truncated, j.agent_id, a.last_seen_at >= %s AS agent_seen_recently,"
+        " a.stopped_at IS NULL AS agent_serving, b.started_at IS NOT NULL AS build_started"
+        " FROM builds_job j JOIN builds_build b ON b.id = j.build_id"
+        " LEFT JOIN builds_agent a ON a.id = j.agent_id"
+        " LEFT JOIN organizations_agenttoken t ON t.id = a.token_id"
+        " WHERE j.credential_hash = %s AND (j.agent_id IS NULL OR t.revoked_at IS NULL)",
+        [states.db_value(Agent, "last_seen_at", now - AGENT_SEEN_RESOLUTION), hash_secret(raw)],
+    )
+    return next(iter(jobs), None)
 
 
 # "Last seen" is shown to the second at best; refreshing it on every request of a busy
@@ -124,10 +207,15 @@ def touch(job: Job, now: datetime) -> None:
 def agent_seen_by(job: Job, now: datetime) -> None:
     if not job.agent_id:
         return
-    agent = job.agent  # loaded with the job by job_for_credential
-    if agent.last_seen_at and now - agent.last_seen_at < AGENT_SEEN_RESOLUTION:
+    if hasattr(job, "agent_seen_recently"):  # read with the job by job_for_credential
+        recently = bool(job.agent_seen_recently)
+    else:  # a claim's job has its agent; others load it here
+        last_seen = job.agent.last_seen_at
+        recently = bool(last_seen and now - last_seen < AGENT_SEEN_RESOLUTION)
+    if recently:
         return
-    Agent.objects.filter(pk=agent.pk).update(last_seen_at=now)
+    Agent.objects.filter(pk=job.agent_id).update(last_seen_at=now)
+    job.agent_seen_recently = True  # once per request is enough
 
 
 def start_job(*, job: Job, now: datetime | None = None) -> str:
@@ -137,7 +225,11 @@ def start_job(*, job: Job, now: datetime | None = None) -> str:
     # build lock: a compare-and-set on the job and the build's first start time.
     started = states.transition_jobs([job.pk], to=J.RUNNING, now=now, last_heartbeat_at=now)
     if started:
-        states.mark_build_started(job.build_id, now)
+        # job_for_credential read whether the build has a start time: once one job of the
+        # build has started, the others have nothing to write there.
+        if not getattr(job, "build_started", False):
+            states.mark_build_started(job.build_id, now)
+        job.state, job.started_at = J.RUNNING, now
     agent_seen_by(job, now)
     return J.RUNNING if started else Job.objects.values_list("state", flat=True).get(pk=job.pk)
 
@@ -178,16 +270,22 @@ def outcome_state(*, current: str, exit_code: int | None, outcome: str | None,
 
 def report_finish(*, job: Job, exit_code: int | None, signal: int | None = None, outcome: str | None = None,
                   error_code: str | None = None, error_message: str | None = None,
-                  now: datetime | None = None) -> str:
-    """The agent's final report. Idempotent: a retried report after success changes nothing."""
+                  chunks: Sequence[ChunkIn] = (), now: datetime | None = None) -> str:
+    """The agent's final report, with its last output. Idempotent: a retried report changes nothing.
+
+    The output is stored however the report ends (a seq already stored is skipped).
+    """
     now = now or timezone.now()
-    # A cancel or timeout landing between the read and the write makes the compare-and-set
-    # lose (running → passed is no move from canceling); judge again from the new state,
-    # else the job would sit in canceling until the reaper fails it as lost.
+    # The first verdict is judged from the job as the caller loaded it (for an agent's
+    # request: as its credential was checked, a moment ago). The compare-and-set accepts
+    # exactly that state, so a cancel or timeout landing in between makes it lose; judge
+    # again from a fresh read, else a canceling job could end failed, or sit in canceling
+    # until the reaper fails it as lost.
+    current, current_code, current_message = job.state, job.error_code, job.error_message
     for _ in range(3):
-        current, current_code, current_message = Job.objects.values_list(
-            "state", "error_code", "error_message").get(pk=job.pk)
         if current in states.TERMINAL_JOB_STATES:
+            if chunks:
+                append_log(job=job, chunks=chunks, now=now, alive=False)
             return current
         state, code = outcome_state(current=current, exit_code=exit_code, outcome=outcome, error_code=error_code)
         message = error_message
@@ -197,10 +295,13 @@ def report_finish(*, job: Job, exit_code: int | None, signal: int | None = None,
         if code == "job_timeout" and not message:
             message = f"The job ran longer than its timeout of {job.timeout_seconds} s."
         if finish_job(job=job, state=state, exit_code=exit_code, signal=signal, error_code=code,
-                      error_message=message, now=now):
+                      error_message=message, now=now, expected=current, chunks=chunks):
             agent_seen_by(job, now)
             return state
-    return Job.objects.values_list("state", flat=True).get(pk=job.pk)
+        chunks = ()  # stored by that attempt
+        current, current_code, current_message = Job.objects.values_list(
+            "state", "error_code", "error_message").get(pk=job.pk)
+    return current
 
 
 # ------------------------------------------------------------------ logs
@@ -214,44 +315,145 @@ class ChunkIn:
     ts: datetime
 
 
-def append_log(*, job: Job, chunks: list[ChunkIn], now: datetime | None = None, alive: bool = True) -> int:
+def append_log(*, job: Job, chunks: Sequence[ChunkIn], now: datetime | None = None, alive: bool = True) -> int:
     """Store the chunks not stored yet; returns how many were new.
 
     The job's row lock serialises appends to one job, so a retried batch racing
     its original is stored once and counted once against the log limit. Past
     the limit output is dropped and a single meta chunk says so; the job goes on.
+    `alive`: the batch is also a sign of life (a heartbeat) from the job's agent.
     """
     now = now or timezone.now()
     if not chunks:
         return 0
-    limit = settings.JOB_LOG_LIMIT_BYTES
     with transaction.atomic():
-        locked = Job.objects.select_for_update().only("id", "log_bytes", "log_truncated").get(pk=job.pk)
-        seqs = [chunk.seq for chunk in chunks]
-        seen = set(LogChunk.objects.filter(job_id=job.pk, seq__in=seqs).values_list("seq", flat=True))
-        rows: list[LogChunk] = []
-        added_bytes = 0
-        truncated = locked.log_truncated
-        for chunk in sorted({c.seq: c for c in chunks if c.seq not in seen}.values(), key=lambda c: c.seq):
-            if truncated:
-                break
-            size = len(chunk.content.encode())
-            if locked.log_bytes + added_bytes + size > limit:
+        stored, log = _store_chunks(job.pk, chunks, now)
+        if alive:
+            log["last_heartbeat_at"] = now
+        if log:
+            _set_job_columns(job.pk, log)
+    if alive:
+        agent_seen_by(job, now)
+    return stored
+
+
+# The statements that store output are SQL: every log shipment and every finish runs
+# them, and together they cost about what building one ORM query does.
+
+
+def _batch(chunks: Sequence[ChunkIn]) -> tuple[list[ChunkIn], dict[int, int]]:
+    """The chunks by seq (a seq named twice in one batch: its last copy counts) and their sizes in bytes."""
+    batch = sorted({c.seq: c for c in chunks}.values(), key=lambda c: c.seq)
+    return batch, {chunk.seq: len(chunk.content.encode()) for chunk in batch}
+
+
+def _store_fitting_chunks(job: Job, chunks: Sequence[ChunkIn], now: datetime) -> dict[str, Any] | None:
+    """Store the chunks not stored yet without the job's row lock, if all of them fit under the log limit.
+
+    Judged from the log's size as `job` was loaded (for an agent's request: as
+    its credential was checked); None when the batch might reach the limit,
+    for `_store_chunks` to store under the lock. Returns the job's log columns
+    to write with them ({} when nothing new was stored).
+    """
+    if job.log_truncated:
+        return {}  # output past the limit is dropped
+    batch, sizes = _batch(chunks)
+    if job.log_bytes + sum(sizes.values()) > settings.JOB_LOG_LIMIT_BYTES:
+        return None
+    new = _insert_chunks(job.pk, [(chunk, chunk.stream_kind, chunk.content) for chunk in batch], now)
+    added = sum(sizes[seq] for seq in new)
+    # Added, not set: without the row lock, another batch may be counted meanwhile.
+    return {"log_bytes": states.Add(added)} if added else {}
+
+
+def _store_chunks(job_id: uuid.UUID, chunks: Sequence[ChunkIn], now: datetime) -> tuple[int, dict[str, Any]]:
+    """Store the chunks not stored yet (the caller's transaction); takes the job's row lock.
+
+    Returns how many were new and the job's log columns to write with them
+    ({} when nothing was stored).
+    """
+    limit = settings.JOB_LOG_LIMIT_BYTES
+    batch, sizes = _batch(chunks)
+    # NO KEY UPDATE (PostgreSQL): a finish inserting its last chunks before it takes its
+    # build's lock holds a key-share lock on the job's row; it must not queue behind this.
+    if connection.features.has_select_for_no_key_update:
+        lock = " FOR NO KEY UPDATE"
+    else:
+        lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT log_bytes, log_truncated FROM builds_job WHERE id = %s{lock}",
+                       [states.db_value(Job, "id", job_id)])
+        log_bytes, truncated = cursor.fetchone()
+    if truncated:
+        return 0, {}  # output past the limit is dropped
+    if log_bytes + sum(sizes.values()) <= limit:
+        # The whole batch fits, whichever of its chunks are stored already: no need to
+        # know which are new before inserting. The (job, seq) constraint skips the
+        # stored ones and the insert names the rest.
+        new = _insert_chunks(job_id, [(chunk, chunk.stream_kind, chunk.content) for chunk in batch], now)
+        stored = [chunk.content for chunk in batch if chunk.seq in new]
+    else:
+        # Near the limit, which chunks are new decides where the log is cut.
+        seen = set(LogChunk.objects.filter(job_id=job_id, seq__in=list(sizes)).values_list("seq", flat=True))
+        rows: list[tuple[ChunkIn, int, str]] = []
+        added = 0
+        for chunk in batch:
+            if chunk.seq in seen:
+                continue
+            if log_bytes + added + sizes[chunk.seq] > limit:
                 truncated = True
                 notice = f"[harmont] log limit of {limit} bytes reached; further output of this job is not stored\n"
-                # log_bytes stays the exact size of what is stored (the raw log's Content-Length).
-                added_bytes += len(notice.encode())
-                rows.append(LogChunk(job_id=job.pk, seq=chunk.seq, stream_kind=StreamKind.META, ts=chunk.ts,
-                                     created_at=now, content=notice))
+                rows.append((chunk, StreamKind.META, notice))
                 break
-            added_bytes += size
-            rows.append(LogChunk(job_id=job.pk, seq=chunk.seq, stream_kind=chunk.stream_kind,
-                                 content=chunk.content, ts=chunk.ts, created_at=now))
-        LogChunk.objects.bulk_create(rows, ignore_conflicts=True)
-        Job.objects.filter(pk=job.pk).update(log_bytes=F("log_bytes") + added_bytes, log_truncated=truncated)
-    if alive:
-        touch(job, now)
-    return len(rows)
+            added += sizes[chunk.seq]
+            rows.append((chunk, chunk.stream_kind, chunk.content))
+        new = _insert_chunks(job_id, rows, now)
+        stored = [content for chunk, _, content in rows if chunk.seq in new]
+    if not stored:
+        return 0, {}
+    # log_bytes stays the exact size of what is stored (the raw log's Content-Length);
+    # the row lock makes the sum exact.
+    columns: dict[str, Any] = {"log_bytes": log_bytes + sum(len(content.encode()) for content in stored)}
+    if truncated:
+        columns["log_truncated"] = True
+    return len(stored), columns
+
+
+def _set_job_columns(job_id: uuid.UUID, columns: dict[str, Any]) -> None:
+    """Write some of one job's columns (never its state: builds.states does that)."""
+    assignments, params = states.job_assignments(columns)
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE builds_job SET {assignments} WHERE id = %s",
+                       [*params, states.db_value(Job, "id", job_id)])
+
+
+def _insert_chunks(job_id: uuid.UUID, rows: list[tuple[ChunkIn, int, str]], now: datetime) -> set[int]:
+    """Insert (chunk, stream kind, content) rows unless their seq is stored; returns the seqs inserted.
+
+    SQL because the ORM's insert that skips conflicts can't tell which rows it
+    skipped; `RETURNING` does (PostgreSQL, and SQLite since 3.35).
+    """
+    inserted: set[int] = set()
+    job = states.db_value(LogChunk, "job", job_id)
+    created = states.db_value(LogChunk, "created_at", now)
+    for start in range(0, len(rows), INSERT_BATCH):
+        part = rows[start:start + INSERT_BATCH]
+        params: list[Any] = []
+        for chunk, stream_kind, content in part:
+            params += [job, chunk.seq, int(stream_kind), content, states.db_value(LogChunk, "ts", chunk.ts), created]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO builds_logchunk (job_id, seq, stream_kind, content, ts, created_at) VALUES "
+                + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(part))
+                + " ON CONFLICT (job_id, seq) DO NOTHING RETURNING seq",
+                params,
+            )
+            inserted.update(seq for (seq,) in cursor.fetchall())
+    return inserted
+
+
+# Rows per INSERT: 6 parameters each stays far below SQLite's limit on parameters.
+INSERT_BATCH = 500
 
 
 # ------------------------------------------------------------------ workspaces
@@ -279,7 +481,9 @@ class BuildsInLinks:
 
 
 def builds_in_links(job: Job) -> BuildsInLinks:
-    """Both directions of the job's `builds_in` edges, in one query."""
+    """Both directions of the job's `builds_in` edges, in one query (none for a claim's job, which has them)."""
+    if hasattr(job, "builds_in"):  # read with the job by claim_job
+        return job.builds_in
     edges = JobDependency.objects.filter(Q(job=job) | Q(prerequisite=job), kind="builds_in").values_list(
         "job_id", "prerequisite_id")
     parent = None
