@@ -22,7 +22,7 @@ import pytest
 from django.db.models import F
 
 from builds import services
-from builds.agent import Transport
+from builds.agent.transport import Transport
 from builds.models import Agent, Build, Job, LogChunk, StreamKind
 from builds.services import jobs as job_services
 from organizations import services as org_services

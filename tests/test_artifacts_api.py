@@ -25,7 +25,7 @@ from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from builds.agent import BoundedReader, collect_artifacts
+from builds.agent.files import BoundedReader, collect_artifacts
 from builds.artifacts import StoredArtifact, store_artifact
 from builds.models import Artifact, Build, Job, JobState
 from harmont.errors import ApiError

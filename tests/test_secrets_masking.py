@@ -1,4 +1,4 @@
-"""The agent's secret masking (builds.agent.SecretMasker and LogShipper), without a server or a process.
+"""The agent's secret masking (builds.agent.logs: SecretMasker and LogShipper), without a server or a process.
 
 Every piece of output is masked before it is numbered and shipped; a value split
 across two reads of a pipe is still masked, because the end of a piece that could
@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from builds.agent import META, REDACTED, STDERR, STDOUT, Agent, JobSpec, LogShipper, SecretMasker
+from builds.agent.logs import MAX_CHUNK_CHARS, META, REDACTED, STDERR, STDOUT, LogShipper, SecretMasker
+from builds.agent.runner import Agent, JobSpec
 
 VALUE = "tok-3f9a-value"
 
@@ -225,7 +226,6 @@ def test_the_finish_report_carries_what_the_masker_held_back():
 
 
 def test_output_longer_than_a_chunk_is_masked_then_cut():
-    from builds.agent import MAX_CHUNK_CHARS
 
     transport = FakeTransport()
     shipper = LogShipper(transport, job_spec([VALUE]))  # type: ignore[arg-type]

@@ -1,31 +1,13 @@
-"""The agent program: claims jobs from a Harmont server over HTTP and runs them.
-
-It imports nothing from the server (no Django, no database), so it runs on any
-machine that has this project's code and can reach the server's URL.
-
-One job at a time:
-  claim → fetch source / parent workspace → start → run `bash -c cmd` in its own
-  process group, shipping output as numbered chunks every 500 ms and
-  heartbeating → upload the workspace (if a `builds_in` child needs it) → finish.
-A busy agent's finish also claims its next job (`claim_next`), one request less per job.
-
-Every request is retried with backoff on network errors and 5xx answers. Log
-chunks carry a per-job sequence number and the server stores each (job, seq)
-once, so a retried batch never duplicates or loses output.
-"""
+"""The agent's main loop and one job's run, from claim to finish."""
 
 from __future__ import annotations
 
-import codecs
-import hashlib
 import http.client
-import io
 import json
 import logging
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import socket
@@ -37,125 +19,19 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from builds.checkout import SourceError, fetch_tarball, git_checkout
+from builds.agent.checkout import SourceError, fetch_tarball, git_checkout
+from builds.agent.files import BoundedReader, collect_artifacts, pack, unpack
+from builds.agent.logs import MAX_CHUNK_CHARS, META, STDERR, STDOUT, LogShipper, pump
+from builds.agent.transport import VERSION, AgentError, Transport, Unauthorized
 
 log = logging.getLogger("harmont.agent")
 
-VERSION = "1.0"
-STDOUT, STDERR, META = 0, 1, 2
 FLUSH_INTERVAL = 0.5  # seconds between log shipments while a command runs
-MAX_CHUNK_CHARS = 64 * 1024
 HEARTBEAT_INTERVAL = 5.0
 RENDERER = Path(__file__).with_name("render_pipeline.py")
-
-
-class AgentError(Exception):
-    """The server refused a request in a way retrying will not fix."""
-
-    def __init__(self, status: int, body: Any) -> None:
-        super().__init__(f"HTTP {status}: {body}")
-        self.status = status
-        self.body = body
-
-
-class Unauthorized(AgentError):
-    """The agent token was revoked (or the job credential is no longer valid)."""
-
-
-def utcnow_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class Transport:
-    """Small JSON-over-HTTP client: one keep-alive connection per thread, retries with backoff."""
-
-    def __init__(self, server: str, *, timeout: float = 30.0, max_backoff: float = 10.0) -> None:
-        parts = urllib.parse.urlsplit(server.rstrip("/"))
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"server must be an http(s) URL, got {server!r}")
-        self.scheme = parts.scheme
-        self.host = parts.hostname
-        self.port = parts.port
-        self.base_path = parts.path
-        self.timeout = timeout
-        self.max_backoff = max_backoff
-        self._local = threading.local()
-        self.stop_retrying = threading.Event()
-
-    def _connection(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-            conn = cls(self.host, self.port, timeout=self.timeout)
-            self._local.conn = conn
-        return conn
-
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
-    def request(self, method: str, path: str, *, token: str, body: Any = None, raw: bytes | Any = None,
-                content_type: str = "application/json", retry: bool = True, headers: dict[str, str] | None = None,
-                attempts: int | None = None) -> tuple[int, bytes]:
-        """Send until the server gives a non-5xx answer (or retrying is stopped); returns (status, body).
-
-        `raw` may be a file-like object (sent as it is read, from the start on every
-        attempt; give its Content-Length in `headers`). `attempts` bounds the tries:
-        the last one's 5xx answer is returned, its network error raised.
-        """
-        payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        headers = {"Authorization": f"Bearer {token}", "User-Agent": f"harmont-agent/{VERSION}", **(headers or {})}
-        if payload is not None:
-            headers["Content-Type"] = content_type
-        delay = 0.5
-        attempt = 0
-        while True:
-            attempt += 1
-            last = not retry or (attempts is not None and attempt >= attempts)
-            try:
-                if hasattr(payload, "seek"):
-                    payload.seek(0)
-                conn = self._connection()
-                conn.request(method, self.base_path + path, body=payload, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-                if response.status < 500 or last:
-                    if response.will_close:
-                        self._drop_connection()
-                    return response.status, data
-                log.warning("%s %s: server error %s; retrying", method, path, response.status)
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop_connection()
-                if last:
-                    raise
-                log.warning("%s %s: %s; retrying in %.1fs", method, path, exc, delay)
-            if self.stop_retrying.is_set():
-                raise AgentError(0, "gave up: agent is stopping")
-            time.sleep(delay + random.uniform(0, delay / 2))
-            delay = min(delay * 2, self.max_backoff)
-
-    def json(self, method: str, path: str, *, token: str, body: Any = None, ok: tuple[int, ...] = (200,)) -> Any:
-        status, data = self.request(method, path, token=token, body=body)
-        parsed = json.loads(data) if data else None
-        if status == 401:
-            raise Unauthorized(status, parsed)
-        if status not in ok:
-            raise AgentError(status, parsed)
-        return parsed
-
-    def download(self, path: str, *, token: str) -> bytes:
-        status, data = self.request("GET", path, token=token)
-        if status == 401:
-            raise Unauthorized(status, data[:200])
-        if status != 200:
-            raise AgentError(status, data[:200])
-        return data
 
 
 @dataclass
@@ -192,118 +68,6 @@ class JobSpec:
             cancel_grace_seconds=job.get("cancel_grace_seconds", 10),
             mask=job.get("mask", []),
         )
-
-
-REDACTED = "[REDACTED]"
-# Shorter values are injected but not masked: replacing every "1" or "ok" in a log would
-# destroy the output and, by the holes it leaves, tell the value anyway.
-MIN_MASKED_LENGTH = 3
-
-
-class SecretMasker:
-    """Replaces secret values with [REDACTED] in one stream of output that arrives in pieces.
-
-    A value may be split across two reads of a pipe, so the end of a piece that
-    could be the start of a value (at most len(longest value) - 1 characters, and
-    usually nothing) is held back and masked together with the next piece;
-    `close()` releases it at the end of the output. Besides each value, each line
-    of a multi-line value is masked (a key file printed line by line), all with
-    surrounding whitespace stripped; longer values are replaced first.
-    """
-
-    def __init__(self, values: list[str]) -> None:
-        candidates = {part.strip() for value in values for part in (value, *value.splitlines())}
-        self.values = sorted((c for c in candidates if len(c) >= MIN_MASKED_LENGTH), key=lambda c: (-len(c), c))
-        self.pattern = re.compile("|".join(map(re.escape, self.values))) if self.values else None
-        self.tail = ""
-
-    def feed(self, text: str) -> str:
-        """The masked text that can be shipped now; a possible start of a value is kept for later."""
-        if self.pattern is None:
-            return text
-        raw = self.tail + text
-        cut = self._held_from(raw, 0)
-        out: list[str] = []
-        pos = 0
-        for match in self.pattern.finditer(raw):
-            if match.start() >= cut:
-                break
-            out += [raw[pos:match.start()], REDACTED]
-            pos = match.end()
-            if pos > cut:  # a whole value ran into the held part: keep back only what follows it
-                cut = self._held_from(raw, pos)
-        out.append(raw[pos:cut])
-        self.tail = raw[cut:]
-        return "".join(out)
-
-    def close(self) -> str:
-        """The output ended: what was held back, masked."""
-        rest, self.tail = self.tail, ""
-        return self.pattern.sub(REDACTED, rest) if self.pattern is not None and rest else rest
-
-    def _held_from(self, raw: str, lo: int) -> int:
-        """Where the longest suffix of raw[lo:] that is a proper prefix of some value starts (len(raw): none)."""
-        end = len(raw)
-        start = end
-        for value in self.values:
-            # Only lengths that would hold back more than already found; the first
-            # character is compared before the whole prefix.
-            for length in range(min(len(value) - 1, end - lo), end - start, -1):
-                if raw[end - length] == value[0] and raw.endswith(value[:length]):
-                    start = end - length
-                    break
-        return start
-
-
-@dataclass
-class LogShipper:
-    """Masks secrets in output, numbers the chunks and ships them in order; a failed batch is re-sent as it was."""
-
-    transport: Transport
-    job: JobSpec
-    seq: int = 0
-    pending: list[dict[str, Any]] = field(default_factory=list)
-    cancel_requested: threading.Event = field(default_factory=threading.Event)
-    timeout_requested: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    maskers: dict[int, SecretMasker] = field(default_factory=dict)  # one per stream kind
-
-    def add(self, stream_kind: int, text: str) -> None:
-        if not text:
-            return
-        with self.lock:
-            masker = self.maskers.get(stream_kind)
-            if masker is None:
-                masker = self.maskers[stream_kind] = SecretMasker(self.job.mask)
-            self._number(stream_kind, masker.feed(text))
-
-    def close(self) -> None:
-        """The output is over: release what the maskers held back (masked) as the last chunks."""
-        with self.lock:
-            for stream_kind, masker in sorted(self.maskers.items()):
-                self._number(stream_kind, masker.close())
-
-    def _number(self, stream_kind: int, text: str) -> None:
-        # Called with the lock held, with text already masked.
-        for start in range(0, len(text), MAX_CHUNK_CHARS):
-            self.seq += 1
-            self.pending.append({"seq": self.seq, "stream_kind": stream_kind,
-                                 "content": text[start:start + MAX_CHUNK_CHARS], "ts": utcnow_iso()})
-
-    def flush(self) -> None:
-        with self.lock:
-            batch = list(self.pending)
-        if not batch:
-            return
-        answer = self.transport.json("POST", f"/api/v0/agent/jobs/{self.job.id}/logs", token=self.job.token,
-                                     body={"chunks": batch})
-        with self.lock:
-            sent = {chunk["seq"] for chunk in batch}
-            self.pending = [chunk for chunk in self.pending if chunk["seq"] not in sent]
-        if answer and answer.get("cancel"):
-            self.cancel_requested.set()
-        if answer and answer.get("timeout"):
-            self.timeout_requested.set()
 
 
 class Agent:
@@ -657,17 +421,6 @@ class Agent:
             self.handed_over, self.has_handover = answer["next"], True
 
 
-def pump(stream: io.BufferedReader, kind: int, shipper: LogShipper) -> None:
-    """Read a pipe as it fills and hand decoded text to the shipper (UTF-8, bad bytes replaced)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while True:
-        data = stream.read1(65536)
-        if not data:
-            shipper.add(kind, decoder.decode(b"", final=True))
-            return
-        shipper.add(kind, decoder.decode(data))
-
-
 def stop_process_group(process: subprocess.Popen, *, grace: float) -> None:
     """SIGTERM the command's whole process group; SIGKILL it if still there after `grace` seconds."""
     try:
@@ -685,80 +438,6 @@ def stop_process_group(process: subprocess.Popen, *, grace: float) -> None:
 
 
 ARTIFACT_UPLOAD_ATTEMPTS = 3
-
-
-class BoundedReader:
-    """A file read as a request body of exactly `size` bytes (its size when it was opened).
-
-    A job's background process may still be appending to it; sending more bytes
-    than the Content-Length announced would break the connection.
-    """
-
-    def __init__(self, file: io.BufferedReader, size: int) -> None:
-        self.file = file
-        self.size = size
-        self.remaining = size
-
-    def seek(self, offset: int) -> None:
-        self.file.seek(offset)
-        self.remaining = self.size - offset
-
-    def read(self, n: int = -1) -> bytes:
-        if self.remaining <= 0:
-            return b""
-        data = self.file.read(self.remaining if n is None or n < 0 else min(n, self.remaining))
-        self.remaining -= len(data)
-        return data
-
-    def sha256(self) -> str:
-        digest = hashlib.sha256()
-        self.seek(0)
-        while chunk := self.read(1024 * 1024):
-            digest.update(chunk)
-        self.seek(0)
-        return digest.hexdigest()
-
-
-def printable(name: str) -> str:
-    """A file name as UTF-8 text (bytes that aren't UTF-8 become U+FFFD), for the log and the server."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def collect_artifacts(directory: Path) -> tuple[list[tuple[str, Path, bool]], list[tuple[str, str]]]:
-    """The files to upload from `directory` as (relative path, path to open, open without following links),
-    and the entries skipped with the reason.
-
-    A symbolic link is uploaded only if it leads to a regular file inside the
-    directory: a job must not make the agent upload what it can read elsewhere
-    on the host (its own token, other jobs' workspaces). Linked directories are
-    not entered.
-    """
-    root = directory.resolve()
-    files: list[tuple[str, Path, bool]] = []
-    skipped: list[tuple[str, str]] = []
-    for current, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        base = Path(current)
-        linked_dirs = [name for name in dirnames if (base / name).is_symlink()]
-        for name in sorted(filenames + linked_dirs):
-            path = base / name
-            relative = printable(path.relative_to(root).as_posix())
-            try:
-                if path.is_symlink():
-                    target = path.resolve()
-                    if not target.is_relative_to(root):
-                        skipped.append((relative, "a symbolic link to outside $HARMONT_ARTIFACTS"))
-                    elif not target.is_file():
-                        skipped.append((relative, "a symbolic link to no regular file"))
-                    else:
-                        files.append((relative, target, False))
-                elif not stat.S_ISREG(path.lstat().st_mode):
-                    skipped.append((relative, "not a regular file"))
-                else:
-                    files.append((relative, path, True))
-            except (OSError, RuntimeError) as exc:  # removed meanwhile, a link loop
-                skipped.append((relative, str(exc)))
-    return files, skipped
 
 
 class KeepAlive:
@@ -788,20 +467,6 @@ class KeepAlive:
                     pass  # the next one may get through; the uploads report their own failures
         finally:
             self.transport._drop_connection()  # this thread's connection
-
-
-def pack(directory: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for entry in sorted(directory.iterdir()):
-            tar.add(entry, arcname=entry.name)
-    return buffer.getvalue()
-
-
-def unpack(archive: bytes, directory: Path) -> None:
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-        # The "data" filter refuses absolute paths, `..` and device files.
-        tar.extractall(directory, filter="data")
 
 
 def main(argv: list[str] | None = None) -> int:
