@@ -52,6 +52,7 @@ sys.path[:] = [str(BASE_DIR)] + [p for p in sys.path if p and Path(p).resolve() 
 import psycopg
 from psycopg import sql
 
+from builds.agent.runner import stop_process_group
 from bench.harness import (  # noqa: F401 (stream_bench imports some of these from here)
     PG_HOST,
     PG_PORT,
@@ -174,20 +175,8 @@ def start_server(port: int, log_path: Path, env: dict[str, str], *, workers: int
 
 
 def stop_group(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
-    """SIGTERM the process group `proc` leads, SIGKILL it after `grace` seconds."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # also whatever the leader left behind in its group
-    except ProcessLookupError:
-        pass
+    """SIGTERM the process group `proc` leads, SIGKILL it after `grace` seconds (as the agent stops commands)."""
+    stop_process_group(proc, grace=grace)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:

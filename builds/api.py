@@ -43,7 +43,7 @@ from builds.serializers import (
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
 from harmont.pagination import paginate, paginate_by_creation
-from harmont.rows import Columns
+from harmont.rows import Columns, first_row
 from harmont.serializers import ErrorSerializer, json_object
 from organizations.access import ORG_PERMISSIONS, OrgScopedMixin, membership_for
 from organizations.models import Membership, Organization, User
@@ -98,12 +98,9 @@ def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User) 
     The build comes with `pipeline` and `pipeline.organization` loaded and the
     caller's role as `caller_role`; its other columns are deferred.
     """
-    with connection.cursor() as cursor:
-        cursor.execute(SCOPED_BUILD_SQL, [org_slug, user.pk, pipeline_slug, number])
-        row = cursor.fetchone()
-    if row is None:
+    cells = first_row(SCOPED_BUILD_SQL, [org_slug, user.pk, pipeline_slug, number])
+    if cells is None:
         return None
-    cells = iter(row)
     build = SCOPED_BUILD.load(cells, connection)
     build.pipeline = SCOPED_PIPELINE.load(cells, connection)
     build.pipeline.organization = SCOPED_ORGANIZATION.load(cells, connection)

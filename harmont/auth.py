@@ -19,7 +19,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
-from harmont.rows import Columns
+from harmont.rows import Columns, first_row
 from organizations.models import ApiToken, User
 
 PERSONAL_TOKEN_PREFIX = "hm_"
@@ -64,12 +64,9 @@ def new_prefixed_secret(prefix: str) -> str:
 
 def token_with_user(digest: str) -> ApiToken | None:
     """The token whose hash is `digest`, its user loaded too; None if there is none."""
-    with connection.cursor() as cursor:
-        cursor.execute(TOKEN_WITH_USER_SQL, [digest])
-        row = cursor.fetchone()
-    if row is None:
+    cells = first_row(TOKEN_WITH_USER_SQL, [digest])
+    if cells is None:
         return None
-    cells = iter(row)
     token = TOKEN_COLUMNS.load(cells, connection)
     token.user = USER_COLUMNS.load(cells, connection)
     return token

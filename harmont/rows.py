@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Generic, TypeVar
 
+from django.db import connection
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 
@@ -65,3 +66,11 @@ class Columns(Generic[M]):
                     found.append((position, converters, column))
             self._converters[connection.alias] = found
         return found
+
+
+def first_row(sql: str, params: Sequence[Any]) -> Iterator[Any] | None:
+    """The cells of the query's first row, in order, for `Columns.load`; None when there is no row."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else iter(row)
