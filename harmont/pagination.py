@@ -45,19 +45,34 @@ def parse_limit(request: Request) -> int:
     return value
 
 
-def encode_cursor(value: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"k": value}).encode()).decode().rstrip("=")
+def _encode(payload: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
 
 
-def decode_cursor(raw: str) -> int:
+def _decode(raw: str) -> dict[str, Any]:
+    """The cursor's JSON object; 400 `invalid_cursor` for anything else."""
     try:
         padded = raw + "=" * (-len(raw) % 4)
         data: Any = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        value = data["k"]
-    except (binascii.Error, UnicodeError, ValueError, TypeError, KeyError):
-        raise ApiError("invalid_cursor", "cursor does not decode; pass a next_cursor from this list.") from None
+    except (binascii.Error, UnicodeError, ValueError):
+        raise _invalid_cursor() from None
+    if not isinstance(data, dict):
+        raise _invalid_cursor()
+    return data
+
+
+def _invalid_cursor() -> ApiError:
+    return ApiError("invalid_cursor", "cursor does not decode; pass a next_cursor from this list.")
+
+
+def encode_cursor(value: int) -> str:
+    return _encode({"k": value})
+
+
+def decode_cursor(raw: str) -> int:
+    value = _decode(raw).get("k")
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ApiError("invalid_cursor", "cursor does not decode; pass a next_cursor from this list.")
+        raise _invalid_cursor()
     return value
 
 
@@ -80,12 +95,7 @@ def paginate(request: Request, queryset: QuerySet[M], *, key: str, descending: b
 
 
 def encode_time_cursor(created_at: datetime, pk: Any) -> str:
-    payload = {"t": created_at.isoformat(), "i": str(pk)}
-    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
-
-
-def _invalid_cursor() -> ApiError:
-    return ApiError("invalid_cursor", "cursor does not decode; pass a next_cursor from this list.")
+    return _encode({"t": created_at.isoformat(), "i": str(pk)})
 
 
 def paginate_by_creation(request: Request, queryset: QuerySet[M]) -> Page[M]:
@@ -99,12 +109,11 @@ def paginate_by_creation(request: Request, queryset: QuerySet[M]) -> Page[M]:
     limit = parse_limit(request)
     cursor = request.query_params.get("cursor")
     if cursor:
+        data = _decode(cursor)
         try:
-            padded = cursor + "=" * (-len(cursor) % 4)
-            data: Any = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
             created_at = datetime.fromisoformat(data["t"])
             pk = queryset.model._meta.pk.to_python(data["i"])
-        except (binascii.Error, UnicodeError, ValueError, TypeError, KeyError, ValidationError):
+        except (ValueError, TypeError, KeyError, ValidationError):
             raise _invalid_cursor() from None
         if created_at.tzinfo is None or pk is None:
             raise _invalid_cursor()
