@@ -11,13 +11,14 @@ from typing import Any
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import connection, models, transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from builds import states
 from builds.models import Agent, Build, BuildState, Job, JobDependency, JobState, LogChunk, StreamKind
 from harmont.auth import JOB_CREDENTIAL_PREFIX, hash_secret, new_prefixed_secret
+from harmont.rows import Columns, first_row
 from pipelines.models import Pipeline
 
 J = JobState
@@ -115,43 +116,32 @@ def claim_for_agent(*, agent_id: uuid.UUID, organization_id: int, now: datetime 
     return Claim(job, credential)
 
 
-# What the job spec reads of the build and the pipeline besides their ids (builds.agent_api:
-# job_spec, source_spec), read along with the job; anything else loads on first use.
-# Text and integer columns only: their values need no conversion on either database.
-SPEC_BUILD_FIELDS = ("pipeline_id", "number", "state", "branch", "commit", "source_archive", "source_url",
-                     "source_sha256")
-SPEC_PIPELINE_FIELDS = ("organization_id", "slug", "repository", "source_slug")
+# What the job spec reads of the build and the pipeline (builds.agent_api: job_spec,
+# source_spec), read along with the job; anything else loads on first use. The job's
+# large JSON columns are left out too.
+CLAIMED_JOB = Columns(Job, [f.attname for f in Job._meta.concrete_fields if f.name not in ("cache", "runner_args")])
+CLAIMED_BUILD = Columns(Build, ("id", "pipeline_id", "number", "state", "branch", "commit", "source_archive",
+                                "source_url", "source_sha256"))
+CLAIMED_PIPELINE = Columns(Pipeline, ("id", "organization_id", "slug", "repository", "source_slug"))
+CLAIMED_JOB_SQL = (
+    f"SELECT {CLAIMED_JOB.select('j')}, {CLAIMED_BUILD.select('b')}, {CLAIMED_PIPELINE.select('p')}"
+    f" FROM {Job._meta.db_table} j JOIN {Build._meta.db_table} b ON b.id = j.build_id"
+    f" JOIN {Pipeline._meta.db_table} p ON p.id = b.pipeline_id WHERE j.id = %s"
+)
 
 
 def _claimed_job(job_id: Any) -> Job:
     """The job with the columns of its build and pipeline that the spec reads, in one query.
 
     SQL, because building the ORM's three-table query was a sixth of a busy
-    server's CPU. The job's large JSON columns are left out (they load on
-    first use).
+    server's CPU.
     """
-    quote = connection.ops.quote_name  # (`commit` is a column of builds)
-    job_columns = [f"j.{quote(f.column)}" for f in Job._meta.concrete_fields if f.name not in ("cache", "runner_args")]
-    extra = [f"b.{quote(name)} AS {quote('build_' + name)}" for name in SPEC_BUILD_FIELDS]
-    extra += [f"p.{quote(name)} AS {quote('pipeline_' + name)}" for name in SPEC_PIPELINE_FIELDS]
-    jobs = Job.objects.raw(
-        f"SELECT {', '.join(job_columns + extra)} FROM builds_job j JOIN builds_build b ON b.id = j.build_id"
-        " JOIN pipelines_pipeline p ON p.id = b.pipeline_id WHERE j.id = %s",
-        [states.db_value(Job, "id", job_id)],
-    )
-    job = next(iter(jobs))
-    build = _instance(Build, {"id": job.build_id,
-                              **{name: getattr(job, f"build_{name}") for name in SPEC_BUILD_FIELDS}})
-    build.pipeline = _instance(Pipeline, {"id": build.pipeline_id,
-                                          **{name: getattr(job, f"pipeline_{name}") for name in SPEC_PIPELINE_FIELDS}})
-    job.build = build
+    cells = first_row(CLAIMED_JOB_SQL, [states.db_value(Job, "id", job_id)])
+    assert cells is not None, "a job just claimed exists"
+    job = CLAIMED_JOB.load(cells, connection)
+    job.build = CLAIMED_BUILD.load(cells, connection)
+    job.build.pipeline = CLAIMED_PIPELINE.load(cells, connection)
     return job
-
-
-def _instance(model: type[models.Model], values: dict[str, Any]) -> models.Model:
-    """A model instance loaded with these column values (by attname); its other fields load on first use."""
-    fields = [f for f in model._meta.concrete_fields if f.attname in values]
-    return model.from_db(connection.alias, [f.attname for f in fields], [values[f.attname] for f in fields])
 
 
 # Every agent request starts with one of the two lookups below. They are written as
