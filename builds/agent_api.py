@@ -12,6 +12,7 @@ because each authentication class looks only in its own table.
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 from django.conf import settings
@@ -226,6 +227,20 @@ class HeartbeatRequest(serializers.Serializer):
     timing_out = serializers.BooleanField(required=False, default=False)
 
 
+CLAIM_KEY = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")  # anchored: the field's validator searches
+
+
+class ClaimKeyField(serializers.RegexField):
+    def __init__(self) -> None:
+        super().__init__(CLAIM_KEY, required=False, allow_null=True, help_text=(
+            "The agent's random key for this claim, the same in every retry of the request: a retry whose first "
+            "answer was lost gets the same job again (with a new job_token) instead of a second one."))
+
+
+class ClaimRequest(serializers.Serializer):
+    claim_key = ClaimKeyField()
+
+
 class FinishRequest(serializers.Serializer):
     chunks = ChunkSerializer(many=True, required=False, help_text="The last log chunks, stored before the finish.")
     exit_code = serializers.IntegerField(allow_null=True, required=False, min_value=-1, max_value=65535)
@@ -236,7 +251,9 @@ class FinishRequest(serializers.Serializer):
     error_message = serializers.CharField(allow_null=True, required=False, allow_blank=True, max_length=2000)
     claim_next = serializers.BooleanField(required=False, default=False, help_text=(
         "Also claim this agent's next job: the answer's `next` is then what `claim` would have answered "
-        "(null: none waiting). Only the report that ends the job claims; a retried one leaves `next` out."))
+        "(null: none waiting). Only the report that ends the job claims a new one; a retried report answers "
+        "the job its first attempt claimed under the same `claim_key`, and without a key leaves `next` out."))
+    claim_key = ClaimKeyField()
 
 
 class FinishResponse(Directive):
@@ -297,10 +314,11 @@ def plain_finish(body: dict[str, Any]) -> dict[str, Any] | None:
     if message is not None and not (type(message) is str and message == message.strip() and "\x00" not in message
                                     and len(message) <= _FINISH_FIELDS["error_message"].max_length):
         return None  # (the serializer trims whitespace; such a message takes the long way)
-    claim_next = body.get("claim_next", False)
-    if type(claim_next) is not bool:
+    claim_next, claim_key = body.get("claim_next", False), body.get("claim_key")
+    if type(claim_next) is not bool or not (claim_key is None or (type(claim_key) is str
+                                                                  and CLAIM_KEY.fullmatch(claim_key))):
         return None
-    return {"chunks": chunks, "claim_next": claim_next, **report}
+    return {"chunks": chunks, "claim_next": claim_next, "claim_key": claim_key, **report}
 
 
 def directive(state: str) -> dict[str, Any]:
@@ -382,15 +400,16 @@ class DisconnectView(AgentView):
 class ClaimView(AgentView):
     authentication_classes = [AgentSessionAuthentication]
 
-    @extend_schema(operation_id="agentClaim", tags=["agent"], request=None,
-                   responses={200: ClaimResponse, 204: None, 401: ErrorSerializer})
+    @extend_schema(operation_id="agentClaim", tags=["agent"], request=ClaimRequest,
+                   responses={200: ClaimResponse, 204: None, 401: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request) -> Response:
         """Take the oldest scheduled job of the organization (204: none waiting; poll again)."""
         agent: Agent = request.auth
+        claim_key = validated(ClaimRequest, request).get("claim_key") if request.body else None
         now = timezone.now()
         if now - agent.last_seen_at >= services.jobs.AGENT_SEEN_RESOLUTION:
             services.agent_seen(agent=agent, now=now)
-        claim = services.claim_job(agent=agent, now=now)
+        claim = services.claim_job(agent=agent, now=now, claim_key=claim_key)
         if claim is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
         return Response(claim_answer(claim))
@@ -448,7 +467,7 @@ class FinishView(JobView):
             data = validated(FinishRequest, request)
             report = {name: data.get(name) for name in REPORT_FIELDS}
             report["chunks"] = [services.ChunkIn(**chunk) for chunk in data.get("chunks") or []]
-            report["claim_next"] = data["claim_next"]
+            report["claim_next"], report["claim_key"] = data["claim_next"], data.get("claim_key")
         # As the credential was checked: a job already over means this is a retry (its first
         # attempt's answer got lost), which must not claim a second job for the same agent.
         live = job.state not in TERMINAL_JOB_STATES
@@ -456,12 +475,14 @@ class FinishView(JobView):
                                        outcome=report["outcome"], error_code=report["error_code"],
                                        error_message=report["error_message"], chunks=report["chunks"])
         answer = directive(state)
-        if report["claim_next"] and live:
+        if report["claim_next"] and (live or report["claim_key"]):
             # As a claim with the agent's session would: the credential's check already refused
-            # a revoked agent token; a stopped agent gets nothing more.
+            # a revoked agent token; a stopped agent gets nothing more. A retry (the job was
+            # already over) only gets again what its first attempt claimed under the same key.
             claim = None
             if job.agent_id and job.agent_serving:
-                claim = services.jobs.claim_for_agent(agent_id=job.agent_id, organization_id=job.organization_id)
+                claim = services.jobs.claim_for_agent(agent_id=job.agent_id, organization_id=job.organization_id,
+                                                      claim_key=report["claim_key"], fresh=live)
             answer["next"] = claim_answer(claim) if claim is not None else None
         return Response(answer)
 

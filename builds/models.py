@@ -134,6 +134,9 @@ class Job(models.Model):
     agent = models.ForeignKey("builds.Agent", null=True, blank=True, on_delete=models.SET_NULL,
                               related_name="jobs")
     credential_hash = models.CharField(max_length=64, unique=True, null=True, blank=True)
+    # The agent's key for the claim that assigned this job: a claim (or finish report) retried
+    # after its answer was lost names the same key and gets this job again, not a second one.
+    claim_key = models.CharField(max_length=64, null=True, blank=True, db_index=True)
     assigned_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     # Bytes of log content stored so far (enforces the per-job log limit).

@@ -198,8 +198,8 @@ class Assigned:
     builds_in_children: bool  # some job starts from this one's files
 
 
-def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_hash: str,
-                    now: datetime) -> Assigned | None:
+def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_hash: str, now: datetime,
+                    claim_key: str | None = None, fresh: bool = True) -> Assigned | None:
     """scheduled → assigned for the organization's oldest scheduled job (None: none waiting).
 
     The answer also carries the job's `builds_in` links, which its spec needs.
@@ -211,20 +211,33 @@ def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_has
     `scheduled`. SQLite runs one writing statement at a time, so there the
     statement alone decides. Either way one job goes to exactly one agent.
     Written as SQL because the ORM has no UPDATE ... RETURNING.
+
+    `claim_key` makes a retried claim safe: a job this agent already holds under
+    the same key (its answer was lost on the way) is answered again, with a new
+    credential that replaces the lost one, instead of a second job being taken.
+    With `fresh=False` only that re-answer is possible.
     """
     skip_locked = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    held = "SELECT id FROM builds_job WHERE claim_key = %s AND agent_id = %s AND state = %s LIMIT 1"
+    oldest = ("SELECT id FROM builds_job WHERE organization_id = %s AND state = %s"
+              f" ORDER BY scheduled_at, position LIMIT 1{skip_locked}")
+    agent = db_value(Job, "agent", agent_id)
+    # COALESCE evaluates the oldest-job subquery (and locks its row) only when no held job answers.
+    target, target_params = (f"COALESCE(({held}), ({oldest}))", [claim_key, agent, J.ASSIGNED, organization_id,
+                                                                  J.SCHEDULED]) if fresh else (
+        f"({held})", [claim_key, agent, J.ASSIGNED])
     with connection.cursor() as cursor:
         cursor.execute(
-            "UPDATE builds_job SET state = %s, agent_id = %s, credential_hash = %s, assigned_at = %s,"
-            " last_heartbeat_at = %s"
-            " WHERE state = %s AND id = (SELECT id FROM builds_job WHERE organization_id = %s AND state = %s"
-            f" ORDER BY scheduled_at, position LIMIT 1{skip_locked})"
+            "UPDATE builds_job SET state = %s, agent_id = %s, credential_hash = %s, claim_key = %s,"
+            " assigned_at = %s, last_heartbeat_at = %s"
+            f" WHERE id = {target}"
+            " AND (state = %s OR (state = %s AND claim_key = %s AND agent_id = %s))"
             " RETURNING id,"
             " (SELECT prerequisite_id FROM builds_jobdependency WHERE job_id = builds_job.id AND kind = %s LIMIT 1),"
             " EXISTS (SELECT 1 FROM builds_jobdependency WHERE prerequisite_id = builds_job.id AND kind = %s)",
-            [J.ASSIGNED, db_value(Job, "agent", agent_id), credential_hash, db_value(Job, "assigned_at", now),
-             db_value(Job, "last_heartbeat_at", now), J.SCHEDULED, organization_id, J.SCHEDULED,
-             EdgeKind.BUILDS_IN, EdgeKind.BUILDS_IN],
+            [J.ASSIGNED, agent, credential_hash, claim_key, db_value(Job, "assigned_at", now),
+             db_value(Job, "last_heartbeat_at", now), *target_params,
+             J.SCHEDULED, J.ASSIGNED, claim_key, agent, EdgeKind.BUILDS_IN, EdgeKind.BUILDS_IN],
         )
         row = cursor.fetchone()
     if row is None:

@@ -1031,6 +1031,63 @@ def test_a_retried_finish_claims_no_second_job(session, running, build, pipeline
 
 
 @pytest.mark.django_db
+def test_a_retried_finish_with_its_claim_key_gets_the_job_its_first_attempt_claimed(session, running, build,
+                                                                                     pipeline):
+    spec, job_client = running
+    first = finish(job_client, spec["id"], exit_code=0, claim_next=True, claim_key="k1").json()["next"]
+    other = make_build(pipeline)  # another job is waiting
+
+    # The first answer got lost; the agent sends the same report again.
+    again = finish(job_client, spec["id"], exit_code=0, claim_next=True, claim_key="k1").json()["next"]
+
+    assert again["job"] == first["job"]
+    assert again["job_token"] != first["job_token"]  # the lost one no longer works
+    b = job_of(build, "b")
+    assert b.credential_hash == hash_secret(again["job_token"])
+    assert bearer(first["job_token"]).post(job_url(b.pk, "start")).status_code == 401
+    assert start(bearer(again["job_token"]), b.pk)["state"] == "running"
+    assert job_states_of(other) == {"a": J.SCHEDULED, "b": J.PENDING}
+
+
+@pytest.mark.django_db
+def test_a_claim_retried_with_its_key_gets_the_same_job(session, pipeline):
+    build = make_build(pipeline, pipeline_ir=parallel_ir(3))
+
+    first = session.post(f"{AGENT}/claim", {"claim_key": "retry-me"}, format="json").json()
+    again = session.post(f"{AGENT}/claim", {"claim_key": "retry-me"}, format="json").json()
+    fresh = session.post(f"{AGENT}/claim", {"claim_key": "another"}, format="json").json()
+
+    assert again["job"]["id"] == first["job"]["id"] != fresh["job"]["id"]
+    assert bearer(first["job_token"]).post(job_url(first["job"]["id"], "start")).status_code == 401
+    assert start(bearer(again["job_token"]), again["job"]["id"])["state"] == "running"
+    assert sorted(job_states_of(build).values()) == [J.ASSIGNED, J.RUNNING, J.SCHEDULED]
+    # Once started, the key no longer re-answers: a late duplicate takes the next job.
+    late = session.post(f"{AGENT}/claim", {"claim_key": "retry-me"}, format="json").json()
+    assert late["job"]["id"] not in (first["job"]["id"], fresh["job"]["id"])
+
+
+@pytest.mark.django_db
+def test_another_agents_claim_key_takes_a_job_of_its_own(session, agent_token, pipeline):
+    build = make_build(pipeline, pipeline_ir=parallel_ir(2))
+    mine = session.post(f"{AGENT}/claim", {"claim_key": "shared"}, format="json").json()
+    other = bearer(register(agent_token.raw, name="runner-2").json()["session_token"])
+
+    theirs = other.post(f"{AGENT}/claim", {"claim_key": "shared"}, format="json").json()
+
+    assert theirs["job"]["id"] != mine["job"]["id"]
+    assert sorted(job_states_of(build).values()) == [J.ASSIGNED, J.ASSIGNED]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("key", ["has space", "x" * 65, "new\nline", ""])
+def test_a_malformed_claim_key_is_422_and_claims_nothing(session, build, key):
+    error = assert_error(session.post(f"{AGENT}/claim", {"claim_key": key}, format="json"), 422, "validation_failed")
+
+    assert set(error["fields"]) == {"claim_key"}
+    assert job_states_of(build) == {"a": J.SCHEDULED, "b": J.PENDING}
+
+
+@pytest.mark.django_db
 def test_a_stopped_agent_gets_no_next_job(session, running, build):
     spec, job_client = running
     assert session.post(f"{AGENT}/disconnect").status_code == 204
@@ -1385,7 +1442,8 @@ def test_checked_chunks_are_what_the_serializer_makes_of_them(ts):
 @pytest.mark.parametrize("body", [
     {"exit_code": 0}, {"exit_code": -1, "signal": 255, "outcome": "timed_out"}, {"exit_code": None},
     {"outcome": "canceled", "error_message": ""}, {"error_code": "workspace_unavailable", "error_message": "no"},
-    {"exit_code": 65535, "claim_next": True}, {},
+    {"exit_code": 65535, "claim_next": True}, {}, {"exit_code": 0, "claim_next": True, "claim_key": "a" * 64},
+    {"claim_next": True, "claim_key": None},
 ])
 def test_checked_finish_reports_are_what_the_serializer_makes_of_them(body):
     from builds.agent_api import REPORT_FIELDS, FinishRequest, plain_finish
@@ -1394,7 +1452,7 @@ def test_checked_finish_reports_are_what_the_serializer_makes_of_them(body):
     assert serializer.is_valid(), serializer.errors
     data = serializer.validated_data
 
-    assert plain_finish(body) == {"chunks": [], "claim_next": data["claim_next"],
+    assert plain_finish(body) == {"chunks": [], "claim_next": data["claim_next"], "claim_key": data.get("claim_key"),
                                   **{name: data.get(name) for name in REPORT_FIELDS}}
 
 

@@ -18,6 +18,7 @@ import tarfile
 import threading
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,10 @@ class Agent:
         if self.has_handover:
             claimed, self.handed_over, self.has_handover = self.handed_over, None, False
             return claimed
-        status, data = self.transport.request("POST", "/api/v0/agent/claim", token=self.session, body={})
+        # Every retry of this request sends the same key: if an earlier attempt's answer was
+        # lost, the server answers the job it took then rather than taking a second one.
+        status, data = self.transport.request("POST", "/api/v0/agent/claim", token=self.session,
+                                              body={"claim_key": uuid.uuid4().hex})
         if status == 204:
             return None
         if status == 401:
@@ -416,8 +420,10 @@ class Agent:
                 body["chunks"] = list(shipper.pending)
         # A busy agent's next claim rides along with the report, unless it may claim no more.
         body["claim_next"] = not (self.once or self.stopping.is_set())
+        if body["claim_next"]:
+            body["claim_key"] = uuid.uuid4().hex  # see claim(): a retried report gets the same next job
         answer = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/finish", token=job.token, body=body)
-        if body["claim_next"] and "next" in answer:  # left out by a retried report (and by older servers)
+        if body["claim_next"] and "next" in answer:  # left out by older servers
             self.handed_over, self.has_handover = answer["next"], True
 
 

@@ -84,25 +84,31 @@ class Claim:
     credential: str  # raw job-scoped credential; only its hash is stored
 
 
-def claim_job(*, agent: Agent, now: datetime | None = None) -> Claim | None:
-    """Give `agent` the oldest scheduled job of its organization, or None."""
-    claim = claim_for_agent(agent_id=agent.pk, organization_id=agent.organization_id, now=now)
+def claim_job(*, agent: Agent, now: datetime | None = None, claim_key: str | None = None) -> Claim | None:
+    """Give `agent` the oldest scheduled job of its organization, or None.
+
+    A claim retried with the same `claim_key` gets the job the first attempt took.
+    """
+    claim = claim_for_agent(agent_id=agent.pk, organization_id=agent.organization_id, now=now, claim_key=claim_key)
     if claim is not None:
         claim.job.agent = agent
     return claim
 
 
-def claim_for_agent(*, agent_id: uuid.UUID, organization_id: int, now: datetime | None = None) -> Claim | None:
+def claim_for_agent(*, agent_id: uuid.UUID, organization_id: int, now: datetime | None = None,
+                    claim_key: str | None = None, fresh: bool = True) -> Claim | None:
     """`claim_job` by the agent's id (a finish report's job names its agent; it needn't be loaded).
 
     The claim itself is one statement (`states.assign_next_job`, which also
     answers the job's `builds_in` links); then one query reads the job with
-    its build and pipeline for the job spec.
+    its build and pipeline for the job spec. `fresh=False`: only re-answer the
+    job already claimed under `claim_key` (a retried finish report).
     """
     now = now or timezone.now()
     credential = new_prefixed_secret(JOB_CREDENTIAL_PREFIX)
     assigned = states.assign_next_job(organization_id=organization_id, agent_id=agent_id,
-                                      credential_hash=hash_secret(credential), now=now)
+                                      credential_hash=hash_secret(credential), now=now, claim_key=claim_key,
+                                      fresh=fresh)
     if assigned is None:
         return None
     job = _claimed_job(assigned.job_id)
