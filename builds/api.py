@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-import uuid
 from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
 from django.db.models import Prefetch
 from django.http import FileResponse, HttpResponse
 from django.utils import timezone
@@ -19,14 +17,11 @@ from rest_framework import status
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
-from builds import services
-from builds.artifacts import artifact_response, find_artifact
+from builds import selectors, services, states
 from builds.filters import ArtifactFilter, BuildFilter
-from builds.logs import raw_log_head, raw_log_response
-from builds.models import Agent, Artifact, Build, Job, JobDependency
-from builds.services.jobs import ACTIVE_STATES
+from builds.models import Agent, Artifact, Build, Job
+from builds.responses import artifact_response, raw_log_head, raw_log_response
 from builds.serializers import (
     AgentListSerializer,
     AgentStatusSerializer,
@@ -43,18 +38,13 @@ from builds.serializers import (
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
 from harmont.pagination import paginate, paginate_by_creation
-from harmont.rows import Columns, first_row
-from harmont.serializers import ErrorSerializer, json_object
-from organizations.access import ORG_PERMISSIONS, OrgScopedMixin, membership_for
-from organizations.models import Membership, Organization, User
+from harmont.serializers import ErrorSerializer, filtered, json_object, parse_uuid
+from organizations.access import OrgScopedView, membership_for
+from organizations.models import Membership
 from pipelines.api import PAGE_PARAMS, get_pipeline
-from pipelines.models import Pipeline
 
 # Leading zeros are dropped before the (at most 10) significant digits reach int().
 BUILD_NUMBER = re.compile(r"\+?0*([0-9]{1,10})")
-# What the Build serializer shows (plus what cancel and the log routes use).
-BUILD_FIELDS = ("id", "number", "state", "branch", "commit", "message", "source", "error_code", "error_message",
-                "created_at", "scheduled_at", "started_at", "finished_at", "cancel_requested_at", "pipeline_id")
 BUILD_REQUEST_FIELDS = ("branch", "commit", "message", "source", "env", "pipeline_ir", "source_b64",
                         "source_url", "source_sha256")
 AGENT_LIST_WINDOW = timedelta(days=1)
@@ -73,42 +63,7 @@ def build_request_from(body: dict[str, Any], *, also_required: tuple[str, ...] =
     )
 
 
-# The build behind a build-scoped URL, found through the caller's membership of its
-# organization. Every build-scoped request runs it, so it is written out as SQL: the
-# ORM spent about 1 ms of CPU building and compiling this four-table join, PostgreSQL
-# about 0.3 ms planning and answering it. It loads what
-# `select_related("pipeline__organization").only(*BUILD_FIELDS, "pipeline__slug",
-# "pipeline__organization__slug")` would, plus the caller's role.
-SCOPED_BUILD = Columns(Build, BUILD_FIELDS)
-SCOPED_PIPELINE = Columns(Pipeline, ("id", "organization", "slug"))
-SCOPED_ORGANIZATION = Columns(Organization, ("id", "slug"))
-SCOPED_BUILD_SQL = (
-    f"SELECT {SCOPED_BUILD.select('b')}, {SCOPED_PIPELINE.select('p')}, {SCOPED_ORGANIZATION.select('o')}, m.role "
-    f"FROM {Build._meta.db_table} b "
-    f"JOIN {Pipeline._meta.db_table} p ON p.id = b.pipeline_id "
-    f"JOIN {Organization._meta.db_table} o ON o.id = p.organization_id "
-    f"JOIN {Membership._meta.db_table} m ON m.organization_id = o.id "
-    "WHERE o.slug = %s AND m.user_id = %s AND p.slug = %s AND p.archived_at IS NULL AND b.number = %s"
-)
-
-
-def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User) -> Build | None:
-    """Build `number` of an unarchived pipeline of an organization `user` belongs to, or None.
-
-    The build comes with `pipeline` and `pipeline.organization` loaded and the
-    caller's role as `caller_role`; its other columns are deferred.
-    """
-    cells = first_row(SCOPED_BUILD_SQL, [org_slug, user.pk, pipeline_slug, number])
-    if cells is None:
-        return None
-    build = SCOPED_BUILD.load(cells, connection)
-    build.pipeline = SCOPED_PIPELINE.load(cells, connection)
-    build.pipeline.organization = SCOPED_ORGANIZATION.load(cells, connection)
-    build.caller_role = next(cells)
-    return build
-
-
-class BuildScopedMixin(OrgScopedMixin):
+class BuildScopedView(OrgScopedView):
     """Resolves `self.build` and the caller's membership from org/pipeline/number in one query.
 
     The build is found through the caller's membership of its organization, so
@@ -125,7 +80,7 @@ class BuildScopedMixin(OrgScopedMixin):
         number = int(match[1]) if match else None
         build = None
         if number is not None and number < 2**31:
-            build = scoped_build(org_slug=self.kwargs["org"], pipeline_slug=self.kwargs["pipeline"], number=number,
+            build = selectors.scoped_build(org_slug=self.kwargs["org"], pipeline_slug=self.kwargs["pipeline"], number=number,
                                  user=self.request.user)
         if build is None:
             # Say what is missing, in order: the organization, the pipeline, the build.
@@ -141,18 +96,13 @@ class BuildScopedMixin(OrgScopedMixin):
                           role=build.caller_role)
 
 
-class PipelineBuildsView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class PipelineBuildsView(OrgScopedView):
     @extend_schema(operation_id="listBuilds", tags=["builds"], parameters=PAGE_PARAMS + FILTER_PARAMS,
                    responses={200: BuildListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str) -> Response:
         pipe = get_pipeline(self.org, pipeline)
-        filtered = BuildFilter(request.query_params, queryset=Build.objects.for_display().filter(pipeline=pipe))
-        if not filtered.is_valid():
-            fields = {name: [str(m) for m in msgs] for name, msgs in filtered.errors.items()}
-            raise ApiError("invalid_filter", f"Invalid filter: {', '.join(sorted(fields))}.", fields=fields)
-        page = paginate(request, filtered.qs, key="number", descending=True)
+        builds = filtered(BuildFilter(request.query_params, queryset=Build.objects.for_display().filter(pipeline=pipe)))
+        page = paginate(request, builds, key="number", descending=True)
         for build in page.items:
             build.pipeline = pipe  # already known; saves a join
         return Response({"data": BuildSerializer(page.items, many=True).data, "next_cursor": page.next_cursor})
@@ -167,9 +117,7 @@ class PipelineBuildsView(OrgScopedMixin, APIView):
         return Response(BuildSerializer(build).data, status=status.HTTP_201_CREATED)
 
 
-class RepoBuildsView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class RepoBuildsView(OrgScopedView):
     @extend_schema(operation_id="createBuildBySource", tags=["builds"], request=CreateRepoBuildRequestSerializer,
                    responses={201: BuildSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
                               422: ErrorSerializer})
@@ -182,26 +130,20 @@ class RepoBuildsView(OrgScopedMixin, APIView):
         return Response(BuildSerializer(build).data, status=status.HTTP_201_CREATED)
 
 
-class BuildDetailView(BuildScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class BuildDetailView(BuildScopedView):
     @extend_schema(operation_id="getBuild", tags=["builds"], responses={200: BuildSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
         return Response(BuildSerializer(self.build).data)
 
 
-class BuildCancelView(BuildScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class BuildCancelView(BuildScopedView):
     @extend_schema(operation_id="cancelBuild", tags=["builds"], request=None,
                    responses={200: BuildSerializer, 404: ErrorSerializer, 409: ErrorSerializer})
     def put(self, request: Request, org: str, pipeline: str, number: str) -> Response:
         return Response(BuildSerializer(services.cancel_build(build=self.build)).data)
 
 
-class BuildLogTokenView(BuildScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class BuildLogTokenView(BuildScopedView):
     @extend_schema(operation_id="getBuildLogToken", tags=["builds"],
                    responses={200: LogTokenResponseSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
@@ -209,30 +151,18 @@ class BuildLogTokenView(BuildScopedMixin, APIView):
         return Response(LogTokenResponseSerializer({"token": minted.token, "expires_at": minted.expires_at}).data)
 
 
-def jobs_of(build: Build):  # noqa: ANN201 (QuerySet[Job])
-    edges = JobDependency.objects.order_by("prerequisite__position").only("job_id", "prerequisite_id")
-    return Job.objects.filter(build=build).prefetch_related(Prefetch("prerequisite_edges", queryset=edges))
-
-
-class JobListView(BuildScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class JobListView(BuildScopedView):
     @extend_schema(operation_id="listJobs", tags=["jobs"], responses={200: JobListSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
-        jobs = jobs_of(self.build).order_by("position")
+        jobs = selectors.jobs_with_prerequisites(self.build).order_by("position")
         return Response({"data": JobSerializer(jobs, many=True).data})
 
 
-class JobDetailView(BuildScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class JobDetailView(BuildScopedView):
     @extend_schema(operation_id="getJob", tags=["jobs"], responses={200: JobSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str, job_id: str) -> Response:
-        try:
-            job_uuid = uuid.UUID(job_id)
-        except ValueError:
-            job_uuid = None
-        job = jobs_of(self.build).filter(pk=job_uuid).first() if job_uuid else None
+        job_uuid = parse_uuid(job_id)
+        job = selectors.jobs_with_prerequisites(self.build).filter(pk=job_uuid).first() if job_uuid else None
         if job is None:
             raise ApiError("job_not_found", f"No job {job_id} in build #{self.build.number}.")
         return Response(JobSerializer(job).data)
@@ -248,19 +178,14 @@ class PlainTextRenderer(BaseRenderer):
         return data
 
 
-class JobLogView(BuildScopedMixin, APIView):
+class JobLogView(BuildScopedView):
     """The whole stored log of a job as plain text (all streams, in order)."""
 
-    permission_classes = ORG_PERMISSIONS
     # Errors still leave as the JSON envelope; a successful answer is text.
     renderer_classes = [JSONRenderer, PlainTextRenderer]
 
     def job(self, job_id: str) -> Job:
-        try:
-            job_uuid = uuid.UUID(job_id)
-        except ValueError:
-            job_uuid = None
-        job = Job.objects.filter(build=self.build, pk=job_uuid).only("id", "log_bytes").first() if job_uuid else None
+        job = selectors.find_job(build=self.build, job_id=job_id, fields=("id", "log_bytes"))
         if job is None:
             raise ApiError("job_not_found", f"No job {job_id} in build #{self.build.number}.")
         return job
@@ -277,15 +202,13 @@ class JobLogView(BuildScopedMixin, APIView):
         return raw_log_head(self.job(job_id))
 
 
-class AgentListView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class AgentListView(OrgScopedView):
     @extend_schema(operation_id="listAgents", tags=["agents"],
                    responses={200: AgentListSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str) -> Response:
         """Agents seen in the last day, most recently seen first, with what each is running."""
         now = timezone.now()
-        active = Job.objects.filter(state__in=ACTIVE_STATES).select_related("build", "build__pipeline")
+        active = Job.objects.filter(state__in=states.LIVE_JOB_STATES).select_related("build", "build__pipeline")
         agents = (
             Agent.objects.filter(organization=self.org, last_seen_at__gte=now - AGENT_LIST_WINDOW)
             .order_by("-last_seen_at")
@@ -299,33 +222,26 @@ class AgentListView(OrgScopedMixin, APIView):
 
 
 def build_api_url(build: Build) -> str:
-    """The build's absolute API URL (`build` loaded by BuildScopedMixin, with its pipeline and organization)."""
+    """The build's absolute API URL (`build` loaded by BuildScopedView, with its pipeline and organization)."""
     return (f"{settings.PUBLIC_URL}/api/v0/organizations/{build.pipeline.organization.slug}/pipelines/"
             f"{build.pipeline.slug}/builds/{build.number}")
 
 
-class ArtifactListView(BuildScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class ArtifactListView(BuildScopedView):
     @extend_schema(operation_id="listArtifacts", tags=["artifacts"],
                    parameters=PAGE_PARAMS + [OpenApiParameter("job_id", OpenApiTypes.UUID,
                                                               description="Only this job's artifacts.")],
                    responses={200: ArtifactListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
         """The files the build's jobs stored, oldest first."""
-        filtered = ArtifactFilter(request.query_params, queryset=Artifact.objects.filter(build=self.build))
-        if not filtered.is_valid():
-            fields = {name: [str(m) for m in msgs] for name, msgs in filtered.errors.items()}
-            raise ApiError("invalid_filter", f"Invalid filter: {', '.join(sorted(fields))}.", fields=fields)
-        page = paginate_by_creation(request, filtered.qs)
+        artifacts = filtered(ArtifactFilter(request.query_params, queryset=Artifact.objects.filter(build=self.build)))
+        page = paginate_by_creation(request, artifacts)
         context = {"build_url": build_api_url(self.build)}
         return Response({"data": ArtifactSerializer(page.items, many=True, context=context).data,
                          "next_cursor": page.next_cursor})
 
 
-class ArtifactDownloadView(BuildScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class ArtifactDownloadView(BuildScopedView):
     def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
         # The answer is the file whatever the client accepts; errors are the JSON envelope.
         return super().perform_content_negotiation(request, force=True)
@@ -334,7 +250,7 @@ class ArtifactDownloadView(BuildScopedMixin, APIView):
                    responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str, artifact_id: str) -> FileResponse:
         """The artifact's bytes, as an attachment named after the file."""
-        artifact = find_artifact(build=self.build, artifact_id=artifact_id)
+        artifact = selectors.find_artifact(build=self.build, artifact_id=artifact_id)
         if artifact is None:
             raise ApiError("artifact_not_found", f"No artifact {artifact_id} in build #{self.build.number}.")
         return artifact_response(artifact)

@@ -5,6 +5,12 @@ compare-and-set (`UPDATE ... WHERE state IN (<allowed sources>)`), so when two
 writers race (an agent finishing while a user cancels) exactly one wins and the
 loser sees zero rows changed. Work on one build is serialised by locking its
 row first (`lock_build`, `lock_build_for_roll_up`), so roll-ups never interleave.
+
+The build's state is always `roll_up` of its jobs' states. `settle_build`
+applies it after reading every job; the two hot paths (`mark_build_running` on
+a claim, `settle_after_job_end` when a job passes) apply the same function to
+what they already know, and fall back to `settle_build` where that is not
+enough (tests/test_roll_up_paths.py holds them equal).
 """
 
 from __future__ import annotations
@@ -14,13 +20,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from django.db import connection, models, transaction
-from django.db.models import Exists, OuterRef, QuerySet
+from django.db import transaction
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
-from builds.models import Build, BuildState, EdgeKind, Job, JobDependency, JobState
+from builds import sql
+from builds.models import Build, BuildState, Job, JobDependency, JobState
 
 J = JobState
 
@@ -28,6 +34,10 @@ TERMINAL_JOB_STATES: frozenset[str] = frozenset({J.PASSED, J.FAILED, J.SKIPPED, 
 TERMINAL_BUILD_STATES: frozenset[str] = frozenset(
     {BuildState.PASSED, BuildState.FAILED, BuildState.SKIPPED, BuildState.CANCELED}
 )
+# Jobs an agent holds: claimed and not yet ended. Only these report, upload and download.
+LIVE_JOB_STATES: frozenset[str] = frozenset({J.ASSIGNED, J.RUNNING, J.CANCELING, J.TIMING_OUT})
+# Jobs still waiting for an agent.
+WAITING_JOB_STATES: frozenset[str] = frozenset({J.PENDING, J.SCHEDULED})
 # Prerequisite outcomes that let a dependent job run.
 SATISFIED_STATES: frozenset[str] = frozenset({J.PASSED, J.SKIPPED})
 # Prerequisite outcomes whose dependents (transitively) are skipped.
@@ -65,8 +75,16 @@ def roll_up(job_states: Iterable[str], *, cancel_requested: bool = False,
             build_error: bool = False) -> BuildState:
     """The build state from its jobs' states: the first rule that holds wins.
 
-    `build_error` is a build-level failure (a rejected plan, a pipeline timeout)
-    that fails the build whatever its jobs did.
+    1. a requested cancel: canceled;
+    2. a build-level failure (a rejected plan, a pipeline timeout): failed,
+       whatever its jobs did;
+    3. no jobs, or every job skipped: skipped;
+    4. every job ended: failed if one failed or timed out, else passed;
+    5. some job is past waiting (claimed, running, stopping, or ended): running;
+    6. otherwise (every job waiting): scheduled.
+
+    Only which states are present matters, never how many jobs hold them, so a
+    set of distinct states decides as well as the whole list.
     """
     states = list(job_states)
     if cancel_requested:
@@ -80,9 +98,40 @@ def roll_up(job_states: Iterable[str], *, cancel_requested: bool = False,
         if any(s in (J.FAILED, J.TIMED_OUT) for s in states):
             return BuildState.FAILED
         return BuildState.PASSED
-    if any(s not in (J.PENDING, J.SCHEDULED) for s in states):
+    if any(s not in WAITING_JOB_STATES for s in states):
         return BuildState.RUNNING
     return BuildState.SCHEDULED
+
+
+@dataclass(frozen=True)
+class RollUpInputs:
+    """What a build's roll-up reads of the build row itself, besides its jobs' states."""
+
+    state: str
+    cancel_requested: bool
+    build_error: bool  # a build-level failure (rejected plan, pipeline timeout)
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+def rolled_up_columns(build: RollUpInputs, job_states: Iterable[str], *, now: datetime,
+                      first_start: datetime | None = None) -> dict[str, object]:
+    """The build columns that change when its jobs are in `job_states`: {} when none does.
+
+    `state` is `roll_up`; `started_at` is kept, else the first job's start
+    (`first_start`); `finished_at` is kept, else set now once the build is
+    terminal and every job has ended.
+    """
+    states = set(job_states)
+    state = roll_up(states, cancel_requested=build.cancel_requested, build_error=build.build_error)
+    all_done = all(s in TERMINAL_JOB_STATES for s in states)
+    columns: dict[str, object] = {
+        "state": state,
+        "started_at": build.started_at or first_start,
+        "finished_at": build.finished_at or (now if all_done and state in TERMINAL_BUILD_STATES else None),
+    }
+    current = {"state": build.state, "started_at": build.started_at, "finished_at": build.finished_at}
+    return {name: value for name, value in columns.items() if value != current[name]}
 
 
 def follow_ups(states: Mapping[uuid.UUID, str],
@@ -108,7 +157,7 @@ def follow_ups(states: Mapping[uuid.UUID, str],
 
     changes: dict[uuid.UUID, str] = {}
     for job, state in states.items():
-        if state not in (J.PENDING, J.SCHEDULED):
+        if state not in WAITING_JOB_STATES:
             continue
         if job in blocked:
             changes[job] = J.SKIPPED
@@ -117,55 +166,33 @@ def follow_ups(states: Mapping[uuid.UUID, str],
     return changes
 
 
+# ------------------------------------------------------------------ writing transitions
+
+
 def transition_jobs(job_ids: Iterable[uuid.UUID], *, to: str, now: datetime,
                     only_from: Iterable[str] | None = None, **fields: object) -> int:
     """Compare-and-set: move the given jobs to `to` where the table allows; returns rows changed.
 
     `only_from` narrows the allowed sources further, e.g. to the one state a
     decision was made from: if the job moved on meanwhile, nothing changes.
-
-    SQL rather than QuerySet.update(): every start and finish of a job runs
-    this, and building the ORM's UPDATE cost twice what running it does.
     """
     ids = list(job_ids)
     sources = _sources(to, only_from)
     if not ids or not sources:
         return 0
-    assignments, params = job_assignments(_transition_values(to, now, fields))
-    params += [db_value(Job, "id", job_id) for job_id in ids] + sorted(sources)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE builds_job SET {assignments} WHERE id IN ({', '.join(['%s'] * len(ids))})"
-            f" AND state IN ({', '.join(['%s'] * len(sources))})",
-            params,
-        )
-        return cursor.rowcount
+    return sql.update_jobs(ids, _transition_values(to, now, fields), only_from=sources)
 
 
-@dataclass(frozen=True)
-class Add:
-    """A column value for `job_assignments`: add to the column instead of setting it."""
-
-    amount: int
-
-
-def job_assignments(values: Mapping[str, object]) -> tuple[str, list[Any]]:
-    """`col = %s, ...` and its parameters for an UPDATE of builds_job, from field names and values."""
-    assignments, params = [], []
-    for name, value in values.items():
-        column = Job._meta.get_field(name).column
-        if isinstance(value, Add):
-            assignments.append(f"{column} = {column} + %s")
-            params.append(value.amount)
-        else:
-            assignments.append(f"{column} = %s")
-            params.append(db_value(Job, name, value.pk if isinstance(value, models.Model) else value))
-    return ", ".join(assignments), params
-
-
-def _transition(jobs: QuerySet[Job], *, to: str, now: datetime, **fields: object) -> int:
-    """`transition_jobs` for the jobs of a queryset."""
-    return jobs.filter(state__in=_sources(to, None)).update(**_transition_values(to, now, fields))
+def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
+            only_from: Iterable[str] | None = None, **fields: object) -> tuple[bool, set[str]]:
+    """`transition_jobs` for one job that ends, and the states of the build's other jobs (`sql.end_job`)."""
+    if to not in TERMINAL_JOB_STATES:
+        raise ValueError(f"{to} is not a terminal job state")
+    sources = sorted(_sources(to, only_from))
+    if not sources:
+        return False, set()
+    return sql.end_job(job_id=job_id, build_id=build_id, values=_transition_values(to, now, fields),
+                       sources=sources)
 
 
 def _sources(to: str, only_from: Iterable[str] | None) -> frozenset[str]:
@@ -183,78 +210,7 @@ def _transition_values(to: str, now: datetime, fields: Mapping[str, object]) -> 
     return values
 
 
-def db_value(model: type[models.Model], field: str, value: Any) -> Any:
-    """`value` as the ORM would send it for that column, for the few statements written as SQL.
-
-    (UUIDs are text on SQLite, datetimes are stored in UTC, and so on.)
-    """
-    return model._meta.get_field(field).get_db_prep_save(value, connection)
-
-
-@dataclass(frozen=True)
-class Assigned:
-    job_id: Any
-    builds_in_parent_id: uuid.UUID | None  # the job whose files this one starts from
-    builds_in_children: bool  # some job starts from this one's files
-
-
-def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_hash: str, now: datetime,
-                    claim_key: str | None = None, fresh: bool = True) -> Assigned | None:
-    """scheduled → assigned for the organization's oldest scheduled job (None: none waiting).
-
-    The answer also carries the job's `builds_in` links, which its spec needs.
-
-    One statement, autocommitted, so the claimed row is locked for no longer
-    than the UPDATE itself. On PostgreSQL `FOR UPDATE SKIP LOCKED` lets racing
-    agents each take a different row instead of queueing on the oldest one; the
-    locked row's state is checked again under the lock, so it is still
-    `scheduled`. SQLite runs one writing statement at a time, so there the
-    statement alone decides. Either way one job goes to exactly one agent.
-    Written as SQL because the ORM has no UPDATE ... RETURNING.
-
-    `claim_key` makes a retried claim safe: a job this agent already holds under
-    the same key (its answer was lost on the way) is answered again, with a new
-    credential that replaces the lost one, instead of a second job being taken.
-    With `fresh=False` only that re-answer is possible.
-    """
-    skip_locked = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
-    held = "SELECT id FROM builds_job WHERE claim_key = %s AND agent_id = %s AND state = %s LIMIT 1"
-    oldest = ("SELECT id FROM builds_job WHERE organization_id = %s AND state = %s"
-              f" ORDER BY scheduled_at, position LIMIT 1{skip_locked}")
-    agent = db_value(Job, "agent", agent_id)
-    # COALESCE evaluates the oldest-job subquery (and locks its row) only when no held job answers.
-    target, target_params = (f"COALESCE(({held}), ({oldest}))", [claim_key, agent, J.ASSIGNED, organization_id,
-                                                                  J.SCHEDULED]) if fresh else (
-        f"({held})", [claim_key, agent, J.ASSIGNED])
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE builds_job SET state = %s, agent_id = %s, credential_hash = %s, claim_key = %s,"
-            " assigned_at = %s, last_heartbeat_at = %s"
-            f" WHERE id = {target}"
-            " AND (state = %s OR (state = %s AND claim_key = %s AND agent_id = %s))"
-            " RETURNING id,"
-            " (SELECT prerequisite_id FROM builds_jobdependency WHERE job_id = builds_job.id AND kind = %s LIMIT 1),"
-            " EXISTS (SELECT 1 FROM builds_jobdependency WHERE prerequisite_id = builds_job.id AND kind = %s)",
-            [J.ASSIGNED, agent, credential_hash, claim_key, db_value(Job, "assigned_at", now),
-             db_value(Job, "last_heartbeat_at", now), *target_params,
-             J.SCHEDULED, J.ASSIGNED, claim_key, agent, EdgeKind.BUILDS_IN, EdgeKind.BUILDS_IN],
-        )
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    job_id, parent_id, children = row
-    return Assigned(job_id, None if parent_id is None else uuid.UUID(str(parent_id)), bool(children))
-
-
-@dataclass(frozen=True)
-class RollUpInputs:
-    """What a build's roll-up needs besides its jobs' states."""
-
-    state: str
-    cancel_requested: bool
-    build_error: bool  # a build-level failure (rejected plan, pipeline timeout)
-    started: bool
-    finished: bool
+# ------------------------------------------------------------------ the build's lock and roll-up
 
 
 def lock_build_for_roll_up(build_id: uuid.UUID) -> RollUpInputs:
@@ -263,15 +219,10 @@ def lock_build_for_roll_up(build_id: uuid.UUID) -> RollUpInputs:
     The same lock as `lock_build`, for the hot path of a job's end: five plain
     values instead of a model instance (callers are inside a transaction).
     """
-    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT state, cancel_requested_at IS NOT NULL, error_code IS NOT NULL, started_at IS NOT NULL,"
-            f" finished_at IS NOT NULL FROM builds_build WHERE id = %s{lock}",
-            [db_value(Build, "id", build_id)],
-        )
-        state, cancel_requested, build_error, started, finished = cursor.fetchone()
-    return RollUpInputs(state, bool(cancel_requested), bool(build_error), bool(started), bool(finished))
+    row = (Build.objects.select_for_update().filter(pk=build_id)
+           .values_list("state", "cancel_requested_at", "error_code", "started_at", "finished_at").get())
+    state, cancel_requested_at, error_code, started_at, finished_at = row
+    return RollUpInputs(state, cancel_requested_at is not None, error_code is not None, started_at, finished_at)
 
 
 def lock_build(build_id: uuid.UUID) -> Build:
@@ -283,16 +234,24 @@ def lock_build(build_id: uuid.UUID) -> Build:
     return Build.objects.select_for_update(of=("self",)).defer("pipeline_ir", "env").get(pk=build_id)
 
 
-def mark_build_running(build_id: uuid.UUID) -> None:
-    """A job of the build was just assigned: roll-up rule 4 without reading the build's jobs.
+def _write_build(build_id: uuid.UUID, columns: Mapping[str, object]) -> None:
+    if columns:
+        Build.objects.filter(pk=build_id).update(**columns)
 
-    An assigned job is past `scheduled` and not terminal, so the roll-up can
-    only be `running`, unless a cancel or a build-level error decided earlier
-    (rules 1 and 3 win), which the conditions leave alone. A conditional UPDATE
-    needs no lock, so claims don't queue on their build's row.
+
+def mark_build_running(build_id: uuid.UUID) -> None:
+    """A job of the build was just assigned: the roll-up without reading the build or its jobs.
+
+    Whatever the other jobs' states, a build holding an assigned job rolls up
+    to `CLAIMED_ROLL_UP` (running), unless a cancel or a build-level error
+    decides first; the UPDATE's conditions leave those builds alone. A
+    conditional UPDATE needs no lock, so claims don't queue on their build's row.
     """
     Build.objects.filter(pk=build_id, state=BuildState.SCHEDULED, cancel_requested_at__isnull=True,
-                         error_code__isnull=True).update(state=BuildState.RUNNING)
+                         error_code__isnull=True).update(state=CLAIMED_ROLL_UP)
+
+
+CLAIMED_ROLL_UP = roll_up([J.ASSIGNED])
 
 
 def mark_build_started(build_id: uuid.UUID, now: datetime) -> None:
@@ -327,50 +286,27 @@ def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Bu
                 transition_jobs(ids, to=target, now=now)
             states.update(changes)
 
-        state = roll_up(states.values(), cancel_requested=build.cancel_requested_at is not None,
-                        build_error=build.error_code is not None)
         started = [s for _, _, s in jobs if s is not None]
-        started_at = build.started_at or (min(started) if started else None)
-        all_done = all(s in TERMINAL_JOB_STATES for s in states.values())
-        finished_at = build.finished_at or (now if all_done and state in TERMINAL_BUILD_STATES else None)
-        if (state, started_at, finished_at) != (build.state, build.started_at, build.finished_at):
-            Build.objects.filter(pk=build.pk).update(state=state, started_at=started_at, finished_at=finished_at)
-            build.state, build.started_at, build.finished_at = state, started_at, finished_at
+        inputs = RollUpInputs(build.state, build.cancel_requested_at is not None, build.error_code is not None,
+                              build.started_at, build.finished_at)
+        columns = rolled_up_columns(inputs, states.values(), now=now, first_start=min(started) if started else None)
+        _write_build(build.pk, columns)
+        for name, value in columns.items():
+            setattr(build, name, value)
         return build
 
 
-def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
-            only_from: Iterable[str] | None = None, **fields: object) -> tuple[bool, set[str]]:
-    """`transition_jobs` for one job that ends, and the states of the build's other jobs.
+def passed_job_fast_path(build: RollUpInputs, state: str) -> bool:
+    """Whether a job's end to `state` can be settled from the other jobs' states alone.
 
-    The caller holds the build's lock, so the states read are every other
-    job's as of now. Every end of one of the build's jobs queues for that
-    lock: on PostgreSQL a data-modifying WITH does both in one round trip
-    (its read sees the other jobs, not this statement's own update, which is
-    why the job itself is left out of it).
+    A job that passed blocks nothing (no dependent is skipped) and can only
+    make its own pending dependents ready, which leaves the roll-up as it is
+    (rule 6 treats pending and scheduled alike). Everything else takes
+    `settle_build`: a failure skips its dependents transitively, a cancel
+    ends the waiting jobs, and a build with no start time yet takes it from
+    its jobs.
     """
-    if to not in TERMINAL_JOB_STATES:
-        raise ValueError(f"{to} is not a terminal job state")
-    sources = sorted(_sources(to, only_from))
-    if not sources:
-        return False, set()
-    assignments, params = job_assignments(_transition_values(to, now, fields))
-    job, build = db_value(Job, "id", job_id), db_value(Job, "build", build_id)
-    update = (f"UPDATE builds_job SET {assignments} WHERE id = %s"
-              f" AND state IN ({', '.join(['%s'] * len(sources))})")
-    others = "SELECT DISTINCT state FROM builds_job WHERE build_id = %s AND id <> %s"
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute(f"WITH ended AS ({update} RETURNING 1)"
-                           f" SELECT (SELECT COUNT(*) FROM ended), ARRAY({others})",
-                           [*params, job, *sources, build, job])
-            changed, other_states = cursor.fetchone()
-            return bool(changed), set(other_states)
-        cursor.execute(update, [*params, job, *sources])
-        if not cursor.rowcount:
-            return False, set()
-        cursor.execute(others, [build, job])
-        return True, {row[0] for row in cursor.fetchall()}
+    return state == J.PASSED and not build.cancel_requested and not build.build_error and build.started_at is not None
 
 
 def settle_after_job_end(*, build_id: uuid.UUID, build: RollUpInputs, job_id: uuid.UUID, state: str,
@@ -378,29 +314,17 @@ def settle_after_job_end(*, build_id: uuid.UUID, build: RollUpInputs, job_id: uu
     """What one job's end changes: its dependents and the build's roll-up, without reading the whole build.
 
     The caller holds the build's lock (`build` is what it read under it), the
-    job just moved to terminal `state`, and `others` are the states of the
-    build's other jobs (`end_job`). A job that passed can only make its own
-    pending dependents ready and, if it was the last one running, end the
-    build: a query only when some job is still pending. The rare cases go
-    through the full `settle_build`: a failure skips its dependents
-    transitively, a cancel or a build-level error decides the roll-up, and a
-    build with no start time yet takes it from its jobs.
+    job just moved to terminal `state`, and `others` are the distinct states of
+    the build's other jobs (`end_job`). On the fast path a query runs only when
+    some job is still pending.
     """
-    if state != J.PASSED or build.cancel_requested or build.build_error or not build.started:
+    if not passed_job_fast_path(build, state):
         settle_build(build_id=build_id, now=now)
         return
     present = others | {state}
     if J.PENDING in present:
-        # pending → scheduled leaves the roll-up as it is (rules 2–5 treat both alike),
-        # so the states read above still decide it.
         promote_dependents(job_id=job_id, now=now)
-    # The roll-up's rules only ask whether some/every job is in a state: distinct states suffice.
-    rolled = roll_up(present)
-    if rolled in TERMINAL_BUILD_STATES and not build.finished:
-        # No cancel and no build error: terminal means every job is terminal.
-        Build.objects.filter(pk=build_id).update(state=rolled, finished_at=now)
-    elif rolled != build.state:
-        Build.objects.filter(pk=build_id).update(state=rolled)
+    _write_build(build_id, rolled_up_columns(build, present, now=now))
 
 
 def promote_dependents(*, job_id: uuid.UUID, now: datetime) -> int:
@@ -408,4 +332,5 @@ def promote_dependents(*, job_id: uuid.UUID, now: datetime) -> int:
     unsatisfied = JobDependency.objects.filter(job=OuterRef("pk")).exclude(prerequisite__state__in=SATISFIED_STATES)
     ready = Job.objects.filter(state=J.PENDING, prerequisite_edges__prerequisite_id=job_id).exclude(
         Exists(unsatisfied))
-    return _transition(ready, to=J.SCHEDULED, now=now)
+    return ready.update(**_transition_values(J.SCHEDULED, now, {}))
+

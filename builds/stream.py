@@ -30,9 +30,11 @@ from django.db import DatabaseError, close_old_connections, connection
 from django.db.models import Q
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
+from builds import sql
 from builds.models import Job, LogChunk
 from builds.states import TERMINAL_JOB_STATES
 from harmont.logtokens import LogTokenInvalid, verify_log_token
+from harmont.serializers import parse_uuid
 
 log = logging.getLogger("harmont.stream")
 
@@ -72,17 +74,7 @@ def fetch_updates(cursors: dict[uuid.UUID, int]) -> tuple[dict[uuid.UUID, str], 
 
 def new_chunks(cursors: dict[uuid.UUID, int]) -> list[tuple]:
     if connection.vendor == "postgresql":
-        # Hundreds of watched jobs: one join against two array parameters. The ORM's
-        # OR of per-job conditions costs the process far more to build than the
-        # database to answer.
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT c.job_id, c.seq, c.stream_kind, c.content, c.ts FROM {LogChunk._meta.db_table} c "
-                "JOIN unnest(%s::uuid[], %s::integer[]) AS w(job_id, seq) "
-                "ON c.job_id = w.job_id AND c.seq > w.seq ORDER BY c.job_id, c.seq",
-                [list(cursors), list(cursors.values())],
-            )
-            return cursor.fetchall()
+        return sql.chunks_after(cursors)
     condition = Q()
     for job_id, seq in cursors.items():
         condition |= Q(job_id=job_id, seq__gt=seq)
@@ -204,10 +196,7 @@ async def job_log_stream(request: HttpRequest, job_id: str) -> HttpResponse:
     except LogTokenInvalid:
         return stream_error("log_stream_unauthorized", "A valid, unexpired log token is required (?token=).",
                             401, request)
-    try:
-        job_uuid = uuid.UUID(job_id)
-    except ValueError:
-        job_uuid = None
+    job_uuid = parse_uuid(job_id)
     # Both queries run on the event loop's shared executor (as the hub's poll does), not
     # thread-sensitive: Django's ASGI handler gives each request a thread of its own that
     # lives as long as the response, so a connection opened there was held by every open

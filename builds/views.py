@@ -28,12 +28,11 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from builds import services
-from builds.api import AGENT_LIST_WINDOW, jobs_of
-from builds.artifacts import artifact_response, find_artifact
-from builds.logs import raw_log_response
+from builds.api import AGENT_LIST_WINDOW
+from builds.responses import artifact_response, raw_log_response
+from builds.selectors import find_artifact, jobs_with_prerequisites
 from builds.models import Agent, Artifact, Build, Job
-from builds.services.jobs import ACTIVE_STATES
-from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
+from builds.states import LIVE_JOB_STATES, TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
 from organizations import services as org_services
@@ -105,7 +104,7 @@ def page_build(page: OrgPage, pipeline: str, number: int) -> Build:
 
 def job_rows(build: Build, now: datetime) -> list[Job]:
     """The build's jobs in dependency order, each with `after` (its prerequisites' keys) and a duration."""
-    jobs = list(jobs_of(build).only(*JOB_FIELDS).order_by("position"))
+    jobs = list(jobs_with_prerequisites(build).only(*JOB_FIELDS).order_by("position"))
     keys = {job.pk: job.step_key for job in jobs}
     for job in jobs:
         job.after = [keys[edge.prerequisite_id] for edge in job.prerequisite_edges.all()]
@@ -266,7 +265,7 @@ def connection_state(agent: Agent, now: datetime) -> str:
 def _agents_page(request: HttpRequest, page: OrgPage, *, form: AgentTokenForm,
                  created: org_services.IssuedAgentToken | None = None, status: int = 200) -> HttpResponse:
     now = timezone.now()
-    active = Job.objects.filter(state__in=ACTIVE_STATES).select_related("build", "build__pipeline").only(
+    active = Job.objects.filter(state__in=LIVE_JOB_STATES).select_related("build", "build__pipeline").only(
         "id", "agent_id", "state", "step_key", "build__number", "build__pipeline__slug")
     agents = list(
         Agent.objects.filter(organization=page.org, last_seen_at__gte=now - AGENT_LIST_WINDOW)

@@ -3,7 +3,7 @@
 `EventSource` cannot send an Authorization header, so the browser puts this
 token in the query string. It is deliberately weak: it names one build, has
 its own secret and audience, and expires within the hour. It is not a bearer
-token; `harmont.auth` never accepts it (it is not in the token table).
+token; the API's bearer authentication never accepts it (it is not in the token table).
 """
 
 from __future__ import annotations

@@ -1,14 +1,19 @@
-"""Model instances from hand-written SQL, for the few reads every API request makes.
+"""The one style of raw SQL: names from `_meta`, values as the ORM sends them, rows loaded as the ORM loads them.
 
-Building and compiling an ORM query costs this process 0.5 to 1 ms of CPU, several
-times what PostgreSQL spends planning and answering it. On the requests that
-authenticate a token and resolve a build from the URL, that was most of the request.
-Those few queries are written out as SQL instead, and `Columns` turns their rows
-back into model instances exactly as the ORM would have built them:
+Raw SQL is kept for what the ORM can't say (UPDATE ... RETURNING with SKIP
+LOCKED, INSERT ... ON CONFLICT that reports what it inserted, a data-modifying
+WITH, a join against unnest'ed arrays) and for the few reads every API and
+agent request makes, where building and compiling an ORM query cost the process
+several times what the database spends answering it (numbers in bench/README.md).
+Each app keeps its statements in one module (`<app>/sql.py`), written with:
 
-- the same per-database converters run on each value (SQLite hands back
-  datetimes and UUIDs as text; the ORM's converters are what parse them), and
-- fields not selected are deferred, as with `.only()`: reading one later loads it.
+- `Table`: a model's table and columns, quoted, from `_meta` (never a literal
+  table or column name);
+- `db_value`: a parameter as the ORM would send it for that column (UUIDs are
+  text on SQLite, datetimes are stored in UTC, and so on);
+- `Columns` and `first_row`: a row read back into model instances exactly as
+  the ORM would have built them: the same per-database converters run on each
+  value, and fields not selected are deferred, as with `.only()`.
 
 Scoping stays in the SQL itself (the caller's membership is a join condition),
 never in a cache.
@@ -26,6 +31,38 @@ from django.db.models import Model
 M = TypeVar("M", bound=Model)
 
 
+class Table:
+    """A model's table for SQL text: `str(t)` names it (with its alias), `t.state` names a column.
+
+    `Table(Job, "j")` reads `"builds_job" j` and `j."state"`; without an alias
+    columns are qualified by the table's own name. `t.bare("state")` is the
+    unqualified column an UPDATE's SET takes. Attribute names are field names
+    (`t.build` is the `build_id` column).
+    """
+
+    def __init__(self, model: type[Model], alias: str | None = None) -> None:
+        # Underscored: every other attribute name is a field's column.
+        self._model = model
+        self._alias = alias
+        self._table = connection.ops.quote_name(model._meta.db_table)
+
+    def __str__(self) -> str:
+        return f"{self._table} {self._alias}" if self._alias else self._table
+
+    def bare(self, field: str) -> str:
+        return connection.ops.quote_name(self._model._meta.get_field(field).column)
+
+    def __getattr__(self, field: str) -> str:
+        if field.startswith("_"):
+            raise AttributeError(field)
+        return f"{self._alias or self._table}.{self.bare(field)}"
+
+
+def db_value(model: type[Model], field: str, value: Any) -> Any:
+    """`value` as the ORM would send it for that column."""
+    return model._meta.get_field(field).get_db_prep_save(value, connection)
+
+
 class Columns(Generic[M]):
     """Some (or all) concrete fields of `model`: the SQL that selects them, and the instance they load into."""
 
@@ -40,9 +77,9 @@ class Columns(Generic[M]):
         self.attnames = tuple(field.attname for field in self.fields)
         self._converters: dict[str, list[tuple[int, list[Callable[..., Any]], Any]]] = {}
 
-    def select(self, alias: str) -> str:
+    def select(self, table: Table) -> str:
         """`alias."col", ...` in the order `load` reads them."""
-        return ", ".join(f'{alias}."{field.column}"' for field in self.fields)
+        return ", ".join(getattr(table, field.name) for field in self.fields)
 
     def load(self, cells: Iterator[Any], connection: BaseDatabaseWrapper) -> M:
         """The next `len(self.fields)` values of a row, as an instance loaded from `connection`."""

@@ -1,8 +1,12 @@
-"""Serializers shared by every app: the error envelope (for the schema) and list wrappers."""
+"""Request input and response shapes shared by every app: JSON bodies, ids, filters, the error envelope."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
+
+from django_filters import FilterSet
+from django.db.models import QuerySet
 
 from rest_framework import serializers
 from rest_framework.request import Request
@@ -23,6 +27,24 @@ def validated(serializer_class: type[serializers.Serializer], request: Request) 
     body = serializer_class(data=json_object(request))
     body.is_valid(raise_exception=True)
     return body.validated_data
+
+
+def parse_uuid(raw: str | uuid.UUID) -> uuid.UUID | None:
+    """A path id as a UUID, or None; malformed ids are the resource's 404, never a 500."""
+    if isinstance(raw, uuid.UUID):
+        return raw
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        return None
+
+
+def filtered(filterset: FilterSet) -> QuerySet:
+    """The FilterSet's queryset; invalid query parameters are a 400 `invalid_filter` naming each."""
+    if not filterset.is_valid():
+        fields = {name: [str(m) for m in msgs] for name, msgs in filterset.errors.items()}
+        raise ApiError("invalid_filter", f"Invalid filter: {', '.join(sorted(fields))}.", fields=fields)
+    return filterset.qs
 
 
 class ErrorBodySerializer(serializers.Serializer):

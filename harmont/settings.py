@@ -249,7 +249,7 @@ LOG_STREAM_CORS_ORIGINS = env_list("HARMONT_LOG_STREAM_CORS_ORIGINS", "")
 REAPER_INTERVAL_SECONDS = env_int("HARMONT_REAPER_INTERVAL", 5, minimum=1)
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["harmont.auth.BearerTokenAuthentication"],
+    "DEFAULT_AUTHENTICATION_CLASSES": ["organizations.authentication.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["harmont.parsers.SafeJSONParser"],

@@ -1,8 +1,8 @@
 """Who may see and do what: the one place API views resolve the caller's organization.
 
-Every org-scoped view mixes in `OrgScopedMixin` and lists `OrgRolePermission`;
-the organization comes from the URL and the caller's membership in it, in one
-query. An organization the caller is not a member of is a 404, never a 403,
+Every org-scoped API view derives from `OrgScopedView`: the organization comes
+from the URL and the caller's membership in it, in one query, and
+`OrgRolePermission` checks the role the method needs. An organization the caller is not a member of is a 404, never a 403,
 so its existence is not revealed.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 
 from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
+from rest_framework.views import APIView
 
 from harmont.errors import ApiError
 from organizations.models import Membership, Organization, Role, User
@@ -70,3 +71,9 @@ class OrgRolePermission(BasePermission):
 
 
 ORG_PERMISSIONS = [IsAuthenticated, OrgRolePermission]
+
+
+class OrgScopedView(OrgScopedMixin, APIView):
+    """An API view under `/organizations/{org}/`: members only, with the role `required_role` names."""
+
+    permission_classes = ORG_PERMISSIONS

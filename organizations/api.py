@@ -1,13 +1,12 @@
 """Account, API-token, CLI-login, organization, member and invite endpoints.
 
-Thin views: resolve the caller and the organization (`OrgScopedMixin`), read
+Thin views: resolve the caller and the organization (`OrgScopedView`), read
 the body through a serializer, call a service, render a serializer. Services
 raise `ApiError`s; the exception handler renders the envelope.
 """
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from django.db.models import QuerySet
@@ -22,9 +21,9 @@ from rest_framework.views import APIView
 
 from harmont.errors import ApiError
 from harmont.pagination import paginate
-from harmont.serializers import ErrorSerializer, validated
+from harmont.serializers import ErrorSerializer, parse_uuid, validated
 from organizations import services
-from organizations.access import ORG_PERMISSIONS, OrgScopedMixin
+from organizations.access import OrgScopedView
 from organizations.models import AgentToken, ApiToken, Membership, Organization, Role, TokenKind, User
 from organizations.serializers import (
     AgentTokenCreateRequestSerializer,
@@ -78,14 +77,6 @@ class WholeBodyPatchSchema(AutoSchema):
             return super()._get_request_for_media_type(serializer, direction)
         finally:
             self.method = "PATCH"
-
-
-def parse_uuid(raw: str) -> uuid.UUID | None:
-    """A path id as a UUID, or None; malformed ids are the resource's 404, never a 500."""
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        return None
 
 
 def body_string(request: Request, name: str) -> str:
@@ -231,18 +222,14 @@ class OrganizationListView(APIView):
         return Response(OrganizationSerializer(org).data, status=status.HTTP_201_CREATED)
 
 
-class OrganizationDetailView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class OrganizationDetailView(OrgScopedView):
     @extend_schema(operation_id="getOrganization", tags=["organizations"],
                    responses={200: OrganizationSerializer, 401: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str) -> Response:
         return Response(OrganizationSerializer(self.org).data)
 
 
-class MemberListView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class MemberListView(OrgScopedView):
     @extend_schema(operation_id="listOrgMembers", tags=["organizations"],
                    responses={200: OrgMemberListSerializer, 401: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str) -> Response:
@@ -251,9 +238,8 @@ class MemberListView(OrgScopedMixin, APIView):
         return Response({"data": OrgMemberSerializer(members, many=True).data})
 
 
-class MemberDetailView(OrgScopedMixin, APIView):
+class MemberDetailView(OrgScopedView):
     schema = WholeBodyPatchSchema()
-    permission_classes = ORG_PERMISSIONS
     # DELETE has no minimum role here: any member may remove themselves; the
     # service decides the rest under the organization lock.
     required_role = {"PATCH": Role.ADMIN}
@@ -288,8 +274,7 @@ class MemberDetailView(OrgScopedMixin, APIView):
 
 # ---------------------------------------------------------------- invites
 
-class InviteListView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
+class InviteListView(OrgScopedView):
     required_role = {"GET": Role.ADMIN, "POST": Role.ADMIN}
     role_action = "manage invites"
 
@@ -311,8 +296,7 @@ class InviteListView(OrgScopedMixin, APIView):
                         status=status.HTTP_201_CREATED)
 
 
-class InviteDetailView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
+class InviteDetailView(OrgScopedView):
     required_role = {"DELETE": Role.ADMIN}
     role_action = "manage invites"
 
@@ -335,8 +319,7 @@ class AcceptInviteView(APIView):
         return Response(OrganizationSerializer(services.accept_invite(user=request.user, token=body["token"])).data)
 
 
-class AgentTokenListView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
+class AgentTokenListView(OrgScopedView):
     required_role = {"GET": Role.ADMIN, "POST": Role.ADMIN}
     role_action = "manage agent tokens"
 
@@ -359,8 +342,7 @@ class AgentTokenListView(OrgScopedMixin, APIView):
                         status=status.HTTP_201_CREATED)
 
 
-class AgentTokenDetailView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
+class AgentTokenDetailView(OrgScopedView):
     required_role = {"DELETE": Role.ADMIN}
     role_action = "manage agent tokens"
 

@@ -13,7 +13,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
-from harmont.auth import (
+from harmont.tokens import (
     AGENT_TOKEN_PREFIX,
     hash_secret,
     new_personal_secret,
@@ -53,6 +53,7 @@ class IssuedToken:
 
 
 def issue_session_token(*, user: User, now: datetime | None = None) -> IssuedToken:
+    """A new session token for `user` (what sign-in and the CLI login hand out), expiring after SESSION_TOKEN_TTL_DAYS."""
     now = now or timezone.now()
     raw = new_session_secret()
     token = ApiToken.objects.create(
@@ -64,6 +65,7 @@ def issue_session_token(*, user: User, now: datetime | None = None) -> IssuedTok
 
 def create_personal_token(*, user: User, description: str | None = None,
                           expires_at: datetime | None = None, now: datetime | None = None) -> IssuedToken:
+    """A new personal API token (`hm_...`) for `user`; the raw value is returned once, only its hash is kept."""
     raw = new_personal_secret()
     token = ApiToken.objects.create(
         user=user, kind=TokenKind.PERSONAL, token_hash=hash_secret(raw), description=description,
@@ -119,6 +121,7 @@ def create_user(*, email: str, password: str | None = None, name: str = "",
 
 
 def get_or_create_user(*, email: str, name: str = "") -> tuple[User, bool]:
+    """The user with this email (compared case-insensitively), created if there is none; and whether it was."""
     existing = User.objects.filter(email__iexact=email).first()
     if existing is not None:
         return existing, False

@@ -9,12 +9,11 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from harmont.errors import ApiError
 from harmont.pagination import paginate
 from harmont.serializers import ErrorSerializer, validated
-from organizations.access import ORG_PERMISSIONS, OrgScopedMixin
+from organizations.access import OrgScopedView
 from organizations.models import Role
 from pipelines import secrets as secret_services
 from pipelines import registration, services
@@ -36,8 +35,7 @@ def get_pipeline(org, slug: str) -> Pipeline:  # noqa: ANN001 (Organization)
     return pipeline
 
 
-class PipelineListView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
+class PipelineListView(OrgScopedView):
     required_role = {"POST": Role.ADMIN}
     role_action = "create pipelines"
 
@@ -55,17 +53,14 @@ class PipelineListView(OrgScopedMixin, APIView):
         return Response(PipelineSerializer(pipeline).data, status=status.HTTP_201_CREATED)
 
 
-class PipelineDetailView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
-
+class PipelineDetailView(OrgScopedView):
     @extend_schema(operation_id="getPipeline", tags=["pipelines"],
                    responses={200: PipelineSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str) -> Response:
         return Response(PipelineSerializer(get_pipeline(self.org, pipeline)).data)
 
 
-class PipelineRegisterView(OrgScopedMixin, APIView):
-    permission_classes = ORG_PERMISSIONS
+class PipelineRegisterView(OrgScopedView):
     required_role = {"POST": Role.ADMIN}
     role_action = "register pipelines"
 
@@ -96,11 +91,10 @@ class PipelineRegisterView(OrgScopedMixin, APIView):
 # ---------------------------------------------------------------- secrets
 
 
-class SecretScopeMixin(OrgScopedMixin):
+class SecretScopeView(OrgScopedView):
     """Secrets of the organization, or of one pipeline when the URL names it. Admins only, reads included:
     even the names say what a pipeline deploys to."""
 
-    permission_classes = ORG_PERMISSIONS
     required_role = {"GET": Role.ADMIN, "HEAD": Role.ADMIN, "POST": Role.ADMIN, "DELETE": Role.ADMIN}
     role_action = "manage secrets"
 
@@ -127,7 +121,7 @@ SET_SECRET_RESPONSES = {200: SecretSerializer, 201: SecretSerializer, 403: Error
                         422: ErrorSerializer}
 
 
-class OrgSecretListView(SecretScopeMixin, APIView):
+class OrgSecretListView(SecretScopeView):
     @extend_schema(operation_id="listOrgSecrets", tags=["secrets"],
                    responses={200: SecretListSerializer, 403: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str) -> Response:
@@ -141,14 +135,14 @@ class OrgSecretListView(SecretScopeMixin, APIView):
         return self.set_secret(request)
 
 
-class OrgSecretDetailView(SecretScopeMixin, APIView):
+class OrgSecretDetailView(SecretScopeView):
     @extend_schema(operation_id="deleteOrgSecret", tags=["secrets"], request=None, parameters=[SECRET_NAME_PARAM],
                    responses={204: None, 403: ErrorSerializer, 404: ErrorSerializer})
     def delete(self, request: Request, org: str, name: str) -> Response:
         return self.delete_secret(name)
 
 
-class PipelineSecretListView(SecretScopeMixin, APIView):
+class PipelineSecretListView(SecretScopeView):
     @extend_schema(operation_id="listPipelineSecrets", tags=["secrets"],
                    responses={200: SecretListSerializer, 403: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str) -> Response:
@@ -162,7 +156,7 @@ class PipelineSecretListView(SecretScopeMixin, APIView):
         return self.set_secret(request)
 
 
-class PipelineSecretDetailView(SecretScopeMixin, APIView):
+class PipelineSecretDetailView(SecretScopeView):
     @extend_schema(operation_id="deletePipelineSecret", tags=["secrets"], request=None,
                    parameters=[SECRET_NAME_PARAM], responses={204: None, 403: ErrorSerializer, 404: ErrorSerializer})
     def delete(self, request: Request, org: str, pipeline: str, name: str) -> Response:

@@ -51,6 +51,7 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                     allow_manual: bool = True, visibility: str = Visibility.PRIVATE,
                     source_slug: str | None = None, definition: Any = None,
                     triggers: list | None = None, now: datetime | None = None) -> Pipeline:
+    """A new pipeline of `org`, its slug made from `name` (a slug the organization already uses is an error)."""
     # Names may be longer than the slug column; cut there rather than fail the INSERT.
     slug = slugify_name(name, fallback="pipeline")[:SLUG_MAX_LENGTH].rstrip("-")
     repo_name = repo_name or derive_repo_name(repository)

@@ -18,9 +18,9 @@ from django.utils import timezone
 
 from builds import services as build_services
 from builds.models import Agent, Build, Job, JobDependency, JobState, LogChunk, WebhookDelivery
-from builds.artifacts import store_artifact
+from builds.services import store_artifact
 from builds.services import ChunkIn
-from harmont.auth import hash_secret
+from harmont.tokens import hash_secret
 from harmont.crypto import encrypt_text
 from organizations import services as org_services
 from organizations.models import Role, User

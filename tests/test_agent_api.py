@@ -21,8 +21,8 @@ from rest_framework.test import APIClient
 
 from builds import services as build_services
 from builds.models import Agent, Build, BuildState, Job, JobState, LogChunk
-from builds.services import jobs as job_services
-from harmont.auth import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
+from builds import selectors
+from harmont.tokens import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
 from harmont.logtokens import mint_log_token
 from organizations import services as org_services
 from organizations.models import ApiToken, Organization
@@ -1383,7 +1383,7 @@ def test_the_job_credential_loads_what_the_orm_would(running, session, build):
     spec, job_client = running
     raw = job_client.raw_token
 
-    job = job_services.job_for_credential(raw)
+    job = selectors.job_for_credential(raw)
 
     fields = loaded_fields(job)
     assert set(fields) >= {"id", "build_id", "organization_id", "kind", "state", "timeout_seconds", "agent_id"}
@@ -1391,14 +1391,14 @@ def test_the_job_credential_loads_what_the_orm_would(running, session, build):
     assert (job.agent_seen_recently, job.agent_serving, job.build_started) == (True, True, True)
     Agent.objects.filter(pk=session.agent.pk).update(last_seen_at=T0, stopped_at=T0)
     Build.objects.filter(pk=build.pk).update(started_at=None)
-    again = job_services.job_for_credential(raw)
+    again = selectors.job_for_credential(raw)
     assert (again.agent_seen_recently, again.agent_serving, again.build_started) == (False, False, False)
-    assert job_services.job_for_credential(raw + "x") is None
+    assert selectors.job_for_credential(raw + "x") is None
 
 
 @pytest.mark.django_db
 def test_the_agent_session_loads_what_the_orm_would(session):
-    agent = job_services.agent_for_session(session.raw_token)
+    agent = selectors.agent_for_session(session.raw_token)
 
     fields = loaded_fields(agent)
     assert set(fields) == {"id", "organization_id", "name", "last_seen_at"}
@@ -1429,7 +1429,7 @@ def test_a_claimed_job_has_what_the_orm_loads(org, pipeline, settings, tmp_path)
 @pytest.mark.parametrize("ts", ["2025-01-06T12:00:00Z", "2025-01-06T12:00:00.123456+02:00", "2025-01-06T12:00:00",
                                 "2025-01-06 12:00", "2025-01-06"])
 def test_checked_chunks_are_what_the_serializer_makes_of_them(ts):
-    from builds.agent_api import LogsRequest, plain_chunks
+    from builds.agent_serializers import LogsRequest, plain_chunks
 
     body = {"chunks": [{"seq": 1, "stream_kind": 0, "content": "a\n", "ts": ts},
                        {"seq": 2**31 - 1, "stream_kind": 2, "content": "", "ts": ts, "extra": 1}]}
@@ -1446,7 +1446,7 @@ def test_checked_chunks_are_what_the_serializer_makes_of_them(ts):
     {"claim_next": True, "claim_key": None},
 ])
 def test_checked_finish_reports_are_what_the_serializer_makes_of_them(body):
-    from builds.agent_api import REPORT_FIELDS, FinishRequest, plain_finish
+    from builds.agent_serializers import REPORT_FIELDS, FinishRequest, plain_finish
 
     serializer = FinishRequest(data=body)
     assert serializer.is_valid(), serializer.errors

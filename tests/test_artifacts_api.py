@@ -26,7 +26,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from builds.agent.files import BoundedReader, collect_artifacts
-from builds.artifacts import StoredArtifact, store_artifact
+from builds.services import StoredArtifact, store_artifact
 from builds.models import Artifact, Build, Job, JobState
 from harmont.errors import ApiError
 from harmont.pagination import encode_cursor

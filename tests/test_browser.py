@@ -65,7 +65,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sy
 from builds import services as build_services  # noqa: E402
 from builds.models import Agent, Build, BuildSource, Job  # noqa: E402
 from builds.services import ChunkIn  # noqa: E402
-from harmont.auth import hash_secret  # noqa: E402
+from harmont.tokens import hash_secret  # noqa: E402
 from organizations import services as org_services  # noqa: E402
 from organizations.models import ApiToken, TokenKind, User  # noqa: E402
 from pipelines.models import Pipeline  # noqa: E402

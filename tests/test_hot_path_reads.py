@@ -1,7 +1,7 @@
 """The reads every API request makes, written out as SQL, load what the ORM would;
 BuildSerializer renders exactly what its declared fields describe.
 
-Token authentication (`harmont.auth.token_with_user`) and the build behind a
+Token authentication (`organizations.sql.token_with_user`) and the build behind a
 build-scoped URL (`builds.api.scoped_build`) skip the ORM's query compilation,
 and BuildSerializer skips DRF's per-instance field copies. These tests hold each
 fast path equal to the ORM / DRF path it stands in for, on SQLite and PostgreSQL.
@@ -17,10 +17,11 @@ from django.db.models import F, Model
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
-from builds.api import BUILD_FIELDS, scoped_build
+from builds.sql import SCOPED_BUILD_FIELDS as BUILD_FIELDS, scoped_build
 from builds.models import Build, BuildState
 from builds.serializers import BuildSerializer, build_data
-from harmont.auth import hash_secret, token_with_user
+from harmont.tokens import hash_secret
+from organizations.sql import token_with_user
 from organizations import services as org_services
 from organizations.models import ApiToken, Membership, Role
 from pipelines import services as pipeline_services

@@ -21,7 +21,7 @@ from django.utils import timezone
 from builds import services as build_services
 from builds.models import Agent, Build, BuildSource, Job, JobState
 from builds.services import ChunkIn
-from harmont.auth import hash_secret
+from harmont.tokens import hash_secret
 from harmont.logtokens import verify_log_token
 from organizations import services as org_services
 from organizations.models import AgentToken, ApiToken, CliLoginGrant, Role, TokenKind, User

@@ -1,5 +1,6 @@
 """Every write to builds and jobs. Callers use `from builds import services`."""
 
+from builds.services.artifacts import StoredArtifact, store_artifact
 from builds.services.agents import Registration, agent_seen, disconnect_agent, register_agent
 from builds.services.builds import (
     BuildRequest,
@@ -8,27 +9,25 @@ from builds.services.builds import (
     find_pipeline_by_repo,
     validate_build_request,
 )
+from builds.services.claims import Claim, FinishOutcome, claim_for_agent, claim_job, finish_and_claim_next
+from builds.services.job_specs import job_spec
+from builds.services.jobs import finish_job, heartbeat, move_job, report_finish, start_job
+from builds.services.logs import ChunkIn, append_log
+from builds.services.reaping import ReapReport, reap
 from builds.services.render import accept_rendered_pipeline, fail_render
-from builds.services.jobs import (
-    ChunkIn,
-    Claim,
-    ReapReport,
-    append_log,
-    claim_job,
-    finish_job,
-    heartbeat,
-    move_job,
-    reap,
-    report_finish,
-    start_job,
-    store_workspace,
-)
 from builds.services.webhooks import DeliveryResult, RefusedBuild, handle_webhook_delivery, verified_repositories
+from builds.services.workspaces import store_workspace
 
 __all__ = [
+    "StoredArtifact", "store_artifact",
     "Registration", "agent_seen", "disconnect_agent", "register_agent",
-    "BuildRequest", "ChunkIn", "Claim", "ReapReport", "append_log", "cancel_build", "claim_job", "create_build",
-    "find_pipeline_by_repo", "finish_job", "heartbeat", "move_job", "reap", "report_finish", "start_job",
-    "store_workspace", "validate_build_request", "accept_rendered_pipeline", "fail_render",
+    "BuildRequest", "cancel_build", "create_build", "find_pipeline_by_repo", "validate_build_request",
+    "Claim", "FinishOutcome", "claim_for_agent", "claim_job", "finish_and_claim_next",
+    "job_spec",
+    "finish_job", "heartbeat", "move_job", "report_finish", "start_job",
+    "ChunkIn", "append_log",
+    "ReapReport", "reap",
+    "accept_rendered_pipeline", "fail_render",
     "DeliveryResult", "RefusedBuild", "handle_webhook_delivery", "verified_repositories",
+    "store_workspace",
 ]

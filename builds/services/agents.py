@@ -8,9 +8,11 @@ from datetime import datetime
 from django.db import transaction
 from django.utils import timezone
 
-from builds.models import Agent
-from harmont.auth import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
+from builds.models import Agent, Job
+from builds.selectors import AGENT_SEEN_RESOLUTION
+from harmont.tokens import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
 from organizations.models import AgentToken
+
 
 
 @dataclass(frozen=True)
@@ -38,4 +40,30 @@ def disconnect_agent(*, agent: Agent, now: datetime | None = None) -> None:
 
 
 def agent_seen(*, agent: Agent, now: datetime | None = None) -> None:
-    Agent.objects.filter(pk=agent.pk).update(last_seen_at=now or timezone.now())
+    """A request from `agent`: its last-seen time, unless it was refreshed within AGENT_SEEN_RESOLUTION."""
+    now = now or timezone.now()
+    if agent.last_seen_at is not None and now - agent.last_seen_at < AGENT_SEEN_RESOLUTION:
+        return
+    Agent.objects.filter(pk=agent.pk).update(last_seen_at=now)
+    agent.last_seen_at = now
+
+
+def agent_seen_by(*, job: Job, now: datetime) -> None:
+    """A request about `job` from its agent: the agent's last-seen time, at most every AGENT_SEEN_RESOLUTION."""
+    if not job.agent_id:
+        return
+    if hasattr(job, "agent_seen_recently"):  # read with the job by selectors.job_for_credential
+        recently = bool(job.agent_seen_recently)
+    else:  # a claim's job has its agent; others load it here
+        last_seen = job.agent.last_seen_at
+        recently = bool(last_seen and now - last_seen < AGENT_SEEN_RESOLUTION)
+    if recently:
+        return
+    Agent.objects.filter(pk=job.agent_id).update(last_seen_at=now)
+    job.agent_seen_recently = True  # once per request is enough
+
+
+def touch_job(*, job: Job, now: datetime) -> None:
+    """A sign of life from the job's agent: the job's heartbeat and the agent's last-seen time."""
+    Job.objects.filter(pk=job.pk).update(last_heartbeat_at=now)
+    agent_seen_by(job=job, now=now)

@@ -253,6 +253,7 @@ def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
 
 
 def edge_rows(jobs: list[Job], plan: ir.Plan, *, after: Job | None = None) -> list[JobDependency]:
+    """The dependency rows of a plan's jobs; with `after`, its root jobs also wait for that job (the render job)."""
     edges = []
     for planned, job in zip(plan.jobs, jobs):
         for prereq in planned.depends_on:

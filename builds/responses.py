@@ -1,12 +1,14 @@
-"""A job's stored log as plain text, for the API and the pages (whole, size, or tail)."""
+"""The file and text answers the API and the pages share: a job's raw log (whole, size, or tail), downloads."""
 
 from __future__ import annotations
 
 import re
 
-from django.http import HttpResponse
+from typing import Any
 
-from builds.models import Job, LogChunk
+from django.http import FileResponse, HttpResponse
+
+from builds.models import Artifact, Job, LogChunk
 
 SUFFIX_RANGE = re.compile(r"bytes=-([0-9]{1,18})")
 
@@ -68,3 +70,27 @@ def raw_log_head(job: Job) -> HttpResponse:
     response["Content-Length"] = str(job.log_bytes)
     response["Accept-Ranges"] = "bytes"
     return response
+
+
+def download_name(path: str) -> str:
+    """The file name a download is saved under: the path's last segment, quotes and backslashes replaced."""
+    name = path.rsplit("/", 1)[-1].replace('"', "_").replace("\\", "_").strip()
+    return name or "artifact"
+
+
+def artifact_response(artifact: Artifact) -> FileResponse:
+    """The artifact's bytes streamed from storage, always as an attachment.
+
+    Never inline: an HTML or SVG file a job wrote must not run as a page of this
+    server's origin.
+    """
+    response = FileResponse(artifact.file.open("rb"), as_attachment=True, filename=download_name(artifact.path),
+                            content_type=artifact.mime_type)
+    response["Content-Length"] = str(artifact.size)
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def archive_response(field: Any, filename: str) -> FileResponse:
+    """A stored gzipped tarball (a build's uploaded source, a job's workspace), as an attachment."""
+    return FileResponse(field.open("rb"), content_type="application/gzip", as_attachment=True, filename=filename)

@@ -27,12 +27,11 @@ from django.core.files import File
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 from django.db.models import Sum
-from django.http import FileResponse
 from django.utils import timezone
 
 from builds import states
 from builds.models import Artifact, Build, Job
-from builds.services.jobs import ACTIVE_STATES, touch
+from builds.services.agents import touch_job
 from harmont.errors import ApiError
 
 MAX_PATH_CHARS = 1000
@@ -81,6 +80,7 @@ def normalise_path(raw: str) -> str:
 
 
 def guess_mime_type(path: str) -> str:
+    """The MIME type a download is served with, from the file's name (compressed files as their archive type)."""
     mime_type, encoding = mimetypes.guess_type(path, strict=False)
     if encoding:
         return ENCODING_TYPES.get(encoding, "application/octet-stream")
@@ -88,6 +88,7 @@ def guess_mime_type(path: str) -> str:
 
 
 def build_artifact_bytes(build_id: uuid.UUID) -> int:
+    """Bytes the build's artifacts take so far (checked against the per-build limit)."""
     return Artifact.objects.filter(build_id=build_id).aggregate(total=Sum("size"))["total"] or 0
 
 
@@ -171,7 +172,7 @@ def store_artifact(*, job: Job, path: str, content: bytes | IO[bytes], size: int
     if isinstance(content, bytes):
         size = len(content) if size is None else size
         content = io.BytesIO(content)
-    if job.state not in ACTIVE_STATES:
+    if job.state not in states.LIVE_JOB_STATES:
         raise _not_live()
     # Cheap refusals first, before reading the body: the announced size over either limit,
     # or a retry of an upload already stored (when the client named its checksum).
@@ -205,7 +206,7 @@ def store_artifact(*, job: Job, path: str, content: bytes | IO[bytes], size: int
         with transaction.atomic():
             states.lock_build(job.build_id)
             # Re-read under the lock: the job may have ended, or a racing retry stored the path.
-            if not Job.objects.filter(pk=job.pk, state__in=ACTIVE_STATES).exists():
+            if not Job.objects.filter(pk=job.pk, state__in=states.LIVE_JOB_STATES).exists():
                 raise _not_live()
             existing = Artifact.objects.filter(job_id=job.pk, path=path).first()
             if existing is not None:
@@ -222,36 +223,5 @@ def store_artifact(*, job: Job, path: str, content: bytes | IO[bytes], size: int
     if not result.created:
         default_storage.delete(stored_name)
     # An upload is a sign of life: a job with many large artifacts sends no heartbeats meanwhile.
-    touch(job, timezone.now())
+    touch_job(job=job, now=timezone.now())
     return result
-
-
-# ------------------------------------------------------------------ reading
-
-
-def find_artifact(*, build: Build, artifact_id: str | uuid.UUID) -> Artifact | None:
-    """The build's artifact with this id (None for another build's, or an id that is no UUID)."""
-    try:
-        pk = artifact_id if isinstance(artifact_id, uuid.UUID) else uuid.UUID(artifact_id)
-    except ValueError:
-        return None
-    return Artifact.objects.filter(build=build, pk=pk).first()
-
-
-def download_name(path: str) -> str:
-    """The file name a download is saved under: the path's last segment, quotes and backslashes replaced."""
-    name = path.rsplit("/", 1)[-1].replace('"', "_").replace("\\", "_").strip()
-    return name or "artifact"
-
-
-def artifact_response(artifact: Artifact) -> FileResponse:
-    """The artifact's bytes streamed from storage, always as an attachment.
-
-    Never inline: an HTML or SVG file a job wrote must not run as a page of this
-    server's origin.
-    """
-    response = FileResponse(artifact.file.open("rb"), as_attachment=True, filename=download_name(artifact.path),
-                            content_type=artifact.mime_type)
-    response["Content-Length"] = str(artifact.size)
-    response["X-Content-Type-Options"] = "nosniff"
-    return response

@@ -1,0 +1,271 @@
+"""The agent API's request and response bodies: the schema, and the translation to service arguments.
+
+Agents send a few log chunks with every shipment and every finish. Checking
+them with the nested serializers cost more than the rest of such a request, so
+`log_chunks` and `finish_report` first try a check by hand that passes only
+input those serializers would take as it is, with the same values; anything
+else goes through the serializers, so bad input still gets their 422 and
+per-field messages (tests/test_agent_api.py holds the two paths equal).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from rest_framework import serializers
+from rest_framework.request import Request
+
+from builds.models import Agent, JobState
+from builds.services import ChunkIn, Claim, FinishOutcome, job_spec
+from builds.states import TERMINAL_JOB_STATES
+from harmont.serializers import json_object, validated
+
+
+
+class RegisterRequest(serializers.Serializer):
+    name = serializers.CharField(max_length=255)
+    hostname = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    version = serializers.CharField(max_length=50, required=False, allow_blank=True, default="")
+    os = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+
+
+class AgentSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Agent
+        fields = ["id", "name", "hostname", "version", "os", "created_at", "last_seen_at"]
+        read_only_fields = fields
+
+
+class SourceSpec(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["archive", "url", "git"], help_text=(
+        "archive: GET `path` with the job credential and unpack it; url: download the tarball at `url` and check "
+        "`sha256` when given; git: clone the repository at `url` and check out `commit` (`HEAD`: tip of `branch`)."))
+    path = serializers.CharField(allow_null=True)
+    url = serializers.CharField(allow_null=True)
+    sha256 = serializers.CharField(allow_null=True)
+    commit = serializers.CharField(allow_null=True)
+    branch = serializers.CharField(allow_null=True)
+
+
+class RenderSpec(serializers.Serializer):
+    source_slug = serializers.CharField(help_text="The pipeline to render from the checkout's .hm/*.py.")
+    result_path = serializers.CharField(help_text="POST the rendered IR (or the failure) here.")
+
+
+class JobSpecSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    build_id = serializers.UUIDField()
+    build_number = serializers.IntegerField()
+    pipeline_slug = serializers.CharField()
+    step_key = serializers.CharField()
+    name = serializers.CharField(allow_null=True)
+    command = serializers.CharField()
+    env = serializers.DictField(child=serializers.CharField())
+    timeout_seconds = serializers.IntegerField()
+    image = serializers.CharField(allow_null=True)
+    source = SourceSpec(allow_null=True, help_text="Where a root job's code comes from; null: start empty.")
+    parent_workspace_path = serializers.CharField(allow_null=True, help_text="The builds_in parent's files.")
+    upload_workspace = serializers.BooleanField(help_text="PUT the workspace after the command passes.")
+    cancel_grace_seconds = serializers.IntegerField()
+    mask = serializers.ListField(child=serializers.CharField(trim_whitespace=False),
+                                 help_text="Secret values in `env`: replace them with [REDACTED] in the output shipped.")
+    render = RenderSpec(allow_null=True, help_text="Set for a render job: render the pipeline instead of "
+                                                   "running `command`.")
+
+
+class ClaimResponse(serializers.Serializer):
+    job = JobSpecSerializer()
+    job_token = serializers.CharField(help_text="The job credential: valid for this one job only.")
+
+
+class ChunkSerializer(serializers.Serializer):
+    seq = serializers.IntegerField(min_value=1, max_value=2**31 - 1)
+    stream_kind = serializers.ChoiceField(choices=[0, 1, 2], help_text="0 stdout, 1 stderr, 2 meta")
+    content = serializers.CharField(allow_blank=True, trim_whitespace=False)
+    ts = serializers.DateTimeField()
+
+
+class LogsRequest(serializers.Serializer):
+    chunks = ChunkSerializer(many=True)
+
+
+class Directive(serializers.Serializer):
+    state = serializers.CharField()
+    cancel = serializers.BooleanField(help_text="Stop the command: SIGTERM, grace, SIGKILL; then finish. "
+                                                "Also set once the job has ended: don't (keep) run(ning) it.")
+    timeout = serializers.BooleanField(help_text="The job is over its time: stop it and finish as timed out.")
+
+
+class HeartbeatRequest(serializers.Serializer):
+    timing_out = serializers.BooleanField(required=False, default=False)
+
+
+CLAIM_KEY = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")  # anchored: the field's validator searches
+
+
+class ClaimKeyField(serializers.RegexField):
+    def __init__(self) -> None:
+        super().__init__(CLAIM_KEY, required=False, allow_null=True, help_text=(
+            "The agent's random key for this claim, the same in every retry of the request: a retry whose first "
+            "answer was lost gets the same job again (with a new job_token) instead of a second one."))
+
+
+class ClaimRequest(serializers.Serializer):
+    claim_key = ClaimKeyField()
+
+
+class FinishRequest(serializers.Serializer):
+    chunks = ChunkSerializer(many=True, required=False, help_text="The last log chunks, stored before the finish.")
+    exit_code = serializers.IntegerField(allow_null=True, required=False, min_value=-1, max_value=65535)
+    signal = serializers.IntegerField(allow_null=True, required=False, min_value=1, max_value=255)
+    outcome = serializers.ChoiceField(choices=["canceled", "timed_out"], allow_null=True, required=False)
+    error_code = serializers.ChoiceField(choices=["workspace_unavailable", "render_failed"], allow_null=True,
+                                         required=False)
+    error_message = serializers.CharField(allow_null=True, required=False, allow_blank=True, max_length=2000)
+    claim_next = serializers.BooleanField(required=False, default=False, help_text=(
+        "Also claim this agent's next job: the answer's `next` is then what `claim` would have answered "
+        "(null: none waiting). Only the report that ends the job claims a new one; a retried report answers "
+        "the job its first attempt claimed under the same `claim_key`, and without a key leaves `next` out."))
+    claim_key = ClaimKeyField()
+
+
+class FinishResponse(Directive):
+    next = ClaimResponse(required=False, allow_null=True, help_text="Only when the report asked for `claim_next`.")
+
+
+# The checks by hand (see the module's docstring) read their limits from the serializers' own fields.
+_CHUNK_FIELDS = ChunkSerializer().fields
+_FINISH_FIELDS = FinishRequest().fields
+REPORT_FIELDS = ("exit_code", "signal", "outcome", "error_code", "error_message")
+
+
+def _int_within(value: Any, field: serializers.IntegerField) -> bool:
+    return type(value) is int and field.min_value <= value <= field.max_value  # bool is no int here
+
+
+def _choice(value: Any, field: serializers.ChoiceField) -> bool:
+    return isinstance(value, str) and value in field.choices
+
+
+def plain_chunks(items: Any) -> list[ChunkIn] | None:
+    """A list of well-formed chunks, checked by hand; None when anything is off (see above)."""
+    if not isinstance(items, list):
+        return None
+    chunks = []
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        seq, kind, content, ts = item.get("seq"), item.get("stream_kind"), item.get("content"), item.get("ts")
+        if not (_int_within(seq, _CHUNK_FIELDS["seq"]) and type(kind) is int
+                and kind in _CHUNK_FIELDS["stream_kind"].choices
+                and type(content) is str and "\x00" not in content and type(ts) is str):
+            return None
+        try:
+            when = _CHUNK_FIELDS["ts"].to_internal_value(ts)  # the serializer's own parsing and time zone
+        except serializers.ValidationError:
+            return None
+        chunks.append(ChunkIn(seq, kind, content, when))
+    return chunks
+
+
+def plain_finish(body: dict[str, Any]) -> dict[str, Any] | None:
+    """A well-formed finish report, checked by hand; None when anything is off (see above)."""
+    chunks = plain_chunks(body["chunks"]) if "chunks" in body else []
+    if chunks is None:
+        return None
+    report = {name: body.get(name) for name in REPORT_FIELDS}
+    exit_code, signal, outcome, error_code, message = report.values()
+    if ((exit_code is not None and not _int_within(exit_code, _FINISH_FIELDS["exit_code"]))
+            or (signal is not None and not _int_within(signal, _FINISH_FIELDS["signal"]))
+            or (outcome is not None and not _choice(outcome, _FINISH_FIELDS["outcome"]))
+            or (error_code is not None and not _choice(error_code, _FINISH_FIELDS["error_code"]))):
+        return None
+    if message is not None and not (type(message) is str and message == message.strip() and "\x00" not in message
+                                    and len(message) <= _FINISH_FIELDS["error_message"].max_length):
+        return None  # (the serializer trims whitespace; such a message takes the long way)
+    claim_next, claim_key = body.get("claim_next", False), body.get("claim_key")
+    if type(claim_next) is not bool or not (claim_key is None or (type(claim_key) is str
+                                                                  and CLAIM_KEY.fullmatch(claim_key))):
+        return None
+    return {"chunks": chunks, "claim_next": claim_next, "claim_key": claim_key, **report}
+
+
+class RenderResultRequest(serializers.Serializer):
+    pipeline_ir = serializers.JSONField(required=False, help_text="The rendered v0 IR (object or JSON string).")
+    error = serializers.CharField(required=False, max_length=10_000, trim_whitespace=False,
+                                  help_text="Why the render failed, instead of an IR.")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if ("pipeline_ir" in attrs) == ("error" in attrs):
+            raise serializers.ValidationError({"pipeline_ir": ["Send exactly one of pipeline_ir and error."]})
+        return attrs
+
+
+class StoredArtifactSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    path = serializers.CharField()
+    size = serializers.IntegerField()
+    sha256 = serializers.CharField()
+    mime_type = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+def directive(state: str) -> dict[str, Any]:
+    """What an agent hears back about its job: keep going, stop (cancel), or stop as timed out."""
+    # A job the server already ended (the reaper gave up on its agent, its pipeline timed
+    # out while it was assigned) must not run (on): the agent hears that as a cancel, and
+    # its finish report is then a no-op.
+    stop = state == JobState.CANCELING or state in TERMINAL_JOB_STATES
+    return {"state": state, "cancel": stop, "timeout": state == JobState.TIMING_OUT}
+
+
+def claim_answer(claim: Claim) -> dict[str, Any]:
+    return {"job": JobSpecSerializer(job_spec(claim.job)).data, "job_token": claim.credential}
+
+
+def claim_key(request: Request) -> str | None:
+    """A claim request's optional `claim_key` (an empty body is a claim without one)."""
+    return validated(ClaimRequest, request).get("claim_key") if request.body else None
+
+
+def log_chunks(request: Request) -> list[ChunkIn]:
+    """A log shipment's chunks."""
+    chunks = plain_chunks(json_object(request).get("chunks"))
+    if chunks is None:
+        chunks = [ChunkIn(**chunk) for chunk in validated(LogsRequest, request)["chunks"]]
+    return chunks
+
+
+@dataclass(frozen=True)
+class FinishReport:
+    """A finish request, as `services.finish_and_claim_next` takes it."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+    outcome: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    chunks: list[ChunkIn] = field(default_factory=list)
+    claim_next: bool = False
+    claim_key: str | None = None
+
+
+def finish_report(request: Request) -> FinishReport:
+    """A finish request's report, its last chunks and whether it claims the next job."""
+    report = plain_finish(json_object(request))
+    if report is None:
+        data = validated(FinishRequest, request)
+        report = {name: data.get(name) for name in REPORT_FIELDS}
+        report["chunks"] = [ChunkIn(**chunk) for chunk in data.get("chunks") or []]
+        report["claim_next"], report["claim_key"] = data["claim_next"], data.get("claim_key")
+    return FinishReport(**report)
+
+
+def finish_answer(outcome: FinishOutcome) -> dict[str, Any]:
+    """The directive for the finished job, and `next` when the report asked for a next job."""
+    answer = directive(outcome.state)
+    if outcome.answers_next:
+        answer["next"] = claim_answer(outcome.next) if outcome.next is not None else None
+    return answer

@@ -1,0 +1,96 @@
+"""Reads of builds and jobs used in more than one place; no writes here (those are builds.services)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db.models import Prefetch, Q, QuerySet
+from django.utils import timezone
+
+from builds import sql
+from builds.models import Agent, Artifact, Build, EdgeKind, Job, JobDependency
+from harmont.serializers import parse_uuid
+from harmont.tokens import hash_secret
+from organizations.models import User
+
+# "Last seen" is shown to the second at best; refreshing it on every request of a busy
+# agent would be a write per request for nothing (builds.services.agents).
+AGENT_SEEN_RESOLUTION = timedelta(seconds=2)
+
+
+def agent_for_session(raw: str) -> Agent | None:
+    """The agent an agent session belongs to (None: unknown, stopped, or its agent token was revoked)."""
+    return sql.agent_for_session(hash_secret(raw))
+
+
+def job_for_credential(raw: str, *, now: datetime | None = None) -> Job | None:
+    """The job a job credential opens (None: unknown, or its agent's token was revoked).
+
+    Also, as plain values: `agent_seen_recently` (the job's agent was seen
+    within AGENT_SEEN_RESOLUTION of `now`) and `build_started` (its build has
+    a start time), which spare `agent_seen_by` and `start_job` a write, and
+    `agent_serving` (the agent has not stopped, so it may claim more jobs).
+    """
+    now = now or timezone.now()
+    return sql.job_for_credential(hash_secret(raw), seen_since=now - AGENT_SEEN_RESOLUTION)
+
+
+def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User) -> Build | None:
+    """Build `number` of an unarchived pipeline of an organization `user` belongs to, or None.
+
+    The build comes with `pipeline` and `pipeline.organization` loaded and the
+    caller's role as `caller_role`; its other columns are deferred.
+    """
+    return sql.scoped_build(org_slug=org_slug, pipeline_slug=pipeline_slug, number=number, user=user)
+
+
+def jobs_with_prerequisites(build: Build) -> QuerySet[Job]:
+    """The build's jobs, each with its prerequisite edges prefetched in dependency order (one more query)."""
+    edges = JobDependency.objects.order_by("prerequisite__position").only("job_id", "prerequisite_id")
+    return Job.objects.filter(build=build).prefetch_related(Prefetch("prerequisite_edges", queryset=edges))
+
+
+def builds_in_parent(job: Job) -> Job | None:
+    """The job whose files `job` starts from, or None."""
+    edge = (JobDependency.objects.select_related("prerequisite")
+            .filter(job=job, kind=EdgeKind.BUILDS_IN).first())
+    return edge.prerequisite if edge else None
+
+
+@dataclass(frozen=True)
+class BuildsInLinks:
+    parent_id: uuid.UUID | None  # the job whose files this one starts from
+    has_children: bool  # some job starts from this one's files
+
+
+def builds_in_links(job: Job) -> BuildsInLinks:
+    """Both directions of the job's `builds_in` edges, in one query (none for a claim's job, which has them)."""
+    if hasattr(job, "builds_in"):  # read with the job by the claim
+        return job.builds_in
+    edges = JobDependency.objects.filter(Q(job=job) | Q(prerequisite=job), kind=EdgeKind.BUILDS_IN).values_list(
+        "job_id", "prerequisite_id")
+    parent = None
+    children = False
+    for job_id, prerequisite_id in edges:
+        if job_id == job.pk:
+            parent = prerequisite_id
+        else:
+            children = True
+    return BuildsInLinks(parent, children)
+
+
+def find_job(*, build: Build, job_id: str | uuid.UUID, fields: tuple[str, ...] = ()) -> Job | None:
+    """The build's job with this id (None for another build's, or an id that is no UUID); `fields`: `.only()`."""
+    pk = parse_uuid(job_id)
+    if pk is None:
+        return None
+    jobs = Job.objects.filter(build=build, pk=pk)
+    return (jobs.only(*fields) if fields else jobs).first()
+
+
+def find_artifact(*, build: Build, artifact_id: str | uuid.UUID) -> Artifact | None:
+    """The build's artifact with this id (None for another build's, or an id that is no UUID)."""
+    pk = parse_uuid(artifact_id)
+    return None if pk is None else Artifact.objects.filter(build=build, pk=pk).first()

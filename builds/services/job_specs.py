@@ -1,0 +1,56 @@
+"""What an agent is told to run: a claimed job's spec, with its environment and secrets composed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+from builds.models import Build, Job, JobKind
+from builds.selectors import builds_in_links
+from pipelines.secrets import secrets_for_job
+
+
+def job_spec(job: Job) -> dict[str, Any]:
+    """The claim answer's `job`: command, environment (secrets included), where its files come from.
+
+    `job` is a claim's job, with its build and pipeline loaded.
+    """
+    build: Build = job.build
+    links = builds_in_links(job)
+    root = links.parent_id is None
+    # Secrets override the job's own env (the pipeline's, the step's and the build request's),
+    # so a build request can't put its own value under an admin's secret name; the server's
+    # variables come last (secret names can't take them: pipelines.secrets.is_reserved_name).
+    secrets = secrets_for_job(organization_id=build.pipeline.organization_id, pipeline_id=build.pipeline_id)
+    env = {
+        **job.env, **secrets,
+        "CI": "true", "HARMONT": "true", "HARMONT_BUILD_ID": str(build.pk), "HARMONT_BUILD_NUMBER": str(build.number),
+        "HARMONT_PIPELINE_SLUG": build.pipeline.slug, "HARMONT_BRANCH": build.branch, "HARMONT_COMMIT": build.commit,
+        "HARMONT_STEP_KEY": job.step_key,
+    }
+    return {
+        "id": job.pk, "build_id": build.pk, "build_number": build.number, "pipeline_slug": build.pipeline.slug,
+        "step_key": job.step_key, "name": job.name, "command": job.command, "env": env,
+        "timeout_seconds": job.timeout_seconds, "image": job.image,
+        "source": source_spec(build) if root else None,
+        "parent_workspace_path": None if root else f"/api/v0/agent/jobs/{job.pk}/parent-workspace",
+        "upload_workspace": links.has_children,
+        "cancel_grace_seconds": settings.AGENT_CANCEL_GRACE_SECONDS,
+        "mask": list(dict.fromkeys(secrets.values())),
+        "render": {"source_slug": build.pipeline.source_slug, "result_path": f"/api/v0/agent/jobs/{job.pk}/pipeline"}
+        if job.kind == JobKind.RENDER else None,
+    }
+
+
+def source_spec(build: Build) -> dict[str, Any] | None:
+    """Where the build's code comes from: the upload, a tarball URL, else the pipeline's repository."""
+    spec = dict.fromkeys(("path", "url", "sha256", "commit", "branch"))
+    if build.source_archive:
+        return {**spec, "kind": "archive", "path": f"/api/v0/internal/builds/{build.pk}/source.tar.gz"}
+    if build.source_url:
+        return {**spec, "kind": "url", "url": build.source_url, "sha256": build.source_sha256}
+    repository = build.pipeline.repository.strip()
+    if repository:
+        return {**spec, "kind": "git", "url": repository, "commit": build.commit, "branch": build.branch}
+    return None

@@ -1,0 +1,329 @@
+"""The builds app's raw SQL, in one place (see harmont/rows.py for when and how SQL is written).
+
+What the ORM can't say: the claim (`UPDATE ... RETURNING` over a
+`FOR UPDATE SKIP LOCKED` subquery), a job's end that also reads its build's
+other jobs (a data-modifying `WITH`), storing log chunks while learning which
+were new (`INSERT ... ON CONFLICT DO NOTHING RETURNING`), and the log hub's poll
+(a join against `unnest`ed arrays). And the reads every agent and API request
+starts with, where the ORM's query building cost several times what the
+database spends answering (numbers in bench/README.md).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import connection, models
+
+from builds.models import Agent, Build, EdgeKind, Job, JobDependency, JobState, LogChunk
+from harmont.rows import Columns, Table, db_value, first_row
+from organizations.models import AgentToken, Membership, Organization, User
+from pipelines.models import Pipeline
+
+J = JobState
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+# ------------------------------------------------------------------ job updates
+
+
+@dataclass(frozen=True)
+class Add:
+    """A column value for an UPDATE of jobs: add to the column instead of setting it."""
+
+    amount: int
+
+
+def _job_assignments(values: Mapping[str, object]) -> tuple[str, list[Any]]:
+    """`col = %s, ...` and its parameters for an UPDATE of the job table, from field names and values."""
+    table = Table(Job)
+    assignments, params = [], []
+    for name, value in values.items():
+        column = table.bare(name)
+        if isinstance(value, Add):
+            assignments.append(f"{column} = {column} + %s")
+            params.append(value.amount)
+        else:
+            assignments.append(f"{column} = %s")
+            params.append(db_value(Job, name, value.pk if isinstance(value, models.Model) else value))
+    return ", ".join(assignments), params
+
+
+def update_jobs(job_ids: Sequence[uuid.UUID], values: Mapping[str, object], *,
+                only_from: Iterable[str] | None = None) -> int:
+    """Set `values` on the given jobs (only those in one of the `only_from` states); returns rows changed.
+
+    SQL rather than QuerySet.update(): every start, log shipment and finish of
+    a job runs this, and building the ORM's UPDATE cost twice what running it does.
+    """
+    job = Table(Job)
+    assignments, params = _job_assignments(values)
+    where = f"{job.bare('id')} IN ({_placeholders(len(job_ids))})"
+    params += [db_value(Job, "id", job_id) for job_id in job_ids]
+    if only_from is not None:
+        sources = sorted(only_from)
+        where += f" AND {job.bare('state')} IN ({_placeholders(len(sources))})"
+        params += sources
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {job} SET {assignments} WHERE {where}", params)
+        return cursor.rowcount
+
+
+def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, object],
+            sources: Sequence[str]) -> tuple[bool, set[str]]:
+    """Compare-and-set one job (from one of `sources`) to `values`, and the states of its build's other jobs.
+
+    The caller holds the build's lock, so the states read are every other
+    job's as of now. Every end of one of the build's jobs queues for that
+    lock: on PostgreSQL a data-modifying WITH does both in one round trip
+    (its read sees the other jobs, not this statement's own update, which is
+    why the job itself is left out of it).
+    """
+    t = Table(Job)
+    assignments, params = _job_assignments(values)
+    job, build = db_value(Job, "id", job_id), db_value(Job, "build", build_id)
+    update = (f"UPDATE {t} SET {assignments} WHERE {t.bare('id')} = %s"
+              f" AND {t.bare('state')} IN ({_placeholders(len(sources))})")
+    others = f"SELECT DISTINCT {t.state} FROM {t} WHERE {t.build} = %s AND {t.id} <> %s"
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(f"WITH ended AS ({update} RETURNING 1)"
+                           f" SELECT (SELECT COUNT(*) FROM ended), ARRAY({others})",
+                           [*params, job, *sources, build, job])
+            changed, other_states = cursor.fetchone()
+            return bool(changed), set(other_states)
+        cursor.execute(update, [*params, job, *sources])
+        if not cursor.rowcount:
+            return False, set()
+        cursor.execute(others, [build, job])
+        return True, {row[0] for row in cursor.fetchall()}
+
+
+# ------------------------------------------------------------------ the claim
+
+
+@dataclass(frozen=True)
+class Assigned:
+    job_id: Any
+    builds_in_parent_id: uuid.UUID | None  # the job whose files this one starts from
+    builds_in_children: bool  # some job starts from this one's files
+
+
+def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_hash: str, now: datetime,
+                    claim_key: str | None = None, fresh: bool = True) -> Assigned | None:
+    """scheduled → assigned for the organization's oldest scheduled job (None: none waiting).
+
+    The answer also carries the job's `builds_in` links, which its spec needs.
+
+    One statement, autocommitted, so the claimed row is locked for no longer
+    than the UPDATE itself. On PostgreSQL `FOR UPDATE SKIP LOCKED` lets racing
+    agents each take a different row instead of queueing on the oldest one; the
+    locked row's state is checked again under the lock, so it is still
+    `scheduled`. SQLite runs one writing statement at a time, so there the
+    statement alone decides. Either way one job goes to exactly one agent.
+
+    `claim_key` makes a retried claim safe: a job this agent already holds under
+    the same key (its answer was lost on the way) is answered again, with a new
+    credential that replaces the lost one, instead of a second job being taken.
+    With `fresh=False` only that re-answer is possible.
+    """
+    t, e = Table(Job), Table(JobDependency, "e")
+    skip_locked = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    held = f"SELECT {t.id} FROM {t} WHERE {t.claim_key} = %s AND {t.agent} = %s AND {t.state} = %s LIMIT 1"
+    oldest = (f"SELECT {t.id} FROM {t} WHERE {t.organization} = %s AND {t.state} = %s"
+              f" ORDER BY {t.scheduled_at}, {t.position} LIMIT 1{skip_locked}")
+    agent = db_value(Job, "agent", agent_id)
+    # COALESCE evaluates the oldest-job subquery (and locks its row) only when no held job answers.
+    if fresh:
+        target, target_params = f"COALESCE(({held}), ({oldest}))", [claim_key, agent, J.ASSIGNED, organization_id,
+                                                                     J.SCHEDULED]
+    else:
+        target, target_params = f"({held})", [claim_key, agent, J.ASSIGNED]
+    assign = ", ".join(f"{t.bare(name)} = %s" for name in ("state", "agent", "credential_hash", "claim_key",
+                                                           "assigned_at", "last_heartbeat_at"))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {t} SET {assign} WHERE {t.bare('id')} = {target}"
+            f" AND ({t.bare('state')} = %s OR ({t.bare('state')} = %s AND {t.bare('claim_key')} = %s"
+            f" AND {t.bare('agent')} = %s))"
+            f" RETURNING {t.id},"
+            f" (SELECT {e.prerequisite} FROM {e} WHERE {e.job} = {t.id} AND {e.kind} = %s LIMIT 1),"
+            f" EXISTS (SELECT 1 FROM {e} WHERE {e.prerequisite} = {t.id} AND {e.kind} = %s)",
+            [J.ASSIGNED, agent, credential_hash, claim_key, db_value(Job, "assigned_at", now),
+             db_value(Job, "last_heartbeat_at", now), *target_params,
+             J.SCHEDULED, J.ASSIGNED, claim_key, agent, EdgeKind.BUILDS_IN, EdgeKind.BUILDS_IN],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    job_id, parent_id, children = row
+    return Assigned(job_id, None if parent_id is None else uuid.UUID(str(parent_id)), bool(children))
+
+
+# What the job spec reads of the build and the pipeline (builds.services.job_specs),
+# read along with the job; anything else loads on first use. The job's large JSON
+# columns are left out too.
+_CJ, _CB, _CP = Table(Job, "j"), Table(Build, "b"), Table(Pipeline, "p")
+CLAIMED_JOB = Columns(Job, [f.name for f in Job._meta.concrete_fields if f.name not in ("cache", "runner_args")])
+CLAIMED_BUILD = Columns(Build, ("id", "pipeline", "number", "state", "branch", "commit", "source_archive",
+                                "source_url", "source_sha256"))
+CLAIMED_PIPELINE = Columns(Pipeline, ("id", "organization", "slug", "repository", "source_slug"))
+CLAIMED_JOB_SQL = (
+    f"SELECT {CLAIMED_JOB.select(_CJ)}, {CLAIMED_BUILD.select(_CB)}, {CLAIMED_PIPELINE.select(_CP)}"
+    f" FROM {_CJ} JOIN {_CB} ON {_CB.id} = {_CJ.build} JOIN {_CP} ON {_CP.id} = {_CB.pipeline} WHERE {_CJ.id} = %s"
+)
+
+
+def claimed_job(job_id: Any) -> Job:
+    """The job with the columns of its build and pipeline that the spec reads, in one query.
+
+    SQL, because building the ORM's three-table query was a sixth of a busy
+    server's CPU.
+    """
+    cells = first_row(CLAIMED_JOB_SQL, [db_value(Job, "id", job_id)])
+    assert cells is not None, "a job just claimed exists"
+    job = CLAIMED_JOB.load(cells, connection)
+    job.build = CLAIMED_BUILD.load(cells, connection)
+    job.build.pipeline = CLAIMED_PIPELINE.load(cells, connection)
+    return job
+
+
+# ------------------------------------------------------------------ agent credentials
+
+# Every agent request starts with one of the two lookups below: building the same
+# query with the ORM cost three to four times as much CPU as running it.
+_SA, _ST = Table(Agent, "a"), Table(AgentToken, "t")
+SESSION_AGENT = Columns(Agent, ("id", "organization", "name", "last_seen_at"))
+AGENT_FOR_SESSION_SQL = (
+    f"SELECT {SESSION_AGENT.select(_SA)} FROM {_SA} JOIN {_ST} ON {_ST.id} = {_SA.token}"
+    f" WHERE {_SA.session_hash} = %s AND {_SA.stopped_at} IS NULL AND {_ST.revoked_at} IS NULL"
+)
+
+
+def agent_for_session(session_hash: str) -> Agent | None:
+    """The agent whose session hashes to `session_hash` (None: unknown, stopped, or its agent token was revoked)."""
+    cells = first_row(AGENT_FOR_SESSION_SQL, [session_hash])
+    return None if cells is None else SESSION_AGENT.load(cells, connection)
+
+
+_CrJ, _CrB, _CrA, _CrT = Table(Job, "j"), Table(Build, "b"), Table(Agent, "a"), Table(AgentToken, "t")
+CREDENTIAL_JOB = Columns(Job, ("id", "build", "organization", "kind", "state", "timeout_seconds", "error_code",
+                               "error_message", "log_bytes", "log_truncated", "agent"))
+JOB_FOR_CREDENTIAL_SQL = (
+    f"SELECT {CREDENTIAL_JOB.select(_CrJ)}, {_CrA.last_seen_at} >= %s, {_CrA.stopped_at} IS NULL,"
+    f" {_CrB.started_at} IS NOT NULL"
+    f" FROM {_CrJ} JOIN {_CrB} ON {_CrB.id} = {_CrJ.build}"
+    f" LEFT JOIN {_CrA} ON {_CrA.id} = {_CrJ.agent} LEFT JOIN {_CrT} ON {_CrT.id} = {_CrA.token}"
+    f" WHERE {_CrJ.credential_hash} = %s AND ({_CrJ.agent} IS NULL OR {_CrT.revoked_at} IS NULL)"
+)
+
+
+def job_for_credential(credential_hash: str, *, seen_since: datetime) -> Job | None:
+    """The job a job credential opens (None: unknown, or its agent's token was revoked).
+
+    Also, as plain attributes: `agent_seen_recently` (its agent was seen since
+    `seen_since`), `agent_serving` (the agent has not stopped) and
+    `build_started` (its build has a start time).
+    """
+    cells = first_row(JOB_FOR_CREDENTIAL_SQL, [db_value(Agent, "last_seen_at", seen_since), credential_hash])
+    if cells is None:
+        return None
+    job = CREDENTIAL_JOB.load(cells, connection)
+    job.agent_seen_recently, job.agent_serving, job.build_started = (bool(next(cells)), bool(next(cells)),
+                                                                      bool(next(cells)))
+    return job
+
+
+# ------------------------------------------------------------------ the build behind an API URL
+
+# What the Build serializer shows (plus what cancel and the log routes use).
+SCOPED_BUILD_FIELDS = ("id", "number", "state", "branch", "commit", "message", "source", "error_code",
+                       "error_message", "created_at", "scheduled_at", "started_at", "finished_at",
+                       "cancel_requested_at", "pipeline")
+# Every build-scoped request runs it: the ORM spent about 1 ms of CPU building and
+# compiling this four-table join, PostgreSQL about 0.3 ms planning and answering it.
+# It loads what `select_related("pipeline__organization").only(*SCOPED_BUILD_FIELDS,
+# "pipeline__slug", "pipeline__organization__slug")` would, plus the caller's role.
+_B, _P, _O, _M = Table(Build, "b"), Table(Pipeline, "p"), Table(Organization, "o"), Table(Membership, "m")
+SCOPED_BUILD = Columns(Build, SCOPED_BUILD_FIELDS)
+SCOPED_PIPELINE = Columns(Pipeline, ("id", "organization", "slug"))
+SCOPED_ORGANIZATION = Columns(Organization, ("id", "slug"))
+SCOPED_BUILD_SQL = (
+    f"SELECT {SCOPED_BUILD.select(_B)}, {SCOPED_PIPELINE.select(_P)}, {SCOPED_ORGANIZATION.select(_O)}, {_M.role}"
+    f" FROM {_B} JOIN {_P} ON {_P.id} = {_B.pipeline} JOIN {_O} ON {_O.id} = {_P.organization}"
+    f" JOIN {_M} ON {_M.organization} = {_O.id}"
+    f" WHERE {_O.slug} = %s AND {_M.user} = %s AND {_P.slug} = %s AND {_P.archived_at} IS NULL AND {_B.number} = %s"
+)
+
+
+def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User) -> Build | None:
+    """Build `number` of an unarchived pipeline of an organization `user` belongs to, or None.
+
+    The build comes with `pipeline` and `pipeline.organization` loaded and the
+    caller's role as `caller_role`; its other columns are deferred.
+    """
+    cells = first_row(SCOPED_BUILD_SQL, [org_slug, user.pk, pipeline_slug, number])
+    if cells is None:
+        return None
+    build = SCOPED_BUILD.load(cells, connection)
+    build.pipeline = SCOPED_PIPELINE.load(cells, connection)
+    build.pipeline.organization = SCOPED_ORGANIZATION.load(cells, connection)
+    build.caller_role = next(cells)
+    return build
+
+
+# ------------------------------------------------------------------ log chunks
+
+# Rows per INSERT: 6 parameters each stays far below SQLite's limit on parameters.
+INSERT_BATCH = 500
+
+
+def insert_chunks(job_id: uuid.UUID, rows: Sequence[tuple[int, int, str, datetime]], now: datetime) -> set[int]:
+    """Insert (seq, stream kind, content, ts) rows unless their seq is stored; returns the seqs inserted.
+
+    SQL because the ORM's insert that skips conflicts can't tell which rows it
+    skipped; `RETURNING` does (PostgreSQL, and SQLite since 3.35).
+    """
+    t = Table(LogChunk)
+    columns = ", ".join(t.bare(name) for name in ("job", "seq", "stream_kind", "content", "ts", "created_at"))
+    inserted: set[int] = set()
+    job = db_value(LogChunk, "job", job_id)
+    created = db_value(LogChunk, "created_at", now)
+    for start in range(0, len(rows), INSERT_BATCH):
+        part = rows[start:start + INSERT_BATCH]
+        params: list[Any] = []
+        for seq, stream_kind, content, ts in part:
+            params += [job, seq, int(stream_kind), content, db_value(LogChunk, "ts", ts), created]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {t} ({columns}) VALUES " + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(part))
+                + f" ON CONFLICT ({t.bare('job')}, {t.bare('seq')}) DO NOTHING RETURNING {t.bare('seq')}",
+                params,
+            )
+            inserted.update(seq for (seq,) in cursor.fetchall())
+    return inserted
+
+
+def chunks_after(cursors: Mapping[uuid.UUID, int]) -> list[tuple]:
+    """PostgreSQL: (job id, seq, stream kind, content, ts) of every chunk past its job's cursor, in order.
+
+    Hundreds of watched jobs: one join against two array parameters. The ORM's
+    OR of per-job conditions costs the process far more to build than the
+    database to answer.
+    """
+    c = Table(LogChunk, "c")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {c.job}, {c.seq}, {c.stream_kind}, {c.content}, {c.ts} FROM {c}"
+            f" JOIN unnest(%s::uuid[], %s::integer[]) AS w(job_id, seq)"
+            f" ON {c.job} = w.job_id AND {c.seq} > w.seq ORDER BY {c.job}, {c.seq}",
+            [list(cursors), list(cursors.values())],
+        )
+        return cursor.fetchall()
