@@ -34,6 +34,7 @@ from builds.logs import raw_log_response
 from builds.models import Agent, Artifact, Build, Job
 from builds.services.jobs import ACTIVE_STATES
 from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
+from builds.templatetags.harmont_pages import duration_seconds, format_duration
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
 from organizations import services as org_services
@@ -56,35 +57,12 @@ STATUS_JOB_FIELDS = ("id", "build_id", "position", "state", "exit_code", "error_
 ARTIFACTS_ON_PAGE = 100
 
 
-# ---------------------------------------------------------------- formatting
-
-
-def duration_seconds(row: Build | Job, now: datetime) -> float | None:
-    """Seconds from start to finish, or to `now` while it runs; None before it started."""
-    if row.started_at is None:
-        return None
-    return max(0.0, ((row.finished_at or now) - row.started_at).total_seconds())
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    whole = int(seconds)
-    if whole < 60:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{whole} s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes} m {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} m"
+# ---------------------------------------------------------------- resolving a build
 
 
 def build_url(build: Build) -> str:
     """The build page; `build.pipeline.organization` must be loaded (callers attach it)."""
     return reverse("builds_ui:build", args=[build.pipeline.organization.slug, build.pipeline.slug, build.number])
-
-
-# ---------------------------------------------------------------- resolving a build
 
 
 def page_build(page: OrgPage, pipeline: str, number: int) -> Build:
@@ -103,13 +81,12 @@ def page_build(page: OrgPage, pipeline: str, number: int) -> Build:
     return build
 
 
-def job_rows(build: Build, now: datetime) -> list[Job]:
-    """The build's jobs in dependency order, each with `after` (its prerequisites' keys) and a duration."""
+def job_rows(build: Build) -> list[Job]:
+    """The build's jobs in dependency order, each with `after` (its prerequisites' keys)."""
     jobs = list(jobs_of(build).only(*JOB_FIELDS).order_by("position"))
     keys = {job.pk: job.step_key for job in jobs}
     for job in jobs:
         job.after = [keys[edge.prerequisite_id] for edge in job.prerequisite_edges.all()]
-        job.duration = format_duration(duration_seconds(job, now))
     return jobs
 
 
@@ -154,9 +131,7 @@ def page_json_login_required(view: Callable[..., HttpResponse]) -> Callable[...,
 def build_detail(request: HttpRequest, org: str, pipeline: str, number: int) -> HttpResponse:
     page = org_page(request, org)
     build = page_build(page, pipeline, number)
-    now = timezone.now()
-    jobs = job_rows(build, now)
-    build.duration = format_duration(duration_seconds(build, now))
+    jobs = job_rows(build)
     base = build_url(build)
     artifacts = list(Artifact.objects.filter(build=build).only("id", "job_id", "path", "size")
                      .order_by("created_at", "id")[:ARTIFACTS_ON_PAGE + 1])

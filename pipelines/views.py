@@ -10,12 +10,11 @@ from django.contrib.auth.decorators import login_required
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import redirect, render
-from django.utils import timezone
 
 from builds import services as build_services
 from builds.filters import BuildFilter
 from builds.models import Build, BuildSource, BuildState
-from builds.views import build_url, duration_seconds, format_duration
+from builds.views import build_url
 from harmont.errors import ApiError
 from harmont.pagination import decode_cursor, encode_cursor
 from organizations.views import org_page
@@ -41,11 +40,8 @@ def pipeline_list(request: HttpRequest, org: str) -> HttpResponse:
     ids = [p.latest_build_id for p in pipelines if p.latest_build_id]
     builds = Build.objects.only("id", "number", "state", "branch", "created_at", "started_at",
                                 "finished_at").in_bulk(ids) if ids else {}
-    now = timezone.now()
     for pipeline in pipelines:
         pipeline.latest_build = builds.get(pipeline.latest_build_id)
-        if pipeline.latest_build is not None:
-            pipeline.latest_build.duration = format_duration(duration_seconds(pipeline.latest_build, now))
     return render(request, "pipelines/list.html", page.context(pipelines=pipelines))
 
 
@@ -155,9 +151,7 @@ def _history(request: HttpRequest, pipe: Pipeline) -> dict[str, Any]:
     except ApiError:
         context["filter_error"] = "This page link is no longer valid; showing the newest builds."
         history = history_page(QueryDict(), filtered.qs.select_related("created_by").only(*HISTORY_FIELDS))
-    now = timezone.now()
     for build in history.builds:
         build.pipeline = pipe  # known already: saves a join per row
-        build.duration = format_duration(duration_seconds(build, now))
     context["history"] = history
     return context
