@@ -1,14 +1,20 @@
-"""Page routes for builds (the build page and its page-JSON helpers) and the agents page."""
+"""Page routes for builds: an organization's pipelines with their latest builds, a pipeline's build
+history, the build page and its page-JSON helpers, and the agents page."""
 
-from django.urls import path
+from django.urls import include, path
 
 from builds import views
 
-app_name = "builds_ui"
-
 BUILD = "orgs/<str:org>/pipelines/<str:pipeline>/builds/<int:number>"
 
-urlpatterns = [
+# The pipeline list and the history are build listings, so their views live in this app; their
+# routes keep the `pipelines_ui:` names the navigation, breadcrumbs and sign-in redirect reverse.
+pipeline_pages = [
+    path("orgs/<str:org>/", views.pipeline_list, name="pipelines"),
+    path("orgs/<str:org>/pipelines/<str:pipeline>/", views.pipeline_history, name="history"),
+]
+
+build_pages = [
     path(BUILD, views.build_detail, name="build"),
     path(f"{BUILD}/status.json", views.build_status_json, name="build-status"),
     path(f"{BUILD}/log-token.json", views.build_log_token_json, name="build-log-token"),
@@ -17,4 +23,9 @@ urlpatterns = [
     path(f"{BUILD}/artifacts/<uuid:artifact_id>", views.artifact_download, name="artifact"),
     path("orgs/<str:org>/agents", views.agents, name="agents"),
     path("orgs/<str:org>/agents/tokens/<uuid:token_id>/revoke", views.revoke_agent_token, name="revoke-agent-token"),
+]
+
+urlpatterns = [
+    path("", include((pipeline_pages, "pipelines_ui"))),
+    path("", include((build_pages, "builds_ui"))),
 ]

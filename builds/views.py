@@ -1,4 +1,6 @@
-"""HTML pages for builds: the build page, its live status, logs, cancel; the agents page.
+"""HTML pages for builds: an organization's pipelines with their latest builds, a pipeline's
+build history and its "New build" form, the build page, its live status, logs, cancel; the
+agents page.
 
 The build page is server-rendered; a little JavaScript (static/harmont/build.js)
 keeps it current. It polls `status.json` (session-authenticated, constant
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from functools import wraps
 from typing import Any
@@ -19,8 +22,8 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.db.models import Prefetch
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, QueryDict
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -29,15 +32,19 @@ from django.views.decorators.http import require_GET, require_POST
 
 from builds import services
 from builds.api import AGENT_LIST_WINDOW
+from builds.filters import BuildFilter
+from builds.models import Agent, Artifact, Build, BuildSource, BuildState, Job
 from builds.responses import artifact_response, raw_log_response
 from builds.selectors import find_artifact, jobs_with_prerequisites
-from builds.models import Agent, Artifact, Build, Job
 from builds.states import LIVE_JOB_STATES, TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
+from builds.templatetags.harmont_pages import duration_seconds, format_duration
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
+from harmont.pagination import decode_cursor, encode_cursor
 from organizations import services as org_services
 from organizations.models import AgentToken
 from organizations.views import OrgPage, org_page
+from pipelines.models import Pipeline
 
 # Build numbers are PostgreSQL integers; a larger number in a URL is simply no build.
 MAX_BUILD_NUMBER = 2**31 - 1
@@ -53,37 +60,19 @@ STATUS_JOB_FIELDS = ("id", "build_id", "position", "state", "exit_code", "error_
                      "finished_at")
 # The build page lists this many artifacts (oldest first); the API lists them all.
 ARTIFACTS_ON_PAGE = 100
+HISTORY_PAGE_SIZE = 25
+MAX_PAGE_SIZE = 100
+# Everything a history row shows; the IR and env of a build can be large and are not shown.
+HISTORY_FIELDS = ("id", "pipeline", "number", "state", "branch", "commit", "message", "source", "error_code",
+                  "created_by__email", "created_at", "started_at", "finished_at")
 
 
-# ---------------------------------------------------------------- formatting
-
-
-def duration_seconds(row: Build | Job, now: datetime) -> float | None:
-    """Seconds from start to finish, or to `now` while it runs; None before it started."""
-    if row.started_at is None:
-        return None
-    return max(0.0, ((row.finished_at or now) - row.started_at).total_seconds())
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    whole = int(seconds)
-    if whole < 60:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{whole} s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes} m {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} m"
+# ---------------------------------------------------------------- resolving a build
 
 
 def build_url(build: Build) -> str:
     """The build page; `build.pipeline.organization` must be loaded (callers attach it)."""
     return reverse("builds_ui:build", args=[build.pipeline.organization.slug, build.pipeline.slug, build.number])
-
-
-# ---------------------------------------------------------------- resolving a build
 
 
 def page_build(page: OrgPage, pipeline: str, number: int) -> Build:
@@ -102,13 +91,12 @@ def page_build(page: OrgPage, pipeline: str, number: int) -> Build:
     return build
 
 
-def job_rows(build: Build, now: datetime) -> list[Job]:
-    """The build's jobs in dependency order, each with `after` (its prerequisites' keys) and a duration."""
+def job_rows(build: Build) -> list[Job]:
+    """The build's jobs in dependency order, each with `after` (its prerequisites' keys)."""
     jobs = list(jobs_with_prerequisites(build).only(*JOB_FIELDS).order_by("position"))
     keys = {job.pk: job.step_key for job in jobs}
     for job in jobs:
         job.after = [keys[edge.prerequisite_id] for edge in job.prerequisite_edges.all()]
-        job.duration = format_duration(duration_seconds(job, now))
     return jobs
 
 
@@ -145,6 +133,139 @@ def page_json_login_required(view: Callable[..., HttpResponse]) -> Callable[...,
     return wrapper
 
 
+# ---------------------------------------------------------------- the pipeline list and build history
+
+
+@login_required
+def pipeline_list(request: HttpRequest, org: str) -> HttpResponse:
+    """The organization's pipelines, each with its latest build, in two queries however many there are."""
+    page = org_page(request, org)
+    latest = Build.objects.filter(pipeline=OuterRef("pk")).order_by("-number").values("id")[:1]
+    pipelines = list(
+        Pipeline.objects.for_org(page.org).defer("definition", "triggers")
+        .annotate(latest_build_id=Subquery(latest)).order_by("name", "id")
+    )
+    # The subquery walks the unique (pipeline, number) index backwards: one row per pipeline.
+    ids = [p.latest_build_id for p in pipelines if p.latest_build_id]
+    builds = Build.objects.only("id", "number", "state", "branch", "created_at", "started_at",
+                                "finished_at").in_bulk(ids) if ids else {}
+    for pipeline in pipelines:
+        pipeline.latest_build = builds.get(pipeline.latest_build_id)
+    return render(request, "builds/pipelines.html", page.context(pipelines=pipelines))
+
+
+class NewBuildForm(forms.Form):
+    branch = forms.CharField(max_length=255)
+    commit = forms.CharField(max_length=255, help_text="A commit SHA, or HEAD for the branch's tip.")
+    message = forms.CharField(max_length=1000, required=False)
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    builds: list[Build]
+    older_query: str | None  # query string of the next (older) page, filters kept
+    newest_query: str | None  # query string of the first page, when this is not the first
+
+
+def _page_size(params: QueryDict) -> int:
+    raw = params.get("limit", "")
+    if raw.isdigit() and 1 <= int(raw) <= MAX_PAGE_SIZE:
+        return int(raw)
+    return HISTORY_PAGE_SIZE
+
+
+def history_page(params: QueryDict, builds: QuerySet[Build]) -> HistoryPage:
+    """One keyset page, newest first, as `harmont.pagination` does for the API (never OFFSET).
+
+    The cursor is the last build number shown; the next page is `number < cursor`,
+    answered by the (pipeline, number) index (or the branch/state indexes when
+    filtered), so page 400 costs what page 1 costs. Raises ApiError(invalid_cursor).
+    """
+    size = _page_size(params)
+    cursor = params.get("cursor")
+    if cursor:
+        builds = builds.filter(number__lt=decode_cursor(cursor))
+    rows = list(builds.order_by("-number")[: size + 1])
+    older = None
+    if len(rows) > size:
+        rows = rows[:size]
+        following = params.copy()
+        following["cursor"] = encode_cursor(rows[-1].number)
+        older = following.urlencode()
+    newest = None
+    if cursor:
+        first = params.copy()
+        del first["cursor"]
+        newest = first.urlencode()
+    return HistoryPage(rows, older, newest)
+
+
+@login_required
+def pipeline_history(request: HttpRequest, org: str, pipeline: str) -> HttpResponse:
+    """Build history (GET) and the "New build" form (POST → the same service as the API)."""
+    page = org_page(request, org)
+    pipe = Pipeline.objects.for_org(page.org).filter(slug=pipeline).first()
+    if pipe is None:
+        raise Http404(f"No pipeline {pipeline!r}.")
+    pipe.organization = page.org
+    form = NewBuildForm(initial={"branch": pipe.default_branch, "commit": "HEAD"})
+    status = 200
+    if request.method == "POST":
+        form = NewBuildForm(request.POST)
+        if form.is_valid():
+            try:
+                build = services.create_build(
+                    pipeline=pipe, created_by=request.user,  # type: ignore[arg-type]
+                    request=services.validate_build_request(
+                        branch=form.cleaned_data["branch"], commit=form.cleaned_data["commit"],
+                        message=form.cleaned_data["message"] or None, source=BuildSource.UI))
+                return redirect(build_url(build))
+            except ApiError as exc:
+                if exc.code == "build_plan_rejected":
+                    # The service recorded the attempt as a failed build; show it like any other.
+                    failed = Build.objects.filter(pipeline=pipe, created_by=request.user,
+                                                  source=BuildSource.UI).order_by("-number").first()
+                    if failed is not None:
+                        failed.pipeline = pipe
+                        return redirect(build_url(failed))
+                form.add_error(None, exc.message)
+                for name, errors in (exc.fields or {}).items():
+                    form.add_error(name if name in form.fields else None, errors)
+                status = exc.status
+        else:
+            status = 422
+    history = _history(request, pipe)
+    if history["invalid_filter"] and status == 200:
+        status = 400
+    return render(request, "builds/history.html", page.context(pipeline=pipe, form=form, **history), status=status)
+
+
+def _history(request: HttpRequest, pipe: Pipeline) -> dict[str, Any]:
+    filtered = BuildFilter(request.GET, queryset=Build.objects.filter(pipeline=pipe))
+    context: dict[str, Any] = {
+        "states": BuildState.values,
+        "branch": request.GET.get("branch", ""),
+        "state": request.GET.get("state", ""),
+        "filtered": any(request.GET.get(name) for name in BuildFilter.base_filters),
+        "history": HistoryPage([], None, None),
+        "filter_error": None,
+        "invalid_filter": False,
+    }
+    if not filtered.is_valid():
+        context["invalid_filter"] = True
+        context["filter_error"] = "; ".join(f"{name}: {' '.join(msgs)}" for name, msgs in filtered.errors.items())
+        return context
+    try:
+        history = history_page(request.GET, filtered.qs.select_related("created_by").only(*HISTORY_FIELDS))
+    except ApiError:
+        context["filter_error"] = "This page link is no longer valid; showing the newest builds."
+        history = history_page(QueryDict(), filtered.qs.select_related("created_by").only(*HISTORY_FIELDS))
+    for build in history.builds:
+        build.pipeline = pipe  # known already: saves a join per row
+    context["history"] = history
+    return context
+
+
 # ---------------------------------------------------------------- the build page
 
 
@@ -153,9 +274,7 @@ def page_json_login_required(view: Callable[..., HttpResponse]) -> Callable[...,
 def build_detail(request: HttpRequest, org: str, pipeline: str, number: int) -> HttpResponse:
     page = org_page(request, org)
     build = page_build(page, pipeline, number)
-    now = timezone.now()
-    jobs = job_rows(build, now)
-    build.duration = format_duration(duration_seconds(build, now))
+    jobs = job_rows(build)
     base = build_url(build)
     artifacts = list(Artifact.objects.filter(build=build).only("id", "job_id", "path", "size")
                      .order_by("created_at", "id")[:ARTIFACTS_ON_PAGE + 1])

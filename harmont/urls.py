@@ -27,6 +27,5 @@ urlpatterns = [
     re_path(r"^api/v0(?:/.*)?$", route_not_found),
     # The server-rendered pages (session sign-in); none of their paths start with a prefix above.
     path("", include("organizations.page_urls")),
-    path("", include("pipelines.page_urls")),
     path("", include("builds.page_urls")),
 ]

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from builds.agent.logs import MAX_CHUNK_CHARS, META, REDACTED, STDERR, STDOUT, LogShipper, SecretMasker
-from builds.agent.runner import Agent, JobSpec
+from builds.agent.runner import Agent
+from builds.agent.spec import JobSpec
 
 VALUE = "tok-3f9a-value"
 

@@ -7,12 +7,10 @@ import io
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from builds.agent.spec import JobSpec
 from builds.agent.transport import Transport, utcnow_iso
-
-if TYPE_CHECKING:
-    from builds.agent.runner import JobSpec
 
 STDOUT, STDERR, META = 0, 1, 2
 MAX_CHUNK_CHARS = 64 * 1024

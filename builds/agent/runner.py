@@ -19,13 +19,13 @@ import threading
 import time
 import urllib.parse
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from builds.agent.checkout import SourceError, fetch_tarball, git_checkout
 from builds.agent.files import BoundedReader, collect_artifacts, pack, unpack
 from builds.agent.logs import MAX_CHUNK_CHARS, META, STDERR, STDOUT, LogShipper, pump
+from builds.agent.spec import JobSpec
 from builds.agent.transport import VERSION, AgentError, Transport, Unauthorized
 
 log = logging.getLogger("harmont.agent")
@@ -33,42 +33,6 @@ log = logging.getLogger("harmont.agent")
 FLUSH_INTERVAL = 0.5  # seconds between log shipments while a command runs
 HEARTBEAT_INTERVAL = 5.0
 RENDERER = Path(__file__).with_name("render_pipeline.py")
-
-
-@dataclass
-class JobSpec:
-    id: str
-    token: str
-    command: str
-    env: dict[str, str]
-    timeout_seconds: int
-    image: str | None
-    step_key: str
-    # Where a root job's code comes from: {"kind": "archive", "path"} (uploaded with the
-    # build), {"kind": "url", "url", "sha256"} (a tarball) or {"kind": "git", "url",
-    # "commit", "branch"} (clone the repository); None: start empty.
-    source: dict[str, Any] | None
-    parent_workspace_path: str | None
-    upload_workspace: bool
-    cancel_grace_seconds: float
-    # A render job: {"source_slug", "result_path"}; the agent renders the pipeline
-    # from the checked-out `.hm/*.py` instead of running a command.
-    render: dict[str, Any] | None = None
-    # Secret values in `env`: the shipper replaces them with [REDACTED] (SecretMasker).
-    mask: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_claim(cls, data: dict[str, Any]) -> "JobSpec":
-        job = data["job"]
-        return cls(
-            id=job["id"], token=data["job_token"], command=job["command"], env=job["env"],
-            timeout_seconds=job["timeout_seconds"], image=job.get("image"), step_key=job["step_key"],
-            source=job.get("source"), parent_workspace_path=job.get("parent_workspace_path"),
-            render=job.get("render"),
-            upload_workspace=job.get("upload_workspace", False),
-            cancel_grace_seconds=job.get("cancel_grace_seconds", 10),
-            mask=job.get("mask", []),
-        )
 
 
 class Agent:

@@ -1,4 +1,5 @@
-"""Template filters shared by the pages (`{% load harmont_pages %}`)."""
+"""Template filters shared by the pages (`{% load harmont_pages %}`), and the duration
+formatting the build page's status poll shares with them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
+
+from builds.models import Build, Job
 
 register = template.Library()
 
@@ -22,3 +25,29 @@ def ago(value: datetime | None) -> SafeString | str:
     text = "just now" if (now - value).total_seconds() < 60 else f"{timesince(value, now, depth=1)} ago"
     return format_html('<time datetime="{}" title="{} UTC">{}</time>', value.isoformat(),
                        value.strftime("%Y-%m-%d %H:%M:%S"), text)
+
+
+def duration_seconds(row: Build | Job, now: datetime) -> float | None:
+    """Seconds from start to finish, or to `now` while it runs; None before it started."""
+    if row.started_at is None:
+        return None
+    return max(0.0, ((row.finished_at or now) - row.started_at).total_seconds())
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} m {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} m"
+
+
+@register.filter
+def duration(row: Build | Job) -> str:
+    """`{{ build|duration }}`: "4.2 s", "3 m 07 s", "1 h 02 m"; a running row counts up to now, "" before it started."""
+    return format_duration(duration_seconds(row, timezone.now()))
