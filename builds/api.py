@@ -79,9 +79,9 @@ class BuildScopedView(OrgScopedView):
         match = BUILD_NUMBER.fullmatch(number_raw)
         number = int(match[1]) if match else None
         build = None
-        if number is not None and number < 2**31:
-            build = selectors.scoped_build(org_slug=self.kwargs["org"], pipeline_slug=self.kwargs["pipeline"], number=number,
-                                 user=self.request.user)
+        if number is not None:
+            build = selectors.scoped_build(org_slug=self.kwargs["org"], pipeline_slug=self.kwargs["pipeline"],
+                                           number=number, user=self.request.user)
         if build is None:
             # Say what is missing, in order: the organization, the pipeline, the build.
             membership = membership_for(self.request.user, self.kwargs["org"])

@@ -37,13 +37,23 @@ def job_for_credential(raw: str, *, now: datetime | None = None) -> Job | None:
     return sql.job_for_credential(hash_secret(raw), seen_since=now - AGENT_SEEN_RESOLUTION)
 
 
-def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User) -> Build | None:
+# Build numbers are PostgreSQL integers; a larger number in a URL is simply no build.
+MAX_BUILD_NUMBER = 2**31 - 1
+
+
+def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User,
+                 for_page: bool = False) -> Build | None:
     """Build `number` of an unarchived pipeline of an organization `user` belongs to, or None.
 
-    The build comes with `pipeline` and `pipeline.organization` loaded and the
-    caller's role as `caller_role`; its other columns are deferred.
+    The one lookup behind every build-scoped API route and page: the build
+    comes with `pipeline` and `pipeline.organization` loaded and the caller's
+    role as `caller_role` (`for_page`: also what the pages show of the
+    pipeline and of who triggered it); its other columns are deferred.
     """
-    return sql.scoped_build(org_slug=org_slug, pipeline_slug=pipeline_slug, number=number, user=user)
+    if not 0 <= number <= MAX_BUILD_NUMBER:
+        return None
+    return sql.scoped_build(org_slug=org_slug, pipeline_slug=pipeline_slug, number=number, user_id=user.pk,
+                            for_page=for_page)
 
 
 def jobs_with_prerequisites(build: Build) -> QuerySet[Job]:

@@ -250,31 +250,60 @@ SCOPED_BUILD_FIELDS = ("id", "number", "state", "branch", "commit", "message", "
 # Every build-scoped request runs it: the ORM spent about 1 ms of CPU building and
 # compiling this four-table join, PostgreSQL about 0.3 ms planning and answering it.
 # It loads what `select_related("pipeline__organization").only(*SCOPED_BUILD_FIELDS,
-# "pipeline__slug", "pipeline__organization__slug")` would, plus the caller's role.
-_B, _P, _O, _M = Table(Build, "b"), Table(Pipeline, "p"), Table(Organization, "o"), Table(Membership, "m")
-SCOPED_BUILD = Columns(Build, SCOPED_BUILD_FIELDS)
-SCOPED_PIPELINE = Columns(Pipeline, ("id", "organization", "slug"))
-SCOPED_ORGANIZATION = Columns(Organization, ("id", "slug"))
-SCOPED_BUILD_SQL = (
-    f"SELECT {SCOPED_BUILD.select(_B)}, {SCOPED_PIPELINE.select(_P)}, {SCOPED_ORGANIZATION.select(_O)}, {_M.role}"
-    f" FROM {_B} JOIN {_P} ON {_P.id} = {_B.pipeline} JOIN {_O} ON {_O.id} = {_P.organization}"
-    f" JOIN {_M} ON {_M.organization} = {_O.id}"
-    f" WHERE {_O.slug} = %s AND {_M.user} = %s AND {_P.slug} = %s AND {_P.archived_at} IS NULL AND {_B.number} = %s"
-)
+# "pipeline__slug", "pipeline__organization__slug")` would, plus the caller's role; the
+# pages' variant also the pipeline's name and who triggered the build (a left join the
+# API, which shows neither, doesn't pay for).
+_B, _P, _O, _M, _U = (Table(Build, "b"), Table(Pipeline, "p"), Table(Organization, "o"), Table(Membership, "m"),
+                      Table(User, "u"))
 
 
-def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User) -> Build | None:
-    """Build `number` of an unarchived pipeline of an organization `user` belongs to, or None.
+@dataclass(frozen=True)
+class _ScopedBuildRead:
+    build: Columns[Build]
+    pipeline: Columns[Pipeline]
+    organization: Columns[Organization]
+    creator: Columns[User] | None
+    sql: str
+
+
+def _scoped_build_read(*, for_page: bool) -> _ScopedBuildRead:
+    build = Columns(Build, SCOPED_BUILD_FIELDS + (("created_by",) if for_page else ()))
+    pipeline = Columns(Pipeline, ("id", "organization", "slug") + (("name",) if for_page else ()))
+    organization = Columns(Organization, ("id", "slug"))
+    creator = Columns(User, ("id", "email")) if for_page else None
+    select = f"{build.select(_B)}, {pipeline.select(_P)}, {organization.select(_O)}"
+    joins = (f" JOIN {_P} ON {_P.id} = {_B.pipeline} JOIN {_O} ON {_O.id} = {_P.organization}"
+             f" JOIN {_M} ON {_M.organization} = {_O.id}")
+    if creator is not None:
+        select += f", {creator.select(_U)}"
+        joins += f" LEFT JOIN {_U} ON {_U.id} = {_B.created_by}"
+    return _ScopedBuildRead(build, pipeline, organization, creator, (
+        f"SELECT {select}, {_M.role} FROM {_B}{joins}"
+        f" WHERE {_O.slug} = %s AND {_M.user} = %s AND {_P.slug} = %s AND {_P.archived_at} IS NULL"
+        f" AND {_B.number} = %s"))
+
+
+SCOPED_BUILD_READS = {for_page: _scoped_build_read(for_page=for_page) for for_page in (False, True)}
+
+
+def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user_id: int,
+                 for_page: bool = False) -> Build | None:
+    """Build `number` of an unarchived pipeline of an organization user `user_id` belongs to, or None.
 
     The build comes with `pipeline` and `pipeline.organization` loaded and the
-    caller's role as `caller_role`; its other columns are deferred.
+    caller's role as `caller_role` (with `for_page`, also the pipeline's name
+    and `created_by`); its other columns are deferred.
     """
-    cells = first_row(SCOPED_BUILD_SQL, [org_slug, user.pk, pipeline_slug, number])
+    read = SCOPED_BUILD_READS[for_page]
+    cells = first_row(read.sql, [org_slug, user_id, pipeline_slug, number])
     if cells is None:
         return None
-    build = SCOPED_BUILD.load(cells, connection)
-    build.pipeline = SCOPED_PIPELINE.load(cells, connection)
-    build.pipeline.organization = SCOPED_ORGANIZATION.load(cells, connection)
+    build = read.build.load(cells, connection)
+    build.pipeline = read.pipeline.load(cells, connection)
+    build.pipeline.organization = read.organization.load(cells, connection)
+    if read.creator is not None:
+        creator = read.creator.load(cells, connection)
+        build.created_by = creator if creator.pk is not None else None
     build.caller_role = next(cells)
     return build
 

@@ -35,7 +35,7 @@ from builds.api import AGENT_LIST_WINDOW
 from builds.filters import BuildFilter
 from builds.models import Agent, Artifact, Build, BuildSource, BuildState, Job
 from builds.responses import artifact_response, raw_log_response
-from builds.selectors import find_artifact, jobs_with_prerequisites
+from builds.selectors import find_artifact, jobs_with_prerequisites, scoped_build
 from builds.states import LIVE_JOB_STATES, TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
 from builds.templatetags.harmont_pages import duration_seconds, format_duration
 from harmont.errors import ApiError
@@ -46,13 +46,7 @@ from organizations.models import AgentToken
 from organizations.views import OrgPage, org_page
 from pipelines.models import Pipeline
 
-# Build numbers are PostgreSQL integers; a larger number in a URL is simply no build.
-MAX_BUILD_NUMBER = 2**31 - 1
-# What the build page and its status poll read of a build and of its jobs. A
-# build's IR, env and source and a job's env can be large and are never shown.
-BUILD_FIELDS = ("id", "pipeline__id", "pipeline__slug", "pipeline__name", "pipeline__organization", "number",
-                "state", "branch", "commit", "message", "source", "error_code", "error_message", "created_by__email",
-                "cancel_requested_at", "created_at", "started_at", "finished_at")
+# What the build page reads of its jobs: a job's env can be large and is never shown.
 JOB_FIELDS = ("id", "build_id", "position", "step_key", "name", "command", "image", "state", "exit_code",
               "error_code", "error_message", "signal", "started_at", "finished_at", "log_bytes", "log_truncated")
 # The 2-second poll redraws states only.
@@ -77,14 +71,8 @@ def build_url(build: Build) -> str:
 
 def page_build(page: OrgPage, pipeline: str, number: int) -> Build:
     """The build, in one query, through the caller's organization: anything else is a 404."""
-    build = None
-    if number <= MAX_BUILD_NUMBER:
-        build = (
-            Build.objects.select_related("pipeline", "created_by").only(*BUILD_FIELDS)
-            .filter(pipeline__organization=page.org, pipeline__slug=pipeline, pipeline__archived_at__isnull=True,
-                    number=number)
-            .first()
-        )
+    build = scoped_build(org_slug=page.org.slug, pipeline_slug=pipeline, number=number,
+                         user=page.membership.user, for_page=True)
     if build is None:
         raise Http404(f"No build {number} in pipeline {pipeline!r}.")
     build.pipeline.organization = page.org

@@ -75,6 +75,7 @@ def org_page(request: HttpRequest, org_slug: str) -> OrgPage:
     memberships = user_memberships(request.user)  # type: ignore[arg-type]
     for membership in memberships:
         if membership.organization.slug == org_slug:
+            membership.user = request.user  # the caller, already loaded: no query when a page reads it
             return OrgPage(membership, memberships)
     raise Http404(f"No organization {org_slug!r}.")
 

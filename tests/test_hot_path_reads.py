@@ -2,7 +2,7 @@
 BuildSerializer renders exactly what its declared fields describe.
 
 Token authentication (`organizations.sql.token_with_user`) and the build behind a
-build-scoped URL (`builds.api.scoped_build`) skip the ORM's query compilation,
+build-scoped URL (`builds.selectors.scoped_build`) skip the ORM's query compilation,
 and BuildSerializer skips DRF's per-instance field copies. These tests hold each
 fast path equal to the ORM / DRF path it stands in for, on SQLite and PostgreSQL.
 """
@@ -17,7 +17,8 @@ from django.db.models import F, Model
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
-from builds.sql import SCOPED_BUILD_FIELDS as BUILD_FIELDS, scoped_build
+from builds.selectors import scoped_build
+from builds.sql import SCOPED_BUILD_FIELDS as BUILD_FIELDS
 from builds.models import Build, BuildState
 from builds.serializers import BuildSerializer, build_data
 from harmont.tokens import hash_secret
