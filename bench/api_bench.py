@@ -39,19 +39,8 @@ BASE_DIR = BENCH_DIR.parent
 # urls.py would shadow any top-level `settings`/`urls`; import from the project root instead.
 sys.path[:] = [str(BASE_DIR)] + [p for p in sys.path if p and Path(p).resolve() != BENCH_DIR]
 
-from bench.harness import (  # noqa: E402
-    PG_HOST,
-    PG_PORT,
-    PG_USER,
-    admin_connect,
-    busy_cpu_seconds,
-    children_of,
-    ensure_postgres,
-    free_port,
-    own_cpu_seconds,
-    process_cpu,
-    say,
-)
+from bench.cpu import busy_cpu_seconds, children_of, own_cpu_seconds, process_cpu  # noqa: E402
+from bench.harness import PG_HOST, PG_PORT, PG_USER, admin_connect, ensure_postgres, free_port, say  # noqa: E402
 
 DB_NAME = "harmont_bench"
 DATABASE_URL = f"postgres://{PG_USER}@{PG_HOST}:{PG_PORT}/{DB_NAME}"

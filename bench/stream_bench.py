@@ -47,27 +47,21 @@ BASE_DIR = BENCH_DIR.parent
 # would shadow top-level modules; import from the project root instead.
 sys.path[:] = [str(BASE_DIR)] + [p for p in sys.path if p and Path(p).resolve() != BENCH_DIR]
 
-# Generic helpers (PostgreSQL, the server, CPU accounting); that module has no import side effects.
-from bench.dispatch_bench import (
-    CpuMeter,
+from bench.cpu import CpuMeter, children_of, tree_pids
+from bench.harness import (
     admin_connect,
-    children_of,
     configure_django,
     create_database,
     db_backend_pids,
     drop_database,
     ensure_postgres,
-    experiment_config,
     free_port,
     loadavg,
     percentile,
     raise_on_sigterm,
     say,
-    start_server,
-    stop_group,
-    tree_pids,
-    wait_for_experiment,
 )
+from bench.server import experiment_config, start_server, stop_group, wait_for_experiment
 
 DB_NAME = "harmont_bench_stream"
 DELAY_P95_TARGET = 0.5  # seconds, append -> receipt
@@ -75,8 +69,8 @@ THROUGHPUT_RATIO_TARGET = 0.7  # GET build with streams / without
 CONNECTIONS, THREADS = 8, 2  # wrk, as bench/api_bench.py uses it
 CONTENT = re.compile(r"bench job=(\d+) seq=(\d+) t=([0-9.]+)")
 
-# `--server-experiment NAME`: experiments, not the product (see SERVER_EXPERIMENTS in
-# dispatch_bench.py for how they are applied: a gunicorn post_worker_init hook).
+# `--server-experiment NAME`: experiments, not the product (see bench/server.py for how
+# they are applied: a gunicorn post_worker_init hook).
 #
 # hub-poll-with-arrays: the LogHub's poll as two statements with array parameters instead of
 #   an ORM query OR-ing one condition per watched job (see the code for why).
