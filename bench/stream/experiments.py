@@ -13,6 +13,17 @@ STREAM_EXPERIMENTS = {
     from django.db import DatabaseError, close_old_connections, connection
 
     from builds import stream
+    from builds.models import Job, LogChunk
+
+    # Built once per worker, from the models' names, so each poll pays only for running them.
+    job_id, job_state = Job._meta.pk.column, Job._meta.get_field("state").column
+    chunk_job, seq, kind, content, ts = (LogChunk._meta.get_field(name).column
+                                         for name in ("job", "seq", "stream_kind", "content", "ts"))
+    states_sql = f"SELECT {job_id}, {job_state} FROM {Job._meta.db_table} WHERE {job_id} = ANY(%s)"
+    chunks_sql = (
+        f"SELECT c.{chunk_job}, c.{seq}, c.{kind}, c.{content}, c.{ts} FROM {LogChunk._meta.db_table} c "
+        f"JOIN unnest(%s::uuid[], %s::int[]) AS w(job_id, seq) ON c.{chunk_job} = w.job_id AND c.{seq} > w.seq "
+        f"ORDER BY c.{chunk_job}, c.{seq}")
 
     def fetch_updates(cursors):
         # The stock poll ORs one Q(job_id=..., seq__gt=...) per watched job: building and compiling
@@ -21,12 +32,9 @@ STREAM_EXPERIMENTS = {
         try:
             ids = list(cursors)
             with connection.cursor() as cursor:
-                cursor.execute("SELECT id, state FROM builds_job WHERE id = ANY(%s)", [ids])
+                cursor.execute(states_sql, [ids])
                 states = dict(cursor.fetchall())
-                cursor.execute(
-                    "SELECT c.job_id, c.seq, c.stream_kind, c.content, c.ts FROM builds_logchunk c "
-                    "JOIN unnest(%s::uuid[], %s::int[]) AS w(job_id, seq) ON c.job_id = w.job_id AND c.seq > w.seq "
-                    "ORDER BY c.job_id, c.seq", [ids, [cursors[i] for i in ids]])
+                cursor.execute(chunks_sql, [ids, [cursors[i] for i in ids]])
                 chunks = cursor.fetchall()
             return states, chunks
         except DatabaseError:
