@@ -15,8 +15,7 @@ from rest_framework.test import APIClient
 from builds.models import Agent
 from organizations import services as org_services
 from organizations.models import AgentToken
-from tests.conftest import assert_error
-from tests.test_builds_api import iso
+from tests.helpers import assert_error, iso, make_build
 
 TOKEN_KEYS = {"id", "description", "created_at", "last_used_at", "revoked_at"}
 RAW_AGENT_TOKEN = re.compile(r"hma_[A-Za-z0-9_-]{43}")
@@ -143,8 +142,6 @@ def test_list_of_another_org_is_404(api, other_org):
 @pytest.fixture
 def running_agent(org, pipeline):
     """A token, an agent registered with it, and a claimed job: (token, session client, job client, job id)."""
-    from tests.conftest import make_build
-
     issued = org_services.create_agent_token(organization=org)
     session = register(issued.raw).json()["session_token"]
     make_build(pipeline)

@@ -1,7 +1,7 @@
 """Artifacts: the store service and its limits, the agent's upload route, the REST list and download,
 and the build page's links.
 
-Jobs are claimed and started over the agent API (fixtures of tests/test_agent_api.py);
+Jobs are claimed and started over the agent API (the `session` and `running` fixtures);
 stored files go to a temporary MEDIA_ROOT, which tests list to prove that a refused
 upload left nothing behind.
 """
@@ -31,16 +31,7 @@ from builds.models import Artifact, Build, Job, JobState
 from harmont.errors import ApiError
 from harmont.pagination import encode_cursor
 from organizations.models import ApiToken, User
-from tests.conftest import assert_error, is_postgres, make_build
-from tests.test_agent_api import (  # noqa: F401  (fixtures)
-    agent_token,
-    claim,
-    finish,
-    job_url,
-    parallel_ir,
-    running,
-    session,
-)
+from tests.helpers import assert_error, claim, finish, is_postgres, job_url, make_build, parallel_ir
 
 pytestmark = pytest.mark.django_db
 

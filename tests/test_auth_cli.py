@@ -17,7 +17,7 @@ from rest_framework.throttling import ScopedRateThrottle
 from harmont.errors import ApiError
 from organizations import services
 from organizations.models import ApiToken, CliGrantKind, CliLoginGrant, TokenKind
-from tests.conftest import assert_error, is_postgres
+from tests.helpers import assert_error, is_postgres
 
 CODE_PATTERN = re.compile(r"^[0-9ABCDEFGHJKMNPQRSTVWXYZ]{16}$")
 

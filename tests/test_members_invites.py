@@ -15,7 +15,7 @@ from django.utils import timezone
 from harmont.errors import ApiError
 from organizations import services
 from organizations.models import Invite, Membership, Organization, Role, User
-from tests.conftest import assert_error, is_postgres, make_api
+from tests.helpers import assert_error, is_postgres, make_api
 
 
 def iso(dt: datetime | None) -> str | None:

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from organizations import services
 from organizations.models import Membership, Organization, Role
-from tests.conftest import assert_error, make_api
+from tests.helpers import assert_error, make_api
 
 
 def iso(dt: datetime | None) -> str | None:

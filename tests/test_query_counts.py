@@ -18,10 +18,8 @@ from organizations import services as org_services
 from organizations.models import ApiToken
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline
-from tests.conftest import is_postgres, make_build
 from tests.dsl import hm
-from tests.test_agent_api import AGENT, bearer, chunk, job_url, register
-from tests.test_builds_api import builds_url
+from tests.helpers import AGENT, bearer, builds_url, chunk, is_postgres, job_url, make_build, register
 
 AUTH_AND_MEMBERSHIP = 2
 # Build-scoped routes find the build through the caller's membership: one query for both.

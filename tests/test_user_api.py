@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from organizations import services
 from organizations.models import ApiToken, Membership, Organization, Role, TokenKind, User
-from tests.conftest import assert_error, make_api
+from tests.helpers import assert_error, make_api
 
 
 def iso(dt: datetime | None) -> str | None:
