@@ -43,6 +43,7 @@ from tests.helpers import (
     make_agent,
     make_build,
     parallel_ir,
+    race,
     register,
     start,
     tarball,
@@ -433,28 +434,15 @@ def test_racing_agents_claim_every_job_exactly_once(org, pipeline):
               for i in range(4)]
     assert Job.objects.filter(state=J.SCHEDULED).count() == 200
     agents = [make_agent(org, name=f"racer-{i}") for i in range(4)]
-    barrier = threading.Barrier(len(agents))
     claimed: dict[Any, list[Any]] = {agent.pk: [] for agent in agents}
-    errors: list[BaseException] = []
 
-    def run(agent: Agent) -> None:
-        try:
-            barrier.wait(timeout=30)
-            while (result := build_services.claim_job(agent=agent)) is not None:
-                claimed[agent.pk].append(result.job.pk)
-        except BaseException as exc:  # noqa: BLE001 (re-raised in the test's thread)
-            errors.append(exc)
-        finally:
-            connection.close()
+    def run(i: int) -> None:
+        agent = agents[i]
+        while (result := build_services.claim_job(agent=agent)) is not None:
+            claimed[agent.pk].append(result.job.pk)
 
-    threads = [threading.Thread(target=run, args=(agent,)) for agent in agents]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    race(len(agents), run)  # no claimer hangs or raises
 
-    assert not any(thread.is_alive() for thread in threads), "a claimer hung"
-    assert not errors, errors
     all_claims = [job_id for ids in claimed.values() for job_id in ids]
     duplicates = [job_id for job_id, n in Counter(all_claims).items() if n > 1]
     assert not duplicates
