@@ -1,8 +1,8 @@
 """Plain helpers the test modules share: pipeline documents, API shapes and clients, builds,
 the agent API over HTTP, racing threads, GitHub webhook deliveries.
 
-Fixtures live in tests/conftest.py, and those of live servers and agent processes in
-tests/e2e.py and tests/live.py (registered there through `pytest_plugins`).
+Fixtures live in tests/conftest.py; those of live servers and agent processes in
+tests/e2e.py and tests/live.py, which conftest.py loads through `pytest_plugins`.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
 
 
 def is_postgres() -> bool:
+    """Whether the suite runs on PostgreSQL (races need it: SQLite serialises all writers)."""
     return connection.vendor == "postgresql"
 
 
@@ -154,6 +155,7 @@ AGENT_T0 = datetime(2025, 1, 6, 12, 0, tzinfo=dt_timezone.utc)  # `chunk` stamps
 
 
 def job_url(job_id: Any, action: str) -> str:
+    """The agent route of one job: start, heartbeat, logs, finish, artifacts..."""
     return f"{AGENT}/jobs/{job_id}/{action}"
 
 
@@ -231,6 +233,7 @@ SENDER = {"login": "octocat", "id": 583231, "type": "User"}
 
 
 def repository_json(full_name: str = "acme/web") -> dict[str, Any]:
+    """The `repository` object of every payload."""
     owner, name = full_name.split("/")
     return {
         "id": 1296269, "node_id": "MDEwOlJlcG9zaXRvcnkxMjk2MjY5", "name": name, "full_name": full_name,
@@ -242,6 +245,7 @@ def repository_json(full_name: str = "acme/web") -> dict[str, Any]:
 
 def push_payload(ref: str = "refs/heads/main", *, after: str = HEAD_SHA, message: str = "Fix the flaky test",
                  full_name: str = "acme/web", deleted: bool = False) -> dict[str, Any]:
+    """A `push` event's payload: one commit, or none when the ref was deleted."""
     commit = {
         "id": after, "tree_id": "f9d2a07e9488b91af2641b26b9407fe22a451433", "distinct": True,
         "message": message, "timestamp": "2026-05-10T12:00:00+02:00",
@@ -261,6 +265,7 @@ def push_payload(ref: str = "refs/heads/main", *, after: str = HEAD_SHA, message
 
 def pull_request_payload(action: str = "opened", *, base: str = "main", head: str = "feature/cache",
                          title: str = "Cache the wheels", full_name: str = "acme/web") -> dict[str, Any]:
+    """A `pull_request` event's payload, PR #42 from `head` into `base`."""
     repo = repository_json(full_name)
     return {
         "action": action, "number": 42,
@@ -276,6 +281,7 @@ def pull_request_payload(action: str = "opened", *, base: str = "main", head: st
 
 
 def ping_payload(full_name: str = "acme/web") -> dict[str, Any]:
+    """The `ping` GitHub sends when a webhook is set up."""
     return {"zen": "Keep it logically awesome.", "hook_id": 30,
             "hook": {"type": "Repository", "id": 30, "active": True, "events": ["push", "pull_request"],
                      "config": {"content_type": "json", "insecure_ssl": "0", "url": "https://ci.example.com/webhooks/github"}},
