@@ -1,36 +1,30 @@
 """Shared fixtures: an organization with an owner, an admin and a member, each
-with an API client; another organization they cannot see; a pipeline and builds."""
+with an API client; another organization they cannot see; a pipeline and builds;
+an agent token, a registered agent's session and a running job.
+
+Plain helpers are in tests/helpers.py. The fixtures of live servers and agent
+processes are in tests/e2e.py and tests/live.py, loaded as plugins below.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from tests.dsl import hm
 import pytest
-from django.db import connection
 from rest_framework.test import APIClient
 
-from builds import services as build_services
-from builds.models import Build
+from builds.models import Agent, Build
 from organizations import services as org_services
 from organizations.models import Membership, Organization, Role, User
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline
 
+# Marked before it is imported, so that its asserts report their values on failure, as a test's do.
+pytest.register_assert_rewrite("tests.helpers")
+from tests.helpers import bearer, claim, make_api, make_build, register, start, two_step_ir  # noqa: E402
 
-def two_step_ir() -> dict[str, Any]:
-    """`a` then `b` (b builds in a's files), rendered by the real harmont package."""
-    first = hm.sh("echo a", key="a")
-    return hm.pipeline([first.sh("echo b", key="b")])
-
-
-def make_api(user: User) -> APIClient:
-    client = APIClient()
-    raw = org_services.create_personal_token(user=user, description="tests").raw
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
-    client.raw_token = raw  # type: ignore[attr-defined]
-    return client
+pytest_plugins = ["tests.e2e", "tests.live"]
 
 
 @pytest.fixture
@@ -117,32 +111,34 @@ def other_pipeline(other_org) -> Pipeline:
     )
 
 
-def make_build(pipeline: Pipeline, **fields: Any) -> Build:
-    request = build_services.validate_build_request(**{"branch": "main", "commit": "abc123", **fields})
-    return build_services.create_build(pipeline=pipeline, request=request)
-
-
 @pytest.fixture
 def build(pipeline) -> Build:
     return make_build(pipeline, message="first build")
 
 
-def is_postgres() -> bool:
-    return connection.vendor == "postgresql"
+@pytest.fixture
+def agent_token(org: Organization) -> org_services.IssuedAgentToken:
+    """An agent token of `org`: `.raw` is the value agents register with (hma_), `.token` its row."""
+    return org_services.create_agent_token(organization=org, description="tests")
 
 
-def assert_error(response, status: int, code: str) -> dict[str, Any]:
-    """The response is the error envelope with this status and code; returns the error body."""
-    assert response.status_code == status, (response.status_code, response.content[:500])
-    assert response["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert error["code"] == code, error
-    assert error["type"] and error["message"]
-    assert error["doc_url"].endswith(f"/docs/errors/{code}")
-    assert error["request_id"] == response["X-Request-Id"]
-    return error
+@pytest.fixture
+def session(agent_token: org_services.IssuedAgentToken) -> APIClient:
+    """A registered agent's client (hms_); `.agent` is its row."""
+    response = register(agent_token.raw)
+    assert response.status_code == 201, response.content
+    client = bearer(response.json()["session_token"])
+    client.agent = Agent.objects.get(pk=response.json()["agent"]["id"])  # type: ignore[attr-defined]
+    return client
+
+
+@pytest.fixture
+def running(session: APIClient, build: Build) -> tuple[dict[str, Any], APIClient]:
+    """Job `a` of `build` claimed and started: (spec, job client)."""
+    spec, job_client = claim(session)
+    assert spec["step_key"] == "a"
+    start(job_client, spec["id"])
+    return spec, job_client
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,12 @@ running in a thread of the test process, so settings changed with the `settings`
 fixture reach the server (and the reaper thread) too. Tests using these fixtures need
 a transactional database: the server's threads must see what the test commits. The
 agents' output goes to files printed at teardown, which pytest shows only when the
-test failed.
+test failed. The fixtures are loaded for every module by tests/conftest.py (`pytest_plugins`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -26,11 +27,11 @@ import pytest
 from django.db import connections
 from django.test.testcases import LiveServerThread, _StaticFilesHandler
 
-from builds.models import Job, LogChunk, StreamKind
+from builds.models import Build, Job, LogChunk, StreamKind
 from builds.reaper import run_reaper
 from organizations import services as org_services
-from organizations.models import Organization
 from pipelines.models import Pipeline
+from tests.helpers import builds_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +50,27 @@ def wait_for(predicate: Callable[[], T], timeout: float, *, interval: float = 0.
         time.sleep(interval)
 
 
-# ------------------------------------------------------------------ reading results
+# ------------------------------------------------------------------ builds through the API, and their results
+
+
+def create_build(api: Any, pipeline: Pipeline, ir: dict[str, Any], **body: Any) -> Build:
+    """A build of `pipeline` with this IR, created through the REST API (201), re-read from the database."""
+    response = api.post(builds_url(pipeline), {"branch": "main", "commit": "abc123",
+                                               "pipeline_ir": json.dumps(ir), **body}, format="json")
+    assert response.status_code == 201, response.content[:500]
+    return Build.objects.get(pk=response.json()["id"])
+
+
+def finished(build: Build) -> Build | None:
+    """The build, re-read, once it and all its jobs are terminal."""
+    build.refresh_from_db()
+    return build if build.finished_at is not None else None
+
+
+def job_in(job: Job, *states: str) -> Job | None:
+    """The job, re-read, once it is in one of `states`."""
+    job.refresh_from_db()
+    return job if job.state in states else None
 
 
 def job_log(job: Job, *, kinds: tuple[int, ...] = (StreamKind.STDOUT, StreamKind.STDERR, StreamKind.META)) -> str:
@@ -229,14 +250,8 @@ def e2e_server(e2e_database: None) -> Iterator[str]:
 
 
 @pytest.fixture
-def agent_token(org: Organization) -> str:
-    """A raw agent token (`hma_...`) of the `org` fixture's organization."""
-    return org_services.create_agent_token(organization=org, description="e2e").raw
-
-
-@pytest.fixture
-def agents(e2e_server: str, transactional_db: None, e2e_settings: Any, agent_token: str, tmp_path: Path,
-           pipeline: Pipeline) -> Iterator[Agents]:
+def agents(e2e_server: str, transactional_db: None, e2e_settings: Any,
+           agent_token: org_services.IssuedAgentToken, tmp_path: Path, pipeline: Pipeline) -> Iterator[Agents]:
     """Agents of the `org` fixture's organization; killed at teardown, with what they left running.
 
     The `pipeline` fixture's repository is cleared: its builds run their commands in
@@ -245,7 +260,7 @@ def agents(e2e_server: str, transactional_db: None, e2e_settings: Any, agent_tok
     """
     pipeline.repository = ""
     pipeline.save(update_fields=["repository"])
-    pool = Agents(server=e2e_server, token=agent_token, base=tmp_path / "agents")
+    pool = Agents(server=e2e_server, token=agent_token.raw, base=tmp_path / "agents")
     pool.base.mkdir()
     try:
         yield pool

@@ -12,6 +12,8 @@ test commits); on SQLite the module runs on a file copy of the test database
 `EventStream` is a plain `http.client` request whose body a reader thread parses
 line by line into events, each stamped with the time it arrived, so tests can
 assert what came, in which order, and how soon.
+
+The fixtures are loaded for every module by tests/conftest.py (`pytest_plugins`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ from typing import Any
 import pytest
 import uvicorn
 from django.db import connections
-
-from tests.e2e import e2e_database  # noqa: F401  (a fixture the users of this module need too)
 
 EOF = object()  # queued by the reader when the server ended the response
 
@@ -203,7 +203,7 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def asgi_server(e2e_database: None) -> Iterator[tuple[str, int]]:  # noqa: F811
+def asgi_server(e2e_database: None) -> Iterator[tuple[str, int]]:
     """`harmont.asgi:application` under uvicorn on a free port, for the module: (host, port).
 
     One server (and so one event loop, one log hub) serves all the module's tests, as one

@@ -27,7 +27,7 @@ from organizations.models import Role, User
 from pipelines import secrets as secret_services
 from pipelines import services as pipeline_services
 from pipelines.models import Repository
-from tests.conftest import make_build, two_step_ir
+from tests.helpers import make_build, two_step_ir
 
 pytestmark = pytest.mark.django_db
 

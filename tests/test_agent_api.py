@@ -11,7 +11,7 @@ import base64
 import hashlib
 import threading
 from collections import Counter
-from datetime import datetime, timedelta, timezone as dt_timezone
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -22,66 +22,45 @@ from rest_framework.test import APIClient
 from builds import services as build_services
 from builds.models import Agent, Build, BuildState, Job, JobState, LogChunk
 from builds import selectors
-from harmont.tokens import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
+from harmont.tokens import hash_secret
 from harmont.logtokens import mint_log_token
 from organizations import services as org_services
-from organizations.models import ApiToken, Organization
-from tests.conftest import assert_error, is_postgres, make_build
+from organizations.models import ApiToken
 from tests.dsl import hm
-from tests.test_builds_api import build_at, iso, tarball
+from tests.helpers import (
+    AGENT,
+    AGENT_T0,
+    assert_error,
+    bearer,
+    build_at,
+    chunk,
+    claim,
+    finish,
+    is_postgres,
+    iso,
+    job_states,
+    job_url,
+    make_agent,
+    make_build,
+    parallel_ir,
+    race,
+    register,
+    start,
+    tarball,
+)
 
 J = JobState
-AGENT = "/api/v0/agent"
 SPEC_KEYS = {"id", "build_id", "build_number", "pipeline_slug", "step_key", "name", "command", "env",
              "timeout_seconds", "image", "source", "parent_workspace_path", "upload_workspace",
              "cancel_grace_seconds", "render", "mask"}
-T0 = datetime(2025, 1, 6, 12, 0, tzinfo=dt_timezone.utc)  # in the past: "now" is always later
+T0 = AGENT_T0  # in the past: "now" is always later; `chunk` stamps its lines from here too
 
 
 # ===================================================================== helpers
 
 
-def bearer(raw: str) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
-    client.raw_token = raw  # type: ignore[attr-defined]
-    return client
-
-
-def job_url(job_id: Any, action: str) -> str:
-    return f"{AGENT}/jobs/{job_id}/{action}"
-
-
 def source_url(build_id: Any) -> str:
     return f"/api/v0/internal/builds/{build_id}/source.tar.gz"
-
-
-def register(raw_agent_token: str, **body: Any):
-    return bearer(raw_agent_token).post(f"{AGENT}/register", {"name": "runner-1", **body}, format="json")
-
-
-def make_agent(org: Organization, *, name: str = "runner-1", token: Any = None) -> Agent:
-    """An agent row made directly (for service-level tests that need no session)."""
-    token = token or org_services.create_agent_token(organization=org).token
-    return Agent.objects.create(organization=org, token=token, name=name,
-                                session_hash=hash_secret(new_prefixed_secret(AGENT_SESSION_PREFIX)))
-
-
-def claim(session: APIClient) -> tuple[dict[str, Any], APIClient]:
-    """Claim over HTTP: (job spec, a client holding the job credential)."""
-    response = session.post(f"{AGENT}/claim")
-    assert response.status_code == 200, response.content
-    return response.json()["job"], bearer(response.json()["job_token"])
-
-
-def start(job_client: APIClient, job_id: Any) -> dict[str, Any]:
-    response = job_client.post(job_url(job_id, "start"))
-    assert response.status_code == 200, response.content
-    return response.json()
-
-
-def finish(job_client: APIClient, job_id: Any, **body: Any):
-    return job_client.post(job_url(job_id, "finish"), body, format="json")
 
 
 def send_logs(job_client: APIClient, job_id: Any, chunks: list[dict[str, Any]]):
@@ -93,48 +72,12 @@ def ended(state: str) -> dict[str, Any]:
     return {"state": state, "cancel": True, "timeout": False}
 
 
-def chunk(seq: int, content: str, stream_kind: int = 0) -> dict[str, Any]:
-    return {"seq": seq, "stream_kind": stream_kind, "content": content, "ts": iso(T0 + timedelta(seconds=seq))}
-
-
 def stored_log(job_id: Any) -> list[tuple[int, int, str]]:
     return list(LogChunk.objects.filter(job_id=job_id).order_by("seq").values_list("seq", "stream_kind", "content"))
 
 
 def job_of(build: Build, key: str) -> Job:
     return Job.objects.get(build=build, step_key=key)
-
-
-def job_states_of(build: Build) -> dict[str, str]:
-    return dict(Job.objects.filter(build=build).values_list("step_key", "state"))
-
-
-def parallel_ir(count: int, prefix: str = "s") -> dict[str, Any]:
-    return hm.pipeline([hm.sh(f"echo {i}", key=f"{prefix}{i}") for i in range(count)])
-
-
-@pytest.fixture
-def agent_token(org):
-    return org_services.create_agent_token(organization=org, description="tests")
-
-
-@pytest.fixture
-def session(agent_token) -> APIClient:
-    """A registered agent's client (hms_); `.agent` is its row."""
-    response = register(agent_token.raw)
-    assert response.status_code == 201, response.content
-    client = bearer(response.json()["session_token"])
-    client.agent = Agent.objects.get(pk=response.json()["agent"]["id"])  # type: ignore[attr-defined]
-    return client
-
-
-@pytest.fixture
-def running(session, build):
-    """Job `a` of `build` claimed and started: (spec, job client)."""
-    spec, job_client = claim(session)
-    assert spec["step_key"] == "a"
-    start(job_client, spec["id"])
-    return spec, job_client
 
 
 # ===================================================================== credential isolation
@@ -491,28 +434,15 @@ def test_racing_agents_claim_every_job_exactly_once(org, pipeline):
               for i in range(4)]
     assert Job.objects.filter(state=J.SCHEDULED).count() == 200
     agents = [make_agent(org, name=f"racer-{i}") for i in range(4)]
-    barrier = threading.Barrier(len(agents))
     claimed: dict[Any, list[Any]] = {agent.pk: [] for agent in agents}
-    errors: list[BaseException] = []
 
-    def run(agent: Agent) -> None:
-        try:
-            barrier.wait(timeout=30)
-            while (result := build_services.claim_job(agent=agent)) is not None:
-                claimed[agent.pk].append(result.job.pk)
-        except BaseException as exc:  # noqa: BLE001 (re-raised in the test's thread)
-            errors.append(exc)
-        finally:
-            connection.close()
+    def run(i: int) -> None:
+        agent = agents[i]
+        while (result := build_services.claim_job(agent=agent)) is not None:
+            claimed[agent.pk].append(result.job.pk)
 
-    threads = [threading.Thread(target=run, args=(agent,)) for agent in agents]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    race(len(agents), run)  # no claimer hangs or raises
 
-    assert not any(thread.is_alive() for thread in threads), "a claimer hung"
-    assert not errors, errors
     all_claims = [job_id for ids in claimed.values() for job_id in ids]
     duplicates = [job_id for job_id, n in Counter(all_claims).items() if n > 1]
     assert not duplicates
@@ -575,7 +505,7 @@ def test_a_claim_racing_a_cancel_of_the_same_build_does_not_deadlock(org, build,
 
     assert not errors, errors
     assert claimer["result"].job.step_key == "a"
-    assert job_states_of(build) == {"a": J.CANCELING, "b": J.CANCELED}
+    assert job_states(build) == {"a": J.CANCELING, "b": J.CANCELED}
     build.refresh_from_db()
     assert build.state == BuildState.CANCELED
 
@@ -1013,7 +943,7 @@ def test_finish_with_claim_next_and_nothing_waiting_says_so(running, build):
     response = finish(job_client, spec["id"], exit_code=3, claim_next=True)  # b is skipped
 
     assert response.json() == {**ended("failed"), "next": None}
-    assert job_states_of(build) == {"a": J.FAILED, "b": J.SKIPPED}
+    assert job_states(build) == {"a": J.FAILED, "b": J.SKIPPED}
 
 
 @pytest.mark.django_db
@@ -1026,8 +956,8 @@ def test_a_retried_finish_claims_no_second_job(session, running, build, pipeline
     response = finish(job_client, spec["id"], exit_code=0, claim_next=True)
 
     assert response.json() == ended("passed")  # no `next`: the agent claims as usual
-    assert job_states_of(build) == {"a": J.PASSED, "b": J.ASSIGNED}
-    assert job_states_of(other) == {"a": J.SCHEDULED, "b": J.PENDING}
+    assert job_states(build) == {"a": J.PASSED, "b": J.ASSIGNED}
+    assert job_states(other) == {"a": J.SCHEDULED, "b": J.PENDING}
 
 
 @pytest.mark.django_db
@@ -1046,7 +976,7 @@ def test_a_retried_finish_with_its_claim_key_gets_the_job_its_first_attempt_clai
     assert b.credential_hash == hash_secret(again["job_token"])
     assert bearer(first["job_token"]).post(job_url(b.pk, "start")).status_code == 401
     assert start(bearer(again["job_token"]), b.pk)["state"] == "running"
-    assert job_states_of(other) == {"a": J.SCHEDULED, "b": J.PENDING}
+    assert job_states(other) == {"a": J.SCHEDULED, "b": J.PENDING}
 
 
 @pytest.mark.django_db
@@ -1060,7 +990,7 @@ def test_a_claim_retried_with_its_key_gets_the_same_job(session, pipeline):
     assert again["job"]["id"] == first["job"]["id"] != fresh["job"]["id"]
     assert bearer(first["job_token"]).post(job_url(first["job"]["id"], "start")).status_code == 401
     assert start(bearer(again["job_token"]), again["job"]["id"])["state"] == "running"
-    assert sorted(job_states_of(build).values()) == [J.ASSIGNED, J.RUNNING, J.SCHEDULED]
+    assert sorted(job_states(build).values()) == [J.ASSIGNED, J.RUNNING, J.SCHEDULED]
     # Once started, the key no longer re-answers: a late duplicate takes the next job.
     late = session.post(f"{AGENT}/claim", {"claim_key": "retry-me"}, format="json").json()
     assert late["job"]["id"] not in (first["job"]["id"], fresh["job"]["id"])
@@ -1075,7 +1005,7 @@ def test_another_agents_claim_key_takes_a_job_of_its_own(session, agent_token, p
     theirs = other.post(f"{AGENT}/claim", {"claim_key": "shared"}, format="json").json()
 
     assert theirs["job"]["id"] != mine["job"]["id"]
-    assert sorted(job_states_of(build).values()) == [J.ASSIGNED, J.ASSIGNED]
+    assert sorted(job_states(build).values()) == [J.ASSIGNED, J.ASSIGNED]
 
 
 @pytest.mark.django_db
@@ -1084,7 +1014,7 @@ def test_a_malformed_claim_key_is_422_and_claims_nothing(session, build, key):
     error = assert_error(session.post(f"{AGENT}/claim", {"claim_key": key}, format="json"), 422, "validation_failed")
 
     assert set(error["fields"]) == {"claim_key"}
-    assert job_states_of(build) == {"a": J.SCHEDULED, "b": J.PENDING}
+    assert job_states(build) == {"a": J.SCHEDULED, "b": J.PENDING}
 
 
 @pytest.mark.django_db
@@ -1095,7 +1025,7 @@ def test_a_stopped_agent_gets_no_next_job(session, running, build):
     response = finish(job_client, spec["id"], exit_code=0, claim_next=True)
 
     assert response.json() == {**ended("passed"), "next": None}
-    assert job_states_of(build) == {"a": J.PASSED, "b": J.SCHEDULED}
+    assert job_states(build) == {"a": J.PASSED, "b": J.SCHEDULED}
 
 
 @pytest.mark.django_db
@@ -1105,7 +1035,7 @@ def test_finish_with_a_bad_claim_next_is_422_and_changes_nothing(running, build)
     error = assert_error(finish(job_client, spec["id"], exit_code=0, claim_next="maybe"), 422, "validation_failed")
 
     assert set(error["fields"]) == {"claim_next"}
-    assert job_states_of(build) == {"a": J.RUNNING, "b": J.PENDING}
+    assert job_states(build) == {"a": J.RUNNING, "b": J.PENDING}
 
 
 @pytest.mark.django_db

@@ -10,13 +10,11 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 from django.test import Client
-from rest_framework.test import APIClient
 
 from builds.models import Agent
 from organizations import services as org_services
 from organizations.models import AgentToken
-from tests.conftest import assert_error
-from tests.test_builds_api import iso
+from tests.helpers import assert_error, bearer, iso, make_build, register
 
 TOKEN_KEYS = {"id", "description", "created_at", "last_used_at", "revoked_at"}
 RAW_AGENT_TOKEN = re.compile(r"hma_[A-Za-z0-9_-]{43}")
@@ -24,16 +22,6 @@ RAW_AGENT_TOKEN = re.compile(r"hma_[A-Za-z0-9_-]{43}")
 
 def tokens_url(org_slug: str, suffix: str = "") -> str:
     return f"/api/v0/organizations/{org_slug}/agent-tokens{suffix}"
-
-
-def bearer(raw: str) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
-    return client
-
-
-def register(raw_agent_token: str, name: str = "runner-1"):
-    return bearer(raw_agent_token).post("/api/v0/agent/register", {"name": name}, format="json")
 
 
 # ===================================================================== create
@@ -143,8 +131,6 @@ def test_list_of_another_org_is_404(api, other_org):
 @pytest.fixture
 def running_agent(org, pipeline):
     """A token, an agent registered with it, and a claimed job: (token, session client, job client, job id)."""
-    from tests.conftest import make_build
-
     issued = org_services.create_agent_token(organization=org)
     session = register(issued.raw).json()["session_token"]
     make_build(pipeline)

@@ -10,7 +10,6 @@ so the test can check the process is gone afterwards.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -27,50 +26,25 @@ from builds.models import Agent, Build, Job, LogChunk, StreamKind
 from builds.services import jobs as job_services
 from organizations import services as org_services
 from organizations.models import AgentToken
-from tests.conftest import make_build
 from tests.dsl import hm
-from tests.e2e import (  # noqa: F401  (fixtures)
-    agent_token,
-    agents,
-    e2e_database,
-    e2e_server,
-    e2e_settings,
+from tests.e2e import (
+    create_build,
+    finished,
+    job_in,
     job_log,
     jobs_by_key,
     kill_group,
     pid_from_log,
     process_exists,
-    reaper,
     stderr_of,
     stdout_of,
     wait_for,
 )
+from tests.helpers import builds_url, make_build
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("e2e_server")]
 
 PID_THEN = "echo pid=$$; exec "  # the command's pid, then the real work in the same process
-
-
-def builds_url(pipeline: Any) -> str:
-    return f"/api/v0/organizations/{pipeline.organization.slug}/pipelines/{pipeline.slug}/builds"
-
-
-def create_build(api: Any, pipeline: Any, ir: dict[str, Any], **body: Any) -> Build:
-    response = api.post(builds_url(pipeline), {"branch": "main", "commit": "abc123",
-                                               "pipeline_ir": json.dumps(ir), **body}, format="json")
-    assert response.status_code == 201, response.content[:500]
-    return Build.objects.get(pk=response.json()["id"])
-
-
-def finished(build: Build) -> Build | None:
-    """The build, re-read, once it and all its jobs are terminal."""
-    build.refresh_from_db()
-    return build if build.finished_at is not None else None
-
-
-def job_in(job: Job, *states: str) -> Job | None:
-    job.refresh_from_db()
-    return job if job.state in states else None
 
 
 def assert_gone(pid: int) -> None:
@@ -288,7 +262,7 @@ def test_resending_a_log_batch_changes_nothing(e2e_settings, api, pipeline, e2e_
     """One job driven by hand through the agent API, with the agent program's own HTTP client."""
     build = create_build(api, pipeline, hm.pipeline([hm.sh("true", key="only")]))
     transport = Transport(e2e_server)
-    session = transport.json("POST", "/api/v0/agent/register", token=agent_token, body={"name": "by-hand"},
+    session = transport.json("POST", "/api/v0/agent/register", token=agent_token.raw, body={"name": "by-hand"},
                              ok=(201,))["session_token"]
     claim = transport.json("POST", "/api/v0/agent/claim", token=session, body={})
     job_id, credential = claim["job"]["id"], claim["job_token"]

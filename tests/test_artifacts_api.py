@@ -1,7 +1,7 @@
 """Artifacts: the store service and its limits, the agent's upload route, the REST list and download,
 and the build page's links.
 
-Jobs are claimed and started over the agent API (fixtures of tests/test_agent_api.py);
+Jobs are claimed and started over the agent API (the `session` and `running` fixtures);
 stored files go to a temporary MEDIA_ROOT, which tests list to prove that a refused
 upload left nothing behind.
 """
@@ -15,12 +15,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
 from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -31,16 +29,7 @@ from builds.models import Artifact, Build, Job, JobState
 from harmont.errors import ApiError
 from harmont.pagination import encode_cursor
 from organizations.models import ApiToken, User
-from tests.conftest import assert_error, is_postgres, make_build
-from tests.test_agent_api import (  # noqa: F401  (fixtures)
-    agent_token,
-    claim,
-    finish,
-    job_url,
-    parallel_ir,
-    running,
-    session,
-)
+from tests.helpers import assert_error, claim, finish, is_postgres, job_url, make_build, parallel_ir, race
 
 pytestmark = pytest.mark.django_db
 
@@ -270,24 +259,15 @@ def test_concurrent_uploads_of_one_build_never_pass_its_limit(session: APIClient
     settings.BUILD_ARTIFACTS_MAX_BYTES = 3 * 100
     build = make_build(pipeline, pipeline_ir=parallel_ir(count))
     jobs = [Job.objects.select_related("agent").get(pk=claim(session)[0]["id"]) for _ in range(count)]
-    barrier = threading.Barrier(count)
-    outcomes: list[str] = [""] * count
 
-    def upload(i: int) -> None:
+    def upload(i: int) -> str:
         try:
-            barrier.wait(timeout=30)
             store(jobs[i], f"part-{i}.bin", bytes([i]) * 100)
-            outcomes[i] = "stored"
         except ApiError as exc:
-            outcomes[i] = exc.code
-        finally:
-            connection.close()
+            return exc.code
+        return "stored"
 
-    threads = [threading.Thread(target=upload, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    outcomes = race(count, upload)
 
     assert sorted(outcomes) == ["build_artifacts_quota_exceeded"] * 5 + ["stored"] * 3
     assert Artifact.objects.filter(build=build).count() == 3

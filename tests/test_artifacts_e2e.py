@@ -15,16 +15,8 @@ import pytest
 
 from builds.models import Artifact, Job, StreamKind
 from tests.dsl import hm
-from tests.e2e import (  # noqa: F401  (fixtures)
-    agent_token,
-    agents,
-    e2e_database,
-    e2e_server,
-    e2e_settings,
-    job_log,
-    wait_for,
-)
-from tests.test_agents_e2e import builds_url, create_build, finished, job_in
+from tests.e2e import create_build, finished, job_in, job_log, wait_for
+from tests.helpers import builds_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("e2e_server")]
 

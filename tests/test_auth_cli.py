@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import re
 import secrets
-import threading
 from datetime import timedelta
 from unittest import mock
 
 import pytest
 from django.core.cache import cache
-from django.db import connection
 from django.utils import timezone
 from rest_framework.throttling import ScopedRateThrottle
 
 from harmont.errors import ApiError
 from organizations import services
 from organizations.models import ApiToken, CliGrantKind, CliLoginGrant, TokenKind
-from tests.conftest import assert_error, is_postgres
+from tests.helpers import assert_error, is_postgres, race
 
 CODE_PATTERN = re.compile(r"^[0-9ABCDEFGHJKMNPQRSTVWXYZ]{16}$")
 
@@ -234,23 +232,14 @@ def test_racing_claims_of_one_grant_yield_exactly_one_token(transactional_db, ki
     else:
         secret = services.create_cli_code(user=user)
         consume = lambda: services.redeem_cli_code(code=secret)  # noqa: E731
-    barrier = threading.Barrier(6)
-    outcomes: list[str] = []
 
-    def worker() -> None:
+    def worker(i: int) -> str:
         try:
-            barrier.wait()
             consume()
-            outcomes.append("token")
         except ApiError as exc:
-            outcomes.append(exc.code)
-        finally:
-            connection.close()
+            return exc.code
+        return "token"
 
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    outcomes = race(6, worker)
     assert sorted(outcomes) == ["cli_code_invalid"] * 5 + ["token"]
     assert ApiToken.objects.filter(kind=TokenKind.SESSION, user=user).count() == 1

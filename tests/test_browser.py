@@ -69,9 +69,9 @@ from harmont.tokens import hash_secret  # noqa: E402
 from organizations import services as org_services  # noqa: E402
 from organizations.models import ApiToken, TokenKind, User  # noqa: E402
 from pipelines.models import Pipeline  # noqa: E402
-from tests.conftest import make_build  # noqa: E402
 from tests.dsl import hm  # noqa: E402
-from tests.e2e import e2e_database, wait_for  # noqa: E402, F401  (fixture)
+from tests.e2e import wait_for  # noqa: E402
+from tests.helpers import make_build  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -96,7 +96,7 @@ def _sync_django_beside_playwright() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def server(e2e_database: None, django_db_blocker: Any) -> Iterator[str]:  # noqa: F811 (the imported fixture)
+def server(e2e_database: None, django_db_blocker: Any) -> Iterator[str]:
     """harmont.asgi under uvicorn in a thread (static files from the finders, as runserver does)."""
     from harmont.asgi import application
 

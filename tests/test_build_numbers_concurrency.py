@@ -7,20 +7,15 @@ queues concurrent creates.
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from django.db import connection
-from rest_framework.test import APIClient
 
 from builds import services as build_services
 from builds.models import Build, Job
 from pipelines.models import Pipeline
-from tests.conftest import is_postgres
-from tests.test_builds_api import builds_url, cyclic_ir
+from tests.helpers import bearer, builds_url, cyclic_ir, is_postgres, race, two_step_ir
 
 THREADS = 20
 
@@ -29,37 +24,6 @@ THREADS = 20
 def postgres_only() -> None:
     if not is_postgres():
         pytest.skip("concurrent build numbering needs PostgreSQL (SQLite serialises all writers)")
-
-
-def race(count: int, work: Callable[[int], Any]) -> list[Any]:
-    """Run `work(i)` in `count` threads released together; return results in order, re-raise errors."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            results[i] = work(i)
-        except BaseException as exc:  # noqa: BLE001 (reported below, in the test's thread)
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "a thread hung"
-    assert not errors, errors
-    return results
-
-
-def client_for(raw_token: str) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw_token}")
-    return client
 
 
 def numbers_of(pipeline: Pipeline) -> list[int]:
@@ -72,7 +36,7 @@ def test_concurrent_creates_get_numbers_1_to_n(postgres_only, api, pipeline):
     url = builds_url(pipeline)
 
     def create(i: int) -> tuple[int, int]:
-        response = client_for(api.raw_token).post(url, {"branch": "main", "commit": f"c{i}"}, format="json")
+        response = bearer(api.raw_token).post(url, {"branch": "main", "commit": f"c{i}"}, format="json")
         return response.status_code, response.json().get("number")
 
     results = race(THREADS, create)
@@ -106,7 +70,7 @@ def test_rejected_plans_take_numbers_but_invalid_requests_do_not(postgres_only, 
     recorded = len(bodies) - invalid
 
     def create(i: int) -> int:
-        return client_for(api.raw_token).post(url, bodies[i], format="json").status_code
+        return bearer(api.raw_token).post(url, bodies[i], format="json").status_code
 
     statuses = race(len(bodies), create)
 
@@ -122,7 +86,6 @@ def test_rejected_plans_take_numbers_but_invalid_requests_do_not(postgres_only, 
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_creates_through_the_service_on_two_pipelines(postgres_only, pipeline, org):
     from pipelines import services as pipeline_services
-    from tests.conftest import two_step_ir
 
     second = pipeline_services.create_pipeline(org=org, name="Second", repository="https://github.com/acme/two",
                                                default_branch="main", definition=two_step_ir())

@@ -18,19 +18,24 @@ from builds.models import Build, Job, JobState
 from harmont.pagination import encode_cursor
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline
-from tests.conftest import assert_error, make_build, two_step_ir
 from tests.dsl import hm
-from tests.test_pipelines_api import ISO_Z
+from tests.helpers import (
+    ISO_Z,
+    assert_error,
+    build_at,
+    builds_url,
+    cyclic_ir,
+    iso,
+    job_states,
+    make_build,
+    run_job,
+    tarball,
+    two_step_ir,
+)
 
 BUILD_KEYS = {"id", "number", "state", "pipeline_slug", "branch", "commit", "message", "source", "error_code",
               "error_message", "created_at", "scheduled_at", "started_at", "finished_at"}
 T0 = datetime(2026, 6, 4, 12, 0, tzinfo=dt_timezone.utc)
-
-
-def builds_url(pipeline: Pipeline | str, suffix: str = "", *, org_slug: str | None = None) -> str:
-    if isinstance(pipeline, Pipeline):
-        org_slug, pipeline = org_slug or pipeline.organization.slug, pipeline.slug
-    return f"/api/v0/organizations/{org_slug}/pipelines/{pipeline}/builds{suffix}"
 
 
 def repo_url(org_slug: str) -> str:
@@ -39,32 +44,6 @@ def repo_url(org_slug: str) -> str:
 
 def post_build(client, pipeline: Pipeline, **body: Any):
     return client.post(builds_url(pipeline), {"branch": "main", "commit": "abc123", **body}, format="json")
-
-
-def build_at(pipeline: Pipeline, now: datetime, **fields: Any) -> Build:
-    request = build_services.validate_build_request(**{"branch": "main", "commit": "abc123", **fields})
-    return build_services.create_build(pipeline=pipeline, request=request, now=now)
-
-
-def job_states(build: Build) -> dict[str, str]:
-    return dict(Job.objects.filter(build=build).order_by("position").values_list("step_key", "state"))
-
-
-def iso(value: datetime) -> str:
-    return value.astimezone(dt_timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def cyclic_ir() -> dict[str, Any]:
-    doc = two_step_ir()
-    doc["graph"]["edges"].append([1, 0, "depends_on"])
-    return doc
-
-
-def run_job(job: Job, state: str = JobState.PASSED, exit_code: int | None = 0) -> None:
-    """Drive one job the way an agent would: assigned, running, then finished."""
-    assert build_services.move_job(job=job, state=JobState.ASSIGNED)
-    assert build_services.move_job(job=job, state=JobState.RUNNING)
-    assert build_services.finish_job(job=job, state=state, exit_code=exit_code)
 
 
 def job(build: Build, key: str) -> Job:
@@ -232,16 +211,6 @@ def test_create_with_invalid_source_b64_is_422_and_writes_nothing(api, pipeline,
     assert list(error["fields"]) == ["source_b64"]
     assert not Build.objects.exists()
     assert list(tmp_path.rglob("*")) == []
-
-
-def tarball(files: dict[str, bytes]) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
-        for name, content in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    return raw.getvalue()
 
 
 @pytest.mark.django_db

@@ -20,19 +20,8 @@ from builds.models import Build, Job
 from builds.services.builds import RENDER_STEP_KEY
 from pipelines import services as pipeline_services
 from tests.dsl import hm
-from tests.e2e import (  # noqa: F401  (fixtures)
-    agent_token,
-    agents,
-    e2e_database,
-    e2e_server,
-    e2e_settings,
-    job_log,
-    jobs_by_key,
-    stdout_of,
-    wait_for,
-)
+from tests.e2e import create_build, finished, job_log, jobs_by_key, stdout_of, wait_for
 from tests.repos import CI_PY, GitRepo, make_repo
-from tests.test_agents_e2e import create_build, finished
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("e2e_server")]
 

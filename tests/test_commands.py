@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 from django.test import Client
-from rest_framework.test import APIClient
 
 from organizations import services
 from organizations.models import ApiToken, Membership, Organization, Role, TokenKind, User
+from tests.helpers import bearer
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -24,12 +24,6 @@ def run(command: str, *args: str) -> str:
     call_command(command, *args, stdout=out, stderr=err)
     assert err.getvalue() == ""
     return out.getvalue()
-
-
-def bearer(token: str) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
-    return client
 
 
 # ---------------------------------------------------------------- createtoken

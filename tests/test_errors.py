@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from builds.models import Build
-from tests.conftest import assert_error
+from tests.helpers import assert_error
 
 
 def test_unknown_route_is_envelope_404(api):

@@ -27,8 +27,7 @@ from organizations import services as org_services
 from organizations.models import ApiToken, Membership, Role
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline
-from tests.conftest import assert_error, make_build
-from tests.test_builds_api import builds_url
+from tests.helpers import assert_error, builds_url, make_build
 
 T0 = datetime(2026, 6, 4, 12, 0, 0, 123456, tzinfo=dt_timezone.utc)
 

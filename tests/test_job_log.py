@@ -19,9 +19,7 @@ from django.test.utils import CaptureQueriesContext
 
 from builds import services
 from builds.models import Build, Job, JobState, LogChunk, StreamKind
-from tests.conftest import assert_error, make_build
-from tests.test_agent_api import make_agent
-from tests.test_builds_api import builds_url
+from tests.helpers import assert_error, builds_url, make_agent, make_build
 
 pytestmark = pytest.mark.django_db
 

@@ -9,20 +9,11 @@ import pytest
 
 from builds import services as build_services
 from builds.models import Build, EdgeKind, Job, JobDependency, JobState
-from tests.conftest import assert_error, make_build
-from tests.dsl import hm
-from tests.test_builds_api import builds_url, iso, run_job
+from tests.helpers import assert_error, builds_url, four_job_ir, iso, make_build, run_job
 
 JOB_KEYS = {"id", "step_key", "name", "command", "state", "exit_code", "error_code", "error_message",
             "depends_on", "soft_failed", "retry_policy", "soft_fail_policy", "created_at", "started_at",
             "finished_at"}
-
-
-def four_job_ir() -> dict[str, Any]:
-    """deps -> build (builds_in), lint beside them, then a wait, then deploy after all three."""
-    deps = hm.sh("make deps", key="deps", label="Dependencies")
-    return hm.pipeline([deps.sh("make build", key="build"), hm.sh("make lint", key="lint"), hm.wait(),
-                        hm.sh("make deploy", key="deploy")])
 
 
 def jobs_url(build: Build, suffix: str = "") -> str:

@@ -26,10 +26,8 @@ from django.utils import timezone
 from builds import services, stream
 from builds.models import Build, Job, JobState, StreamKind
 from harmont.logtokens import mint_log_token
-from tests.conftest import is_postgres, make_build
-from tests.live import EventStream, LiveServer, asgi_server, e2e_database, live_asgi  # noqa: F401  (fixtures)
-from tests.test_agent_api import make_agent, parallel_ir
-from tests.test_builds_api import builds_url, iso
+from tests.helpers import builds_url, is_postgres, iso, make_agent, make_build, parallel_ir
+from tests.live import EventStream, LiveServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -14,8 +14,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from harmont.logtokens import LogTokenInvalid, log_token_opens_build, mint_log_token, verify_log_token
-from tests.conftest import assert_error, make_build
-from tests.test_builds_api import builds_url
+from tests.helpers import assert_error, builds_url, make_build
 
 
 def token_url(build) -> str:

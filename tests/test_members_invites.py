@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from django.db import connection
 from django.utils import timezone
 
 from harmont.errors import ApiError
 from organizations import services
 from organizations.models import Invite, Membership, Organization, Role, User
-from tests.conftest import assert_error, is_postgres, make_api
-
-
-def iso(dt: datetime | None) -> str | None:
-    return None if dt is None else dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+from tests.helpers import assert_error, is_postgres, iso, make_api, race
 
 
 def member_body(user: User, role: str) -> dict:
@@ -44,24 +38,13 @@ def invites_url(org: Organization, invite_id: Any = None) -> str:
 
 def run_concurrently(n: int, fn: Callable[[int], Any]) -> list[tuple[str, Any]]:
     """Run fn(0..n-1) in n threads released together; each returns ("ok", value) or ("error", code)."""
-    barrier = threading.Barrier(n)
-    results: list[tuple[str, Any]] = []
-
-    def worker(i: int) -> None:
+    def attempt(i: int) -> tuple[str, Any]:
         try:
-            barrier.wait()
-            results.append(("ok", fn(i)))
+            return "ok", fn(i)
         except ApiError as exc:
-            results.append(("error", exc.code))
-        finally:
-            connection.close()
+            return "error", exc.code
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
+    return race(n, attempt)
 
 
 # ================================================================ members: list

@@ -11,11 +11,7 @@ from django.utils import timezone
 
 from organizations import services
 from organizations.models import Membership, Organization, Role
-from tests.conftest import assert_error, make_api
-
-
-def iso(dt: datetime | None) -> str | None:
-    return None if dt is None else dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+from tests.helpers import assert_error, iso, make_api
 
 
 def org_body(org: Organization) -> dict:

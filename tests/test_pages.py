@@ -27,8 +27,8 @@ from organizations import services as org_services
 from organizations.models import AgentToken, ApiToken, CliLoginGrant, Role, TokenKind, User
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline
-from tests.conftest import make_api, make_build
 from tests.dsl import hm
+from tests.helpers import make_api, make_build
 
 pytestmark = pytest.mark.django_db
 

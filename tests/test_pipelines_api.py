@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import pytest
@@ -11,10 +10,9 @@ import pytest
 from harmont.pagination import encode_cursor
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline
-from tests.conftest import assert_error, two_step_ir
 from tests.dsl import hm
+from tests.helpers import ISO_Z, assert_error, two_step_ir
 
-ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 PIPELINE_KEYS = {"slug", "name", "description", "repository", "repo_name", "default_branch", "visibility",
                  "allow_manual", "source_slug", "definition", "triggers", "created_at"}
 

@@ -14,14 +14,11 @@ from django.utils import timezone
 
 from builds.models import Build, Job
 from harmont.pagination import encode_cursor
-from organizations import services as org_services
 from organizations.models import ApiToken
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline
-from tests.conftest import is_postgres, make_build
 from tests.dsl import hm
-from tests.test_agent_api import AGENT, bearer, chunk, job_url, register
-from tests.test_builds_api import builds_url
+from tests.helpers import AGENT, bearer, builds_url, chunk, claim, is_postgres, job_url, make_build, parallel_ir, start
 
 AUTH_AND_MEMBERSHIP = 2
 # Build-scoped routes find the build through the caller's membership: one query for both.
@@ -162,18 +159,6 @@ def test_get_pipeline(quiet_api, django_assert_num_queries, pipeline):
 # the credential's lookup; the agent's last-seen time is fresh, so no request writes it.
 
 
-def parallel(count: int) -> dict:
-    return hm.pipeline([hm.sh(f"echo {i}", key=f"p{i}") for i in range(count)])
-
-
-@pytest.fixture
-def agent_session(org):
-    token = org_services.create_agent_token(organization=org, description="tests")
-    response = register(token.raw)
-    assert response.status_code == 201, response.content
-    return bearer(response.json()["session_token"])
-
-
 def end_job() -> int:
     """A job's end and the read of the other jobs' states: one statement on PostgreSQL, two on SQLite.
 
@@ -189,14 +174,6 @@ FINISH = 5
 CLAIM = 3
 
 
-def claim_and_start(session) -> tuple[dict, object]:
-    response = session.post(f"{AGENT}/claim")
-    assert response.status_code == 200, response.content
-    spec, job_client = response.json()["job"], bearer(response.json()["job_token"])
-    assert job_client.post(job_url(spec["id"], "start")).status_code == 200
-    return spec, job_client
-
-
 def finish_body(**extra) -> dict:
     # What an agent sends for a silent command: its two meta lines ride along.
     return {"exit_code": 0, "chunks": [chunk(1, "running\n", 2), chunk(2, "exit status 0\n", 2)], **extra}
@@ -204,12 +181,11 @@ def finish_body(**extra) -> dict:
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("size", [2, 30])
-def test_a_busy_agents_requests_cost_the_same_for_2_and_30_jobs(agent_session, pipeline, size,
-                                                               django_assert_num_queries):
-    make_build(pipeline, pipeline_ir=parallel(size))
+def test_a_busy_agents_requests_cost_the_same_for_2_and_30_jobs(session, pipeline, size, django_assert_num_queries):
+    make_build(pipeline, pipeline_ir=parallel_ir(size, prefix="p"))
 
     with django_assert_num_queries(1 + CLAIM + 1):  # the session; the build's first claim marks it running
-        response = agent_session.post(f"{AGENT}/claim")
+        response = session.post(f"{AGENT}/claim")
     assert response.status_code == 200
     spec, job_client = response.json()["job"], bearer(response.json()["job_token"])
     with django_assert_num_queries(3):  # the credential, running, the build's first start time
@@ -234,10 +210,11 @@ def test_a_busy_agents_requests_cost_the_same_for_2_and_30_jobs(agent_session, p
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("length", [1, 29], ids=["2-jobs", "30-jobs"])
-def test_finishing_a_job_with_a_waiting_dependent_costs_one_query_more(agent_session, pipeline, length,
+def test_finishing_a_job_with_a_waiting_dependent_costs_one_query_more(session, pipeline, length,
                                                                        django_assert_num_queries):
     make_build(pipeline, pipeline_ir=chain_ir(length))
-    spec, job_client = claim_and_start(agent_session)
+    spec, job_client = claim(session)
+    start(job_client, spec["id"])
 
     with django_assert_num_queries(FINISH + end_job() + 1):  # its pending dependent becomes scheduled
         response = job_client.post(job_url(spec["id"], "finish"), finish_body(), format="json")
@@ -247,7 +224,7 @@ def test_finishing_a_job_with_a_waiting_dependent_costs_one_query_more(agent_ses
 
 
 @pytest.mark.django_db
-def test_an_idle_claim_is_two_queries(agent_session, pipeline, django_assert_num_queries):
+def test_an_idle_claim_is_two_queries(session, pipeline, django_assert_num_queries):
     with django_assert_num_queries(2):  # the session, the claim that finds nothing
-        response = agent_session.post(f"{AGENT}/claim")
+        response = session.post(f"{AGENT}/claim")
     assert response.status_code == 204

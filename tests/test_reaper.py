@@ -11,8 +11,7 @@ from builds import services as build_services
 from builds.models import Agent, Build, BuildState, Job, JobState
 from builds.services import ReapReport
 from tests.dsl import hm
-from tests.test_agent_api import make_agent
-from tests.test_builds_api import build_at, job_states
+from tests.helpers import build_at, job_states, make_agent
 
 J = JobState
 B = BuildState

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from builds.models import Build, Job
 from harmont.crypto import decrypt_text
 from pipelines.models import Pipeline, Repository
-from tests.conftest import assert_error, make_build
+from tests.helpers import assert_error, make_build
 from tests.repos import CI_PY, make_repo
 
 URL = "/api/v0/organizations/{org}/pipelines/register"

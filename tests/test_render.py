@@ -6,20 +6,11 @@ from typing import Any
 
 import pytest
 
-from builds.models import Build, Job, JobDependency
+from builds.models import Job, JobDependency
 from builds.services.builds import RENDER_STEP_KEY
 from pipelines import services as pipeline_services
-from tests.conftest import assert_error, make_build
 from tests.dsl import hm
-from tests.test_agent_api import (  # noqa: F401  (fixtures)
-    agent_token,
-    claim,
-    finish,
-    job_states_of,
-    job_url,
-    session,
-    start,
-)
+from tests.helpers import assert_error, claim, finish, job_states, job_url, make_build, start
 
 pytestmark = pytest.mark.django_db
 
@@ -79,8 +70,8 @@ def test_the_rendered_ir_plans_the_rest_of_the_build_after_the_render_job(render
     assert response.status_code == 200, response.content
     assert response.json() == {"jobs": 3}
     # Everything waits for the render job; its own order follows.
-    assert job_states_of(build) == {RENDER_STEP_KEY: "running", "build": "pending", "test": "pending",
-                                    "lint": "pending"}
+    assert job_states(build) == {RENDER_STEP_KEY: "running", "build": "pending", "test": "pending",
+                                 "lint": "pending"}
     render = Job.objects.get(build=build, step_key=RENDER_STEP_KEY)
     edges = set(JobDependency.objects.filter(job__build=build).values_list("prerequisite__step_key", "job__step_key",
                                                                            "kind"))
@@ -94,8 +85,8 @@ def test_the_rendered_ir_plans_the_rest_of_the_build_after_the_render_job(render
 
     assert finish(job_client, render.id, exit_code=0).status_code == 200
 
-    assert job_states_of(build) == {RENDER_STEP_KEY: "passed", "build": "scheduled", "test": "pending",
-                                    "lint": "scheduled"}
+    assert job_states(build) == {RENDER_STEP_KEY: "passed", "build": "scheduled", "test": "pending",
+                                 "lint": "scheduled"}
 
 
 def test_sending_the_ir_again_adds_nothing(rendering):
@@ -122,7 +113,7 @@ def test_a_rejected_ir_fails_the_build_with_the_planners_code(rendering):
     finish(job_client, spec["id"], exit_code=0, error_code="render_failed", error_message="rejected")
     build.refresh_from_db()
     assert build.finished_at is not None
-    assert job_states_of(build) == {RENDER_STEP_KEY: "failed"}
+    assert job_states(build) == {RENDER_STEP_KEY: "failed"}
 
 
 def test_the_reserved_render_key_is_refused_in_a_rendered_ir(rendering):

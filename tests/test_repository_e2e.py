@@ -15,20 +15,9 @@ from pathlib import Path
 import pytest
 
 from builds.models import Build, WebhookDelivery
-from tests.e2e import (  # noqa: F401  (fixtures)
-    agent_token,
-    agents,
-    e2e_database,
-    e2e_server,
-    e2e_settings,
-    job_log,
-    jobs_by_key,
-    stdout_of,
-    wait_for,
-)
+from tests.e2e import finished, job_log, jobs_by_key, stdout_of, wait_for
+from tests.helpers import deliver, push_payload
 from tests.repos import make_repo
-from tests.test_agents_e2e import finished
-from tests.test_webhooks import deliver, push_payload
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("e2e_server")]
 

@@ -20,10 +20,7 @@ from harmont.crypto import decrypt_text
 from organizations.models import ApiToken, User
 from pipelines import secrets as secret_services
 from pipelines.models import Pipeline, Secret
-from tests.conftest import assert_error, is_postgres, make_build
-from tests.test_agent_api import agent_token, claim, session  # noqa: F401  (agent_token, session: fixtures)
-from tests.test_build_numbers_concurrency import client_for, race
-from tests.test_builds_api import iso
+from tests.helpers import assert_error, bearer, claim, is_postgres, iso, make_build, race
 
 pytestmark = pytest.mark.django_db
 
@@ -172,7 +169,7 @@ def test_concurrent_sets_of_one_new_name_create_it_once(api, org, scope):
     url = scope["url"]()
 
     def set_value(i: int) -> int:
-        return client_for(api.raw_token).post(url, {"name": "TOKEN", "value": f"value-{i}"}, format="json").status_code
+        return bearer(api.raw_token).post(url, {"name": "TOKEN", "value": f"value-{i}"}, format="json").status_code
 
     statuses = race(12, set_value)
 
@@ -411,7 +408,7 @@ def test_secrets_for_job_pipeline_wins_over_org_in_one_query(org, pipeline, othe
         "SHARED": "org-shared", "ORG_ONLY": "org-only"}
 
 
-def test_claimed_job_gets_secrets_in_env_and_their_values_to_mask(session, org, pipeline):  # noqa: F811
+def test_claimed_job_gets_secrets_in_env_and_their_values_to_mask(session, org, pipeline):
     secret_services.set_secret(organization=org, name="TERM", value="org-term")  # overrides the IR's TERM
     secret_services.set_secret(organization=org, name="DEPLOY_ENV", value="org-deploy")
     secret_services.set_secret(organization=org, pipeline=pipeline, name="DEPLOY_ENV", value="pipeline-deploy")
@@ -429,7 +426,7 @@ def test_claimed_job_gets_secrets_in_env_and_their_values_to_mask(session, org, 
     assert sorted(spec["mask"]) == ["org-term", "pipeline-deploy"]
 
 
-def test_claimed_job_without_secrets_has_an_empty_mask(session, pipeline):  # noqa: F811
+def test_claimed_job_without_secrets_has_an_empty_mask(session, pipeline):
     make_build(pipeline)
     spec, _ = claim(session)
     assert spec["mask"] == []
@@ -444,7 +441,7 @@ def claim_queries(session_client, org, pipeline) -> list[str]:  # noqa: ANN001
     return [q["sql"] for q in queries.captured_queries]
 
 
-def test_claim_costs_one_query_for_secrets_however_many_there_are(session, org, pipeline):  # noqa: F811
+def test_claim_costs_one_query_for_secrets_however_many_there_are(session, org, pipeline):
     without = claim_queries(session, org, pipeline)
     for i in range(10):
         secret_services.set_secret(organization=org, name=f"ORG_{i}", value=f"org-value-{i}")
@@ -455,7 +452,7 @@ def test_claim_costs_one_query_for_secrets_however_many_there_are(session, org, 
     assert sum("pipelines_secret" in sql for sql in with_secrets) == 1
 
 
-def test_secrets_reach_every_job_of_the_build(session, org, pipeline):  # noqa: F811
+def test_secrets_reach_every_job_of_the_build(session, org, pipeline):
     secret_services.set_secret(organization=org, name="TOKEN", value=VALUE)
     build = make_build(pipeline)
     first, job_client = claim(session)

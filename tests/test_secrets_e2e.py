@@ -11,18 +11,7 @@ import pytest
 
 from builds.models import Job, LogChunk, StreamKind
 from tests.dsl import hm
-from tests.e2e import (  # noqa: F401  (fixtures)
-    agent_token,
-    agents,
-    e2e_database,
-    e2e_server,
-    e2e_settings,
-    job_log,
-    stderr_of,
-    stdout_of,
-    wait_for,
-)
-from tests.test_agents_e2e import create_build, finished
+from tests.e2e import create_build, finished, job_log, stderr_of, stdout_of, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("e2e_server")]
 

@@ -19,8 +19,7 @@ from builds.states import (
     sources_for,
     transition_jobs,
 )
-from tests.conftest import make_build
-from tests.test_jobs_api import four_job_ir
+from tests.helpers import four_job_ir, make_build
 
 J = JobState
 B = BuildState

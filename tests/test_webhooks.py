@@ -21,92 +21,28 @@ from harmont.errors import ApiError
 from organizations.models import Organization, User
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline, Repository
-from tests.conftest import assert_error, is_postgres, two_step_ir
 from tests.dsl import hm
-from tests.test_build_numbers_concurrency import race
+from tests.helpers import (
+    HEAD_SHA,
+    WEBHOOK_SECRET,
+    WEBHOOK_URL,
+    assert_error,
+    deliver,
+    is_postgres,
+    ping_payload,
+    pull_request_payload,
+    push_payload,
+    race,
+    repository_json,
+    two_step_ir,
+)
 
-URL = "/webhooks/github"
-SECRET = "It's a Secret to Everybody"
-HEAD_SHA = "6113728f27ae82c7b1a177c8d03f9e96e0adf246"
-BEFORE_SHA = "9049f1265b7d61be4a8904a9a27120d2064dab3b"
 ZERO_SHA = "0" * 40
-
-
-# ---------------------------------------------------------------- payloads (GitHub's shapes, trimmed)
-
-def repository_json(full_name: str = "acme/web") -> dict[str, Any]:
-    owner, name = full_name.split("/")
-    return {
-        "id": 1296269, "node_id": "MDEwOlJlcG9zaXRvcnkxMjk2MjY5", "name": name, "full_name": full_name,
-        "private": False, "owner": {"login": owner, "id": 1, "type": "Organization"},
-        "html_url": f"https://github.com/{full_name}", "clone_url": f"https://github.com/{full_name}.git",
-        "ssh_url": f"git@github.com:{full_name}.git", "default_branch": "main",
-    }
-
-
-SENDER = {"login": "octocat", "id": 583231, "type": "User"}
-
-
-def push_payload(ref: str = "refs/heads/main", *, after: str = HEAD_SHA, message: str = "Fix the flaky test",
-                 full_name: str = "acme/web", deleted: bool = False) -> dict[str, Any]:
-    commit = {
-        "id": after, "tree_id": "f9d2a07e9488b91af2641b26b9407fe22a451433", "distinct": True,
-        "message": message, "timestamp": "2026-05-10T12:00:00+02:00",
-        "url": f"https://github.com/{full_name}/commit/{after}",
-        "author": {"name": "Mona Lisa", "email": "mona@example.com", "username": "mona"},
-        "committer": {"name": "Mona Lisa", "email": "mona@example.com", "username": "mona"},
-        "added": [], "removed": [], "modified": ["README.md"],
-    }
-    return {
-        "ref": ref, "before": BEFORE_SHA, "after": after, "created": False, "deleted": deleted, "forced": False,
-        "base_ref": None, "compare": f"https://github.com/{full_name}/compare/{BEFORE_SHA[:12]}...{after[:12]}",
-        "commits": [] if deleted else [commit], "head_commit": None if deleted else commit,
-        "repository": repository_json(full_name), "pusher": {"name": "mona", "email": "mona@example.com"},
-        "sender": SENDER,
-    }
-
-
-def pull_request_payload(action: str = "opened", *, base: str = "main", head: str = "feature/cache",
-                         title: str = "Cache the wheels", full_name: str = "acme/web") -> dict[str, Any]:
-    repo = repository_json(full_name)
-    return {
-        "action": action, "number": 42,
-        "pull_request": {
-            "url": f"https://api.github.com/repos/{full_name}/pulls/42", "id": 1, "number": 42,
-            "state": "closed" if action == "closed" else "open", "locked": False, "title": title,
-            "user": SENDER, "body": "Saves a minute per build.", "draft": False, "merged": False,
-            "head": {"label": f"acme:{head}", "ref": head, "sha": HEAD_SHA, "user": SENDER, "repo": repo},
-            "base": {"label": f"acme:{base}", "ref": base, "sha": BEFORE_SHA, "user": SENDER, "repo": repo},
-        },
-        "repository": repo, "sender": SENDER,
-    }
-
-
-def ping_payload(full_name: str = "acme/web") -> dict[str, Any]:
-    return {"zen": "Keep it logically awesome.", "hook_id": 30,
-            "hook": {"type": "Repository", "id": 30, "active": True, "events": ["push", "pull_request"],
-                     "config": {"content_type": "json", "insecure_ssl": "0", "url": "https://ci.example.com/webhooks/github"}},
-            "repository": repository_json(full_name), "sender": SENDER}
 
 
 # ---------------------------------------------------------------- helpers
 
-def deliver(event: str, payload: Any, *, secret: str | None = SECRET, delivery: str | None = None,
-            signature: str | None = None, body: bytes | None = None, content_type: str = "application/json",
-            headers: dict[str, str] | None = None) -> Any:
-    """POST a delivery like GitHub does; CSRF checks on, to show the endpoint needs no token."""
-    raw = body if body is not None else json.dumps(payload).encode()
-    extra = {"HTTP_X_GITHUB_EVENT": event, "HTTP_X_GITHUB_DELIVERY": delivery or str(uuid.uuid4()),
-             "HTTP_USER_AGENT": "GitHub-Hookshot/044aadd"}
-    if signature is not None:
-        extra["HTTP_X_HUB_SIGNATURE_256"] = signature
-    elif secret is not None:
-        extra["HTTP_X_HUB_SIGNATURE_256"] = webhooks.sign(secret, raw)
-    extra.update(headers or {})
-    return Client(enforce_csrf_checks=True).post(URL, data=raw, content_type=content_type, **extra)
-
-
-def make_repository(org: Organization, repo_name: str = "acme/web", secret: str | None = SECRET) -> Repository:
+def make_repository(org: Organization, repo_name: str = "acme/web", secret: str | None = WEBHOOK_SECRET) -> Repository:
     return Repository.objects.create(organization=org, url=f"https://github.com/{repo_name}.git", repo_name=repo_name,
                                      webhook_secret_encrypted=encrypt_text(secret) if secret else "")
 
@@ -137,18 +73,18 @@ def build_url(org: Organization, pipeline: Pipeline, number: int) -> str:
 
 def test_sign_matches_githubs_documented_example():
     # docs.github.com, "Validating webhook deliveries": this secret and body give this signature.
-    assert webhooks.sign(SECRET, b"Hello, World!") == (
+    assert webhooks.sign(WEBHOOK_SECRET, b"Hello, World!") == (
         "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17")
 
 
 @pytest.mark.parametrize(("secret", "header", "valid"), [
-    (SECRET, "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17", True),
-    (SECRET, "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e18", False),
-    (SECRET, "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17", False),
-    (SECRET, "sha1=0123456789abcdef0123456789abcdef01234567", False),
-    (SECRET, "", False),
-    (SECRET, None, False),
-    (SECRET, "sha256=ünïcödé", False),
+    (WEBHOOK_SECRET, "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17", True),
+    (WEBHOOK_SECRET, "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e18", False),
+    (WEBHOOK_SECRET, "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17", False),
+    (WEBHOOK_SECRET, "sha1=0123456789abcdef0123456789abcdef01234567", False),
+    (WEBHOOK_SECRET, "", False),
+    (WEBHOOK_SECRET, None, False),
+    (WEBHOOK_SECRET, "sha256=ünïcödé", False),
     ("another secret", "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17", False),
     ("", webhooks.sign("", b"Hello, World!"), False),
 ], ids=["ok", "one-digit-off", "no-prefix", "sha1", "empty", "missing", "non-ascii", "other-secret",
@@ -423,7 +359,7 @@ def test_bad_or_missing_signature_is_401_and_creates_nothing(repo, pipelines, si
 @pytest.mark.django_db
 def test_tampered_body_is_401(repo, pipelines):
     body = json.dumps(push_payload()).encode()
-    signature = webhooks.sign(SECRET, body)
+    signature = webhooks.sign(WEBHOOK_SECRET, body)
     tampered = body.replace(b"refs/heads/main", b"refs/heads/evil")
     assert_error(deliver("push", None, body=tampered, signature=signature), 401, "webhook_signature_invalid")
     nothing_written()
@@ -538,11 +474,11 @@ def test_same_delivery_id_for_another_repository_is_not_a_redelivery(org, repo, 
 
 @pytest.mark.django_db
 def test_two_organizations_with_the_same_repository_only_the_verified_one_builds(org, other_org, pipelines):
-    make_repository(org, secret=SECRET)
+    make_repository(org, secret=WEBHOOK_SECRET)
     make_repository(other_org, repo_name="ACME/web", secret="the other org's secret")
     theirs = make_pipeline(other_org, "Their CI", push_on("*"))
 
-    response = deliver("push", push_payload(), secret=SECRET)
+    response = deliver("push", push_payload(), secret=WEBHOOK_SECRET)
 
     assert response.status_code == 200
     assert [r["organization"] for r in response.json()["repositories"]] == [org.slug]
@@ -678,7 +614,7 @@ def test_oversized_body_is_413_unread(repo, pipelines, settings):
 
 @pytest.mark.django_db
 def test_only_post(repo):
-    response = Client().get(URL)
+    response = Client().get(WEBHOOK_URL)
     assert_error(response, 405, "method_not_allowed")
     assert response["Allow"] == "POST"
 
@@ -696,20 +632,20 @@ def ops(db: Any) -> Client:
 def test_admin_sets_the_webhook_secret_encrypted_and_never_shows_it(ops, org, pipelines):
     add = reverse("admin:pipelines_repository_add")
     response = ops.post(add, {"organization": org.pk, "url": "https://github.com/acme/web.git",
-                              "repo_name": "https://github.com/acme/web.git", "webhook_secret": SECRET})
+                              "repo_name": "https://github.com/acme/web.git", "webhook_secret": WEBHOOK_SECRET})
     assert response.status_code == 302, response.context["adminform"].form.errors if response.context else response
     repository = Repository.objects.get()
     assert repository.repo_name == "acme/web"
-    assert SECRET not in repository.webhook_secret_encrypted
-    assert decrypt_text(repository.webhook_secret_encrypted) == SECRET
+    assert WEBHOOK_SECRET not in repository.webhook_secret_encrypted
+    assert decrypt_text(repository.webhook_secret_encrypted) == WEBHOOK_SECRET
     # The secret it stored verifies a delivery.
     assert deliver("push", push_payload()).status_code == 200
 
     change = reverse("admin:pipelines_repository_change", args=[repository.pk])
     page = ops.get(change).content.decode()
-    assert SECRET not in page and repository.webhook_secret_encrypted not in page
+    assert WEBHOOK_SECRET not in page and repository.webhook_secret_encrypted not in page
     listing = ops.get(reverse("admin:pipelines_repository_changelist")).content.decode()
-    assert SECRET not in listing and repository.webhook_secret_encrypted not in listing
+    assert WEBHOOK_SECRET not in listing and repository.webhook_secret_encrypted not in listing
 
     # Saving without typing a secret keeps the old one; typing one replaces it.
     before = repository.webhook_secret_encrypted
