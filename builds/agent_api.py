@@ -17,7 +17,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from builds import selectors, services, states
+from builds import selectors, services
 from builds.agent_auth import (
     AgentSessionAuthentication,
     AgentTokenAuthentication,
@@ -165,8 +165,6 @@ class WorkspaceUploadView(JobView):
     def put(self, request: Request, job_id: str) -> Response:
         """The files the job left behind (a gzipped tarball), for its builds_in children."""
         job = self.job(request, job_id)
-        if job.state not in states.LIVE_JOB_STATES:
-            raise ApiError("job_not_active", "The job is no longer running; its workspace can't change.")
         archive = request.data
         if not isinstance(archive, bytes) or not archive:
             raise validation_error({"body": ["Send the workspace as a non-empty application/gzip body."]})
@@ -179,11 +177,8 @@ class ParentWorkspaceView(JobView):
                    responses={(200, "application/gzip"): bytes, 404: ErrorSerializer})
     def get(self, request: Request, job_id: str) -> FileResponse:
         """The builds_in parent's files, for the workspace this job starts from."""
-        job = self.job(request, job_id)
-        parent = selectors.builds_in_parent(job)
-        if job.state not in states.LIVE_JOB_STATES or parent is None or not parent.workspace_archive:
-            raise ApiError("workspace_not_found", "No workspace from this job's builds_in parent.")
-        return archive_response(parent.workspace_archive, f"{parent.pk}.tar.gz")
+        parent, workspace = selectors.parent_workspace(self.job(request, job_id))
+        return archive_response(workspace, f"{parent.pk}.tar.gz")
 
 
 class SourceArchiveView(AgentView):
@@ -194,12 +189,7 @@ class SourceArchiveView(AgentView):
     def get(self, request: Request, build_uuid: str) -> FileResponse:
         """The build's uploaded source (`source_b64`), for agents running that build's jobs."""
         job: Job = request.auth
-        if str(job.build_id) != build_uuid or job.state not in states.LIVE_JOB_STATES:
-            raise ApiError("build_not_found", "This credential does not open that build's source.")
-        if not job.build.source_archive:
-            raise ApiError("source_not_found", "This build has no uploaded source.")
-        return archive_response(job.build.source_archive, f"{job.build_id}.tar.gz")
-
+        return archive_response(selectors.build_source(job, build_uuid), f"{job.build_id}.tar.gz")
 
 
 class RenderResultView(JobView):
@@ -213,11 +203,7 @@ class RenderResultView(JobView):
         a reported failure fails the build with `render_failed`.
         """
         job = self.job(request, job_id)
-        data = validated(RenderResultRequest, request)
-        if "error" in data:
-            services.fail_render(job=job, message=data["error"])
-            return Response({"jobs": 0})
-        return Response({"jobs": services.accept_rendered_pipeline(job=job, document=data["pipeline_ir"])})
+        return Response({"jobs": services.record_render_result(job=job, **validated(RenderResultRequest, request))})
 
 
 # ------------------------------------------------------------------ artifacts
@@ -248,6 +234,7 @@ class ArtifactUploadView(JobView):
                                               "(not chunked).", status=411)
         # Read from the request stream as it arrives (request.body would hold the whole file in memory).
         stored = services.store_artifact(job=job, path=request.query_params.get("path", ""), size=int(length or 0),
-                                content=request.stream or io.BytesIO(), sha256=request.query_params.get("sha256"))
+                                         content=request.stream or io.BytesIO(),
+                                         sha256=request.query_params.get("sha256"))
         return Response(StoredArtifactSerializer(stored.artifact).data,
                         status=status.HTTP_201_CREATED if stored.created else status.HTTP_200_OK)

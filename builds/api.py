@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Prefetch
 from django.http import FileResponse, HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
@@ -18,9 +16,9 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from builds import selectors, services, states
+from builds import selectors, services
 from builds.filters import ArtifactFilter, BuildFilter
-from builds.models import Agent, Artifact, Build, Job
+from builds.models import Artifact, Build, Job
 from builds.responses import artifact_response, raw_log_head, raw_log_response
 from builds.serializers import (
     AgentListSerializer,
@@ -47,7 +45,6 @@ from pipelines.api import PAGE_PARAMS, get_pipeline
 BUILD_NUMBER = re.compile(r"\+?0*([0-9]{1,10})")
 BUILD_REQUEST_FIELDS = ("branch", "commit", "message", "source", "env", "pipeline_ir", "source_b64",
                         "source_url", "source_sha256")
-AGENT_LIST_WINDOW = timedelta(days=1)
 FILTER_PARAMS = [
     OpenApiParameter("branch", str), OpenApiParameter("state", str), OpenApiParameter("commit", str),
     OpenApiParameter("source", str),
@@ -207,15 +204,8 @@ class AgentListView(OrgScopedView):
                    responses={200: AgentListSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str) -> Response:
         """Agents seen in the last day, most recently seen first, with what each is running."""
-        now = timezone.now()
-        active = Job.objects.filter(state__in=states.LIVE_JOB_STATES).select_related("build", "build__pipeline")
-        agents = (
-            Agent.objects.filter(organization=self.org, last_seen_at__gte=now - AGENT_LIST_WINDOW)
-            .order_by("-last_seen_at")
-            .prefetch_related(Prefetch("jobs", queryset=active, to_attr="active_jobs"))
-        )
-        context = {"now": now, "lost_after": settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS}
-        return Response({"data": AgentStatusSerializer(agents, many=True, context=context).data})
+        agents = selectors.recent_agents(self.org, now=timezone.now())
+        return Response({"data": AgentStatusSerializer(agents, many=True).data})
 
 
 # ------------------------------------------------------------------ artifacts

@@ -6,18 +6,23 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db.models import Prefetch, Q, QuerySet
+from django.db.models.fields.files import FieldFile
 from django.utils import timezone
 
-from builds import sql
+from builds import sql, states
 from builds.models import Agent, Artifact, Build, EdgeKind, Job, JobDependency
+from harmont.errors import ApiError
 from harmont.serializers import parse_uuid
 from harmont.tokens import hash_secret
-from organizations.models import User
+from organizations.models import Organization, User
 
 # "Last seen" is shown to the second at best; refreshing it on every request of a busy
 # agent would be a write per request for nothing (builds.services.agents).
 AGENT_SEEN_RESOLUTION = timedelta(seconds=2)
+# The agents list (API and page) shows agents seen this recently.
+AGENT_LIST_WINDOW = timedelta(days=1)
 
 
 def agent_for_session(raw: str) -> Agent | None:
@@ -69,6 +74,23 @@ def builds_in_parent(job: Job) -> Job | None:
     return edge.prerequisite if edge else None
 
 
+def parent_workspace(job: Job) -> tuple[Job, FieldFile]:
+    """The `builds_in` parent of a live job and the workspace it left; 404 `workspace_not_found` otherwise."""
+    parent = builds_in_parent(job)
+    if job.state not in states.LIVE_JOB_STATES or parent is None or not parent.workspace_archive:
+        raise ApiError("workspace_not_found", "No workspace from this job's builds_in parent.")
+    return parent, parent.workspace_archive
+
+
+def build_source(job: Job, build_id: str) -> FieldFile:
+    """The uploaded source of build `build_id`, for a live job of that build; 404 otherwise."""
+    if str(job.build_id) != build_id or job.state not in states.LIVE_JOB_STATES:
+        raise ApiError("build_not_found", "This credential does not open that build's source.")
+    if not job.build.source_archive:
+        raise ApiError("source_not_found", "This build has no uploaded source.")
+    return job.build.source_archive
+
+
 @dataclass(frozen=True)
 class BuildsInLinks:
     parent_id: uuid.UUID | None  # the job whose files this one starts from
@@ -104,3 +126,30 @@ def find_artifact(*, build: Build, artifact_id: str | uuid.UUID) -> Artifact | N
     """The build's artifact with this id (None for another build's, or an id that is no UUID)."""
     pk = parse_uuid(artifact_id)
     return None if pk is None else Artifact.objects.filter(build=build, pk=pk).first()
+
+
+def connection_state(agent: Agent, now: datetime) -> str:
+    """stopped (exited cleanly), lost (silent past the heartbeat timeout), or connected."""
+    if agent.stopped_at is not None:
+        return "stopped"
+    silent = (now - agent.last_seen_at).total_seconds()
+    return "lost" if silent > settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS else "connected"
+
+
+def recent_agents(org: Organization, *, now: datetime) -> list[Agent]:
+    """The organization's agents seen within AGENT_LIST_WINDOW, most recently seen first, in two queries.
+
+    Each comes with its token, `connection_state`, and `current_job`: the job it
+    holds (with the build number and pipeline slug shown beside it), or None.
+    """
+    live = Job.objects.filter(state__in=states.LIVE_JOB_STATES).select_related("build__pipeline").only(
+        "id", "agent_id", "state", "step_key", "build__number", "build__pipeline__slug")
+    agents = list(
+        Agent.objects.filter(organization=org, last_seen_at__gte=now - AGENT_LIST_WINDOW)
+        .select_related("token").order_by("-last_seen_at")
+        .prefetch_related(Prefetch("jobs", queryset=live, to_attr="live_jobs"))
+    )
+    for agent in agents:
+        agent.connection_state = connection_state(agent, now)
+        agent.current_job = agent.live_jobs[0] if agent.live_jobs else None
+    return agents

@@ -6,7 +6,6 @@ from datetime import datetime, tzinfo
 from typing import Any
 
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.settings import api_settings
 
@@ -151,26 +150,16 @@ class CurrentJobSerializer(serializers.Serializer):
 
 
 class AgentStatusSerializer(serializers.ModelSerializer):
-    connection_state = serializers.SerializerMethodField(
-        help_text="connected (heard from recently), lost (silent), or stopped (exited cleanly)")
-    current_job = serializers.SerializerMethodField()
+    # Both set by builds.selectors.recent_agents.
+    connection_state = serializers.CharField(
+        read_only=True, help_text="connected (heard from recently), lost (silent), or stopped (exited cleanly)")
+    current_job = CurrentJobSerializer(read_only=True, allow_null=True)
 
     class Meta:
         model = Agent
         fields = ["id", "name", "hostname", "version", "os", "created_at", "last_seen_at", "connection_state",
                   "current_job"]
         read_only_fields = fields
-
-    def get_connection_state(self, agent: Agent) -> str:
-        if agent.stopped_at is not None:
-            return "stopped"
-        silent = (self.context["now"] - agent.last_seen_at).total_seconds()
-        return "lost" if silent > self.context["lost_after"] else "connected"
-
-    @extend_schema_field(CurrentJobSerializer(allow_null=True))
-    def get_current_job(self, agent: Agent) -> dict | None:
-        jobs = agent.active_jobs  # prefetched by the view
-        return CurrentJobSerializer(jobs[0]).data if jobs else None
 
 
 class AgentListSerializer(serializers.Serializer):

@@ -18,11 +18,10 @@ from functools import wraps
 from typing import Any
 
 from django import forms
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, QueryDict
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -31,12 +30,12 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from builds import services
-from builds.api import AGENT_LIST_WINDOW
 from builds.filters import BuildFilter
-from builds.models import Agent, Artifact, Build, BuildSource, BuildState, Job
+from builds.models import Artifact, Build, BuildSource, BuildState, Job
 from builds.responses import artifact_response, raw_log_response
+from builds import selectors
 from builds.selectors import find_artifact, jobs_with_prerequisites, scoped_build
-from builds.states import LIVE_JOB_STATES, TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
+from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
 from builds.templatetags.harmont_pages import duration_seconds, format_duration
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
@@ -361,27 +360,9 @@ def _admin_page(request: HttpRequest, org: str) -> OrgPage:
     return page
 
 
-def connection_state(agent: Agent, now: datetime) -> str:
-    """Same rule as the API's agent list (`AgentStatusSerializer`): stopped, lost, or connected."""
-    if agent.stopped_at is not None:
-        return "stopped"
-    silent = (now - agent.last_seen_at).total_seconds()
-    return "lost" if silent > settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS else "connected"
-
-
 def _agents_page(request: HttpRequest, page: OrgPage, *, form: AgentTokenForm,
                  created: org_services.IssuedAgentToken | None = None, status: int = 200) -> HttpResponse:
-    now = timezone.now()
-    active = Job.objects.filter(state__in=LIVE_JOB_STATES).select_related("build", "build__pipeline").only(
-        "id", "agent_id", "state", "step_key", "build__number", "build__pipeline__slug")
-    agents = list(
-        Agent.objects.filter(organization=page.org, last_seen_at__gte=now - AGENT_LIST_WINDOW)
-        .select_related("token").order_by("-last_seen_at")
-        .prefetch_related(Prefetch("jobs", queryset=active, to_attr="active_jobs"))
-    )
-    for agent in agents:
-        agent.connection_state = connection_state(agent, now)
-        agent.current_job = agent.active_jobs[0] if agent.active_jobs else None
+    agents = selectors.recent_agents(page.org, now=timezone.now())
     tokens = AgentToken.objects.filter(organization=page.org, revoked_at__isnull=True).select_related(
         "created_by").order_by("-created_at")
     return render(request, "builds/agents.html", page.context(agents=agents, tokens=tokens, form=form,

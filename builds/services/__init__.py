@@ -14,7 +14,7 @@ from builds.services.job_specs import job_spec
 from builds.services.jobs import finish_job, heartbeat, move_job, report_finish, start_job
 from builds.services.logs import ChunkIn, append_log
 from builds.services.reaping import ReapReport, reap
-from builds.services.render import accept_rendered_pipeline, fail_render
+from builds.services.render import accept_rendered_pipeline, fail_render, record_render_result
 from builds.services.webhooks import DeliveryResult, RefusedBuild, handle_webhook_delivery, verified_repositories
 from builds.services.workspaces import store_workspace
 
@@ -27,7 +27,7 @@ __all__ = [
     "finish_job", "heartbeat", "move_job", "report_finish", "start_job",
     "ChunkIn", "append_log",
     "ReapReport", "reap",
-    "accept_rendered_pipeline", "fail_render",
+    "accept_rendered_pipeline", "fail_render", "record_render_result",
     "DeliveryResult", "RefusedBuild", "handle_webhook_delivery", "verified_repositories",
     "store_workspace",
 ]

@@ -30,7 +30,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from builds import states
-from builds.models import Artifact, Build, Job
+from builds.models import Artifact, Job
 from builds.services.agents import touch_job
 from harmont.errors import ApiError
 

@@ -16,13 +16,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from builds import states
-from builds.models import Build, Job, JobDependency, JobKind, JobState
+from builds.models import Build, Job, JobDependency, JobKind
 from builds.services.builds import RENDER_STEP_KEY, edge_rows, job_rows, plan_document
 from harmont.errors import ApiError
 from pipelines import ir
 
 ERROR_MESSAGE_MAX = 2000
-_LIVE = (JobState.ASSIGNED, JobState.RUNNING, JobState.CANCELING, JobState.TIMING_OUT)
 
 
 def _locked_render(job: Job) -> tuple[Build, str]:
@@ -50,7 +49,7 @@ def accept_rendered_pipeline(*, job: Job, document: Any, now: datetime | None = 
             return planned
         if build.error_code is not None:
             raise ApiError("build_plan_rejected", f"Build #{build.number} already failed ({build.error_code}).")
-        if state not in _LIVE:
+        if state not in states.LIVE_JOB_STATES:
             raise ApiError("job_not_active", "The render job is no longer running; its result can't change the build.")
         stored, plan, error = plan_document(document, env=build.env)
         if plan is not None and any(p.key == RENDER_STEP_KEY for p in plan.jobs):
@@ -83,9 +82,26 @@ def fail_render(*, job: Job, message: str, now: datetime | None = None) -> None:
         build, state = _locked_render(job)
         if build.error_code is not None or Job.objects.filter(build_id=build.pk).exclude(pk=job.pk).exists():
             return
-        if state not in _LIVE:
+        if state not in states.LIVE_JOB_STATES:
             raise ApiError("job_not_active", "The render job is no longer running; its result can't change the build.")
         Build.objects.filter(pk=build.pk).update(error_code="render_failed",
                                                  error_message=(message or "The render failed.")[:ERROR_MESSAGE_MAX])
         build.error_code = "render_failed"
         states.settle_build(build_id=build.pk, now=now, locked=build)
+
+
+_NO_IR = object()
+
+
+def record_render_result(*, job: Job, pipeline_ir: Any = _NO_IR, error: str | None = None,
+                         now: datetime | None = None) -> int:
+    """A render job's report: the rendered IR (`pipeline_ir`), or why rendering failed (`error`).
+
+    Returns how many jobs the build gained (0 for a failure); see
+    `accept_rendered_pipeline` and `fail_render`.
+    """
+    if error is not None:
+        fail_render(job=job, message=error, now=now)
+        return 0
+    assert pipeline_ir is not _NO_IR, "a render result carries an IR or an error"
+    return accept_rendered_pipeline(job=job, document=pipeline_ir, now=now)
