@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
 from builds import sql
@@ -180,12 +180,15 @@ def transition_jobs(job_ids: Iterable[uuid.UUID], *, to: str, now: datetime,
     sources = _sources(to, only_from)
     if not ids or not sources:
         return 0
-    return sql.update_jobs(ids, _transition_values(to, now, fields), only_from=sources)
+    return Job.objects.filter(pk__in=ids, state__in=sources).update(**_transition_values(to, now, fields))
 
 
 def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
             only_from: Iterable[str] | None = None, **fields: object) -> tuple[bool, set[str]]:
-    """`transition_jobs` for one job that ends, and the states of the build's other jobs (`sql.end_job`)."""
+    """`transition_jobs` for one job that ends, and the states of the build's other jobs (`sql.end_job`).
+
+    `fields` may hold `sql.Add` values (output counted without the job's row lock).
+    """
     if to not in TERMINAL_JOB_STATES:
         raise ValueError(f"{to} is not a terminal job state")
     sources = sorted(_sources(to, only_from))
@@ -334,3 +337,11 @@ def promote_dependents(*, job_id: uuid.UUID, now: datetime) -> int:
         Exists(unsatisfied))
     return ready.update(**_transition_values(J.SCHEDULED, now, {}))
 
+
+
+def update_job_columns(job_id: uuid.UUID, columns: Mapping[str, object]) -> None:
+    """Write some of one job's columns, never its state (`sql.Add` values are added to the column)."""
+    if any(name == "state" for name in columns):
+        raise ValueError("job states change through transition_jobs")
+    Job.objects.filter(pk=job_id).update(**{
+        name: F(name) + value.amount if isinstance(value, sql.Add) else value for name, value in columns.items()})

@@ -9,7 +9,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from builds import sql, states
+from builds import states
 from builds.models import Job, JobState
 from builds.services.agents import agent_seen_by, touch_job
 from builds.services.logs import ChunkIn, append_log, store_chunks, store_fitting_chunks
@@ -50,7 +50,7 @@ def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code
             states.settle_after_job_end(build_id=job.build_id, build=build, job_id=job.pk, state=state,
                                         others=others, now=now)
         elif log:
-            sql.update_jobs([job.pk], log)  # the job moved on meanwhile; its output is kept all the same
+            states.update_job_columns(job.pk, log)  # the job moved on meanwhile; its output is kept all the same
     return bool(changed)
 
 

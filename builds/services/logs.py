@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from builds import sql
+from builds import sql, states
 from builds.models import Job, LogChunk, StreamKind
 from builds.services.agents import agent_seen_by
 
@@ -41,7 +41,7 @@ def append_log(*, job: Job, chunks: Sequence[ChunkIn], now: datetime | None = No
         if alive:
             log["last_heartbeat_at"] = now
         if log:
-            sql.update_jobs([job.pk], log)
+            states.update_job_columns(job.pk, log)
     if alive:
         agent_seen_by(job=job, now=now)
     return stored
