@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import Exists, F, OuterRef
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from builds import sql
@@ -180,7 +180,7 @@ def transition_jobs(job_ids: Iterable[uuid.UUID], *, to: str, now: datetime,
     sources = _sources(to, only_from)
     if not ids or not sources:
         return 0
-    return Job.objects.filter(pk__in=ids, state__in=sources).update(**_transition_values(to, now, fields))
+    return sql.update_jobs(ids, _transition_values(to, now, fields), only_from=sources)
 
 
 def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
@@ -341,7 +341,6 @@ def promote_dependents(*, job_id: uuid.UUID, now: datetime) -> int:
 
 def update_job_columns(job_id: uuid.UUID, columns: Mapping[str, object]) -> None:
     """Write some of one job's columns, never its state (`sql.Add` values are added to the column)."""
-    if any(name == "state" for name in columns):
+    if "state" in columns:
         raise ValueError("job states change through transition_jobs")
-    Job.objects.filter(pk=job_id).update(**{
-        name: F(name) + value.amount if isinstance(value, sql.Add) else value for name, value in columns.items()})
+    sql.update_jobs([job_id], columns)

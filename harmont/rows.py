@@ -55,7 +55,9 @@ class Table:
     def __getattr__(self, field: str) -> str:
         if field.startswith("_"):
             raise AttributeError(field)
-        return f"{self._alias or self._table}.{self.bare(field)}"
+        name = f"{self._alias or self._table}.{self.bare(field)}"
+        setattr(self, field, name)  # statements are built per call: the next read is a plain attribute
+        return name
 
 
 def db_value(model: type[Model], field: str, value: Any) -> Any:
