@@ -6,6 +6,8 @@ delete, and cancel builds with the action, which calls the same service as
 the API and the Cancel button.
 """
 
+from datetime import datetime
+
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -14,6 +16,7 @@ from builds import services
 from builds.models import Agent, Artifact, Build, Job, JobDependency, LogChunk, WebhookDelivery
 from builds.states import TERMINAL_BUILD_STATES
 from harmont.errors import ApiError
+from harmont.timestamps import datetime_from_ns
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -126,13 +129,18 @@ class AgentAdmin(ReadOnlyAdmin):
 
 @admin.register(LogChunk)
 class LogChunkAdmin(ReadOnlyAdmin):
-    list_display = ["job", "seq", "stream_kind", "ts"]
+    list_display = ["job", "seq", "stream_kind", "time"]
     list_filter = ["stream_kind"]
     list_select_related = ["job"]
     search_fields = ["=job__id"]
     raw_id_fields = ["job"]
-    readonly_fields = ["job", "seq", "stream_kind", "content", "ts", "created_at"]
+    readonly_fields = ["job", "seq", "stream_kind", "content", "time", "ts", "created_at"]
     show_full_result_count = False
+
+    @admin.display(description="time", ordering="ts")
+    def time(self, chunk: LogChunk) -> datetime:
+        """`ts` (Unix nanoseconds) as a time, to the microsecond."""
+        return datetime_from_ns(chunk.ts)
 
 
 @admin.register(WebhookDelivery)

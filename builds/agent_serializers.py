@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.request import Request
 
@@ -21,6 +22,7 @@ from builds.models import Agent, JobState
 from builds.services import ChunkIn, Claim, FinishOutcome, job_spec
 from builds.states import TERMINAL_JOB_STATES
 from harmont.serializers import json_object, validated
+from harmont.timestamps import MAX_NS, ns_from_datetime
 
 
 
@@ -80,11 +82,33 @@ class ClaimResponse(serializers.Serializer):
     job_token = serializers.CharField(help_text="The job credential: valid for this one job only.")
 
 
+@extend_schema_field({"type": "integer", "format": "int64", "minimum": 0,
+                      "description": "Unix time in nanoseconds (an ISO-8601 string is accepted too)."})
+class NanosecondsField(serializers.Field):
+    """Unix nanoseconds as an integer; an ISO-8601 time (what agents before 0.2 send) is converted."""
+
+    default_error_messages = {"invalid": "Send Unix time in nanoseconds (an integer) or an ISO-8601 time."}
+    _datetime = serializers.DateTimeField()
+
+    def to_internal_value(self, data: Any) -> int:
+        if type(data) is int and 0 <= data <= MAX_NS:  # bool is no int here
+            return data
+        if isinstance(data, str):
+            try:
+                return ns_from_datetime(self._datetime.to_internal_value(data))
+            except serializers.ValidationError:
+                pass
+        self.fail("invalid")
+
+    def to_representation(self, value: int) -> int:
+        return value
+
+
 class ChunkSerializer(serializers.Serializer):
     seq = serializers.IntegerField(min_value=1, max_value=2**31 - 1)
     stream_kind = serializers.ChoiceField(choices=[0, 1, 2], help_text="0 stdout, 1 stderr, 2 meta")
     content = serializers.CharField(allow_blank=True, trim_whitespace=False)
-    ts = serializers.DateTimeField()
+    ts = NanosecondsField()
 
 
 class LogsRequest(serializers.Serializer):
@@ -160,13 +184,9 @@ def plain_chunks(items: Any) -> list[ChunkIn] | None:
         seq, kind, content, ts = item.get("seq"), item.get("stream_kind"), item.get("content"), item.get("ts")
         if not (_int_within(seq, _CHUNK_FIELDS["seq"]) and type(kind) is int
                 and kind in _CHUNK_FIELDS["stream_kind"].choices
-                and type(content) is str and "\x00" not in content and type(ts) is str):
-            return None
-        try:
-            when = _CHUNK_FIELDS["ts"].to_internal_value(ts)  # the serializer's own parsing and time zone
-        except serializers.ValidationError:
-            return None
-        chunks.append(ChunkIn(seq, kind, content, when))
+                and type(content) is str and "\x00" not in content and type(ts) is int and 0 <= ts <= MAX_NS):
+            return None  # (an ISO-8601 `ts` takes the serializer's way)
+        chunks.append(ChunkIn(seq, kind, content, ts))
     return chunks
 
 

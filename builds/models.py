@@ -195,7 +195,8 @@ class LogChunk(models.Model):
     seq = models.PositiveIntegerField()
     stream_kind = models.PositiveSmallIntegerField(choices=StreamKind.choices)
     content = models.TextField()
-    ts = models.DateTimeField()
+    # When the agent read the output, in Unix nanoseconds (the unit the live stream sends).
+    ts = models.BigIntegerField()
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

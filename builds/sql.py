@@ -324,8 +324,8 @@ _SKIP_STORED_CHUNKS = (f" ON CONFLICT ({_CHUNK.bare('job')}, {_CHUNK.bare('seq')
                        f" RETURNING {_CHUNK.bare('seq')}")
 
 
-def insert_chunks(job_id: uuid.UUID, rows: Sequence[tuple[int, int, str, datetime]], now: datetime) -> set[int]:
-    """Insert (seq, stream kind, content, ts) rows unless their seq is stored; returns the seqs inserted.
+def insert_chunks(job_id: uuid.UUID, rows: Sequence[tuple[int, int, str, int]], now: datetime) -> set[int]:
+    """Insert (seq, stream kind, content, ts in ns) rows unless their seq is stored; returns the seqs inserted.
 
     SQL because the ORM's insert that skips conflicts can't tell which rows it
     skipped; `RETURNING` does (PostgreSQL, and SQLite since 3.35).
@@ -337,7 +337,7 @@ def insert_chunks(job_id: uuid.UUID, rows: Sequence[tuple[int, int, str, datetim
         part = rows[start:start + INSERT_BATCH]
         params: list[Any] = []
         for seq, stream_kind, content, ts in part:
-            params += [job, seq, int(stream_kind), content, db_value(LogChunk, "ts", ts), created]
+            params += [job, seq, int(stream_kind), content, ts, created]
         with connection.cursor() as cursor:
             cursor.execute(
                 _INSERT_CHUNKS + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(part)) + _SKIP_STORED_CHUNKS,

@@ -21,7 +21,6 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -43,9 +42,9 @@ KEEPALIVE_SECONDS = 15.0
 DONE = object()  # sentinel queued after a job's last chunk
 
 
-def chunk_dict(seq: int, stream_kind: int, content: str, ts: datetime) -> dict[str, Any]:
-    return {"seq": seq, "stream_kind": stream_kind, "content": content,
-            "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+def chunk_dict(seq: int, stream_kind: int, content: str, ts: int | None) -> dict[str, Any]:
+    """A chunk on the wire (SPEC §8): `ts` in Unix nanoseconds, as `hm`'s client decodes it (`Option<i64>`)."""
+    return {"seq": seq, "stream_kind": stream_kind, "content": content, "ts": ts}
 
 
 def frame(event: str, data: Any, *, event_id: int | None = None) -> bytes:

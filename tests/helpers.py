@@ -24,6 +24,7 @@ from rest_framework.test import APIClient
 from builds import services as build_services
 from builds import webhooks
 from builds.models import Agent, Build, Job, JobState
+from harmont.timestamps import ns_from_datetime
 from harmont.tokens import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
 from organizations import services as org_services
 from organizations.models import Organization, User
@@ -191,8 +192,9 @@ def finish(job_client: APIClient, job_id: Any, **body: Any) -> Any:
 
 
 def chunk(seq: int, content: str, stream_kind: int = 0) -> dict[str, Any]:
-    """A log chunk as the agent sends it, stamped `seq` seconds after AGENT_T0."""
-    return {"seq": seq, "stream_kind": stream_kind, "content": content, "ts": iso(AGENT_T0 + timedelta(seconds=seq))}
+    """A log chunk as the agent sends it, stamped `seq` seconds after AGENT_T0 (in Unix nanoseconds)."""
+    return {"seq": seq, "stream_kind": stream_kind, "content": content,
+            "ts": ns_from_datetime(AGENT_T0 + timedelta(seconds=seq))}
 
 
 # ------------------------------------------------------------------ threads

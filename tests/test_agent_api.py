@@ -22,6 +22,7 @@ from rest_framework.test import APIClient
 from builds import services as build_services
 from builds.models import Agent, Build, BuildState, Job, JobState, LogChunk
 from builds import selectors
+from harmont.timestamps import ns_from_datetime
 from harmont.tokens import hash_secret
 from harmont.logtokens import mint_log_token
 from organizations import services as org_services
@@ -587,7 +588,7 @@ def test_logs_are_stored(running, build):
     assert response.json() == {"state": "running", "cancel": False, "timeout": False}
     assert stored_log(spec["id"]) == [(1, 0, "hello\n"), (2, 1, "warning: x\n"), (3, 2, "[step]\n")]
     stored = LogChunk.objects.get(job_id=spec["id"], seq=2)
-    assert stored.ts == T0 + timedelta(seconds=2)
+    assert stored.ts == ns_from_datetime(T0 + timedelta(seconds=2))
     a = job_of(build, "a")
     assert a.log_bytes == len("hello\nwarning: x\n[step]\n")
 
@@ -1356,8 +1357,7 @@ def test_a_claimed_job_has_what_the_orm_loads(org, pipeline, settings, tmp_path)
     assert claim.job.build.message == build.message and claim.job.build.pipeline.name == pipeline.name
 
 
-@pytest.mark.parametrize("ts", ["2025-01-06T12:00:00Z", "2025-01-06T12:00:00.123456+02:00", "2025-01-06T12:00:00",
-                                "2025-01-06 12:00", "2025-01-06"])
+@pytest.mark.parametrize("ts", [0, 1_736_164_800_123_456_789, 2**63 - 1])
 def test_checked_chunks_are_what_the_serializer_makes_of_them(ts):
     from builds.agent_serializers import LogsRequest, plain_chunks
 
@@ -1367,6 +1367,30 @@ def test_checked_chunks_are_what_the_serializer_makes_of_them(ts):
     assert serializer.is_valid(), serializer.errors
 
     assert plain_chunks(body["chunks"]) == [build_services.ChunkIn(**c) for c in serializer.validated_data["chunks"]]
+
+
+@pytest.mark.parametrize(("sent", "stored"), [
+    ("2025-01-06T12:00:00Z", 1_736_164_800_000_000_000),
+    ("2025-01-06T12:00:00.123456+02:00", 1_736_157_600_123_456_000),
+    ("2025-01-06 12:00", 1_736_164_800_000_000_000),
+])
+def test_an_iso_timestamp_from_an_older_agent_is_stored_in_nanoseconds(sent, stored):
+    from builds.agent_serializers import LogsRequest, plain_chunks
+
+    body = {"chunks": [{"seq": 1, "stream_kind": 0, "content": "a\n", "ts": sent}]}
+    serializer = LogsRequest(data=body)
+    assert serializer.is_valid(), serializer.errors
+    assert serializer.validated_data["chunks"][0]["ts"] == stored
+    assert plain_chunks(body["chunks"]) is None  # strings take the serializer's way
+
+
+@pytest.mark.parametrize("ts", [-1, 2**63, True, 1.5, "soon", None])
+def test_a_timestamp_that_is_no_nanosecond_count_or_time_is_422(ts):
+    from builds.agent_serializers import LogsRequest
+
+    serializer = LogsRequest(data={"chunks": [{"seq": 1, "stream_kind": 0, "content": "a\n", "ts": ts}]})
+    assert not serializer.is_valid()
+    assert "ts" in serializer.errors["chunks"][0]
 
 
 @pytest.mark.parametrize("body", [

@@ -59,7 +59,6 @@ import uvicorn  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.db import connections  # noqa: E402
 from django.test import Client  # noqa: E402
-from django.utils import timezone  # noqa: E402
 from playwright.sync_api import Browser, BrowserContext, Page, Route, expect, sync_playwright  # noqa: E402
 
 from builds import services as build_services  # noqa: E402
@@ -222,7 +221,7 @@ class Runner:
         chunks = []
         for line in lines:
             self.seq[job.pk] = self.seq.get(job.pk, 0) + 1
-            chunks.append(ChunkIn(seq=self.seq[job.pk], stream_kind=stream_kind, content=line, ts=timezone.now()))
+            chunks.append(ChunkIn(seq=self.seq[job.pk], stream_kind=stream_kind, content=line, ts=time.time_ns()))
         build_services.append_log(job=job, chunks=chunks)
 
     def finish(self, job: Job, exit_code: int = 0) -> str:

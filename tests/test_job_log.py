@@ -19,6 +19,7 @@ from django.test.utils import CaptureQueriesContext
 
 from builds import services
 from builds.models import Build, Job, JobState, LogChunk, StreamKind
+from harmont.timestamps import ns_from_datetime
 from tests.helpers import assert_error, builds_url, make_agent, make_build
 
 pytestmark = pytest.mark.django_db
@@ -40,7 +41,7 @@ def job_of(build: Build, key: str = "a") -> Job:
 
 
 def write(job: Job, lines: list[tuple[int, int, str]]) -> int:
-    return services.append_log(job=job, chunks=[services.ChunkIn(seq, kind, content, T0 + timedelta(seconds=seq))
+    return services.append_log(job=job, chunks=[services.ChunkIn(seq, kind, content, ns_from_datetime(T0 + timedelta(seconds=seq)))
                                                 for seq, kind, content in lines])
 
 

@@ -26,7 +26,8 @@ from django.utils import timezone
 from builds import services, stream
 from builds.models import Build, Job, JobState, StreamKind
 from harmont.logtokens import mint_log_token
-from tests.helpers import builds_url, is_postgres, iso, make_agent, make_build, parallel_ir
+from harmont.timestamps import ns_from_datetime
+from tests.helpers import builds_url, is_postgres, make_agent, make_build, parallel_ir
 from tests.live import EventStream, LiveServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -43,14 +44,33 @@ def content(job: Job, seq: int) -> str:
     return f"{job.step_key} línea {seq} ✓\n"  # non-ASCII on purpose
 
 
+def ts(seq: int) -> int:
+    """The time of chunk `seq` in Unix nanoseconds, with digits below the microsecond on purpose."""
+    return ns_from_datetime(T0 + timedelta(seconds=seq)) + 123_456_789
+
+
 def chunk(job: Job, seq: int, kind: int = OUT) -> dict[str, Any]:
     """A chunk as the stream must send it."""
-    return {"seq": seq, "stream_kind": kind, "content": content(job, seq), "ts": iso(T0 + timedelta(seconds=seq))}
+    return {"seq": seq, "stream_kind": kind, "content": content(job, seq), "ts": ts(seq)}
 
 
 def write(job: Job, seqs: range | list[int], kind: int = OUT) -> int:
     return services.append_log(job=job, chunks=[
-        services.ChunkIn(seq, kind, content(job, seq), T0 + timedelta(seconds=seq)) for seq in seqs])
+        services.ChunkIn(seq, kind, content(job, seq), ts(seq)) for seq in seqs])
+
+
+I64 = range(-2**63, 2**63)
+
+
+def cli_decode(chunk: Any) -> tuple[int, int, str, int | None]:
+    """What `hm`'s client library makes of a chunk (harmont-cloud/src/logs.rs, serde):
+    `{seq: i64, stream_kind: i64, content: String, ts: Option<i64>}`; anything else fails to decode."""
+    assert isinstance(chunk, dict) and set(chunk) == {"seq", "stream_kind", "content", "ts"}, chunk
+    seq, kind, text, when = chunk["seq"], chunk["stream_kind"], chunk["content"], chunk["ts"]
+    assert type(seq) is int and seq in I64 and type(kind) is int and kind in I64, chunk
+    assert type(text) is str, chunk
+    assert when is None or (type(when) is int and when in I64), chunk
+    return seq, kind, text, when
 
 
 def start_jobs(build: Build) -> dict[str, tuple[Job, str]]:
@@ -131,6 +151,29 @@ def test_history_comes_first_then_live_chunks_then_done(live_asgi, build, runnin
     write(job, [5, 6, 7])
     assert [e.data for e in events.chunks(3)] == [chunk(job, 5), chunk(job, 6), chunk(job, 7)]
 
+    services.report_finish(job=job, exit_code=0)
+    assert until_done(events) == []
+
+
+def test_the_cli_decodes_every_chunk_of_history_and_of_chunk_events(live_asgi, build, running):
+    job, credential = running
+    write(job, [1, 2])
+    events = watch(live_asgi, job)
+    history = events.next()
+    decoded = [cli_decode(c) for c in history.data["chunks"]]
+    assert decoded == [(1, OUT, content(job, 1), ts(1)), (2, OUT, content(job, 2), ts(2))]
+
+    # Through the agent API as the agent sends it (an integer of nanoseconds), and as an older
+    # agent did (an ISO-8601 string, stored as nanoseconds to the microsecond).
+    agent = {"Authorization": f"Bearer {credential}"}
+    for seq, sent in ((3, ts(3)), (4, "2025-01-06T12:00:04.654321Z")):
+        body = {"chunks": [{"seq": seq, "stream_kind": ERR, "content": "x\n", "ts": sent}]}
+        assert live_asgi.request("POST", f"/api/v0/agent/jobs/{job.pk}/logs", body=body, headers=agent).status == 200
+    live = [cli_decode(e.data) for e in events.chunks(2)]
+    assert live == [(3, ERR, "x\n", ts(3)), (4, ERR, "x\n", ns_from_datetime(T0 + timedelta(seconds=4, microseconds=654321)))]
+    # A string, what this server sent before, is what the client cannot decode.
+    with pytest.raises(AssertionError):
+        cli_decode({"seq": 1, "stream_kind": 0, "content": "", "ts": "2025-01-06T12:00:00.000000Z"})
     services.report_finish(job=job, exit_code=0)
     assert until_done(events) == []
 

@@ -10,6 +10,7 @@ not depend on how many builds or jobs they show.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -81,7 +82,7 @@ def run_job(job: Job, agent: Agent, *, exit_code: int | None = 0, log: str = "")
     build_services.start_job(job=claim.job)
     if log:
         build_services.append_log(job=claim.job, chunks=[ChunkIn(seq=1, stream_kind=0, content=log,
-                                                                 ts=timezone.now())])
+                                                                 ts=time.time_ns())])
     if exit_code is not None:
         build_services.report_finish(job=claim.job, exit_code=exit_code)
     job.refresh_from_db()
@@ -553,7 +554,7 @@ def test_cancel_of_a_finished_build_says_so(web: Client, build: Build, agent: Ag
 def test_raw_log_is_the_whole_text_and_serves_a_tail(web: Client, build: Build, agent: Agent) -> None:
     job = run_job(build.jobs.get(step_key="a"), agent, exit_code=None, log="one\n")
     build_services.append_log(job=job, chunks=[ChunkIn(seq=2, stream_kind=1, content="\x1b[31mtwo\x1b[0m\n",
-                                                       ts=timezone.now())])
+                                                       ts=time.time_ns())])
     response = web.get(build_url(build, f"/jobs/{job.pk}/log"))
     assert response.status_code == 200 and response["Content-Type"] == "text/plain; charset=utf-8"
     assert response.content == b"one\n\x1b[31mtwo\x1b[0m\n"

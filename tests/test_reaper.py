@@ -10,6 +10,7 @@ import pytest
 from builds import services as build_services
 from builds.models import Agent, Build, BuildState, Job, JobState
 from builds.services import ReapReport
+from harmont.timestamps import ns_from_datetime
 from tests.dsl import hm
 from tests.helpers import build_at, job_states, make_agent
 
@@ -126,7 +127,7 @@ def test_signs_of_life_push_the_heartbeat_deadline(agent, pipeline, lost_after, 
     if sign_of_life == "heartbeat":
         build_services.heartbeat(job=a, now=at(lost_after - 1))
     else:
-        build_services.append_log(job=a, chunks=[build_services.ChunkIn(1, 0, "x\n", at(lost_after - 1))],
+        build_services.append_log(job=a, chunks=[build_services.ChunkIn(1, 0, "x\n", ns_from_datetime(at(lost_after - 1)))],
                                   now=at(lost_after - 1))
 
     assert reap(at(lost_after + 5)) == ReapReport()

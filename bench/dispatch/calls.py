@@ -84,7 +84,7 @@ def measure_agent_calls(probe: Seed, jobs_per_build: int, runs_file: Path) -> di
         job_id, job_token = claimed["job"]["id"], claimed["job_token"]
         call("start", f"/api/v0/agent/jobs/{job_id}/start", job_token, {"agent_name": "probe-agent"})
         # What a real agent sends for a silent command: two meta lines riding on the finish.
-        now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+        now = time.time_ns()
         chunks = [{"seq": 1, "stream_kind": 2, "content": "harmont-agent: running job on probe-agent\n", "ts": now},
                   {"seq": 2, "stream_kind": 2, "content": "harmont-agent: exit status 0\n", "ts": now}]
         answer = call("finish + next claim" if busy else "finish", f"/api/v0/agent/jobs/{job_id}/finish", job_token,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from bench.seeding import analyze, independent_steps, migrate_and_create_user
@@ -18,7 +19,6 @@ class Seed:
 
 def migrate_and_seed(builds: int, jobs_per_build: int, sessions: int) -> Seed:
     """For each session, builds whose jobs are all `running`, each with one stored chunk, through the services."""
-    from django.utils import timezone
 
     from builds import services
     from builds.models import Job
@@ -39,7 +39,7 @@ def migrate_and_seed(builds: int, jobs_per_build: int, sessions: int) -> Seed:
     agent = register_agent(token=token, name="bench-seeder", hostname="bench").agent
     while (claim := services.claim_job(agent=agent)) is not None:
         services.start_job(job=claim.job)
-    now = timezone.now()
+    now = time.time_ns()
     log_tokens = {build.pk: mint_log_token(build_id=build.pk).token for build in built}
     jobs = []
     for job in Job.objects.filter(build__in=built).order_by("build__number", "position"):

@@ -6,11 +6,12 @@ import codecs
 import io
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from builds.agent.spec import JobSpec
-from builds.agent.transport import Transport, utcnow_iso
+from builds.agent.transport import Transport
 
 STDOUT, STDERR, META = 0, 1, 2
 MAX_CHUNK_CHARS = 64 * 1024
@@ -109,7 +110,7 @@ class LogShipper:
         for start in range(0, len(text), MAX_CHUNK_CHARS):
             self.seq += 1
             self.pending.append({"seq": self.seq, "stream_kind": stream_kind,
-                                 "content": text[start:start + MAX_CHUNK_CHARS], "ts": utcnow_iso()})
+                                 "content": text[start:start + MAX_CHUNK_CHARS], "ts": time.time_ns()})
 
     def flush(self) -> None:
         with self.lock:

@@ -9,7 +9,6 @@ import random
 import threading
 import time
 import urllib.parse
-from datetime import datetime, timezone
 from typing import Any
 
 log = logging.getLogger("harmont.agent")
@@ -28,10 +27,6 @@ class AgentError(Exception):
 
 class Unauthorized(AgentError):
     """The agent token was revoked (or the job credential is no longer valid)."""
-
-
-def utcnow_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Transport:

@@ -22,7 +22,11 @@ class ChunkIn:
     seq: int
     stream_kind: int
     content: str
-    ts: datetime
+    ts: int  # Unix nanoseconds
+
+    def __post_init__(self) -> None:
+        if type(self.ts) is not int:  # a datetime would be stored as text by SQLite and refused by PostgreSQL
+            raise TypeError(f"ChunkIn.ts is Unix nanoseconds (int), not {type(self.ts).__name__}")
 
 
 def append_log(*, job: Job, chunks: Sequence[ChunkIn], now: datetime | None = None, alive: bool = True) -> int:
@@ -53,7 +57,7 @@ def _batch(chunks: Sequence[ChunkIn]) -> tuple[list[ChunkIn], dict[int, int]]:
     return batch, {chunk.seq: len(chunk.content.encode()) for chunk in batch}
 
 
-def _rows(chunks: Sequence[ChunkIn]) -> list[tuple[int, int, str, datetime]]:
+def _rows(chunks: Sequence[ChunkIn]) -> list[tuple[int, int, str, int]]:
     return [(chunk.seq, chunk.stream_kind, chunk.content, chunk.ts) for chunk in chunks]
 
 
@@ -99,7 +103,7 @@ def store_chunks(job_id: uuid.UUID, chunks: Sequence[ChunkIn], now: datetime) ->
     else:
         # Near the limit, which chunks are new decides where the log is cut.
         seen = set(LogChunk.objects.filter(job_id=job_id, seq__in=list(sizes)).values_list("seq", flat=True))
-        rows: list[tuple[int, int, str, datetime]] = []
+        rows: list[tuple[int, int, str, int]] = []
         added = 0
         for chunk in batch:
             if chunk.seq in seen:
