@@ -147,12 +147,7 @@ class FinishView(JobView):
         With `claim_next`, the answer also hands the agent its next job, which
         spares a busy agent one request per job.
         """
-        job = self.job(request, job_id)
-        report = finish_report(request)
-        outcome = services.finish_and_claim_next(
-            job=job, exit_code=report.exit_code, signal=report.signal, outcome=report.outcome,
-            error_code=report.error_code, error_message=report.error_message, chunks=report.chunks,
-            claim_next=report.claim_next, claim_key=report.claim_key)
+        outcome = services.finish_and_claim_next(job=self.job(request, job_id), **finish_report(request))
         return Response(finish_answer(outcome))
 
 

@@ -11,7 +11,6 @@ per-field messages (tests/test_agent_api.py holds the two paths equal).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from drf_spectacular.utils import extend_schema_field
@@ -22,8 +21,7 @@ from builds.models import Agent, JobState
 from builds.services import ChunkIn, Claim, FinishOutcome, job_spec
 from builds.states import TERMINAL_JOB_STATES
 from harmont.serializers import json_object, validated
-from harmont.timestamps import MAX_NS, ns_from_datetime
-
+from harmont.timestamps import is_unix_ns, ns_from_datetime
 
 
 class RegisterRequest(serializers.Serializer):
@@ -85,13 +83,13 @@ class ClaimResponse(serializers.Serializer):
 @extend_schema_field({"type": "integer", "format": "int64", "minimum": 0,
                       "description": "Unix time in nanoseconds (an ISO-8601 string is accepted too)."})
 class NanosecondsField(serializers.Field):
-    """Unix nanoseconds as an integer; an ISO-8601 time (what agents before 0.2 send) is converted."""
+    """Unix nanoseconds as an integer; an ISO-8601 time (what older agents send) is converted."""
 
     default_error_messages = {"invalid": "Send Unix time in nanoseconds (an integer) or an ISO-8601 time."}
     _datetime = serializers.DateTimeField()
 
     def to_internal_value(self, data: Any) -> int:
-        if type(data) is int and 0 <= data <= MAX_NS:  # bool is no int here
+        if is_unix_ns(data):
             return data
         if isinstance(data, str):
             try:
@@ -184,7 +182,7 @@ def plain_chunks(items: Any) -> list[ChunkIn] | None:
         seq, kind, content, ts = item.get("seq"), item.get("stream_kind"), item.get("content"), item.get("ts")
         if not (_int_within(seq, _CHUNK_FIELDS["seq"]) and type(kind) is int
                 and kind in _CHUNK_FIELDS["stream_kind"].choices
-                and type(content) is str and "\x00" not in content and type(ts) is int and 0 <= ts <= MAX_NS):
+                and type(content) is str and "\x00" not in content and is_unix_ns(ts)):
             return None  # (an ISO-8601 `ts` takes the serializer's way)
         chunks.append(ChunkIn(seq, kind, content, ts))
     return chunks
@@ -258,29 +256,15 @@ def log_chunks(request: Request) -> list[ChunkIn]:
     return chunks
 
 
-@dataclass(frozen=True)
-class FinishReport:
-    """A finish request, as `services.finish_and_claim_next` takes it."""
-
-    exit_code: int | None = None
-    signal: int | None = None
-    outcome: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    chunks: list[ChunkIn] = field(default_factory=list)
-    claim_next: bool = False
-    claim_key: str | None = None
-
-
-def finish_report(request: Request) -> FinishReport:
-    """A finish request's report, its last chunks and whether it claims the next job."""
+def finish_report(request: Request) -> dict[str, Any]:
+    """A finish request as `services.finish_and_claim_next`'s keyword arguments (besides the job)."""
     report = plain_finish(json_object(request))
     if report is None:
         data = validated(FinishRequest, request)
         report = {name: data.get(name) for name in REPORT_FIELDS}
         report["chunks"] = [ChunkIn(**chunk) for chunk in data.get("chunks") or []]
         report["claim_next"], report["claim_key"] = data["claim_next"], data.get("claim_key")
-    return FinishReport(**report)
+    return report
 
 
 def finish_answer(outcome: FinishOutcome) -> dict[str, Any]:

@@ -11,6 +11,7 @@ database spends answering (numbers in bench/README.md).
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -122,6 +123,25 @@ class Assigned:
     builds_in_children: bool  # some job starts from this one's files
 
 
+@functools.cache
+def _claim_sql(fresh: bool) -> str:
+    """The claim's statement (see `assign_next_job`), built once per form."""
+    t, e, c = _JOB, _EDGE, _JOB_COLUMNS
+    skip_locked = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    held = f"SELECT {t.id} FROM {t} WHERE {t.claim_key} = %s AND {t.agent} = %s AND {t.state} = %s LIMIT 1"
+    oldest = (f"SELECT {t.id} FROM {t} WHERE {t.organization} = %s AND {t.state} = %s"
+              f" ORDER BY {t.scheduled_at}, {t.position} LIMIT 1{skip_locked}")
+    # COALESCE evaluates the oldest-job subquery (and locks its row) only when no held job answers.
+    target = f"COALESCE(({held}), ({oldest}))" if fresh else f"({held})"
+    assign = ", ".join(f"{c[name]} = %s" for name in ("state", "agent", "credential_hash", "claim_key",
+                                                       "assigned_at", "last_heartbeat_at"))
+    return (f"UPDATE {t} SET {assign} WHERE {c['id']} = {target}"
+            f" AND ({c['state']} = %s OR ({c['state']} = %s AND {c['claim_key']} = %s AND {c['agent']} = %s))"
+            f" RETURNING {t.id},"
+            f" (SELECT {e.prerequisite} FROM {e} WHERE {e.job} = {t.id} AND {e.kind} = %s LIMIT 1),"
+            f" EXISTS (SELECT 1 FROM {e} WHERE {e.prerequisite} = {t.id} AND {e.kind} = %s)")
+
+
 def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_hash: str, now: datetime,
                     claim_key: str | None = None, fresh: bool = True) -> Assigned | None:
     """scheduled → assigned for the organization's oldest scheduled job (None: none waiting).
@@ -140,29 +160,13 @@ def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_has
     credential that replaces the lost one, instead of a second job being taken.
     With `fresh=False` only that re-answer is possible.
     """
-    t, e, c = _JOB, _EDGE, _JOB_COLUMNS
-    skip_locked = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
-    held = f"SELECT {t.id} FROM {t} WHERE {t.claim_key} = %s AND {t.agent} = %s AND {t.state} = %s LIMIT 1"
-    oldest = (f"SELECT {t.id} FROM {t} WHERE {t.organization} = %s AND {t.state} = %s"
-              f" ORDER BY {t.scheduled_at}, {t.position} LIMIT 1{skip_locked}")
     agent = db_value(Job, "agent", agent_id)
-    # COALESCE evaluates the oldest-job subquery (and locks its row) only when no held job answers.
-    if fresh:
-        target, target_params = f"COALESCE(({held}), ({oldest}))", [claim_key, agent, J.ASSIGNED, organization_id,
-                                                                     J.SCHEDULED]
-    else:
-        target, target_params = f"({held})", [claim_key, agent, J.ASSIGNED]
-    assign = ", ".join(f"{c[name]} = %s" for name in ("state", "agent", "credential_hash", "claim_key",
-                                                       "assigned_at", "last_heartbeat_at"))
+    held = [claim_key, agent, J.ASSIGNED]
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {t} SET {assign} WHERE {c['id']} = {target}"
-            f" AND ({c['state']} = %s OR ({c['state']} = %s AND {c['claim_key']} = %s AND {c['agent']} = %s))"
-            f" RETURNING {t.id},"
-            f" (SELECT {e.prerequisite} FROM {e} WHERE {e.job} = {t.id} AND {e.kind} = %s LIMIT 1),"
-            f" EXISTS (SELECT 1 FROM {e} WHERE {e.prerequisite} = {t.id} AND {e.kind} = %s)",
+            _claim_sql(fresh),
             [J.ASSIGNED, agent, credential_hash, claim_key, db_value(Job, "assigned_at", now),
-             db_value(Job, "last_heartbeat_at", now), *target_params,
+             db_value(Job, "last_heartbeat_at", now), *held, *([organization_id, J.SCHEDULED] if fresh else []),
              J.SCHEDULED, J.ASSIGNED, claim_key, agent, EdgeKind.BUILDS_IN, EdgeKind.BUILDS_IN],
         )
         row = cursor.fetchone()

@@ -242,6 +242,10 @@ def _write_build(build_id: uuid.UUID, columns: Mapping[str, object]) -> None:
         Build.objects.filter(pk=build_id).update(**columns)
 
 
+# What any build holding an assigned job rolls up to, whatever its other jobs' states.
+CLAIMED_ROLL_UP = roll_up([J.ASSIGNED])
+
+
 def mark_build_running(build_id: uuid.UUID) -> None:
     """A job of the build was just assigned: the roll-up without reading the build or its jobs.
 
@@ -253,8 +257,6 @@ def mark_build_running(build_id: uuid.UUID) -> None:
     Build.objects.filter(pk=build_id, state=BuildState.SCHEDULED, cancel_requested_at__isnull=True,
                          error_code__isnull=True).update(state=CLAIMED_ROLL_UP)
 
-
-CLAIMED_ROLL_UP = roll_up([J.ASSIGNED])
 
 
 def mark_build_started(build_id: uuid.UUID, now: datetime) -> None:

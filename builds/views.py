@@ -33,8 +33,7 @@ from builds import services
 from builds.filters import BuildFilter
 from builds.models import Artifact, Build, BuildSource, BuildState, Job
 from builds.responses import artifact_response, raw_log_response
-from builds import selectors
-from builds.selectors import find_artifact, jobs_with_prerequisites, scoped_build
+from builds.selectors import find_artifact, jobs_with_prerequisites, recent_agents, scoped_build
 from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
 from builds.templatetags.harmont_pages import duration_seconds, format_duration
 from harmont.errors import ApiError
@@ -362,7 +361,7 @@ def _admin_page(request: HttpRequest, org: str) -> OrgPage:
 
 def _agents_page(request: HttpRequest, page: OrgPage, *, form: AgentTokenForm,
                  created: org_services.IssuedAgentToken | None = None, status: int = 200) -> HttpResponse:
-    agents = selectors.recent_agents(page.org, now=timezone.now())
+    agents = recent_agents(page.org, now=timezone.now())
     tokens = AgentToken.objects.filter(organization=page.org, revoked_at__isnull=True).select_related(
         "created_by").order_by("-created_at")
     return render(request, "builds/agents.html", page.context(agents=agents, tokens=tokens, form=form,

@@ -9,6 +9,11 @@ MAX_NS = 2**63 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
+def is_unix_ns(value: object) -> bool:
+    """An int (never a bool) that is a Unix time in nanoseconds this server stores."""
+    return type(value) is int and 0 <= value <= MAX_NS
+
+
 def ns_from_datetime(value: datetime) -> int:
     """`value` (aware) as Unix nanoseconds, exact to its microsecond (no float rounding)."""
     delta = value - _EPOCH

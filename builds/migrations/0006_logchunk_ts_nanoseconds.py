@@ -5,34 +5,30 @@ from django.db import migrations, models
 BATCH = 2000
 
 
+def _convert(apps, source: str, target: str, convert) -> None:
+    """Fill column `target` of every chunk from `source`, in batches."""
+    LogChunk = apps.get_model("builds", "LogChunk")
+    batch = []
+    for chunk in LogChunk.objects.only("id", source).iterator(chunk_size=BATCH):
+        setattr(chunk, target, convert(getattr(chunk, source)))
+        batch.append(chunk)
+        if len(batch) == BATCH:
+            LogChunk.objects.bulk_update(batch, [target])
+            batch = []
+    if batch:
+        LogChunk.objects.bulk_update(batch, [target])
+
+
 def to_nanoseconds(apps, schema_editor):
     from harmont.timestamps import ns_from_datetime
 
-    LogChunk = apps.get_model("builds", "LogChunk")
-    batch = []
-    for chunk in LogChunk.objects.only("id", "ts").iterator(chunk_size=BATCH):
-        chunk.ts_ns = ns_from_datetime(chunk.ts)
-        batch.append(chunk)
-        if len(batch) == BATCH:
-            LogChunk.objects.bulk_update(batch, ["ts_ns"])
-            batch = []
-    if batch:
-        LogChunk.objects.bulk_update(batch, ["ts_ns"])
+    _convert(apps, "ts", "ts_ns", ns_from_datetime)
 
 
 def to_datetimes(apps, schema_editor):
     from harmont.timestamps import datetime_from_ns
 
-    LogChunk = apps.get_model("builds", "LogChunk")
-    batch = []
-    for chunk in LogChunk.objects.only("id", "ts_ns").iterator(chunk_size=BATCH):
-        chunk.ts = datetime_from_ns(chunk.ts_ns)
-        batch.append(chunk)
-        if len(batch) == BATCH:
-            LogChunk.objects.bulk_update(batch, ["ts"])
-            batch = []
-    if batch:
-        LogChunk.objects.bulk_update(batch, ["ts"])
+    _convert(apps, "ts_ns", "ts", datetime_from_ns)
 
 
 class Migration(migrations.Migration):

@@ -90,10 +90,7 @@ def fail_render(*, job: Job, message: str, now: datetime | None = None) -> None:
         states.settle_build(build_id=build.pk, now=now, locked=build)
 
 
-_NO_IR = object()
-
-
-def record_render_result(*, job: Job, pipeline_ir: Any = _NO_IR, error: str | None = None,
+def record_render_result(*, job: Job, pipeline_ir: Any = None, error: str | None = None,
                          now: datetime | None = None) -> int:
     """A render job's report: the rendered IR (`pipeline_ir`), or why rendering failed (`error`).
 
@@ -103,5 +100,4 @@ def record_render_result(*, job: Job, pipeline_ir: Any = _NO_IR, error: str | No
     if error is not None:
         fail_render(job=job, message=error, now=now)
         return 0
-    assert pipeline_ir is not _NO_IR, "a render result carries an IR or an error"
     return accept_rendered_pipeline(job=job, document=pipeline_ir, now=now)
