@@ -22,6 +22,8 @@ build_pages = [
     path(f"{BUILD}/jobs/<uuid:job_id>/log", views.job_raw_log, name="job-log"),
     path(f"{BUILD}/artifacts/<uuid:artifact_id>", views.artifact_download, name="artifact"),
     path("orgs/<str:org>/agents", views.agents, name="agents"),
+    # The hosted service's build link (no `orgs/`), which the hm CLI prints after `hm run`.
+    path("<str:org>/pipelines/<str:pipeline>/builds/<int:number>", views.build_link, name="build-link"),
     path("orgs/<str:org>/agents/tokens/<uuid:token_id>/revoke", views.revoke_agent_token, name="revoke-agent-token"),
 ]
 

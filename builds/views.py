@@ -255,6 +255,16 @@ def _history(request: HttpRequest, pipe: Pipeline) -> dict[str, Any]:
 # ---------------------------------------------------------------- the build page
 
 
+@require_GET
+def build_link(request: HttpRequest, org: str, pipeline: str, number: int) -> HttpResponse:
+    """`/{org}/pipelines/{pipeline}/builds/{n}`, the link the hm CLI prints, is the build page.
+
+    Only the path is rewritten (no query), so the build page alone decides who may see
+    it: signed-out people sign in there and come back.
+    """
+    return redirect(reverse("builds_ui:build", args=[org, pipeline, number]))
+
+
 @login_required
 @require_GET
 def build_detail(request: HttpRequest, org: str, pipeline: str, number: int) -> HttpResponse:

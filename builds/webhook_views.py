@@ -132,5 +132,5 @@ def _build_json(org_slug: str, build: Build) -> dict[str, Any]:
     path = reverse("builds_ui:build", args=[org_slug, build.pipeline.slug, build.number])
     return {
         "pipeline": build.pipeline.slug, "number": build.number, "state": build.state,
-        "error_code": build.error_code, "url": f"{settings.PUBLIC_URL}{path}",
+        "error_code": build.error_code, "url": f"{settings.APP_URL}{path}",
     }

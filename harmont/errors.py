@@ -16,6 +16,7 @@ from typing import Any, Callable
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -361,6 +362,7 @@ class ApiErrorMiddleware:
         return envelope_response(request, "server_error", "Internal server error.", status=500)
 
 
+@csrf_exempt  # API routes never depend on CSRF: an unknown one is a 404 whatever the method and cookies
 def route_not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
     """Catch-all for unknown paths under /api/v0."""
     return envelope_response(request, "route_not_found", f"No API route {request.method} {request.path}.",

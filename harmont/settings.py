@@ -52,6 +52,32 @@ def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
 
 
+def env_rate(name: str, default: str) -> str:
+    """A throttle rate, `<requests>/<period>` with the period in s, min, hour or day (DRF's form)."""
+    raw = env_str(name, default).strip()
+    count, _, period = raw.partition("/")
+    if not (count.isdigit() and int(count) > 0 and period[:1] in ("s", "m", "h", "d")):
+        raise ImproperlyConfigured(f"{name} must look like 300/min (requests per s, min, hour or day), got {raw!r}")
+    return raw
+
+
+def env_origin(name: str, default: str = "") -> str:
+    """An http(s) origin or base URL without its trailing slash ("" if unset)."""
+    raw = env_str(name, default).strip().rstrip("/")
+    if raw and not raw.startswith(("http://", "https://")):
+        raise ImproperlyConfigured(f"{name} must start with http:// or https://, got {raw!r}")
+    return raw
+
+
+def env_origins(name: str) -> list[str]:
+    """A comma list of origins (`scheme://host[:port]`), or `*` for any."""
+    origins = env_list(name, "")
+    for origin in origins:
+        if origin != "*" and (not origin.startswith(("http://", "https://")) or "/" in origin.split("://", 1)[1]):
+            raise ImproperlyConfigured(f"{name}: {origin!r} is not an origin such as https://app.example.com")
+    return origins
+
+
 def env_json_object(name: str) -> dict:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -127,8 +153,18 @@ SECRETS_KEYS = env_list("HARMONT_SECRETS_KEY", "") or [
 
 ALLOWED_HOSTS = env_list("HARMONT_ALLOWED_HOSTS", "localhost,127.0.0.1")
 PORT = env_int("PORT", 8000, minimum=1)
-PUBLIC_URL = env_str("HARMONT_PUBLIC_URL", f"http://127.0.0.1:{PORT}").rstrip("/")
-CSRF_TRUSTED_ORIGINS = [PUBLIC_URL] if PUBLIC_URL.startswith(("http://", "https://")) else []
+PUBLIC_URL = env_origin("HARMONT_PUBLIC_URL", f"http://127.0.0.1:{PORT}")
+# Where people reach the pages, when that is another name than PUBLIC_URL: the hm CLI
+# talks to api.<domain> and sends people to app.<domain>, both served by this process.
+APP_URL = env_origin("HARMONT_APP_URL") or PUBLIC_URL
+# A signed-in form posted from the app host must pass Django's CSRF origin check even
+# when a TLS-terminating proxy makes the request look like plain http to us.
+CSRF_TRUSTED_ORIGINS = list(dict.fromkeys(
+    [PUBLIC_URL, APP_URL, *env_origins("HARMONT_CSRF_TRUSTED_ORIGINS")]))
+# Behind a proxy that terminates TLS and says so in X-Forwarded-Proto (and strips that
+# header from what clients send), trust it: request.is_secure() is then true for https.
+if env_bool("HARMONT_SECURE_PROXY_SSL_HEADER", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -137,6 +173,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "corsheaders",
     "rest_framework",
     "django_filters",
     "drf_spectacular",
@@ -152,6 +189,8 @@ MIDDLEWARE = [
     # Serves the admin's and the pages' static files from gunicorn itself.
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    # Before CommonMiddleware, so that preflights are answered before anything else looks at them.
+    "corsheaders.middleware.CorsMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -245,6 +284,16 @@ AGENT_CANCEL_GRACE_SECONDS = env_int("HARMONT_CANCEL_GRACE", 10, minimum=0)
 JOB_LOG_LIMIT_BYTES = env_int("HARMONT_JOB_LOG_LIMIT", 64 * 1024 * 1024, minimum=1024)
 # Origins (comma list, or *) whose pages may read the live log stream.
 LOG_STREAM_CORS_ORIGINS = env_list("HARMONT_LOG_STREAM_CORS_ORIGINS", "")
+# Origins (comma list, or *) whose pages may call the REST API (django-cors-headers, /api/v0
+# only). Clients send a bearer token, never cookies, so credentials stay off.
+_api_cors_origins = env_origins("HARMONT_CORS_ORIGINS")
+CORS_URLS_REGEX = r"^/api/v0/.*$"
+CORS_ALLOW_ALL_ORIGINS = "*" in _api_cors_origins
+CORS_ALLOWED_ORIGINS = [origin for origin in _api_cors_origins if origin != "*"]
+CORS_ALLOW_HEADERS = ("authorization", "content-type", "idempotency-key", "x-request-id")
+CORS_EXPOSE_HEADERS = ("x-request-id", "retry-after", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset",
+                       "idempotent-replayed")
+CORS_PREFLIGHT_MAX_AGE = 3600
 # How often the reaper looks for lost agents and overdue jobs and builds.
 REAPER_INTERVAL_SECONDS = env_int("HARMONT_REAPER_INTERVAL", 5, minimum=1)
 
@@ -256,8 +305,10 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "harmont.errors.api_exception_handler",
     "DEFAULT_THROTTLE_RATES": {
-        # Unauthenticated CLI-login endpoints guess at secrets; slow the guessing.
-        "cli_login": env_str("HARMONT_CLI_LOGIN_RATE", "30/min"),
+        # The unauthenticated CLI-login routes (claim, redeem): per client address, and per
+        # nonce or code. One CLI polls claim about 80 times a minute while it waits.
+        "cli_login": env_rate("HARMONT_CLI_LOGIN_RATE", "300/min"),
+        "cli_login_credential": env_rate("HARMONT_CLI_LOGIN_CREDENTIAL_RATE", "100/min"),
     },
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     "DATETIME_FORMAT": "%Y-%m-%dT%H:%M:%S.%fZ",

@@ -16,12 +16,12 @@ from rest_framework import status
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from harmont.errors import ApiError
 from harmont.pagination import paginate
 from harmont.serializers import ErrorSerializer, parse_uuid, validated
+from harmont.throttling import AddressBudget, CredentialBudget, RateLimitedView
 from organizations import services
 from organizations.access import OrgScopedView
 from organizations.models import AgentToken, ApiToken, Membership, Organization, Role, TokenKind, User
@@ -172,16 +172,36 @@ class CliTransferView(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class CliPublicView(APIView):
-    """Claim and redeem: no credentials (the nonce/code is the credential), throttled per client."""
+class CliLoginAddressBudget(AddressBudget):
+    scope = "cli_login"
+
+
+class CliLoginCredentialBudget(CredentialBudget):
+    scope = "cli_login_credential"
+
+
+class CliPublicView(RateLimitedView):
+    """Claim and redeem: no credentials (the nonce/code is the credential), so they are throttled.
+
+    The CLI polls claim every 750 ms for up to 3 minutes, so one login needs about 80
+    requests a minute for as long as it waits: that is what the per-credential budget
+    grants. The per-address budget, shared by both routes, leaves room for a few logins
+    at once from one address (an office behind one NAT) and keeps floods out.
+    """
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
-    throttle_classes = [ScopedRateThrottle]
-    throttle_scope = "cli_login"
+    throttle_classes = [CliLoginAddressBudget, CliLoginCredentialBudget]
+    credential_field = ""
+
+    def throttled_credential(self, request: Request) -> str | None:
+        value = request.data.get(self.credential_field) if isinstance(request.data, dict) else None
+        return value if isinstance(value, str) else None
 
 
 class CliClaimView(CliPublicView):
+    credential_field = "nonce"
+
     @extend_schema(operation_id="cliClaim", tags=["auth"], auth=[], request=CliClaimRequestSerializer,
                    responses={200: CliTokenResponseSerializer, 400: ErrorSerializer, 429: ErrorSerializer})
     def post(self, request: Request) -> Response:
@@ -197,6 +217,13 @@ class CliCodeView(APIView):
 
 
 class CliRedeemView(CliPublicView):
+    credential_field = "code"
+
+    def throttled_credential(self, request: Request) -> str | None:
+        # Spellings of one code (case, dashes, look-alikes) share one budget.
+        code = super().throttled_credential(request)
+        return services.normalize_cli_code(code) if code else None
+
     @extend_schema(operation_id="cliRedeem", tags=["auth"], auth=[], request=CliRedeemRequestSerializer,
                    responses={200: CliTokenResponseSerializer, 400: ErrorSerializer, 429: ErrorSerializer})
     def post(self, request: Request) -> Response:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import tarfile
 import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone as dt_timezone
+from pathlib import Path
 from typing import Any
 
 from django.db import connection
@@ -195,6 +199,21 @@ def chunk(seq: int, content: str, stream_kind: int = 0) -> dict[str, Any]:
     """A log chunk as the agent sends it, stamped `seq` seconds after AGENT_T0 (in Unix nanoseconds)."""
     return {"seq": seq, "stream_kind": stream_kind, "content": content,
             "ts": ns_from_datetime(AGENT_T0 + timedelta(seconds=seq))}
+
+
+# ------------------------------------------------------------------ settings
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def settings_from_env(names: tuple[str, ...], **env: str) -> dict[str, Any]:
+    """Settings `names` as a fresh process reads them from these environment variables,
+    or {"error": <stderr>} when the settings module refuses them."""
+    code = ("import json, sys, django; django.setup(); from django.conf import settings as s; "
+            "print(json.dumps({name: getattr(s, name, None) for name in sys.argv[1:]}))")
+    result = subprocess.run([sys.executable, "-c", code, *names], cwd=PROJECT_DIR, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "DJANGO_SETTINGS_MODULE": "harmont.settings", **env})
+    return json.loads(result.stdout) if result.returncode == 0 else {"error": result.stderr}
 
 
 # ------------------------------------------------------------------ threads

@@ -10,9 +10,10 @@ from unittest import mock
 import pytest
 from django.core.cache import cache
 from django.utils import timezone
-from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.test import APIClient
 
 from harmont.errors import ApiError
+from harmont.throttling import RateBudget
 from organizations import services
 from organizations.models import ApiToken, CliGrantKind, CliLoginGrant, TokenKind
 from tests.helpers import assert_error, is_postgres, race
@@ -204,8 +205,92 @@ def test_codes_are_distinct(api):
     assert len(codes) == 5
 
 
-def test_claim_and_redeem_are_throttled_with_the_envelope(anon, db, monkeypatch):
-    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"cli_login": "3/min"})
+class FakeClock:
+    """Stands in for the throttles' clock, so minutes of polling take no time."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch, db) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(RateBudget, "timer", staticmethod(fake))
+    return fake
+
+
+def test_a_cli_polling_claim_at_its_pace_for_its_whole_window_gets_400s_then_the_token(api, anon, clock):
+    """The CLI polls every 750 ms for 3 minutes and gives up on anything but 400 cli_code_invalid."""
+    nonce = new_nonce()
+    for _ in range(239):
+        assert_error(claim(anon, nonce), 400, "cli_code_invalid")
+        clock.advance(0.75)
+    assert api.post("/api/v0/auth/cli/transfer", {"nonce": nonce}, format="json").status_code == 204
+    response = claim(anon, nonce)
+    assert response.status_code == 200 and response.json()["token"]
+
+
+def test_one_nonce_polled_faster_than_any_cli_is_refused_but_not_other_nonces(anon, clock):
+    nonce = new_nonce()
+    for _ in range(100):
+        assert_error(claim(anon, nonce), 400, "cli_code_invalid")
+    response = claim(anon, nonce)
+    assert_error(response, 429, "rate_limited")
+    assert response["RateLimit-Limit"] == "100" and response["RateLimit-Remaining"] == "0"
+    assert response["Retry-After"] == "60" and response["RateLimit-Reset"] == "60"
+    assert_error(claim(anon, new_nonce()), 400, "cli_code_invalid")
+    clock.advance(60)  # the oldest poll has left the window
+    assert_error(claim(anon, nonce), 400, "cli_code_invalid")
+
+
+def test_a_flood_from_one_address_is_refused_across_claim_and_redeem(anon, clock):
+    for i in range(300):
+        response = claim(anon, new_nonce()) if i % 2 else redeem(anon, f"{i:016d}")
+        assert_error(response, 400, "cli_code_invalid")
+        clock.advance(0.125)
+    for response in (claim(anon, new_nonce()), redeem(anon, "0" * 16)):
+        error = assert_error(response, 429, "rate_limited")
+        assert response["RateLimit-Limit"] == "300" and response["RateLimit-Remaining"] == "0"
+        # The first request leaves the window 60 s after it was made, 22.5 s from now.
+        assert response["Retry-After"] == "23" and "23 s" in error["message"]
+    other_address = APIClient(REMOTE_ADDR="203.0.113.9")
+    assert_error(claim(other_address, new_nonce()), 400, "cli_code_invalid")
+
+
+def test_every_spelling_of_one_code_shares_its_budget(anon, clock):
+    for i in range(100):
+        assert_error(redeem(anon, "abcd-efgh-jkmn-pqrs" if i % 2 else "ABCDEFGHJKMNPQRS"), 400, "cli_code_invalid")
+    assert_error(redeem(anon, "abcdefghjkmnpqrs"), 429, "rate_limited")
+    assert_error(redeem(anon, "ABCDEFGHJKMNPQRT"), 400, "cli_code_invalid")
+
+
+def test_throttled_answers_say_what_is_left(anon, owner, clock):
+    code = services.create_cli_code(user=owner)
+    first = claim(anon, new_nonce())
+    assert (first["RateLimit-Limit"], first["RateLimit-Remaining"], first["RateLimit-Reset"]) == ("100", "99", "60")
+    clock.advance(20)
+    response = redeem(anon, code)
+    assert response.status_code == 200
+    # The address budget (298 of 300 left) is wider than the code's (99 of 100): the tightest is reported.
+    assert (response["RateLimit-Limit"], response["RateLimit-Remaining"], response["RateLimit-Reset"]) == ("100", "99", "60")
+
+
+def test_a_request_without_a_credential_spends_only_the_address_budget(anon, clock, monkeypatch):
+    monkeypatch.setattr(RateBudget, "THROTTLE_RATES", {"cli_login": "2/min", "cli_login_credential": "100/min"})
+    for _ in range(2):
+        response = anon.post("/api/v0/auth/cli/claim", {}, format="json")
+        assert response.status_code == 400 and response["RateLimit-Limit"] == "2"
+    assert_error(anon.post("/api/v0/auth/cli/claim", {}, format="json"), 429, "rate_limited")
+
+
+def test_the_limits_come_from_the_settings(anon, clock, monkeypatch):
+    monkeypatch.setattr(RateBudget, "THROTTLE_RATES", {"cli_login": "3/min", "cli_login_credential": "100/min"})
     for _ in range(3):
         assert_error(claim(anon, "guess-guess-guess"), 400, "cli_code_invalid")
     response = redeem(anon, "0000000000000000")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from django.test import Client
 
 from builds.models import Build
 from tests.helpers import assert_error
@@ -14,6 +15,24 @@ def test_unknown_route_is_envelope_404(api):
 
 def test_unknown_route_without_auth_is_still_envelope(anon):
     assert_error(anon.post("/api/v0/nothing-here"), 404, "route_not_found")
+
+
+@pytest.mark.parametrize("method", ["get", "post", "put", "patch", "delete", "options"])
+def test_unknown_route_is_404_for_every_method_even_from_a_signed_in_browser_without_csrf(owner, method):
+    """A session cookie and no CSRF token once made POST/PUT/DELETE to an unknown path a 403."""
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(owner)
+    response = browser.generic(method.upper(), "/api/v0/no/such/route", data="{}", content_type="application/json")
+    assert_error(response, 404, "route_not_found")
+
+
+def test_api_routes_ignore_csrf_for_signed_in_browsers(owner, org):
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(owner)
+    # No bearer token: the API never accepts the session, and never asks for a CSRF token either.
+    assert_error(browser.post(f"/api/v0/organizations/{org.slug}/pipelines", data="{}",
+                              content_type="application/json"), 401, "unauthorized")
+    assert_error(browser.delete("/api/v0/ping"), 405, "method_not_allowed")
 
 
 def test_bare_api_prefix_is_envelope(anon):

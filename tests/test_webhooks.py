@@ -66,7 +66,7 @@ def nothing_written() -> None:
 
 
 def build_url(org: Organization, pipeline: Pipeline, number: int) -> str:
-    return f"{django_settings.PUBLIC_URL}/orgs/{org.slug}/pipelines/{pipeline.slug}/builds/{number}"
+    return f"{django_settings.APP_URL}/orgs/{org.slug}/pipelines/{pipeline.slug}/builds/{number}"
 
 
 # ---------------------------------------------------------------- pure: signatures

@@ -105,12 +105,12 @@ class Command(BaseCommand):
                                 revoked_at__isnull=True).update(revoked_at=timezone.now())
         token = create_personal_token(user=user, description=DEMO_TOKEN_DESCRIPTION).raw
 
-        base = settings.PUBLIC_URL
+        base, app = settings.PUBLIC_URL, settings.APP_URL
         builds = f"{base}/api/v0/organizations/{org.slug}/pipelines/{pipeline.slug}/builds"
         self.stdout.write(
             "\n"
-            f"Harmont demo is ready at {base}/\n"
-            f"  sign in:      {base}/login  as {DEMO_EMAIL} / {password}  (also {base}/admin/)\n"
+            f"Harmont demo is ready at {app}/\n"
+            f"  sign in:      {app}/login  as {DEMO_EMAIL} / {password}  (also {app}/admin/)\n"
             f"  API token:    {token}\n"
             f"  try it:\n"
             f"    curl -s -X POST {builds} \\\n"
