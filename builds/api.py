@@ -38,6 +38,7 @@ from harmont.logtokens import mint_log_token
 from harmont.pagination import paginate, paginate_by_creation
 from harmont.serializers import ErrorSerializer, filtered, json_object, parse_uuid
 from organizations.access import OrgScopedView, membership_for
+from organizations.idempotency import IDEMPOTENCY_KEY_HEADER, IDEMPOTENCY_RESPONSES, idempotent
 from organizations.models import Membership
 from pipelines.api import PAGE_PARAMS, get_pipeline
 
@@ -105,8 +106,10 @@ class PipelineBuildsView(OrgScopedView):
         return Response({"data": BuildSerializer(page.items, many=True).data, "next_cursor": page.next_cursor})
 
     @extend_schema(operation_id="createBuild", tags=["builds"], request=CreateBuildRequestSerializer,
+                   parameters=[IDEMPOTENCY_KEY_HEADER],
                    responses={201: BuildSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
-                              422: ErrorSerializer})
+                              422: ErrorSerializer, **IDEMPOTENCY_RESPONSES})
+    @idempotent
     def post(self, request: Request, org: str, pipeline: str) -> Response:
         pipe = get_pipeline(self.org, pipeline)
         build = services.create_build(pipeline=pipe, request=build_request_from(json_object(request)),
@@ -116,8 +119,10 @@ class PipelineBuildsView(OrgScopedView):
 
 class RepoBuildsView(OrgScopedView):
     @extend_schema(operation_id="createBuildBySource", tags=["builds"], request=CreateRepoBuildRequestSerializer,
+                   parameters=[IDEMPOTENCY_KEY_HEADER],
                    responses={201: BuildSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
-                              422: ErrorSerializer})
+                              422: ErrorSerializer, **IDEMPOTENCY_RESPONSES})
+    @idempotent
     def post(self, request: Request, org: str) -> Response:
         body = json_object(request)
         build_request = build_request_from(body, also_required=("repo_name", "source_slug"))

@@ -1,4 +1,5 @@
-"""The reaper loop: the part of execution no agent can report on (lost agents, overdue work)."""
+"""The reaper loop: the part of execution no agent can report on (lost agents, overdue work), and
+the rows that only live for a while (expired idempotency keys)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 from django.db import DatabaseError, close_old_connections
 
 from builds import services
+from organizations.idempotency import prune_idempotency_keys
 
 log = logging.getLogger("harmont.reaper")
 
@@ -20,6 +22,10 @@ def run_reaper(*, stop: threading.Event, interval: float, once: bool = False) ->
             report = services.reap()
             if report.heartbeat_lost or report.job_timeouts or report.pipeline_timeouts:
                 log.info("reaped: %s", report)
+            # Here rather than per request: one indexed DELETE every few seconds, not one per create.
+            pruned = prune_idempotency_keys()
+            if pruned:
+                log.info("pruned %d expired idempotency keys", pruned)
         except DatabaseError:
             log.exception("reaper pass failed; retrying")
             close_old_connections()

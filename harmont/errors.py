@@ -68,6 +68,10 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "(such as `ref` and `after` of a push, or `pull_request.head.sha`)."),
     ("cli_code_invalid", "invalid_request", "CLI login code not valid",
      "The CLI login nonce or paste code is unknown, not yet authorized, already used, or expired. Start the login again."),
+    ("idempotency_key_invalid", "invalid_request", "Idempotency key invalid",
+     "The Idempotency-Key header must be 1 to 255 printable ASCII characters (letters, digits, punctuation, "
+     "spaces). Send a new random value, such as a UUID, with each distinct request, and the same value when "
+     "retrying it."),
     ("unauthorized", "unauthorized", "Authentication required",
      "Send `Authorization: Bearer <token>` with a session token or a personal API token that is neither revoked nor expired."),
     ("webhook_signature_invalid", "unauthorized", "Webhook signature invalid",
@@ -112,6 +116,9 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "The owner of a personal organization cannot leave or be demoted in it."),
     ("build_already_finished", "conflict", "Build already finished",
      "The build has already passed, failed or been skipped; there is nothing left to cancel."),
+    ("idempotency_key_in_progress", "conflict", "Request with this key in progress",
+     "A request with this Idempotency-Key is still being processed. Retry once it has finished: the retry then "
+     "gets its answer, and nothing is created twice."),
     ("job_not_active", "conflict", "Job not active",
      "The job has already finished, so an agent can no longer change it."),
     ("job_not_render", "conflict", "Not a render job",
@@ -142,6 +149,10 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "Another pipeline in this organization already has the slug derived from this name. Choose another name."),
     ("invite_invalid", "validation_failed", "Invite cannot be accepted",
      "The invite token is unknown, revoked, expired, already used, or was sent to another email address."),
+    ("idempotency_key_reused", "validation_failed", "Idempotency key reused",
+     "This Idempotency-Key was already sent to this route with a different request body (keys are kept for 24 "
+     "hours, HARMONT_IDEMPOTENCY_KEY_TTL). A retry must repeat the first request exactly; a different request "
+     "needs a new key. Nothing was changed."),
     ("artifact_not_found", "not_found", "Artifact not found",
      "No artifact with this id exists in the build."),
     ("artifact_path_invalid", "validation_failed", "Artifact path invalid",

@@ -268,6 +268,9 @@ BUILD_ARTIFACTS_MAX_BYTES = env_int("HARMONT_BUILD_ARTIFACTS_MAX_BYTES", 1024 * 
 # GitHub caps webhook payloads at 25 MB; /webhooks/github refuses larger bodies (413) unread.
 WEBHOOK_MAX_BYTES = env_int("HARMONT_WEBHOOK_MAX_BYTES", 25 * 1024 * 1024, minimum=1024)
 
+# How long the first answer to a create sent with an Idempotency-Key is kept for its retries (seconds).
+IDEMPOTENCY_KEY_TTL_SECONDS = env_int("HARMONT_IDEMPOTENCY_KEY_TTL", 24 * 3600, minimum=60)
+
 # Jobs without their own timeout get this one (seconds).
 DEFAULT_JOB_TIMEOUT_SECONDS = env_int("HARMONT_DEFAULT_JOB_TIMEOUT", 3600, minimum=1)
 SESSION_TOKEN_TTL_DAYS = 30

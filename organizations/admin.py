@@ -19,7 +19,16 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from organizations import services
-from organizations.models import AgentToken, ApiToken, CliLoginGrant, Invite, Membership, Organization, User
+from organizations.models import (
+    AgentToken,
+    ApiToken,
+    CliLoginGrant,
+    IdempotencyKey,
+    Invite,
+    Membership,
+    Organization,
+    User,
+)
 
 
 class UserCreateForm(AdminUserCreationForm):
@@ -177,3 +186,21 @@ class AgentTokenAdmin(admin.ModelAdmin):
         for token in queryset:
             services.revoke_agent_token(token=token)
         self.message_user(request, f"Revoked {queryset.count()} agent token(s).", messages.SUCCESS)
+
+
+@admin.register(IdempotencyKey)
+class IdempotencyKeyAdmin(admin.ModelAdmin):
+    """View and delete only: the rows belong to organizations.idempotency (deleting one frees its key)."""
+
+    list_display = ("key", "user", "path", "state", "response_status", "created_at", "expires_at")
+    list_select_related = ("user",)
+    list_filter = ("state",)
+    search_fields = ("key", "user__email", "path")
+    fields = ("user", "key", "path", "state", "response_status", "response_body", "created_at", "expires_at")
+    ordering = ("-created_at",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: IdempotencyKey | None = None) -> bool:
+        return False

@@ -193,3 +193,36 @@ class AgentToken(models.Model):
 
     def __str__(self) -> str:
         return f"agent token {self.description or self.id} of {self.organization_id}"
+
+
+class IdempotencyState(models.TextChoices):
+    IN_PROGRESS = "in_progress"
+    COMPLETE = "complete"
+
+
+class IdempotencyKey(models.Model):
+    """The first answer to a request sent with an `Idempotency-Key`, so that a retry gets it again.
+
+    One row per caller, route and key; see organizations.idempotency.
+    """
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="+")
+    # SHA-256 of the method, route name and URL kwargs: URL segments are unbounded, the unique index is not.
+    route = models.CharField(max_length=64)
+    key = models.CharField(max_length=255)
+    path = models.TextField()  # the first request's path, for operators
+    # Keyed with the secret key: the bodies it stands for may hold secrets' values.
+    request_hash = models.CharField(max_length=64)
+    state = models.CharField(max_length=12, choices=IdempotencyState.choices, default=IdempotencyState.IN_PROGRESS)
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    # The body as first sent, byte for byte (jsonb would reorder its keys).
+    response_body = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "route", "key"], name="idempotency_key_unique")]
+        indexes = [models.Index(fields=["expires_at"], name="idempotency_key_expiry")]
+
+    def __str__(self) -> str:
+        return f"idempotency key {self.key!r} of {self.user_id}"

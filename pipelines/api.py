@@ -14,6 +14,7 @@ from harmont.errors import ApiError
 from harmont.pagination import paginate
 from harmont.serializers import ErrorSerializer, validated
 from organizations.access import OrgScopedView
+from organizations.idempotency import IDEMPOTENCY_KEY_HEADER, IDEMPOTENCY_RESPONSES, idempotent
 from organizations.models import Role
 from pipelines import secrets as secret_services
 from pipelines import registration, services
@@ -46,8 +47,10 @@ class PipelineListView(OrgScopedView):
         return Response({"data": PipelineSerializer(page.items, many=True).data, "next_cursor": page.next_cursor})
 
     @extend_schema(operation_id="createPipeline", tags=["pipelines"], request=CreatePipelineRequestSerializer,
+                   parameters=[IDEMPOTENCY_KEY_HEADER],
                    responses={201: PipelineSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
-                              422: ErrorSerializer})
+                              422: ErrorSerializer, **IDEMPOTENCY_RESPONSES})
+    @idempotent
     def post(self, request: Request, org: str) -> Response:
         pipeline = services.create_pipeline(org=self.org, **validated(CreatePipelineRequestSerializer, request))
         return Response(PipelineSerializer(pipeline).data, status=status.HTTP_201_CREATED)
@@ -65,8 +68,10 @@ class PipelineRegisterView(OrgScopedView):
     role_action = "register pipelines"
 
     @extend_schema(operation_id="registerPipelines", tags=["pipelines"], request=RegisterPipelinesRequestSerializer,
+                   parameters=[IDEMPOTENCY_KEY_HEADER],
                    responses={200: RegisterPipelinesResponseSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
-                              422: ErrorSerializer})
+                              422: ErrorSerializer, **IDEMPOTENCY_RESPONSES})
+    @idempotent
     def post(self, request: Request, org: str) -> Response:
         """Create or update a repository's pipelines from its pipeline envelope (idempotent).
 
@@ -118,7 +123,7 @@ class SecretScopeView(OrgScopedView):
 
 SECRET_NAME_PARAM = OpenApiParameter("name", str, OpenApiParameter.PATH, description="The secret's name.")
 SET_SECRET_RESPONSES = {200: SecretSerializer, 201: SecretSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
-                        422: ErrorSerializer}
+                        422: ErrorSerializer, **IDEMPOTENCY_RESPONSES}
 
 
 class OrgSecretListView(SecretScopeView):
@@ -129,7 +134,8 @@ class OrgSecretListView(SecretScopeView):
         return self.list_secrets()
 
     @extend_schema(operation_id="setOrgSecret", tags=["secrets"], request=SetSecretRequestSerializer,
-                   responses=SET_SECRET_RESPONSES)
+                   parameters=[IDEMPOTENCY_KEY_HEADER], responses=SET_SECRET_RESPONSES)
+    @idempotent
     def post(self, request: Request, org: str) -> Response:
         """Create a secret (201) or replace the value of the one with this name (200)."""
         return self.set_secret(request)
@@ -150,7 +156,8 @@ class PipelineSecretListView(SecretScopeView):
         return self.list_secrets()
 
     @extend_schema(operation_id="setPipelineSecret", tags=["secrets"], request=SetSecretRequestSerializer,
-                   responses=SET_SECRET_RESPONSES)
+                   parameters=[IDEMPOTENCY_KEY_HEADER], responses=SET_SECRET_RESPONSES)
+    @idempotent
     def post(self, request: Request, org: str, pipeline: str) -> Response:
         """Create a pipeline secret (201) or replace the value of the one with this name (200)."""
         return self.set_secret(request)

@@ -22,6 +22,7 @@ from builds.services import store_artifact
 from builds.services import ChunkIn
 from harmont.tokens import hash_secret
 from harmont.crypto import encrypt_text
+from organizations import idempotency
 from organizations import services as org_services
 from organizations.models import Role, User
 from pipelines import secrets as secret_services
@@ -53,7 +54,7 @@ def ops(superuser: User) -> Client:
 
 def populate(n: int) -> None:
     """`n` of everything the admin lists: users, organizations, memberships, tokens, invites, CLI grants,
-    agent tokens, agents, pipelines, builds with jobs and edges, log chunks."""
+    agent tokens, agents, pipelines, builds with jobs and edges, log chunks, idempotency keys."""
     tag = uuid.uuid4().hex[:6]
     for i in range(n):
         user = org_services.create_user(email=f"u{i}-{tag}@example.com", name=f"User {i}", password="pw-123456-long")
@@ -83,6 +84,8 @@ def populate(n: int) -> None:
         secret_services.set_secret(organization=org, pipeline=pipeline if i % 2 else None, name=f"TOKEN_{i}",
                                    value="s3cret")
         Group.objects.create(name=f"group {i} {tag}")
+        idempotency.claim_idempotency_key(user=user, route="0" * 64, key=f"key-{i}", request_hash="0" * 64,
+                                          path=f"/api/v0/organizations/{org.slug}/builds")
         assert build.jobs.count() == 2
 
 

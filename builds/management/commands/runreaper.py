@@ -1,4 +1,5 @@
-"""`python manage.py runreaper`: fail jobs of lost agents and time out overdue jobs and builds."""
+"""`python manage.py runreaper`: fail jobs of lost agents, time out overdue jobs and builds, prune expired
+idempotency keys."""
 
 from __future__ import annotations
 
