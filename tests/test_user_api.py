@@ -9,6 +9,7 @@ import pytest
 from django.utils import timezone
 
 from organizations import services
+from organizations.authentication import LAST_USED_RESOLUTION, record_token_use
 from organizations.models import ApiToken, Membership, Organization, Role, TokenKind, User
 from tests.helpers import assert_error, iso, make_api
 
@@ -277,3 +278,47 @@ def test_list_api_tokens_query_count_is_independent_of_token_count(api, owner, d
         services.create_personal_token(user=owner, description=f"t{i}")
     with django_assert_num_queries(2):
         assert len(api.get("/api/v0/user/api-tokens").json()["api_tokens"]) == 16
+
+
+# ---------------------------------------------------------------- last_used_at
+
+def test_last_used_at_moves_at_most_once_a_minute(owner):
+    token = services.create_personal_token(user=owner, description="used").token
+    t0 = timezone.now()
+    record_token_use(token, now=t0)
+    token.refresh_from_db()
+    assert token.last_used_at == t0 and LAST_USED_RESOLUTION == timedelta(minutes=1)
+
+    record_token_use(token, now=t0 + timedelta(seconds=59, microseconds=999_999))
+    token.refresh_from_db()
+    assert token.last_used_at == t0  # just under a minute: unchanged
+
+    record_token_use(token, now=t0 + timedelta(minutes=1))
+    token.refresh_from_db()
+    assert token.last_used_at == t0 + timedelta(minutes=1)  # a minute on: moved
+
+
+def test_racing_requests_of_one_token_write_last_used_at_once(owner):
+    token = services.create_personal_token(user=owner, description="raced").token
+    t0 = timezone.now() - timedelta(minutes=5)
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=t0)
+    token.refresh_from_db()
+    stale_copy = ApiToken.objects.get(pk=token.pk)  # what a racing request authenticated with
+    record_token_use(token, now=t0 + timedelta(minutes=2))
+    record_token_use(stale_copy, now=t0 + timedelta(minutes=2, seconds=1))
+    token.refresh_from_db()
+    assert token.last_used_at == t0 + timedelta(minutes=2)  # one write, not two
+
+
+def test_a_request_writes_last_used_at_when_it_is_a_minute_old(api, owner):
+    token = ApiToken.objects.get(token_hash=services.hash_secret(api.raw_token))
+    recent = timezone.now() - timedelta(seconds=30)
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=recent)
+    assert api.get("/api/v0/user").status_code == 200
+    token.refresh_from_db()
+    assert token.last_used_at == recent
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now() - timedelta(seconds=61))
+    before = timezone.now()
+    assert api.get("/api/v0/user").status_code == 200
+    token.refresh_from_db()
+    assert token.last_used_at >= before
