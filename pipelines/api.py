@@ -49,7 +49,8 @@ class PipelineListView(OrgScopedView):
                    responses={201: PipelineSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
                               422: ErrorSerializer})
     def post(self, request: Request, org: str) -> Response:
-        pipeline = services.create_pipeline(org=self.org, **validated(CreatePipelineRequestSerializer, request))
+        body = validated(CreatePipelineRequestSerializer, request, code="pipeline_invalid")
+        pipeline = services.create_pipeline(org=self.org, **body)
         return Response(PipelineSerializer(pipeline).data, status=status.HTTP_201_CREATED)
 
 
