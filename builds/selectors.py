@@ -83,9 +83,13 @@ def parent_workspace(job: Job) -> tuple[Job, FieldFile]:
 
 
 def build_source(job: Job, build_id: str) -> FieldFile:
-    """The uploaded source of build `build_id`, for a live job of that build; 404 otherwise."""
+    """The uploaded source of build `build_id`, for a live job of that build; 404 `source_not_found` otherwise.
+
+    One code for every refusal: what the agent learns is that there is no
+    source for it, whether the build lacks one or is not its own.
+    """
     if str(job.build_id) != build_id or job.state not in states.LIVE_JOB_STATES:
-        raise ApiError("build_not_found", "This credential does not open that build's source.")
+        raise ApiError("source_not_found", "This credential does not open that build's source.")
     if not job.build.source_archive:
         raise ApiError("source_not_found", "This build has no uploaded source.")
     return job.build.source_archive

@@ -98,11 +98,12 @@ CATALOG: dict[str, ErrorCode] = _catalog(
     ("invite_not_found", "not_found", "Invite not found",
      "No pending invite with this id exists in the organization."),
     ("api_token_not_found", "not_found", "API token not found",
-     "No personal API token with this id belongs to you."),
+     "No personal API token with this id belongs to you, or it has already been revoked."),
     ("workspace_not_found", "not_found", "Workspace not found",
      "The job has no builds_in parent, or the parent left no workspace (it did not pass)."),
     ("source_not_found", "not_found", "Source not found",
-     "The build has no uploaded source archive."),
+     "No uploaded source archive that this job credential opens: the build has none, the build is not the "
+     "credential's own (or does not exist), or the credential's job has already finished."),
     ("agent_token_not_found", "not_found", "Agent token not found",
      "No agent token with this id exists in the organization."),
     ("secret_not_found", "not_found", "Secret not found",
@@ -147,8 +148,25 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "cycle, definition_missing). Nothing was changed."),
     ("pipeline_slug_taken", "validation_failed", "Pipeline slug taken",
      "Another pipeline in this organization already has the slug derived from this name. Choose another name."),
-    ("invite_invalid", "validation_failed", "Invite cannot be accepted",
-     "The invite token is unknown, revoked, expired, already used, or was sent to another email address."),
+    ("invite_unacceptable", "validation_failed", "Invite cannot be accepted",
+     "The invite token is missing, unknown, revoked, expired or already used, the invite was sent to another "
+     "email address, or you are already a member of its organization. Nothing was changed: no membership, and "
+     "the invite stays as it was."),
+    ("organization_invalid", "validation_failed", "Organization attributes invalid",
+     "The organization's `name` is missing, blank, longer than 255 characters, or has no letter or digit (a-z, "
+     "0-9) to make its slug from (`!!!` has none), or `url` is longer than 500 characters; `fields` says which. "
+     "Nothing was created."),
+    ("pipeline_invalid", "validation_failed", "Pipeline attributes invalid",
+     "A field of the pipeline is missing or malformed: `name` (it needs a letter or digit, a-z or 0-9, to make "
+     "the slug from), `repository`, `default_branch`, `visibility`, `allow_manual`, `source_slug`, a `repo_name` "
+     "too long (also one derived from `repository`), or a `definition` the planner rejects (its message starts "
+     "with the planner's error code, such as `cycle`). `fields` names each. Nothing was created."),
+    ("invalid_role", "validation_failed", "Role not allowed",
+     "A member's role is one of owner, admin and member; an invite's is admin or member, since owners are made by "
+     "promoting a member. `fields` says what was wrong with `role`. Nothing was changed."),
+    ("user_name_invalid", "validation_failed", "User name invalid",
+     "A user's name is 1 to 255 characters once the surrounding whitespace is trimmed, without control "
+     "characters (such as a newline or a tab); see `fields`. The name was not changed."),
     ("idempotency_key_reused", "validation_failed", "Idempotency key reused",
      "This Idempotency-Key was already sent to this route with a different request body (keys are kept for 24 "
      "hours, HARMONT_IDEMPOTENCY_KEY_TTL). A retry must repeat the first request exactly; a different request "
@@ -249,17 +267,17 @@ def envelope_response(request: HttpRequest, code: str, message: str, *, status: 
 
 # ---------------------------------------------------------------- DRF handler
 
-def _flatten_detail(detail: Any) -> dict[str, list[str]]:
+def flatten_detail(detail: Any) -> dict[str, list[str]]:
     """DRF ValidationError detail → {field: [messages]} (nested keys dotted)."""
     if isinstance(detail, dict):
         out: dict[str, list[str]] = {}
         for key, value in detail.items():
             if isinstance(value, dict):
-                for sub, msgs in _flatten_detail(value).items():
+                for sub, msgs in flatten_detail(value).items():
                     out[f"{key}.{sub}"] = msgs
             elif isinstance(value, list) and value and isinstance(value[0], dict):
                 for i, item in enumerate(value):
-                    for sub, msgs in _flatten_detail(item).items():
+                    for sub, msgs in flatten_detail(item).items():
                         out[f"{key}[{i}].{sub}"] = msgs
             else:
                 items = value if isinstance(value, list) else [value]
@@ -277,7 +295,7 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpRespon
     if isinstance(exc, RequestDataTooBig):
         return _too_large(request)
     if isinstance(exc, drf_exceptions.ValidationError):
-        fields = _flatten_detail(exc.detail)
+        fields = flatten_detail(exc.detail)
         return envelope_response(request, "validation_failed", f"Invalid fields: {', '.join(sorted(fields))}.",
                                  status=422, fields=fields)
     if isinstance(exc, drf_exceptions.ParseError):

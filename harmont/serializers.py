@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from django_filters import FilterSet
@@ -11,7 +12,7 @@ from django.db.models import QuerySet
 from rest_framework import serializers
 from rest_framework.request import Request
 
-from harmont.errors import ApiError
+from harmont.errors import ApiError, flatten_detail, validation_error
 
 
 def json_object(request: Request) -> dict[str, Any]:
@@ -22,10 +23,19 @@ def json_object(request: Request) -> dict[str, Any]:
     return data
 
 
-def validated(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
-    """The request's JSON object, validated by `serializer_class` (422 with `fields` if not)."""
+def validated(serializer_class: type[serializers.Serializer], request: Request, *,
+              code: str = "validation_failed", field_codes: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The request's JSON object, validated by `serializer_class`; if it is not, 422 with `fields`.
+
+    The error's code is `code` (the endpoint's own, such as `organization_invalid`,
+    which clients switch on), unless `field_codes` names a code for one of the bad
+    fields: the first of those that is bad wins (an invite's role → `invalid_role`).
+    """
     body = serializer_class(data=json_object(request))
-    body.is_valid(raise_exception=True)
+    if not body.is_valid():
+        fields = flatten_detail(body.errors)
+        code = next((field_code for field, field_code in (field_codes or {}).items() if field in fields), code)
+        raise validation_error(fields, code=code)
     return body.validated_data
 
 

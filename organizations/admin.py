@@ -31,7 +31,20 @@ from organizations.models import (
 )
 
 
-class UserCreateForm(AdminUserCreationForm):
+class UserNameFormMixin:
+    """The one rule for user names (`services.user_name_errors`); the name stays optional here."""
+
+    cleaned_data: dict[str, Any]
+
+    def clean_name(self) -> str:
+        name = self.cleaned_data.get("name") or ""
+        errors = services.user_name_errors(name) if name else []
+        if errors:
+            raise forms.ValidationError(errors)
+        return name.strip()
+
+
+class UserCreateForm(UserNameFormMixin, AdminUserCreationForm):
     class Meta:
         model = User
         fields = ("email", "name")
@@ -45,7 +58,7 @@ class UserCreateForm(AdminUserCreationForm):
         return email
 
 
-class UserEditForm(UserChangeForm):
+class UserEditForm(UserNameFormMixin, UserChangeForm):
     class Meta:
         model = User
         fields = "__all__"
@@ -83,8 +96,24 @@ class UserAdmin(DjangoUserAdmin):
         obj._state.adding = False
 
 
+class OrganizationForm(forms.ModelForm):
+    """A rename keeps the slug; the name still follows the API's rule."""
+
+    class Meta:
+        model = Organization
+        fields = "__all__"
+
+    def clean_name(self) -> str:
+        name = self.cleaned_data["name"]
+        errors = services.organization_name_errors(name)
+        if errors:
+            raise forms.ValidationError(errors)
+        return name
+
+
 @admin.register(Organization)
 class OrganizationAdmin(admin.ModelAdmin):
+    form = OrganizationForm
     list_display = ("slug", "name", "personal_for", "created_at")
     list_select_related = ("personal_for",)
     # "Empty" personal_for: the shared organizations, without everyone's personal one.

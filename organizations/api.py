@@ -106,7 +106,7 @@ class CurrentUserView(APIView):
     @extend_schema(operation_id="updateCurrentUser", tags=["user"], request=UserUpdateRequestSerializer,
                    responses={200: CurrentUserResponseSerializer, 401: ErrorSerializer, 422: ErrorSerializer})
     def patch(self, request: Request) -> Response:
-        body = validated(UserUpdateRequestSerializer, request)
+        body = validated(UserUpdateRequestSerializer, request, code="user_name_invalid")
         user = services.update_user(user=request.user, name=body["name"])
         return Response(current_user_body(user))
 
@@ -146,11 +146,9 @@ class ApiTokenDetailView(APIView):
                    responses={204: None, 401: ErrorSerializer, 404: ErrorSerializer})
     def delete(self, request: Request, id: str) -> Response:  # noqa: A002 (the reference's name)
         token_id = parse_uuid(id)
-        token = personal_tokens(request.user).filter(pk=token_id).first() if token_id else None
-        if token is None:
+        if token_id is None:
             raise ApiError("api_token_not_found", f"You have no API token {id}.")
-        # Revoking an already revoked key is a quiet 204: the caller's intent already holds.
-        services.revoke_api_token(token=token)
+        services.revoke_personal_token(user=request.user, token_id=token_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -244,7 +242,7 @@ class OrganizationListView(APIView):
                    request=CreateOrganizationRequestSerializer,
                    responses={201: OrganizationSerializer, 401: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request) -> Response:
-        body = validated(CreateOrganizationRequestSerializer, request)
+        body = validated(CreateOrganizationRequestSerializer, request, code="organization_invalid")
         org = services.create_organization(name=body["name"], url=body.get("url"), owner=request.user)
         return Response(OrganizationSerializer(org).data, status=status.HTTP_201_CREATED)
 
@@ -286,7 +284,7 @@ class MemberDetailView(OrgScopedView):
                               404: ErrorSerializer, 409: ErrorSerializer, 422: ErrorSerializer})
     def patch(self, request: Request, org: str, user_id: str) -> Response:
         user = self.target_user(user_id)
-        body = validated(UpdateMemberRoleRequestSerializer, request)
+        body = validated(UpdateMemberRoleRequestSerializer, request, code="invalid_role")
         membership = services.change_member_role(organization=self.org, actor=request.user, user=user,
                                                  role=body["role"])
         return Response(OrgMemberSerializer(membership).data)
@@ -316,7 +314,7 @@ class InviteListView(OrgScopedView):
                    responses={201: InviteSerializer, 401: ErrorSerializer, 403: ErrorSerializer,
                               404: ErrorSerializer, 409: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request, org: str) -> Response:
-        body = validated(CreateInviteRequestSerializer, request)
+        body = validated(CreateInviteRequestSerializer, request, field_codes={"role": "invalid_role"})
         issued = services.create_invite(organization=self.org, invited_by=request.user, email=body["email"],
                                         role=body["role"])
         return Response(InviteSerializer(issued.invite, context={"token": issued.raw}).data,
@@ -342,7 +340,7 @@ class AcceptInviteView(APIView):
     @extend_schema(operation_id="acceptInvite", tags=["organizations"], request=AcceptInviteRequestSerializer,
                    responses={200: OrganizationSerializer, 401: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request) -> Response:
-        body = validated(AcceptInviteRequestSerializer, request)
+        body = validated(AcceptInviteRequestSerializer, request, code="invite_unacceptable")
         return Response(OrganizationSerializer(services.accept_invite(user=request.user, token=body["token"])).data)
 
 

@@ -8,8 +8,9 @@ constant-time too.
 from __future__ import annotations
 
 import hmac
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from django.db.models import Q
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
@@ -20,8 +21,22 @@ from organizations.models import ApiToken, User
 from organizations.sql import token_with_user
 
 # Writing last_used_at on every request would turn every read into a write;
-# once every few minutes is precise enough for "last used".
-LAST_USED_RESOLUTION = timedelta(minutes=5)
+# once a minute is precise enough for "last used".
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def record_token_use(token: ApiToken, *, now: datetime) -> None:
+    """Move the token's `last_used_at` to `now`, unless it moved less than LAST_USED_RESOLUTION ago.
+
+    A compare-and-set on the stored time, so requests racing with one token
+    write it once. (Here rather than in services.py: DRF imports this module
+    while the services' own imports are still loading.)
+    """
+    if token.last_used_at is not None and now - token.last_used_at < LAST_USED_RESOLUTION:
+        return
+    stale = Q(last_used_at__isnull=True) | Q(last_used_at__lte=now - LAST_USED_RESOLUTION)
+    if ApiToken.objects.filter(stale, pk=token.pk).update(last_used_at=now):
+        token.last_used_at = now
 
 
 class BearerTokenAuthentication(authentication.BaseAuthentication):
@@ -43,9 +58,7 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("Unknown token.")
         if not token.is_usable(now) or not token.user.is_active:
             raise exceptions.AuthenticationFailed("This token has been revoked or has expired.")
-        if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
-            ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
-            token.last_used_at = now
+        record_token_use(token, now=now)
         return token.user, token
 
     def authenticate_header(self, request: Request) -> str:

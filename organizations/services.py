@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,11 +38,44 @@ from organizations.models import (
 
 _NON_SLUG = re.compile(r"[^a-z0-9]+")
 ORG_SLUG_BASE_LENGTH = Organization._meta.get_field("slug").max_length - 10
+ORG_NAME_MAX_LENGTH = Organization._meta.get_field("name").max_length
+USER_NAME_MAX_LENGTH = User._meta.get_field("name").max_length
 
 
 def slugify_name(name: str, *, fallback: str = "org") -> str:
     """Lower-case; runs of anything but [a-z0-9] become '-'; trim '-'."""
     return _NON_SLUG.sub("-", name.lower()).strip("-") or fallback
+
+
+def organization_name_errors(name: str) -> list[str]:
+    """What is wrong with `name` as an organization's name ([] if nothing); the API, admin and createorg share it.
+
+    A name must yield a slug: one made of nothing (`!!!`, or only letters
+    outside a-z) would silently become the fallback `org`, which names nothing.
+    """
+    if not name.strip():
+        return ["This field may not be blank."]
+    if len(name) > ORG_NAME_MAX_LENGTH:
+        return [f"Ensure this field has no more than {ORG_NAME_MAX_LENGTH} characters."]
+    if not slugify_name(name, fallback=""):
+        return ["Must contain a letter a-z or a digit 0-9: the organization's slug is made of them."]
+    return []
+
+
+def user_name_errors(name: str) -> list[str]:
+    """What is wrong with `name` as a user's display name ([] if nothing); the API, sign-up and admin share it.
+
+    Names appear beside emails in member lists and on every page; a newline or
+    an escape character in one would garble them.
+    """
+    stripped = name.strip()
+    if not stripped:
+        return ["This field may not be blank."]
+    if len(stripped) > USER_NAME_MAX_LENGTH:
+        return [f"Ensure this field has no more than {USER_NAME_MAX_LENGTH} characters."]
+    if any(unicodedata.category(c) == "Cc" for c in stripped):
+        return ["Must not contain control characters such as a newline or a tab."]
+    return []
 
 
 @dataclass(frozen=True)
@@ -100,7 +134,10 @@ def _insert_org_with_unique_slug(*, name: str, url: str | None, personal_for: Us
 @transaction.atomic
 def create_organization(*, name: str, owner: User, url: str | None = None,
                         now: datetime | None = None) -> Organization:
-    """A new organization; its creator is its owner."""
+    """A new organization; its creator is its owner. A name without a slug is 422 `organization_invalid`."""
+    errors = organization_name_errors(name)
+    if errors:
+        raise validation_error({"name": errors}, code="organization_invalid")
     now = now or timezone.now()
     org = _insert_org_with_unique_slug(name=name, url=url, personal_for=None, now=now)
     Membership.objects.create(organization=org, user=owner, role=Role.OWNER, created_at=now)
@@ -110,7 +147,15 @@ def create_organization(*, name: str, owner: User, url: str | None = None,
 @transaction.atomic
 def create_user(*, email: str, password: str | None = None, name: str = "",
                 is_staff: bool = False, now: datetime | None = None) -> User:
-    """A user and their personal organization (named after them, they own it)."""
+    """A user and their personal organization (named after them, they own it).
+
+    `name` may be empty (no name yet); otherwise it follows `user_name_errors`
+    (422 `user_name_invalid`).
+    """
+    errors = user_name_errors(name) if name else []
+    if errors:
+        raise validation_error({"name": errors}, code="user_name_invalid")
+    name = name.strip()
     now = now or timezone.now()
     user = User.objects.create_user(email, password, name=name, is_staff=is_staff, is_superuser=is_staff,
                                     date_joined=now)
@@ -131,8 +176,11 @@ def get_or_create_user(*, email: str, name: str = "") -> tuple[User, bool]:
 # ---------------------------------------------------------------- accounts and tokens
 
 def update_user(*, user: User, name: str) -> User:
-    """Change the display name (validated by the caller: 1-255 characters)."""
-    user.name = name
+    """Change the display name (surrounding whitespace trimmed); a bad one is 422 `user_name_invalid`."""
+    errors = user_name_errors(name)
+    if errors:
+        raise validation_error({"name": errors}, code="user_name_invalid")
+    user.name = name.strip()
     user.save(update_fields=["name"])
     return user
 
@@ -174,6 +222,18 @@ def delete_user(*, user: User) -> None:
                                      "them owner (or remove them) before deleting your account.")
     Organization.objects.filter(id__in=[org_id for org_id in owned_ids if org_id not in other_owners]).delete()
     user.delete()
+
+
+def revoke_personal_token(*, user: User, token_id: uuid.UUID, now: datetime | None = None) -> None:
+    """Revoke one of `user`'s personal API tokens; 404 `api_token_not_found` unless it exists and is not revoked.
+
+    One compare-and-set UPDATE: of two racing revocations one is 204 and the
+    other 404, and the first revocation time stays.
+    """
+    now = now or timezone.now()
+    if not ApiToken.objects.filter(user=user, kind=TokenKind.PERSONAL, pk=token_id,
+                                   revoked_at__isnull=True).update(revoked_at=now):
+        raise ApiError("api_token_not_found", f"You have no API token {token_id} that is not revoked.")
 
 
 def revoke_api_token(*, token: ApiToken, now: datetime | None = None) -> ApiToken:
@@ -357,7 +417,7 @@ def change_member_role(*, organization: Organization, actor: User, user: User, r
     Setting the role a member already has is a no-op.
     """
     if role not in Role.values:
-        raise validation_error({"role": [f"must be one of {', '.join(Role.values)}"]})
+        raise validation_error({"role": [f"must be one of {', '.join(Role.values)}"]}, code="invalid_role")
     actor_membership, target = _locked_memberships(organization, actor, user)
     require_role(actor_membership, Role.ADMIN, action="change member roles")
     if Role.OWNER in (target.role, role):
@@ -396,7 +456,7 @@ def set_membership(*, organization: Organization, user: User, role: str | None =
     an existing one keeps their role unless `role` is given.
     """
     if role is not None and role not in Role.values:
-        raise validation_error({"role": [f"must be one of {', '.join(Role.values)}"]})
+        raise validation_error({"role": [f"must be one of {', '.join(Role.values)}"]}, code="invalid_role")
     if not _lock_org(organization):
         raise ApiError("organization_not_found", f"No organization {organization.slug!r}.")
     membership = Membership.objects.select_related("user").filter(organization=organization, user=user).first()
@@ -436,7 +496,7 @@ def create_invite(*, organization: Organization, invited_by: User | None, email:
     now = now or timezone.now()
     if role not in INVITE_ROLES:
         raise validation_error({"role": [f"must be one of {', '.join(INVITE_ROLES)}; "
-                                         "owners are made by promoting a member"]})
+                                         "owners are made by promoting a member"]}, code="invalid_role")
     # Stored lower-case like users' emails, so matching is plain equality.
     email = email.strip().lower()
     # Serializes invites to one organization: two concurrent re-invites of one
@@ -473,27 +533,33 @@ def revoke_invite(*, organization: Organization, invite_id: uuid.UUID, now: date
 def accept_invite(*, user: User, token: str, now: datetime | None = None) -> Organization:
     """Join the organization of the open invite `token`, which must be addressed to `user`.
 
-    Unknown, revoked, expired, already accepted (also by this same user: a
-    second accept is 422) or addressed to another email → 422 `invite_invalid`.
-    Decided: if the caller is already a member (they joined some other way
-    after being invited) the open invite is consumed and the answer is 200
-    with the organization; their existing role is kept, never changed by an
-    invite.
+    Every refusal is 422 `invite_unacceptable` and changes nothing: a token
+    that is unknown, revoked, expired or already accepted (also by this same
+    user: a second accept is 422), an invite addressed to another email, and a
+    caller who is already a member (they joined some other way after being
+    invited; the invite stays open, and an invite never changes a role).
     """
     now = now or timezone.now()
     invite = (Invite.objects.select_related("organization").filter(token_hash=hash_secret(token)).first()
               if isinstance(token, str) and token else None)
     if invite is None:
-        raise ApiError("invite_invalid", "No invite has this token.")
+        raise _unacceptable("No invite has this token.")
     if invite.email.lower() != user.email.lower():
-        raise ApiError("invite_invalid", "This invite was sent to a different email address than your account's.")
+        raise _unacceptable("This invite was sent to a different email address than your account's.")
     if not _lock_org(invite.organization):
-        raise ApiError("invite_invalid", "The organization of this invite no longer exists.")
+        raise _unacceptable("The organization of this invite no longer exists.")
     # Compare-and-set on accepted_at: of two racing accepts exactly one wins.
     accepted = open_invites(organization=invite.organization, now=now).filter(pk=invite.pk).update(
         accepted_at=now, accepted_by=user)
     if not accepted:
-        raise ApiError("invite_invalid", "This invite has already been accepted, was revoked, or has expired.")
-    Membership.objects.get_or_create(organization=invite.organization, user=user,
-                                     defaults={"role": invite.role, "created_at": now})
+        raise _unacceptable("This invite has already been accepted, was revoked, or has expired.")
+    _, joined = Membership.objects.get_or_create(organization=invite.organization, user=user,
+                                                 defaults={"role": invite.role, "created_at": now})
+    if not joined:
+        # Raised inside the transaction, so the acceptance above is rolled back with it.
+        raise _unacceptable(f"You are already a member of {invite.organization.slug!r}.")
     return invite.organization
+
+
+def _unacceptable(message: str) -> ApiError:
+    return ApiError("invite_unacceptable", message)

@@ -119,6 +119,13 @@ class SignupForm(forms.Form):
             raise forms.ValidationError("An account with this email already exists. Sign in instead.")
         return email
 
+    def clean_name(self) -> str:
+        name = self.cleaned_data["name"]
+        errors = services.user_name_errors(name) if name else []
+        if errors:
+            raise forms.ValidationError(errors)
+        return name
+
     def clean(self) -> dict[str, Any]:
         data = super().clean()
         password = data.get("password")

@@ -52,7 +52,8 @@ class PipelineListView(OrgScopedView):
                               422: ErrorSerializer, **IDEMPOTENCY_RESPONSES})
     @idempotent
     def post(self, request: Request, org: str) -> Response:
-        pipeline = services.create_pipeline(org=self.org, **validated(CreatePipelineRequestSerializer, request))
+        body = validated(CreatePipelineRequestSerializer, request, code="pipeline_invalid")
+        pipeline = services.create_pipeline(org=self.org, **body)
         return Response(PipelineSerializer(pipeline).data, status=status.HTTP_201_CREATED)
 
 

@@ -19,8 +19,9 @@ indexes in graph edges.
 Decisions the spec leaves open:
 
 * ``null`` for an optional field means the same as leaving it out.
-* A flat step without ``type`` is a command step; if it also lacks ``cmd``
-  that is reported as ``missing_field`` rather than an unknown type.
+* A flat step without ``type`` (or with ``"type": null``) is ``invalid_ir``:
+  the flat form names every step's type, and guessing "command" would run
+  whatever a malformed entry happens to hold.
 * Consecutive flat ``wait`` steps act as one barrier: steps after the second
   wait still depend on the steps before the first.
 * A step naming itself (graph self-edge or flat self-reference) is
@@ -349,7 +350,10 @@ def _read_flat(doc: dict, entries: Any) -> tuple[list[_Step], set[_Edge]]:
         where = f"steps[{i}]"
         if not isinstance(entry, dict):
             raise _invalid(f"{where} must be an object, got {_show(entry)}.")
-        step_type = entry.get("type", "command")
+        step_type = entry.get("type")
+        if step_type is None:
+            raise _invalid(f"{where} has no 'type'; a flat step is {{\"type\": \"command\", ...}} or "
+                           f"{{\"type\": \"wait\"}}.")
         if step_type == "wait":
             # An empty segment (two waits in a row) keeps the earlier barrier
             # rather than dropping the ordering it promised.

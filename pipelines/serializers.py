@@ -35,11 +35,6 @@ class CreatePipelineRequestSerializer(serializers.Serializer):
     definition = AnyJSONField(required=False, allow_null=True,
                               help_text="Stored v0 IR (object or JSON string); builds without `pipeline_ir` use it.")
 
-    def validate_name(self, value: str) -> str:
-        if not any(c.isalnum() for c in value):
-            raise serializers.ValidationError("must contain at least one letter or digit")
-        return value
-
 
 class StrictCharField(serializers.CharField):
     """A JSON string and nothing else (DRF's CharField would turn 123 into "123")."""

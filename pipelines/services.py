@@ -9,7 +9,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from harmont.errors import ApiError
+from harmont.errors import ApiError, validation_error
 from organizations.models import Organization
 from organizations.services import slugify_name
 from pipelines import ir
@@ -40,7 +40,7 @@ def validate_definition(definition: Any, *, field: str = "definition") -> dict:
         doc = ir.load_ir(definition)
         ir.plan_ir(doc)
     except ir.PlanError as exc:
-        raise ApiError("validation_failed", f"{field} rejected: {exc.message}",
+        raise ApiError("pipeline_invalid", f"{field} rejected: {exc.message}",
                        fields={field: [f"{exc.code}: {exc.message}"]}) from None
     return doc
 
@@ -51,12 +51,20 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                     allow_manual: bool = True, visibility: str = Visibility.PRIVATE,
                     source_slug: str | None = None, definition: Any = None,
                     triggers: list | None = None, now: datetime | None = None) -> Pipeline:
-    """A new pipeline of `org`, its slug made from `name` (a slug the organization already uses is an error)."""
+    """A new pipeline of `org`, its slug made from `name` (a slug the organization already uses is an error).
+
+    Bad fields are 422 `pipeline_invalid`, a taken slug 422 `pipeline_slug_taken`; both write nothing.
+    """
+    base = slugify_name(name, fallback="")
+    if not base:
+        # Without a letter or digit the slug would be a made-up fallback nobody asked for.
+        raise validation_error({"name": ["Must contain a letter a-z or a digit 0-9: the pipeline's slug is made "
+                                         "of them."]}, code="pipeline_invalid")
     # Names may be longer than the slug column; cut there rather than fail the INSERT.
-    slug = slugify_name(name, fallback="pipeline")[:SLUG_MAX_LENGTH].rstrip("-")
+    slug = base[:SLUG_MAX_LENGTH].rstrip("-")
     repo_name = repo_name or derive_repo_name(repository)
     if repo_name is not None and len(repo_name) > REPO_NAME_MAX_LENGTH:
-        raise ApiError("validation_failed", "repo_name derived from repository is too long.",
+        raise ApiError("pipeline_invalid", "repo_name derived from repository is too long.",
                        fields={"repo_name": [f"The name derived from repository is longer than "
                                              f"{REPO_NAME_MAX_LENGTH} characters; give repo_name explicitly."]})
     stored_definition = validate_definition(definition) if definition is not None else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import threading
+import uuid
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -1185,14 +1186,30 @@ def test_source_download_with_the_builds_job_credential(session, source_build):
     assert download(response) == source_build.archive
 
 
+def source_refused(response) -> None:  # noqa: ANN001
+    """The source route's one refusal: 404 `source_not_found`, type `not_found`, no archive."""
+    error = assert_error(response, 404, "source_not_found")
+    assert error["type"] == "not_found" and "fields" not in error
+
+
 @pytest.mark.django_db
-def test_source_of_another_build_is_404(session, source_build, pipeline):
+def test_source_of_another_build_is_404_source_not_found(session, source_build, pipeline):
     other = make_build(pipeline, source_b64=base64.b64encode(b"other source").decode())
     spec, job_client = claim(session)
     assert spec["build_id"] == str(source_build.id)
 
-    assert_error(job_client.get(source_url(other.id)), 404, "build_not_found")
-    assert_error(job_client.get(source_url("not-a-uuid")), 404, "build_not_found")
+    source_refused(job_client.get(source_url(other.id)))
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("build_id", [uuid.uuid4(), "not-a-uuid"])
+def test_source_of_an_unknown_build_is_404_source_not_found(session, source_build, build_id):
+    spec, job_client = claim(session)
+    before = Job.objects.values_list("state", "last_heartbeat_at").get(pk=spec["id"])
+
+    source_refused(job_client.get(source_url(build_id)))
+
+    assert Job.objects.values_list("state", "last_heartbeat_at").get(pk=spec["id"]) == before
 
 
 @pytest.mark.django_db
@@ -1201,7 +1218,7 @@ def test_source_with_a_finished_jobs_credential_is_404(session, source_build):
     start(job_client, spec["id"])
     finish(job_client, spec["id"], exit_code=0)
 
-    assert_error(job_client.get(source_url(source_build.id)), 404, "build_not_found")
+    source_refused(job_client.get(source_url(source_build.id)))
 
 
 @pytest.mark.django_db
@@ -1213,7 +1230,7 @@ def test_source_without_credential_is_401(anon, api, source_build):
 @pytest.mark.django_db
 def test_source_of_a_build_without_one_is_404(session, build):
     _, job_client = claim(session)
-    assert_error(job_client.get(source_url(build.id)), 404, "source_not_found")
+    source_refused(job_client.get(source_url(build.id)))
 
 
 # ===================================================================== the agents list

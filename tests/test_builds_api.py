@@ -140,11 +140,14 @@ def test_create_without_ir_definition_or_any_source_records_failed_build(api, or
     ("[1, 2]", "invalid_json"),
     ({"version": "0", "steps": [{"type": "command", "key": "a"}]}, "missing_field"),
     ({"version": "0", "steps": [{"type": "trigger", "key": "a"}]}, "unknown_step_type"),
-    ({"version": "0", "steps": [{"key": "a", "cmd": "x"}, {"key": "a", "cmd": "y"}]}, "duplicate_key"),
-    ({"version": "0", "steps": [{"key": "a", "cmd": "x", "depends_on": ["zz"]}]}, "unknown_dependency"),
+    ({"version": "0", "steps": [{"type": "command", "key": "a", "cmd": "x"},
+                                {"type": "command", "key": "a", "cmd": "y"}]}, "duplicate_key"),
+    ({"version": "0", "steps": [{"type": "command", "key": "a", "cmd": "x", "depends_on": ["zz"]}]},
+     "unknown_dependency"),
+    ({"version": "0", "steps": [{"key": "a", "cmd": "x"}]}, "invalid_ir"),
     ({"version": "0", "graph": {"nodes": [], "edges": [[0, 1, "depends_on"]]}}, "invalid_ir"),
 ], ids=["cycle", "version-1", "no-version", "not-json", "json-array", "missing-cmd", "unknown-type",
-        "duplicate-key", "unknown-dependency", "edge-out-of-range"])
+        "duplicate-key", "unknown-dependency", "untyped-flat-step", "edge-out-of-range"])
 def test_create_with_rejected_ir_records_failed_build(api, pipeline, document, error_code):
     response = post_build(api, pipeline, pipeline_ir=document)
 
@@ -162,6 +165,21 @@ def test_create_with_rejected_ir_records_failed_build(api, pipeline, document, e
     assert shown["finished_at"] == iso(stored.finished_at)
     # ...and took its number.
     assert post_build(api, pipeline).json()["number"] == 2
+
+
+@pytest.mark.django_db
+def test_create_with_a_flat_step_without_type_is_422_build_plan_rejected_invalid_ir(api, pipeline):
+    # Once planned as a command step; the flat form names every step's type.
+    document = {"version": "0", "steps": [{"type": "command", "key": "a", "cmd": "make"}, {"key": "b", "cmd": "rm"}]}
+
+    error = assert_error(post_build(api, pipeline, pipeline_ir=json.dumps(document)), 422, "build_plan_rejected")
+
+    assert error["type"] == "validation_failed" and "fields" not in error
+    assert error["message"] == ("Build #1 failed: the pipeline definition was rejected (invalid_ir): steps[1] has no "
+                                "'type'; a flat step is {\"type\": \"command\", ...} or {\"type\": \"wait\"}.")
+    stored = Build.objects.get(pipeline=pipeline)
+    assert (stored.state, stored.error_code, stored.pipeline_ir) == ("failed", "invalid_ir", document)
+    assert not Job.objects.filter(build=stored).exists()  # not one step of it runs
 
 
 @pytest.mark.django_db
@@ -877,7 +895,7 @@ def test_create_by_repo_reports_every_missing_field_at_once(api, org, pipeline):
 
 @pytest.mark.django_db
 def test_rejected_ir_string_that_parsed_is_stored_as_the_document(api, pipeline):
-    document = {"version": "0", "steps": [{"key": "a", "cmd": "x", "depends_on": ["zz"]}]}
+    document = {"version": "0", "steps": [{"type": "command", "key": "a", "cmd": "x", "depends_on": ["zz"]}]}
     assert_error(post_build(api, pipeline, pipeline_ir=json.dumps(document)), 422, "build_plan_rejected")
     assert Build.objects.get().pipeline_ir == document
 

@@ -111,6 +111,7 @@ def test_createorg_again_with_the_same_name_gets_suffix_2(owner):
 
 @pytest.mark.parametrize("args", [["--name", "  ", "--owner", "a@example.com"],
                                   ["--name", "x" * 256, "--owner", "a@example.com"],
+                                  ["--name", "!!!", "--owner", "a@example.com"],
                                   ["--name", "Fine", "--owner", "nope"]])
 def test_createorg_with_bad_arguments_fails_and_creates_nothing(db, args):
     with pytest.raises(CommandError):
@@ -176,6 +177,29 @@ def test_admin_added_user_gets_a_personal_org(staff_client):
     assert user.name == "Ann Added" and user.check_password("a-long-password-1")
     assert Organization.objects.get(personal_for=user).slug == "ann-added"
     assert staff_client.get(f"/admin/organizations/user/{user.pk}/change/").status_code == 200
+
+
+def test_admin_rename_keeps_the_slug_and_refuses_a_name_without_one(staff_client, org):
+    page = f"/admin/organizations/organization/{org.pk}/change/"
+    response = staff_client.post(page, {"name": "!!!", "url": ""})
+    assert response.status_code == 200 and "Must contain a letter a-z or a digit 0-9" in response.content.decode()
+    org.refresh_from_db()
+    assert (org.slug, org.name) == ("acme-corp", "Acme Corp")
+    assert staff_client.post(page, {"name": "Acme Renamed", "url": ""}).status_code == 302
+    org.refresh_from_db()
+    assert (org.slug, org.name) == ("acme-corp", "Acme Renamed")
+
+
+def test_admin_refuses_a_user_name_with_a_control_character(staff_client, owner):
+    response = staff_client.post(f"/admin/organizations/user/{owner.pk}/change/", {
+        "email": owner.email, "name": "Olive\nOwner", "is_active": "on"})
+    assert response.status_code == 200 and "Must not contain control characters" in response.content.decode()
+    owner.refresh_from_db()
+    assert owner.name == "Olive Owner"
+    response = staff_client.post("/admin/organizations/user/add/", {
+        "email": "added@example.com", "name": "Ann\x07Added", "usable_password": "false"})
+    assert response.status_code == 200 and "Must not contain control characters" in response.content.decode()
+    assert not User.objects.filter(email="added@example.com").exists()
 
 
 def test_admin_is_staff_only(client, owner):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 from django.test import Client
 
@@ -101,10 +104,17 @@ def test_disallowed_host_is_envelope(client):
 
 
 def test_validation_error_lists_fields(api, org):
-    response = api.post(f"/api/v0/organizations/{org.slug}/pipelines", {"name": "x"}, format="json")
+    response = api.post("/api/v0/user/api-tokens", {"description": "x" * 256, "expires_at": "soon"}, format="json")
     error = assert_error(response, 422, "validation_failed")
-    assert set(error["fields"]) == {"repository", "default_branch"}
+    assert set(error["fields"]) == {"description", "expires_at"}
     assert error["type"] == "validation_failed"
+
+
+def test_an_endpoints_own_validation_code_keeps_type_and_fields(api, org):
+    response = api.post(f"/api/v0/organizations/{org.slug}/pipelines", {"name": "x"}, format="json")
+    error = assert_error(response, 422, "pipeline_invalid")
+    assert error["type"] == "validation_failed"
+    assert error["fields"] == {"repository": ["This field is required."], "default_branch": ["This field is required."]}
 
 
 def test_sane_request_id_is_echoed(anon):
@@ -133,6 +143,44 @@ def test_every_doc_url_is_served(client, api):
         assert code in response.content.decode()
     assert client.get("/docs/errors/").status_code == 200
     assert client.get("/docs/errors/not-a-code").status_code == 404
+
+
+def raised_codes() -> dict[str, str]:
+    """Every error code the server's source names where an error is made: {code: file:line}."""
+    found: dict[str, str] = {}
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted(p for app in ("harmont", "organizations", "pipelines", "builds")
+                       for p in (root / app).rglob("*.py")):
+        for call in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(call, ast.Call):
+                continue
+            name = getattr(call.func, "id", getattr(call.func, "attr", None))
+            literals = []
+            if name == "ApiError" and call.args:
+                literals.append(call.args[0])
+            if name == "envelope_response" and len(call.args) > 1:
+                literals.append(call.args[1])
+            for keyword in call.keywords:
+                if keyword.arg == "code" and name in ("ApiError", "validation_error", "validated"):
+                    literals.append(keyword.value)
+                if keyword.arg == "field_codes" and isinstance(keyword.value, ast.Dict):
+                    literals.extend(keyword.value.values)
+            for node in literals:
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    found.setdefault(node.value, f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_every_code_the_source_raises_is_in_the_catalog_with_a_page(client, db):
+    from harmont.errors import CATALOG
+
+    codes = raised_codes()
+    assert {"organization_invalid", "invalid_role", "invite_unacceptable", "pipeline_invalid",
+            "user_name_invalid", "source_not_found", "api_token_not_found"} <= set(codes)
+    assert {code: where for code, where in codes.items() if code not in CATALOG} == {}
+    for code in codes:
+        page = client.get(f"/docs/errors/{code}")
+        assert page.status_code == 200 and CATALOG[code].title in page.content.decode(), code
 
 
 def test_error_doc_url_points_at_public_url(api, settings):

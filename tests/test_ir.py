@@ -357,12 +357,13 @@ def test_flat_timeouts_are_read_at_both_levels():
     assert [job.timeout_seconds for job in plan.jobs] == [60, None]
 
 
-def test_flat_step_without_type_is_a_command_step():
-    doc = flat_doc({"key": "a", "cmd": "make", "label": "Make"})
+@pytest.mark.parametrize("step", [{"key": "a", "cmd": "make"}, {"type": None, "key": "a", "cmd": "make"}])
+def test_flat_step_without_type_is_invalid_ir(step):
+    error = rejection(flat_doc(cmd("first"), step))
 
-    job = plan_ir(doc).jobs[0]
-
-    assert (job.key, job.command, job.label) == ("a", "make", "Make")
+    assert error.code == "invalid_ir"
+    assert error.message == ("steps[1] has no 'type'; a flat step is {\"type\": \"command\", ...} or "
+                             "{\"type\": \"wait\"}.")
 
 
 # --- empty documents and input types ------------------------------------------
@@ -546,9 +547,7 @@ REJECTIONS: dict[str, tuple[Any, str, list[str]]] = {
     "cmd-not-string": (
         flat_doc(cmd("a", cmd=["make"])), "missing_field", ["steps[0] ('a')", "'cmd'", '["make"]'],
     ),
-    "flat-untyped-step-without-cmd": (
-        flat_doc(cmd("a"), {"key": "b"}), "missing_field", ["steps[1] ('b')", "'cmd'"],
-    ),
+    "flat-untyped-step": (flat_doc(cmd("a"), {"key": "b"}), "invalid_ir", ["steps[1]", "'type'"]),
     "unknown-step-type": (
         flat_doc(cmd("a"), {"type": "trigger", "pipeline": "deploy"}),
         "unknown_step_type",

@@ -84,9 +84,9 @@ def test_depends_on_spans_both_edge_kinds(four):
 def test_list_orders_by_dependency_not_document_order(api, pipeline):
     # A flat document whose first step needs the last one.
     document = {"version": "0", "steps": [
-        {"key": "deploy", "cmd": "make deploy", "depends_on": ["test"]},
-        {"key": "build", "cmd": "make build"},
-        {"key": "test", "cmd": "make test", "builds_in": "build"},
+        {"type": "command", "key": "deploy", "cmd": "make deploy", "depends_on": ["test"]},
+        {"type": "command", "key": "build", "cmd": "make build"},
+        {"type": "command", "key": "test", "cmd": "make test", "builds_in": "build"},
     ]}
     build = make_build(pipeline, pipeline_ir=document)
     jobs = by_key(build)

@@ -130,10 +130,27 @@ def test_setting_the_same_role_is_a_no_op_200(api, org, member):
                                                                                                       "member")
 
 
-@pytest.mark.parametrize("body", [{"role": "superuser"}, {"role": ""}, {}, {"role": None}])
-def test_unknown_role_is_422_with_fields(api, org, member, body):
-    error = assert_error(api.patch(members_url(org, member), body, format="json"), 422, "validation_failed")
-    assert set(error["fields"]) == {"role"}
+@pytest.mark.parametrize("body", [{"role": "superuser"}, {"role": ""}, {}, {"role": None}, {"role": ["admin"]}])
+def test_unknown_role_is_422_invalid_role_with_fields(api, org, member, body):
+    error = assert_error(api.patch(members_url(org, member), body, format="json"), 422, "invalid_role")
+    assert error["type"] == "validation_failed"
+    assert set(error["fields"]) == {"role"} and error["fields"]["role"]
+    assert role_of(org, member) == Role.MEMBER
+
+
+def test_change_role_to_an_unknown_role_is_422_invalid_role_and_changes_nothing(api, org, member):
+    error = assert_error(api.patch(members_url(org, member), {"role": "superuser"}, format="json"), 422,
+                         "invalid_role")
+    assert error["type"] == "validation_failed"
+    assert error["fields"] == {"role": ['"superuser" is not a valid choice.']}
+    assert role_of(org, member) == Role.MEMBER
+
+
+def test_change_role_service_refuses_an_unknown_role_with_invalid_role(org, owner, member):
+    with pytest.raises(ApiError) as caught:
+        services.change_member_role(organization=org, actor=owner, user=member, role="superuser")
+    assert (caught.value.code, caught.value.fields) == ("invalid_role",
+                                                        {"role": ["must be one of owner, admin, member"]})
     assert role_of(org, member) == Role.MEMBER
 
 
@@ -262,23 +279,34 @@ def test_admin_creates_invite_with_token_shown_once(admin_api, org, admin_user):
     assert listed == [body | {"token": None}]
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"email": "a@example.com", "role": "owner"}, "role"),
-    ({"email": "a@example.com", "role": "wizard"}, "role"),
-    ({"email": "a@example.com"}, "role"),
-    ({"email": "not-an-email", "role": "member"}, "email"),
-    ({"role": "member"}, "email"),
+@pytest.mark.parametrize("body, code, fields", [
+    ({"email": "a@example.com", "role": "owner"}, "invalid_role", {"role"}),
+    ({"email": "a@example.com", "role": "wizard"}, "invalid_role", {"role"}),
+    ({"email": "a@example.com"}, "invalid_role", {"role"}),
+    ({"email": "not-an-email", "role": "admin"}, "validation_failed", {"email"}),
+    ({"role": "member"}, "validation_failed", {"email"}),
+    # A bad role decides the code, whatever else is wrong; `fields` still lists everything.
+    ({"email": "not-an-email", "role": "owner"}, "invalid_role", {"email", "role"}),
 ])
-def test_create_invite_with_bad_fields_is_422_and_creates_nothing(api, org, body, field):
-    error = assert_error(api.post(invites_url(org), body, format="json"), 422, "validation_failed")
-    assert field in error["fields"]
+def test_create_invite_with_bad_fields_is_422_and_creates_nothing(api, org, body, code, fields):
+    error = assert_error(api.post(invites_url(org), body, format="json"), 422, code)
+    assert error["type"] == "validation_failed"
+    assert set(error["fields"]) == fields
+    assert not Invite.objects.exists()
+
+
+def test_invite_as_owner_is_422_invalid_role_and_creates_nothing(api, org):
+    error = assert_error(api.post(invites_url(org), {"email": "a@example.com", "role": "owner"}, format="json"),
+                         422, "invalid_role")
+    assert error["type"] == "validation_failed"
+    assert error["fields"] == {"role": ['"owner" is not a valid choice.']}
     assert not Invite.objects.exists()
 
 
 def test_invite_service_refuses_owner_role(org, owner):
     with pytest.raises(ApiError) as caught:
         services.create_invite(organization=org, invited_by=owner, email="x@example.com", role=Role.OWNER)
-    assert caught.value.code == "validation_failed" and "role" in caught.value.fields
+    assert caught.value.code == "invalid_role" and list(caught.value.fields) == ["role"]
     assert not Invite.objects.exists()
 
 
@@ -296,7 +324,7 @@ def test_reinviting_revokes_the_open_invite_and_issues_a_new_one(api, org, make_
     assert [i["id"] for i in api.get(invites_url(org)).json()["data"]] == [second["id"]]
     invitee = make_api(make_user("x@example.com"))
     assert_error(invitee.post("/api/v0/invites/accept", {"token": first["token"]}, format="json"), 422,
-                 "invite_invalid")
+                 "invite_unacceptable")
     assert invitee.post("/api/v0/invites/accept", {"token": second["token"]}, format="json").status_code == 200
 
 
@@ -447,51 +475,80 @@ def test_accept_invite_joins_with_the_invited_role(invitee_api, invitee, org):
     assert invitee_api.get(invites_url(org)).json() == {"data": []}  # no longer open
 
 
-def test_accepting_twice_is_422(invitee_api, org):
+def unacceptable(response: Any) -> dict[str, Any]:
+    """The envelope of a refused accept: 422 `invite_unacceptable`, type `validation_failed`."""
+    error = assert_error(response, 422, "invite_unacceptable")
+    assert error["type"] == "validation_failed"
+    return error
+
+
+def test_accepting_twice_is_422_invite_unacceptable(invitee_api, invitee, org):
     issued = invite(org)
     assert accept(invitee_api, issued.raw).status_code == 200
-    assert_error(accept(invitee_api, issued.raw), 422, "invite_invalid")
+    accepted_at = Invite.objects.get().accepted_at
+    error = unacceptable(accept(invitee_api, issued.raw))
+    assert "already been accepted" in error["message"] and "fields" not in error
+    assert Invite.objects.get().accepted_at == accepted_at
+    assert Membership.objects.filter(organization=org, user=invitee).count() == 1
 
 
-def test_accept_invite_for_another_email_is_422_and_changes_nothing(api, org, stranger):
+def test_accept_invite_for_another_email_is_422_invite_unacceptable_and_changes_nothing(api, org, stranger):
     issued = invite(org)
-    assert_error(accept(make_api(stranger), issued.raw), 422, "invite_invalid")
+    error = unacceptable(accept(make_api(stranger), issued.raw))
+    assert "different email" in error["message"] and "fields" not in error
     assert role_of(org, stranger) is None
     issued.invite.refresh_from_db()
     assert issued.invite.accepted_at is None
 
 
-def test_accept_expired_invite_is_422(invitee_api, invitee, org):
+def test_accept_expired_invite_is_422_invite_unacceptable(invitee_api, invitee, org):
     issued = invite(org, now=timezone.now() - timedelta(days=7, seconds=1))
-    assert_error(accept(invitee_api, issued.raw), 422, "invite_invalid")
+    error = unacceptable(accept(invitee_api, issued.raw))
+    assert "expired" in error["message"] and "fields" not in error
     assert role_of(org, invitee) is None
+    issued.invite.refresh_from_db()
+    assert issued.invite.accepted_at is None
 
 
-def test_accept_revoked_invite_is_422(invitee_api, invitee, org):
+def test_accept_revoked_invite_is_422_invite_unacceptable(invitee_api, invitee, org):
     issued = invite(org)
     services.revoke_invite(organization=org, invite_id=issued.invite.id)
-    assert_error(accept(invitee_api, issued.raw), 422, "invite_invalid")
+    error = unacceptable(accept(invitee_api, issued.raw))
+    assert "revoked" in error["message"] and "fields" not in error
     assert role_of(org, invitee) is None
+    issued.invite.refresh_from_db()
+    assert issued.invite.accepted_at is None
 
 
 @pytest.mark.parametrize("token", ["no-such-token", "x" * 43])
-def test_accept_unknown_token_is_422(invitee_api, db, token):
-    assert_error(accept(invitee_api, token), 422, "invite_invalid")
+def test_accept_unknown_token_is_422_invite_unacceptable(invitee_api, invitee, token):
+    memberships = Membership.objects.count()
+    error = unacceptable(accept(invitee_api, token))
+    assert error["message"] == "No invite has this token." and "fields" not in error
+    assert Membership.objects.count() == memberships
 
 
-@pytest.mark.parametrize("body", [{}, {"token": ""}, {"token": None}])
-def test_accept_without_token_is_422_with_fields(invitee_api, body):
-    error = assert_error(invitee_api.post("/api/v0/invites/accept", body, format="json"), 422, "validation_failed")
-    assert set(error["fields"]) == {"token"}
+@pytest.mark.parametrize("body", [{}, {"token": ""}, {"token": None}, {"token": 7 * [1]}, {"token": "x" * 257}])
+def test_accept_without_a_usable_token_is_422_invite_unacceptable_with_fields(invitee_api, invitee, org, body):
+    issued = invite(org)
+    error = unacceptable(invitee_api.post("/api/v0/invites/accept", body, format="json"))
+    assert set(error["fields"]) == {"token"} and error["fields"]["token"]
+    assert role_of(org, invitee) is None
+    issued.invite.refresh_from_db()
+    assert issued.invite.accepted_at is None
 
 
-def test_accept_when_already_a_member_is_200_and_keeps_the_role(invitee_api, invitee, org):
+def test_accept_when_already_a_member_is_422_invite_unacceptable_and_changes_nothing(api, invitee_api, invitee,
+                                                                                     org):
     issued = invite(org, role=Role.ADMIN)
     Membership.objects.create(organization=org, user=invitee, role=Role.MEMBER)  # joined some other way meanwhile
-    assert accept(invitee_api, issued.raw).json()["slug"] == org.slug
+    error = unacceptable(accept(invitee_api, issued.raw))
+    assert error["message"] == f"You are already a member of {org.slug!r}." and "fields" not in error
     assert role_of(org, invitee) == Role.MEMBER
     issued.invite.refresh_from_db()
-    assert issued.invite.accepted_at is not None
+    assert (issued.invite.accepted_at, issued.invite.accepted_by) == (None, None)
+    # Still open: an admin may revoke it.
+    assert [i["id"] for i in api.get(invites_url(org)).json()["data"]] == [str(issued.invite.id)]
 
 
 def test_accept_needs_a_bearer_token(anon, org):
@@ -510,5 +567,5 @@ def test_racing_accepts_of_one_invite_succeed_once(transactional_db):
     issued = services.create_invite(organization=org, invited_by=owner, email="racer@example.com", role=Role.ADMIN)
     results = run_concurrently(4, lambda i: services.accept_invite(user=invitee, token=issued.raw).slug)
     assert sorted(kind for kind, _ in results) == ["error", "error", "error", "ok"]
-    assert {value for kind, value in results if kind == "error"} == {"invite_invalid"}
+    assert {value for kind, value in results if kind == "error"} == {"invite_unacceptable"}
     assert Membership.objects.filter(organization=org, user=invitee).count() == 1

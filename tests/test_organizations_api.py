@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
+from harmont.errors import ApiError
 from organizations import services
 from organizations.models import Membership, Organization, Role
 from tests.helpers import assert_error, iso, make_api
@@ -116,13 +117,35 @@ def test_create_organization_with_a_long_name_keeps_the_slug_in_its_column(api):
 
 @pytest.mark.parametrize("body, field", [
     ({}, "name"), ({"name": ""}, "name"), ({"name": "  "}, "name"), ({"name": "x" * 256}, "name"),
-    ({"name": 5 * [1]}, "name"), ({"name": "ok", "url": "u" * 501}, "url"),
+    ({"name": 5 * [1]}, "name"), ({"name": "!!!"}, "name"), ({"name": "日本"}, "name"),
+    ({"name": "ok", "url": "u" * 501}, "url"),
 ])
-def test_create_organization_with_bad_fields_is_422_and_creates_nothing(api, body, field):
-    before = Organization.objects.count()
-    error = assert_error(api.post("/api/v0/organizations", body, format="json"), 422, "validation_failed")
-    assert field in error["fields"]
-    assert Organization.objects.count() == before
+def test_create_organization_with_bad_fields_is_422_organization_invalid_and_creates_nothing(api, body, field):
+    before = Organization.objects.count(), Membership.objects.count()
+    error = assert_error(api.post("/api/v0/organizations", body, format="json"), 422, "organization_invalid")
+    assert error["type"] == "validation_failed"
+    assert set(error["fields"]) == {field} and error["fields"][field]
+    assert (Organization.objects.count(), Membership.objects.count()) == before
+
+
+def test_create_organization_whose_name_makes_no_slug_is_422_organization_invalid(api, owner):
+    # "!!!" once became the slug `org`, an organization named by nothing anyone typed.
+    before = Organization.objects.count(), Membership.objects.count()
+    response = api.post("/api/v0/organizations", {"name": "!!!"}, format="json")
+    error = assert_error(response, 422, "organization_invalid")
+    assert error["type"] == "validation_failed"
+    assert error["fields"] == {"name": ["Must contain a letter a-z or a digit 0-9: the organization's slug is made "
+                                        "of them."]}
+    assert (Organization.objects.count(), Membership.objects.count()) == before
+    assert not Organization.objects.filter(slug="org").exists()
+
+
+def test_create_organization_service_refuses_a_name_without_a_slug(owner):
+    with pytest.raises(ApiError) as caught:
+        services.create_organization(name="-- ¿? --", owner=owner)
+    assert (caught.value.code, caught.value.status, list(caught.value.fields)) == ("organization_invalid", 422,
+                                                                                   ["name"])
+    assert not Organization.objects.filter(personal_for=None).exists()
 
 
 # ---------------------------------------------------------------- detail

@@ -156,6 +156,13 @@ def test_sign_up_refuses_a_taken_email_and_a_weak_password(client: Client, owner
     assert not User.objects.filter(email="fresh@example.com").exists()
 
 
+def test_sign_up_refuses_a_name_with_a_control_character(client: Client) -> None:
+    response = client.post("/signup", {"email": "new@example.com", "name": "Nia\x1b[2JNew",
+                                       "password": "a-long-passphrase"})
+    assert response.status_code == 422 and "Must not contain control characters" in text(response)
+    assert not User.objects.filter(email="new@example.com").exists()
+
+
 def test_sign_up_switched_off_is_a_404_with_a_clear_message(client: Client, settings: Any) -> None:
     settings.SIGNUP_ENABLED = False
     response = client.get("/signup")

@@ -8,7 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.utils import timezone
 
+from harmont.errors import ApiError
 from organizations import services
+from organizations.authentication import LAST_USED_RESOLUTION, record_token_use
 from organizations.models import ApiToken, Membership, Organization, Role, TokenKind, User
 from tests.helpers import assert_error, iso, make_api
 
@@ -55,12 +57,42 @@ def test_patch_user_changes_name(api, owner):
     assert owner.name == "Olivia O."
 
 
-@pytest.mark.parametrize("body", [{"name": ""}, {"name": "   "}, {"name": "x" * 256}, {}, {"name": None}])
-def test_patch_user_with_bad_name_is_422_and_keeps_name(api, owner, body):
-    error = assert_error(api.patch("/api/v0/user", body, format="json"), 422, "validation_failed")
-    assert set(error["fields"]) == {"name"}
+@pytest.mark.parametrize("body", [{"name": ""}, {"name": "   "}, {"name": "x" * 256}, {}, {"name": None},
+                                  {"name": ["Olivia"]}, {"name": "Olivia\nO."}, {"name": "Olivia\x1b[31m"}])
+def test_patch_user_with_bad_name_is_422_user_name_invalid_and_keeps_name(api, owner, body):
+    error = assert_error(api.patch("/api/v0/user", body, format="json"), 422, "user_name_invalid")
+    assert error["type"] == "validation_failed"
+    assert set(error["fields"]) == {"name"} and error["fields"]["name"]
     owner.refresh_from_db()
     assert owner.name == "Olive Owner"
+
+
+def test_patch_user_with_a_control_character_is_422_user_name_invalid(api, owner):
+    error = assert_error(api.patch("/api/v0/user", {"name": "Olive\tOwner"}, format="json"), 422,
+                         "user_name_invalid")
+    assert error["type"] == "validation_failed"
+    assert error["fields"] == {"name": ["Must not contain control characters such as a newline or a tab."]}
+    owner.refresh_from_db()
+    assert owner.name == "Olive Owner"
+
+
+def test_patch_user_trims_the_name(api, owner):
+    assert api.patch("/api/v0/user", {"name": "  Olivia  "}, format="json").json()["name"] == "Olivia"
+    owner.refresh_from_db()
+    assert owner.name == "Olivia"
+
+
+@pytest.mark.parametrize("name", ["   ", "x" * 256, "a\nb"])
+def test_user_name_services_refuse_a_bad_name_with_user_name_invalid(owner, name):
+    with pytest.raises(ApiError) as caught:
+        services.update_user(user=owner, name=name)
+    assert (caught.value.code, list(caught.value.fields)) == ("user_name_invalid", ["name"])
+    with pytest.raises(ApiError) as caught:
+        services.create_user(email="new@example.com", name=name)
+    assert (caught.value.code, list(caught.value.fields)) == ("user_name_invalid", ["name"])
+    owner.refresh_from_db()
+    assert owner.name == "Olive Owner"
+    assert not User.objects.filter(email="new@example.com").exists()
 
 
 def test_patch_user_accepts_255_characters(api, owner):
@@ -188,13 +220,32 @@ def test_revoke_api_token_sets_revoked_at_and_the_token_stops_working(api, owner
     assert str(token.id) not in api.get("/api/v0/user/api-tokens").content.decode()
 
 
-def test_revoking_an_already_revoked_token_is_204_and_keeps_first_time(api, owner):
+def test_revoking_an_already_revoked_token_is_404_and_keeps_first_time(api, owner):
     token = services.create_personal_token(user=owner, description="old").token
     first = timezone.now() - timedelta(hours=1)
     services.revoke_api_token(token=token, now=first)
-    assert api.delete(f"/api/v0/user/api-tokens/{token.id}").status_code == 204
+    error = assert_error(api.delete(f"/api/v0/user/api-tokens/{token.id}"), 404, "api_token_not_found")
+    assert error["type"] == "not_found" and "fields" not in error
     token.refresh_from_db()
     assert token.revoked_at == first
+
+
+def test_revoking_twice_is_204_then_404(api, owner):
+    token = services.create_personal_token(user=owner, description="twice").token
+    assert api.delete(f"/api/v0/user/api-tokens/{token.id}").status_code == 204
+    token.refresh_from_db()
+    first = token.revoked_at
+    assert_error(api.delete(f"/api/v0/user/api-tokens/{token.id}"), 404, "api_token_not_found")
+    token.refresh_from_db()
+    assert token.revoked_at == first
+
+
+def test_revoking_an_expired_token_is_204(api, owner):
+    token = services.create_personal_token(user=owner, description="old",
+                                           expires_at=timezone.now() - timedelta(days=1)).token
+    assert api.delete(f"/api/v0/user/api-tokens/{token.id}").status_code == 204
+    token.refresh_from_db()
+    assert token.revoked_at is not None
 
 
 @pytest.mark.parametrize("token_id", ["not-a-uuid", str(uuid.uuid4()), "1"])
@@ -277,3 +328,47 @@ def test_list_api_tokens_query_count_is_independent_of_token_count(api, owner, d
         services.create_personal_token(user=owner, description=f"t{i}")
     with django_assert_num_queries(2):
         assert len(api.get("/api/v0/user/api-tokens").json()["api_tokens"]) == 16
+
+
+# ---------------------------------------------------------------- last_used_at
+
+def test_last_used_at_moves_at_most_once_a_minute(owner):
+    token = services.create_personal_token(user=owner, description="used").token
+    t0 = timezone.now()
+    record_token_use(token, now=t0)
+    token.refresh_from_db()
+    assert token.last_used_at == t0 and LAST_USED_RESOLUTION == timedelta(minutes=1)
+
+    record_token_use(token, now=t0 + timedelta(seconds=59, microseconds=999_999))
+    token.refresh_from_db()
+    assert token.last_used_at == t0  # just under a minute: unchanged
+
+    record_token_use(token, now=t0 + timedelta(minutes=1))
+    token.refresh_from_db()
+    assert token.last_used_at == t0 + timedelta(minutes=1)  # a minute on: moved
+
+
+def test_racing_requests_of_one_token_write_last_used_at_once(owner):
+    token = services.create_personal_token(user=owner, description="raced").token
+    t0 = timezone.now() - timedelta(minutes=5)
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=t0)
+    token.refresh_from_db()
+    stale_copy = ApiToken.objects.get(pk=token.pk)  # what a racing request authenticated with
+    record_token_use(token, now=t0 + timedelta(minutes=2))
+    record_token_use(stale_copy, now=t0 + timedelta(minutes=2, seconds=1))
+    token.refresh_from_db()
+    assert token.last_used_at == t0 + timedelta(minutes=2)  # one write, not two
+
+
+def test_a_request_writes_last_used_at_when_it_is_a_minute_old(api, owner):
+    token = ApiToken.objects.get(token_hash=services.hash_secret(api.raw_token))
+    recent = timezone.now() - timedelta(seconds=30)
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=recent)
+    assert api.get("/api/v0/user").status_code == 200
+    token.refresh_from_db()
+    assert token.last_used_at == recent
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now() - timedelta(seconds=61))
+    before = timezone.now()
+    assert api.get("/api/v0/user").status_code == 200
+    token.refresh_from_db()
+    assert token.last_used_at >= before

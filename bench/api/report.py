@@ -81,7 +81,7 @@ def report(targets: list[Target], runs: dict[str, list[Result]], tool: str, args
         say("  req/s above are disturbed; rerun on a quiet machine. CPU per request is less affected.")
     say()
     say("Queries per request (in-process through the full middleware stack, CaptureQueriesContext,")
-    say("steady state; the first call in a 5-minute window also writes the token's last_used_at):")
+    say("steady state; the first call in a one-minute window also writes the token's last_used_at):")
     for target, count, heads, first in queries:
         extra = f" (first call: {first}, + UPDATE last_used_at)" if first != count else ""
         say(f"  ({target.key}) {target.label:<34} {count} queries{extra}")

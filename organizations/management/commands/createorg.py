@@ -14,7 +14,6 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.core.validators import validate_email
 
 from organizations import services
-from organizations.models import Organization
 
 
 class Command(BaseCommand):
@@ -26,9 +25,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, name: str, owner: str, **options: Any) -> None:
         name = name.strip()
-        max_length = Organization._meta.get_field("name").max_length
-        if not name or len(name) > max_length:
-            raise CommandError(f"--name must be 1-{max_length} characters.")
+        # Checked before the owner is created, so a refused name creates nothing.
+        errors = services.organization_name_errors(name)
+        if errors:
+            raise CommandError(f"--name {name[:80]!r}: {errors[0]}")
         owner = owner.strip()
         try:
             validate_email(owner)
