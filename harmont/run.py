@@ -60,6 +60,8 @@ def main() -> int:
     if not env.get("HARMONT_SECRET_KEY"):
         env["HARMONT_SECRET_KEY"] = local_secret_key()
     env.setdefault("HARMONT_PUBLIC_URL", f"http://127.0.0.1:{env['PORT']}")
+    # A demo on one's own machine: let people try /signup (off by default on a real server).
+    env.setdefault("HARMONT_SIGNUP_ENABLED", "1")
     print(manage("migrate", "--noinput", env=env), end="")
     manage("collectstatic", "--noinput", "--verbosity", "0", env=env)
     print(manage("seed_demo", env=env), end="")

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -174,6 +175,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "corsheaders",
+    "axes",
     "rest_framework",
     "django_filters",
     "drf_spectacular",
@@ -196,6 +198,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "harmont.security.ContentSecurityPolicyMiddleware",
+    # Last, as django-axes asks: turns a locked-out sign-in into its 429 page.
+    "axes.middleware.AxesMiddleware",
     "harmont.errors.ApiErrorMiddleware",
 ]
 
@@ -338,7 +343,27 @@ LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/login"
 # Anyone who reaches the server may create an account at /signup unless this is off;
 # then operators create users (admin, `manage.py createtoken`) or invite them.
-SIGNUP_ENABLED = env_bool("HARMONT_SIGNUP_ENABLED", True)
+# Off by default: with it on, anyone could register ops@acme.test before an operator gives that
+# address an organization. `make run`'s demo turns it on.
+SIGNUP_ENABLED = env_bool("HARMONT_SIGNUP_ENABLED", False)
+
+# Failed sign-ins (/login and /admin/login/) are throttled by django-axes, per account and per
+# client address separately: after HARMONT_LOGIN_FAILURE_LIMIT failures, that account (from
+# anywhere) and that address (for any account) wait HARMONT_LOGIN_COOLOFF_MINUTES. Accounts that
+# don't exist are counted the same way, so the answer never tells whether one does.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env_int("HARMONT_LOGIN_FAILURE_LIMIT", 10, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("HARMONT_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = ["ip_address", "username"]
+AXES_RESET_ON_SUCCESS = True
+AXES_USERNAME_CALLABLE = "organizations.views.sign_in_username"
+AXES_LOCKOUT_CALLABLE = "organizations.views.sign_in_locked_out"
+AXES_ALLOWED_CORS_ORIGINS = APP_URL
+# The address is what the server in front reported (uvicorn's proxy headers, --forwarded-allow-ips),
+# never a header a client could set itself.
+AXES_IPWARE_META_PRECEDENCE_ORDER = ["REMOTE_ADDR"]
+AXES_ENABLE_ACCESS_FAILURE_LOG = True
+AXES_VERBOSE = False
 
 LOGGING = {
     "version": 1,
@@ -349,7 +374,30 @@ LOGGING = {
     "loggers": {"django.db.backends": {"level": "INFO"}},
 }
 
-if not DEBUG:
-    SESSION_COOKIE_HTTPONLY = True
-    CSRF_COOKIE_HTTPONLY = False
-    SECURE_CONTENT_TYPE_NOSNIFF = True
+# Transport. The pages never read cookies from JavaScript (the CSRF token is in each form),
+# so both cookies are HttpOnly; served over https, they are Secure and browsers get HSTS
+# (sent on https requests only: behind a TLS-terminating proxy that needs
+# HARMONT_SECURE_PROXY_SSL_HEADER).
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+if APP_URL.startswith("https://"):
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("HARMONT_HSTS_SECONDS", 365 * 24 * 3600)
+
+# The pages load only the server's own scripts, styles and images; the live log stream may be on
+# HARMONT_PUBLIC_URL when the pages are on HARMONT_APP_URL.
+CONTENT_SECURITY_POLICY = "; ".join([
+    "default-src 'self'",
+    "script-src 'self'",
+    "style-src 'self'",
+    "img-src 'self' data:",
+    f"connect-src 'self' {PUBLIC_URL}" if PUBLIC_URL != APP_URL else "connect-src 'self'",
+    "object-src 'none'",
+    "base-uri 'self'",
+    # The CLI login's confirmation redirects to the CLI's listener on localhost.
+    "form-action 'self' http://localhost:*",
+    "frame-ancestors 'none'",
+])

@@ -58,6 +58,10 @@ class OrgScopedMixin:
     def org(self) -> Organization:
         return self.membership.organization
 
+    def credentials_context(self) -> dict[str, bool]:
+        """Serializer context: admins and owners see credentials written into URLs, members don't."""
+        return {"show_credentials": self.membership.has_role(Role.ADMIN)}
+
 
 class OrgRolePermission(BasePermission):
     """Member of the URL's organization, with the role the method requires."""

@@ -38,6 +38,9 @@ class User(AbstractBaseUser, PermissionsMixin):
     is_staff = models.BooleanField(default=False)
     is_active = models.BooleanField(default=True)
     date_joined = models.DateTimeField(default=timezone.now)
+    # Created at /signup: whoever registered chose the email and nobody confirmed it, so
+    # operators' commands don't hand such an account an organization without being told to.
+    self_registered = models.BooleanField(default=False)
 
     objects = UserManager()
 

@@ -146,7 +146,7 @@ def create_organization(*, name: str, owner: User, url: str | None = None,
 
 @transaction.atomic
 def create_user(*, email: str, password: str | None = None, name: str = "",
-                is_staff: bool = False, now: datetime | None = None) -> User:
+                is_staff: bool = False, self_registered: bool = False, now: datetime | None = None) -> User:
     """A user and their personal organization (named after them, they own it).
 
     `name` may be empty (no name yet); otherwise it follows `user_name_errors`
@@ -158,11 +158,23 @@ def create_user(*, email: str, password: str | None = None, name: str = "",
     name = name.strip()
     now = now or timezone.now()
     user = User.objects.create_user(email, password, name=name, is_staff=is_staff, is_superuser=is_staff,
-                                    date_joined=now)
+                                    self_registered=self_registered, date_joined=now)
     org_name = name or email.split("@")[0]
     org = _insert_org_with_unique_slug(name=org_name, url=None, personal_for=user, now=now)
     Membership.objects.create(organization=org, user=user, role=Role.OWNER, created_at=now)
     return user
+
+
+def existing_account_error(user: User, *, option: str = "--existing-user") -> str | None:
+    """Why an operator's command should not give `user` an organization unasked, or None.
+
+    An account that signed itself up at /signup was registered by whoever chose the email;
+    giving it an organization the operator meant for the email's owner would hand it over.
+    """
+    if not user.self_registered:
+        return None
+    return (f"{user.email} signed itself up at /signup, so nobody has confirmed that it belongs to that "
+            f"address's owner; pass {option} if you know it does.")
 
 
 def get_or_create_user(*, email: str, name: str = "") -> tuple[User, bool]:

@@ -102,6 +102,25 @@ class EmailAuthenticationForm(AuthenticationForm):
         return self.cleaned_data["username"].strip().lower()
 
 
+def sign_in_username(request: HttpRequest, credentials: dict[str, Any] | None) -> str | None:
+    """The account a sign-in attempt counts against (django-axes): as the sign-in form reads it,
+    so "Ada@Example.com " and "ada@example.com" share one budget."""
+    username = (credentials or {}).get("username") or (request.POST.get("username") if request else None)
+    return username.strip().lower() if isinstance(username, str) else None
+
+
+def sign_in_locked_out(request: HttpRequest, response: HttpResponse | None, credentials: dict[str, Any] | None
+                       ) -> HttpResponse:
+    """The answer to a sign-in while its account or address is cooling off (django-axes).
+
+    The same words whether or not the account exists, and whichever of the two budgets ran out.
+    """
+    minutes = int(settings.AXES_COOLOFF_TIME.total_seconds() // 60)
+    locked = render(request, "accounts/locked_out.html", {"minutes": minutes}, status=429)
+    locked["Retry-After"] = str(minutes * 60)
+    return locked
+
+
 class SignInView(LoginView):
     template_name = "accounts/login.html"
     form_class = EmailAuthenticationForm
@@ -147,7 +166,7 @@ def signup(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         try:
             user = services.create_user(email=form.cleaned_data["email"], name=form.cleaned_data["name"],
-                                        password=form.cleaned_data["password"])
+                                        password=form.cleaned_data["password"], self_registered=True)
         except IntegrityError:  # the same email signed up a moment ago
             form.add_error("email", "An account with this email already exists. Sign in instead.")
         else:

@@ -44,7 +44,8 @@ class PipelineListView(OrgScopedView):
                    responses={200: PipelineListSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str) -> Response:
         page = paginate(request, Pipeline.objects.for_org(self.org), key="id")
-        return Response({"data": PipelineSerializer(page.items, many=True).data, "next_cursor": page.next_cursor})
+        return Response({"data": PipelineSerializer(page.items, many=True, context=self.credentials_context()).data,
+                         "next_cursor": page.next_cursor})
 
     @extend_schema(operation_id="createPipeline", tags=["pipelines"], request=CreatePipelineRequestSerializer,
                    parameters=[IDEMPOTENCY_KEY_HEADER],
@@ -54,14 +55,15 @@ class PipelineListView(OrgScopedView):
     def post(self, request: Request, org: str) -> Response:
         body = validated(CreatePipelineRequestSerializer, request, code="pipeline_invalid")
         pipeline = services.create_pipeline(org=self.org, **body)
-        return Response(PipelineSerializer(pipeline).data, status=status.HTTP_201_CREATED)
+        return Response(PipelineSerializer(pipeline, context=self.credentials_context()).data,
+                        status=status.HTTP_201_CREATED)
 
 
 class PipelineDetailView(OrgScopedView):
     @extend_schema(operation_id="getPipeline", tags=["pipelines"],
                    responses={200: PipelineSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str) -> Response:
-        return Response(PipelineSerializer(get_pipeline(self.org, pipeline)).data)
+        return Response(PipelineSerializer(get_pipeline(self.org, pipeline), context=self.credentials_context()).data)
 
 
 class PipelineRegisterView(OrgScopedView):
@@ -84,7 +86,7 @@ class PipelineRegisterView(OrgScopedView):
             "repository": {"repo_name": done.repository.repo_name, "url": done.repository.url,
                            "webhook_secret_set": bool(done.repository.webhook_secret_encrypted),
                            "webhook_url": f"{settings.PUBLIC_URL}/webhooks/github"},
-            "pipelines": PipelineSerializer(done.pipelines, many=True).data,
+            "pipelines": PipelineSerializer(done.pipelines, many=True, context=self.credentials_context()).data,
             "archived": done.archived,
         })
 

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rest_framework import serializers
 
+from harmont.redaction import redact_url_credentials
 from harmont.serializers import page_serializer
 from pipelines.models import Pipeline, Visibility
 
 
 class PipelineSerializer(serializers.ModelSerializer):
+    """A pipeline; `repository` without the credentials in its URL unless context `show_credentials` is set."""
+
     class Meta:
         model = Pipeline
         fields = ["slug", "name", "description", "repository", "repo_name", "default_branch", "visibility",
                   "allow_manual", "source_slug", "definition", "triggers", "created_at"]
         read_only_fields = fields
+
+    def to_representation(self, instance: Pipeline) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        if not self.context.get("show_credentials") and data.get("repository"):
+            data["repository"] = redact_url_credentials(data["repository"])
+        return data
 
 
 PipelineListSerializer = page_serializer("PipelineList", PipelineSerializer)

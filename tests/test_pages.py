@@ -29,7 +29,7 @@ from organizations.models import AgentToken, ApiToken, CliLoginGrant, Role, Toke
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline
 from tests.dsl import hm
-from tests.helpers import make_api, make_build
+from tests.helpers import make_api, make_build, settings_from_env
 
 pytestmark = pytest.mark.django_db
 
@@ -138,17 +138,28 @@ def test_sign_out_is_a_post(web: Client) -> None:
     assert web.get("/settings/tokens").status_code == 302
 
 
-def test_sign_up_creates_the_user_and_a_personal_organization(client: Client) -> None:
+@pytest.fixture
+def signup_on(settings: Any) -> None:
+    """Sign-up is off unless the operator turns it on (`make run`'s demo does)."""
+    settings.SIGNUP_ENABLED = True
+
+
+def test_sign_up_is_off_unless_turned_on() -> None:
+    assert settings_from_env(("SIGNUP_ENABLED",), HARMONT_SIGNUP_ENABLED="") == {"SIGNUP_ENABLED": False}
+    assert settings_from_env(("SIGNUP_ENABLED",), HARMONT_SIGNUP_ENABLED="1") == {"SIGNUP_ENABLED": True}
+
+
+def test_sign_up_creates_the_user_and_a_personal_organization(client: Client, signup_on: None) -> None:
     response = client.post("/signup", {"email": "New@Example.com", "name": "Nia New", "password": "a-long-passphrase"})
     assert response.status_code == 302 and response["Location"] == "/"
     user = User.objects.get(email="new@example.com")
-    assert user.check_password("a-long-passphrase") and user.name == "Nia New"
+    assert user.check_password("a-long-passphrase") and user.name == "Nia New" and user.self_registered
     assert user.personal_org.memberships.get().role == Role.OWNER
     assert client.get("/").status_code == 302  # signed in: redirected to the personal organization
     assert client.get("/").headers["Location"] == f"/orgs/{user.personal_org.slug}/"
 
 
-def test_sign_up_refuses_a_taken_email_and_a_weak_password(client: Client, owner: User) -> None:
+def test_sign_up_refuses_a_taken_email_and_a_weak_password(client: Client, owner: User, signup_on: None) -> None:
     response = client.post("/signup", {"email": "OWNER@example.com", "name": "", "password": "a-long-passphrase"})
     assert response.status_code == 422 and "already exists" in text(response)
     response = client.post("/signup", {"email": "fresh@example.com", "name": "", "password": "short"})
@@ -156,7 +167,7 @@ def test_sign_up_refuses_a_taken_email_and_a_weak_password(client: Client, owner
     assert not User.objects.filter(email="fresh@example.com").exists()
 
 
-def test_sign_up_refuses_a_name_with_a_control_character(client: Client) -> None:
+def test_sign_up_refuses_a_name_with_a_control_character(client: Client, signup_on: None) -> None:
     response = client.post("/signup", {"email": "new@example.com", "name": "Nia\x1b[2JNew",
                                        "password": "a-long-passphrase"})
     assert response.status_code == 422 and "Must not contain control characters" in text(response)
@@ -173,7 +184,7 @@ def test_sign_up_switched_off_is_a_404_with_a_clear_message(client: Client, sett
     assert 'href="/signup"' not in text(client.get("/login"))
 
 
-def test_sign_up_is_linked_from_sign_in_when_on(client: Client) -> None:
+def test_sign_up_is_linked_from_sign_in_when_on(client: Client, signup_on: None) -> None:
     assert 'href="/signup"' in text(client.get("/login"))
 
 
@@ -278,7 +289,7 @@ def test_every_form_needs_its_csrf_token(owner: User, build: Build) -> None:
     assert csrf_refused(Client(enforce_csrf_checks=True), "/login", {"username": owner.email, "password": PASSWORD})
 
 
-def test_the_forms_carry_their_csrf_token(web: Client, build: Build) -> None:
+def test_the_forms_carry_their_csrf_token(web: Client, build: Build, signup_on: None) -> None:
     org = build.pipeline.organization.slug
     for url in [build_url(build), history_url(build.pipeline), "/settings/tokens", f"/orgs/{org}/agents",
                 "/cli-login?port=5000&nonce=n", "/cli-login?paste=true", "/signup"]:

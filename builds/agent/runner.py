@@ -27,6 +27,7 @@ from builds.agent.files import BoundedReader, collect_artifacts, pack, unpack
 from builds.agent.logs import MAX_CHUNK_CHARS, META, STDERR, STDOUT, LogShipper, pump
 from builds.agent.spec import JobSpec
 from builds.agent.transport import VERSION, AgentError, Transport, Unauthorized
+from harmont.redaction import redact_url_credentials
 
 log = logging.getLogger("harmont.agent")
 
@@ -150,10 +151,12 @@ class Agent:
         try:
             self._prepare_workspace(job, workspace, shipper)
         except (AgentError, OSError, tarfile.TarError, SourceError) as exc:
-            shipper.add(META, f"harmont-agent: could not prepare the workspace: {exc}\n")
+            # git and urllib name the URL they failed on, credentials included.
+            reason = redact_url_credentials(str(exc))
+            shipper.add(META, f"harmont-agent: could not prepare the workspace: {reason}\n")
             self._ship_final(shipper)
             self._finish(job, {"exit_code": None, "error_code": "workspace_unavailable",
-                               "error_message": str(exc)[:1000]}, shipper)
+                               "error_message": reason[:1000]}, shipper)
             return
         started = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/start", token=job.token,
                                       body={"agent_name": self.name})
@@ -189,11 +192,12 @@ class Agent:
         elif source.get("kind") == "url":
             archive = fetch_tarball(source["url"], sha256=source.get("sha256"))
             unpack(archive, workspace)
-            shipper.add(META, f"harmont-agent: unpacked source from {source['url']} ({len(archive)} bytes)\n")
+            shipper.add(META, f"harmont-agent: unpacked source from {redact_url_credentials(source['url'])} "
+                              f"({len(archive)} bytes)\n")
         elif source.get("kind") == "git":
             revision = git_checkout(source["url"], commit=source["commit"], branch=source.get("branch"),
                                     workspace=workspace)
-            shipper.add(META, f"harmont-agent: checked out {source['url']} at {revision}\n")
+            shipper.add(META, f"harmont-agent: checked out {redact_url_credentials(source['url'])} at {revision}\n")
         if job.parent_workspace_path:
             archive = self.transport.download(job.parent_workspace_path, token=job.token)
             unpack(archive, workspace)

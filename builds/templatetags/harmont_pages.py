@@ -12,6 +12,7 @@ from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 
 from builds.models import Build, Job
+from harmont.redaction import redact_url_credentials
 
 register = template.Library()
 
@@ -51,3 +52,9 @@ def format_duration(seconds: float | None) -> str:
 def duration(row: Build | Job) -> str:
     """`{{ build|duration }}`: "4.2 s", "3 m 07 s", "1 h 02 m"; a running row counts up to now, "" before it started."""
     return format_duration(duration_seconds(row, timezone.now()))
+
+
+@register.filter
+def without_credentials(url: str | None) -> str:
+    """A repository URL as pages show it: no user or token (those are for the agents' checkout)."""
+    return redact_url_credentials(url or "")

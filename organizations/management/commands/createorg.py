@@ -22,8 +22,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--name", required=True, help="Display name; the slug is derived from it.")
         parser.add_argument("--owner", required=True, help="Email of the owner; the user is created if missing.")
+        parser.add_argument("--existing-user", action="store_true",
+                            help="Allow an owner account that signed itself up at /signup (its email is unconfirmed).")
 
-    def handle(self, *args: Any, name: str, owner: str, **options: Any) -> None:
+    def handle(self, *args: Any, name: str, owner: str, existing_user: bool = False, **options: Any) -> None:
         name = name.strip()
         # Checked before the owner is created, so a refused name creates nothing.
         errors = services.organization_name_errors(name)
@@ -35,4 +37,7 @@ class Command(BaseCommand):
         except ValidationError:
             raise CommandError(f"--owner {owner!r} is not a valid email address.") from None
         user, _ = services.get_or_create_user(email=owner)
+        refusal = None if existing_user else services.existing_account_error(user)
+        if refusal:
+            raise CommandError(refusal)
         self.stdout.write(services.create_organization(name=name, owner=user).slug)

@@ -1,4 +1,4 @@
-"""`manage.py createtoken --email E [--org SLUG] [--role R] [--description D]`: print a new personal API token.
+"""`manage.py createtoken --email E [--org SLUG [--existing-user]] [--role R] [--description D]`: print a new personal API token.
 
 For operators and scripts: stdout carries only the token, so
 `TOKEN=$(python manage.py createtoken --email ci@example.com --org acme)` works;
@@ -28,11 +28,14 @@ class Command(BaseCommand):
         parser.add_argument("--role", choices=Role.values,
                             help="Role in --org: a new member defaults to member; an existing one keeps theirs "
                                  "unless this is given.")
+        parser.add_argument("--existing-user", action="store_true",
+                            help="With --org: allow an account that signed itself up at /signup (its email is "
+                                 "unconfirmed).")
         parser.add_argument("--description", default="created by manage.py createtoken",
                             help="Label shown in the token list.")
 
     def handle(self, *args: Any, email: str, org: str | None, role: str | None, description: str,
-               **options: Any) -> None:
+               existing_user: bool = False, **options: Any) -> None:
         email = email.strip()
         try:
             validate_email(email)
@@ -46,6 +49,9 @@ class Command(BaseCommand):
             if organization is None:
                 raise CommandError(f"No organization {org!r}; create it with `manage.py createorg`.")
         user, _ = services.get_or_create_user(email=email)
+        refusal = None if existing_user or organization is None else services.existing_account_error(user)
+        if refusal:
+            raise CommandError(refusal)
         if organization is not None:
             try:
                 services.set_membership(organization=organization, user=user, role=role)
