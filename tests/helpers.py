@@ -27,7 +27,7 @@ from rest_framework.test import APIClient
 
 from builds import services as build_services
 from builds import webhooks
-from builds.models import Agent, Build, Job, JobState
+from builds.models import Agent, Build, BuildSource, Job, JobState
 from harmont.timestamps import ns_from_datetime
 from harmont.tokens import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
 from organizations import services as org_services
@@ -118,15 +118,21 @@ def builds_url(pipeline: Pipeline | str, suffix: str = "", *, org_slug: str | No
     return f"/api/v0/organizations/{org_slug}/pipelines/{pipeline}/builds{suffix}"
 
 
+# The helpers stand in for every path that creates builds, the server's own (any source) included.
+ANY_SOURCE = frozenset(BuildSource.values)
+
+
 def make_build(pipeline: Pipeline, **fields: Any) -> Build:
     """A build through the services: branch `main`, commit `abc123`, unless `fields` say otherwise."""
-    request = build_services.validate_build_request(**{"branch": "main", "commit": "abc123", **fields})
+    request = build_services.validate_build_request(**{"branch": "main", "commit": "abc123", **fields},
+                                                    allowed_sources=ANY_SOURCE)
     return build_services.create_build(pipeline=pipeline, request=request)
 
 
 def build_at(pipeline: Pipeline, now: datetime, **fields: Any) -> Build:
     """`make_build`, created (and scheduled) at `now`."""
-    request = build_services.validate_build_request(**{"branch": "main", "commit": "abc123", **fields})
+    request = build_services.validate_build_request(**{"branch": "main", "commit": "abc123", **fields},
+                                                    allowed_sources=ANY_SOURCE)
     return build_services.create_build(pipeline=pipeline, request=request, now=now)
 
 

@@ -605,6 +605,19 @@ def test_branch_too_long_for_a_build_is_422_and_creates_nothing(repo, pipelines)
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(("payload", "field"), [
+    (push_payload("refs/heads/--upload-pack=touch /tmp/x;git-upload-pack"), "branch"),
+    (push_payload("refs/heads/main", after="--upload-pack=touch /tmp/x;git-upload-pack"), "commit"),
+    (push_payload("refs/tags/v1..2"), "branch"),
+])
+def test_a_signed_delivery_naming_a_ref_git_would_misread_is_422_and_creates_nothing(repo, pipelines, payload,
+                                                                                     field):
+    error = assert_error(deliver("push", payload), 422, "build_invalid")
+    assert list(error["fields"]) == [field]
+    nothing_written()
+
+
+@pytest.mark.django_db
 def test_oversized_body_is_413_unread(repo, pipelines, settings):
     settings.WEBHOOK_MAX_BYTES = 2048
     payload = push_payload(message="x" * 4096)
