@@ -121,6 +121,9 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "gets its answer, and nothing is created twice."),
     ("job_not_active", "conflict", "Job not active",
      "The job has already finished, so an agent can no longer change it."),
+    ("job_finished", "conflict", "Job finished",
+     "The job has ended, so no more of its output is stored. The agent stops sending it; the job's log is what "
+     "was stored before it ended."),
     ("job_not_render", "conflict", "Not a render job",
      "Only the render job of a build (the one that renders the pipeline from the repository's .hm/*.py on an agent) "
      "may send the build's pipeline."),
