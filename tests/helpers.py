@@ -317,8 +317,12 @@ def ping_payload(full_name: str = "acme/web") -> dict[str, Any]:
 
 def deliver(event: str, payload: Any, *, secret: str | None = WEBHOOK_SECRET, delivery: str | None = None,
             signature: str | None = None, body: bytes | None = None, content_type: str = "application/json",
-            headers: dict[str, str] | None = None) -> Any:
-    """POST a delivery like GitHub does; CSRF checks on, to show the endpoint needs no token."""
+            headers: dict[str, str] | None = None, repository: str | None = None) -> Any:
+    """POST a delivery like GitHub does; CSRF checks on, to show the endpoint needs no token.
+
+    To the payload URL of `repository`, by default the one the payload names (else acme/web).
+    """
+    repository = repository or webhooks.repository_full_name(payload) or "acme/web"
     raw = body if body is not None else json.dumps(payload).encode()
     extra = {"HTTP_X_GITHUB_EVENT": event, "HTTP_X_GITHUB_DELIVERY": delivery or str(uuid.uuid4()),
              "HTTP_USER_AGENT": "GitHub-Hookshot/044aadd"}
@@ -327,4 +331,5 @@ def deliver(event: str, payload: Any, *, secret: str | None = WEBHOOK_SECRET, de
     elif secret is not None:
         extra["HTTP_X_HUB_SIGNATURE_256"] = webhooks.sign(secret, raw)
     extra.update(headers or {})
-    return Client(enforce_csrf_checks=True).post(WEBHOOK_URL, data=raw, content_type=content_type, **extra)
+    return Client(enforce_csrf_checks=True).post(f"{WEBHOOK_URL}/{repository}", data=raw, content_type=content_type,
+                                                 **extra)
