@@ -86,7 +86,7 @@ class JobCredentialAuthentication(AgentTokenAuthentication):
             return None
         job = job_for_credential(raw)  # None also when the job's agent token was revoked
         if job is None:
-            raise exceptions.AuthenticationFailed("Unknown job credential, or its agent token was revoked.")
+            raise exceptions.AuthenticationFailed("Unknown job credential, its job ended, or its agent token was revoked.")
         return AgentPrincipal(f"job {job.pk}"), job
 
 

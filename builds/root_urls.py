@@ -9,5 +9,7 @@ urlpatterns = [
     # Outside /api/v0: EventSource can't send headers, so the token is in the query.
     path("v0/jobs/<str:job_id>/logs", job_log_stream, name="job-log-stream"),
     # Signed with the repository's webhook secret; no session, no bearer token.
-    path("webhooks/github", github_webhook, name="github-webhook"),
+    path("webhooks/github/<path:repo_name>", github_webhook, name="github-webhook"),
+    # The old payload URL, without the repository: answered with where deliveries go now.
+    path("webhooks/github", github_webhook),
 ]

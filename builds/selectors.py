@@ -31,7 +31,11 @@ def agent_for_session(raw: str) -> Agent | None:
 
 
 def job_for_credential(raw: str, *, now: datetime | None = None) -> Job | None:
-    """The job a job credential opens (None: unknown, or its agent's token was revoked).
+    """The job a job credential opens (None: unknown, its agent's token was revoked, or the job ended).
+
+    A job that ended keeps its credential for JOB_CREDENTIAL_GRACE_SECONDS after
+    `finished_at`, so that an agent whose finish report's answer was lost can
+    send it again (and be told the same); after that the credential is dead.
 
     Also, as plain values: `agent_seen_recently` (the job's agent was seen
     within AGENT_SEEN_RESOLUTION of `now`) and `build_started` (its build has
@@ -39,7 +43,8 @@ def job_for_credential(raw: str, *, now: datetime | None = None) -> Job | None:
     `agent_serving` (the agent has not stopped, so it may claim more jobs).
     """
     now = now or timezone.now()
-    return sql.job_for_credential(hash_secret(raw), seen_since=now - AGENT_SEEN_RESOLUTION)
+    return sql.job_for_credential(hash_secret(raw), seen_since=now - AGENT_SEEN_RESOLUTION,
+                                  ended_since=now - timedelta(seconds=settings.JOB_CREDENTIAL_GRACE_SECONDS))
 
 
 # Build numbers are PostgreSQL integers; a larger number in a URL is simply no build.

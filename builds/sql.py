@@ -231,17 +231,21 @@ JOB_FOR_CREDENTIAL_SQL = (
     f" FROM {_CrJ} JOIN {_CrB} ON {_CrB.id} = {_CrJ.build}"
     f" LEFT JOIN {_CrA} ON {_CrA.id} = {_CrJ.agent} LEFT JOIN {_CrT} ON {_CrT.id} = {_CrA.token}"
     f" WHERE {_CrJ.credential_hash} = %s AND ({_CrJ.agent} IS NULL OR {_CrT.revoked_at} IS NULL)"
+    # Every terminal transition sets finished_at (and nothing else does): an ended job's
+    # credential opens nothing once its grace is over.
+    f" AND ({_CrJ.finished_at} IS NULL OR {_CrJ.finished_at} >= %s)"
 )
 
 
-def job_for_credential(credential_hash: str, *, seen_since: datetime) -> Job | None:
-    """The job a job credential opens (None: unknown, or its agent's token was revoked).
+def job_for_credential(credential_hash: str, *, seen_since: datetime, ended_since: datetime) -> Job | None:
+    """The job a job credential opens (None: unknown, its agent's token was revoked, or it ended before `ended_since`).
 
     Also, as plain attributes: `agent_seen_recently` (its agent was seen since
     `seen_since`), `agent_serving` (the agent has not stopped) and
     `build_started` (its build has a start time).
     """
-    cells = first_row(JOB_FOR_CREDENTIAL_SQL, [db_value(Agent, "last_seen_at", seen_since), credential_hash])
+    cells = first_row(JOB_FOR_CREDENTIAL_SQL, [db_value(Agent, "last_seen_at", seen_since), credential_hash,
+                                               db_value(Job, "finished_at", ended_since)])
     if cells is None:
         return None
     job = CREDENTIAL_JOB.load(cells, connection)

@@ -1,9 +1,13 @@
-"""`POST /webhooks/github`: GitHub's push and pull_request deliveries start builds.
+"""`POST /webhooks/github/<owner>/<name>`: GitHub's push and pull_request deliveries start builds.
 
 A plain Django view outside /api/v0: GitHub authenticates with the HMAC of the
 body (`X-Hub-Signature-256`), not a bearer token or a session, and it sends no
 CSRF token. Its answers are JSON and its errors the API's envelope, written
 out here because the envelope middleware covers /api/v0 only.
+
+The URL names the repository so that its secrets are known before the body is
+looked at: the HMAC is checked over the raw bytes first, and only a delivery
+that verifies is ever parsed. Nothing anyone can send unsigned reaches a parser.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ logger = logging.getLogger("harmont.webhooks")
 DELIVERY_ID_MAX_LENGTH = WebhookDelivery._meta.get_field("delivery_id").max_length
 
 
-def _json_errors(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
+def _json_errors(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
     """Domain errors, oversized bodies and crashes leave as the envelope, like the API's."""
 
     @wraps(view)
-    def wrapped(request: HttpRequest) -> HttpResponse:
+    def wrapped(request: HttpRequest, **kwargs: Any) -> HttpResponse:
         try:
-            return view(request)
+            return view(request, **kwargs)
         except ApiError as exc:
             return envelope_response(request, exc.code, exc.message, status=exc.status, fields=exc.fields)
         except RequestDataTooBig:
@@ -71,15 +75,19 @@ def _decode(request: HttpRequest, body: bytes) -> Any:
 
 @csrf_exempt
 @_json_errors
-def github_webhook(request: HttpRequest) -> HttpResponse:
-    """Verify a delivery against every repository registered under its name, then build what it triggers."""
+def github_webhook(request: HttpRequest, repo_name: str | None = None) -> HttpResponse:
+    """Verify a delivery against every repository registered under the URL's name, then build what it triggers."""
     if request.method != "POST":
         return envelope_response(request, "method_not_allowed", f"Method {request.method} not allowed; POST a "
                                  "GitHub webhook delivery.", status=405, headers={"Allow": "POST"})
+    # Everything up to the HMAC is decided from the headers and the URL: the body is not
+    # read before its size is known to be acceptable, nor parsed before it verifies.
     length = request.META.get("CONTENT_LENGTH") or "0"
     if length.isdigit() and int(length) > settings.WEBHOOK_MAX_BYTES:
         return _too_large(request)
-    body = request.body
+    if not repo_name:
+        return envelope_response(request, "webhook_invalid", "Name the repository in the payload URL: "
+                                 "/webhooks/github/<owner>/<name>, as registered.", status=400)
     signature = request.headers.get("X-Hub-Signature-256", "")
     if not signature:
         return _unauthorized(request)
@@ -89,16 +97,21 @@ def github_webhook(request: HttpRequest) -> HttpResponse:
         return envelope_response(request, "webhook_invalid",
                                  "The X-GitHub-Event and X-GitHub-Delivery headers are required "
                                  f"(a delivery id of at most {DELIVERY_ID_MAX_LENGTH} characters).", status=400)
-    try:
-        payload = _decode(request, body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return envelope_response(request, "invalid_json", f"The webhook body is not valid JSON: {exc}", status=400)
-    repo_name = webhooks.repository_full_name(payload)
-    repositories = (services.verified_repositories(repo_name=repo_name, body=body, signature=signature)
-                    if repo_name else [])
+    body = request.body
+    repositories = services.verified_repositories(repo_name=repo_name, body=body, signature=signature)
     if not repositories:
         return _unauthorized(request)
 
+    try:
+        payload = _decode(request, body)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return envelope_response(request, "invalid_json", f"The webhook body is not valid JSON: {exc}", status=400)
+    named = webhooks.repository_full_name(payload)
+    if named is not None and named.lower() != repo_name.lower():
+        # Signed by this repository's secret, but about another one (a secret shared by
+        # two repositories): it must not build this one at the other's commit.
+        return envelope_response(request, "webhook_invalid", f"The payload is for repository {named!r}, but "
+                                 f"the URL names {repo_name!r}.", status=400)
     if event_name == "ping":
         return JsonResponse({"ok": True})
     if event_name not in webhooks.SUPPORTED_EVENTS:

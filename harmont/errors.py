@@ -64,8 +64,10 @@ CATALOG: dict[str, ErrorCode] = _catalog(
     ("invalid_filter", "invalid_request", "Invalid filter",
      "A list filter in the query string has a value of the wrong kind (for example a date that does not parse)."),
     ("webhook_invalid", "invalid_request", "Webhook delivery invalid",
-     "The webhook lacks the X-GitHub-Event or X-GitHub-Delivery header, or its payload lacks a field the event needs "
-     "(such as `ref` and `after` of a push, or `pull_request.head.sha`)."),
+     "The webhook lacks the X-GitHub-Event or X-GitHub-Delivery header, its payload URL names no repository "
+     "(deliveries go to /webhooks/github/<owner>/<name>), its payload is about another repository than the URL "
+     "names, or its payload lacks a field the event needs (such as `ref` and `after` of a push, or "
+     "`pull_request.head.sha`)."),
     ("cli_code_invalid", "invalid_request", "CLI login code not valid",
      "The CLI login nonce or paste code is unknown, not yet authorized, already used, or expired. Start the login again."),
     ("idempotency_key_invalid", "invalid_request", "Idempotency key invalid",
@@ -76,7 +78,8 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "Send `Authorization: Bearer <token>` with a session token or a personal API token that is neither revoked nor expired."),
     ("webhook_signature_invalid", "unauthorized", "Webhook signature invalid",
      "The webhook's X-Hub-Signature-256 is missing or is not the HMAC-SHA256 of the body under the webhook secret "
-     "of a repository registered with this name. Set the same secret in GitHub and on the repository."),
+     "of a repository registered under the name in the payload URL. Set the same secret in GitHub and on the "
+     "repository."),
     ("forbidden", "forbidden", "Forbidden",
      "The request was refused before it reached the API (for example a Host header this server does not serve)."),
     ("insufficient_org_role", "forbidden", "Role too low",
@@ -122,6 +125,9 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "gets its answer, and nothing is created twice."),
     ("job_not_active", "conflict", "Job not active",
      "The job has already finished, so an agent can no longer change it."),
+    ("job_finished", "conflict", "Job finished",
+     "The job has ended, so no more of its output is stored. The agent stops sending it; the job's log is what "
+     "was stored before it ended."),
     ("job_not_render", "conflict", "Not a render job",
      "Only the render job of a build (the one that renders the pipeline from the repository's .hm/*.py on an agent) "
      "may send the build's pipeline."),

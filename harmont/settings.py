@@ -288,6 +288,9 @@ AGENT_HEARTBEAT_TIMEOUT_SECONDS = env_int("HARMONT_AGENT_HEARTBEAT_TIMEOUT", 30,
 JOB_TIMEOUT_GRACE_SECONDS = env_int("HARMONT_JOB_TIMEOUT_GRACE", 30, minimum=0)
 # How long an agent waits between SIGTERM and SIGKILL when stopping a command.
 AGENT_CANCEL_GRACE_SECONDS = env_int("HARMONT_CANCEL_GRACE", 10, minimum=0)
+# A job's credential dies this long after the job ended: time enough to retry a finish
+# report whose answer was lost, and no more: a credential that outlives its job is one more to leak.
+JOB_CREDENTIAL_GRACE_SECONDS = env_int("HARMONT_JOB_CREDENTIAL_GRACE", 60, minimum=0)
 # Output past this many bytes per job is dropped (one meta chunk says so).
 JOB_LOG_LIMIT_BYTES = env_int("HARMONT_JOB_LOG_LIMIT", 64 * 1024 * 1024, minimum=1024)
 # Origins (comma list, or *) whose pages may read the live log stream.

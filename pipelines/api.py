@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.request import Request
@@ -85,7 +86,8 @@ class PipelineRegisterView(OrgScopedView):
         return Response({
             "repository": {"repo_name": done.repository.repo_name, "url": done.repository.url,
                            "webhook_secret_set": bool(done.repository.webhook_secret_encrypted),
-                           "webhook_url": f"{settings.PUBLIC_URL}/webhooks/github"},
+                           "webhook_url": settings.PUBLIC_URL + reverse("github-webhook",
+                                                                        args=[done.repository.repo_name])},
             "pipelines": PipelineSerializer(done.pipelines, many=True, context=self.credentials_context()).data,
             "archived": done.archived,
         })

@@ -27,7 +27,7 @@ from rest_framework.test import APIClient
 
 from builds import services as build_services
 from builds import webhooks
-from builds.models import Agent, Build, Job, JobState
+from builds.models import Agent, Build, BuildSource, Job, JobState
 from harmont.timestamps import ns_from_datetime
 from harmont.tokens import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
 from organizations import services as org_services
@@ -118,15 +118,21 @@ def builds_url(pipeline: Pipeline | str, suffix: str = "", *, org_slug: str | No
     return f"/api/v0/organizations/{org_slug}/pipelines/{pipeline}/builds{suffix}"
 
 
+# The helpers stand in for every path that creates builds, the server's own (any source) included.
+ANY_SOURCE = frozenset(BuildSource.values)
+
+
 def make_build(pipeline: Pipeline, **fields: Any) -> Build:
     """A build through the services: branch `main`, commit `abc123`, unless `fields` say otherwise."""
-    request = build_services.validate_build_request(**{"branch": "main", "commit": "abc123", **fields})
+    request = build_services.validate_build_request(**{"branch": "main", "commit": "abc123", **fields},
+                                                    allowed_sources=ANY_SOURCE)
     return build_services.create_build(pipeline=pipeline, request=request)
 
 
 def build_at(pipeline: Pipeline, now: datetime, **fields: Any) -> Build:
     """`make_build`, created (and scheduled) at `now`."""
-    request = build_services.validate_build_request(**{"branch": "main", "commit": "abc123", **fields})
+    request = build_services.validate_build_request(**{"branch": "main", "commit": "abc123", **fields},
+                                                    allowed_sources=ANY_SOURCE)
     return build_services.create_build(pipeline=pipeline, request=request, now=now)
 
 
@@ -311,8 +317,12 @@ def ping_payload(full_name: str = "acme/web") -> dict[str, Any]:
 
 def deliver(event: str, payload: Any, *, secret: str | None = WEBHOOK_SECRET, delivery: str | None = None,
             signature: str | None = None, body: bytes | None = None, content_type: str = "application/json",
-            headers: dict[str, str] | None = None) -> Any:
-    """POST a delivery like GitHub does; CSRF checks on, to show the endpoint needs no token."""
+            headers: dict[str, str] | None = None, repository: str | None = None) -> Any:
+    """POST a delivery like GitHub does; CSRF checks on, to show the endpoint needs no token.
+
+    To the payload URL of `repository`, by default the one the payload names (else acme/web).
+    """
+    repository = repository or webhooks.repository_full_name(payload) or "acme/web"
     raw = body if body is not None else json.dumps(payload).encode()
     extra = {"HTTP_X_GITHUB_EVENT": event, "HTTP_X_GITHUB_DELIVERY": delivery or str(uuid.uuid4()),
              "HTTP_USER_AGENT": "GitHub-Hookshot/044aadd"}
@@ -321,4 +331,5 @@ def deliver(event: str, payload: Any, *, secret: str | None = WEBHOOK_SECRET, de
     elif secret is not None:
         extra["HTTP_X_HUB_SIGNATURE_256"] = webhooks.sign(secret, raw)
     extra.update(headers or {})
-    return Client(enforce_csrf_checks=True).post(WEBHOOK_URL, data=raw, content_type=content_type, **extra)
+    return Client(enforce_csrf_checks=True).post(f"{WEBHOOK_URL}/{repository}", data=raw, content_type=content_type,
+                                                 **extra)

@@ -71,7 +71,7 @@ def populate(n: int) -> None:
         pipeline = pipeline_services.create_pipeline(org=org, name=f"Pipe {i}", repository=f"https://x/{i}.git",
                                                      default_branch="main", definition=two_step_ir())
         build = build_services.create_build(pipeline=pipeline, created_by=user,
-                                            request=build_services.validate_build_request(branch="main", commit="c"))
+                                            request=build_services.validate_build_request(branch="main", commit="c0ffee"))
         claim = build_services.claim_job(agent=agent)
         assert claim is not None
         build_services.start_job(job=claim.job)

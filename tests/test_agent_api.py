@@ -23,6 +23,9 @@ from rest_framework.test import APIClient
 from builds import services as build_services
 from builds.models import Agent, Build, BuildState, Job, JobState, LogChunk
 from builds import selectors
+from builds.agent.logs import STDOUT, LogShipper
+from builds.agent.spec import JobSpec
+from builds.agent.transport import AgentError
 from harmont.timestamps import ns_from_datetime
 from harmont.tokens import hash_secret
 from harmont.logtokens import mint_log_token
@@ -569,10 +572,122 @@ def test_heartbeat_and_logs_of_a_job_the_server_already_ended_say_cancel(running
     build_services.reap(now=lost)
 
     assert job_client.post(job_url(spec["id"], "heartbeat"), {}, format="json").json() == ended("failed")
-    assert send_logs(job_client, spec["id"], [chunk(1, "late\n")]).json() == ended("failed")
+    assert_error(send_logs(job_client, spec["id"], [chunk(1, "late\n")]), 409, "job_finished")
     # Its report afterwards changes nothing.
     assert finish(job_client, spec["id"], exit_code=0).json() == ended("failed")
     assert job_of(build, "a").error_code == "agent_heartbeat_lost"
+
+
+# ===================================================================== a job's credential ends with its job
+
+
+def end_by_agent(job_client: APIClient, job_id: Any, settings: Any) -> None:
+    assert finish(job_client, job_id, exit_code=0).json() == ended("passed")
+
+
+def end_by_reaper(job_client: APIClient, job_id: Any, settings: Any) -> None:
+    build_services.reap(now=timezone.now() + timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS + 1))
+    Job.objects.filter(pk=job_id).update(finished_at=timezone.now())  # reaped "now", not in the future
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("end", [end_by_agent, end_by_reaper])
+def test_logs_for_an_ended_job_are_409_and_store_nothing(running, build, settings, end):
+    spec, job_client = running
+    send_logs(job_client, spec["id"], [chunk(1, "before\n")])
+    end(job_client, spec["id"], settings)
+    before = Job.objects.values_list("log_bytes", "last_heartbeat_at").get(pk=spec["id"])
+
+    error = assert_error(send_logs(job_client, spec["id"], [chunk(2, "forged\n"), chunk(1, "rewritten\n")]),
+                         409, "job_finished")
+
+    assert error["type"] == "conflict"
+    assert stored_log(spec["id"]) == [(1, 0, "before\n")]
+    assert Job.objects.values_list("log_bytes", "last_heartbeat_at").get(pk=spec["id"]) == before
+
+
+@pytest.mark.django_db
+def test_a_finish_retried_within_the_grace_gets_the_same_answer_and_stores_no_more_output(running, build):
+    spec, job_client = running
+    first = finish(job_client, spec["id"], exit_code=0, chunks=[chunk(1, "done\n")])
+    ended_at = job_of(build, "a").finished_at
+
+    again = finish(job_client, spec["id"], exit_code=1, chunks=[chunk(1, "done\n"), chunk(2, "forged\n")])
+
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert again.json() == first.json() == ended("passed")
+    a = job_of(build, "a")
+    assert (a.state, a.exit_code, a.finished_at) == (J.PASSED, 0, ended_at)
+    assert stored_log(spec["id"]) == [(1, 0, "done\n")]
+
+
+JOB_ROUTES = [("post", "start"), ("post", "heartbeat"), ("post", "logs"), ("post", "finish"), ("put", "workspace"),
+              ("get", "parent-workspace"), ("get", "source"), ("put", "artifacts?path=a.txt"),
+              ("post", "pipeline")]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("end", [end_by_agent, end_by_reaper])
+@pytest.mark.parametrize("method,route", JOB_ROUTES)
+def test_an_ended_jobs_credential_is_401_on_every_route_after_the_grace(running, build, settings, end, method,
+                                                                          route):
+    spec, job_client = running
+    end(job_client, spec["id"], settings)
+    grace = timedelta(seconds=settings.JOB_CREDENTIAL_GRACE_SECONDS)
+    Job.objects.filter(pk=spec["id"]).update(finished_at=timezone.now() - grace + timedelta(seconds=5))
+    assert job_client.post(job_url(spec["id"], "heartbeat"), {}, format="json").status_code == 200  # still in it
+    Job.objects.filter(pk=spec["id"]).update(finished_at=timezone.now() - grace - timedelta(seconds=1))
+    before = (job_states(build), Job.objects.values_list("finished_at", "log_bytes").get(pk=spec["id"]))
+
+    assert_error(call_route(job_client, method, route, job_of(build, "a")), 401, "unauthorized")
+
+    assert (job_states(build), Job.objects.values_list("finished_at", "log_bytes").get(pk=spec["id"])) == before
+
+
+class RefusingTransport:
+    """Answers every log shipment with one error, as the server would."""
+
+    def __init__(self, status: int, code: str) -> None:
+        self.status, self.code, self.calls = status, code, 0
+
+    def json(self, method: str, path: str, *, token: str, body: Any = None, ok: tuple[int, ...] = (200,)) -> Any:
+        self.calls += 1
+        raise AgentError(self.status, {"error": {"type": "conflict", "code": self.code, "message": "..."}})
+
+
+def test_the_agent_hearing_job_finished_stops_the_command_and_sends_that_jobs_output_no_more():
+    transport = RefusingTransport(409, "job_finished")
+    shipper = LogShipper(transport, JobSpec.from_claim({  # type: ignore[arg-type]
+        "job": {"id": "job-1", "command": "true", "env": {}, "timeout_seconds": 60, "step_key": "a"},
+        "job_token": "hmj_x"}))
+    shipper.add(STDOUT, "tick\n")
+
+    shipper.flush()  # no exception: the job is given up, not the agent
+    shipper.add(STDOUT, "tick\n")
+    shipper.close()
+    shipper.flush()
+
+    assert shipper.cancel_requested.is_set() and shipper.ended.is_set()
+    assert (transport.calls, shipper.pending) == (1, [])  # one refusal, no retries, nothing kept for the finish
+
+
+@pytest.mark.parametrize(("status", "code"), [(409, "job_not_active"), (422, "validation_failed")])
+def test_other_refusals_of_a_log_shipment_still_abandon_the_job(status, code):
+    shipper = LogShipper(RefusingTransport(status, code), JobSpec.from_claim({  # type: ignore[arg-type]
+        "job": {"id": "job-1", "command": "true", "env": {}, "timeout_seconds": 60, "step_key": "a"},
+        "job_token": "hmj_x"}))
+    shipper.add(STDOUT, "tick\n")
+    with pytest.raises(AgentError):
+        shipper.flush()
+    assert not shipper.ended.is_set()
+
+
+@pytest.mark.django_db
+def test_a_running_jobs_credential_has_no_grace_to_lose(running, build, settings):
+    spec, job_client = running
+    settings.JOB_CREDENTIAL_GRACE_SECONDS = 0
+    assert job_client.post(job_url(spec["id"], "heartbeat"), {}, format="json").status_code == 200
+    assert send_logs(job_client, spec["id"], [chunk(1, "x\n")]).status_code == 200
 
 
 # ===================================================================== logs

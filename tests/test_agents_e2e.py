@@ -185,7 +185,8 @@ def test_lost_agents_jobs_fail_with_heartbeat_lost(e2e_settings, api, pipeline, 
     killed_job = Job.objects.get(build=create_build(api, pipeline, ir))
     killed_pid = pid_from_log(killed_job)
     frozen = agents.start("frozen")
-    frozen_job = Job.objects.get(build=create_build(api, pipeline, ir))
+    ticking = "echo pid=$$; while :; do echo tick; sleep 0.2; done"  # output waits to be shipped on waking
+    frozen_job = Job.objects.get(build=create_build(api, pipeline, hm.pipeline([hm.sh(ticking, key="loop")])))
     frozen_pid = pid_from_log(frozen_job)
     frozen_job.refresh_from_db()
     assert frozen_job.agent.name == "frozen"
@@ -201,14 +202,18 @@ def test_lost_agents_jobs_fail_with_heartbeat_lost(e2e_settings, api, pipeline, 
         assert time.monotonic() - gone_at < 6 + 0.5 + 3  # timeout + reaper interval + slack
         assert process_exists(killed_pid)  # nobody was left to stop it
 
-        # Woken up, the frozen agent hears at its next report that the job is over and
-        # stops the command; its late finish report changes nothing.
+        # Woken up, the frozen agent hears at its next report that the job is over (its logs
+        # are refused, 409 job_finished, or its heartbeat says cancel) and stops the command;
+        # its late output and finish report change nothing.
         frozen.send(signal.SIGCONT)
         wait_for(lambda: not process_exists(frozen_pid), 10, what="the frozen agent to stop its command")
-        wait_for(lambda: "harmont-agent: exit status" in job_log(frozen_job), 5, what="the late report")
         frozen_job.refresh_from_db()
         assert (frozen_job.state, frozen_job.error_code) == ("failed", "agent_heartbeat_lost")
+        late = LogChunk.objects.filter(job=frozen_job, created_at__gt=frozen_job.finished_at)
+        assert not late.exists() and "harmont-agent: exit status" not in job_log(frozen_job)
         assert frozen.process.poll() is None  # and carries on
+        after = Job.objects.get(build=create_build(api, pipeline, hm.pipeline([hm.sh("true", key="t")])))
+        assert wait_for(lambda: job_in(after, "passed"), 15, what="the woken agent's next job").agent.name == "frozen"
     finally:
         frozen.send(signal.SIGCONT)
         kill_group(killed_pid)  # the orphaned command has its own process group

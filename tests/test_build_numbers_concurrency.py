@@ -36,7 +36,7 @@ def test_concurrent_creates_get_numbers_1_to_n(postgres_only, api, pipeline):
     url = builds_url(pipeline)
 
     def create(i: int) -> tuple[int, int]:
-        response = bearer(api.raw_token).post(url, {"branch": "main", "commit": f"c{i}"}, format="json")
+        response = bearer(api.raw_token).post(url, {"branch": "main", "commit": f"c{i:07x}"}, format="json")
         return response.status_code, response.json().get("number")
 
     results = race(THREADS, create)
@@ -59,7 +59,7 @@ def test_rejected_plans_take_numbers_but_invalid_requests_do_not(postgres_only, 
     # Every 3rd request has a cyclic IR (row recorded as failed), every 5th is missing its branch (no row).
     bodies = []
     for i in range(THREADS + 5):
-        body: dict[str, Any] = {"branch": "main", "commit": f"c{i}"}
+        body: dict[str, Any] = {"branch": "main", "commit": f"c{i:07x}"}
         if i % 5 == 4:
             del body["branch"]
         elif i % 3 == 0:
@@ -92,7 +92,7 @@ def test_concurrent_creates_through_the_service_on_two_pipelines(postgres_only, 
     targets = [pipeline, second]
 
     def create(i: int) -> int:
-        request = build_services.validate_build_request(branch="main", commit=f"c{i}")
+        request = build_services.validate_build_request(branch="main", commit=f"c{i:07x}")
         target = Pipeline.objects.get(pk=targets[i % 2].pk)
         return build_services.create_build(pipeline=target, request=request).number
 

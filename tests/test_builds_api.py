@@ -197,15 +197,15 @@ def test_create_with_empty_ir_is_skipped_with_no_jobs(api, pipeline):
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(("body", "bad_fields"), [
-    ({"commit": "abc"}, {"branch"}),
+    ({"commit": "abc123"}, {"branch"}),
     ({"branch": "main"}, {"commit"}),
     ({}, {"branch", "commit"}),
     ({"branch": "", "commit": None}, {"branch", "commit"}),
-    ({"branch": 7, "commit": "abc"}, {"branch"}),
-    ({"branch": "x" * 256, "commit": "abc"}, {"branch"}),
-    ({"branch": "main", "commit": "abc", "message": ["m"]}, {"message"}),
-    ({"branch": "main", "commit": "abc", "pipeline_ir": 5}, {"pipeline_ir"}),
-    ({"branch": "main", "commit": "abc", "source_sha256": "abc"}, {"source_sha256"}),
+    ({"branch": 7, "commit": "abc123"}, {"branch"}),
+    ({"branch": "x" * 256, "commit": "abc123"}, {"branch"}),
+    ({"branch": "main", "commit": "abc123", "message": ["m"]}, {"message"}),
+    ({"branch": "main", "commit": "abc123", "pipeline_ir": 5}, {"pipeline_ir"}),
+    ({"branch": "main", "commit": "abc123", "source_sha256": "abc"}, {"source_sha256"}),
 ])
 def test_create_with_invalid_fields_is_422_and_writes_nothing(api, pipeline, body, bad_fields):
     response = api.post(builds_url(pipeline), body, format="json")
@@ -303,8 +303,8 @@ def test_source_defaults_to_api(api, pipeline):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("source", ["webhook", "ui", "api", "trigger_job", "schedule"])
-def test_every_known_source_is_accepted(api, pipeline, source):
+@pytest.mark.parametrize("source", ["ui", "api"])
+def test_both_client_sources_are_accepted(api, pipeline, source):
     response = post_build(api, pipeline, source=source)
     assert response.status_code == 201
     assert Build.objects.get(pk=response.json()["id"]).source == source
@@ -337,15 +337,82 @@ def test_manual_build_on_webhook_only_pipeline_is_403(api, webhook_only, source)
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("by_repo", [False, True])
 @pytest.mark.parametrize("source", ["webhook", "schedule", "trigger_job"])
-def test_non_manual_build_on_webhook_only_pipeline_is_allowed(api, webhook_only, source):
-    response = post_build(api, webhook_only, source=source)
-    assert response.status_code == 201
-    assert response.json()["number"] == 1
+def test_a_client_claiming_a_server_source_is_422_and_passes_no_gate(api, org, webhook_only, source, by_repo):
+    # These sources are the server's own (they pass allow_manual: false); a client may not claim them.
+    body = {"branch": "main", "commit": "abc123", "source": source}
+    if by_repo:
+        response = api.post(repo_url(org.slug), {**body, "repo_name": "acme/hooks", "source_slug": webhook_only.slug},
+                            format="json")
+    else:
+        response = post_build(api, webhook_only, **body)
+
+    error = assert_error(response, 422, "build_invalid")
+    assert error["fields"] == {"source": ["Must be one of: api, ui."]}
+    assert not Build.objects.exists()
+    webhook_only.refresh_from_db()
+    assert webhook_only.build_counter == 0
+
+
+INJECTED = "--upload-pack=touch /tmp/x;git-upload-pack"
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("body", [[{"branch": "main", "commit": "abc"}], "main", 5, None])
+@pytest.mark.parametrize("by_repo", [False, True])
+@pytest.mark.parametrize(("branch", "commit", "bad"), [
+    (INJECTED, "HEAD", "branch"),
+    ("main", INJECTED, "commit"),
+    ("-main", "abc123", "branch"),
+    ("feature x", "abc123", "branch"),
+    ("main\n", "abc123", "branch"),
+    ("main\x7f", "abc123", "branch"),
+    ("a..b", "abc123", "branch"),
+    ("main@{1}", "abc123", "branch"),
+    ("main.lock", "abc123", "branch"),
+    ("main/", "abc123", "branch"),
+    ("/main", "abc123", "branch"),
+    ("a//b", "abc123", "branch"),
+    ("a/.hidden", "abc123", "branch"),
+    ("main.", "abc123", "branch"),
+    ("@", "abc123", "branch"),
+    *((f"a{char}b", "abc123", "branch") for char in "~^:?*[\\"),
+    ("m" * 256, "abc123", "branch"),
+    ("main", "abc", "commit"),
+    ("main", "a" * 65, "commit"),
+    ("main", "HEAD~1", "commit"),
+    ("main", "head", "commit"),
+    ("main", "main", "commit"),
+    ("main", "abcdefg", "commit"),
+])
+def test_a_branch_or_commit_git_would_misread_is_422_and_writes_nothing(api, org, pipeline, branch, commit, bad,
+                                                                        by_repo):
+    if by_repo:
+        response = api.post(repo_url(org.slug), {"repo_name": pipeline.repo_name, "source_slug": pipeline.source_slug,
+                                                 "branch": branch, "commit": commit}, format="json")
+    else:
+        response = post_build(api, pipeline, branch=branch, commit=commit)
+
+    error = assert_error(response, 422, "build_invalid")
+    assert list(error["fields"]) == [bad]
+    assert not Build.objects.exists()
+    pipeline.refresh_from_db()
+    assert pipeline.build_counter == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("branch", "commit"), [
+    ("main", "HEAD"), ("release/1.x", "abcd"), ("feature/ünï-cödé", "A" * 64), ("v1.0.0-rc.1", "0123456789abcdef"),
+    ("m" * 255, "f" * 40), ("dependabot/npm_and_yarn/lodash-4.17.21", "abc123"),
+])
+def test_git_ref_names_and_commit_ids_are_accepted(api, pipeline, branch, commit):
+    response = post_build(api, pipeline, branch=branch, commit=commit)
+    assert response.status_code == 201, response.content
+    assert (response.json()["branch"], response.json()["commit"]) == (branch, commit)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body", [[{"branch": "main", "commit": "abc123"}], "main", 5, None])
 def test_create_with_non_object_body_is_400(api, pipeline, body):
     response = api.post(builds_url(pipeline), data=json.dumps(body), content_type="application/json")
     assert_error(response, 400, "invalid_request")
@@ -361,7 +428,7 @@ def test_create_with_malformed_json_is_400(api, pipeline):
 
 @pytest.mark.django_db
 def test_create_on_unknown_pipeline_is_404(api, org, pipeline):
-    assert_error(api.post(builds_url("nope", org_slug=org.slug), {"branch": "m", "commit": "c"}, format="json"),
+    assert_error(api.post(builds_url("nope", org_slug=org.slug), {"branch": "m", "commit": "c0ffee"}, format="json"),
                  404, "pipeline_not_found")
 
 
@@ -489,7 +556,8 @@ def test_create_by_repo_with_rejected_ir_records_failed_build(api, org, pipeline
 def test_create_by_repo_respects_allow_manual(api, org, webhook_only):
     body = repo_body(repo_name="acme/hooks", source_slug="webhook-only")
     assert_error(api.post(repo_url(org.slug), body, format="json"), 403, "pipeline_manual_disabled")
-    assert api.post(repo_url(org.slug), {**body, "source": "webhook"}, format="json").status_code == 201
+    assert_error(api.post(repo_url(org.slug), {**body, "source": "webhook"}, format="json"), 422, "build_invalid")
+    assert not Build.objects.exists()
 
 
 @pytest.mark.django_db
@@ -568,10 +636,10 @@ def test_list_walks_filtered_pages_without_duplicates_or_gaps(api, pipeline):
 
 @pytest.mark.django_db
 def test_list_filters_by_branch_state_commit_and_source(api, pipeline):
-    make_build(pipeline, branch="main", commit="c1", source="api")                  # 1 scheduled
-    make_build(pipeline, branch="dev", commit="c2", source="webhook")               # 2 scheduled
-    make_build(pipeline, branch="dev", commit="c1", pipeline_ir={"version": "0"})   # 3 skipped
-    make_build(pipeline, branch="main", commit="c3", source="schedule")             # 4 scheduled
+    make_build(pipeline, branch="main", commit="c1c1", source="api")                  # 1 scheduled
+    make_build(pipeline, branch="dev", commit="c2c2", source="webhook")               # 2 scheduled
+    make_build(pipeline, branch="dev", commit="c1c1", pipeline_ir={"version": "0"})   # 3 skipped
+    make_build(pipeline, branch="main", commit="c3c3", source="schedule")             # 4 scheduled
 
     def numbers(**params: str) -> list[int]:
         response = api.get(builds_url(pipeline), params)
@@ -580,13 +648,13 @@ def test_list_filters_by_branch_state_commit_and_source(api, pipeline):
 
     assert numbers(branch="dev") == [3, 2]
     assert numbers(branch="Dev") == []  # exact match
-    assert numbers(commit="c1") == [3, 1]
+    assert numbers(commit="c1c1") == [3, 1]
     assert numbers(state="skipped") == [3]
     assert numbers(state="scheduled") == [4, 2, 1]
     assert numbers(source="webhook") == [2]
     assert numbers(source="api") == [3, 1]
     assert numbers(branch="dev", state="scheduled") == [2]
-    assert numbers(branch="main", commit="c3", source="schedule") == [4]
+    assert numbers(branch="main", commit="c3c3", source="schedule") == [4]
     assert numbers(state="failed") == []
 
 
@@ -887,7 +955,7 @@ def test_build_ids_are_uuids(api, pipeline):
 
 @pytest.mark.django_db
 def test_create_by_repo_reports_every_missing_field_at_once(api, org, pipeline):
-    response = api.post(repo_url(org.slug), {"commit": "abc", "source_slug": ""}, format="json")
+    response = api.post(repo_url(org.slug), {"commit": "abc123", "source_slug": ""}, format="json")
     error = assert_error(response, 422, "build_invalid")
     assert set(error["fields"]) == {"branch", "repo_name", "source_slug"}
     assert not Build.objects.exists()

@@ -163,3 +163,25 @@ def test_a_source_url_tarball_is_checked_and_unpacked(api, pipeline, agents, tar
     job = jobs_by_key(bad)["read"]
     assert (bad.state, job.error_code) == ("failed", "workspace_unavailable")
     assert f"has SHA-256 {hashlib.sha256(archive).hexdigest()}, but the build expects {'0' * 64}" in job_log(job)
+
+
+# ------------------------------------------------------------------ option injection through branch or commit
+
+
+@pytest.mark.parametrize("field", ["branch", "commit"])
+def test_an_injected_git_option_is_never_run_by_the_agent(api, pipeline, repo, agents, tmp_path, field):
+    # The server refuses such a build (test_builds_api); here the row is written behind
+    # its back, as a bypass would, to show the agent's git calls alone hold.
+    git_repo, _, _ = repo
+    pipeline.repository = git_repo.url
+    pipeline.save(update_fields=["repository"])
+    marker = tmp_path / "injected"
+    injected = f"--upload-pack=touch {marker};git-upload-pack"
+    build = create_build(api, pipeline, hm.pipeline([hm.sh("true", key="only")]), commit="HEAD")
+    Build.objects.filter(pk=build.pk).update(**{"branch": "main", "commit": "HEAD", field: injected})
+    agents.start("a1")
+
+    wait_for(lambda: finished(build), 60, what="the build to finish")
+    job = jobs_by_key(build)["only"]
+    assert not marker.exists()
+    assert (build.state, job.state, job.error_code) == ("failed", "failed", "workspace_unavailable")

@@ -77,7 +77,7 @@ def test_wrong_content_type_is_415_envelope(api, pipeline, org):
 
 def test_body_too_large_is_413_before_anything_is_read(api, pipeline, org, settings):
     settings.MAX_REQUEST_BYTES = 2048
-    body = '{"branch": "main", "commit": "abc", "message": "' + "x" * 4096 + '"}'
+    body = '{"branch": "main", "commit": "abc123", "message": "' + "x" * 4096 + '"}'
     response = api.post(f"/api/v0/organizations/{org.slug}/pipelines/{pipeline.slug}/builds",
                         data=body, content_type="application/json")
     assert_error(response, 413, "payload_too_large")

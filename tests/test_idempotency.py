@@ -299,7 +299,7 @@ def test_a_key_is_kept_24_hours(api, pipeline):
 
 def test_the_reaper_pass_prunes_expired_keys_and_the_key_then_creates_again(api, pipeline):
     assert post(api, builds_url(pipeline), BUILD).status_code == 201
-    assert post(api, builds_url(pipeline), {**BUILD, "commit": "fresh"}, key="fresh").status_code == 201
+    assert post(api, builds_url(pipeline), {**BUILD, "commit": "f7e5f00d"}, key="fresh").status_code == 201
     day_ago = timezone.now() - timedelta(hours=24, seconds=1)
     IdempotencyKey.objects.filter(key=KEY).update(created_at=day_ago, expires_at=day_ago + timedelta(hours=24))
 

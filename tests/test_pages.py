@@ -228,7 +228,7 @@ def test_another_organizations_pages_are_404(stranger_web: Client, build: Build)
     for url in page_urls(build, job)[1:8]:
         assert stranger_web.get(url).status_code == 404, url
     assert stranger_web.post(build_url(build, "/cancel")).status_code == 404
-    assert stranger_web.post(history_url(build.pipeline), {"branch": "main", "commit": "x"}).status_code == 404
+    assert stranger_web.post(history_url(build.pipeline), {"branch": "main", "commit": "abc123"}).status_code == 404
     build.refresh_from_db()
     assert build.cancel_requested_at is None
     assert Build.objects.count() == 1
@@ -269,7 +269,7 @@ def test_every_form_needs_its_csrf_token(owner: User, build: Build) -> None:
     org = build.pipeline.organization.slug
     for url, data in [
         (build_url(build, "/cancel"), None),
-        (history_url(build.pipeline), {"branch": "main", "commit": "abc"}),
+        (history_url(build.pipeline), {"branch": "main", "commit": "abc123"}),
         ("/settings/tokens", {"description": "x"}),
         (f"/settings/tokens/{token.pk}/revoke", None),
         (f"/orgs/{org}/agents", {"description": "x"}),
@@ -421,7 +421,7 @@ def test_history_query_count_is_pinned_whatever_the_page(web: Client, owner: Use
     def create(n: int) -> None:
         for _ in range(n):
             build_services.create_build(pipeline=pipeline, created_by=owner,
-                                        request=build_services.validate_build_request(branch="main", commit="c"))
+                                        request=build_services.validate_build_request(branch="main", commit="c0ffee"))
     create(2)
     # session, user, memberships, pipeline, one page of builds (creators joined)
     with django_assert_num_queries(5):
@@ -455,9 +455,20 @@ def test_new_build_form_shows_what_is_missing(web: Client, pipeline: Pipeline) -
     assert "This field is required" in text(response) and not Build.objects.exists()
 
 
+@pytest.mark.parametrize(("branch", "commit", "field"), [
+    ("--upload-pack=touch /tmp/x;git-upload-pack", "HEAD", "branch"),
+    ("main", "--upload-pack=touch /tmp/x;git-upload-pack", "commit"),
+])
+def test_new_build_form_refuses_a_ref_git_would_misread(web: Client, pipeline: Pipeline, branch: str, commit: str,
+                                                       field: str) -> None:
+    response = web.post(history_url(pipeline), {"branch": branch, "commit": commit})
+    assert response.status_code == 422
+    assert response.context["form"].errors[field] and not Build.objects.exists()
+
+
 def test_new_build_form_shows_the_services_refusal(web: Client, pipeline: Pipeline) -> None:
     Pipeline.objects.filter(pk=pipeline.pk).update(allow_manual=False)
-    response = web.post(history_url(pipeline), {"branch": "main", "commit": "abc"})
+    response = web.post(history_url(pipeline), {"branch": "main", "commit": "abc123"})
     assert response.status_code == 403
     assert "does not allow manual builds" in text(response) and not Build.objects.exists()
 
@@ -465,7 +476,7 @@ def test_new_build_form_shows_the_services_refusal(web: Client, pipeline: Pipeli
 def test_a_rejected_plan_still_opens_the_failed_build(web: Client, org: Any) -> None:
     bare = pipeline_services.create_pipeline(org=org, name="Bare", repository="", default_branch="main")
     assert 'id="new-build-form"' not in text(web.get(history_url(bare)))  # no stored definition: no form
-    response = web.post(history_url(bare), {"branch": "main", "commit": "abc"})
+    response = web.post(history_url(bare), {"branch": "main", "commit": "abc123"})
     build = Build.objects.get(pipeline=bare)
     assert response.status_code == 302 and response["Location"] == build_url(build)
     assert (build.state, build.error_code) == ("failed", "definition_missing")

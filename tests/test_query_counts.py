@@ -37,7 +37,7 @@ def quiet_api(api, owner):
 def many_builds(pipeline) -> Pipeline:
     """150 builds, numbers 1..150; odd numbers on main, even on dev."""
     Build.objects.bulk_create(
-        Build(pipeline=pipeline, number=n, branch="main" if n % 2 else "dev", commit=f"c{n}",
+        Build(pipeline=pipeline, number=n, branch="main" if n % 2 else "dev", commit=f"c{n:07x}",
               created_at=T0 + timedelta(minutes=n), scheduled_at=T0 + timedelta(minutes=n))
         for n in range(1, 151)
     )

@@ -32,7 +32,7 @@ ENDINGS = sorted((source, target) for source, targets in states.JOB_TRANSITIONS.
 
 def situation(pipeline, *, ending_from: str, other: str, flag: str, number: int) -> dict[str, Job]:
     """A build with `x` (in `ending_from`), `y` (in `other`) and `z` (pending, after `x`), rolled up once."""
-    build = Build.objects.create(pipeline=pipeline, number=number, branch="main", commit="abc", created_at=T0,
+    build = Build.objects.create(pipeline=pipeline, number=number, branch="main", commit="abc123", created_at=T0,
                                  started_at=T0 if ending_from not in states.WAITING_JOB_STATES else None,
                                  cancel_requested_at=T0 if flag == "cancel" else None,
                                  error_code="pipeline_timeout" if flag == "error" else None)

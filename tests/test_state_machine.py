@@ -327,7 +327,7 @@ def build_row(build: Build) -> tuple:
 @pytest.fixture
 def four(pipeline) -> Build:
     # deps -> build (builds_in); lint; wait; deploy after deps, build and lint.
-    request = build_services.validate_build_request(branch="main", commit="abc", pipeline_ir=four_job_ir())
+    request = build_services.validate_build_request(branch="main", commit="abc123", pipeline_ir=four_job_ir())
     return build_services.create_build(pipeline=pipeline, request=request, now=T0)
 
 
@@ -406,7 +406,7 @@ class TestEndToEnd:
         assert build_row(four)[1] == at(5)
 
     def test_every_job_skipped_after_root_failure(self, pipeline):
-        request = build_services.validate_build_request(branch="main", commit="abc")  # stored a -> b
+        request = build_services.validate_build_request(branch="main", commit="abc123")  # stored a -> b
         build = build_services.create_build(pipeline=pipeline, request=request, now=T0)
 
         run(build, "a", start=1, end=2, state=J.FAILED, exit_code=1)

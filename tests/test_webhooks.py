@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 from django.conf import settings as django_settings
-from django.test import Client
+from django.test import Client, RequestFactory
 from django.urls import reverse
 from django.utils import timezone
 
 from builds import services as build_services
-from builds import webhooks
+from builds import webhook_views, webhooks
 from builds.models import Build, Job, WebhookDelivery
 from harmont.crypto import decrypt_text, encrypt_text
 from harmont.errors import ApiError
@@ -365,6 +367,81 @@ def test_tampered_body_is_401(repo, pipelines):
     nothing_written()
 
 
+@pytest.fixture
+def no_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any parse of a delivery's body fails the test: the view's decoder and the JSON parser it uses."""
+    def parsed(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an unverified webhook body was parsed")
+
+    monkeypatch.setattr(webhook_views, "_decode", parsed)
+    monkeypatch.setattr(webhook_views, "json", SimpleNamespace(loads=parsed, JSONDecodeError=json.JSONDecodeError))
+    monkeypatch.setattr(webhook_views, "parse_qs", parsed)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body", [b'{"repository": {"full_name": "acme/web"', b"[" * 200_000, b"\xff\xfe{}",
+                                  b"payload=%7B%22repository%22"], ids=["malformed", "deep", "not-utf8", "form"])
+@pytest.mark.parametrize("signature", [None, "sha256=" + "0" * 64, "other-secret"])
+def test_an_unverified_delivery_is_401_without_its_body_ever_being_parsed(repo, pipelines, no_parsing, body,
+                                                                           signature):
+    if signature == "other-secret":
+        signature = webhooks.sign("not the secret", body)
+    content_type = "application/x-www-form-urlencoded" if body.startswith(b"payload=") else "application/json"
+
+    response = deliver("push", None, body=body, secret=None, signature=signature, repository="acme/web",
+                       content_type=content_type)
+
+    assert_error(response, 401, "webhook_signature_invalid")
+    nothing_written()
+
+
+@pytest.mark.django_db
+def test_an_oversized_content_length_is_413_and_nothing_is_read_or_checked(repo, pipelines, settings, monkeypatch):
+    settings.WEBHOOK_MAX_BYTES = 2048
+
+    class Unreadable(io.RawIOBase):
+        def read(self, *args: Any) -> bytes:
+            raise AssertionError("the oversized body was read")
+
+    def verified(**kwargs: Any) -> Any:
+        raise AssertionError("an oversized delivery reached the signature check")
+
+    monkeypatch.setattr(build_services, "verified_repositories", verified)
+    request = RequestFactory().post(f"{WEBHOOK_URL}/acme/web", data=b"", content_type="application/json",
+                                    CONTENT_LENGTH="2049", HTTP_X_HUB_SIGNATURE_256="sha256=" + "0" * 64,
+                                    HTTP_X_GITHUB_EVENT="push", HTTP_X_GITHUB_DELIVERY="d-1")
+    request._stream = Unreadable()  # type: ignore[attr-defined]
+
+    response = webhook_views.github_webhook(request, repo_name="acme/web")
+
+    assert (response.status_code, json.loads(response.content)["error"]["code"]) == (413, "payload_too_large")
+    nothing_written()
+
+
+@pytest.mark.django_db
+def test_the_payload_url_without_a_repository_is_400_and_reads_nothing(repo, pipelines, no_parsing):
+    body = json.dumps(push_payload()).encode()
+    response = Client().post(WEBHOOK_URL, data=body, content_type="application/json",
+                             HTTP_X_HUB_SIGNATURE_256=webhooks.sign(WEBHOOK_SECRET, body),
+                             HTTP_X_GITHUB_EVENT="push", HTTP_X_GITHUB_DELIVERY="d-1")
+
+    error = assert_error(response, 400, "webhook_invalid")
+    assert "/webhooks/github/<owner>/<name>" in error["message"]
+    nothing_written()
+
+
+@pytest.mark.django_db
+def test_a_delivery_for_another_repository_sharing_the_secret_is_400_and_builds_nothing(org, repo, pipelines):
+    make_repository(org, repo_name="acme/other")
+    make_pipeline(org, "Other", push_on("main"), repo_name="acme/other")
+
+    response = deliver("push", push_payload(full_name="acme/web"), repository="acme/other")
+
+    error = assert_error(response, 400, "webhook_invalid")
+    assert "acme/web" in error["message"] and "acme/other" in error["message"]
+    nothing_written()
+
+
 @pytest.mark.django_db
 def test_unknown_repository_and_repository_without_secret_look_like_a_bad_signature(org, pipelines):
     unknown = deliver("push", push_payload(full_name="acme/nope"))
@@ -601,6 +678,19 @@ def test_signed_push_without_needed_fields_is_400(repo, pipelines):
 def test_branch_too_long_for_a_build_is_422_and_creates_nothing(repo, pipelines):
     error = assert_error(deliver("push", push_payload("refs/heads/" + "b" * 300)), 422, "build_invalid")
     assert error["fields"] == {"branch": ["At most 255 characters."]}
+    nothing_written()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("payload", "field"), [
+    (push_payload("refs/heads/--upload-pack=touch /tmp/x;git-upload-pack"), "branch"),
+    (push_payload("refs/heads/main", after="--upload-pack=touch /tmp/x;git-upload-pack"), "commit"),
+    (push_payload("refs/tags/v1..2"), "branch"),
+])
+def test_a_signed_delivery_naming_a_ref_git_would_misread_is_422_and_creates_nothing(repo, pipelines, payload,
+                                                                                     field):
+    error = assert_error(deliver("push", payload), 422, "build_invalid")
+    assert list(error["fields"]) == [field]
     nothing_written()
 
 

@@ -63,19 +63,26 @@ def git_checkout(url: str, *, commit: str, branch: str | None, workspace: Path) 
     A full commit id is fetched alone (shallow); when that fails (an abbreviated id,
     a server that refuses fetching by id) every branch, tag and pull request head is
     fetched and `commit` resolved locally. `HEAD` means the tip of the build's branch.
+
+    The server refuses branches and commits git could read as options, but this
+    must hold without it: every value from the job spec comes after `--` or
+    `--end-of-options`, so `--upload-pack=...` is at worst a ref that does not exist.
     """
-    _git("init", "--quiet", ".", cwd=workspace)
-    _git("remote", "add", "origin", url, cwd=workspace)
+    _git("init", "--quiet", "--", ".", cwd=workspace)
+    _git("remote", "add", "--", "origin", url, cwd=workspace)
     wanted = commit
     if commit == "HEAD" and branch:
         wanted = branch
     try:
-        _git("fetch", "--quiet", "--depth=1", "origin", wanted, cwd=workspace)
+        _git("fetch", "--quiet", "--depth=1", "--", "origin", wanted, cwd=workspace)
         target = "FETCH_HEAD"
     except SourceError:
         # Pull request heads too: a fork's commit is reachable only from refs/pull/N/head.
-        _git("fetch", "--quiet", "origin", "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*",
+        _git("fetch", "--quiet", "--", "origin", "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*",
              "+refs/pull/*/head:refs/remotes/origin/pull/*", cwd=workspace)
         target = f"origin/{wanted}" if wanted == branch else wanted
-    _git("-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", target, cwd=workspace)
-    return _git("rev-parse", "HEAD", cwd=workspace)
+    # checkout reads what follows `--` as paths, so the revision must come before it:
+    # resolved to an object id first, which no option starts like.
+    revision = _git("rev-parse", "--verify", "--end-of-options", f"{target}^{{commit}}", cwd=workspace)
+    _git("-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", revision, "--", cwd=workspace)
+    return _git("rev-parse", "--verify", "HEAD", cwd=workspace)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import logging
 import re
 import threading
 import time
@@ -11,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from builds.agent.spec import JobSpec
-from builds.agent.transport import Transport
+from builds.agent.transport import AgentError, Transport
 
+log = logging.getLogger("harmont.agent")
 STDOUT, STDERR, META = 0, 1, 2
 MAX_CHUNK_CHARS = 64 * 1024
 
@@ -79,7 +81,12 @@ class SecretMasker:
 
 @dataclass
 class LogShipper:
-    """Masks secrets in output, numbers the chunks and ships them in order; a failed batch is re-sent as it was."""
+    """Masks secrets in output, numbers the chunks and ships them in order; a failed batch is re-sent as it was.
+
+    Once the server says the job has ended (409 `job_finished`: the reaper gave up on
+    this agent, the build timed out), the log is closed: nothing more is kept or sent,
+    and the command is asked to stop, as for a cancel.
+    """
 
     transport: Transport
     job: JobSpec
@@ -89,6 +96,7 @@ class LogShipper:
     timeout_requested: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     maskers: dict[int, SecretMasker] = field(default_factory=dict)  # one per stream kind
+    ended: threading.Event = field(default_factory=threading.Event)  # the server ended the job
 
     def add(self, stream_kind: int, text: str) -> None:
         if not text:
@@ -107,6 +115,8 @@ class LogShipper:
 
     def _number(self, stream_kind: int, text: str) -> None:
         # Called with the lock held, with text already masked.
+        if self.ended.is_set():
+            return
         for start in range(0, len(text), MAX_CHUNK_CHARS):
             self.seq += 1
             self.pending.append({"seq": self.seq, "stream_kind": stream_kind,
@@ -117,8 +127,18 @@ class LogShipper:
             batch = list(self.pending)
         if not batch:
             return
-        answer = self.transport.json("POST", f"/api/v0/agent/jobs/{self.job.id}/logs", token=self.job.token,
-                                     body={"chunks": batch})
+        try:
+            answer = self.transport.json("POST", f"/api/v0/agent/jobs/{self.job.id}/logs", token=self.job.token,
+                                         body={"chunks": batch})
+        except AgentError as exc:
+            if exc.status != 409 or error_code(exc.body) != "job_finished":
+                raise
+            log.warning("job %s has ended on the server; its further output is dropped", self.job.id)
+            with self.lock:
+                self.ended.set()
+                self.pending = []
+            self.cancel_requested.set()
+            return
         with self.lock:
             sent = {chunk["seq"] for chunk in batch}
             self.pending = [chunk for chunk in self.pending if chunk["seq"] not in sent]
@@ -126,6 +146,12 @@ class LogShipper:
             self.cancel_requested.set()
         if answer and answer.get("timeout"):
             self.timeout_requested.set()
+
+
+def error_code(body: Any) -> str | None:
+    """The `code` of an error envelope (None for any other body)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return error.get("code") if isinstance(error, dict) else None
 
 
 def pump(stream: io.BufferedReader, kind: int, shipper: LogShipper) -> None:

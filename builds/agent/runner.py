@@ -93,11 +93,11 @@ class Agent:
                 self.current_job = job
                 try:
                     self.run_job(job)
-                except Unauthorized:
-                    raise
                 except AgentError as exc:
                     # The server refused a report about this job (it ended meanwhile, or the
-                    # request was wrong): give the job up, keep serving the others.
+                    # request was wrong): give the job up, keep serving the others. A refused
+                    # credential (401) is this job's too: it ended longer ago than its grace,
+                    # unless the agent token was revoked, which the next claim tells.
                     log.error("job %s abandoned: %s", job.id, exc)
                     shutil.rmtree(self.workdir / job.id, ignore_errors=True)
                     shutil.rmtree(self._artifacts_dir(job), ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +24,14 @@ from organizations.models import Organization, User
 from pipelines import ir
 from pipelines.models import Pipeline
 
+# Also the sources a client may choose: `webhook`, `schedule` and `trigger_job` say the
+# server's own code started the build, which is what lets it pass `allow_manual: false`.
 MANUAL_SOURCES = frozenset({BuildSource.API, BuildSource.UI})
+REF_MAX_LENGTH = 255
+# A commit is what agents hand to `git fetch`/`git checkout`: an (abbreviated) object id or HEAD.
+COMMIT = re.compile(r"HEAD|[0-9a-fA-F]{4,64}")
+# git check-ref-format's forbidden characters: ASCII controls, space, DEL and ~^:?*[\
+REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 # The render job's key; the planner refuses it in rendered pipelines so it stays unique.
 RENDER_STEP_KEY = ":render"
 
@@ -43,14 +51,37 @@ class BuildRequest:
     source_sha256: str | None
 
 
+def ref_name_problem(name: str) -> str | None:
+    """Why `name` is no branch or tag name git would accept (None: it is one).
+
+    Branch and commit reach the agents' git command lines, so a value git would
+    read as an option (`--upload-pack=...`) or as a revision expression must
+    never get into a build: git check-ref-format's rules, checked here.
+    """
+    if name.startswith("-"):
+        return "Must not start with '-'."
+    if REF_FORBIDDEN.search(name):
+        return "Must not contain spaces, control characters or any of ~ ^ : ? * [ \\."
+    if ".." in name or "@{" in name or "//" in name:
+        return "Must not contain '..', '@{' or '//'."
+    if name == "@" or name.startswith("/") or name.endswith(("/", ".", ".lock")):
+        return "Must not be '@', start with '/' or end with '/', '.' or '.lock'."
+    if any(part.startswith(".") for part in name.split("/")):
+        return "No part between slashes may start with '.'."
+    return None
+
+
 def validate_build_request(*, branch: Any, commit: Any, message: Any = None, source: Any = None,
                            env: Any = None, pipeline_ir: Any = None, source_b64: Any = None,
                            source_url: Any = None, source_sha256: Any = None,
-                           also_required: dict[str, Any] | None = None) -> BuildRequest:
+                           also_required: dict[str, Any] | None = None,
+                           allowed_sources: frozenset[str] = MANUAL_SOURCES) -> BuildRequest:
     """Check every field of a create-build request; 422 `build_invalid` listing all bad fields.
 
     `also_required` names further string fields the caller's route needs (the
     by-repo route's `repo_name` and `source_slug`), reported in the same pass.
+    `allowed_sources`: what `source` may be; a client may set only `api` and
+    `ui`, the server's own paths (webhooks) name the one they set.
     """
     fields: dict[str, list[str]] = {}
 
@@ -69,12 +100,16 @@ def validate_build_request(*, branch: Any, commit: Any, message: Any = None, sou
 
     for name, value in (also_required or {}).items():
         text(name, value, required=True)
-    branch_v = text("branch", branch, required=True)
+    branch_v = text("branch", branch, required=True, max_length=REF_MAX_LENGTH)
+    if branch_v is not None and (problem := ref_name_problem(branch_v)):
+        fields["branch"] = [problem]
     commit_v = text("commit", commit, required=True)
+    if commit_v is not None and not COMMIT.fullmatch(commit_v):
+        fields["commit"] = ["Must be a commit id (4 to 64 hexadecimal characters) or HEAD."]
     message_v = text("message", message, max_length=100_000)
     source_v = text("source", source) or BuildSource.API
-    if source_v not in BuildSource.values:
-        fields["source"] = [f"Must be one of: {', '.join(BuildSource.values)}."]
+    if source_v not in allowed_sources:
+        fields["source"] = [f"Must be one of: {', '.join(sorted(allowed_sources))}."]
     env_v: dict[str, str] = {}
     if env is not None:
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):

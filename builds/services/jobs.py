@@ -12,7 +12,7 @@ from django.utils import timezone
 from builds import states
 from builds.models import Job, JobState
 from builds.services.agents import agent_seen_by, touch_job
-from builds.services.logs import ChunkIn, append_log, store_chunks, store_fitting_chunks
+from builds.services.logs import ChunkIn, store_chunks, store_fitting_chunks
 
 J = JobState
 
@@ -119,7 +119,9 @@ def report_finish(*, job: Job, exit_code: int | None, signal: int | None = None,
                   chunks: Sequence[ChunkIn] = (), now: datetime | None = None) -> str:
     """The agent's final report, with its last output. Idempotent: a retried report changes nothing.
 
-    The output is stored however the report ends (a seq already stored is skipped).
+    The output is stored with the report that ends the job (a seq already stored
+    is skipped); a report on a job that had ended already stores none, as the log
+    route refuses output for it: a retry's output went in with its original.
     """
     now = now or timezone.now()
     # The first verdict is judged from the job as the caller loaded it (for an agent's
@@ -130,8 +132,6 @@ def report_finish(*, job: Job, exit_code: int | None, signal: int | None = None,
     current, current_code, current_message = job.state, job.error_code, job.error_message
     for _ in range(3):
         if current in states.TERMINAL_JOB_STATES:
-            if chunks:
-                append_log(job=job, chunks=chunks, now=now, alive=False)
             return current
         state, code = outcome_state(current=current, exit_code=exit_code, outcome=outcome, error_code=error_code)
         message = error_message

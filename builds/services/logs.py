@@ -15,6 +15,7 @@ from django.utils import timezone
 from builds import sql, states
 from builds.models import Job, LogChunk, StreamKind
 from builds.services.agents import agent_seen_by
+from harmont.errors import ApiError
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,13 @@ def append_log(*, job: Job, chunks: Sequence[ChunkIn], now: datetime | None = No
     its original is stored once and counted once against the log limit. Past
     the limit output is dropped and a single meta chunk says so; the job goes on.
     `alive`: the batch is also a sign of life (a heartbeat) from the job's agent.
+    A job that has ended takes no more output: 409 `job_finished`.
     """
     now = now or timezone.now()
+    if job.state in states.TERMINAL_JOB_STATES:
+        # The state as the credential's lookup read it: a job that ended takes no more output,
+        # whoever still holds its credential (which lives on briefly for finish retries).
+        raise ApiError("job_finished", f"Job {job.pk} already {job.state}; its log takes no more output.")
     if not chunks:
         return 0
     with transaction.atomic():

@@ -20,6 +20,8 @@ from pipelines.models import Pipeline, Repository
 
 logger = logging.getLogger("harmont.webhooks")
 
+WEBHOOK_SOURCES = frozenset({BuildSource.WEBHOOK})
+
 
 @dataclass(frozen=True)
 class RefusedBuild:
@@ -90,7 +92,8 @@ def handle_webhook_delivery(*, repository: Repository, delivery_id: str, event: 
     request = None
     if facts is not None:
         request = validate_build_request(branch=facts.branch, commit=facts.commit, message=facts.message,
-                                         source=BuildSource.WEBHOOK, env=facts.env)
+                                         source=BuildSource.WEBHOOK, env=facts.env,
+                                         allowed_sources=WEBHOOK_SOURCES)
     with transaction.atomic():
         try:
             with transaction.atomic():
