@@ -119,7 +119,7 @@ class StartView(JobView):
 
 class HeartbeatView(JobView):
     @extend_schema(operation_id="agentHeartbeat", tags=["agent"], request=HeartbeatRequest,
-                   responses={200: Directive, 401: ErrorSerializer})
+                   responses={200: Directive, 401: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request, job_id: str) -> Response:
         """Still alive. The answer tells the agent whether to stop the command."""
         timing_out = validated(HeartbeatRequest, request)["timing_out"]
@@ -156,7 +156,7 @@ class WorkspaceUploadView(JobView):
 
     @extend_schema(operation_id="agentUploadWorkspace", tags=["agent"],
                    request={"application/gzip": {"type": "string", "format": "binary"}},
-                   responses={204: None, 401: ErrorSerializer, 409: ErrorSerializer})
+                   responses={204: None, 401: ErrorSerializer, 409: ErrorSerializer, 422: ErrorSerializer})
     def put(self, request: Request, job_id: str) -> Response:
         """The files the job left behind (a gzipped tarball), for its builds_in children."""
         job = self.job(request, job_id)
@@ -214,7 +214,7 @@ class ArtifactUploadView(JobView):
         ],
         request={"application/octet-stream": {"type": "string", "format": "binary"}},
         responses={201: StoredArtifactSerializer, 200: StoredArtifactSerializer, 401: ErrorSerializer,
-                   409: ErrorSerializer, 413: ErrorSerializer, 422: ErrorSerializer},
+                   409: ErrorSerializer, 411: ErrorSerializer, 413: ErrorSerializer, 422: ErrorSerializer},
     )
     def put(self, request: Request, job_id: str) -> Response:
         """Store one file of the job's artifacts (the raw bytes, with a Content-Length).

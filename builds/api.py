@@ -242,7 +242,8 @@ class ArtifactDownloadView(BuildScopedView):
         return super().perform_content_negotiation(request, force=True)
 
     @extend_schema(operation_id="downloadArtifact", tags=["artifacts"],
-                   responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 404: ErrorSerializer})
+                   # Served as the type its name suggests (text/plain, image/png, ...), octet-stream if none.
+                   responses={(200, "*/*"): OpenApiTypes.BINARY, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str, artifact_id: str) -> FileResponse:
         """The artifact's bytes, as an attachment named after the file."""
         artifact = selectors.find_artifact(build=self.build, artifact_id=artifact_id)

@@ -42,10 +42,14 @@ class OrgScopedMixin:
     """Resolves `self.membership` / `self.org` from the `org` URL kwarg.
 
     `required_role` maps an HTTP method to the minimum role; methods not listed
-    need plain membership. `role_action` words the 403 message.
+    need plain membership. `role_action` words the 403 message. Methods whose
+    service checks a role itself (it depends on the target, not only the method)
+    are named in `role_checked_in_service`. Both say which operations the OpenAPI
+    document lists a 403 for (harmont.openapi).
     """
 
     required_role: dict[str, str] = {}
+    role_checked_in_service: frozenset[str] = frozenset()
     role_action: str = "do this"
     request: Request
     kwargs: dict[str, Any]

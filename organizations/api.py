@@ -268,6 +268,7 @@ class MemberDetailView(OrgScopedView):
     # DELETE has no minimum role here: any member may remove themselves; the
     # service decides the rest under the organization lock.
     required_role = {"PATCH": Role.ADMIN}
+    role_checked_in_service = frozenset({"DELETE"})
     role_action = "change member roles"
 
     def target_user(self, user_id: str) -> User:
