@@ -26,7 +26,17 @@ from builds.agent.isolation import job_environment
 from builds.models import Agent, Artifact, Job
 from harmont import run
 from tests.dsl import hm
-from tests.e2e import PROJECT_ROOT, create_build, finished, job_log, jobs_by_key, stderr_of, stdout_of, wait_for
+from tests.e2e import (
+    PROJECT_ROOT,
+    create_build,
+    finished,
+    job_log,
+    jobs_by_key,
+    process_exists,
+    stderr_of,
+    stdout_of,
+    wait_for,
+)
 
 
 
@@ -290,6 +300,31 @@ def test_run_as_runs_commands_as_that_user_who_cant_read_the_agent(e2e_settings,
     # The workspace it inherited is its own too: the child read and changed its parent's files.
     assert stdout_of(jobs["read"]) == f"from-parent\nnested\n{job_user.pw_name}\n"
     assert Artifact.objects.get(job=jobs["write"]).path == "report.txt"
+
+
+@needs_root
+@e2e
+def test_run_as_kills_what_a_command_left_running(e2e_settings, api, pipeline, agents, job_user, open_workdir):
+    agents.start("a1", options=("--run-as", job_user.pw_name), workdir=open_workdir / "a1")
+    # Out of the command's process group and session, so stopping the command alone would miss it.
+    left = "setsid sleep 300 > /dev/null 2>&1 < /dev/null & echo pid=$!"
+    build = create_build(api, pipeline, hm.pipeline([hm.sh(left, key="leave")]))
+
+    wait_for(lambda: finished(build), 30, what="the build to finish")
+    job = Job.objects.get(build=build)
+    assert job.state == "passed", job_log(job)
+    pid = int(stdout_of(job).strip().removeprefix("pid="))
+    wait_for(lambda: not process_exists(pid), 5, what=f"the left-over process {pid} to be gone")
+
+
+def test_run_as_root_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+
+    with pytest.raises(SystemExit) as exited:
+        runner.main(["--server", "http://127.0.0.1:9", "--run-as", "root"])
+
+    assert exited.value.code == 2
+    assert "--run-as root: commands would run as root; choose an unprivileged user" in capsys.readouterr().err
 
 
 @needs_root

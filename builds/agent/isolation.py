@@ -147,6 +147,8 @@ class RunAs:
             entry = pwd.getpwnam(user)
         except KeyError:
             raise LookupError(f"--run-as {user}: no such user") from None
+        if entry.pw_uid == 0:
+            raise LookupError(f"--run-as {user}: commands would run as root; choose an unprivileged user")
         return cls(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid,
                    groups=tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)), home=entry.pw_dir)
 
@@ -159,6 +161,11 @@ class RunAs:
         done = subprocess.run(["test", "-x", str(directory)], env={"PATH": DEFAULT_PATH}, stdin=subprocess.DEVNULL,
                               capture_output=True, **self.popen_options())
         return done.returncode == 0
+
+    def kill_all_processes(self) -> None:
+        """SIGKILL every process of the user: `kill -1` run as the user, which spares only itself."""
+        subprocess.run(["bash", "-c", "kill -KILL -1"], env={"PATH": DEFAULT_PATH}, stdin=subprocess.DEVNULL,
+                       capture_output=True, **self.popen_options())
 
     def give(self, path: Path) -> None:
         """Make `path` and everything below it the user's, without following symbolic links.

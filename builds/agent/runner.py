@@ -312,8 +312,15 @@ class Agent:
             # The agent is going down (its token was revoked, a report was refused): don't
             # leave the command running with nobody left to watch, stop or report it.
             stop_process_group(process, grace=job.cancel_grace_seconds)
+            if self.run_as is not None:
+                self.run_as.kill_all_processes()
             raise
         process.wait()
+        if self.run_as is not None:
+            # Nothing of the command may outlive it: a process left behind could read the next
+            # job's workspace and secrets (they are that user's too), or swap files under the
+            # uploads the agent makes as root.
+            self.run_as.kill_all_processes()
         for reader in readers:
             reader.join(timeout=5)
         code = process.returncode
