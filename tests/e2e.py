@@ -174,12 +174,14 @@ class Agents:
         return self.start_command(name, command, env={**os.environ, "PYTHONUNBUFFERED": "1", **token_env,
                                                       **(env or {})}, workdir=workdir)
 
-    def start_command(self, name: str, command: list[str], *, env: dict[str, str], workdir: Path) -> AgentProcess:
-        """Start an agent with exactly this command line and environment (its commands run under `workdir`)."""
+    def start_command(self, name: str, command: list[str], *, env: dict[str, str], workdir: Path,
+                      user: str | None = None) -> AgentProcess:
+        """Start an agent with exactly this command line and environment (its commands run under
+        `workdir`), as `user` if given."""
         stdout_path, stderr_path = self.base / f"{name}.stdout", self.base / f"{name}.stderr"
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                       env=env)
+                                       env=env, user=user)
         agent = AgentProcess(name, workdir, process, stdout_path, stderr_path)
         self.started.append(agent)
         return agent

@@ -3,8 +3,9 @@
 Real `manage.py runagent` processes against a live server (tests/e2e.py), running
 commands that look where a process on the agent's host would look: the agent's
 command line and environment under /proc/$PPID (the agent is the command's
-parent), and the command's own environment. The `--run-as` tests switch commands
-to a throwaway user and need the suite to run as root; they are skipped otherwise.
+parent), and the command's own environment, and an agent's memory. The `--run-as`
+tests and the memory test run commands (and an agent) as a throwaway user and need
+the suite to run as root; they are skipped otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -38,9 +40,10 @@ from tests.e2e import (
     wait_for,
 )
 
+T = TypeVar("T")
 
 
-def e2e(test):
+def e2e(test: T) -> T:
     """Marks of a test with a live server and agent processes (the option checks need neither)."""
     for mark in (pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("e2e_server")):
         test = mark(test)
@@ -112,9 +115,10 @@ def test_a_job_reads_no_token_nor_server_secret_from_its_agent(given, e2e_settin
 
     job = run_snoop(api, pipeline)
     output = stdout_of(job)
-    # The command did read the agent's command line and environment, and its own.
+    # The command did read the agent's command line and its own environment, and the agent's
+    # environment too where it may (a root command; see the memory test for the others).
     assert "runagent" in output and "--- environ\n" in output and "--- env\n" in output, output
-    assert output.count("\nPATH=") == 2, output
+    assert output.count("\nPATH=") == (2 if os.geteuid() == 0 else 1), output
     assert_no_credentials(job_log(job), agent_token.raw)
 
 
@@ -123,6 +127,11 @@ def test_the_token_variable_is_gone_from_the_running_agents_environment(e2e_sett
     agent = agents.start("a1", env=SERVER_SECRETS)
 
     wait_for(lambda: Agent.objects.filter(name="a1").exists(), 20, what="the agent to register")
+    if os.geteuid() != 0:
+        # Only root may read a running agent's environment (see the memory test below).
+        with pytest.raises(PermissionError):
+            proc_text(agent.pid, "environ")
+        return
     environ, cmdline = proc_text(agent.pid, "environ"), proc_text(agent.pid, "cmdline")
     assert "runagent" in cmdline and "PATH=" in environ
     assert "HARMONT_AGENT_TOKEN=" not in environ
@@ -220,6 +229,58 @@ def test_make_runs_agent_leaks_nothing_to_a_job(e2e_server, e2e_settings, api, p
     assert "runagent" in stdout_of(job)
     assert_no_credentials(job_log(job), agent_token.raw)
     assert os.environ["HARMONT_SECRET_KEY"] not in job_log(job)
+
+
+# ------------------------------------------------------------------ an agent's memory
+
+# Looks through the writable memory of process `argv[1]` (the agent) for agent tokens.
+MEMORY_SCAN = r"""
+import re, sys
+pid = int(sys.argv[1])
+try:
+    maps = open(f"/proc/{pid}/maps").read().splitlines()
+    memory = open(f"/proc/{pid}/mem", "rb", 0)
+except OSError as exc:
+    raise SystemExit(f"scan: {exc.strerror}")
+found = set()
+for line in maps:
+    span, perms = line.split()[:2]
+    if perms.startswith("rw"):
+        start, end = (int(address, 16) for address in span.split("-"))
+        try:
+            memory.seek(start)
+            found.update(re.findall(rb"hma_[A-Za-z0-9_-]{20,}", memory.read(end - start)))
+        except OSError:
+            pass
+print("found:", b" ".join(sorted(found)).decode())
+"""
+# The host's own Python, which any user may run (the virtualenv's may live in root's home);
+# the agent program needs nothing but the standard library.
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+@needs_root
+@pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="no /usr/bin/python3 to run an agent as another user")
+@e2e
+def test_a_command_of_the_agents_own_user_cant_read_its_memory(e2e_server, e2e_settings, api, pipeline, agents,
+                                                              agent_token, job_user, open_workdir):
+    # An agent run by an ordinary user, without --run-as: its commands run as that user too.
+    os.chown(open_workdir, job_user.pw_uid, job_user.pw_gid)
+    workdir = open_workdir / "a1"
+    command = [str(SYSTEM_PYTHON), "manage.py", "runagent", "--server", e2e_server, "--name", "a1",
+               "--workdir", str(workdir), "--poll-interval", "0.2"]
+    agents.start_command("a1", command, workdir=workdir, user=job_user.pw_name, env={
+        "PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONUNBUFFERED": "1",
+        "HARMONT_AGENT_TOKEN": agent_token.raw})
+    build = create_build(api, pipeline, hm.pipeline([hm.sh(
+        f"id -u; {SYSTEM_PYTHON} -c '{MEMORY_SCAN}' $PPID; tr '\\0' '\\n' < /proc/$PPID/environ", key="scan")]))
+
+    wait_for(lambda: finished(build), 30, what="the build to finish")
+    job = Job.objects.get(build=build)
+    assert stdout_of(job).splitlines()[0] == str(job_user.pw_uid), job_log(job)
+    assert "scan: Permission denied" in stderr_of(job), job_log(job)
+    assert "/environ: Permission denied" in stderr_of(job), job_log(job)
+    assert_no_credentials(job_log(job), agent_token.raw)
 
 
 # ------------------------------------------------------------------ --run-as

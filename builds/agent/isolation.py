@@ -15,13 +15,15 @@ can read:
 - the job's environment, made of the job's own variables and a few of the
   agent's (`job_environment`).
 
-A command running as the agent's own user can still read the agent's memory and
-its token file. `--run-as USER` runs commands as another user, who can read
-neither (nor anything else of the agent under /proc).
+On Linux the agent also forbids other processes of its user to read its memory or
+trace it (`forbid_inspection`); root's processes still can, and any process of the
+agent's user can read its token file. `--run-as USER` runs commands as another
+user, who can do neither (nor read anything else of the agent under /proc).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import subprocess
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 TOKEN_VARIABLE = "HARMONT_AGENT_TOKEN"
+PR_SET_DUMPABLE = 4  # from <linux/prctl.h>
 # What a job gets of its agent's environment (besides LC_*): enough for a shell and its tools.
 PASSED_TO_JOBS = ("PATH", "HOME", "LANG", "USER", "TMPDIR")
 DEFAULT_PATH = "/usr/bin:/bin"
@@ -83,6 +86,22 @@ def token_file_warning(path: str) -> str | None:
         return (f"warning: --token-file {path} is readable by other users (mode {mode & 0o777:o}); "
                 f"chmod 600 it\n")
     return None
+
+
+def forbid_inspection() -> None:
+    """Linux: other processes of the agent's user (its commands, without --run-as) may no longer read
+    its memory, environment or open files under /proc, nor trace it; only root still may.
+
+    A process that is not "dumpable" gets that from the kernel. It is reset by every exec, so the
+    agent's commands are ordinary processes, and so is the agent after its own restart, which is
+    why this runs first thing in every start. Elsewhere than on Linux nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # no prctl to call (another C library): the protections above still hold
 
 
 def needs_restart(*, token_on_command_line: bool, environ: Mapping[str, str]) -> bool:

@@ -30,6 +30,7 @@ from builds.agent.isolation import (
     TOKEN_VARIABLE,
     RunAs,
     TokenError,
+    forbid_inspection,
     job_environment,
     needs_restart,
     read_token,
@@ -474,6 +475,7 @@ class KeepAlive:
 def main(argv: list[str] | None = None) -> int:
     """`python manage.py runagent --server URL [--token-file PATH] [--name N] [--workdir DIR] [--once]
     [--run-as USER]`, the token in `--token-file` or `HARMONT_AGENT_TOKEN`."""
+    forbid_inspection()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="manage.py runagent",
                                      description="Claim an organization's jobs from a Harmont server and run them. "
