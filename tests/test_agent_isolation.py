@@ -19,13 +19,17 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 from builds.agent import runner
 from builds.agent.isolation import job_environment
-from builds.models import Agent, Artifact, Job
+from builds.agent.logs import LogShipper
+from builds.agent.runner import Agent
+from builds.agent.spec import JobSpec
+from builds.models import Agent as AgentRow
+from builds.models import Artifact, Job
 from harmont import run
 from tests.dsl import hm
 from tests.e2e import (
@@ -126,7 +130,7 @@ def test_a_job_reads_no_token_nor_server_secret_from_its_agent(given, e2e_settin
 def test_the_token_variable_is_gone_from_the_running_agents_environment(e2e_settings, agents, agent_token):
     agent = agents.start("a1", env=SERVER_SECRETS)
 
-    wait_for(lambda: Agent.objects.filter(name="a1").exists(), 20, what="the agent to register")
+    wait_for(lambda: AgentRow.objects.filter(name="a1").exists(), 20, what="the agent to register")
     if os.geteuid() != 0:
         # Only root may read a running agent's environment (see the memory test below).
         with pytest.raises(PermissionError):
@@ -144,7 +148,7 @@ def test_the_token_option_warns_and_still_works(e2e_settings, agents, agent_toke
 
     assert agent.wait(timeout=30) == 0, agent.output()
     assert TOKEN_WARNING in agent.stderr_path.read_text()
-    assert Agent.objects.filter(name="a1").exists()
+    assert AgentRow.objects.filter(name="a1").exists()
 
 
 @e2e
@@ -304,6 +308,30 @@ def test_run_as_an_unknown_user_is_a_clear_error(monkeypatch, capsys):
 
     assert exited.value.code == 2
     assert "--run-as no-such-user-7f3a: no such user" in capsys.readouterr().err
+
+
+class QuietTransport:
+    """Answers every report as a running job's directive; the command here never gets that far."""
+
+    def json(self, method: str, path: str, *, token: str, body: Any = None, ok: tuple[int, ...] = (200,)) -> Any:
+        return {"state": "running", "cancel": False, "timeout": False}
+
+
+def test_a_program_that_cant_be_started_fails_the_job_not_the_agent(tmp_path):
+    # What --run-as's user meets when it may not run the agent's Python (the renderer).
+    program = tmp_path / "not-executable"
+    program.write_text("#!/bin/sh\n")
+    agent = Agent(server="http://127.0.0.1:9", token="hma_x", workdir=str(tmp_path / "agent"))
+    job = JobSpec.from_claim({"job": {"id": "job-1", "command": "true", "env": {}, "timeout_seconds": 60,
+                                      "step_key": "a"}, "job_token": "hmj_x"})
+    shipper = LogShipper(QuietTransport(), job)  # type: ignore[arg-type]
+
+    result = agent._execute(job, tmp_path, shipper, argv=[str(program)])
+
+    assert result == {"outcome": None, "exit_code": 126, "signal": None}
+    assert [chunk["content"] for chunk in shipper.pending] == [
+        f"harmont-agent: could not start the command: [Errno 13] Permission denied: '{program}'\n"
+        "harmont-agent: exit status 126\n"]
 
 
 @pytest.fixture

@@ -261,11 +261,19 @@ class Agent:
         env = {**job_environment(job.env, agent_env=os.environ, run_as=self.run_as, default_home=str(workspace)),
                "HARMONT_JOB_ID": job.id, "HARMONT_WORKSPACE": str(workspace),
                "HARMONT_ARTIFACTS": str(self._artifacts_dir(job))}
-        process = subprocess.Popen(
-            argv or ["bash", "-c", job.command], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-            **(self.run_as.popen_options() if self.run_as is not None else {}),
-        )
+        try:
+            process = subprocess.Popen(
+                argv or ["bash", "-c", job.command], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                **(self.run_as.popen_options() if self.run_as is not None else {}),
+            )
+        except OSError as exc:
+            # The program can't be run: missing, or not one --run-as's user may run (the agent's own
+            # Python, for the renderer). The job fails with a shell's status; the agent goes on.
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            shipper.add(META, f"harmont-agent: could not start the command: {exc}\n"
+                              f"harmont-agent: exit status {code}\n")
+            return {"outcome": None, "exit_code": code, "signal": None}
         readers = [threading.Thread(target=pump, args=(stream, kind, shipper), daemon=True)
                    for stream, kind in ((process.stdout, STDOUT), (process.stderr, STDERR))]
         for reader in readers:
