@@ -49,7 +49,10 @@ class TokenError(Exception):
 
 
 def is_server_setting(name: str) -> bool:
-    """The server's configuration (its secret key, database, encryption keys): the agent needs none of it."""
+    """The server's configuration (its secret key, database, encryption keys): the agent needs none of it.
+
+    Its own HARMONT_AGENT_TOKEN is one of these too: read before the restart that drops them all.
+    """
     return name.startswith("HARMONT_") or name == "DATABASE_URL"
 
 

@@ -524,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop(TOKEN_VARIABLE, None)
     if restart:
         restart_cleanly(token=token, argv=argv, options=_options_without_token(args), environ=os.environ)
+        sys.stderr.write("warning: called from Python, the agent could not start itself again: the environment "
+                         "it was started with, as /proc shows it, may still hold the token\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     agent = Agent(server=args.server, token=token, name=args.name, workdir=args.workdir, once=args.once,
                   poll_interval=args.poll_interval, run_as=run_as)
