@@ -85,7 +85,7 @@ def token_file_warning(path: str) -> str | None:
         mode = os.stat(path).st_mode
     except OSError:
         return None
-    if mode & 0o077:
+    if mode & 0o044:
         return (f"warning: --token-file {path} is readable by other users (mode {mode & 0o777:o}); "
                 f"chmod 600 it\n")
     return None
