@@ -36,21 +36,36 @@ def manage(*args: str, env: dict[str, str]) -> str:
     return done.stdout
 
 
-def server_processes(env: dict[str, str], agent_token: str) -> list[list[str]]:
-    """The web server, the reaper, and one local agent for the demo organization."""
+# All the local agent gets of make run's environment. Its jobs' commands run as this user on
+# this host, so the agent must hold nothing of the server's: with the secret key a job could
+# forge log tokens for every organization and decrypt every stored secret.
+AGENT_ENVIRONMENT = ("PATH", "HOME", "LANG")
+
+
+def agent_process(*, server: str, token: str, workdir: Path,
+                  environ: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The local agent's command line and environment: the token in HARMONT_AGENT_TOKEN, not on the
+    command line (which every process of the host can read), and none of the server's settings."""
+    command = [sys.executable, str(BASE_DIR / "manage.py"), "runagent", "--server", server,
+               "--name", "local-agent", "--workdir", str(workdir)]
+    env = {name: environ[name] for name in AGENT_ENVIRONMENT if name in environ}
+    return command, {**env, "HARMONT_AGENT_TOKEN": token}
+
+
+def server_processes(env: dict[str, str], agent_token: str) -> list[tuple[list[str], dict[str, str]]]:
+    """The web server, the reaper, and one local agent for the demo organization: (command, environment)."""
     port = env["PORT"]
     workers = env.get("HARMONT_WORKERS", "2")
     manage_py = str(BASE_DIR / "manage.py")
     return [
         # ASGI with uvicorn workers: open log streams are coroutines, REST requests go to
         # the WSGI app on a thread pool (see harmont/asgi.py).
-        [sys.executable, "-m", "gunicorn", "harmont.asgi:application", "--worker-class",
-         "uvicorn_worker.UvicornWorker", "--bind", f"127.0.0.1:{port}", "--workers", workers,
-         "--graceful-timeout", "5"]
-        + (["--access-logfile", "-"] if env.get("HARMONT_ACCESS_LOG") == "1" else []),
-        [sys.executable, manage_py, "runreaper"],
-        [sys.executable, manage_py, "runagent", "--server", f"http://127.0.0.1:{port}", "--token", agent_token,
-         "--name", "local-agent", "--workdir", str(VAR / "agent")],
+        ([sys.executable, "-m", "gunicorn", "harmont.asgi:application", "--worker-class",
+          "uvicorn_worker.UvicornWorker", "--bind", f"127.0.0.1:{port}", "--workers", workers,
+          "--graceful-timeout", "5"]
+         + (["--access-logfile", "-"] if env.get("HARMONT_ACCESS_LOG") == "1" else []), env),
+        ([sys.executable, manage_py, "runreaper"], env),
+        agent_process(server=f"http://127.0.0.1:{port}", token=agent_token, workdir=VAR / "agent", environ=env),
     ]
 
 
@@ -69,7 +84,8 @@ def main() -> int:
                          "--replace", env=env).strip()
     print("  a local agent runs the demo organization's jobs (var/agent/)\n", flush=True)
 
-    children = [subprocess.Popen(cmd, env=env, cwd=BASE_DIR) for cmd in server_processes(env, agent_token)]
+    children = [subprocess.Popen(command, env=command_env, cwd=BASE_DIR)
+                for command, command_env in server_processes(env, agent_token)]
     stopping = False
 
     def stop(signum: int, frame: object) -> None:

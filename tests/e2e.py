@@ -157,17 +157,31 @@ class Agents:
     base: Path
     started: list[AgentProcess] = field(default_factory=list)
 
-    def start(self, name: str, *, poll_interval: float | None = 0.2) -> AgentProcess:
-        """Start `manage.py runagent` as `name`; `poll_interval=None` keeps the agent's default."""
-        workdir = self.base / name
-        command = [sys.executable, "manage.py", "runagent", "--server", self.server, "--token", self.token,
-                   "--workdir", str(workdir), "--name", name]
+    def start(self, name: str, *, poll_interval: float | None = 0.2, options: tuple[str, ...] = (),
+              env: dict[str, str] | None = None, workdir: Path | None = None) -> AgentProcess:
+        """Start `manage.py runagent` as `name`; `poll_interval=None` keeps the agent's default.
+
+        The token goes in `HARMONT_AGENT_TOKEN` unless `options` pass it (`--token-file`, `--token`);
+        `env` is added to the test process's environment for the agent.
+        """
+        workdir = workdir or self.base / name
+        command = [sys.executable, "manage.py", "runagent", "--server", self.server,
+                   "--workdir", str(workdir), "--name", name, *options]
         if poll_interval is not None:
             command += ["--poll-interval", str(poll_interval)]
+        passed = any(option.startswith("--token") for option in options)
+        token_env = {} if passed else {"HARMONT_AGENT_TOKEN": self.token}
+        return self.start_command(name, command, env={**os.environ, "PYTHONUNBUFFERED": "1", **token_env,
+                                                      **(env or {})}, workdir=workdir)
+
+    def start_command(self, name: str, command: list[str], *, env: dict[str, str], workdir: Path,
+                      user: str | None = None) -> AgentProcess:
+        """Start an agent with exactly this command line and environment (its commands run under
+        `workdir`), as `user` if given."""
         stdout_path, stderr_path = self.base / f"{name}.stdout", self.base / f"{name}.stderr"
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                       env=env, user=user)
         agent = AgentProcess(name, workdir, process, stdout_path, stderr_path)
         self.started.append(agent)
         return agent
@@ -179,6 +193,7 @@ class Agents:
                 agent.process.wait(timeout=10)
         # Commands run in their own process groups, so killing an agent leaves them
         # running: find them by their working directory (inside an agent's workdir).
+        roots = {str(self.base), *(str(agent.workdir) for agent in self.started)}
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
@@ -186,7 +201,7 @@ class Agents:
                 cwd = os.readlink(proc / "cwd")
             except OSError:
                 continue
-            if cwd.startswith(str(self.base) + os.sep):
+            if any(cwd.startswith(root + os.sep) for root in roots):
                 try:
                     os.kill(int(proc.name), signal.SIGKILL)
                 except ProcessLookupError:

@@ -26,12 +26,13 @@ def start_agents(count: int, *, server: str, token: str, poll_interval: float, w
     agents = []
     # The agent needs no Django settings or database; give it none, as on a separate machine.
     agent_env = {k: v for k, v in env.items() if k not in ("DATABASE_URL", "HARMONT_SECRET_KEY")}
+    agent_env["HARMONT_AGENT_TOKEN"] = token
     for i in range(1, count + 1):
         name = f"bench-agent-{i}"
         log_path = work / f"{name}.log"
         with log_path.open("w") as log:
             process = subprocess.Popen(
-                [sys.executable, "manage.py", "runagent", "--server", server, "--token", token, "--name", name,
+                [sys.executable, "manage.py", "runagent", "--server", server, "--name", name,
                  "--workdir", str(work / name), "--poll-interval", str(poll_interval)],
                 cwd=BASE_DIR, env=agent_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own group: cleanup kills it and anything it left behind

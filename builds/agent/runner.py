@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import logging
@@ -24,6 +25,18 @@ from typing import Any
 
 from builds.agent.checkout import SourceError, fetch_tarball, git_checkout
 from builds.agent.files import BoundedReader, collect_artifacts, pack, unpack
+from builds.agent.isolation import (
+    TOKEN_OPTION_WARNING,
+    TOKEN_VARIABLE,
+    RunAs,
+    TokenError,
+    forbid_inspection,
+    job_environment,
+    needs_restart,
+    read_token,
+    restart_cleanly,
+    token_file_warning,
+)
 from builds.agent.logs import MAX_CHUNK_CHARS, META, STDERR, STDOUT, LogShipper, pump
 from builds.agent.spec import JobSpec
 from builds.agent.transport import VERSION, AgentError, Transport, Unauthorized
@@ -38,13 +51,14 @@ RENDERER = Path(__file__).with_name("render_pipeline.py")
 
 class Agent:
     def __init__(self, *, server: str, token: str, name: str | None = None, workdir: str | None = None,
-                 poll_interval: float = 1.0, once: bool = False) -> None:
+                 poll_interval: float = 1.0, once: bool = False, run_as: RunAs | None = None) -> None:
         self.transport = Transport(server)
         self.token = token
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.workdir = Path(workdir or Path.cwd() / "var" / "agent" / self.name).resolve()
         self.poll_interval = poll_interval
         self.once = once
+        self.run_as = run_as
         self.session: str | None = None
         self.current_job: JobSpec | None = None
         # The last finish report also asked for the next job (`claim_next`): its answer, a job
@@ -78,6 +92,10 @@ class Agent:
 
     def run(self) -> int:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.run_as is not None and not self.run_as.reaches(self.workdir):
+            log.error("user %s can't get to the work directory %s (a directory above it is closed to them); "
+                      "choose a --workdir they can reach", self.run_as.name, self.workdir)
+            return 2
         try:
             self.register()
             # A job handed over with the last finish is this agent's already: it runs even if a
@@ -150,6 +168,8 @@ class Agent:
         shipper = LogShipper(self.transport, job)
         try:
             self._prepare_workspace(job, workspace, shipper)
+            if self.run_as is not None:
+                self.run_as.give(workspace)
         except (AgentError, OSError, tarfile.TarError, SourceError) as exc:
             # git and urllib name the URL they failed on, credentials included.
             reason = redact_url_credentials(str(exc))
@@ -172,6 +192,8 @@ class Agent:
         artifacts = self._artifacts_dir(job)
         shutil.rmtree(artifacts, ignore_errors=True)
         artifacts.mkdir(parents=True)
+        if self.run_as is not None:
+            self.run_as.give(artifacts)
         if job.render:
             result = self._render(job, workspace, shipper)
         else:
@@ -208,6 +230,10 @@ class Agent:
         assert job.render is not None
         output = self.workdir / f"{job.id}.pipeline.json"
         output.unlink(missing_ok=True)
+        if self.run_as is not None:
+            # The renderer runs as that user, who may not create files in the work directory.
+            output.touch()
+            self.run_as.give(output)
         argv = [sys.executable, "-I", str(RENDERER), job.render["source_slug"], str(output)]
         result = self._execute(job, workspace, shipper, argv=argv)
         if result.get("outcome") is not None:
@@ -236,14 +262,22 @@ class Agent:
 
     def _execute(self, job: JobSpec, workspace: Path, shipper: LogShipper,
                  argv: list[str] | None = None) -> dict[str, Any]:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", str(workspace)),
-               "LANG": "C.UTF-8",
-               **job.env, "HARMONT_JOB_ID": job.id, "HARMONT_WORKSPACE": str(workspace),
+        env = {**job_environment(job.env, agent_env=os.environ, run_as=self.run_as, default_home=str(workspace)),
+               "HARMONT_JOB_ID": job.id, "HARMONT_WORKSPACE": str(workspace),
                "HARMONT_ARTIFACTS": str(self._artifacts_dir(job))}
-        process = subprocess.Popen(
-            argv or ["bash", "-c", job.command], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-        )
+        try:
+            process = subprocess.Popen(
+                argv or ["bash", "-c", job.command], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                **(self.run_as.popen_options() if self.run_as is not None else {}),
+            )
+        except OSError as exc:
+            # The program can't be run: missing, or not one --run-as's user may run (the agent's own
+            # Python, for the renderer). The job fails with a shell's status; the agent goes on.
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            shipper.add(META, f"harmont-agent: could not start the command: {exc}\n"
+                              f"harmont-agent: exit status {code}\n")
+            return {"outcome": None, "exit_code": code, "signal": None}
         readers = [threading.Thread(target=pump, args=(stream, kind, shipper), daemon=True)
                    for stream, kind in ((process.stdout, STDOUT), (process.stderr, STDERR))]
         for reader in readers:
@@ -291,8 +325,15 @@ class Agent:
             # The agent is going down (its token was revoked, a report was refused): don't
             # leave the command running with nobody left to watch, stop or report it.
             stop_process_group(process, grace=job.cancel_grace_seconds)
+            if self.run_as is not None:
+                self.run_as.kill_all_processes()
             raise
         process.wait()
+        if self.run_as is not None:
+            # Nothing of the command may outlive it: a process left behind could read the next
+            # job's workspace and secrets (they are that user's too), or swap files under the
+            # uploads the agent makes as root.
+            self.run_as.kill_all_processes()
         for reader in readers:
             reader.join(timeout=5)
         code = process.returncode
@@ -444,24 +485,64 @@ class KeepAlive:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python manage.py runagent --server URL --token TOKEN [--name N] [--workdir DIR] [--once]`."""
-    import argparse
-
+    """`python manage.py runagent --server URL [--token-file PATH] [--name N] [--workdir DIR] [--once]
+    [--run-as USER]`, the token in `--token-file` or `HARMONT_AGENT_TOKEN`."""
+    forbid_inspection()
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="manage.py runagent",
-                                     description="Claim an organization's jobs from a Harmont server and run them.")
+                                     description="Claim an organization's jobs from a Harmont server and run them. "
+                                                 f"The agent token (hma_...) comes from --token-file or the "
+                                                 f"{TOKEN_VARIABLE} environment variable.")
     parser.add_argument("--server", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--token", required=True, help="an agent token of the organization (hma_...)")
+    tokens = parser.add_mutually_exclusive_group()
+    tokens.add_argument("--token-file", metavar="PATH",
+                        help="a file holding the organization's agent token (readable by the agent's user only)")
+    tokens.add_argument("--token", help="the agent token on the command line (deprecated: every process on the "
+                                        "host can read it there)")
+    tokens.add_argument("--token-fd", type=int, help=argparse.SUPPRESS)  # the hand-over of restart_cleanly()
     parser.add_argument("--name", help="this agent's name (default: host name and process id)")
     parser.add_argument("--workdir", help="where job workspaces go (default: var/agent/<name>)")
     parser.add_argument("--once", action="store_true", help="run at most one job, then exit")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between claims when idle")
+    parser.add_argument("--run-as", metavar="USER",
+                        help="run job commands as this user, who then can't read the agent's token file or "
+                             "its processes (the agent must run as root)")
     args = parser.parse_args(argv)
-    if not args.token.startswith("hma_"):
-        parser.error("--token must be an agent token (hma_...), not a personal API token")
+    run_as = None
+    if args.run_as:
+        try:
+            run_as = RunAs.lookup(args.run_as)
+        except LookupError as exc:
+            parser.error(str(exc))
+    if args.token is not None:
+        sys.stderr.write(TOKEN_OPTION_WARNING)
+    if args.token_file is not None and (warning := token_file_warning(args.token_file)):
+        sys.stderr.write(warning)
+    try:
+        token = read_token(option=args.token, path=args.token_file, fd=args.token_fd, environ=os.environ)
+    except TokenError as exc:
+        parser.error(str(exc))
+    if not token.startswith("hma_"):
+        parser.error("the token must be an agent token (hma_...), not a personal API token")
+    restart = needs_restart(token_on_command_line=args.token is not None, environ=os.environ)
+    os.environ.pop(TOKEN_VARIABLE, None)
+    if restart:
+        restart_cleanly(token=token, argv=argv, options=_options_without_token(args), environ=os.environ)
+        sys.stderr.write("warning: called from Python, the agent could not start itself again: the environment "
+                         "it was started with, as /proc shows it, may still hold the token\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
-    agent = Agent(server=args.server, token=args.token, name=args.name, workdir=args.workdir, once=args.once,
-                  poll_interval=args.poll_interval)
+    agent = Agent(server=args.server, token=token, name=args.name, workdir=args.workdir, once=args.once,
+                  poll_interval=args.poll_interval, run_as=run_as)
     # First SIGTERM/SIGINT: finish the current job, then exit; a second one cancels it.
     signal.signal(signal.SIGTERM, agent.handle_signal)
     signal.signal(signal.SIGINT, agent.handle_signal)
     return agent.run()
+
+
+def _options_without_token(args: argparse.Namespace) -> list[str]:
+    """The command line's options again (the token aside), for the agent's clean restart."""
+    options = ["--server", args.server, "--poll-interval", repr(args.poll_interval)]
+    for option, value in (("--name", args.name), ("--workdir", args.workdir), ("--run-as", args.run_as)):
+        if value:
+            options += [option, value]
+    return options + (["--once"] if args.once else [])
