@@ -13,6 +13,8 @@ from pipelines.models import Pipeline
 
 
 class BuildState(models.TextChoices):
+    # Waiting for an admin or owner to approve it (a fork pull request); no agent takes its jobs.
+    HELD = "held"
     SCHEDULED = "scheduled"
     RUNNING = "running"
     PASSED = "passed"
@@ -37,6 +39,8 @@ class JobKind(models.TextChoices):
 
 
 class JobState(models.TextChoices):
+    # A root job of a build waiting for approval: scheduled once approved, never claimed before.
+    HELD = "held"
     PENDING = "pending"
     SCHEDULED = "scheduled"
     ASSIGNED = "assigned"
@@ -79,6 +83,11 @@ class Build(models.Model):
     error_message = models.TextField(blank=True, null=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
                                    on_delete=models.SET_NULL, related_name="+")
+    # Built from a pull request whose head is in another repository: its jobs never get secrets.
+    fork = models.BooleanField(default=False)
+    approved_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                    on_delete=models.SET_NULL, related_name="+")
+    approved_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     scheduled_at = models.DateTimeField(null=True, blank=True)

@@ -24,6 +24,8 @@ class BuildSerializer(serializers.Serializer):
     commit = serializers.CharField(read_only=True, allow_null=True)
     message = serializers.CharField(read_only=True, allow_null=True)
     source = serializers.CharField(read_only=True, allow_null=True)
+    fork = serializers.BooleanField(read_only=True, help_text=(
+        "Built from a pull request whose head is in another repository (a fork): its jobs get no secrets."))
     error_code = serializers.CharField(read_only=True, allow_null=True)
     error_message = serializers.CharField(read_only=True, allow_null=True)
     created_at = serializers.DateTimeField(read_only=True)
@@ -72,6 +74,7 @@ def build_data(build: Build) -> dict[str, Any]:
         "commit": _text(build.commit),
         "message": _text(build.message),
         "source": _text(build.source),
+        "fork": bool(build.fork),
         "error_code": _text(build.error_code),
         "error_message": _text(build.error_message),
         "created_at": _datetime(build.created_at, tz),

@@ -16,7 +16,7 @@ from pipelines.services import derive_repo_name
 class PipelineAdmin(admin.ModelAdmin):
     list_display = ["slug", "organization", "name", "repo_name", "source_slug", "allow_manual", "build_counter",
                     "created_at", "archived_at"]
-    list_filter = ["allow_manual", "visibility"]
+    list_filter = ["allow_manual", "visibility", "fork_pull_requests"]
     search_fields = ["slug", "name", "repo_name", "repository", "organization__slug"]
     list_select_related = ["organization"]
     raw_id_fields = ["organization"]

@@ -14,6 +14,15 @@ class Visibility(models.TextChoices):
     PUBLIC = "public"
 
 
+class ForkPullRequests(models.TextChoices):
+    """What a pull request from another repository (a fork) builds: code nobody in the organization reviewed."""
+
+    BUILD_WITHOUT_SECRETS = "build_without_secrets"
+    SKIP = "skip"
+    # Built with its jobs held until an admin or owner approves the build.
+    REQUIRE_APPROVAL = "require_approval"
+
+
 class PipelineQuerySet(models.QuerySet["Pipeline"]):
     def for_org(self, org: Organization) -> "PipelineQuerySet":
         return self.filter(organization=org, archived_at__isnull=True)
@@ -33,6 +42,8 @@ class Pipeline(models.Model):
     source_slug = models.CharField(max_length=100)
     definition = models.JSONField(null=True, blank=True)
     triggers = models.JSONField(null=True, blank=True)
+    fork_pull_requests = models.CharField(max_length=24, choices=ForkPullRequests.choices,
+                                          default=ForkPullRequests.BUILD_WITHOUT_SECRETS)
     # The last build number handed out. Incremented under the row lock inside the
     # transaction that inserts the build, so numbers have no gaps or duplicates.
     build_counter = models.PositiveIntegerField(default=0)

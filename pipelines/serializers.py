@@ -5,14 +5,14 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from harmont.serializers import page_serializer
-from pipelines.models import Pipeline, Visibility
+from pipelines.models import ForkPullRequests, Pipeline, Visibility
 
 
 class PipelineSerializer(serializers.ModelSerializer):
     class Meta:
         model = Pipeline
         fields = ["slug", "name", "description", "repository", "repo_name", "default_branch", "visibility",
-                  "allow_manual", "source_slug", "definition", "triggers", "created_at"]
+                  "allow_manual", "source_slug", "definition", "triggers", "fork_pull_requests", "created_at"]
         read_only_fields = fields
 
 
@@ -34,6 +34,11 @@ class CreatePipelineRequestSerializer(serializers.Serializer):
     source_slug = serializers.SlugField(required=False, allow_null=True, max_length=100)
     definition = AnyJSONField(required=False, allow_null=True,
                               help_text="Stored v0 IR (object or JSON string); builds without `pipeline_ir` use it.")
+    fork_pull_requests = serializers.ChoiceField(
+        choices=ForkPullRequests.choices, required=False, default=ForkPullRequests.BUILD_WITHOUT_SECRETS,
+        help_text="What a pull request from another repository (a fork) builds: without secrets (the default), "
+                  "nothing (`skip`), or a build held until an admin approves it (`require_approval`). Fork builds "
+                  "never get secrets.")
 
     def validate_name(self, value: str) -> str:
         if not any(c.isalnum() for c in value):

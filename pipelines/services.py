@@ -13,7 +13,7 @@ from harmont.errors import ApiError
 from organizations.models import Organization
 from organizations.services import slugify_name
 from pipelines import ir
-from pipelines.models import Pipeline, Visibility
+from pipelines.models import ForkPullRequests, Pipeline, Visibility
 
 _SCP_LIKE = re.compile(r"^[^/@:]+@[^/:]+:")  # git@github.com:owner/repo
 _SCHEME_HOST = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*/?")
@@ -50,7 +50,9 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                     description: str | None = None, repo_name: str | None = None,
                     allow_manual: bool = True, visibility: str = Visibility.PRIVATE,
                     source_slug: str | None = None, definition: Any = None,
-                    triggers: list | None = None, now: datetime | None = None) -> Pipeline:
+                    triggers: list | None = None,
+                    fork_pull_requests: str = ForkPullRequests.BUILD_WITHOUT_SECRETS,
+                    now: datetime | None = None) -> Pipeline:
     """A new pipeline of `org`, its slug made from `name` (a slug the organization already uses is an error)."""
     # Names may be longer than the slug column; cut there rather than fail the INSERT.
     slug = slugify_name(name, fallback="pipeline")[:SLUG_MAX_LENGTH].rstrip("-")
@@ -68,7 +70,8 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                 organization=org, slug=slug, name=name, description=description, repository=repository,
                 repo_name=repo_name, default_branch=default_branch,
                 allow_manual=allow_manual, visibility=visibility, source_slug=source_slug or slug,
-                definition=stored_definition, triggers=triggers, created_at=now or timezone.now(),
+                definition=stored_definition, triggers=triggers, fork_pull_requests=fork_pull_requests,
+                created_at=now or timezone.now(),
             )
     except IntegrityError:  # lost a race for the same slug
         raise _slug_taken(slug) from None

@@ -422,7 +422,7 @@ def test_claimed_job_gets_secrets_in_env_and_their_values_to_mask(session, org, 
         "SAME": "pipeline-deploy",
         "CI": "true", "HARMONT": "true", "HARMONT_BUILD_ID": str(build.id), "HARMONT_BUILD_NUMBER": "1",
         "HARMONT_PIPELINE_SLUG": "web-ci", "HARMONT_BRANCH": "main", "HARMONT_COMMIT": "abc123",
-        "HARMONT_STEP_KEY": "a"}
+        "HARMONT_STEP_KEY": "a", "HARMONT_PULL_REQUEST_FORK": "false"}
     assert sorted(spec["mask"]) == ["org-term", "pipeline-deploy"]
 
 

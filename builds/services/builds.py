@@ -156,12 +156,16 @@ def _plan(pipeline: Pipeline, request: BuildRequest) -> tuple[Any, ir.Plan | Non
 
 
 def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User | None = None,
-                 now: datetime | None = None) -> Build:
+                 fork: bool = False, held: bool = False, now: datetime | None = None) -> Build:
     """Number, store and plan a build: the build row, its jobs and their edges in bulk.
 
     A rejected plan still records the build (`failed`, with the planner's
     error code) and then raises 422 `build_plan_rejected`, so the attempt is
     visible in the history exactly like a build that failed.
+
+    `fork`: the code comes from a pull request of another repository, so no job
+    of the build gets secrets (`job_spec`). `held`: its root jobs wait, `held`,
+    until `approve_build`.
     """
     if not pipeline.allow_manual and request.source in MANUAL_SOURCES:
         raise ApiError("pipeline_manual_disabled",
@@ -174,7 +178,8 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
         archive_name = default_storage.save(f"sources/{build_id}.tar.gz", ContentFile(request.source_archive))
     try:
         build = _insert_build(pipeline=pipeline, build_id=build_id, request=request, document=document,
-                              plan=plan, error=error, archive_name=archive_name, created_by=created_by, now=now)
+                              plan=plan, error=error, archive_name=archive_name, created_by=created_by,
+                              fork=fork, held=held, now=now)
     except BaseException:
         if archive_name:
             default_storage.delete(archive_name)
@@ -189,15 +194,15 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
 @transaction.atomic
 def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequest, document: Any,
                   plan: ir.Plan | None, error: ir.PlanError | None, archive_name: str | None,
-                  created_by: User | None, now: datetime) -> Build:
+                  created_by: User | None, fork: bool, held: bool, now: datetime) -> Build:
     # The counter row's lock is held until commit, so concurrent creates on one
     # pipeline queue here and take consecutive numbers; a rollback returns the number.
     Pipeline.objects.filter(pk=pipeline.pk).update(build_counter=F("build_counter") + 1)
     number = Pipeline.objects.filter(pk=pipeline.pk).values_list("build_counter", flat=True).get()
     if plan is not None:
-        jobs = job_rows(build_id=build_id, org_id=pipeline.organization_id, plan=plan, now=now)
+        jobs = job_rows(build_id=build_id, org_id=pipeline.organization_id, plan=plan, now=now, held=held)
     elif error is None:
-        jobs = [_render_job(build_id=build_id, pipeline=pipeline, env=request.env, now=now)]
+        jobs = [_render_job(build_id=build_id, pipeline=pipeline, env=request.env, now=now, held=held)]
     else:
         jobs = []
     job_states = [job.state for job in jobs]
@@ -211,7 +216,7 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
         pipeline_ir=document, timeout_seconds=plan.timeout_seconds if plan else None,
         source_archive=archive_name, source_url=source_url, source_sha256=request.source_sha256,
         error_code=error.code if error else None, error_message=error.message if error else None,
-        created_by=created_by, created_at=now, scheduled_at=now,
+        created_by=created_by, fork=fork, created_at=now, scheduled_at=now,
         finished_at=now if state in states.TERMINAL_BUILD_STATES else None,
     )
     if jobs:
@@ -222,19 +227,23 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
     return build
 
 
-def _render_job(*, build_id: uuid.UUID, pipeline: Pipeline, env: dict[str, str], now: datetime) -> Job:
+def _render_job(*, build_id: uuid.UUID, pipeline: Pipeline, env: dict[str, str], now: datetime,
+                held: bool = False) -> Job:
     return Job(
         id=uuid.uuid4(), build_id=build_id, organization_id=pipeline.organization_id, position=0,
         step_key=RENDER_STEP_KEY, kind=JobKind.RENDER, name=f"Render pipeline {pipeline.source_slug}",
         command=f"render pipeline {pipeline.source_slug!r} from .hm/*.py",
         env={**ir.BASE_JOB_ENV, **env}, timeout_seconds=settings.RENDER_TIMEOUT_SECONDS,
-        state=JobState.SCHEDULED, scheduled_at=now, created_at=now,
+        state=JobState.HELD if held else JobState.SCHEDULED, scheduled_at=None if held else now, created_at=now,
     )
 
 
 def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
-             after: Job | None = None) -> list[Job]:
-    """Unsaved jobs for a plan. `after`: every job comes after that one (the render job)."""
+             after: Job | None = None, held: bool = False) -> list[Job]:
+    """Unsaved jobs for a plan. `after`: every job comes after that one (the render job).
+
+    `held`: the root jobs wait for an approval (`held`) instead of an agent.
+    """
     offset = after.position + 1 if after is not None else 0
     rows = []
     for planned in plan.jobs:
@@ -246,8 +255,8 @@ def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
             image=planned.image, env=planned.env,
             timeout_seconds=planned.timeout_seconds or settings.DEFAULT_JOB_TIMEOUT_SECONDS,
             cache=planned.cache, runner=planned.runner, runner_args=planned.runner_args,
-            state=JobState.SCHEDULED if root else JobState.PENDING,
-            scheduled_at=now if root else None, created_at=now,
+            state=(JobState.HELD if held else JobState.SCHEDULED) if root else JobState.PENDING,
+            scheduled_at=now if root and not held else None, created_at=now,
         ))
     return rows
 
@@ -277,10 +286,32 @@ def cancel_build(*, build: Build, now: datetime | None = None) -> Build:
                 raise ApiError("build_already_finished",
                                f"Build #{locked.number} already {locked.state}; there is nothing to cancel.")
             Build.objects.filter(pk=locked.pk).update(cancel_requested_at=now)
-            waiting = Job.objects.filter(build_id=locked.pk, state__in=(JobState.PENDING, JobState.SCHEDULED))
+            waiting = Job.objects.filter(build_id=locked.pk, state__in=states.WAITING_JOB_STATES)
             states.transition_jobs(waiting.values_list("id", flat=True), to=JobState.CANCELED, now=now)
             active = Job.objects.filter(build_id=locked.pk, state__in=(JobState.ASSIGNED, JobState.RUNNING))
             states.transition_jobs(active.values_list("id", flat=True), to=JobState.CANCELING, now=now)
         settled = states.settle_build(build_id=locked.pk, now=now)
+    settled.pipeline = build.pipeline
+    return settled
+
+
+def approve_build(*, build: Build, approved_by: User, now: datetime | None = None) -> Build:
+    """Let agents take a held build's jobs: `held` → `scheduled`, and who approved it is recorded.
+
+    409 `build_not_held` when the build holds no job (approved already, canceled,
+    or never held). Under the build's lock, so of an approval racing a cancel or
+    a second approval exactly one finds held jobs.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        locked = states.lock_build(build.pk)
+        held = list(Job.objects.filter(build_id=locked.pk, state=JobState.HELD).values_list("id", flat=True))
+        if locked.cancel_requested_at is not None or not held:
+            raise ApiError("build_not_held", f"Build #{locked.number} is {locked.state}; it holds no job waiting "
+                                             "for approval.")
+        states.transition_jobs(held, to=JobState.SCHEDULED, now=now, only_from=(JobState.HELD,))
+        Build.objects.filter(pk=locked.pk).update(approved_by=approved_by, approved_at=now)
+        locked.approved_by, locked.approved_at = approved_by, now
+        settled = states.settle_build(build_id=locked.pk, now=now, locked=locked)
     settled.pipeline = build.pipeline
     return settled
