@@ -113,7 +113,7 @@ class PipelineBuildsView(OrgScopedView):
     def post(self, request: Request, org: str, pipeline: str) -> Response:
         pipe = get_pipeline(self.org, pipeline)
         build = services.create_build(pipeline=pipe, request=build_request_from(json_object(request)),
-                                      created_by=request.user)
+                                      created_by=request.user, creator_role=self.membership.role)
         return Response(BuildSerializer(build).data, status=status.HTTP_201_CREATED)
 
 
@@ -128,7 +128,8 @@ class RepoBuildsView(OrgScopedView):
         build_request = build_request_from(body, also_required=("repo_name", "source_slug"))
         pipe = services.find_pipeline_by_repo(org=self.org, repo_name=body["repo_name"],
                                               source_slug=body["source_slug"])
-        build = services.create_build(pipeline=pipe, request=build_request, created_by=request.user)
+        build = services.create_build(pipeline=pipe, request=build_request, created_by=request.user,
+                                      creator_role=self.membership.role)
         return Response(BuildSerializer(build).data, status=status.HTTP_201_CREATED)
 
 

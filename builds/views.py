@@ -202,6 +202,7 @@ def pipeline_history(request: HttpRequest, org: str, pipeline: str) -> HttpRespo
             try:
                 build = services.create_build(
                     pipeline=pipe, created_by=request.user,  # type: ignore[arg-type]
+                    creator_role=page.membership.role,
                     request=services.validate_build_request(
                         branch=form.cleaned_data["branch"], commit=form.cleaned_data["commit"],
                         message=form.cleaned_data["message"] or None, source=BuildSource.UI))

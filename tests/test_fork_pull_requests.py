@@ -51,9 +51,15 @@ def repo(org):
 @pytest.fixture
 def pr_pipeline(org, repo) -> Pipeline:
     pipeline = make_pipeline(org, "PR", [{"event": "pull_request"}])
-    secret_services.set_secret(organization=org, name="DEPLOY_TOKEN", value=ORG_SECRET)
-    secret_services.set_secret(organization=org, pipeline=pipeline, name="REGISTRY_PASSWORD", value=PIPELINE_SECRET)
+    set_secrets(org, pipeline)
     return pipeline
+
+
+def set_secrets(org, pipeline: Pipeline) -> None:
+    # Unprotected, so any other build of a branch gets them: a fork build gets not even these.
+    secret_services.set_secret(organization=org, name="DEPLOY_TOKEN", value=ORG_SECRET, protected=False)
+    secret_services.set_secret(organization=org, pipeline=pipeline, name="REGISTRY_PASSWORD", value=PIPELINE_SECRET,
+                               protected=False)
 
 
 def set_policy(pipeline: Pipeline, policy: str) -> None:
@@ -325,8 +331,7 @@ def test_a_member_posting_the_approve_form_is_403(member, held):
 def test_a_render_job_of_a_normal_build_gets_no_secret(session, org):
     pipeline = pipeline_services.create_pipeline(org=org, name="Rendered", repository="https://github.com/acme/web.git",
                                                  default_branch="main")
-    secret_services.set_secret(organization=org, name="DEPLOY_TOKEN", value=ORG_SECRET)
-    secret_services.set_secret(organization=org, pipeline=pipeline, name="REGISTRY_PASSWORD", value=PIPELINE_SECRET)
+    set_secrets(org, pipeline)
     build = make_build(pipeline)
     assert build.fork is False
 

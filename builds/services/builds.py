@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,9 +18,9 @@ from django.db.models import F
 from django.utils import timezone
 
 from builds import states
-from builds.models import Build, BuildSource, EdgeKind, Job, JobDependency, JobKind, JobState
+from builds.models import Build, BuildSource, EdgeKind, Job, JobDependency, JobKind, JobState, SecretAccess
 from harmont.errors import ApiError, validation_error
-from organizations.models import Organization, User
+from organizations.models import Organization, Role, User
 from pipelines import ir
 from pipelines.models import Pipeline
 
@@ -155,23 +156,59 @@ def _plan(pipeline: Pipeline, request: BuildRequest) -> tuple[Any, ir.Plan | Non
     return plan_document(document, env=request.env)
 
 
+def is_protected_branch(pipeline: Pipeline, branch: str) -> bool:
+    """The pipeline's default branch, or one matching a `protected_branches` pattern (fnmatch, case-sensitive)."""
+    patterns = pipeline.protected_branches if isinstance(pipeline.protected_branches, list) else []
+    return branch == pipeline.default_branch or any(
+        isinstance(pattern, str) and fnmatch.fnmatchcase(branch, pattern) for pattern in patterns)
+
+
+def secret_access_for(*, pipeline: Pipeline, request: BuildRequest, creator_role: str | None, fork: bool,
+                      server_env: bool) -> str:
+    """Which secrets the build's jobs get, decided once, when it is created.
+
+    None for a pull request from a fork. All for a build an admin or owner
+    triggered, and for one whose commands are the organization's own: the
+    pipeline's stored definition, or what a render job renders from the
+    repository at the build's commit, with no client-sent `pipeline_ir`,
+    `env`, `source_b64` or `source_url` (any of which can run other commands:
+    `BASH_ENV` in `env` is enough), on a protected branch. Every other build,
+    such as a member's with their own IR, gets the unprotected secrets only.
+    `server_env`: the request's `env` is the server's own (a webhook's
+    `HARMONT_*` variables), not a client's.
+    """
+    if fork:
+        return SecretAccess.NONE
+    if creator_role in (Role.ADMIN, Role.OWNER):
+        return SecretAccess.ALL
+    own_commands = (request.pipeline_ir is None and request.source_archive is None and not request.source_url
+                    and (server_env or not request.env))
+    if own_commands and is_protected_branch(pipeline, request.branch):
+        return SecretAccess.ALL
+    return SecretAccess.UNPROTECTED
+
+
 def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User | None = None,
-                 fork: bool = False, held: bool = False, now: datetime | None = None) -> Build:
+                 creator_role: str | None = None, fork: bool = False, held: bool = False,
+                 server_env: bool = False, now: datetime | None = None) -> Build:
     """Number, store and plan a build: the build row, its jobs and their edges in bulk.
 
     A rejected plan still records the build (`failed`, with the planner's
     error code) and then raises 422 `build_plan_rejected`, so the attempt is
     visible in the history exactly like a build that failed.
 
-    `fork`: the code comes from a pull request of another repository, so no job
-    of the build gets secrets (`job_spec`). `held`: its root jobs wait, `held`,
-    until `approve_build`.
+    `creator_role` is the role of `created_by` in the pipeline's organization
+    (None: no person triggered it). `fork`: the code comes from a pull request
+    of another repository. Both decide the build's `secret_access` (see
+    `secret_access_for`). `held`: its root jobs wait, `held`, until `approve_build`.
     """
     if not pipeline.allow_manual and request.source in MANUAL_SOURCES:
         raise ApiError("pipeline_manual_disabled",
                        f"Pipeline {pipeline.slug!r} does not allow manual builds (source {request.source!r}).")
     now = now or timezone.now()
     document, plan, error = _plan(pipeline, request)
+    secret_access = secret_access_for(pipeline=pipeline, request=request, creator_role=creator_role, fork=fork,
+                                      server_env=server_env)
     build_id = uuid.uuid4()
     archive_name = None
     if request.source_archive is not None:
@@ -179,7 +216,7 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
     try:
         build = _insert_build(pipeline=pipeline, build_id=build_id, request=request, document=document,
                               plan=plan, error=error, archive_name=archive_name, created_by=created_by,
-                              fork=fork, held=held, now=now)
+                              fork=fork, secret_access=secret_access, held=held, now=now)
     except BaseException:
         if archive_name:
             default_storage.delete(archive_name)
@@ -194,7 +231,8 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
 @transaction.atomic
 def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequest, document: Any,
                   plan: ir.Plan | None, error: ir.PlanError | None, archive_name: str | None,
-                  created_by: User | None, fork: bool, held: bool, now: datetime) -> Build:
+                  created_by: User | None, fork: bool, secret_access: str, held: bool,
+                  now: datetime) -> Build:
     # The counter row's lock is held until commit, so concurrent creates on one
     # pipeline queue here and take consecutive numbers; a rollback returns the number.
     Pipeline.objects.filter(pk=pipeline.pk).update(build_counter=F("build_counter") + 1)
@@ -216,7 +254,7 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
         pipeline_ir=document, timeout_seconds=plan.timeout_seconds if plan else None,
         source_archive=archive_name, source_url=source_url, source_sha256=request.source_sha256,
         error_code=error.code if error else None, error_message=error.message if error else None,
-        created_by=created_by, fork=fork, created_at=now, scheduled_at=now,
+        created_by=created_by, fork=fork, secret_access=secret_access, created_at=now, scheduled_at=now,
         finished_at=now if state in states.TERMINAL_BUILD_STATES else None,
     )
     if jobs:

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.conf import settings
 
-from builds.models import Build, Job, JobKind
+from builds.models import Build, Job, JobKind, SecretAccess
 from builds.selectors import builds_in_links
 from pipelines.secrets import secrets_for_job
 
@@ -22,8 +22,9 @@ def job_spec(job: Job) -> dict[str, Any]:
     # Secrets override the job's own env (the pipeline's, the step's and the build request's),
     # so a build request can't put its own value under an admin's secret name; the server's
     # variables come last (secret names can't take them: pipelines.secrets.is_reserved_name).
-    secrets = secrets_for_job(organization_id=build.pipeline.organization_id,
-                              pipeline_id=build.pipeline_id) if gets_secrets(job) else {}
+    # What the build may have was decided when it was created (Build.secret_access).
+    secrets = secrets_for_job(organization_id=build.pipeline.organization_id, pipeline_id=build.pipeline_id,
+                              protected=build.secret_access == SecretAccess.ALL) if gets_secrets(job) else {}
     env = {
         **job.env, **secrets,
         "CI": "true", "HARMONT": "true", "HARMONT_BUILD_ID": str(build.pk), "HARMONT_BUILD_NUMBER": str(build.number),
@@ -53,7 +54,8 @@ def gets_secrets(job: Job) -> bool:
     a render job: it runs the repository's `.hm/*.py` only to learn the
     pipeline, which needs no credentials.
     """
-    return not job.build.fork and job.kind != JobKind.RENDER
+    build = job.build
+    return not build.fork and build.secret_access != SecretAccess.NONE and job.kind != JobKind.RENDER
 
 
 def source_spec(build: Build) -> dict[str, Any] | None:
