@@ -136,12 +136,13 @@ def secrets_for_job(*, organization_id: int, pipeline_id: int | None, protected:
 
     The pipeline's secret wins over the organization's of the same name.
     `protected=False` (a build that may not have them, see
-    `builds.services.builds.secret_access_for`) leaves protected secrets out; the organization's
-    value is not used in place of a withheld pipeline value, nor in place of
-    an unreadable one: it may be meant for elsewhere. A value no configured
-    key opens (a key removed from HARMONT_SECRETS_KEY too early) is left out
-    and logged: failing the claim instead would make the agent retry it,
-    claiming and stranding one job after another.
+    `builds.services.builds.secret_access_for`) leaves protected secrets
+    out. The organization's value is not used in place of a withheld
+    pipeline value, nor in place of an unreadable one: it may be meant for
+    elsewhere. A value no configured key opens (a key removed from
+    HARMONT_SECRETS_KEY too early) is left out and logged: failing the claim
+    instead would make the agent retry it, claiming and stranding one job
+    after another.
     """
     rows = Secret.objects.filter(Q(pipeline__isnull=True) | Q(pipeline_id=pipeline_id),
                                  organization_id=organization_id).values_list("name", "pipeline_id", "protected",

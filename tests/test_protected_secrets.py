@@ -388,3 +388,13 @@ def test_the_admin_edits_protected_branches_and_refuses_a_malformed_list(pipelin
     assert client.post(url, {**form, "protected_branches": ""}).status_code == 302  # an emptied box: none
     pipeline.refresh_from_db()
     assert pipeline.protected_branches == []
+
+
+@pytest.mark.django_db
+def test_the_build_page_says_which_secrets_the_build_gets(member, secrets):
+    build = make_build(secrets, branch="feature/x")
+    client = Client()
+    client.force_login(member)
+    page = client.get(f"/orgs/{secrets.organization.slug}/pipelines/{secrets.slug}/builds/{build.number}")
+
+    assert "<dt>Secrets</dt>" in page.content.decode() and ">unprotected</dd>" in page.content.decode()
