@@ -52,13 +52,13 @@ class JobInline(admin.TabularInline):
 @admin.register(Build)
 class BuildAdmin(ReadOnlyAdmin):
     list_display = ["title", "state", "branch", "short_commit", "source", "created_by", "created_at", "finished_at"]
-    list_filter = ["state", "source", "created_at"]
+    list_filter = ["state", "source", "fork", "created_at"]
     search_fields = ["=id", "branch", "commit", "message", "pipeline__slug", "pipeline__organization__slug",
                      "created_by__email"]
     list_select_related = ["pipeline", "pipeline__organization", "created_by"]
     raw_id_fields = ["pipeline", "created_by"]
     readonly_fields = ["id", "pipeline", "number", "state", "branch", "commit", "message", "source", "created_by",
-                       "env", "error_code", "error_message", "cancel_requested_at", "created_at", "scheduled_at",
+                       "fork", "secret_access", "approved_by", "approved_at", "env", "error_code", "error_message", "cancel_requested_at", "created_at", "scheduled_at",
                        "started_at", "finished_at", "timeout_seconds", "source_url", "source_sha256",
                        "source_archive", "pipeline_ir"]
     inlines = [JobInline]

@@ -39,7 +39,7 @@ from harmont.pagination import paginate, paginate_by_creation
 from harmont.serializers import ErrorSerializer, filtered, json_object, parse_uuid
 from organizations.access import OrgScopedView, membership_for
 from organizations.idempotency import IDEMPOTENCY_KEY_HEADER, IDEMPOTENCY_RESPONSES, idempotent
-from organizations.models import Membership
+from organizations.models import Membership, Role
 from pipelines.api import PAGE_PARAMS, get_pipeline
 
 # Leading zeros are dropped before the (at most 10) significant digits reach int().
@@ -113,7 +113,7 @@ class PipelineBuildsView(OrgScopedView):
     def post(self, request: Request, org: str, pipeline: str) -> Response:
         pipe = get_pipeline(self.org, pipeline)
         build = services.create_build(pipeline=pipe, request=build_request_from(json_object(request)),
-                                      created_by=request.user)
+                                      created_by=request.user, creator_role=self.membership.role)
         return Response(BuildSerializer(build).data, status=status.HTTP_201_CREATED)
 
 
@@ -128,7 +128,8 @@ class RepoBuildsView(OrgScopedView):
         build_request = build_request_from(body, also_required=("repo_name", "source_slug"))
         pipe = services.find_pipeline_by_repo(org=self.org, repo_name=body["repo_name"],
                                               source_slug=body["source_slug"])
-        build = services.create_build(pipeline=pipe, request=build_request, created_by=request.user)
+        build = services.create_build(pipeline=pipe, request=build_request, created_by=request.user,
+                                      creator_role=self.membership.role)
         return Response(BuildSerializer(build).data, status=status.HTTP_201_CREATED)
 
 
@@ -143,6 +144,18 @@ class BuildCancelView(BuildScopedView):
                    responses={200: BuildSerializer, 404: ErrorSerializer, 409: ErrorSerializer})
     def put(self, request: Request, org: str, pipeline: str, number: str) -> Response:
         return Response(BuildSerializer(services.cancel_build(build=self.build)).data)
+
+
+class BuildApproveView(BuildScopedView):
+    required_role = {"POST": Role.ADMIN}
+    role_action = "approve builds"
+
+    @extend_schema(operation_id="approveBuild", tags=["builds"], request=None,
+                   responses={200: BuildSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
+                              409: ErrorSerializer})
+    def post(self, request: Request, org: str, pipeline: str, number: str) -> Response:
+        """Let agents take a held build's jobs (a pull request from a fork, `fork_pull_requests: require_approval`)."""
+        return Response(BuildSerializer(services.approve_build(build=self.build, approved_by=request.user)).data)
 
 
 class BuildLogTokenView(BuildScopedView):

@@ -13,6 +13,8 @@ from pipelines.models import Pipeline
 
 
 class BuildState(models.TextChoices):
+    # Waiting for an admin or owner to approve it (a fork pull request); no agent takes its jobs.
+    HELD = "held"
     SCHEDULED = "scheduled"
     RUNNING = "running"
     PASSED = "passed"
@@ -29,6 +31,15 @@ class BuildSource(models.TextChoices):
     SCHEDULE = "schedule"
 
 
+class SecretAccess(models.TextChoices):
+    """Which secrets a build's jobs get, decided once when it is created."""
+
+    ALL = "all"
+    # Only secrets not marked protected.
+    UNPROTECTED = "unprotected"
+    NONE = "none"
+
+
 class JobKind(models.TextChoices):
     COMMAND = "command"
     # Renders the pipeline from the repository's `.hm/*.py` on an agent; the rest
@@ -37,6 +48,8 @@ class JobKind(models.TextChoices):
 
 
 class JobState(models.TextChoices):
+    # A root job of a build waiting for approval: scheduled once approved, never claimed before.
+    HELD = "held"
     PENDING = "pending"
     SCHEDULED = "scheduled"
     ASSIGNED = "assigned"
@@ -79,6 +92,14 @@ class Build(models.Model):
     error_message = models.TextField(blank=True, null=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
                                    on_delete=models.SET_NULL, related_name="+")
+    # Built from a pull request whose head is in another repository: its jobs never get secrets.
+    fork = models.BooleanField(default=False)
+    # Stored, not recomputed at each claim: a later role change or definition edit
+    # must not change what a build that already exists receives.
+    secret_access = models.CharField(max_length=12, choices=SecretAccess.choices, default=SecretAccess.UNPROTECTED)
+    approved_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                    on_delete=models.SET_NULL, related_name="+")
+    approved_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     scheduled_at = models.DateTimeField(null=True, blank=True)

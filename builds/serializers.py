@@ -9,7 +9,7 @@ from django.utils import timezone
 from rest_framework import serializers
 from rest_framework.settings import api_settings
 
-from builds.models import Agent, Artifact, Build, BuildSource, BuildState, Job
+from builds.models import Agent, Artifact, Build, BuildSource, BuildState, Job, SecretAccess
 from harmont.serializers import page_serializer
 
 
@@ -24,6 +24,11 @@ class BuildSerializer(serializers.Serializer):
     commit = serializers.CharField(read_only=True, allow_null=True)
     message = serializers.CharField(read_only=True, allow_null=True)
     source = serializers.CharField(read_only=True, allow_null=True)
+    fork = serializers.BooleanField(read_only=True, help_text=(
+        "Built from a pull request whose head is in another repository (a fork): its jobs get no secrets."))
+    secret_access = serializers.ChoiceField(choices=SecretAccess.choices, read_only=True, help_text=(
+        "Which secrets its jobs get, decided when it was created: `all`, `unprotected` (not the protected ones), "
+        "or `none`."))
     error_code = serializers.CharField(read_only=True, allow_null=True)
     error_message = serializers.CharField(read_only=True, allow_null=True)
     created_at = serializers.DateTimeField(read_only=True)
@@ -72,6 +77,8 @@ def build_data(build: Build) -> dict[str, Any]:
         "commit": _text(build.commit),
         "message": _text(build.message),
         "source": _text(build.source),
+        "fork": bool(build.fork),
+        "secret_access": _text(build.secret_access),
         "error_code": _text(build.error_code),
         "error_message": _text(build.error_message),
         "created_at": _datetime(build.created_at, tz),

@@ -182,7 +182,7 @@ def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_has
 _CJ, _CB, _CP = Table(Job, "j"), Table(Build, "b"), Table(Pipeline, "p")
 CLAIMED_JOB = Columns(Job, [f.name for f in Job._meta.concrete_fields if f.name not in ("cache", "runner_args")])
 CLAIMED_BUILD = Columns(Build, ("id", "pipeline", "number", "state", "branch", "commit", "source_archive",
-                                "source_url", "source_sha256"))
+                                "source_url", "source_sha256", "fork", "secret_access"))
 CLAIMED_PIPELINE = Columns(Pipeline, ("id", "organization", "slug", "repository", "source_slug"))
 CLAIMED_JOB_SQL = (
     f"SELECT {CLAIMED_JOB.select(_CJ)}, {CLAIMED_BUILD.select(_CB)}, {CLAIMED_PIPELINE.select(_CP)}"
@@ -257,8 +257,8 @@ def job_for_credential(credential_hash: str, *, seen_since: datetime, ended_sinc
 # ------------------------------------------------------------------ the build behind an API URL
 
 # What the Build serializer shows (plus what cancel and the log routes use).
-SCOPED_BUILD_FIELDS = ("id", "number", "state", "branch", "commit", "message", "source", "error_code",
-                       "error_message", "created_at", "scheduled_at", "started_at", "finished_at",
+SCOPED_BUILD_FIELDS = ("id", "number", "state", "branch", "commit", "message", "source", "fork", "secret_access",
+                       "error_code", "error_message", "created_at", "scheduled_at", "started_at", "finished_at",
                        "cancel_requested_at", "pipeline")
 # Every build-scoped request runs it: the ORM spent about 1 ms of CPU building and
 # compiling this four-table join, PostgreSQL about 0.3 ms planning and answering it.

@@ -34,16 +34,21 @@ TERMINAL_JOB_STATES: frozenset[str] = frozenset({J.PASSED, J.FAILED, J.SKIPPED, 
 TERMINAL_BUILD_STATES: frozenset[str] = frozenset(
     {BuildState.PASSED, BuildState.FAILED, BuildState.SKIPPED, BuildState.CANCELED}
 )
+# Builds whose jobs all wait (for an agent, or held for an approval); a claim moves them to running.
+WAITING_BUILD_STATES: frozenset[str] = frozenset({BuildState.HELD, BuildState.SCHEDULED})
 # Jobs an agent holds: claimed and not yet ended. Only these report, upload and download.
 LIVE_JOB_STATES: frozenset[str] = frozenset({J.ASSIGNED, J.RUNNING, J.CANCELING, J.TIMING_OUT})
-# Jobs still waiting for an agent.
-WAITING_JOB_STATES: frozenset[str] = frozenset({J.PENDING, J.SCHEDULED})
+# Jobs still waiting for an agent (or, held, for an approval before that).
+WAITING_JOB_STATES: frozenset[str] = frozenset({J.HELD, J.PENDING, J.SCHEDULED})
 # Prerequisite outcomes that let a dependent job run.
 SATISFIED_STATES: frozenset[str] = frozenset({J.PASSED, J.SKIPPED})
 # Prerequisite outcomes whose dependents (transitively) are skipped.
 BLOCKING_STATES: frozenset[str] = frozenset({J.FAILED, J.TIMED_OUT, J.CANCELED})
 
 JOB_TRANSITIONS: dict[str, frozenset[str]] = {
+    # Approval schedules a held job. Agents claim only scheduled jobs, so a held one
+    # waits without the claim statement knowing about approvals at all.
+    J.HELD: frozenset({J.SCHEDULED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
     # Waiting jobs time out only with their build (pipeline timeout).
     J.PENDING: frozenset({J.SCHEDULED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
     J.SCHEDULED: frozenset({J.ASSIGNED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
@@ -81,7 +86,8 @@ def roll_up(job_states: Iterable[str], *, cancel_requested: bool = False,
     3. no jobs, or every job skipped: skipped;
     4. every job ended: failed if one failed or timed out, else passed;
     5. some job is past waiting (claimed, running, stopping, or ended): running;
-    6. otherwise (every job waiting): scheduled.
+    6. every job waiting and some held for approval: held;
+    7. otherwise (every job waiting for an agent): scheduled.
 
     Only which states are present matters, never how many jobs hold them, so a
     set of distinct states decides as well as the whole list.
@@ -100,6 +106,8 @@ def roll_up(job_states: Iterable[str], *, cancel_requested: bool = False,
         return BuildState.PASSED
     if any(s not in WAITING_JOB_STATES for s in states):
         return BuildState.RUNNING
+    if J.HELD in states:
+        return BuildState.HELD
     return BuildState.SCHEDULED
 
 
@@ -254,7 +262,7 @@ def mark_build_running(build_id: uuid.UUID) -> None:
     decides first; the UPDATE's conditions leave those builds alone. A
     conditional UPDATE needs no lock, so claims don't queue on their build's row.
     """
-    Build.objects.filter(pk=build_id, state=BuildState.SCHEDULED, cancel_requested_at__isnull=True,
+    Build.objects.filter(pk=build_id, state__in=WAITING_BUILD_STATES, cancel_requested_at__isnull=True,
                          error_code__isnull=True).update(state=CLAIMED_ROLL_UP)
 
 
@@ -306,7 +314,7 @@ def passed_job_fast_path(build: RollUpInputs, state: str) -> bool:
 
     A job that passed blocks nothing (no dependent is skipped) and can only
     make its own pending dependents ready, which leaves the roll-up as it is
-    (rule 6 treats pending and scheduled alike). Everything else takes
+    (rule 7 treats pending and scheduled alike; a job that ran means no job is held). Everything else takes
     `settle_build`: a failure skips its dependents transitively, a cancel
     ends the waiting jobs, and a build with no start time yet takes it from
     its jobs.

@@ -1,6 +1,6 @@
 """HTML pages for builds: an organization's pipelines with their latest builds, a pipeline's
-build history and its "New build" form, the build page, its live status, logs, cancel; the
-agents page.
+build history and its "New build" form, the build page, its live status, logs, cancel and
+approve; the agents page.
 
 The build page is server-rendered; a little JavaScript (static/harmont/build.js)
 keeps it current. It polls `status.json` (session-authenticated, constant
@@ -202,6 +202,7 @@ def pipeline_history(request: HttpRequest, org: str, pipeline: str) -> HttpRespo
             try:
                 build = services.create_build(
                     pipeline=pipe, created_by=request.user,  # type: ignore[arg-type]
+                    creator_role=page.membership.role,
                     request=services.validate_build_request(
                         branch=form.cleaned_data["branch"], commit=form.cleaned_data["commit"],
                         message=form.cleaned_data["message"] or None, source=BuildSource.UI))
@@ -281,6 +282,7 @@ def build_detail(request: HttpRequest, org: str, pipeline: str, number: int) -> 
         pipeline=build.pipeline, build=build, jobs=jobs,
         artifacts=artifacts[:ARTIFACTS_ON_PAGE], more_artifacts=len(artifacts) > ARTIFACTS_ON_PAGE,
         cancelable=build.state not in TERMINAL_BUILD_STATES,
+        approvable=build.state == BuildState.HELD and page.is_admin,
         page_config={
             "statusUrl": f"{base}/status.json", "logTokenUrl": f"{base}/log-token.json",
             # The SSE route lives outside /api (EventSource can't send headers); see harmont/urls.py.
@@ -324,6 +326,24 @@ def build_cancel(request: HttpRequest, org: str, pipeline: str, number: int) -> 
         messages.error(request, exc.message)
     else:
         messages.success(request, f"Build #{build.number} canceled.")
+    return redirect(build_url(build))
+
+
+@login_required
+@require_POST
+def build_approve(request: HttpRequest, org: str, pipeline: str, number: int) -> HttpResponse:
+    """The Approve button of a held build: admins and owners, as in the API (`POST .../approve`)."""
+    page = org_page(request, org)
+    if not page.is_admin:
+        raise PermissionDenied(f"Only admins and owners of {page.org.name} approve builds; your role is "
+                               f"{page.membership.role}.")
+    build = page_build(page, pipeline, number)
+    try:
+        services.approve_build(build=build, approved_by=request.user)  # type: ignore[arg-type]
+    except ApiError as exc:  # nothing held any more (409): say so on the page
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Build #{build.number} approved; agents may now run its jobs.")
     return redirect(build_url(build))
 
 

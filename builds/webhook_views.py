@@ -138,6 +138,8 @@ def _result_json(result: services.DeliveryResult) -> dict[str, Any]:
         "builds": [_build_json(org_slug, build) for build in result.builds],
         "refused": [{"pipeline": refused.pipeline.slug, "code": refused.code, "message": refused.message}
                     for refused in result.refused],
+        "skipped": [{"pipeline": skipped.pipeline.slug, "reason": skipped.reason, "message": skipped.message}
+                    for skipped in result.skipped],
     }
 
 

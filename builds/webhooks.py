@@ -109,6 +109,8 @@ class PullRequestEvent:
     head_branch: str
     commit: str
     title: str | None
+    # The head branch lives in another repository than the one the delivery is for.
+    fork: bool = False
 
     name = "pull_request"
 
@@ -129,7 +131,10 @@ class BuildFacts:
 
 def repository_full_name(payload: Any) -> str | None:
     """`repository.full_name` (`owner/repo`), or None when the payload has none."""
-    repository = payload.get("repository") if isinstance(payload, dict) else None
+    return _full_name(payload.get("repository") if isinstance(payload, dict) else None)
+
+
+def _full_name(repository: Any) -> str | None:
     name = repository.get("full_name") if isinstance(repository, dict) else None
     return name if isinstance(name, str) and name.strip() else None
 
@@ -178,6 +183,9 @@ def _parse_pull_request(payload: dict[str, Any]) -> PullRequestEvent:
     if not isinstance(pull, dict):
         raise PayloadError("The payload has no `pull_request` object.")
     number = payload.get("number", pull.get("number"))
+    head = pull.get("head")
+    head_repo = _full_name(head.get("repo") if isinstance(head, dict) else None)
+    base_repo = repository_full_name(payload)
     return PullRequestEvent(
         action=action,
         number=number if isinstance(number, int) and not isinstance(number, bool) else None,
@@ -185,6 +193,9 @@ def _parse_pull_request(payload: dict[str, Any]) -> PullRequestEvent:
         head_branch=_text(pull.get("head"), "ref", "`pull_request.head.ref`"),
         commit=_text(pull.get("head"), "sha", "`pull_request.head.sha`"),
         title=_optional_text(pull, "title"),
+        # GitHub names are case-insensitive. A head without a repository (the fork was
+        # deleted) is a fork too: what can't be shown to be ours is treated as foreign.
+        fork=head_repo is None or base_repo is None or head_repo.casefold() != base_repo.casefold(),
     )
 
 

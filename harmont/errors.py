@@ -120,6 +120,10 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "The owner of a personal organization cannot leave or be demoted in it."),
     ("build_already_finished", "conflict", "Build already finished",
      "The build has already passed, failed or been skipped; there is nothing left to cancel."),
+    ("build_not_held", "conflict", "Build not waiting for approval",
+     "Only a held build can be approved: one built from a pull request of another repository (a fork) on a "
+     "pipeline whose `fork_pull_requests` is `require_approval`, before anyone approved or canceled it. This "
+     "build holds no job waiting for approval (it was approved already, canceled, or never held)."),
     ("idempotency_key_in_progress", "conflict", "Request with this key in progress",
      "A request with this Idempotency-Key is still being processed. Retry once it has finished: the retry then "
      "gets its answer, and nothing is created twice."),

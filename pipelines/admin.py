@@ -12,11 +12,23 @@ from pipelines import secrets as secret_services
 from pipelines.services import derive_repo_name
 
 
+class PipelineForm(forms.ModelForm):
+    class Meta:
+        model = Pipeline
+        fields = "__all__"
+
+    def clean_protected_branches(self) -> Any:
+        # An emptied box means no patterns, not a NULL the column can't hold.
+        value = self.cleaned_data.get("protected_branches")
+        return [] if value is None else value
+
+
 @admin.register(Pipeline)
 class PipelineAdmin(admin.ModelAdmin):
+    form = PipelineForm
     list_display = ["slug", "organization", "name", "repo_name", "source_slug", "allow_manual", "build_counter",
                     "created_at", "archived_at"]
-    list_filter = ["allow_manual", "visibility"]
+    list_filter = ["allow_manual", "visibility", "fork_pull_requests"]
     search_fields = ["slug", "name", "repo_name", "repository", "organization__slug"]
     list_select_related = ["organization"]
     raw_id_fields = ["organization"]
@@ -75,7 +87,7 @@ class SecretForm(forms.ModelForm):
 
     class Meta:
         model = Secret
-        fields = ["organization", "pipeline", "name"]
+        fields = ["organization", "pipeline", "name", "protected"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -98,7 +110,8 @@ class SecretForm(forms.ModelForm):
 @admin.register(Secret)
 class SecretAdmin(admin.ModelAdmin):
     form = SecretForm
-    list_display = ["name", "organization", "pipeline", "updated_at"]
+    list_display = ["name", "organization", "pipeline", "protected", "updated_at"]
+    list_filter = ["protected"]
     search_fields = ["name", "organization__slug", "pipeline__slug"]
     list_select_related = ["organization", "pipeline"]
     raw_id_fields = ["organization", "pipeline"]
@@ -111,10 +124,13 @@ class SecretAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: Secret, form: Any, change: bool) -> None:
         value = form.cleaned_data.get("value")
-        if change and not value:
-            return  # the value was left empty: keep it
+        protected = form.cleaned_data["protected"]
+        if change and not value:  # the value was left empty: keep it
+            if "protected" in form.changed_data:
+                secret_services.set_secret_protected(secret=obj, protected=protected)
+            return
         # Through the service, so the value is encrypted the one way the API does it.
         secret, _ = secret_services.set_secret(organization=obj.organization, pipeline=obj.pipeline, name=obj.name,
-                                               value=value)
+                                               value=value, protected=protected)
         obj.pk, obj.updated_at = secret.pk, secret.updated_at
         obj._state.adding = False

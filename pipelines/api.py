@@ -117,7 +117,8 @@ class SecretScopeView(OrgScopedView):
 
     def set_secret(self, request: Request) -> Response:
         body = validated(SetSecretRequestSerializer, request)
-        secret, created = secret_services.set_secret(**self.scope(), name=body["name"], value=body["value"])
+        secret, created = secret_services.set_secret(**self.scope(), name=body["name"], value=body["value"],
+                                                     protected=body.get("protected"))
         # 201 when the name is new, 200 when an existing secret's value was replaced.
         return Response(SecretSerializer(secret).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
@@ -12,6 +13,36 @@ from organizations.models import Organization
 class Visibility(models.TextChoices):
     PRIVATE = "private"
     PUBLIC = "public"
+
+
+class ForkPullRequests(models.TextChoices):
+    """What a pull request from another repository (a fork) builds: code nobody in the organization reviewed."""
+
+    BUILD_WITHOUT_SECRETS = "build_without_secrets"
+    SKIP = "skip"
+    # Built with its jobs held until an admin or owner approves the build.
+    REQUIRE_APPROVAL = "require_approval"
+
+
+# Enough for any branch policy; each is a glob of a branch name (branch names are at most 255 characters).
+PROTECTED_BRANCHES_MAX = 50
+
+
+def protected_branches_errors(value: object) -> list[str]:
+    """What is wrong with a `protected_branches` list (empty: nothing)."""
+    if not isinstance(value, list):
+        return ["Must be a list of branch name patterns."]
+    if len(value) > PROTECTED_BRANCHES_MAX:
+        return [f"At most {PROTECTED_BRANCHES_MAX} patterns."]
+    if not all(isinstance(p, str) and p.strip() and len(p) <= 255 for p in value):
+        return ["Each pattern must be a non-empty string of at most 255 characters."]
+    return []
+
+
+def validate_protected_branches(value: object) -> None:
+    errors = protected_branches_errors(value)
+    if errors:
+        raise ValidationError(errors)
 
 
 class PipelineQuerySet(models.QuerySet["Pipeline"]):
@@ -33,6 +64,11 @@ class Pipeline(models.Model):
     source_slug = models.CharField(max_length=100)
     definition = models.JSONField(null=True, blank=True)
     triggers = models.JSONField(null=True, blank=True)
+    fork_pull_requests = models.CharField(max_length=24, choices=ForkPullRequests.choices,
+                                          default=ForkPullRequests.BUILD_WITHOUT_SECRETS)
+    # Branches besides the default one whose builds of the stored definition get protected
+    # secrets: fnmatch patterns (`release/*`), matched case-sensitively like git refs.
+    protected_branches = models.JSONField(default=list, blank=True, validators=[validate_protected_branches])
     # The last build number handed out. Incremented under the row lock inside the
     # transaction that inserts the build, so numbers have no gaps or duplicates.
     build_counter = models.PositiveIntegerField(default=0)
@@ -91,6 +127,9 @@ class Secret(models.Model):
     pipeline = models.ForeignKey(Pipeline, null=True, blank=True, on_delete=models.CASCADE, related_name="secrets")
     name = models.CharField(max_length=255)
     value_encrypted = models.TextField()
+    # Only for builds of the organization's own definition on a protected branch, or an
+    # admin's (Build.secret_access). The migration left older secrets unprotected.
+    protected = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)
 

@@ -75,36 +75,51 @@ def _scope(organization: Organization, pipeline: Pipeline | None) -> Q:
 
 def list_secrets(*, organization: Organization, pipeline: Pipeline | None = None) -> QuerySet[Secret]:
     """The secrets of the organization (pipeline None) or of one pipeline, by name; without their values."""
-    return Secret.objects.filter(_scope(organization, pipeline)).only("name", "updated_at").order_by("name")
+    return Secret.objects.filter(_scope(organization, pipeline)).only("name", "protected", "updated_at").order_by("name")
 
 
 @transaction.atomic
 def set_secret(*, organization: Organization, name: Any, value: Any, pipeline: Pipeline | None = None,
-               now: datetime | None = None) -> tuple[Secret, bool]:
+               protected: bool | None = None, now: datetime | None = None) -> tuple[Secret, bool]:
     """Create the secret, or replace the value of the one with this name in the same scope.
 
-    Returns `(secret, created)`. Invalid names or values raise 422
-    `validation_failed` before anything is written.
+    `protected` None keeps a replaced secret's flag and protects a new one
+    (see `secrets_for_job`). Returns `(secret, created)`. Invalid names or
+    values raise 422 `validation_failed` before anything is written.
     """
     errors = secret_errors(name=name, value=value)
+    if protected is not None and not isinstance(protected, bool):
+        errors["protected"] = ["Must be true or false."]
     if errors:
         raise validation_error(errors)
     now = now or timezone.now()
     scope = _scope(organization, pipeline)
     encrypted = encrypt_text(value)
+    changes: dict[str, Any] = {"value_encrypted": encrypted, "updated_at": now}
+    if protected is not None:
+        changes["protected"] = protected
     # Update first: replacing is the common case after the first set, and a racing
     # create of the same name is caught by the partial unique constraints below.
     for _ in range(2):
-        if Secret.objects.filter(scope, name=name).update(value_encrypted=encrypted, updated_at=now):
-            return Secret.objects.only("name", "updated_at").get(scope, name=name), False
+        if Secret.objects.filter(scope, name=name).update(**changes):
+            return Secret.objects.only("name", "protected", "updated_at").get(scope, name=name), False
         try:
             with transaction.atomic():
                 secret = Secret.objects.create(organization=organization, pipeline=pipeline, name=name,
-                                               value_encrypted=encrypted, created_at=now, updated_at=now)
+                                               value_encrypted=encrypted, protected=protected is not False,
+                                               created_at=now, updated_at=now)
             return secret, True
         except IntegrityError:
             continue  # another request created it between our update and insert: update that one
     raise RuntimeError(f"secret {name!r} could not be written")  # pragma: no cover (needs two lost races)
+
+
+@transaction.atomic
+def set_secret_protected(*, secret: Secret, protected: bool, now: datetime | None = None) -> None:
+    """Protect or unprotect a secret, keeping its value (the admin's change page)."""
+    now = now or timezone.now()
+    Secret.objects.filter(pk=secret.pk).update(protected=protected, updated_at=now)
+    secret.protected, secret.updated_at = protected, now
 
 
 @transaction.atomic
@@ -116,24 +131,30 @@ def delete_secret(*, organization: Organization, name: str, pipeline: Pipeline |
         raise ApiError("secret_not_found", f"No secret {name!r} in {where}.")
 
 
-def secrets_for_job(*, organization_id: int, pipeline_id: int | None) -> dict[str, str]:
+def secrets_for_job(*, organization_id: int, pipeline_id: int | None, protected: bool = True) -> dict[str, str]:
     """Name → plain value of every secret a job of this pipeline gets, in one query.
 
-    The pipeline's secret wins over the organization's of the same name. A value
-    no configured key opens (a key removed from HARMONT_SECRETS_KEY too early) is
-    left out and logged: failing the claim instead would make the agent retry it,
-    claiming and stranding one job after another. The organization's value is not
-    used in place of an unreadable pipeline value: it may be meant for elsewhere.
+    The pipeline's secret wins over the organization's of the same name.
+    `protected=False` (a build that may not have them, see
+    `builds.services.builds.secret_access_for`) leaves protected secrets
+    out. The organization's value is not used in place of a withheld
+    pipeline value, nor in place of an unreadable one: it may be meant for
+    elsewhere. A value no configured key opens (a key removed from
+    HARMONT_SECRETS_KEY too early) is left out and logged: failing the claim
+    instead would make the agent retry it, claiming and stranding one job
+    after another.
     """
     rows = Secret.objects.filter(Q(pipeline__isnull=True) | Q(pipeline_id=pipeline_id),
-                                 organization_id=organization_id).values_list("name", "pipeline_id",
+                                 organization_id=organization_id).values_list("name", "pipeline_id", "protected",
                                                                                "value_encrypted")
-    org_level: dict[str, str] = {}
-    pipeline_level: dict[str, str] = {}
-    for name, row_pipeline_id, encrypted in rows:
-        (org_level if row_pipeline_id is None else pipeline_level)[name] = encrypted
+    org_level: dict[str, tuple[bool, str]] = {}
+    pipeline_level: dict[str, tuple[bool, str]] = {}
+    for name, row_pipeline_id, is_protected, encrypted in rows:
+        (org_level if row_pipeline_id is None else pipeline_level)[name] = (is_protected, encrypted)
     values: dict[str, str] = {}
-    for name, encrypted in {**org_level, **pipeline_level}.items():
+    for name, (is_protected, encrypted) in {**org_level, **pipeline_level}.items():
+        if is_protected and not protected:
+            continue
         try:
             values[name] = decrypt_text(encrypted)
         except ImproperlyConfigured:

@@ -8,7 +8,7 @@ from rest_framework import serializers
 
 from harmont.redaction import redact_url_credentials
 from harmont.serializers import page_serializer
-from pipelines.models import Pipeline, Visibility
+from pipelines.models import PROTECTED_BRANCHES_MAX, ForkPullRequests, Pipeline, Visibility
 
 
 class PipelineSerializer(serializers.ModelSerializer):
@@ -17,7 +17,8 @@ class PipelineSerializer(serializers.ModelSerializer):
     class Meta:
         model = Pipeline
         fields = ["slug", "name", "description", "repository", "repo_name", "default_branch", "visibility",
-                  "allow_manual", "source_slug", "definition", "triggers", "created_at"]
+                  "allow_manual", "source_slug", "definition", "triggers", "fork_pull_requests", "protected_branches",
+                  "created_at"]
         read_only_fields = fields
 
     def to_representation(self, instance: Pipeline) -> dict[str, Any]:
@@ -34,6 +35,15 @@ class AnyJSONField(serializers.JSONField):
     """An IR document given either as a JSON object or as a JSON string."""
 
 
+class StrictCharField(serializers.CharField):
+    """A JSON string and nothing else (DRF's CharField would turn 123 into "123")."""
+
+    def to_internal_value(self, data: object) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class CreatePipelineRequestSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=255)
     repository = serializers.CharField(max_length=500)
@@ -45,21 +55,33 @@ class CreatePipelineRequestSerializer(serializers.Serializer):
     source_slug = serializers.SlugField(required=False, allow_null=True, max_length=100)
     definition = AnyJSONField(required=False, allow_null=True,
                               help_text="Stored v0 IR (object or JSON string); builds without `pipeline_ir` use it.")
+    protected_branches = serializers.ListField(
+        child=StrictCharField(max_length=255, trim_whitespace=False), required=False, default=list,
+        max_length=PROTECTED_BRANCHES_MAX, help_text=(
+            "Branch patterns (fnmatch: `release/*`) whose builds of the stored definition get protected secrets, "
+            "besides the default branch."))
+    fork_pull_requests = serializers.ChoiceField(
+        choices=ForkPullRequests.choices, required=False, default=ForkPullRequests.BUILD_WITHOUT_SECRETS,
+        help_text="What a pull request from another repository (a fork) builds: without secrets (the default), "
+                  "nothing (`skip`), or a build held until an admin approves it (`require_approval`). Fork builds "
+                  "never get secrets.")
 
 
-class StrictCharField(serializers.CharField):
-    """A JSON string and nothing else (DRF's CharField would turn 123 into "123")."""
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON true or false and nothing else (DRF's BooleanField would take "yes" and 1)."""
 
-    def to_internal_value(self, data: object) -> str:
-        if not isinstance(data, str):
+    def to_internal_value(self, data: object) -> bool:
+        if not isinstance(data, bool):
             self.fail("invalid")
-        return super().to_internal_value(data)
+        return data
 
 
 class SecretSerializer(serializers.Serializer):
     """A secret as the API shows it: never its value."""
 
     name = serializers.CharField()
+    protected = serializers.BooleanField(help_text=(
+        "Only for builds of the organization's own definition on a protected branch, or an admin's."))
     updated_at = serializers.DateTimeField()
 
 
@@ -73,6 +95,10 @@ class SetSecretRequestSerializer(serializers.Serializer):
     name = StrictCharField(trim_whitespace=False, help_text="An environment variable name: [A-Za-z_][A-Za-z0-9_]*.")
     value = StrictCharField(trim_whitespace=False, allow_blank=True, write_only=True,
                             help_text="The value (non-empty, at most 64 KiB). Never returned.")
+    protected = StrictBooleanField(required=False, help_text=(
+        "Inject it only into builds of the organization's own definition (the stored one, or what the "
+        "repository renders) on a protected branch, and into builds admins and owners trigger. Absent: true "
+        "for a new secret, unchanged when replacing a value."))
 
 
 class RegisterPipelinesRequestSerializer(serializers.Serializer):

@@ -13,7 +13,7 @@ from harmont.errors import ApiError, validation_error
 from organizations.models import Organization
 from organizations.services import slugify_name
 from pipelines import ir
-from pipelines.models import Pipeline, Visibility
+from pipelines.models import ForkPullRequests, Pipeline, Visibility, protected_branches_errors
 
 _SCP_LIKE = re.compile(r"^[^/@:]+@[^/:]+:")  # git@github.com:owner/repo
 _SCHEME_HOST = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*/?")
@@ -50,7 +50,9 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                     description: str | None = None, repo_name: str | None = None,
                     allow_manual: bool = True, visibility: str = Visibility.PRIVATE,
                     source_slug: str | None = None, definition: Any = None,
-                    triggers: list | None = None, now: datetime | None = None) -> Pipeline:
+                    triggers: list | None = None,
+                    fork_pull_requests: str = ForkPullRequests.BUILD_WITHOUT_SECRETS,
+                    protected_branches: list[str] | None = None, now: datetime | None = None) -> Pipeline:
     """A new pipeline of `org`, its slug made from `name` (a slug the organization already uses is an error).
 
     Bad fields are 422 `pipeline_invalid`, a taken slug 422 `pipeline_slug_taken`; both write nothing.
@@ -68,6 +70,10 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                        fields={"repo_name": [f"The name derived from repository is longer than "
                                              f"{REPO_NAME_MAX_LENGTH} characters; give repo_name explicitly."]})
     stored_definition = validate_definition(definition) if definition is not None else None
+    branch_errors = protected_branches_errors(protected_branches or [])
+    if branch_errors:
+        raise ApiError("pipeline_invalid", "protected_branches is invalid.",
+                       fields={"protected_branches": branch_errors})
     if Pipeline.objects.filter(organization=org, slug=slug).exists():
         raise _slug_taken(slug)
     try:
@@ -76,7 +82,9 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                 organization=org, slug=slug, name=name, description=description, repository=repository,
                 repo_name=repo_name, default_branch=default_branch,
                 allow_manual=allow_manual, visibility=visibility, source_slug=source_slug or slug,
-                definition=stored_definition, triggers=triggers, created_at=now or timezone.now(),
+                definition=stored_definition, triggers=triggers, fork_pull_requests=fork_pull_requests,
+                protected_branches=list(protected_branches or []),
+                created_at=now or timezone.now(),
             )
     except IntegrityError:  # lost a race for the same slug
         raise _slug_taken(slug) from None

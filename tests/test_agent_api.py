@@ -293,7 +293,7 @@ def test_claim_returns_the_full_job_spec_and_a_job_credential(session, pipeline,
         "env": {"DEBIAN_FRONTEND": "noninteractive", "TERM": "xterm", "DEPLOY_ENV": "staging",
                 "CI": "true", "HARMONT": "true", "HARMONT_BUILD_ID": str(build.id), "HARMONT_BUILD_NUMBER": "1",
                 "HARMONT_PIPELINE_SLUG": "web-ci", "HARMONT_BRANCH": "main", "HARMONT_COMMIT": "abc123",
-                "HARMONT_STEP_KEY": "a"},
+                "HARMONT_STEP_KEY": "a", "HARMONT_PULL_REQUEST_FORK": "false"},
         "timeout_seconds": settings.DEFAULT_JOB_TIMEOUT_SECONDS, "image": "ubuntu:24.04",
         # No upload and no source_url: the agent clones the pipeline's repository at the commit.
         "source": {"kind": "git", "url": "https://github.com/acme/web.git", "commit": "abc123", "branch": "main",

@@ -33,7 +33,7 @@ from tests.helpers import (
     two_step_ir,
 )
 
-BUILD_KEYS = {"id", "number", "state", "pipeline_slug", "branch", "commit", "message", "source", "error_code",
+BUILD_KEYS = {"id", "number", "state", "pipeline_slug", "branch", "commit", "message", "source", "fork", "secret_access", "error_code",
               "error_message", "created_at", "scheduled_at", "started_at", "finished_at"}
 T0 = datetime(2026, 6, 4, 12, 0, tzinfo=dt_timezone.utc)
 
@@ -63,7 +63,8 @@ def test_create_returns_201_with_full_body(api, owner, pipeline):
     stored = Build.objects.get(pipeline=pipeline)
     assert body == {
         "id": str(stored.id), "number": 1, "state": "scheduled", "pipeline_slug": "web-ci",
-        "branch": "main", "commit": "abc123", "message": "Fix the thing", "source": "api",
+        "branch": "main", "commit": "abc123", "message": "Fix the thing", "source": "api", "fork": False,
+        "secret_access": "all",  # an owner triggered it
         "error_code": None, "error_message": None,
         "created_at": iso(stored.created_at), "scheduled_at": iso(stored.created_at),
         "started_at": None, "finished_at": None,
@@ -582,7 +583,8 @@ def test_list_is_newest_first_with_full_body(api, pipeline, other_pipeline):
     assert [b["number"] for b in body["data"]] == [2, 1]
     assert body["data"][0] == {
         "id": str(second.id), "number": 2, "state": "scheduled", "pipeline_slug": "web-ci", "branch": "dev",
-        "commit": "abc123", "message": "two", "source": "api", "error_code": None, "error_message": None,
+        "commit": "abc123", "message": "two", "source": "api", "fork": False,
+        "secret_access": "unprotected", "error_code": None, "error_message": None,
         "created_at": iso(second.created_at), "scheduled_at": iso(second.scheduled_at), "started_at": None,
         "finished_at": None,
     }
@@ -740,7 +742,7 @@ def test_get_returns_full_body(api, pipeline, build):
     assert response.status_code == 200
     assert response.json() == {
         "id": str(build.id), "number": 1, "state": "scheduled", "pipeline_slug": "web-ci", "branch": "main",
-        "commit": "abc123", "message": "first build", "source": "api", "error_code": None,
+        "commit": "abc123", "message": "first build", "source": "api", "fork": False, "secret_access": "unprotected", "error_code": None,
         "error_message": None, "created_at": iso(build.created_at), "scheduled_at": iso(build.scheduled_at),
         "started_at": None, "finished_at": None,
     }
@@ -798,7 +800,7 @@ def test_cancel_scheduled_build(api, pipeline, build):
     assert build.cancel_requested_at is not None and build.finished_at is not None
     assert response.json() == {
         "id": str(build.id), "number": 1, "state": "canceled", "pipeline_slug": "web-ci", "branch": "main",
-        "commit": "abc123", "message": "first build", "source": "api", "error_code": None,
+        "commit": "abc123", "message": "first build", "source": "api", "fork": False, "secret_access": "unprotected", "error_code": None,
         "error_message": None, "created_at": iso(build.created_at), "scheduled_at": iso(build.scheduled_at),
         "started_at": None, "finished_at": iso(build.finished_at),
     }

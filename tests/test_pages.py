@@ -269,6 +269,7 @@ def test_every_form_needs_its_csrf_token(owner: User, build: Build) -> None:
     org = build.pipeline.organization.slug
     for url, data in [
         (build_url(build, "/cancel"), None),
+        (build_url(build, "/approve"), None),
         (history_url(build.pipeline), {"branch": "main", "commit": "abc123"}),
         ("/settings/tokens", {"description": "x"}),
         (f"/settings/tokens/{token.pk}/revoke", None),

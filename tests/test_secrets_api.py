@@ -68,7 +68,7 @@ def test_post_creates_a_secret_201_encrypted_at_rest(api, org, scope):
 
     assert response.status_code == 201, response.content
     secret = Secret.objects.get(organization=org, name="DEPLOY_TOKEN")
-    assert response.json() == {"name": "DEPLOY_TOKEN", "updated_at": iso(secret.updated_at)}
+    assert response.json() == {"name": "DEPLOY_TOKEN", "protected": True, "updated_at": iso(secret.updated_at)}
     assert secret.pipeline == scope["pipeline"]
     assert secret.created_at == secret.updated_at
     # Stored encrypted: neither the plain text nor anything containing it.
@@ -86,7 +86,7 @@ def test_post_of_an_existing_name_replaces_the_value_200(api, org, scope):
 
     assert response.status_code == 200, response.content
     secret = Secret.objects.get(organization=org, pipeline=scope["pipeline"], name="TOKEN")
-    assert response.json() == {"name": "TOKEN", "updated_at": iso(secret.updated_at)}
+    assert response.json() == {"name": "TOKEN", "protected": True, "updated_at": iso(secret.updated_at)}
     assert secret.created_at == T0 and secret.updated_at > T0
     assert rows(org, scope["pipeline"]) == [("TOKEN", VALUE)]
     assert VALUE.encode() not in response.content
@@ -198,8 +198,8 @@ def test_list_shows_names_and_times_of_the_scope_only_never_values(api, org, pip
 
     assert response.status_code == 200
     assert response.json() == {"secrets": [
-        {"name": "A_TOKEN", "updated_at": "2025-03-01T13:00:00.000000Z"},
-        {"name": "B_TOKEN", "updated_at": "2025-03-01T12:00:00.000000Z"},
+        {"name": "A_TOKEN", "protected": True, "updated_at": "2025-03-01T13:00:00.000000Z"},
+        {"name": "B_TOKEN", "protected": True, "updated_at": "2025-03-01T12:00:00.000000Z"},
     ]}
     assert VALUE.encode() not in response.content
 
@@ -240,7 +240,7 @@ def test_delete_removes_the_secret_then_404(api, org, pipeline, scope):
     assert rows(org, None if scope["pipeline"] else pipeline) == [("TOKEN", "other-level")]
     error = assert_error(api.delete(scope["url"]("TOKEN")), 404, "secret_not_found")
     assert "TOKEN" in error["message"]
-    assert api.get(scope["url"]()).json() == {"secrets": [{"name": "KEEP", "updated_at": iso(
+    assert api.get(scope["url"]()).json() == {"secrets": [{"name": "KEEP", "protected": True, "updated_at": iso(
         Secret.objects.get(organization=org, pipeline=scope["pipeline"], name="KEEP").updated_at)}]}
 
 
@@ -409,10 +409,14 @@ def test_secrets_for_job_pipeline_wins_over_org_in_one_query(org, pipeline, othe
 
 
 def test_claimed_job_gets_secrets_in_env_and_their_values_to_mask(session, org, pipeline):
-    secret_services.set_secret(organization=org, name="TERM", value="org-term")  # overrides the IR's TERM
-    secret_services.set_secret(organization=org, name="DEPLOY_ENV", value="org-deploy")
-    secret_services.set_secret(organization=org, pipeline=pipeline, name="DEPLOY_ENV", value="pipeline-deploy")
-    secret_services.set_secret(organization=org, name="SAME", value="pipeline-deploy")  # one mask entry per value
+    # Unprotected: a build with a request's env gets no protected secret (tests/test_protected_secrets.py).
+    unprotected = {"protected": False}
+    secret_services.set_secret(organization=org, name="TERM", value="org-term", **unprotected)  # overrides the IR's
+    secret_services.set_secret(organization=org, name="DEPLOY_ENV", value="org-deploy", **unprotected)
+    secret_services.set_secret(organization=org, pipeline=pipeline, name="DEPLOY_ENV", value="pipeline-deploy",
+                               **unprotected)
+    # One mask entry per value.
+    secret_services.set_secret(organization=org, name="SAME", value="pipeline-deploy", **unprotected)
     build = make_build(pipeline, env={"DEPLOY_ENV": "from-the-request", "OTHER": "kept"})
 
     spec, _ = claim(session)
@@ -422,7 +426,7 @@ def test_claimed_job_gets_secrets_in_env_and_their_values_to_mask(session, org, 
         "SAME": "pipeline-deploy",
         "CI": "true", "HARMONT": "true", "HARMONT_BUILD_ID": str(build.id), "HARMONT_BUILD_NUMBER": "1",
         "HARMONT_PIPELINE_SLUG": "web-ci", "HARMONT_BRANCH": "main", "HARMONT_COMMIT": "abc123",
-        "HARMONT_STEP_KEY": "a"}
+        "HARMONT_STEP_KEY": "a", "HARMONT_PULL_REQUEST_FORK": "false"}
     assert sorted(spec["mask"]) == ["org-term", "pipeline-deploy"]
 
 
@@ -454,7 +458,7 @@ def test_claim_costs_one_query_for_secrets_however_many_there_are(session, org, 
 
 def test_secrets_reach_every_job_of_the_build(session, org, pipeline):
     secret_services.set_secret(organization=org, name="TOKEN", value=VALUE)
-    build = make_build(pipeline)
+    build = make_build(pipeline, commit="HEAD")  # the default branch's tip: protected secrets too
     first, job_client = claim(session)
     job_client.post(f"/api/v0/agent/jobs/{first['id']}/start")
     assert job_client.post(f"/api/v0/agent/jobs/{first['id']}/finish", {"exit_code": 0},
@@ -508,11 +512,11 @@ def test_admin_pages_never_show_the_value(ops, org, pipeline):
 def test_admin_change_with_an_empty_value_keeps_it_and_a_new_one_replaces_it(ops, org):
     secret, _ = secret_services.set_secret(organization=org, name="TOKEN", value="old-value", now=T0)
 
-    assert ops.post(admin_url("change", secret.pk), {"value": ""}).status_code == 302
+    assert ops.post(admin_url("change", secret.pk), {"value": "", "protected": "on"}).status_code == 302
     secret.refresh_from_db()
     assert (decrypt_text(secret.value_encrypted), secret.updated_at) == ("old-value", T0)
 
-    assert ops.post(admin_url("change", secret.pk), {"value": VALUE}).status_code == 302
+    assert ops.post(admin_url("change", secret.pk), {"value": VALUE, "protected": "on"}).status_code == 302
     secret.refresh_from_db()
     assert decrypt_text(secret.value_encrypted) == VALUE and secret.updated_at > T0
     assert (secret.name, secret.pipeline) == ("TOKEN", None)

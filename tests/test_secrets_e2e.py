@@ -7,7 +7,11 @@ with a log flush in between.
 
 from __future__ import annotations
 
+import json
+
 import pytest
+
+from builds import services as build_services
 
 from builds.models import Job, LogChunk, StreamKind
 from tests.dsl import hm
@@ -52,3 +56,25 @@ def test_a_secret_in_a_jobs_output_is_stored_redacted(e2e_settings, api, org, pi
     contents = list(LogChunk.objects.filter(job=job, stream_kind=StreamKind.STDOUT).order_by("seq")
                     .values_list("content", flat=True))
     assert any(c.endswith("split=") for c in contents), contents
+
+
+def test_a_fork_builds_job_prints_its_whole_environment_and_no_secret(e2e_settings, api, org, pipeline, agents):
+    secrets = f"/api/v0/organizations/{org.slug}/secrets"
+    for url, name, value in ((secrets, "TOKEN", TOKEN),
+                             (f"/api/v0/organizations/{org.slug}/pipelines/{pipeline.slug}/secrets", "DEPLOY_KEY",
+                              DEPLOY_PIPELINE)):
+        assert api.post(url, {"name": name, "value": value}, format="json").status_code == 201
+    agents.start("a1")
+    # What a pull request from a fork builds (tests/test_fork_pull_requests.py sends the deliveries).
+    build = build_services.create_build(pipeline=pipeline, fork=True, request=build_services.validate_build_request(
+        branch="feature/cache", commit="abc123", source="webhook", allowed_sources=frozenset({"webhook"}),
+        pipeline_ir=json.dumps(hm.pipeline([hm.sh("env", key="env")]))))
+
+    wait_for(lambda: finished(build), 30, what="the build to finish")
+    job = Job.objects.get(build=build)
+    assert (build.state, job.state) == ("passed", "passed"), job_log(job)
+    printed = stdout_of(job)
+    assert "HARMONT_PULL_REQUEST_FORK=true" in printed and "HARMONT_STEP_KEY=env" in printed
+    for value in (TOKEN, DEPLOY_PIPELINE, "[REDACTED]"):
+        assert value not in printed
+    assert not [line for line in printed.splitlines() if line.startswith(("TOKEN=", "DEPLOY_KEY="))]

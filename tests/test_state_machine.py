@@ -73,6 +73,12 @@ class TestRollUp:
     def test_rule_4_active_alone_is_running(self, active):
         assert roll_up([active]) == B.RUNNING
 
+    # A build waiting for approval: held until its held jobs are scheduled, canceled or anything runs.
+    @pytest.mark.parametrize("jobs", [[J.HELD], [J.HELD, J.PENDING], [J.HELD, J.SCHEDULED, J.PENDING]])
+    def test_waiting_jobs_with_one_held_is_held(self, jobs):
+        assert roll_up(jobs) == B.HELD
+        assert roll_up(jobs, cancel_requested=True) == B.CANCELED
+
     # Rule 5: otherwise scheduled.
     @pytest.mark.parametrize("jobs", [[J.PENDING], [J.SCHEDULED], [J.SCHEDULED, J.PENDING, J.PENDING]])
     def test_rule_5_only_waiting_jobs_is_scheduled(self, jobs):
@@ -82,7 +88,7 @@ class TestRollUp:
         expected = {
             J.PENDING: B.SCHEDULED, J.SCHEDULED: B.SCHEDULED, J.ASSIGNED: B.RUNNING, J.RUNNING: B.RUNNING,
             J.PASSED: B.PASSED, J.FAILED: B.FAILED, J.SKIPPED: B.SKIPPED, J.CANCELING: B.RUNNING,
-            J.CANCELED: B.PASSED, J.TIMING_OUT: B.RUNNING, J.TIMED_OUT: B.FAILED,
+            J.CANCELED: B.PASSED, J.TIMING_OUT: B.RUNNING, J.TIMED_OUT: B.FAILED, J.HELD: B.HELD,
         }
         assert set(expected) == set(J.values)
         assert {state: roll_up([state]) for state in J.values} == expected
@@ -201,6 +207,9 @@ class TestTransitionTable:
         (J.SCHEDULED, J.RUNNING), (J.SCHEDULED, J.PASSED), (J.RUNNING, J.SCHEDULED), (J.RUNNING, J.PENDING),
         (J.CANCELING, J.PASSED), (J.CANCELING, J.RUNNING), (J.TIMING_OUT, J.PASSED), (J.FAILED, J.PASSED),
         (J.CANCELED, J.SCHEDULED), (J.RUNNING, J.SKIPPED), (J.RUNNING, J.CANCELED),
+        # A held job reaches an agent only through approval; nothing goes back to held.
+        (J.HELD, J.ASSIGNED), (J.HELD, J.RUNNING), (J.SCHEDULED, J.HELD), (J.PENDING, J.HELD),
+        (J.ASSIGNED, J.HELD),
     ])
     def test_illegal_transitions(self, source, target):
         assert not can_transition(source, target)
@@ -210,6 +219,7 @@ class TestTransitionTable:
         (J.SCHEDULED, J.CANCELED), (J.ASSIGNED, J.RUNNING), (J.ASSIGNED, J.SCHEDULED), (J.ASSIGNED, J.CANCELING),
         (J.RUNNING, J.PASSED), (J.RUNNING, J.FAILED), (J.RUNNING, J.CANCELING), (J.RUNNING, J.TIMING_OUT),
         (J.RUNNING, J.TIMED_OUT), (J.CANCELING, J.CANCELED), (J.TIMING_OUT, J.TIMED_OUT),
+        (J.HELD, J.SCHEDULED), (J.HELD, J.CANCELED),
     ])
     def test_legal_transitions(self, source, target):
         assert can_transition(source, target)
@@ -217,7 +227,7 @@ class TestTransitionTable:
     def test_sources_for_inverts_the_table(self):
         assert sources_for(J.RUNNING) == {J.ASSIGNED}
         assert sources_for(J.PASSED) == {J.RUNNING}
-        assert sources_for(J.CANCELED) == {J.PENDING, J.SCHEDULED, J.ASSIGNED, J.CANCELING}
+        assert sources_for(J.CANCELED) == {J.HELD, J.PENDING, J.SCHEDULED, J.ASSIGNED, J.CANCELING}
         assert sources_for(J.PENDING) == frozenset()
         for target in J.values:
             assert sources_for(target) == {s for s in J.values if can_transition(s, target)}

@@ -295,7 +295,7 @@ def test_signed_push_creates_one_build_per_matching_pipeline(org, repo, pipeline
                 {"pipeline": pipelines["everything"].slug, "number": 1, "state": "scheduled", "error_code": None,
                  "url": build_url(org, pipelines["everything"], 1)},
             ],
-            "refused": [],
+            "refused": [], "skipped": [],
         }],
     }
     for build in (main[0], everything[0]):
@@ -326,7 +326,7 @@ def test_push_matching_no_pipeline_records_the_delivery_and_builds_nothing(org, 
         "organization": org.slug, "repository": "acme/web", "redelivery": False, "builds_created": 1,
         "builds": [{"pipeline": pipelines["everything"].slug, "number": 1, "state": "scheduled", "error_code": None,
                     "url": build_url(org, pipelines["everything"], 1)}],
-        "refused": []}]
+        "refused": [], "skipped": []}]
     Pipeline.objects.filter(pk=pipelines["everything"].pk).update(triggers=None)
 
     response = deliver("push", push_payload("refs/heads/develop/no-release"))
@@ -528,7 +528,7 @@ def test_redelivery_creates_nothing_new(repo, pipelines):
     assert first.status_code == again.status_code == 200
     assert again.json()["repositories"] == [{
         "organization": repo.organization.slug, "repository": "acme/web", "redelivery": True, "builds_created": 2,
-        "builds": [], "refused": [],
+        "builds": [], "refused": [], "skipped": [],
     }]
     assert Build.objects.count() == 2
     assert WebhookDelivery.objects.get().builds_created == 2

@@ -4,6 +4,7 @@ from builds.services.artifacts import StoredArtifact, store_artifact
 from builds.services.agents import Registration, agent_seen, disconnect_agent, register_agent
 from builds.services.builds import (
     BuildRequest,
+    approve_build,
     cancel_build,
     create_build,
     find_pipeline_by_repo,
@@ -15,19 +16,25 @@ from builds.services.jobs import finish_job, heartbeat, move_job, report_finish,
 from builds.services.logs import ChunkIn, append_log
 from builds.services.reaping import ReapReport, reap
 from builds.services.render import accept_rendered_pipeline, fail_render, record_render_result
-from builds.services.webhooks import DeliveryResult, RefusedBuild, handle_webhook_delivery, verified_repositories
+from builds.services.webhooks import (
+    DeliveryResult,
+    RefusedBuild,
+    SkippedBuild,
+    handle_webhook_delivery,
+    verified_repositories,
+)
 from builds.services.workspaces import store_workspace
 
 __all__ = [
     "StoredArtifact", "store_artifact",
     "Registration", "agent_seen", "disconnect_agent", "register_agent",
-    "BuildRequest", "cancel_build", "create_build", "find_pipeline_by_repo", "validate_build_request",
+    "BuildRequest", "approve_build", "cancel_build", "create_build", "find_pipeline_by_repo", "validate_build_request",
     "Claim", "FinishOutcome", "claim_for_agent", "claim_job", "finish_and_claim_next",
     "job_spec",
     "finish_job", "heartbeat", "move_job", "report_finish", "start_job",
     "ChunkIn", "append_log",
     "ReapReport", "reap",
     "accept_rendered_pipeline", "fail_render", "record_render_result",
-    "DeliveryResult", "RefusedBuild", "handle_webhook_delivery", "verified_repositories",
+    "DeliveryResult", "RefusedBuild", "SkippedBuild", "handle_webhook_delivery", "verified_repositories",
     "store_workspace",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import re
 import uuid
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ from django.db.models import F
 from django.utils import timezone
 
 from builds import states
-from builds.models import Build, BuildSource, EdgeKind, Job, JobDependency, JobKind, JobState
+from builds.models import Build, BuildSource, EdgeKind, Job, JobDependency, JobKind, JobState, SecretAccess
 from harmont.errors import ApiError, validation_error
-from organizations.models import Organization, User
+from organizations.models import Organization, Role, User
 from pipelines import ir
 from pipelines.models import Pipeline
 
@@ -190,26 +191,72 @@ def _plan(pipeline: Pipeline, request: BuildRequest) -> tuple[Any, ir.Plan | Non
     return plan_document(document, env=request.env)
 
 
+def is_protected_branch(pipeline: Pipeline, branch: str) -> bool:
+    """The pipeline's default branch, or one matching a `protected_branches` pattern (fnmatch, case-sensitive)."""
+    patterns = pipeline.protected_branches if isinstance(pipeline.protected_branches, list) else []
+    return branch == pipeline.default_branch or any(
+        isinstance(pattern, str) and fnmatch.fnmatchcase(branch, pattern) for pattern in patterns)
+
+
+def secret_access_for(*, pipeline: Pipeline, request: BuildRequest, creator_role: str | None, fork: bool,
+                      server_env: bool) -> str:
+    """Which secrets the build's jobs get, decided once, when it is created.
+
+    None for a pull request from a fork. All for a build an admin or owner
+    triggered, and for one whose commands are the organization's own: the
+    pipeline's stored definition, or what a render job renders from the
+    repository at the build's commit, with no client-sent `pipeline_ir`,
+    `env`, `source_b64` or `source_url` (any of which can run other commands:
+    `BASH_ENV` in `env` is enough), on a protected branch, at that branch's tip
+    for a build a person triggered. Every other build,
+    such as a member's with their own IR, gets the unprotected secrets only.
+    `server_env`: the request's `env` is the server's own (a webhook's
+    `HARMONT_*` variables), not a client's.
+    """
+    if fork:
+        return SecretAccess.NONE
+    if creator_role in (Role.ADMIN, Role.OWNER):
+        return SecretAccess.ALL
+    own_commands = (request.pipeline_ir is None and request.source_archive is None and not request.source_url
+                    and (server_env or not request.env))
+    # A person names the commit, which may sit on any branch of the repository (or a pull request's
+    # ref) whatever branch they call it: only the branch's tip, `HEAD`, is what that branch says.
+    # A webhook's commit is the one GitHub signed for its branch.
+    branch_content = request.source not in MANUAL_SOURCES or request.commit.upper() == "HEAD"
+    if own_commands and branch_content and is_protected_branch(pipeline, request.branch):
+        return SecretAccess.ALL
+    return SecretAccess.UNPROTECTED
+
+
 def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User | None = None,
-                 now: datetime | None = None) -> Build:
+                 creator_role: str | None = None, fork: bool = False, held: bool = False,
+                 server_env: bool = False, now: datetime | None = None) -> Build:
     """Number, store and plan a build: the build row, its jobs and their edges in bulk.
 
     A rejected plan still records the build (`failed`, with the planner's
     error code) and then raises 422 `build_plan_rejected`, so the attempt is
     visible in the history exactly like a build that failed.
+
+    `creator_role` is the role of `created_by` in the pipeline's organization
+    (None: no person triggered it). `fork`: the code comes from a pull request
+    of another repository. Both decide the build's `secret_access` (see
+    `secret_access_for`). `held`: its root jobs wait, `held`, until `approve_build`.
     """
     if not pipeline.allow_manual and request.source in MANUAL_SOURCES:
         raise ApiError("pipeline_manual_disabled",
                        f"Pipeline {pipeline.slug!r} does not allow manual builds (source {request.source!r}).")
     now = now or timezone.now()
     document, plan, error = _plan(pipeline, request)
+    secret_access = secret_access_for(pipeline=pipeline, request=request, creator_role=creator_role, fork=fork,
+                                      server_env=server_env)
     build_id = uuid.uuid4()
     archive_name = None
     if request.source_archive is not None:
         archive_name = default_storage.save(f"sources/{build_id}.tar.gz", ContentFile(request.source_archive))
     try:
         build = _insert_build(pipeline=pipeline, build_id=build_id, request=request, document=document,
-                              plan=plan, error=error, archive_name=archive_name, created_by=created_by, now=now)
+                              plan=plan, error=error, archive_name=archive_name, created_by=created_by,
+                              fork=fork, secret_access=secret_access, held=held, now=now)
     except BaseException:
         if archive_name:
             default_storage.delete(archive_name)
@@ -224,15 +271,16 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
 @transaction.atomic
 def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequest, document: Any,
                   plan: ir.Plan | None, error: ir.PlanError | None, archive_name: str | None,
-                  created_by: User | None, now: datetime) -> Build:
+                  created_by: User | None, fork: bool, secret_access: str, held: bool,
+                  now: datetime) -> Build:
     # The counter row's lock is held until commit, so concurrent creates on one
     # pipeline queue here and take consecutive numbers; a rollback returns the number.
     Pipeline.objects.filter(pk=pipeline.pk).update(build_counter=F("build_counter") + 1)
     number = Pipeline.objects.filter(pk=pipeline.pk).values_list("build_counter", flat=True).get()
     if plan is not None:
-        jobs = job_rows(build_id=build_id, org_id=pipeline.organization_id, plan=plan, now=now)
+        jobs = job_rows(build_id=build_id, org_id=pipeline.organization_id, plan=plan, now=now, held=held)
     elif error is None:
-        jobs = [_render_job(build_id=build_id, pipeline=pipeline, env=request.env, now=now)]
+        jobs = [_render_job(build_id=build_id, pipeline=pipeline, env=request.env, now=now, held=held)]
     else:
         jobs = []
     job_states = [job.state for job in jobs]
@@ -246,7 +294,7 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
         pipeline_ir=document, timeout_seconds=plan.timeout_seconds if plan else None,
         source_archive=archive_name, source_url=source_url, source_sha256=request.source_sha256,
         error_code=error.code if error else None, error_message=error.message if error else None,
-        created_by=created_by, created_at=now, scheduled_at=now,
+        created_by=created_by, fork=fork, secret_access=secret_access, created_at=now, scheduled_at=now,
         finished_at=now if state in states.TERMINAL_BUILD_STATES else None,
     )
     if jobs:
@@ -257,19 +305,23 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
     return build
 
 
-def _render_job(*, build_id: uuid.UUID, pipeline: Pipeline, env: dict[str, str], now: datetime) -> Job:
+def _render_job(*, build_id: uuid.UUID, pipeline: Pipeline, env: dict[str, str], now: datetime,
+                held: bool = False) -> Job:
     return Job(
         id=uuid.uuid4(), build_id=build_id, organization_id=pipeline.organization_id, position=0,
         step_key=RENDER_STEP_KEY, kind=JobKind.RENDER, name=f"Render pipeline {pipeline.source_slug}",
         command=f"render pipeline {pipeline.source_slug!r} from .hm/*.py",
         env={**ir.BASE_JOB_ENV, **env}, timeout_seconds=settings.RENDER_TIMEOUT_SECONDS,
-        state=JobState.SCHEDULED, scheduled_at=now, created_at=now,
+        state=JobState.HELD if held else JobState.SCHEDULED, scheduled_at=None if held else now, created_at=now,
     )
 
 
 def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
-             after: Job | None = None) -> list[Job]:
-    """Unsaved jobs for a plan. `after`: every job comes after that one (the render job)."""
+             after: Job | None = None, held: bool = False) -> list[Job]:
+    """Unsaved jobs for a plan. `after`: every job comes after that one (the render job).
+
+    `held`: the root jobs wait for an approval (`held`) instead of an agent.
+    """
     offset = after.position + 1 if after is not None else 0
     rows = []
     for planned in plan.jobs:
@@ -281,8 +333,8 @@ def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
             image=planned.image, env=planned.env,
             timeout_seconds=planned.timeout_seconds or settings.DEFAULT_JOB_TIMEOUT_SECONDS,
             cache=planned.cache, runner=planned.runner, runner_args=planned.runner_args,
-            state=JobState.SCHEDULED if root else JobState.PENDING,
-            scheduled_at=now if root else None, created_at=now,
+            state=(JobState.HELD if held else JobState.SCHEDULED) if root else JobState.PENDING,
+            scheduled_at=now if root and not held else None, created_at=now,
         ))
     return rows
 
@@ -312,10 +364,32 @@ def cancel_build(*, build: Build, now: datetime | None = None) -> Build:
                 raise ApiError("build_already_finished",
                                f"Build #{locked.number} already {locked.state}; there is nothing to cancel.")
             Build.objects.filter(pk=locked.pk).update(cancel_requested_at=now)
-            waiting = Job.objects.filter(build_id=locked.pk, state__in=(JobState.PENDING, JobState.SCHEDULED))
+            waiting = Job.objects.filter(build_id=locked.pk, state__in=states.WAITING_JOB_STATES)
             states.transition_jobs(waiting.values_list("id", flat=True), to=JobState.CANCELED, now=now)
             active = Job.objects.filter(build_id=locked.pk, state__in=(JobState.ASSIGNED, JobState.RUNNING))
             states.transition_jobs(active.values_list("id", flat=True), to=JobState.CANCELING, now=now)
         settled = states.settle_build(build_id=locked.pk, now=now)
+    settled.pipeline = build.pipeline
+    return settled
+
+
+def approve_build(*, build: Build, approved_by: User, now: datetime | None = None) -> Build:
+    """Let agents take a held build's jobs: `held` → `scheduled`, and who approved it is recorded.
+
+    409 `build_not_held` when the build holds no job (approved already, canceled,
+    or never held). Under the build's lock, so of an approval racing a cancel or
+    a second approval exactly one finds held jobs.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        locked = states.lock_build(build.pk)
+        held = list(Job.objects.filter(build_id=locked.pk, state=JobState.HELD).values_list("id", flat=True))
+        if locked.cancel_requested_at is not None or not held:
+            raise ApiError("build_not_held", f"Build #{locked.number} is {locked.state}; it holds no job waiting "
+                                             "for approval.")
+        states.transition_jobs(held, to=JobState.SCHEDULED, now=now, only_from=(JobState.HELD,))
+        Build.objects.filter(pk=locked.pk).update(approved_by=approved_by, approved_at=now)
+        locked.approved_by, locked.approved_at = approved_by, now
+        settled = states.settle_build(build_id=locked.pk, now=now, locked=locked)
     settled.pipeline = build.pipeline
     return settled

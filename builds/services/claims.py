@@ -60,11 +60,11 @@ def claim_for_agent(*, agent_id: uuid.UUID, organization_id: int, now: datetime 
         return None
     job = sql.claimed_job(assigned.job_id)
     job.builds_in = BuildsInLinks(assigned.builds_in_parent_id, assigned.builds_in_children)
-    if job.build.state == BuildState.SCHEDULED:
+    if job.build.state in states.WAITING_BUILD_STATES:
         # Only after the claim committed, and without the build's lock: waiting for it
         # while holding the job's deadlocks with cancel_build / time_out_build, which
         # lock the build first and then update its scheduled jobs. A build read as past
-        # `scheduled` needs nothing: builds never go back to it.
+        # `scheduled` (or `held`) needs nothing: builds never go back to either.
         states.mark_build_running(job.build_id)
     return Claim(job, credential)
 

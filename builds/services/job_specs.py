@@ -6,7 +6,7 @@ from typing import Any
 
 from django.conf import settings
 
-from builds.models import Build, Job, JobKind
+from builds.models import Build, Job, JobKind, SecretAccess
 from builds.selectors import builds_in_links
 from pipelines.secrets import secrets_for_job
 
@@ -22,12 +22,14 @@ def job_spec(job: Job) -> dict[str, Any]:
     # Secrets override the job's own env (the pipeline's, the step's and the build request's),
     # so a build request can't put its own value under an admin's secret name; the server's
     # variables come last (secret names can't take them: pipelines.secrets.is_reserved_name).
-    secrets = secrets_for_job(organization_id=build.pipeline.organization_id, pipeline_id=build.pipeline_id)
+    # What the build may have was decided when it was created (Build.secret_access).
+    secrets = secrets_for_job(organization_id=build.pipeline.organization_id, pipeline_id=build.pipeline_id,
+                              protected=build.secret_access == SecretAccess.ALL) if gets_secrets(job) else {}
     env = {
         **job.env, **secrets,
         "CI": "true", "HARMONT": "true", "HARMONT_BUILD_ID": str(build.pk), "HARMONT_BUILD_NUMBER": str(build.number),
         "HARMONT_PIPELINE_SLUG": build.pipeline.slug, "HARMONT_BRANCH": build.branch, "HARMONT_COMMIT": build.commit,
-        "HARMONT_STEP_KEY": job.step_key,
+        "HARMONT_STEP_KEY": job.step_key, "HARMONT_PULL_REQUEST_FORK": "true" if build.fork else "false",
     }
     return {
         "id": job.pk, "build_id": build.pk, "build_number": build.number, "pipeline_slug": build.pipeline.slug,
@@ -41,6 +43,19 @@ def job_spec(job: Job) -> dict[str, Any]:
         "render": {"source_slug": build.pipeline.source_slug, "result_path": f"/api/v0/agent/jobs/{job.pk}/pipeline"}
         if job.kind == JobKind.RENDER else None,
     }
+
+
+def gets_secrets(job: Job) -> bool:
+    """Whether secrets may reach the job at all.
+
+    Not in a fork build: its code comes from a pull request of another
+    repository, which nobody in the organization reviewed, whatever the
+    pipeline's fork policy (an approval lets it run, not read secrets). Not in
+    a render job: it runs the repository's `.hm/*.py` only to learn the
+    pipeline, which needs no credentials.
+    """
+    build = job.build
+    return not build.fork and build.secret_access != SecretAccess.NONE and job.kind != JobKind.RENDER
 
 
 def source_spec(build: Build) -> dict[str, Any] | None:

@@ -79,7 +79,7 @@ def time_out_build(*, build_id: uuid.UUID, now: datetime) -> bool:
             error_code="pipeline_timeout",
             error_message=f"The build ran longer than its pipeline timeout of {build.timeout_seconds} s.",
         )
-        waiting = Job.objects.filter(build_id=build_id, state__in=(J.PENDING, J.SCHEDULED, J.ASSIGNED))
+        waiting = Job.objects.filter(build_id=build_id, state__in=(*states.WAITING_JOB_STATES, J.ASSIGNED))
         states.transition_jobs(waiting.values_list("id", flat=True), to=J.TIMED_OUT, now=now,
                                error_code="pipeline_timeout")
         running = Job.objects.filter(build_id=build_id, state=J.RUNNING)

@@ -16,7 +16,7 @@ from builds.models import Build, BuildSource, WebhookDelivery
 from builds.services.builds import BuildRequest, create_build, validate_build_request
 from harmont.crypto import decrypt_text
 from harmont.errors import ApiError
-from pipelines.models import Pipeline, Repository
+from pipelines.models import ForkPullRequests, Pipeline, Repository
 
 logger = logging.getLogger("harmont.webhooks")
 
@@ -29,6 +29,15 @@ class RefusedBuild:
 
     pipeline: Pipeline
     code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SkippedBuild:
+    """A matching pipeline that builds nothing for this delivery, by its own policy."""
+
+    pipeline: Pipeline
+    reason: str
     message: str
 
 
@@ -46,6 +55,7 @@ class DeliveryResult:
     builds_created: int
     builds: list[Build] = field(default_factory=list)
     refused: list[RefusedBuild] = field(default_factory=list)
+    skipped: list[SkippedBuild] = field(default_factory=list)
 
 
 def verified_repositories(*, repo_name: str, body: bytes, signature: str | None) -> list[Repository]:
@@ -84,7 +94,9 @@ def handle_webhook_delivery(*, repository: Repository, delivery_id: str, event: 
     original waits on the unique (repository, delivery_id) index and then finds
     the row, creating nothing; if the original rolls back, the redelivery builds.
     A pipeline whose build is refused or whose plan is rejected doesn't stop the
-    others. Raises 422 `build_invalid` (nothing written) when the payload's
+    others. A pull request from a fork builds as each pipeline's
+    `fork_pull_requests` says: without secrets, held for approval, or not at all
+    (`skipped`). Raises 422 `build_invalid` (nothing written) when the payload's
     branch, commit or message can't make a build at all.
     """
     now = now or timezone.now()
@@ -106,12 +118,21 @@ def handle_webhook_delivery(*, repository: Repository, delivery_id: str, event: 
             return DeliveryResult(repository=repository, redelivery=True, builds_created=previous.builds_created)
         builds: list[Build] = []
         refused: list[RefusedBuild] = []
+        skipped: list[SkippedBuild] = []
+        fork = isinstance(event, webhooks.PullRequestEvent) and event.fork
         if request is not None:
             for pipeline in _matching_pipelines(repository, event):
-                _build_one(pipeline, request, now, builds, refused)
+                policy = pipeline.fork_pull_requests if fork else None
+                if policy == ForkPullRequests.SKIP:
+                    skipped.append(SkippedBuild(pipeline, "fork_pull_request",
+                                                "The pull request comes from another repository (a fork) and the "
+                                                "pipeline's fork_pull_requests is skip."))
+                    continue
+                _build_one(pipeline, request, now, builds, refused, fork=fork,
+                           held=policy == ForkPullRequests.REQUIRE_APPROVAL)
         WebhookDelivery.objects.filter(pk=delivery.pk).update(builds_created=len(builds))
     return DeliveryResult(repository=repository, redelivery=False, builds_created=len(builds), builds=builds,
-                          refused=refused)
+                          refused=refused, skipped=skipped)
 
 
 def _matching_pipelines(repository: Repository, event: webhooks.Event) -> list[Pipeline]:
@@ -125,9 +146,11 @@ def _matching_pipelines(repository: Repository, event: webhooks.Event) -> list[P
 
 
 def _build_one(pipeline: Pipeline, request: BuildRequest, now: datetime, builds: list[Build],
-               refused: list[RefusedBuild]) -> None:
+               refused: list[RefusedBuild], *, fork: bool, held: bool) -> None:
     try:
-        builds.append(create_build(pipeline=pipeline, request=request, now=now))
+        # The request's env is the server's own (HARMONT_TAG, HARMONT_PULL_REQUEST*: build_facts).
+        builds.append(create_build(pipeline=pipeline, request=request, fork=fork, held=held, server_env=True,
+                                   now=now))
     except ApiError as exc:
         # Caught without a savepoint of our own: ApiError is no database error, so the
         # transaction is still usable, and a savepoint here would roll back the failed

@@ -323,6 +323,7 @@
 
   var buildBadge = document.querySelector("h1 .badge");
   var cancelForm = document.getElementById("cancel-form");
+  var approveForm = document.getElementById("approve-form");
   var pollTimer = null;
 
   function applyStatus(status) {
@@ -337,6 +338,8 @@
       error.querySelector("[data-build-error-message]").textContent = build.error_message || "";
     }
     if (cancelForm && !build.cancelable) cancelForm.hidden = true;
+    // Approved or canceled meanwhile (another tab, the API): nothing is held any more.
+    if (approveForm && build.state !== "held") approveForm.hidden = true;
     status.jobs.forEach(function (job) {
       var li = document.getElementById("job-" + job.id);
       if (!li) return;
