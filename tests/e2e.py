@@ -175,12 +175,12 @@ class Agents:
                                                       **(env or {})}, workdir=workdir)
 
     def start_command(self, name: str, command: list[str], *, env: dict[str, str], workdir: Path,
-                      user: str | None = None) -> AgentProcess:
+                      user: str | None = None, cwd: Path = PROJECT_ROOT) -> AgentProcess:
         """Start an agent with exactly this command line and environment (its commands run under
-        `workdir`), as `user` if given."""
+        `workdir`), as `user` if given, from `cwd` (the checkout by default)."""
         stdout_path, stderr_path = self.base / f"{name}.stdout", self.base / f"{name}.stderr"
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-            process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                        env=env, user=user)
         agent = AgentProcess(name, workdir, process, stdout_path, stderr_path)
         self.started.append(agent)

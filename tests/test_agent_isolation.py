@@ -261,6 +261,22 @@ print("found:", b" ".join(sorted(found)).decode())
 # The host's own Python, which any user may run (the virtualenv's may live in root's home);
 # the agent program needs nothing but the standard library.
 SYSTEM_PYTHON = Path("/usr/bin/python3")
+# What `manage.py runagent` loads (the agent needs no Django): copied where another user can read
+# it, since the checkout may sit in a directory only root may enter (a fresh clone in mktemp -d).
+AGENT_PROGRAM = ("manage.py", "builds/__init__.py", "builds/agent", "harmont/__init__.py", "harmont/redaction.py")
+
+
+def agent_program_for_everyone(target: Path) -> Path:
+    for relative in AGENT_PROGRAM:
+        source, copy = PROJECT_ROOT / relative, target / relative
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, copy)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
 
 
 @needs_root
@@ -269,11 +285,12 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 def test_a_command_of_the_agents_own_user_cant_read_its_memory(e2e_server, e2e_settings, api, pipeline, agents,
                                                               agent_token, job_user, open_workdir):
     # An agent run by an ordinary user, without --run-as: its commands run as that user too.
+    program = agent_program_for_everyone(open_workdir / "program")
     os.chown(open_workdir, job_user.pw_uid, job_user.pw_gid)
     workdir = open_workdir / "a1"
     command = [str(SYSTEM_PYTHON), "manage.py", "runagent", "--server", e2e_server, "--name", "a1",
                "--workdir", str(workdir), "--poll-interval", "0.2"]
-    agents.start_command("a1", command, workdir=workdir, user=job_user.pw_name, env={
+    agents.start_command("a1", command, workdir=workdir, user=job_user.pw_name, cwd=program, env={
         "PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONUNBUFFERED": "1",
         "HARMONT_AGENT_TOKEN": agent_token.raw})
     build = create_build(api, pipeline, hm.pipeline([hm.sh(
