@@ -95,6 +95,8 @@ class BuildScopedView(OrgScopedView):
 
 
 class PipelineBuildsView(OrgScopedView):
+    body_limit = "MAX_BUILD_REQUEST_BYTES"  # source_b64 rides in the create
+
     @extend_schema(operation_id="listBuilds", tags=["builds"], parameters=PAGE_PARAMS + FILTER_PARAMS,
                    responses={200: BuildListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str) -> Response:
@@ -118,6 +120,8 @@ class PipelineBuildsView(OrgScopedView):
 
 
 class RepoBuildsView(OrgScopedView):
+    body_limit = "MAX_BUILD_REQUEST_BYTES"
+
     @extend_schema(operation_id="createBuildBySource", tags=["builds"], request=CreateRepoBuildRequestSerializer,
                    parameters=[IDEMPOTENCY_KEY_HEADER],
                    responses={201: BuildSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
