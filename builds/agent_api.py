@@ -194,6 +194,8 @@ class SourceArchiveView(AgentView):
 
 
 class RenderResultView(JobView):
+    body_limit = "MAX_BUILD_REQUEST_BYTES"  # a pipeline as large as one a build create may carry
+
     @extend_schema(operation_id="agentRenderResult", tags=["agent"], request=RenderResultRequest,
                    responses={200: inline_serializer("RenderAccepted", {"jobs": serializers.IntegerField()}),
                               401: ErrorSerializer, 409: ErrorSerializer, 422: ErrorSerializer})

@@ -9,6 +9,7 @@ is counted as it is read and refused once it passes the limit.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import random
@@ -17,8 +18,12 @@ from typing import Any
 import pytest
 
 from builds.models import Build, LogChunk
+from organizations import services as org_services
 from organizations.models import Organization
-from tests.helpers import assert_error, builds_url, chunk, job_url, settings_from_env, tarball
+from pipelines import services as pipeline_services
+from tests.dsl import hm
+from tests.helpers import (assert_error, builds_url, chunk, claim, job_url, make_build, settings_from_env, start,
+                           tarball)
 
 pytestmark = pytest.mark.django_db
 
@@ -158,3 +163,47 @@ def test_an_agent_json_route_keeps_the_json_limit(running, settings):
     spec, job_client = running
     response = post_raw(job_client, job_url(spec["id"], "heartbeat"), Payload(b"", readable=False), length=5000)
     assert_error(response, 413, "payload_too_large")
+
+
+def chunked_post(live: Any, path: str, raw_token: str, pieces: list[bytes]) -> tuple[int, dict[str, Any]]:
+    """POST `pieces` with Transfer-Encoding: chunked to the live server; (status, JSON body)."""
+    conn = http.client.HTTPConnection(live.host, live.port, timeout=30)
+    try:
+        conn.request("POST", path, body=iter(pieces), encode_chunked=True,
+                     headers={"Authorization": f"Bearer {raw_token}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_the_served_application_counts_a_chunked_body_as_it_arrives(live_asgi, owner, settings):
+    settings.MAX_JSON_BYTES = 4096
+    raw = org_services.create_personal_token(user=owner, description="live").raw
+    body = org_body(3000)
+    status, answer = chunked_post(live_asgi, "/api/v0/organizations", raw, [body[i:i + 500]
+                                                                           for i in range(0, len(body), 500)])
+    assert (status, answer["name"]) == (201, "Big")
+
+    big = org_body(256 * 1024)
+    status, answer = chunked_post(live_asgi, "/api/v0/organizations", raw, [big[i:i + 1024]
+                                                                           for i in range(0, len(big), 1024)])
+    assert (status, answer["error"]["code"]) == (413, "payload_too_large")
+    assert Organization.objects.filter(name="Big").count() == 1
+
+
+def test_a_rendered_pipeline_takes_what_a_build_create_takes(session, org, settings):
+    settings.MAX_JSON_BYTES = 4096
+    settings.MAX_BUILD_REQUEST_BYTES = 64 * 1024
+    pipeline = pipeline_services.create_pipeline(org=org, name="Site", repository="file:///srv/git/site.git",
+                                                 default_branch="main", source_slug="ci")
+    make_build(pipeline)
+    spec, job_client = claim(session)
+    start(job_client, spec["id"])
+    ir = hm.pipeline([hm.sh("echo " + "x" * 2000, key=f"s{i}") for i in range(4)])
+    body = json.dumps({"pipeline_ir": ir}).encode()
+    assert 4096 < len(body) < 64 * 1024
+
+    response = post_raw(job_client, job_url(spec["id"], "pipeline"), Payload(body), length=len(body))
+
+    assert (response.status_code, response.json()) == (200, {"jobs": 4})
