@@ -128,6 +128,9 @@ class HeartbeatView(JobView):
 
 
 class LogsView(JobView):
+    # A batch is what the job printed since the last flush; the job's log limit caps what is kept.
+    body_limit = "MAX_REQUEST_BYTES"
+
     @extend_schema(operation_id="agentAppendLogs", tags=["agent"], request=LogsRequest,
                    responses={200: Directive, 401: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request, job_id: str) -> Response:
@@ -139,6 +142,8 @@ class LogsView(JobView):
 
 
 class FinishView(JobView):
+    body_limit = "MAX_REQUEST_BYTES"  # the last output rides along
+
     @extend_schema(operation_id="agentFinishJob", tags=["agent"], request=FinishRequest,
                    responses={200: FinishResponse, 401: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request, job_id: str) -> Response:
@@ -152,6 +157,7 @@ class FinishView(JobView):
 
 
 class WorkspaceUploadView(JobView):
+    body_limit = "MAX_REQUEST_BYTES"
     parser_classes = [GzipParser]
 
     @extend_schema(operation_id="agentUploadWorkspace", tags=["agent"],
@@ -188,6 +194,8 @@ class SourceArchiveView(AgentView):
 
 
 class RenderResultView(JobView):
+    body_limit = "MAX_BUILD_REQUEST_BYTES"  # a pipeline as large as one a build create may carry
+
     @extend_schema(operation_id="agentRenderResult", tags=["agent"], request=RenderResultRequest,
                    responses={200: inline_serializer("RenderAccepted", {"jobs": serializers.IntegerField()}),
                               401: ErrorSerializer, 409: ErrorSerializer, 422: ErrorSerializer})
@@ -205,6 +213,9 @@ class RenderResultView(JobView):
 
 
 class ArtifactUploadView(JobView):
+    body_limit = "MAX_REQUEST_BYTES"  # then HARMONT_ARTIFACT_MAX_BYTES, checked by the service
+    chunked_body = False  # streamed to storage as it arrives, so its length comes first (411 without)
+
     @extend_schema(
         operation_id="agentUploadArtifact", tags=["agent"],
         parameters=[

@@ -35,7 +35,7 @@ from builds.serializers import (
 )
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
-from harmont.pagination import paginate, paginate_by_creation
+from harmont.pagination import paginate, paginate_by_creation, paginate_by_keys
 from harmont.serializers import ErrorSerializer, filtered, json_object, parse_uuid
 from organizations.access import OrgScopedView, membership_for
 from organizations.idempotency import IDEMPOTENCY_KEY_HEADER, IDEMPOTENCY_RESPONSES, idempotent
@@ -95,6 +95,8 @@ class BuildScopedView(OrgScopedView):
 
 
 class PipelineBuildsView(OrgScopedView):
+    body_limit = "MAX_BUILD_REQUEST_BYTES"  # source_b64 rides in the create
+
     @extend_schema(operation_id="listBuilds", tags=["builds"], parameters=PAGE_PARAMS + FILTER_PARAMS,
                    responses={200: BuildListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str) -> Response:
@@ -118,6 +120,8 @@ class PipelineBuildsView(OrgScopedView):
 
 
 class RepoBuildsView(OrgScopedView):
+    body_limit = "MAX_BUILD_REQUEST_BYTES"
+
     @extend_schema(operation_id="createBuildBySource", tags=["builds"], request=CreateRepoBuildRequestSerializer,
                    parameters=[IDEMPOTENCY_KEY_HEADER],
                    responses={201: BuildSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
@@ -218,12 +222,17 @@ class JobLogView(BuildScopedView):
 
 
 class AgentListView(OrgScopedView):
-    @extend_schema(operation_id="listAgents", tags=["agents"],
-                   responses={200: AgentListSerializer, 404: ErrorSerializer})
+    @extend_schema(operation_id="listAgents", tags=["agents"], parameters=PAGE_PARAMS,
+                   responses={200: AgentListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str) -> Response:
-        """Agents seen in the last day, most recently seen first, with what each is running."""
-        agents = selectors.recent_agents(self.org, now=timezone.now())
-        return Response({"data": AgentStatusSerializer(agents, many=True).data})
+        """Agents seen in the last day, newest registered first, with what each is running."""
+        now = timezone.now()
+        # Paged by registration, which never changes: by last-seen time, which every heartbeat moves,
+        # an agent seen between two pages would jump ahead of the cursor and be left out.
+        page = paginate_by_keys(request, selectors.recent_agents_query(self.org, now=now),
+                                keys=("created_at", "pk"), descending=True)
+        return Response({"data": AgentStatusSerializer(selectors.with_status(page.items, now=now), many=True).data,
+                         "next_cursor": page.next_cursor})
 
 
 # ------------------------------------------------------------------ artifacts

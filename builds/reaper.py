@@ -1,5 +1,5 @@
 """The reaper loop: the part of execution no agent can report on (lost agents, overdue work), and
-the rows that only live for a while (expired idempotency keys)."""
+the rows that only live for a while (expired idempotency keys, agents not seen for a day)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 from django.db import DatabaseError, close_old_connections
 
 from builds import services
+from builds.services.agents import prune_agents
 from organizations.idempotency import prune_idempotency_keys
 
 log = logging.getLogger("harmont.reaper")
@@ -26,6 +27,9 @@ def run_reaper(*, stop: threading.Event, interval: float, once: bool = False) ->
             pruned = prune_idempotency_keys()
             if pruned:
                 log.info("pruned %d expired idempotency keys", pruned)
+            gone = prune_agents()
+            if gone:
+                log.info("pruned %d agents not seen for a day", gone)
         except DatabaseError:
             log.exception("reaper pass failed; retrying")
             close_old_connections()

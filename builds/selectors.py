@@ -145,20 +145,26 @@ def connection_state(agent: Agent, now: datetime) -> str:
     return "lost" if silent > settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS else "connected"
 
 
-def recent_agents(org: Organization, *, now: datetime) -> list[Agent]:
-    """The organization's agents seen within AGENT_LIST_WINDOW, most recently seen first, in two queries.
+def recent_agents_query(org: Organization, *, now: datetime) -> QuerySet[Agent]:
+    """The organization's agents seen within AGENT_LIST_WINDOW, with their tokens and live jobs (two queries).
 
-    Each comes with its token, `connection_state`, and `current_job`: the job it
-    holds (with the build number and pipeline slug shown beside it), or None.
+    Pass what it yields through `with_status` for `connection_state` and `current_job`.
     """
     live = Job.objects.filter(state__in=states.LIVE_JOB_STATES).select_related("build__pipeline").only(
         "id", "agent_id", "state", "step_key", "build__number", "build__pipeline__slug")
-    agents = list(
-        Agent.objects.filter(organization=org, last_seen_at__gte=now - AGENT_LIST_WINDOW)
-        .select_related("token").order_by("-last_seen_at")
-        .prefetch_related(Prefetch("jobs", queryset=live, to_attr="live_jobs"))
-    )
+    return (Agent.objects.filter(organization=org, last_seen_at__gte=now - AGENT_LIST_WINDOW)
+            .select_related("token").prefetch_related(Prefetch("jobs", queryset=live, to_attr="live_jobs")))
+
+
+def with_status(agents: list[Agent], *, now: datetime) -> list[Agent]:
+    """Each agent of `recent_agents_query` with `connection_state` and `current_job`: the job it
+    holds (with the build number and pipeline slug shown beside it), or None."""
     for agent in agents:
         agent.connection_state = connection_state(agent, now)
         agent.current_job = agent.live_jobs[0] if agent.live_jobs else None
     return agents
+
+
+def recent_agents(org: Organization, *, now: datetime) -> list[Agent]:
+    """All of the organization's agents seen within AGENT_LIST_WINDOW, most recently seen first (the agents page)."""
+    return with_status(list(recent_agents_query(org, now=now).order_by("-last_seen_at")), now=now)

@@ -171,6 +171,7 @@ class AgentStatusSerializer(serializers.ModelSerializer):
 
 class AgentListSerializer(serializers.Serializer):
     data = AgentStatusSerializer(many=True)
+    next_cursor = serializers.CharField(allow_null=True, help_text="Pass as `cursor` for the next page; null at the end.")
 
 
 class ArtifactSerializer(serializers.Serializer):

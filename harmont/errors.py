@@ -7,6 +7,7 @@ and anything unhandled. One shape, one place.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import uuid
@@ -19,6 +20,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from harmont.parsers import body_limit_for, read_chunked_body, takes_chunked_body
 
 logger = logging.getLogger("harmont.errors")
 
@@ -141,7 +144,9 @@ CATALOG: dict[str, ErrorCode] = _catalog(
     ("already_member", "conflict", "Already a member",
      "The invited person is already a member of this organization."),
     ("payload_too_large", "payload_too_large", "Request body too large",
-     "The request body is larger than this server accepts (HARMONT_MAX_REQUEST_BYTES)."),
+     "The request body is larger than this route accepts: HARMONT_MAX_JSON_BYTES for JSON bodies, more for a "
+     "build's create (its `source_b64`, HARMONT_SOURCE_MAX_BYTES) and for uploads (HARMONT_MAX_REQUEST_BYTES). "
+     "The message names the limit. A body sent without Content-Length is refused once it passes the limit."),
     ("validation_failed", "validation_failed", "Validation failed",
      "One or more fields are invalid; `fields` maps each field name to its messages."),
     ("build_invalid", "validation_failed", "Build request invalid",
@@ -336,9 +341,10 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpRespon
     return None  # unhandled: ApiErrorMiddleware renders the 500
 
 
-def _too_large(request: HttpRequest) -> JsonResponse:
+def _too_large(request: HttpRequest, limit: int | None = None) -> JsonResponse:
+    limit = getattr(request, "body_limit", None) if limit is None else limit
     return envelope_response(request, "payload_too_large",
-                             f"Request body exceeds {settings.MAX_REQUEST_BYTES} bytes.", status=413)
+                             f"Request body exceeds {limit or settings.MAX_REQUEST_BYTES} bytes.", status=413)
 
 
 # ---------------------------------------------------------------- middleware
@@ -352,7 +358,8 @@ class RequestIdMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         rid = request_id_for(request)
         if is_api_path(request):
-            # Refuse oversized bodies before anything reads them.
+            # Refuse bodies past the largest any route takes before anything reads them;
+            # process_view applies the route's own limit.
             length = request.META.get("CONTENT_LENGTH") or "0"
             if length.isdigit() and int(length) > settings.MAX_REQUEST_BYTES:
                 response: HttpResponse = _too_large(request)
@@ -365,6 +372,29 @@ class RequestIdMiddleware:
             response = _envelope_for_status(request, response.status_code)
         response["X-Request-Id"] = rid
         return response
+
+
+    def process_view(self, request: HttpRequest, view_func: Callable[..., HttpResponse], view_args: Any,
+                     view_kwargs: Any) -> HttpResponse | None:
+        """The route's body limit (its view's `body_limit`, see harmont.parsers), before the body is read.
+
+        First in the chain, so no other middleware has read the body yet.
+        """
+        if not is_api_path(request):
+            return None
+        limit = body_limit_for(view_func)
+        request.body_limit = limit  # type: ignore[attr-defined]  (for the 413's message)
+        length = request.META.get("CONTENT_LENGTH") or ""
+        if length.isdigit():
+            return _too_large(request, limit) if int(length) > limit else None
+        if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower() and takes_chunked_body(view_func):
+            body = read_chunked_body(request.META["wsgi.input"], limit=limit)
+            if body is None:
+                return _too_large(request, limit)
+            # From here on it reads like any body with a length (Django and DRF read none without one).
+            request.META["CONTENT_LENGTH"] = str(len(body))
+            request._stream = io.BytesIO(body)  # type: ignore[attr-defined]
+        return None
 
 
 def _is_json(response: HttpResponse) -> bool:

@@ -123,3 +123,52 @@ def paginate_by_creation(request: Request, queryset: QuerySet[M]) -> Page[M]:
     rows = rows[:limit]
     next_cursor = encode_time_cursor(rows[-1].created_at, rows[-1].pk) if has_more else None
     return Page(rows, next_cursor)
+
+
+def _key_value(field: Any, raw: Any) -> Any:
+    """One cursor value read back through its model field; 400 `invalid_cursor` for anything else."""
+    if not isinstance(raw, str):
+        raise _invalid_cursor()
+    try:
+        value = field.to_python(raw)
+    except (ValidationError, TypeError, ValueError):
+        raise _invalid_cursor() from None
+    if value is None or (isinstance(value, datetime) and value.tzinfo is None):
+        raise _invalid_cursor()
+    return value
+
+
+def paginate_by_keys(request: Request, queryset: QuerySet[M], *, keys: tuple[str, ...],
+                     descending: bool = False) -> Page[M]:
+    """One keyset page of `queryset` ordered by the fields `keys` (all ascending, or all descending).
+
+    The fields together must be unique within the queryset (end with `pk` where
+    the others can repeat), so "after the last key seen" never skips or repeats
+    a row, also when rows are added or removed between pages. Each must be a
+    column the rows never change (a creation time, an id, a name), and an index
+    on the queryset's filter columns followed by `keys` answers each page. The
+    cursor holds the last row's values as strings.
+    """
+    limit = parse_limit(request)
+    meta = queryset.model._meta
+    fields = [meta.pk if key == "pk" else meta.get_field(key) for key in keys]
+    cursor = request.query_params.get("cursor")
+    if cursor:
+        raw = _decode(cursor).get("v")
+        if not isinstance(raw, list) or len(raw) != len(keys):
+            raise _invalid_cursor()
+        values = [_key_value(field, item) for field, item in zip(fields, raw)]
+        after = "lt" if descending else "gt"
+        # (k1, k2, ...) > (v1, v2, ...), spelled out: k1 > v1, or k1 = v1 and k2 > v2, ...
+        beyond = Q()
+        for i, key in enumerate(keys):
+            beyond |= Q(**{k: v for k, v in zip(keys[:i], values[:i])}, **{f"{key}__{after}": values[i]})
+        queryset = queryset.filter(beyond)
+    rows = list(queryset.order_by(*(f"-{key}" if descending else key for key in keys))[: limit + 1])
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = None
+    if has_more:
+        last = [getattr(rows[-1], key) for key in keys]
+        next_cursor = _encode({"v": [v.isoformat() if isinstance(v, datetime) else str(v) for v in last]})
+    return Page(rows, next_cursor)

@@ -254,10 +254,26 @@ MEDIA_ROOT = Path(env_str("HARMONT_MEDIA_ROOT", str(BASE_DIR / "var" / "media"))
 # A render job (the pipeline rendered from the repository on an agent) may take this long.
 RENDER_TIMEOUT_SECONDS = env_int("HARMONT_RENDER_TIMEOUT", 600, minimum=10)
 
-# Request bodies: a build may carry its source as base64 in JSON, so the JSON
-# limit is generous; anything above it is a 413 in the error envelope.
+# Request bodies: no route takes more than MAX_REQUEST_BYTES (the uploads: artifacts, workspaces,
+# and the agents' job output); anything above a route's limit is a 413 in the error envelope,
+# refused from Content-Length before it is read (harmont.errors.RequestIdMiddleware).
 MAX_REQUEST_BYTES = env_int("HARMONT_MAX_REQUEST_BYTES", 64 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
+# Every other JSON body: far more than any organization, pipeline, secret or envelope needs.
+MAX_JSON_BYTES = env_int("HARMONT_MAX_JSON_BYTES", 1024 * 1024, minimum=1024)
+# A build's uploaded source archive (`source_b64`, decoded). The build creates take its base64
+# (4 characters for every 3 bytes) plus a JSON body of the ordinary size for everything else.
+SOURCE_MAX_BYTES = env_int("HARMONT_SOURCE_MAX_BYTES", 32 * 1024 * 1024, minimum=1024)
+MAX_BUILD_REQUEST_BYTES = 4 * -(-SOURCE_MAX_BYTES // 3) + MAX_JSON_BYTES
+if MAX_BUILD_REQUEST_BYTES > MAX_REQUEST_BYTES:
+    if env_str("HARMONT_SOURCE_MAX_BYTES"):
+        raise ImproperlyConfigured(
+            f"HARMONT_SOURCE_MAX_BYTES ({SOURCE_MAX_BYTES}) in base64 with HARMONT_MAX_JSON_BYTES "
+            f"({MAX_JSON_BYTES}) makes a build request of {MAX_BUILD_REQUEST_BYTES} bytes, more than "
+            f"HARMONT_MAX_REQUEST_BYTES ({MAX_REQUEST_BYTES})"
+        )
+    # A lowered request limit, with the source limit left at its default, lowers both.
+    MAX_BUILD_REQUEST_BYTES = MAX_REQUEST_BYTES
 
 # Artifacts: one file, and all of one build's files together, may not exceed these.
 # One file is one request body, so it can't be larger than a request may be: the

@@ -19,7 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from harmont.errors import ApiError
-from harmont.pagination import paginate
+from harmont.pagination import paginate, paginate_by_keys
 from harmont.serializers import ErrorSerializer, parse_uuid, validated
 from harmont.throttling import AddressBudget, CredentialBudget, RateLimitedView
 from organizations import services
@@ -124,11 +124,14 @@ def personal_tokens(user: User) -> QuerySet[ApiToken]:
 
 
 class ApiTokenListView(APIView):
-    @extend_schema(operation_id="listApiTokens", tags=["user"],
-                   responses={200: ApiTokenListResponseSerializer, 401: ErrorSerializer})
+    @extend_schema(operation_id="listApiTokens", tags=["user"], parameters=PAGE_PARAMS,
+                   responses={200: ApiTokenListResponseSerializer, 400: ErrorSerializer, 401: ErrorSerializer})
     def get(self, request: Request) -> Response:
-        tokens = personal_tokens(request.user).filter(revoked_at__isnull=True).order_by("-created_at", "-pk")
-        return Response({"api_tokens": ApiTokenSerializer(tokens, many=True).data})
+        """Your personal API tokens that are not revoked, newest first (the reference's `api_tokens`, paged)."""
+        page = paginate_by_keys(request, personal_tokens(request.user).filter(revoked_at__isnull=True),
+                                keys=("created_at", "pk"), descending=True)
+        return Response({"api_tokens": ApiTokenSerializer(page.items, many=True).data,
+                         "next_cursor": page.next_cursor})
 
     @extend_schema(operation_id="createApiToken", tags=["user"], request=ApiTokenCreateRequestSerializer,
                    responses={201: ApiTokenCreateResponseSerializer, 401: ErrorSerializer, 422: ErrorSerializer})
@@ -255,12 +258,14 @@ class OrganizationDetailView(OrgScopedView):
 
 
 class MemberListView(OrgScopedView):
-    @extend_schema(operation_id="listOrgMembers", tags=["organizations"],
-                   responses={200: OrgMemberListSerializer, 401: ErrorSerializer, 404: ErrorSerializer})
+    @extend_schema(operation_id="listOrgMembers", tags=["organizations"], parameters=PAGE_PARAMS,
+                   responses={200: OrgMemberListSerializer, 400: ErrorSerializer, 401: ErrorSerializer,
+                              404: ErrorSerializer})
     def get(self, request: Request, org: str) -> Response:
-        members = (Membership.objects.filter(organization=self.org).select_related("user")
-                   .order_by("created_at", "id"))
-        return Response({"data": OrgMemberSerializer(members, many=True).data})
+        """The organization's members, oldest membership first."""
+        page = paginate_by_keys(request, Membership.objects.filter(organization=self.org).select_related("user"),
+                                keys=("created_at", "id"))
+        return Response({"data": OrgMemberSerializer(page.items, many=True).data, "next_cursor": page.next_cursor})
 
 
 class MemberDetailView(OrgScopedView):
@@ -304,12 +309,13 @@ class InviteListView(OrgScopedView):
     required_role = {"GET": Role.ADMIN, "POST": Role.ADMIN}
     role_action = "manage invites"
 
-    @extend_schema(operation_id="listInvites", tags=["organizations"],
-                   responses={200: InviteListSerializer, 401: ErrorSerializer, 403: ErrorSerializer,
-                              404: ErrorSerializer})
+    @extend_schema(operation_id="listInvites", tags=["organizations"], parameters=PAGE_PARAMS,
+                   responses={200: InviteListSerializer, 400: ErrorSerializer, 401: ErrorSerializer,
+                              403: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str) -> Response:
-        invites = services.open_invites(organization=self.org).order_by("created_at", "id")
-        return Response({"data": InviteSerializer(invites, many=True).data})
+        """The invites that can still be accepted, oldest first."""
+        page = paginate_by_keys(request, services.open_invites(organization=self.org), keys=("created_at", "id"))
+        return Response({"data": InviteSerializer(page.items, many=True).data, "next_cursor": page.next_cursor})
 
     @extend_schema(operation_id="createInvite", tags=["organizations"], request=CreateInviteRequestSerializer,
                    responses={201: InviteSerializer, 401: ErrorSerializer, 403: ErrorSerializer,
@@ -349,12 +355,14 @@ class AgentTokenListView(OrgScopedView):
     required_role = {"GET": Role.ADMIN, "POST": Role.ADMIN}
     role_action = "manage agent tokens"
 
-    @extend_schema(operation_id="listAgentTokens", tags=["agents"],
-                   responses={200: AgentTokenListSerializer, 403: ErrorSerializer, 404: ErrorSerializer})
+    @extend_schema(operation_id="listAgentTokens", tags=["agents"], parameters=PAGE_PARAMS,
+                   responses={200: AgentTokenListSerializer, 400: ErrorSerializer, 403: ErrorSerializer,
+                              404: ErrorSerializer})
     def get(self, request: Request, org: str) -> Response:
         """The organization's agent tokens that are not revoked, newest first (never the secret)."""
-        tokens = AgentToken.objects.filter(organization=self.org, revoked_at__isnull=True).order_by("-created_at")
-        return Response({"data": AgentTokenSerializer(tokens, many=True).data})
+        page = paginate_by_keys(request, AgentToken.objects.filter(organization=self.org, revoked_at__isnull=True),
+                                keys=("created_at", "pk"), descending=True)
+        return Response({"data": AgentTokenSerializer(page.items, many=True).data, "next_cursor": page.next_cursor})
 
     @extend_schema(operation_id="createAgentToken", tags=["agents"], request=AgentTokenCreateRequestSerializer,
                    responses={201: AgentTokenCreateResponseSerializer, 403: ErrorSerializer, 404: ErrorSerializer,

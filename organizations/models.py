@@ -90,7 +90,11 @@ class Membership(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["organization", "user"], name="membership_unique")]
-        indexes = [models.Index(fields=["user", "organization"], name="membership_by_user")]
+        indexes = [
+            models.Index(fields=["user", "organization"], name="membership_by_user"),
+            # The members list, keyset-paginated by (created_at, id).
+            models.Index(fields=["organization", "created_at", "id"], name="membership_by_org"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.user} in {self.organization} ({self.role})"

@@ -61,6 +61,7 @@ class ApiTokenSerializer(serializers.ModelSerializer):
 
 class ApiTokenListResponseSerializer(serializers.Serializer):
     api_tokens = ApiTokenSerializer(many=True)
+    next_cursor = serializers.CharField(allow_null=True, help_text="Pass as `cursor` for the next page; null at the end.")
 
 
 class ApiTokenCreateRequestSerializer(serializers.Serializer):
@@ -143,6 +144,7 @@ class OrgMemberSerializer(serializers.ModelSerializer):
 
 class OrgMemberListSerializer(serializers.Serializer):
     data = OrgMemberSerializer(many=True)
+    next_cursor = serializers.CharField(allow_null=True, help_text="Pass as `cursor` for the next page; null at the end.")
 
 
 class UpdateMemberRoleRequestSerializer(serializers.Serializer):
@@ -168,6 +170,7 @@ class InviteSerializer(serializers.ModelSerializer):
 
 class InviteListSerializer(serializers.Serializer):
     data = InviteSerializer(many=True)
+    next_cursor = serializers.CharField(allow_null=True, help_text="Pass as `cursor` for the next page; null at the end.")
 
 
 class CreateInviteRequestSerializer(serializers.Serializer):
@@ -188,6 +191,7 @@ class AgentTokenSerializer(serializers.ModelSerializer):
 
 class AgentTokenListSerializer(serializers.Serializer):
     data = AgentTokenSerializer(many=True)
+    next_cursor = serializers.CharField(allow_null=True, help_text="Pass as `cursor` for the next page; null at the end.")
 
 
 class AgentTokenCreateRequestSerializer(serializers.Serializer):

@@ -12,7 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from harmont.errors import ApiError
-from harmont.pagination import paginate
+from harmont.pagination import paginate, paginate_by_keys
 from harmont.serializers import ErrorSerializer, validated
 from organizations.access import OrgScopedView
 from organizations.idempotency import IDEMPOTENCY_KEY_HEADER, IDEMPOTENCY_RESPONSES, idempotent
@@ -113,7 +113,9 @@ class SecretScopeView(OrgScopedView):
         return {"organization": self.org, "pipeline": get_pipeline(self.org, slug) if slug is not None else None}
 
     def list_secrets(self) -> Response:
-        return Response({"secrets": SecretSerializer(secret_services.list_secrets(**self.scope()), many=True).data})
+        # Names are unique within a scope, so the name alone is the page key.
+        page = paginate_by_keys(self.request, secret_services.list_secrets(**self.scope()), keys=("name",))
+        return Response({"secrets": SecretSerializer(page.items, many=True).data, "next_cursor": page.next_cursor})
 
     def set_secret(self, request: Request) -> Response:
         body = validated(SetSecretRequestSerializer, request)
@@ -133,8 +135,9 @@ SET_SECRET_RESPONSES = {200: SecretSerializer, 201: SecretSerializer, 403: Error
 
 
 class OrgSecretListView(SecretScopeView):
-    @extend_schema(operation_id="listOrgSecrets", tags=["secrets"],
-                   responses={200: SecretListSerializer, 403: ErrorSerializer, 404: ErrorSerializer})
+    @extend_schema(operation_id="listOrgSecrets", tags=["secrets"], parameters=PAGE_PARAMS,
+                   responses={200: SecretListSerializer, 400: ErrorSerializer, 403: ErrorSerializer,
+                              404: ErrorSerializer})
     def get(self, request: Request, org: str) -> Response:
         """The organization's secrets (every pipeline gets them), by name; never their values."""
         return self.list_secrets()
@@ -155,8 +158,9 @@ class OrgSecretDetailView(SecretScopeView):
 
 
 class PipelineSecretListView(SecretScopeView):
-    @extend_schema(operation_id="listPipelineSecrets", tags=["secrets"],
-                   responses={200: SecretListSerializer, 403: ErrorSerializer, 404: ErrorSerializer})
+    @extend_schema(operation_id="listPipelineSecrets", tags=["secrets"], parameters=PAGE_PARAMS,
+                   responses={200: SecretListSerializer, 400: ErrorSerializer, 403: ErrorSerializer,
+                              404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str) -> Response:
         """The pipeline's own secrets (they win over the organization's of the same name); never their values."""
         return self.list_secrets()

@@ -87,6 +87,7 @@ class SecretSerializer(serializers.Serializer):
 
 class SecretListSerializer(serializers.Serializer):
     secrets = SecretSerializer(many=True)
+    next_cursor = serializers.CharField(allow_null=True, help_text="Pass as `cursor` for the next page; null at the end.")
 
 
 class SetSecretRequestSerializer(serializers.Serializer):

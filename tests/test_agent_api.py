@@ -1375,13 +1375,13 @@ def test_agents_list_shows_each_agents_connection_and_current_job(api, org, agen
     row = {name: {"id": str(a.id), "name": a.name, "hostname": a.hostname, "version": a.version, "os": a.os,
                   "created_at": iso(a.created_at), "last_seen_at": iso(a.last_seen_at)}
            for name, a in agents.items()}
-    assert response.json() == {"data": [
+    assert response.json() == {"data": [  # newest registered first
+        {**row["gone"], "connection_state": "stopped", "current_job": None},
+        {**row["quiet"], "connection_state": "lost", "current_job": None},
         {**row["busy"], "connection_state": "connected",
          "current_job": {"id": spec["id"], "state": "assigned", "step_key": "a", "build_number": 1,
                          "pipeline_slug": "web-ci"}},
-        {**row["gone"], "connection_state": "stopped", "current_job": None},
-        {**row["quiet"], "connection_state": "lost", "current_job": None},
-    ]}
+    ], "next_cursor": None}
 
 
 @pytest.mark.django_db

@@ -107,7 +107,7 @@ def test_list_shows_live_tokens_newest_first_without_secrets(admin_api, org, oth
     response = admin_api.get(tokens_url(org.slug))
 
     assert response.status_code == 200
-    assert response.json() == {"data": [second["agent_token"], first["agent_token"]]}
+    assert response.json() == {"data": [second["agent_token"], first["agent_token"]], "next_cursor": None}
     assert first["token"] not in response.content.decode()
     assert second["token"] not in response.content.decode()
     assert set(response.json()["data"][0]) == TOKEN_KEYS
@@ -154,7 +154,7 @@ def test_revoke_is_204_and_stops_its_agents_sessions_and_job_credentials(admin_a
     assert_error(job_client.post(f"/api/v0/agent/jobs/{job_id}/heartbeat", {}, format="json"), 401, "unauthorized")
     assert_error(job_client.post(f"/api/v0/agent/jobs/{job_id}/finish", {"exit_code": 0}, format="json"), 401,
                  "unauthorized")
-    assert admin_api.get(tokens_url(org.slug)).json() == {"data": []}
+    assert admin_api.get(tokens_url(org.slug)).json() == {"data": [], "next_cursor": None}
 
 
 @pytest.mark.django_db

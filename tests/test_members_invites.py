@@ -54,7 +54,7 @@ def test_list_members_in_join_order(org, owner, admin_user, member, member_api):
     assert response.status_code == 200
     assert response.json() == {"data": [
         member_body(owner, "owner"), member_body(admin_user, "admin"), member_body(member, "member"),
-    ]}
+    ], "next_cursor": None}
 
 
 def test_list_members_of_another_org_is_404(api, other_org):
@@ -371,7 +371,7 @@ def test_list_invites_shows_only_open_ones_oldest_first_without_tokens(admin_api
          "token": None},
         {"id": str(second.id), "email": "b@example.com", "role": "admin", "expires_at": iso(second.expires_at),
          "token": None},
-    ]}
+    ], "next_cursor": None}
 
 
 def test_member_cannot_list_invites_is_403(member_api, org):
@@ -402,7 +402,7 @@ def test_admin_revokes_invite(admin_api, org, owner):
     assert response.status_code == 204 and response.content == b""
     invite.refresh_from_db()
     assert invite.revoked_at is not None
-    assert admin_api.get(invites_url(org)).json() == {"data": []}
+    assert admin_api.get(invites_url(org)).json() == {"data": [], "next_cursor": None}
 
 
 def test_revoking_twice_is_404(api, org, owner):
@@ -472,7 +472,7 @@ def test_accept_invite_joins_with_the_invited_role(invitee_api, invitee, org):
     issued.invite.refresh_from_db()
     assert issued.invite.accepted_at is not None and issued.invite.accepted_by == invitee
     assert invitee_api.get(f"/api/v0/organizations/{org.slug}").status_code == 200
-    assert invitee_api.get(invites_url(org)).json() == {"data": []}  # no longer open
+    assert invitee_api.get(invites_url(org)).json() == {"data": [], "next_cursor": None}  # no longer open
 
 
 def unacceptable(response: Any) -> dict[str, Any]:

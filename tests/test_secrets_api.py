@@ -200,13 +200,13 @@ def test_list_shows_names_and_times_of_the_scope_only_never_values(api, org, pip
     assert response.json() == {"secrets": [
         {"name": "A_TOKEN", "protected": True, "updated_at": "2025-03-01T13:00:00.000000Z"},
         {"name": "B_TOKEN", "protected": True, "updated_at": "2025-03-01T12:00:00.000000Z"},
-    ]}
+    ], "next_cursor": None}
     assert VALUE.encode() not in response.content
 
 
 def test_empty_list(api, scope):
     response = api.get(scope["url"]())
-    assert (response.status_code, response.json()) == (200, {"secrets": []})
+    assert (response.status_code, response.json()) == (200, {"secrets": [], "next_cursor": None})
 
 
 @pytest.mark.parametrize("count", [1, 10])
@@ -241,7 +241,7 @@ def test_delete_removes_the_secret_then_404(api, org, pipeline, scope):
     error = assert_error(api.delete(scope["url"]("TOKEN")), 404, "secret_not_found")
     assert "TOKEN" in error["message"]
     assert api.get(scope["url"]()).json() == {"secrets": [{"name": "KEEP", "protected": True, "updated_at": iso(
-        Secret.objects.get(organization=org, pipeline=scope["pipeline"], name="KEEP").updated_at)}]}
+        Secret.objects.get(organization=org, pipeline=scope["pipeline"], name="KEEP").updated_at)}], "next_cursor": None}
 
 
 def test_delete_of_an_unknown_or_malformed_name_is_404(api, org, scope):

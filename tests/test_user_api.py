@@ -160,7 +160,8 @@ def test_list_api_tokens_shows_personal_unrevoked_tokens_newest_first_without_se
 
     response = api.get("/api/v0/user/api-tokens")
     assert response.status_code == 200
-    assert response.json() == {"api_tokens": [token_body(presented), token_body(newer), token_body(older)]}
+    assert response.json() == {"api_tokens": [token_body(presented), token_body(newer), token_body(older)],
+                               "next_cursor": None}
     text = response.content.decode()
     assert api.raw_token not in text
     assert presented.token_hash not in text and "token_hash" not in text

@@ -9,10 +9,13 @@ from django.db import transaction
 from django.utils import timezone
 
 from builds.models import Agent, Job
-from builds.selectors import AGENT_SEEN_RESOLUTION
+from builds.selectors import AGENT_LIST_WINDOW, AGENT_SEEN_RESOLUTION
 from harmont.tokens import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
 from organizations.models import AgentToken
 
+# Agents pruned by one reaper pass at most: the reaper runs every few seconds, so a backlog
+# (a fleet that restarted in a loop) goes in a few passes without one long delete.
+PRUNE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,21 @@ def touch_job(*, job: Job, now: datetime) -> None:
     """A sign of life from the job's agent: the job's heartbeat and the agent's last-seen time."""
     Job.objects.filter(pk=job.pk).update(last_heartbeat_at=now)
     agent_seen_by(job=job, now=now)
+
+
+def prune_agents(*, now: datetime | None = None, batch: int = PRUNE_BATCH) -> int:
+    """Delete up to `batch` agents not seen for more than AGENT_LIST_WINDOW (a day); how many went.
+
+    Every agent process registers a row, so without this the table grows by one per
+    start for ever. A pruned agent is listed nowhere; the jobs it ran keep their history
+    with no agent (SET_NULL). Its session would be refused, but an agent silent for a day
+    has long lost its jobs and is gone. The delete re-checks the time, so an agent seen
+    again between the two statements stays.
+    """
+    cutoff = (now or timezone.now()) - AGENT_LIST_WINDOW
+    stale = list(Agent.objects.filter(last_seen_at__lt=cutoff).values_list("pk", flat=True)[:batch])
+    if not stale:
+        return 0
+    with transaction.atomic():
+        _, deleted = Agent.objects.filter(pk__in=stale, last_seen_at__lt=cutoff).delete()
+    return deleted.get(Agent._meta.label, 0)

@@ -128,6 +128,8 @@ def validate_build_request(*, branch: Any, commit: Any, message: Any = None, sou
                 archive = base64.b64decode(source_b64, validate=True)
             except (binascii.Error, ValueError):
                 fields["source_b64"] = ["Not valid base64."]
+            if archive is not None and len(archive) > settings.SOURCE_MAX_BYTES:
+                fields["source_b64"] = [f"The archive is larger than {settings.SOURCE_MAX_BYTES} bytes."]
     url_v = text("source_url", source_url, max_length=2000)
     sha_v = text("source_sha256", source_sha256, max_length=64)
     if sha_v is not None and (len(sha_v) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha_v)):
