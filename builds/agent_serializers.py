@@ -143,7 +143,8 @@ class FinishRequest(serializers.Serializer):
     exit_code = serializers.IntegerField(allow_null=True, required=False, min_value=-1, max_value=65535)
     signal = serializers.IntegerField(allow_null=True, required=False, min_value=1, max_value=255)
     outcome = serializers.ChoiceField(choices=["canceled", "timed_out"], allow_null=True, required=False)
-    error_code = serializers.ChoiceField(choices=["workspace_unavailable", "render_failed"], allow_null=True,
+    error_code = serializers.ChoiceField(choices=["workspace_unavailable", "render_failed", "job_start_failed"],
+                                         allow_null=True,
                                          required=False)
     error_message = serializers.CharField(allow_null=True, required=False, allow_blank=True, max_length=2000)
     claim_next = serializers.BooleanField(required=False, default=False, help_text=(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ import pytest
 from builds.agent import runner
 from builds.agent.isolation import job_environment
 from builds.agent.logs import LogShipper
-from builds.agent.runner import Agent
+from builds.agent.runner import Agent, JobStartFailed
 from builds.agent.spec import JobSpec
 from builds.models import Agent as AgentRow
 from builds.models import Artifact, Job
@@ -38,6 +39,7 @@ from tests.e2e import (
     finished,
     job_log,
     jobs_by_key,
+    pid_from_log,
     process_exists,
     stderr_of,
     stdout_of,
@@ -343,12 +345,12 @@ def test_a_program_that_cant_be_started_fails_the_job_not_the_agent(tmp_path):
                                       "step_key": "a"}, "job_token": "hmj_x"})
     shipper = LogShipper(QuietTransport(), job)  # type: ignore[arg-type]
 
-    result = agent._execute(job, tmp_path, shipper, argv=[str(program)])
+    with pytest.raises(JobStartFailed) as failed:
+        agent._execute(job, tmp_path, shipper, argv=[str(program)])
 
-    assert result == {"outcome": None, "exit_code": 126, "signal": None}
-    assert [chunk["content"] for chunk in shipper.pending] == [
-        f"harmont-agent: could not start the command: [Errno 13] Permission denied: '{program}'\n"
-        "harmont-agent: exit status 126\n"]
+    # run_job fails the job with job_start_failed and this reason (tests/test_agent_faults.py).
+    assert str(failed.value) == f"could not start the command: [Errno 13] Permission denied: '{program}'"
+    assert shipper.pending == []
 
 
 @pytest.fixture
@@ -421,6 +423,25 @@ def test_run_as_kills_what_a_command_left_running(e2e_settings, api, pipeline, a
     assert job.state == "passed", job_log(job)
     pid = int(stdout_of(job).strip().removeprefix("pid="))
     wait_for(lambda: not process_exists(pid), 5, what=f"the left-over process {pid} to be gone")
+
+
+@needs_root
+@e2e
+def test_run_as_commands_even_out_of_their_group_die_with_a_sigkilled_agent(e2e_settings, api, pipeline, agents,
+                                                                             job_user, open_workdir):
+    agent = agents.start("a1", options=("--run-as", job_user.pw_name), workdir=open_workdir / "a1")
+    # One in the command's group, one that left it (its own session): both are the user's.
+    command = "setsid sleep 75 > /dev/null 2>&1 < /dev/null & echo escaped=$!; echo pid=$$; sleep 75"
+    job = Job.objects.get(build=create_build(api, pipeline, hm.pipeline([hm.sh(command, key="sleep")])))
+    shell = pid_from_log(job)
+    escaped = int(next(line for line in stdout_of(job).splitlines() if line.startswith("escaped="))[8:])
+    assert process_exists(shell) and process_exists(escaped)
+
+    agent.send(signal.SIGKILL)
+    agent.wait(timeout=5)
+
+    wait_for(lambda: not process_exists(shell) and not process_exists(escaped), 5,
+             what="the user's commands to die with their agent")
 
 
 def test_run_as_root_is_refused(monkeypatch, capsys):

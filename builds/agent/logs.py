@@ -101,6 +101,7 @@ class LogShipper:
     def add(self, stream_kind: int, text: str) -> None:
         if not text:
             return
+        text = clean_text(text)  # before masking: a secret value holds no NUL (the environment can't)
         with self.lock:
             masker = self.maskers.get(stream_kind)
             if masker is None:
@@ -146,6 +147,12 @@ class LogShipper:
             self.cancel_requested.set()
         if answer and answer.get("timeout"):
             self.timeout_requested.set()
+
+
+def clean_text(text: str) -> str:
+    """`text` with each NUL replaced by U+FFFD, as a bad byte of UTF-8 is: the server's database can't store NUL
+    in text (PostgreSQL refuses it), so the log route refuses it, and the rest of the output would be lost."""
+    return text.replace("\x00", "\ufffd")
 
 
 def error_code(body: Any) -> str | None:

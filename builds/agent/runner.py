@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import http.client
 import json
 import logging
@@ -37,7 +39,7 @@ from builds.agent.isolation import (
     restart_cleanly,
     token_file_warning,
 )
-from builds.agent.logs import MAX_CHUNK_CHARS, META, STDERR, STDOUT, LogShipper, pump
+from builds.agent.logs import MAX_CHUNK_CHARS, META, STDERR, STDOUT, LogShipper, clean_text, pump
 from builds.agent.spec import JobSpec
 from builds.agent.transport import VERSION, AgentError, Transport, Unauthorized
 from harmont.redaction import redact_url_credentials
@@ -47,11 +49,18 @@ log = logging.getLogger("harmont.agent")
 FLUSH_INTERVAL = 0.5  # seconds between log shipments while a command runs
 HEARTBEAT_INTERVAL = 5.0
 RENDERER = Path(__file__).with_name("render_pipeline.py")
+GUARD = Path(__file__).with_name("guard.py")
+LOCK_FILE = ".agent.lock"  # in the work directory, held for the agent's life
+
+
+class JobStartFailed(Exception):
+    """One job could not be prepared, started or run for a reason of the agent's host; the job fails, not the agent."""
 
 
 class Agent:
     def __init__(self, *, server: str, token: str, name: str | None = None, workdir: str | None = None,
-                 poll_interval: float = 1.0, once: bool = False, run_as: RunAs | None = None) -> None:
+                 poll_interval: float = 1.0, once: bool = False, run_as: RunAs | None = None,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL) -> None:
         self.transport = Transport(server)
         self.token = token
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -59,6 +68,8 @@ class Agent:
         self.poll_interval = poll_interval
         self.once = once
         self.run_as = run_as
+        self.heartbeat_interval = heartbeat_interval
+        self.guard: subprocess.Popen | None = None  # see guard.py; started by run()
         self.session: str | None = None
         self.current_job: JobSpec | None = None
         # The last finish report also asked for the next job (`claim_next`): its answer, a job
@@ -96,7 +107,19 @@ class Agent:
             log.error("user %s can't get to the work directory %s (a directory above it is closed to them); "
                       "choose a --workdir they can reach", self.run_as.name, self.workdir)
             return 2
+        # Held until this process ends, however it ends: an agent that can take it knows no
+        # other one is using the directory, so whatever is there is a crashed run's.
+        lock = os.open(self.workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            log.error("another agent is using the work directory %s; give each agent a --workdir of its own",
+                      self.workdir)
+            return 2
+        try:
+            self.clean_up_after_crash()
+            self.start_guard()
             self.register()
             # A job handed over with the last finish is this agent's already: it runs even if a
             # stop signal came meanwhile, like a job claimed just before one.
@@ -107,7 +130,11 @@ class Agent:
                         return 0
                     self.stopping.wait(self.poll_interval * random.uniform(0.8, 1.2))
                     continue
-                job = JobSpec.from_claim(claimed)
+                try:
+                    job = JobSpec.from_claim(claimed)
+                except (KeyError, TypeError) as exc:
+                    log.error("a claimed job could not be read (%r); the reaper will fail it", exc)
+                    continue
                 self.current_job = job
                 try:
                     self.run_job(job)
@@ -117,6 +144,10 @@ class Agent:
                     # credential (401) is this job's too: it ended longer ago than its grace,
                     # unless the agent token was revoked, which the next claim tells.
                     log.error("job %s abandoned: %s", job.id, exc)
+                    shutil.rmtree(self.workdir / job.id, ignore_errors=True)
+                    shutil.rmtree(self._artifacts_dir(job), ignore_errors=True)
+                except Exception:  # noqa: BLE001 - not even its failure could be reported: still only this job's
+                    log.exception("job %s abandoned: its failure could not be reported", job.id)
                     shutil.rmtree(self.workdir / job.id, ignore_errors=True)
                     shutil.rmtree(self._artifacts_dir(job), ignore_errors=True)
                 finally:
@@ -132,7 +163,82 @@ class Agent:
             log.warning("stopped while the server was unreachable: %s", exc)
         finally:
             self.disconnect()
+            self.stop_guard()
+            os.close(lock)
         return 0
+
+    def clean_up_after_crash(self) -> None:
+        """End what an earlier run of this agent left in its work directory: commands, workspaces.
+
+        An agent killed outright (SIGKILL, the OOM killer, a power cut) leaves its job's
+        workspace and artifacts behind, and commands that outlived their guard; its job
+        was failed by the reaper meanwhile. Only what the agent itself makes there is
+        touched (entries named by a job's id), so a --workdir that holds other things
+        keeps them. Only called with the directory's lock held.
+        """
+        leftovers = [path for path in (*self.workdir.iterdir(), *self._artifacts_root().glob("*"))
+                     if is_job_entry(path.name)]
+        roots = tuple(str(path) + os.sep for path in leftovers if path.is_dir() and not path.is_symlink())
+        killed = 0
+        own_group = os.getpgrp()
+        for entry in Path("/proc").glob("[0-9]*") if roots else ():
+            try:
+                if not (os.readlink(entry / "cwd") + os.sep).startswith(roots):
+                    continue
+                pid = int(entry.name)
+                group = os.getpgid(pid)
+                if group != own_group:  # a command's group: what it started in turn goes too
+                    os.killpg(group, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError):
+                continue  # gone meanwhile, or not ours to look at
+            killed += 1
+        if self.run_as is not None:
+            self.run_as.kill_all_processes()
+        for path in leftovers:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if leftovers:
+            log.warning("cleaned up after an earlier run in %s: %d processes ended, %d workspaces and files removed",
+                        self.workdir, killed, len(leftovers))
+
+    def start_guard(self) -> None:
+        """Start the process that ends this agent's commands if the agent dies (guard.py)."""
+        argv = [sys.executable, "-I", str(GUARD)]
+        if self.run_as is not None:
+            argv += [str(self.run_as.uid), str(self.run_as.gid)]
+        try:
+            self.guard = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, cwd="/", env={"PATH": os.defpath})
+        except OSError as exc:
+            log.warning("no guard process (%s): a command may outlive this agent if it is killed", exc)
+            self.guard = None
+
+    def stop_guard(self) -> None:
+        if self.guard is None:
+            return
+        try:
+            self.guard.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+        try:
+            self.guard.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.guard.kill()
+        self.guard = None
+
+    def _tell_guard(self, line: str) -> None:
+        if self.guard is None:
+            return
+        try:
+            self.guard.stdin.write(f"{line}\n".encode())  # type: ignore[union-attr]
+            self.guard.stdin.flush()  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            log.warning("the guard process is gone: a command may outlive this agent if it is killed")
+            self.guard = None
 
     def disconnect(self) -> None:
         if self.session is None:
@@ -162,10 +268,37 @@ class Agent:
     # ------------------------------------------------------------ one job
 
     def run_job(self, job: JobSpec) -> None:
+        """Run one job, from its claim to its finish report, heartbeating it all along.
+
+        Whatever goes wrong on this host (a command or environment too large for exec, a
+        missing shell, an unexpected error) fails this job with `job_start_failed` and the
+        reason in its log; the agent goes on with the next. What the server refused
+        (AgentError) propagates: the job is given up.
+        """
+        shipper = LogShipper(self.transport, job)
+        # The heartbeat has a thread and a connection of its own: a checkout, a download, an
+        # upload or a slow log shipment takes as long as it takes without the job looking lost.
+        with Heartbeat(self.transport, job, shipper, interval=self.heartbeat_interval):
+            try:
+                self._run_job(job, shipper)
+            except AgentError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                log.exception("job %s failed on this agent", job.id)
+                reason = redact_url_credentials(f"{type(exc).__name__}: {exc}" if not isinstance(exc, JobStartFailed)
+                                                else str(exc))
+                shipper.add(META, f"harmont-agent: the job could not run: {reason}\n")
+                self._ship_final(shipper)
+                self._finish(job, {"exit_code": None, "error_code": "job_start_failed",
+                                   "error_message": clean_text(reason)[:1000]}, shipper)
+            finally:
+                shutil.rmtree(self.workdir / job.id, ignore_errors=True)
+                shutil.rmtree(self._artifacts_dir(job), ignore_errors=True)
+
+    def _run_job(self, job: JobSpec, shipper: LogShipper) -> None:
         workspace = self.workdir / job.id
         shutil.rmtree(workspace, ignore_errors=True)
         workspace.mkdir(parents=True)
-        shipper = LogShipper(self.transport, job)
         try:
             self._prepare_workspace(job, workspace, shipper)
             if self.run_as is not None:
@@ -271,21 +404,22 @@ class Agent:
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                 **(self.run_as.popen_options() if self.run_as is not None else {}),
             )
-        except OSError as exc:
-            # The program can't be run: missing, or not one --run-as's user may run (the agent's own
-            # Python, for the renderer). The job fails with a shell's status; the agent goes on.
-            code = 127 if isinstance(exc, FileNotFoundError) else 126
-            shipper.add(META, f"harmont-agent: could not start the command: {exc}\n"
-                              f"harmont-agent: exit status {code}\n")
-            return {"outcome": None, "exit_code": code, "signal": None}
+        except (OSError, ValueError) as exc:
+            # The program can't be run: missing, not one --run-as's user may run (the agent's own
+            # Python, for the renderer), its command or environment too large for exec (E2BIG) or
+            # holding a NUL byte (ValueError). The job fails; the agent goes on.
+            reason = f"could not start the command: {exc}"
+            if isinstance(exc, OSError) and exc.errno == errno.E2BIG:
+                reason += " (the command and its environment are larger than this host lets a program start with)"
+            raise JobStartFailed(reason) from exc
+        self._tell_guard(f"+{process.pid}")
         readers = [threading.Thread(target=pump, args=(stream, kind, shipper), daemon=True)
                    for stream, kind in ((process.stdout, STDOUT), (process.stderr, STDERR))]
         for reader in readers:
             reader.start()
         deadline = time.monotonic() + job.timeout_seconds
-        # `start` was the first sign of life; a short job finishes before its first heartbeat.
+        # Heartbeats go from their own thread (Heartbeat); its directives arrive as the shipper's events.
         next_flush = time.monotonic() + FLUSH_INTERVAL
-        next_beat = time.monotonic() + HEARTBEAT_INTERVAL
         outcome: str | None = None
         try:
             while process.poll() is None:
@@ -293,14 +427,6 @@ class Agent:
                 if now >= next_flush:
                     shipper.flush()
                     next_flush = now + FLUSH_INTERVAL
-                if now >= next_beat:
-                    beat = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/heartbeat", token=job.token,
-                                               body={})
-                    if beat.get("cancel"):
-                        shipper.cancel_requested.set()
-                    if beat.get("timeout"):
-                        shipper.timeout_requested.set()
-                    next_beat = now + HEARTBEAT_INTERVAL
                 if outcome is None and shipper.timeout_requested.is_set():
                     outcome = "timed_out"
                 if outcome is None and shipper.cancel_requested.is_set():
@@ -327,8 +453,10 @@ class Agent:
             stop_process_group(process, grace=job.cancel_grace_seconds)
             if self.run_as is not None:
                 self.run_as.kill_all_processes()
+            self._tell_guard(f"-{process.pid}")
             raise
         process.wait()
+        self._tell_guard(f"-{process.pid}")
         if self.run_as is not None:
             # Nothing of the command may outlive it: a process left behind could read the next
             # job's workspace and secrets (they are that user's too), or swap files under the
@@ -354,9 +482,12 @@ class Agent:
 
     # ------------------------------------------------------------ artifacts
 
-    def _artifacts_dir(self, job: JobSpec) -> Path:
+    def _artifacts_root(self) -> Path:
         # Beside the workspaces, not inside the job's: the workspace is packed for builds_in children.
-        return self.workdir / "artifacts" / job.id
+        return self.workdir / "artifacts"
+
+    def _artifacts_dir(self, job: JobSpec) -> Path:
+        return self._artifacts_root() / job.id
 
     def _upload_artifacts(self, job: JobSpec, directory: Path, shipper: LogShipper) -> None:
         """Upload every file the job left under $HARMONT_ARTIFACTS, then remove the directory.
@@ -371,12 +502,9 @@ class Agent:
                 shipper.add(META, f"harmont-agent: skipped artifact {relative}: {reason}\n")
             if not files:
                 return
-            # Stored uploads count as signs of life, but one large file may take longer to
-            # send than the server waits between heartbeats.
-            with KeepAlive(self.transport, job):
-                for relative, path, nofollow in files:
-                    if not self._upload_artifact(job, relative, path, nofollow, shipper):
-                        break
+            for relative, path, nofollow in files:
+                if not self._upload_artifact(job, relative, path, nofollow, shipper):
+                    break
         except Exception as exc:  # noqa: BLE001 - whatever goes wrong here, the job's report must still go out
             log.exception("job %s: uploading artifacts failed", job.id)
             shipper.add(META, f"harmont-agent: artifacts not uploaded: {exc}\n")
@@ -436,6 +564,15 @@ class Agent:
             self.handed_over, self.has_handover = answer["next"], True
 
 
+def is_job_entry(name: str) -> bool:
+    """Whether a work directory entry is one the agent makes for a job: `<job id>`, `<job id>.pipeline.json`."""
+    try:
+        uuid.UUID(name.removesuffix(".pipeline.json"))
+    except ValueError:
+        return False
+    return True
+
+
 def stop_process_group(process: subprocess.Popen, *, grace: float) -> None:
     """SIGTERM the command's whole process group; SIGKILL it if still there after `grace` seconds."""
     try:
@@ -455,33 +592,54 @@ def stop_process_group(process: subprocess.Popen, *, grace: float) -> None:
 ARTIFACT_UPLOAD_ATTEMPTS = 3
 
 
-class KeepAlive:
-    """Heartbeats a job from a thread while the agent is busy with one long request."""
+HEARTBEAT_JOIN_TIMEOUT = 35.0  # a beat under way may take the transport's whole timeout (30 s)
 
-    def __init__(self, transport: Transport, job: JobSpec) -> None:
+
+class Heartbeat:
+    """Heartbeats one job from a thread of its own, from its claim until its finish report is answered.
+
+    Its own thread has its own connection (Transport keeps one per thread), so no other
+    request of the job (a checkout, a download, an upload, a log shipment retried while
+    the server is away) delays it. A beat is tried once: the next one follows on time.
+    The answer's directives (cancel, timeout) reach the command as the shipper's events.
+    """
+
+    def __init__(self, transport: Transport, job: JobSpec, shipper: LogShipper, *, interval: float) -> None:
         self.transport = transport
         self.job = job
+        self.shipper = shipper
+        self.interval = interval
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"keepalive-{job.id}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
 
-    def __enter__(self) -> "KeepAlive":
+    def __enter__(self) -> "Heartbeat":
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
-        self.thread.join(timeout=HEARTBEAT_INTERVAL * 2)
+        self.thread.join(timeout=HEARTBEAT_JOIN_TIMEOUT)
 
     def _run(self) -> None:
+        sent = False
         try:
-            while not self.stop.wait(HEARTBEAT_INTERVAL):
+            while not self.stop.wait(self.interval):
+                sent = True
                 try:
-                    self.transport.request("POST", f"/api/v0/agent/jobs/{self.job.id}/heartbeat",
-                                           token=self.job.token, body={}, retry=False)
-                except (OSError, http.client.HTTPException):
-                    pass  # the next one may get through; the uploads report their own failures
+                    status, data = self.transport.request("POST", f"/api/v0/agent/jobs/{self.job.id}/heartbeat",
+                                                          token=self.job.token, body={}, retry=False)
+                    beat = json.loads(data) if status == 200 else {}
+                except (OSError, http.client.HTTPException, ValueError):
+                    continue  # the next one may get through; the job's other requests report their own failures
+                if not isinstance(beat, dict):
+                    continue
+                if beat.get("cancel"):
+                    self.shipper.cancel_requested.set()
+                if beat.get("timeout"):
+                    self.shipper.timeout_requested.set()
         finally:
-            self.transport._drop_connection()  # this thread's connection
+            if sent:
+                self.transport._drop_connection()  # this thread's connection
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -504,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where job workspaces go (default: var/agent/<name>)")
     parser.add_argument("--once", action="store_true", help="run at most one job, then exit")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between claims when idle")
+    parser.add_argument("--heartbeat-interval", type=positive_seconds, default=HEARTBEAT_INTERVAL,
+                        help=f"seconds between a job's heartbeats (default {HEARTBEAT_INTERVAL:g}); keep it well under "
+                             f"the server's HARMONT_AGENT_HEARTBEAT_TIMEOUT")
     parser.add_argument("--run-as", metavar="USER",
                         help="run job commands as this user, who then can't read the agent's token file or "
                              "its processes (the agent must run as root)")
@@ -532,16 +693,24 @@ def main(argv: list[str] | None = None) -> int:
                          "it was started with, as /proc shows it, may still hold the token\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     agent = Agent(server=args.server, token=token, name=args.name, workdir=args.workdir, once=args.once,
-                  poll_interval=args.poll_interval, run_as=run_as)
+                  poll_interval=args.poll_interval, run_as=run_as, heartbeat_interval=args.heartbeat_interval)
     # First SIGTERM/SIGINT: finish the current job, then exit; a second one cancels it.
     signal.signal(signal.SIGTERM, agent.handle_signal)
     signal.signal(signal.SIGINT, agent.handle_signal)
     return agent.run()
 
 
+def positive_seconds(value: str) -> float:
+    seconds = float(value)
+    if not 0 < seconds < 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {value}")
+    return seconds
+
+
 def _options_without_token(args: argparse.Namespace) -> list[str]:
     """The command line's options again (the token aside), for the agent's clean restart."""
-    options = ["--server", args.server, "--poll-interval", repr(args.poll_interval)]
+    options = ["--server", args.server, "--poll-interval", repr(args.poll_interval),
+               "--heartbeat-interval", repr(args.heartbeat_interval)]
     for option, value in (("--name", args.name), ("--workdir", args.workdir), ("--run-as", args.run_as)):
         if value:
             options += [option, value]
