@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import heapq
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -208,7 +209,7 @@ def plan_ir(raw: str | bytes | dict, *, build_env: dict[str, str] | None = None,
 
 
 def check_storable(doc: Any) -> None:
-    """Refuse what no JSON column can hold: nesting past MAX_NESTING, NUL characters, lone surrogates.
+    """Refuse what no JSON column can hold: nesting past MAX_NESTING, NUL characters, lone surrogates, NaN.
 
     Iterative, so a document nested thousands deep is refused instead of
     exhausting the stack (copy.deepcopy, json.dumps and the database's encoder
@@ -220,6 +221,9 @@ def check_storable(doc: Any) -> None:
         value, depth = stack.pop()
         if isinstance(value, str):
             _check_text(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            # Python's json reads NaN and Infinity; JSON (and jsonb) has neither.
+            raise _invalid(f"The IR contains the number {value}, which JSON does not have.")
         elif isinstance(value, (dict, list)):
             if depth > MAX_NESTING:
                 raise PlanError(LIMIT_EXCEEDED,

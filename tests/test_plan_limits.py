@@ -179,6 +179,17 @@ def test_text_no_column_can_store_is_422_invalid_ir(api, pipeline, text):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+def test_a_number_json_does_not_have_is_422_invalid_ir(api, pipeline, number):
+    document = '{"version": "0", "steps": [{"type": "command", "key": "a", "cmd": "true", "cache": {"n": %s}}]}'
+    body = {"branch": "main", "commit": "abc123", "pipeline_ir": document % number}  # the IR as a JSON string
+    error = assert_error(api.post(builds_url(pipeline), body, format="json"), 422, "build_plan_rejected")
+    assert "invalid_ir" in error["message"]
+    build = Build.objects.get(pipeline=pipeline)
+    assert (build.error_code, build.pipeline_ir) == ("invalid_ir", None)
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize("field", ["env", "message"])
 def test_a_nul_in_the_build_requests_env_or_message_is_422_build_invalid(api, pipeline, field):
     value = {"A": "x\x00y", "B": "\ud800"} if field == "env" else "x\ud800\x00y"
