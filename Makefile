@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: install run test test-postgres bench bench-dispatch bench-stream migrate clean
+.PHONY: install run test test-postgres bench bench-dispatch bench-stream bench-plan migrate clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-dispatch: install
 
 bench-stream: install
 	$(PY) bench/stream_bench.py
+
+bench-plan: install
+	$(PY) bench/plan_bench.py
 
 clean:
 	rm -rf $(VENV) var db.sqlite3

@@ -36,7 +36,7 @@ from builds.serializers import (
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
 from harmont.pagination import paginate, paginate_by_creation, paginate_by_keys
-from harmont.serializers import ErrorSerializer, filtered, json_object, parse_uuid
+from harmont.serializers import ErrorSerializer, filtered, json_object
 from organizations.access import OrgScopedView, membership_for
 from organizations.idempotency import IDEMPOTENCY_KEY_HEADER, IDEMPOTENCY_RESPONSES, idempotent
 from organizations.models import Membership, Role
@@ -173,15 +173,14 @@ class BuildLogTokenView(BuildScopedView):
 class JobListView(BuildScopedView):
     @extend_schema(operation_id="listJobs", tags=["jobs"], responses={200: JobListSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
-        jobs = selectors.jobs_with_prerequisites(self.build).order_by("position")
+        jobs = selectors.build_jobs(self.build)
         return Response({"data": JobSerializer(jobs, many=True).data})
 
 
 class JobDetailView(BuildScopedView):
     @extend_schema(operation_id="getJob", tags=["jobs"], responses={200: JobSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str, job_id: str) -> Response:
-        job_uuid = parse_uuid(job_id)
-        job = selectors.jobs_with_prerequisites(self.build).filter(pk=job_uuid).first() if job_uuid else None
+        job = selectors.build_job(self.build, job_id)
         if job is None:
             raise ApiError("job_not_found", f"No job {job_id} in build #{self.build.number}.")
         return Response(JobSerializer(job).data)

@@ -67,9 +67,55 @@ def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User,
 
 
 def jobs_with_prerequisites(build: Build) -> QuerySet[Job]:
-    """The build's jobs, each with its prerequisite edges prefetched in dependency order (one more query)."""
+    """The build's jobs, each with its prerequisite edges prefetched in dependency order (one more query).
+
+    The edges alone miss what a job waits for through a wait (`after_segment`):
+    `build_jobs` and `build_job` give every prerequisite.
+    """
     edges = JobDependency.objects.order_by("prerequisite__position").only("job_id", "prerequisite_id")
     return Job.objects.filter(build=build).prefetch_related(Prefetch("prerequisite_edges", queryset=edges))
+
+
+def build_jobs(build: Build, *, fields: tuple[str, ...] = ()) -> list[Job]:
+    """The build's jobs in dependency order, each with `prerequisite_ids`: every prerequisite, in position order.
+
+    Two queries (the jobs, their edges) however the prerequisites are stored: a
+    wait's are the jobs of a segment, which are among the jobs read. Jobs
+    waiting for one segment share one list.
+    """
+    jobs_qs = jobs_with_prerequisites(build).order_by("position")
+    if fields:
+        jobs_qs = jobs_qs.only(*fields, "position", "segment", "after_segment")
+    jobs = list(jobs_qs)
+    position = {job.pk: job.position for job in jobs}
+    members: dict[int, list[uuid.UUID]] = {}
+    for job in jobs:
+        if job.segment is not None:
+            members.setdefault(job.segment, []).append(job.pk)
+    for job in jobs:
+        explicit = [edge.prerequisite_id for edge in job.prerequisite_edges.all()]
+        waited = members.get(job.after_segment, []) if job.after_segment is not None else []
+        if not waited:
+            job.prerequisite_ids = explicit
+        elif set(explicit) <= set(waited):
+            job.prerequisite_ids = waited
+        else:
+            job.prerequisite_ids = sorted(set(explicit) | set(waited), key=position.__getitem__)
+    return jobs
+
+
+def build_job(build: Build, job_id: str | uuid.UUID) -> Job | None:
+    """One job of the build with `prerequisite_ids` (see `build_jobs`), in two queries; None for no such job."""
+    pk = parse_uuid(job_id)
+    job = Job.objects.filter(build=build, pk=pk).first() if pk is not None else None
+    if job is None:
+        return None
+    through = Q(dependent_edges__job_id=job.pk)
+    if job.after_segment is not None:
+        through |= Q(segment=job.after_segment)
+    job.prerequisite_ids = list(Job.objects.filter(through, build=build).order_by("position").distinct()
+                                .values_list("id", flat=True))
+    return job
 
 
 def builds_in_parent(job: Job) -> Job | None:

@@ -104,8 +104,8 @@ class JobSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     def get_depends_on(self, job: Job) -> list[str]:
-        # `prerequisite_edges` is prefetched by the view (one query per list).
-        return [str(edge.prerequisite_id) for edge in job.prerequisite_edges.all()]
+        # `prerequisite_ids` is set by the view (selectors.build_jobs / build_job), in constant queries.
+        return [str(pk) for pk in job.prerequisite_ids]
 
     def get_retry_policy(self, job: Job) -> dict | None:
         return None  # retries are not part of the v0 IR yet

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from builds import sql
@@ -143,33 +143,48 @@ def rolled_up_columns(build: RollUpInputs, job_states: Iterable[str], *, now: da
 
 
 def follow_ups(states: Mapping[uuid.UUID, str],
-               prerequisites: Mapping[uuid.UUID, Iterable[uuid.UUID]]) -> dict[uuid.UUID, str]:
+               prerequisites: Mapping[uuid.UUID, Iterable[uuid.UUID]],
+               segments: Mapping[uuid.UUID, int] | None = None,
+               waits_for: Mapping[uuid.UUID, int] | None = None) -> dict[uuid.UUID, str]:
     """What the jobs' current states imply for the jobs still waiting.
 
     Returns {job id: new state}: `skipped` for every waiting job that
     transitively depends on a failed/timed-out/canceled job, `scheduled` for
     every pending job whose prerequisites all passed or were skipped.
+
+    `segments` and `waits_for` are the jobs' `segment` and `after_segment`: a
+    job also depends on every job of the segment it waits for. A segment is one
+    node of the walk, so a wait costs its jobs, never their pairs.
     """
-    dependents: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
+    segments, waits_for = segments or {}, waits_for or {}
+    dependents: dict[object, list[object]] = defaultdict(list)
     for job, prereqs in prerequisites.items():
         for prereq in prereqs:
             dependents[prereq].append(job)
+    members: dict[int, list[uuid.UUID]] = defaultdict(list)
+    for job, segment in segments.items():
+        members[segment].append(job)
+        dependents[job].append(("segment", segment))
+    for job, segment in waits_for.items():
+        dependents[("segment", segment)].append(job)
 
-    blocked: set[uuid.UUID] = set()
-    frontier = [job for job, state in states.items() if state in BLOCKING_STATES]
+    blocked: set[object] = set()
+    frontier: list[object] = [job for job, state in states.items() if state in BLOCKING_STATES]
     while frontier:
         for dependent in dependents[frontier.pop()]:
             if dependent not in blocked:
                 blocked.add(dependent)
                 frontier.append(dependent)
 
+    satisfied = {segment: all(states[job] in SATISFIED_STATES for job in jobs) for segment, jobs in members.items()}
     changes: dict[uuid.UUID, str] = {}
     for job, state in states.items():
         if state not in WAITING_JOB_STATES:
             continue
         if job in blocked:
             changes[job] = J.SKIPPED
-        elif state == J.PENDING and all(states[p] in SATISFIED_STATES for p in prerequisites.get(job, ())):
+        elif (state == J.PENDING and all(states[p] in SATISFIED_STATES for p in prerequisites.get(job, ()))
+              and satisfied.get(waits_for.get(job), True)):
             changes[job] = J.SCHEDULED
     return changes
 
@@ -283,15 +298,18 @@ def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Bu
     # savepoint=False: inside the caller's transaction a savepoint would only cost two queries.
     with transaction.atomic(savepoint=False):
         build = locked or lock_build(build_id)
-        jobs = list(Job.objects.filter(build_id=build_id).values_list("id", "state", "started_at"))
-        states = {job_id: state for job_id, state, _ in jobs}
+        jobs = list(Job.objects.filter(build_id=build_id).values_list("id", "state", "started_at", "segment",
+                                                                       "after_segment"))
+        states = {job_id: state for job_id, state, *_ in jobs}
+        segments = {job_id: segment for job_id, _, _, segment, _ in jobs if segment is not None}
+        waits_for = {job_id: after for job_id, _, _, _, after in jobs if after is not None}
         prerequisites: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
         for job_id, prereq_id in JobDependency.objects.filter(job__build_id=build_id).values_list(
                 "job_id", "prerequisite_id"):
             prerequisites[job_id].append(prereq_id)
 
         if build.cancel_requested_at is None:
-            changes = follow_ups(states, prerequisites)
+            changes = follow_ups(states, prerequisites, segments, waits_for)
             by_target: dict[str, list[uuid.UUID]] = defaultdict(list)
             for job_id, target in changes.items():
                 by_target[target].append(job_id)
@@ -299,7 +317,7 @@ def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Bu
                 transition_jobs(ids, to=target, now=now)
             states.update(changes)
 
-        started = [s for _, _, s in jobs if s is not None]
+        started = [s for _, _, s, _, _ in jobs if s is not None]
         inputs = RollUpInputs(build.state, build.cancel_requested_at is not None, build.error_code is not None,
                               build.started_at, build.finished_at)
         columns = rolled_up_columns(inputs, states.values(), now=now, first_start=min(started) if started else None)
@@ -336,14 +354,27 @@ def settle_after_job_end(*, build_id: uuid.UUID, build: RollUpInputs, job_id: uu
         return
     present = others | {state}
     if J.PENDING in present:
-        promote_dependents(job_id=job_id, now=now)
+        promote_dependents(job_id=job_id, build_id=build_id, now=now)
     _write_build(build_id, rolled_up_columns(build, present, now=now))
 
 
-def promote_dependents(*, job_id: uuid.UUID, now: datetime) -> int:
-    """Schedule the pending dependents of `job_id` whose every prerequisite passed or was skipped."""
+def promote_dependents(*, job_id: uuid.UUID, build_id: uuid.UUID, now: datetime) -> int:
+    """Schedule the pending dependents of `job_id` whose every prerequisite passed or was skipped.
+
+    One statement. Dependents are those of its edges and, when it belongs to a
+    segment, the jobs waiting for that segment; a job waiting for a segment also
+    needs every job of it satisfied. The segment of `job_id` is one value, so
+    "is that segment satisfied" is asked once, not once per waiting job.
+    """
     unsatisfied = JobDependency.objects.filter(job=OuterRef("pk")).exclude(prerequisite__state__in=SATISFIED_STATES)
-    ready = Job.objects.filter(state=J.PENDING, prerequisite_edges__prerequisite_id=job_id).exclude(
+    own_segment = Subquery(Job.objects.filter(pk=job_id).values("segment")[:1])
+    open_in_segment = Job.objects.filter(build_id=build_id, segment=own_segment).exclude(state__in=SATISFIED_STATES)
+    open_in_waited = Job.objects.filter(build_id=build_id, segment=OuterRef("after_segment")).exclude(
+        state__in=SATISFIED_STATES)
+    by_edge = Q(pk__in=JobDependency.objects.filter(prerequisite_id=job_id).values("job_id")) & (
+        Q(after_segment__isnull=True) | ~Exists(open_in_waited))
+    by_wait = Q(after_segment=own_segment) & ~Exists(open_in_segment)
+    ready = Job.objects.filter(build_id=build_id, state=J.PENDING).filter(by_edge | by_wait).exclude(
         Exists(unsatisfied))
     return ready.update(**_transition_values(J.SCHEDULED, now, {}))
 

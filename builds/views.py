@@ -33,7 +33,7 @@ from builds import services
 from builds.filters import BuildFilter
 from builds.models import Artifact, Build, BuildSource, BuildState, Job
 from builds.responses import artifact_response, raw_log_response
-from builds.selectors import find_artifact, jobs_with_prerequisites, recent_agents, scoped_build
+from builds.selectors import build_jobs, find_artifact, recent_agents, scoped_build
 from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
 from builds.templatetags.harmont_pages import duration_seconds, format_duration
 from harmont.errors import ApiError
@@ -79,10 +79,10 @@ def page_build(page: OrgPage, pipeline: str, number: int) -> Build:
 
 def job_rows(build: Build) -> list[Job]:
     """The build's jobs in dependency order, each with `after` (its prerequisites' keys)."""
-    jobs = list(jobs_with_prerequisites(build).only(*JOB_FIELDS).order_by("position"))
+    jobs = build_jobs(build, fields=JOB_FIELDS)
     keys = {job.pk: job.step_key for job in jobs}
     for job in jobs:
-        job.after = [keys[edge.prerequisite_id] for edge in job.prerequisite_edges.all()]
+        job.after = [keys[pk] for pk in job.prerequisite_ids]
     return jobs
 
 

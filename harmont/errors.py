@@ -153,14 +153,16 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "The build request is missing `branch` or `commit`, or a field such as `env` or `source_b64` is malformed; see `fields`."),
     ("build_plan_rejected", "validation_failed", "Pipeline definition rejected",
      "The v0 IR could not be planned. The build was recorded as failed; its `error_code` and `error_message` say why "
-     "(invalid_json, bad_version, invalid_ir, missing_field, unknown_step_type, duplicate_key, unknown_dependency, cycle, definition_missing). "
+     "(invalid_json, bad_version, invalid_ir, missing_field, unknown_step_type, duplicate_key, unknown_dependency, cycle, definition_missing, "
+     "limit_exceeded: the definition is past one of the limits on what a build may hold, named in the message, "
+     "such as HARMONT_MAX_BUILD_JOBS; nothing of its jobs was written). "
      "A build whose pipeline is rendered on an agent fails the same way, or with `render_failed` when the render "
      "itself failed."),
     ("pipeline_envelope_invalid", "validation_failed", "Pipeline envelope invalid",
      "The pipeline envelope (what harmont.dump_registry_json() prints) is malformed or one of its pipelines is "
      "invalid; `fields` names each problem, and a definition's message starts with the planner's error code "
      "(invalid_json, bad_version, invalid_ir, missing_field, unknown_step_type, duplicate_key, unknown_dependency, "
-     "cycle, definition_missing). Nothing was changed."),
+     "cycle, definition_missing, limit_exceeded). Nothing was changed."),
     ("pipeline_slug_taken", "validation_failed", "Pipeline slug taken",
      "Another pipeline in this organization already has the slug derived from this name. Choose another name."),
     ("invite_unacceptable", "validation_failed", "Invite cannot be accepted",

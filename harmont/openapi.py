@@ -5,7 +5,7 @@ conflict, a 422 for a bad field). The statuses that follow from how the API is
 built are added here, for every operation they can happen on, so that no view
 has to repeat them and none can forget one:
 
-- a request body can be larger than HARMONT_MAX_REQUEST_BYTES (413, refused before any
+- a request body can be larger than its route allows (413, refused before any
   view runs); one the view parses (`parser_classes`) can be of a type it does not parse
   (415), and a JSON one can be malformed or not an object (400);
 - a keyset page (an operation with a `cursor` parameter) can have a `limit`, `cursor`

@@ -294,6 +294,14 @@ IDEMPOTENCY_KEY_TTL_SECONDS = env_int("HARMONT_IDEMPOTENCY_KEY_TTL", 24 * 3600, 
 
 # Jobs without their own timeout get this one (seconds).
 DEFAULT_JOB_TIMEOUT_SECONDS = env_int("HARMONT_DEFAULT_JOB_TIMEOUT", 3600, minimum=1)
+# What one build's plan may hold (pipelines.ir.Limits), checked before anything is written:
+# a definition past one is a failed build with error_code limit_exceeded.
+MAX_BUILD_JOBS = env_int("HARMONT_MAX_BUILD_JOBS", 1000, minimum=1)
+MAX_BUILD_EDGES = env_int("HARMONT_MAX_BUILD_EDGES", 10_000, minimum=0)
+MAX_COMMAND_BYTES = env_int("HARMONT_MAX_COMMAND_BYTES", 64 * 1024, minimum=1)
+MAX_ENV_VALUE_BYTES = env_int("HARMONT_MAX_ENV_VALUE_BYTES", 64 * 1024, minimum=1)
+MAX_ENV_BYTES = env_int("HARMONT_MAX_ENV_BYTES", 1024 * 1024, minimum=1)
+MAX_BUILD_SPEC_BYTES = env_int("HARMONT_MAX_BUILD_SPEC_BYTES", 64 * 1024 * 1024, minimum=1)
 SESSION_TOKEN_TTL_DAYS = 30
 
 # Execution.

@@ -29,6 +29,13 @@ Decisions the spec leaves open:
 * Fields we don't know are ignored, so newer clients keep working; in the
   graph form that includes top-level ``env`` / ``default_image``, which only
   the flat form defines.
+
+What one build may hold is capped (:class:`Limits`, ``limit_exceeded``), and
+each cap is checked before the work it bounds: a list's length before it is
+read, so no document costs more than the largest one allowed. A flat ``wait``
+is kept as one barrier (the steps before it form a *segment*, the steps after
+it wait for that segment) rather than N×M edges, which is also how the build
+stores it.
 """
 
 from __future__ import annotations
@@ -36,8 +43,9 @@ from __future__ import annotations
 import copy
 import heapq
 import json
+import math
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 IR_VERSION = "0"
@@ -51,6 +59,44 @@ BASE_JOB_ENV: dict[str, str] = {"DEBIAN_FRONTEND": "noninteractive", "TERM": "du
 
 # (prerequisite node index, dependant node index, edge kind)
 _Edge = tuple[int, int, str]
+
+LIMIT_EXCEEDED = "limit_exceeded"
+# Deeper than any real `cache` or `runner_args`; it keeps copying and storing a document
+# (json, deepcopy, the database's JSON encoder) far from Python's recursion limit.
+MAX_NESTING = 64
+# What the job's columns hold (builds.models.Job); longer values would fail at insert.
+KEY_MAX_LENGTH = 255
+LABEL_MAX_LENGTH = 500
+IMAGE_MAX_LENGTH = 500
+RUNNER_MAX_LENGTH = 255
+# Timeouts are stored as PostgreSQL integers.
+TIMEOUT_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one build may hold; the defaults are the settings' defaults (harmont/settings.py)."""
+
+    jobs: int = 1000  # HARMONT_MAX_BUILD_JOBS
+    edges: int = 10_000  # HARMONT_MAX_BUILD_EDGES
+    command_bytes: int = 64 * 1024  # HARMONT_MAX_COMMAND_BYTES
+    env_value_bytes: int = 64 * 1024  # HARMONT_MAX_ENV_VALUE_BYTES
+    env_bytes: int = 1024 * 1024  # HARMONT_MAX_ENV_BYTES
+    # Every job's command and environment together: a pipeline-wide env is copied into
+    # each job, so this, not the document's size, bounds what a build stores.
+    build_bytes: int = 64 * 1024 * 1024  # HARMONT_MAX_BUILD_SPEC_BYTES
+
+    @classmethod
+    def from_settings(cls) -> "Limits":
+        """The configured limits (the defaults where Django isn't configured, as in a bare script)."""
+        try:
+            from django.conf import settings
+
+            return cls(jobs=settings.MAX_BUILD_JOBS, edges=settings.MAX_BUILD_EDGES,
+                       command_bytes=settings.MAX_COMMAND_BYTES, env_value_bytes=settings.MAX_ENV_VALUE_BYTES,
+                       env_bytes=settings.MAX_ENV_BYTES, build_bytes=settings.MAX_BUILD_SPEC_BYTES)
+        except Exception:  # ImproperlyConfigured, or settings without these names
+            return cls()
 
 
 class PlanError(Exception):
@@ -82,6 +128,11 @@ class PlannedJob:
     runner_args: dict | None
     builds_in: int | None
     depends_on: tuple[int, ...]
+    # A flat `wait` as stored: `segment` is the run of steps (between waits) this job
+    # belongs to when a later step waits for it; `after_segment`, the segment whose every
+    # job this one waits for. Those prerequisites are in `depends_on` too.
+    segment: int | None = None
+    after_segment: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,26 +181,75 @@ def load_ir(raw: str | bytes | dict) -> dict:
     return doc
 
 
-def plan_ir(raw: str | bytes | dict, *, build_env: dict[str, str] | None = None) -> Plan:
+def plan_ir(raw: str | bytes | dict, *, build_env: dict[str, str] | None = None,
+            limits: Limits | None = None) -> Plan:
     """Validate the IR and order its steps into jobs; raise PlanError on the first problem.
 
     ``build_env`` (the build's own ``env``) is applied last, so it overrides
-    every env layer the pipeline defines.
+    every env layer the pipeline defines. ``limits``: what one build may hold
+    (default: the configured ones).
     """
+    limits = limits or Limits.from_settings()
     doc = load_ir(raw)
+    check_storable(doc)
     _check_version(doc)
     timeout = _optional_timeout(doc.get("timeout_seconds"), "The top-level 'timeout_seconds'")
     graph, flat = doc.get("graph"), doc.get("steps")
     if graph is not None and flat is not None:
         raise _invalid("The IR has both 'graph' and 'steps'; send exactly one of the two forms.")
+    waits = _Waits()
     if graph is not None:
-        steps, edges = _read_graph(graph)
+        steps, edges = _read_graph(graph, limits)
     elif flat is not None:
-        steps, edges = _read_flat(doc, flat)
+        steps, edges, waits = _read_flat(doc, flat, limits)
     else:
         steps, edges = [], set()
-    order = _dependency_order(steps, edges)
-    return Plan(jobs=_assemble(steps, edges, order, build_env or {}), timeout_seconds=timeout)
+    order = _dependency_order(steps, edges, waits)
+    return Plan(jobs=_assemble(steps, edges, waits, order, build_env or {}, limits), timeout_seconds=timeout)
+
+
+def check_storable(doc: Any) -> None:
+    """Refuse what no JSON column can hold: nesting past MAX_NESTING, NUL characters, lone surrogates, NaN.
+
+    Iterative, so a document nested thousands deep is refused instead of
+    exhausting the stack (copy.deepcopy, json.dumps and the database's encoder
+    all recurse); PostgreSQL refuses `\\u0000` in text and jsonb, and UTF-8 has
+    no lone surrogates.
+    """
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            # Python's json reads NaN and Infinity; JSON (and jsonb) has neither.
+            raise _invalid(f"The IR contains the number {value}, which JSON does not have.")
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_NESTING:
+                raise PlanError(LIMIT_EXCEEDED,
+                                f"The IR nests objects and arrays deeper than {MAX_NESTING} levels.")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    _check_text(key)
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+
+
+def _check_text(text: Any) -> None:
+    if not isinstance(text, str):
+        return
+    if "\x00" in text:
+        raise _invalid("The IR contains a NUL character (\\u0000), which no command, name or value may hold.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid("The IR contains a lone UTF-16 surrogate, which is not text.") from None
+
+
+def _too_many(what: str, count: int | str, limit: int, setting: str) -> PlanError:
+    return PlanError(LIMIT_EXCEEDED, f"The pipeline has {count} {what}; a build may have at most {limit} "
+                                     f"({setting}).")
 
 
 # --- shared field checks ----------------------------------------------------
@@ -169,7 +269,12 @@ def _check_version(doc: dict) -> None:
 
 def _show(value: Any) -> str:
     """Quote a value for a message as JSON, truncated so a huge value can't flood it."""
-    text = json.dumps(value, default=repr, ensure_ascii=False)
+    if isinstance(value, str) and len(value) > 80:
+        value = value[:80]  # no need to encode megabytes to show 77 characters
+    try:
+        text = json.dumps(value, default=repr, ensure_ascii=False)
+    except (RecursionError, ValueError):
+        text = f"a {type(value).__name__}"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -183,6 +288,8 @@ def _optional_timeout(value: Any, what: str) -> int | None:
         return None
     if not _is_int(value) or value <= 0:
         raise _invalid(f"{what} must be a positive whole number of seconds, got {_show(value)}.")
+    if value > TIMEOUT_MAX:
+        raise PlanError(LIMIT_EXCEEDED, f"{what} is {value}; at most {TIMEOUT_MAX} seconds.")
     return value
 
 
@@ -198,14 +305,17 @@ def _optional_list(container: dict, field: str, where: str) -> list:
 def _optional_object(value: Any, what: str) -> dict | None:
     if value is not None and not isinstance(value, dict):
         raise _invalid(f"{what} must be an object, got {_show(value)}.")
-    # Deep-copied so a plan never aliases (or lets callers mutate) the document.
+    # Deep-copied so a plan never aliases (or lets callers mutate) the document;
+    # check_storable bounded its depth already.
     return copy.deepcopy(value)
 
 
-def _optional_text(value: Any, what: str) -> str | None:
+def _optional_text(value: Any, what: str, max_length: int | None = None) -> str | None:
     # Only the type is checked: the DSL passes e.g. `label=""` through as is.
     if value is not None and not isinstance(value, str):
         raise _invalid(f"{what} must be a string, got {_show(value)}.")
+    if value is not None and max_length is not None and len(value) > max_length:
+        raise PlanError(LIMIT_EXCEEDED, f"{what} has {len(value)} characters; at most {max_length}.")
     return value
 
 
@@ -230,18 +340,28 @@ def _required_text(step: dict, field: str, where: str) -> str:
     return value
 
 
+def _utf8_size(text: str) -> int:
+    # Cheap for ASCII, which nearly every command and value is.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def _read_command_step(
-    step: dict, location: str, *, outer_env: dict[str, str], default_image: str | None = None
+    step: dict, location: str, *, outer_env: dict[str, str], limits: Limits, default_image: str | None = None
 ) -> _Step:
     """Validate one CommandStep; the same fields exist in both IR forms."""
     key = _required_text(step, "key", location)
+    if len(key) > KEY_MAX_LENGTH:
+        raise PlanError(LIMIT_EXCEEDED, f"{location} has a key of {len(key)} characters; at most {KEY_MAX_LENGTH}.")
     where = f"{location} ({key!r})"
     command = _required_text(step, "cmd", where)
-    image = _optional_text(step.get("image"), f"{where} 'image'")
+    if (size := _utf8_size(command)) > limits.command_bytes:
+        raise PlanError(LIMIT_EXCEEDED, f"{where} has a 'cmd' of {size} bytes; at most {limits.command_bytes} "
+                                        "(HARMONT_MAX_COMMAND_BYTES).")
+    image = _optional_text(step.get("image"), f"{where} 'image'", IMAGE_MAX_LENGTH)
     job = PlannedJob(
         index=-1,
         key=key,
-        label=_optional_text(step.get("label"), f"{where} 'label'"),
+        label=_optional_text(step.get("label"), f"{where} 'label'", LABEL_MAX_LENGTH),
         command=command,
         image=image if image is not None else default_image,
         env={**outer_env, **_env_map(step.get("env"), f"{where} 'env'")},
@@ -249,7 +369,7 @@ def _read_command_step(
             step.get("timeout_seconds"), f"{where} 'timeout_seconds'"
         ),
         cache=_optional_object(step.get("cache"), f"{where} 'cache'"),
-        runner=_optional_text(step.get("runner"), f"{where} 'runner'"),
+        runner=_optional_text(step.get("runner"), f"{where} 'runner'", RUNNER_MAX_LENGTH),
         runner_args=_optional_object(step.get("runner_args"), f"{where} 'runner_args'"),
         builds_in=None,
         depends_on=(),
@@ -270,7 +390,7 @@ def _check_unique_key(step: _Step, seen: dict[str, _Step]) -> None:
 # --- graph form -------------------------------------------------------------
 
 
-def _read_graph(graph: Any) -> tuple[list[_Step], set[_Edge]]:
+def _read_graph(graph: Any, limits: Limits) -> tuple[list[_Step], set[_Edge]]:
     if not isinstance(graph, dict):
         raise _invalid(f"'graph' must be an object, got {_show(graph)}.")
     nodes = _optional_list(graph, "nodes", "graph")
@@ -282,6 +402,11 @@ def _read_graph(graph: Any) -> tuple[list[_Step], set[_Edge]]:
     direction = graph.get("edge_property", "directed")
     if direction != "directed":
         raise _invalid(f"graph.edge_property must be \"directed\", got {_show(direction)}.")
+    # Counted before either list is read: past a limit, nothing of it is worth reading.
+    if len(nodes) > limits.jobs:
+        raise _too_many("jobs (graph.nodes)", len(nodes), limits.jobs, "HARMONT_MAX_BUILD_JOBS")
+    if len(edges) > limits.edges:
+        raise _too_many("dependency edges (graph.edges)", len(edges), limits.edges, "HARMONT_MAX_BUILD_EDGES")
     steps: list[_Step] = []
     seen: dict[str, _Step] = {}
     for i, node in enumerate(nodes):
@@ -289,7 +414,7 @@ def _read_graph(graph: Any) -> tuple[list[_Step], set[_Edge]]:
         if not isinstance(node, dict) or not isinstance(node.get("step"), dict):
             raise _invalid(f"{where} must be an object with a 'step' object.")
         outer_env = _env_map(node.get("env"), f"{where} 'env'")
-        step = _read_command_step(node["step"], f"{where}.step", outer_env=outer_env)
+        step = _read_command_step(node["step"], f"{where}.step", outer_env=outer_env, limits=limits)
         _check_unique_key(step, seen)
         steps.append(step)
     return steps, _read_edges(edges, steps)
@@ -335,17 +460,32 @@ def _check_node_index(end: Any, where: str, node_count: int) -> None:
 # --- flat form --------------------------------------------------------------
 
 
-def _read_flat(doc: dict, entries: Any) -> tuple[list[_Step], set[_Edge]]:
+@dataclass
+class _Waits:
+    """The flat form's waits, by node: the segment a step belongs to and the segment it waits for.
+
+    A segment is the run of command steps between two waits; a step after a
+    wait depends on every step of the segment before it, which is kept as
+    these two numbers instead of an edge per pair.
+    """
+
+    segment: dict[int, int] = field(default_factory=dict)  # only steps some later step waits for
+    after: dict[int, int] = field(default_factory=dict)
+    members: dict[int, list[int]] = field(default_factory=dict)  # segment -> its nodes, document order
+
+
+def _read_flat(doc: dict, entries: Any, limits: Limits) -> tuple[list[_Step], set[_Edge], _Waits]:
     if not isinstance(entries, list):
         raise _invalid(f"'steps' must be an array, got {_show(entries)}.")
     outer_env = _env_map(doc.get("env"), "The top-level 'env'")
-    default_image = _optional_text(doc.get("default_image"), "The top-level 'default_image'")
+    default_image = _optional_text(doc.get("default_image"), "The top-level 'default_image'", IMAGE_MAX_LENGTH)
     steps: list[_Step] = []
     seen: dict[str, _Step] = {}
     edges: set[_Edge] = set()
     references: list[tuple[int, str, str]] = []  # (node, kind, key named)
-    segment: list[int] = []  # command steps since the last wait
-    barrier: list[int] = []  # what the last wait makes later steps depend on
+    segments: list[list[int]] = [[]]  # command steps between waits; the last one is open
+    barrier: int | None = None  # the segment the last wait makes later steps wait for
+    waits = _Waits()
     for i, entry in enumerate(entries):
         where = f"steps[{i}]"
         if not isinstance(entry, dict):
@@ -357,20 +497,37 @@ def _read_flat(doc: dict, entries: Any) -> tuple[list[_Step], set[_Edge]]:
         if step_type == "wait":
             # An empty segment (two waits in a row) keeps the earlier barrier
             # rather than dropping the ordering it promised.
-            barrier, segment = (segment or barrier), []
+            if segments[-1]:
+                barrier = len(segments) - 1
+                segments.append([])
             continue
         if step_type != "command":
             raise PlanError(
                 "unknown_step_type",
                 f"{where} has unknown type {_show(step_type)}; expected \"command\" or \"wait\".",
             )
-        step = _read_command_step(entry, where, outer_env=outer_env, default_image=default_image)
+        if len(steps) == limits.jobs:
+            raise _too_many("jobs (command steps)", f"more than {limits.jobs}", limits.jobs,
+                            "HARMONT_MAX_BUILD_JOBS")
+        step = _read_command_step(entry, where, outer_env=outer_env, limits=limits, default_image=default_image)
         _check_unique_key(step, seen)
         node = len(steps)
         steps.append(step)
         references.extend((node, kind, key) for kind, key in _flat_references(entry, step.where))
-        edges.update((source, node, DEPENDS_ON) for source in barrier)
-        segment.append(node)
+        if len(references) > limits.edges:
+            raise _too_many("dependency edges (builds_in and depends_on)", f"more than {limits.edges}",
+                            limits.edges, "HARMONT_MAX_BUILD_EDGES")
+        if barrier is not None:
+            waits.after[node] = barrier
+        segments[-1].append(node)
+    for barrier in set(waits.after.values()):
+        waits.members[barrier] = segments[barrier]
+        waits.segment.update((node, barrier) for node in segments[barrier])
+    # A wait is stored as one edge per step before it and one per step after it.
+    stored = len(references) + len(waits.after) + len(waits.segment)
+    if stored > limits.edges:
+        raise _too_many("dependency edges (builds_in, depends_on and waits)", stored, limits.edges,
+                        "HARMONT_MAX_BUILD_EDGES")
     index_of = {step.job.key: node for node, step in enumerate(steps)}
     for node, kind, key in references:
         if key not in index_of:
@@ -381,7 +538,7 @@ def _read_flat(doc: dict, entries: Any) -> tuple[list[_Step], set[_Edge]]:
         if index_of[key] == node:
             raise _invalid(f"{steps[node].where} names itself in {kind}.")
         edges.add((index_of[key], node, kind))
-    return steps, edges
+    return steps, edges, waits
 
 
 def _flat_references(entry: dict, where: str) -> Iterable[tuple[str, str]]:
@@ -403,40 +560,62 @@ def _flat_references(entry: dict, where: str) -> Iterable[tuple[str, str]]:
 # --- ordering and assembly --------------------------------------------------
 
 
-def _dependency_order(steps: list[_Step], edges: set[_Edge]) -> list[int]:
+def _dependency_order(steps: list[_Step], edges: set[_Edge], waits: _Waits) -> list[int]:
     """Kahn's algorithm, always taking the earliest ready step in document order.
 
     So a document that is already in a valid order comes back unchanged, and
-    any other one changes as little as possible.
+    any other one changes as little as possible. A wait is one extra node
+    (numbered after the steps) between its segment and the steps after it: it
+    is placed, unseen, the moment its last member is.
     """
-    children: list[list[int]] = [[] for _ in steps]
-    waiting = [0] * len(steps)  # unplaced prerequisites per step
-    for source, target in {(source, target) for source, target, _kind in edges}:
+    count = len(steps)
+    barrier_node = {segment: count + i for i, segment in enumerate(sorted(waits.members))}
+    children: list[list[int]] = [[] for _ in range(count + len(barrier_node))]
+    waiting = [0] * len(children)  # unplaced prerequisites per node
+    for source, target in _links(edges, waits, barrier_node):
         children[source].append(target)
         waiting[target] += 1
-    ready = [node for node, count in enumerate(waiting) if count == 0]
+    ready = [node for node in range(count) if waiting[node] == 0]
     heapq.heapify(ready)
     order: list[int] = []
+    placed = 0
     while ready:
         node = heapq.heappop(ready)
         order.append(node)
-        for child in children[node]:
-            waiting[child] -= 1
-            if waiting[child] == 0:
-                heapq.heappush(ready, child)
-    if len(order) < len(steps):
-        raise _cycle_error(steps, edges, set(range(len(steps))) - set(order))
+        placed += 1
+        pending = [node]
+        while pending:
+            for child in children[pending.pop()]:
+                waiting[child] -= 1
+                if waiting[child] == 0:
+                    if child >= count:
+                        placed += 1
+                        pending.append(child)
+                    else:
+                        heapq.heappush(ready, child)
+    if placed < len(children):
+        raise _cycle_error(steps, children, set(range(len(children))) - set(order) - {
+            node for node in range(count, len(children)) if waiting[node] == 0})
     return order
 
 
-def _cycle_error(steps: list[_Step], edges: set[_Edge], stuck: set[int]) -> PlanError:
-    """Describe one concrete cycle among the steps Kahn's algorithm could not place."""
-    # Every stuck step still waits on some stuck prerequisite, so walking
-    # prerequisites from any of them must eventually revisit a step.
+def _links(edges: set[_Edge], waits: _Waits, barrier_node: dict[int, int]) -> set[tuple[int, int]]:
+    """Every (prerequisite, dependant) pair of nodes, a wait through its barrier node."""
+    links = {(source, target) for source, target, _kind in edges}
+    links.update((node, barrier_node[segment]) for node, segment in waits.segment.items())
+    links.update((barrier_node[segment], node) for node, segment in waits.after.items())
+    return links
+
+
+def _cycle_error(steps: list[_Step], children: list[list[int]], stuck: set[int]) -> PlanError:
+    """Describe one concrete cycle among the nodes Kahn's algorithm could not place."""
+    # Every stuck node still waits on some stuck prerequisite, so walking
+    # prerequisites from any of them must eventually revisit a node.
     parents: dict[int, list[int]] = {node: [] for node in stuck}
-    for source, target, _kind in edges:
-        if source in stuck and target in stuck:
-            parents[target].append(source)
+    for source in stuck:
+        for target in children[source]:
+            if target in stuck:
+                parents[target].append(source)
     path: list[int] = []
     seen_at: dict[int, int] = {}
     node = min(stuck)
@@ -444,7 +623,8 @@ def _cycle_error(steps: list[_Step], edges: set[_Edge], stuck: set[int]) -> Plan
         seen_at[node] = len(path)
         path.append(node)
         node = min(parents[node])
-    loop = path[seen_at[node]:][::-1]  # reversed: we walked towards prerequisites
+    # Reversed: we walked towards prerequisites; a wait's barrier node is not shown.
+    loop = [n for n in path[seen_at[node]:][::-1] if n < len(steps)]
     # Start at the earliest step so the message reads in document order.
     start = loop.index(min(loop))
     loop = loop[start:] + loop[:start]
@@ -452,9 +632,8 @@ def _cycle_error(steps: list[_Step], edges: set[_Edge], stuck: set[int]) -> Plan
     return PlanError("cycle", f"The step dependencies form a cycle: {names}.")
 
 
-def _assemble(
-    steps: list[_Step], edges: set[_Edge], order: list[int], build_env: dict[str, str]
-) -> tuple[PlannedJob, ...]:
+def _assemble(steps: list[_Step], edges: set[_Edge], waits: _Waits, order: list[int], build_env: dict[str, str],
+              limits: Limits) -> tuple[PlannedJob, ...]:
     position = {node: index for index, node in enumerate(order)}
     prerequisites: dict[int, set[int]] = {node: set() for node in order}
     builds_in: dict[int, int] = {}
@@ -462,13 +641,49 @@ def _assemble(
         prerequisites[target].add(position[source])
         if kind == BUILDS_IN:
             builds_in[target] = position[source]
-    return tuple(
-        replace(
+    # A segment's positions once, shared by every step waiting for it.
+    members = {segment: tuple(sorted(position[node] for node in nodes)) for segment, nodes in waits.members.items()}
+    sizes: dict[str, int] = {}
+    stored = 0
+    jobs = []
+    for node in order:
+        explicit, segment = prerequisites[node], waits.after.get(node)
+        if segment is None:
+            depends_on = tuple(sorted(explicit))
+        elif explicit - set(members[segment]):
+            depends_on = tuple(sorted(explicit.union(members[segment])))
+        else:
+            depends_on = members[segment]
+        env = {**BASE_JOB_ENV, **steps[node].job.env, **build_env}
+        stored += _check_env(env, steps[node].where, limits, sizes) + _utf8_size(steps[node].job.command)
+        if stored > limits.build_bytes:
+            raise PlanError(LIMIT_EXCEEDED, f"The jobs' commands and environments come to more than "
+                                            f"{limits.build_bytes} bytes (HARMONT_MAX_BUILD_SPEC_BYTES).")
+        jobs.append(replace(
             steps[node].job,
             index=position[node],
-            env={**BASE_JOB_ENV, **steps[node].job.env, **build_env},
+            env=env,
             builds_in=builds_in.get(node),
-            depends_on=tuple(sorted(prerequisites[node])),
-        )
-        for node in order
-    )
+            depends_on=depends_on,
+            segment=waits.segment.get(node),
+            after_segment=segment,
+        ))
+    return tuple(jobs)
+
+
+def _check_env(env: dict[str, str], where: str, limits: Limits, sizes: dict[str, int]) -> int:
+    """A job's environment must fit what a process can be started with: each value, and all of it (its bytes)."""
+    total = 0
+    for name, value in env.items():
+        # Layers are shared by many jobs: each string's size is computed once.
+        size = sizes.get(value)
+        if size is None:
+            size = sizes[value] = _utf8_size(value)
+        if size > limits.env_value_bytes:
+            raise PlanError(LIMIT_EXCEEDED, f"{where} sets env {name[:80]!r} to {size} bytes; a value may have at "
+                                            f"most {limits.env_value_bytes} (HARMONT_MAX_ENV_VALUE_BYTES).")
+        total += size + _utf8_size(name)
+    if total > limits.env_bytes:
+        raise PlanError(LIMIT_EXCEEDED, f"{where} has an env of {total} bytes (names and values); at most "
+                                        f"{limits.env_bytes} in all (HARMONT_MAX_ENV_BYTES).")
+    return total

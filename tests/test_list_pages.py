@@ -20,7 +20,7 @@ from harmont.pagination import _encode
 from organizations import services as org_services
 from organizations.models import AgentToken, ApiToken, Invite, Membership, Organization, TokenKind, User
 from pipelines import secrets as secret_services
-from pipelines.models import Pipeline, Secret
+from pipelines.models import Pipeline
 from tests.helpers import assert_error, make_agent
 
 pytestmark = pytest.mark.django_db

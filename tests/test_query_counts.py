@@ -115,6 +115,40 @@ def test_list_jobs(quiet_api, django_assert_num_queries, pipeline, length):
     assert len(data[-1]["depends_on"]) == length
 
 
+def flat_wait_ir(before: int, after: int) -> dict:
+    """`before` steps, a flat wait, `after` steps: stored as segments, not edges."""
+    steps = [{"type": "command", "key": f"a{i}", "cmd": "true"} for i in range(before)]
+    steps += [{"type": "wait"}] + [{"type": "command", "key": f"b{i}", "cmd": "true"} for i in range(after)]
+    steps[-1]["depends_on"] = ["b0"] if after > 1 else []
+    return {"version": "0", "steps": steps}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("size", [2, 40], ids=["4-jobs", "80-jobs"])
+def test_list_jobs_after_a_wait(quiet_api, django_assert_num_queries, pipeline, size):
+    make_build(pipeline, pipeline_ir=flat_wait_ir(size, size))
+
+    with django_assert_num_queries(AUTH + 3):  # the build, its jobs, their edges
+        response = quiet_api.get(builds_url(pipeline, "/1/jobs"))
+
+    assert response.status_code == 200
+    data = response.json()["data"]
+    assert [len(job["depends_on"]) for job in data] == [0] * size + [size] * (size - 1) + [size + (size > 1)]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("size", [2, 40], ids=["4-jobs", "80-jobs"])
+def test_get_job_after_a_wait(quiet_api, django_assert_num_queries, pipeline, size):
+    build = make_build(pipeline, pipeline_ir=flat_wait_ir(size, size))
+    last = Job.objects.get(build=build, step_key=f"b{size - 1}")
+
+    with django_assert_num_queries(AUTH + 3):  # the build, the job, its prerequisites
+        response = quiet_api.get(builds_url(pipeline, f"/1/jobs/{last.id}"))
+
+    assert response.status_code == 200
+    assert len(response.json()["depends_on"]) == size + (size > 1)
+
+
 @pytest.mark.django_db
 def test_get_job(quiet_api, django_assert_num_queries, pipeline):
     build = make_build(pipeline, pipeline_ir=chain_ir(29))

@@ -30,8 +30,11 @@ ENDINGS = sorted((source, target) for source, targets in states.JOB_TRANSITIONS.
                  for target in targets if target in states.TERMINAL_JOB_STATES and source != J.PENDING)
 
 
-def situation(pipeline, *, ending_from: str, other: str, flag: str, number: int) -> dict[str, Job]:
-    """A build with `x` (in `ending_from`), `y` (in `other`) and `z` (pending, after `x`), rolled up once."""
+def situation(pipeline, *, ending_from: str, other: str, flag: str, number: int, link: str = "edge") -> dict[str, Job]:
+    """A build with `x` (in `ending_from`), `y` (in `other`) and `z` (pending, after `x`), rolled up once.
+
+    `link`: how `z` waits for `x`, an edge or a wait (`x` alone in the segment `z` waits for).
+    """
     build = Build.objects.create(pipeline=pipeline, number=number, branch="main", commit="abc123", created_at=T0,
                                  started_at=T0 if ending_from not in states.WAITING_JOB_STATES else None,
                                  cancel_requested_at=T0 if flag == "cancel" else None,
@@ -42,7 +45,11 @@ def situation(pipeline, *, ending_from: str, other: str, flag: str, number: int)
         jobs[key] = Job.objects.create(build=build, organization_id=pipeline.organization_id, position=position,
                                        step_key=key, command="true", timeout_seconds=60, state=state,
                                        started_at=started, created_at=T0)
-    JobDependency.objects.create(job=jobs["z"], prerequisite=jobs["x"], kind=EdgeKind.DEPENDS_ON)
+    if link == "edge":
+        JobDependency.objects.create(job=jobs["z"], prerequisite=jobs["x"], kind=EdgeKind.DEPENDS_ON)
+    else:
+        Job.objects.filter(pk=jobs["x"].pk).update(segment=0)
+        Job.objects.filter(pk=jobs["z"].pk).update(after_segment=0)
     states.settle_build(build_id=build.pk, now=T0)  # the build row as the roll-up has it before the change
     return jobs
 
@@ -54,13 +61,14 @@ def outcome(jobs: dict[str, Job]) -> tuple:
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("link", ["edge", "wait"])
 @pytest.mark.parametrize("flag", FLAGS)
 @pytest.mark.parametrize(("source", "ended"), ENDINGS)
-def test_a_job_ending_settles_as_settle_build_would(pipeline, source, ended, flag):
+def test_a_job_ending_settles_as_settle_build_would(pipeline, source, ended, flag, link):
     compared = 0
     for number, other in enumerate(ALL_JOB_STATES, start=1):
-        fast = situation(pipeline, ending_from=source, other=other, flag=flag, number=2 * number)
-        full = situation(pipeline, ending_from=source, other=other, flag=flag, number=2 * number + 1)
+        fast = situation(pipeline, ending_from=source, other=other, flag=flag, number=2 * number, link=link)
+        full = situation(pipeline, ending_from=source, other=other, flag=flag, number=2 * number + 1, link=link)
         if Job.objects.get(pk=fast["x"].pk).state != source:
             continue  # the first roll-up already moved it (a cancel, or a skip after a failed `y`)
 

@@ -108,6 +108,8 @@ def validate_build_request(*, branch: Any, commit: Any, message: Any = None, sou
     if commit_v is not None and not COMMIT.fullmatch(commit_v):
         fields["commit"] = ["Must be a commit id (4 to 64 hexadecimal characters) or HEAD."]
     message_v = text("message", message, max_length=100_000)
+    if message_v is not None and not storable_text(message_v):
+        fields["message"] = ["Must not contain NUL characters or lone surrogates."]
     source_v = text("source", source) or BuildSource.API
     if source_v not in allowed_sources:
         fields["source"] = [f"Must be one of: {', '.join(sorted(allowed_sources))}."]
@@ -115,6 +117,8 @@ def validate_build_request(*, branch: Any, commit: Any, message: Any = None, sou
     if env is not None:
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             fields["env"] = ["Must be an object mapping strings to strings."]
+        elif not all(storable_text(k) and storable_text(v) for k, v in env.items()):
+            fields["env"] = ["Names and values must not contain NUL characters or lone surrogates."]
         else:
             env_v = env
     if pipeline_ir is not None and not isinstance(pipeline_ir, (str, dict)):
@@ -143,6 +147,17 @@ def validate_build_request(*, branch: Any, commit: Any, message: Any = None, sou
     )
 
 
+def storable_text(value: str) -> bool:
+    """Whether the database can store `value`: PostgreSQL refuses NUL in text and JSON, UTF-8 has no lone surrogates."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def find_pipeline_by_repo(*, org: Organization, repo_name: str, source_slug: str) -> Pipeline:
     """The oldest live pipeline of `org` with this repo (any case) and source slug."""
     pipeline = (
@@ -167,11 +182,16 @@ def plan_document(document: Any, *, env: dict[str, str]) -> tuple[Any, ir.Plan |
     try:
         loaded = ir.load_ir(document)
     except ir.PlanError as exc:
-        # Not JSON: keep what was sent (bounded) so the failed build shows it.
-        return {"raw": str(document)[:100_000]}, None, exc
+        # Not JSON: keep what was sent (bounded, as text the database takes) so the failed build shows it.
+        raw = str(document)[:100_000].encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+        return {"raw": raw}, None, exc
     try:
-        return loaded, ir.plan_ir(loaded, build_env=env), None
+        return loaded, ir.plan_ir(loaded, build_env=env, limits=ir.Limits.from_settings()), None
     except ir.PlanError as exc:
+        try:
+            ir.check_storable(loaded)
+        except ir.PlanError:
+            return None, None, exc  # too deep, or text no JSON column holds: nothing of it is kept
         return loaded, None, exc
 
 
@@ -335,6 +355,7 @@ def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
             image=planned.image, env=planned.env,
             timeout_seconds=planned.timeout_seconds or settings.DEFAULT_JOB_TIMEOUT_SECONDS,
             cache=planned.cache, runner=planned.runner, runner_args=planned.runner_args,
+            segment=planned.segment, after_segment=planned.after_segment,
             state=(JobState.HELD if held else JobState.SCHEDULED) if root else JobState.PENDING,
             scheduled_at=now if root and not held else None, created_at=now,
         ))
@@ -342,10 +363,21 @@ def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
 
 
 def edge_rows(jobs: list[Job], plan: ir.Plan, *, after: Job | None = None) -> list[JobDependency]:
-    """The dependency rows of a plan's jobs; with `after`, its root jobs also wait for that job (the render job)."""
+    """The dependency rows of a plan's jobs; with `after`, its root jobs also wait for that job (the render job).
+
+    A job's prerequisites through a wait are its `after_segment` (no row each);
+    only a `builds_in` parent among them keeps its row, which agents look up.
+    """
+    segments: dict[int, set[int]] = {}
+    for planned in plan.jobs:
+        if planned.segment is not None:
+            segments.setdefault(planned.segment, set()).add(planned.index)
     edges = []
     for planned, job in zip(plan.jobs, jobs):
+        through_wait = segments.get(planned.after_segment, set()) if planned.after_segment is not None else set()
         for prereq in planned.depends_on:
+            if prereq in through_wait and prereq != planned.builds_in:
+                continue
             kind = EdgeKind.BUILDS_IN if prereq == planned.builds_in else EdgeKind.DEPENDS_ON
             edges.append(JobDependency(job=job, prerequisite=jobs[prereq], kind=kind))
         if after is not None and not planned.depends_on:

@@ -15,7 +15,7 @@ from datetime import datetime
 from django.utils import timezone
 
 from builds import sql, states
-from builds.models import Agent, BuildState, Job
+from builds.models import Agent, Job
 from builds.selectors import BuildsInLinks
 from builds.services.agents import agent_seen
 from builds.services.jobs import report_finish
