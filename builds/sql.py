@@ -84,8 +84,10 @@ def update_jobs(job_ids: Sequence[uuid.UUID], values: Mapping[str, object], *,
 
 
 def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, object],
-            sources: Sequence[str]) -> tuple[bool, set[str]]:
+            sources: Sequence[str], unchanged: Mapping[str, object] | None = None) -> tuple[bool, set[str]]:
     """Compare-and-set one job (from one of `sources`) to `values`, and the states of its build's other jobs.
+
+    `unchanged`: columns that must still hold the values the caller read (none may be NULL).
 
     The caller holds the build's lock, so the states read are every other
     job's as of now. Every end of one of the build's jobs queues for that
@@ -96,17 +98,19 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, obje
     t = _JOB
     assignments, params = _job_assignments(values)
     job, build = db_value(Job, "id", job_id), db_value(Job, "build", build_id)
+    guards = "".join(f" AND {_JOB_COLUMNS[name]} = %s" for name in (unchanged or {}))
     update = (f"UPDATE {t} SET {assignments} WHERE {_JOB_COLUMNS['id']} = %s"
-              f" AND {_JOB_COLUMNS['state']} IN ({_placeholders(len(sources))})")
+              f" AND {_JOB_COLUMNS['state']} IN ({_placeholders(len(sources))}){guards}")
+    guard_values = [db_value(Job, name, value) for name, value in (unchanged or {}).items()]
     others = f"SELECT DISTINCT {t.state} FROM {t} WHERE {t.build} = %s AND {t.id} <> %s"
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute(f"WITH ended AS ({update} RETURNING 1)"
                            f" SELECT (SELECT COUNT(*) FROM ended), ARRAY({others})",
-                           [*params, job, *sources, build, job])
+                           [*params, job, *sources, *guard_values, build, job])
             changed, other_states = cursor.fetchone()
             return bool(changed), set(other_states)
-        cursor.execute(update, [*params, job, *sources])
+        cursor.execute(update, [*params, job, *sources, *guard_values])
         if not cursor.rowcount:
             return False, set()
         cursor.execute(others, [build, job])

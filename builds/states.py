@@ -207,10 +207,12 @@ def transition_jobs(job_ids: Iterable[uuid.UUID], *, to: str, now: datetime,
 
 
 def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
-            only_from: Iterable[str] | None = None, **fields: object) -> tuple[bool, set[str]]:
+            only_from: Iterable[str] | None = None, unchanged: Mapping[str, object] | None = None,
+            **fields: object) -> tuple[bool, set[str]]:
     """`transition_jobs` for one job that ends, and the states of the build's other jobs (`sql.end_job`).
 
-    `fields` may hold `sql.Add` values (output counted without the job's row lock).
+    `fields` may hold `sql.Add` values (output counted without the job's row lock); `unchanged`
+    columns must still hold what the caller read, or nothing changes.
     """
     if to not in TERMINAL_JOB_STATES:
         raise ValueError(f"{to} is not a terminal job state")
@@ -218,7 +220,7 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
     if not sources:
         return False, set()
     return sql.end_job(job_id=job_id, build_id=build_id, values=_transition_values(to, now, fields),
-                       sources=sources)
+                       sources=sources, unchanged=unchanged)
 
 
 def _sources(to: str, only_from: Iterable[str] | None) -> frozenset[str]:

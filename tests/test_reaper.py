@@ -9,7 +9,7 @@ import pytest
 
 from builds import services as build_services
 from builds.models import Agent, Build, BuildState, Job, JobState
-from builds.services import ReapReport
+from builds.services import ReapReport, reaping
 from harmont.timestamps import ns_from_datetime
 from tests.dsl import hm
 from tests.helpers import build_at, job_states, make_agent
@@ -134,6 +134,26 @@ def test_signs_of_life_push_the_heartbeat_deadline(agent, pipeline, lost_after, 
     a.refresh_from_db()
     assert a.state == J.RUNNING
     assert reap(at(2 * lost_after)) == ReapReport(heartbeat_lost=1)
+
+
+@pytest.mark.django_db
+def test_a_heartbeat_arriving_between_the_reapers_read_and_its_write_keeps_the_job(agent, pipeline, lost_after,
+                                                                                   monkeypatch):
+    build = build_at(pipeline, T0)
+    a = start_key(agent, build, "a", now=at(0))
+    real_finish = reaping.finish_job
+
+    def heartbeat_first(**kwargs: Any) -> bool:
+        # The reaper has read `a` as silent; the agent's heartbeat lands before the reaper writes.
+        build_services.heartbeat(job=a, now=at(lost_after + 1))
+        return real_finish(**kwargs)
+
+    monkeypatch.setattr(reaping, "finish_job", heartbeat_first)
+    assert reap(at(lost_after + 1)) == ReapReport()
+    a.refresh_from_db()
+    assert (a.state, a.error_code, a.last_heartbeat_at) == (J.RUNNING, None, at(lost_after + 1))
+    monkeypatch.setattr(reaping, "finish_job", real_finish)
+    assert reap(at(2 * lost_after + 2)) == ReapReport(heartbeat_lost=1)  # silent again: now it is lost
 
 
 @pytest.mark.django_db

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +19,8 @@ J = JobState
 
 def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code: str | None = None,
                error_message: str | None = None, signal: int | None = None, now: datetime | None = None,
-               expected: str | None = None, chunks: Sequence[ChunkIn] = ()) -> bool:
+               expected: str | None = None, chunks: Sequence[ChunkIn] = (),
+               unchanged: Mapping[str, Any] | None = None) -> bool:
     """End a job in a terminal `state`; then skip/schedule what follows and roll up.
 
     Returns False (and changes nothing but storing `chunks`) when the job was
@@ -29,6 +30,8 @@ def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code
 
     `chunks`, the job's last output, are stored in the same transaction: no
     reader sees the job ended without them, and its row is written once.
+    `unchanged`: job columns that must still hold what the caller read when
+    it decided (the reaper's `last_heartbeat_at`), else nothing changes.
     """
     if state not in states.TERMINAL_JOB_STATES:
         raise ValueError(f"{state} is not a terminal job state")
@@ -44,7 +47,8 @@ def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code
             # (as for every writer that takes both).
             log = store_chunks(job.pk, chunks, now)[1]
         changed, others = states.end_job(job_id=job.pk, build_id=job.build_id, to=state, now=now,
-                                         only_from=None if expected is None else (expected,), exit_code=exit_code,
+                                         only_from=None if expected is None else (expected,), unchanged=unchanged,
+                                         exit_code=exit_code,
                                          error_code=error_code, error_message=error_message, signal=signal, **log)
         if changed:
             states.settle_after_job_end(build_id=job.build_id, build=build, job_id=job.pk, state=state,

@@ -40,9 +40,11 @@ def reap(*, now: datetime | None = None) -> ReapReport:
     report = ReapReport()
     lost_before = now - timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS)
     lost = Job.objects.filter(state__in=states.LIVE_JOB_STATES, last_heartbeat_at__lt=lost_before)
-    for job in lost.only("id", "build_id"):
+    for job in lost.only("id", "build_id", "last_heartbeat_at"):
+        # Compare-and-set on the heartbeat read above: one that arrives in between keeps its job.
         if finish_job(job=job, state=J.FAILED, error_code="agent_heartbeat_lost",
-                      error_message="The agent running this job stopped responding.", now=now):
+                      error_message="The agent running this job stopped responding.", now=now,
+                      unchanged={"last_heartbeat_at": job.last_heartbeat_at}):
             report.heartbeat_lost += 1
 
     grace = timedelta(seconds=settings.JOB_TIMEOUT_GRACE_SECONDS)
