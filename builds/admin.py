@@ -3,7 +3,8 @@
 These rows are written only by the services (create_build, the agent API, the
 reaper), so the admin shows them read-only: no add, no edit. Operators can
 delete, and cancel builds with the action, which calls the same service as
-the API and the Cancel button.
+the API and the Cancel button. Deleting a build, job or artifact here deletes its
+stored files too (builds.services.retention), once the deletion commits.
 """
 
 from datetime import datetime

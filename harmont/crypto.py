@@ -39,3 +39,20 @@ def decrypt_text(token: str) -> str:
         return _keys().decrypt(token.encode("ascii")).decode()
     except InvalidToken as exc:
         raise ImproperlyConfigured("A stored secret can't be decrypted with HARMONT_SECRETS_KEY") from exc
+
+
+def reencrypt_text(token: str) -> str | None:
+    """`token` encrypted with the first key, or None when it already is.
+
+    Raises ImproperlyConfigured when no configured key opens it.
+    """
+    keys = tuple(settings.SECRETS_KEYS)
+    try:
+        _fernet(keys[:1]).decrypt(token.encode("ascii"))
+        return None
+    except InvalidToken:
+        pass
+    try:
+        return _fernet(keys).rotate(token.encode("ascii")).decode("ascii")
+    except InvalidToken as exc:
+        raise ImproperlyConfigured("A stored secret can't be decrypted with HARMONT_SECRETS_KEY") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,10 +19,10 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from harmont.crypto import decrypt_text, encrypt_text
+from harmont.crypto import decrypt_text, encrypt_text, reencrypt_text
 from harmont.errors import ApiError, validation_error
 from organizations.models import Organization
-from pipelines.models import Pipeline, Secret
+from pipelines.models import Pipeline, Repository, Secret
 
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 NAME_MAX_LENGTH = Secret._meta.get_field("name").max_length
@@ -162,3 +163,56 @@ def secrets_for_job(*, organization_id: int, pipeline_id: int | None, protected:
             logger.error("secret %s of organization %s (%s) can't be decrypted with HARMONT_SECRETS_KEY; "
                          "jobs run without it", name, organization_id, level)
     return values
+
+
+# Rows read and rewritten per query when re-encrypting.
+ROTATE_BATCH = 500
+
+
+@dataclass
+class RotationCount:
+    rotated: int = 0
+    current: int = 0  # already under the first key
+    unreadable: int = 0  # no configured key opens it: left as it is
+
+
+def _rotate_column(queryset: QuerySet[Any], column: str) -> RotationCount:
+    count = RotationCount()
+    last_pk = None
+    while True:
+        page = queryset.order_by("pk")
+        if last_pk is not None:
+            page = page.filter(pk__gt=last_pk)
+        rows = list(page.values_list("pk", column)[:ROTATE_BATCH])
+        if not rows:
+            return count
+        last_pk = rows[-1][0]
+        for pk, token in rows:
+            try:
+                new = reencrypt_text(token)
+            except ImproperlyConfigured:
+                count.unreadable += 1
+                logger.error("%s %s can't be decrypted with HARMONT_SECRETS_KEY; left as it is",
+                             queryset.model._meta.model_name, pk)
+                continue
+            if new is None:
+                count.current += 1
+            # Compare-and-set on the value read: a value set meanwhile is already under the first key.
+            elif queryset.model._default_manager.filter(pk=pk, **{column: token}).update(**{column: new}):
+                count.rotated += 1
+            else:
+                count.current += 1
+
+
+def rotate_encryption() -> dict[str, RotationCount]:
+    """Re-encrypt every secret and webhook secret with the first key of HARMONT_SECRETS_KEY.
+
+    Afterwards the other keys open nothing and can be removed. Safe to run
+    again (values already under the first key are left) and beside live
+    writes (each row is rewritten only if it still holds the value read).
+    """
+    return {
+        "secrets": _rotate_column(Secret.objects.all(), "value_encrypted"),
+        "webhook secrets": _rotate_column(Repository.objects.exclude(webhook_secret_encrypted=""),
+                                          "webhook_secret_encrypted"),
+    }
