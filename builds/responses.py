@@ -49,15 +49,15 @@ class OctetLength(Func):
 
 
 def chunk_sizes(job_id: uuid.UUID, *, after: int | None = None, before: int | None = None,
-                newest_first: bool = False) -> list[tuple[int, int]]:
-    """(seq, bytes) of up to SIZES_PAGE_ROWS chunks past `after` (or, newest first, before `before`)."""
+                newest_first: bool = False, limit: int | None = None) -> list[tuple[int, int]]:
+    """(seq, bytes) of up to `limit` (SIZES_PAGE_ROWS) chunks past `after` (or, newest first, before `before`)."""
     rows = LogChunk.objects.filter(job_id=job_id)
     if after is not None:
         rows = rows.filter(seq__gt=after)
     if before is not None:
         rows = rows.filter(seq__lt=before)
     rows = rows.order_by("-seq" if newest_first else "seq").annotate(size=OctetLength("content"))
-    return list(rows.values_list("seq", "size")[:SIZES_PAGE_ROWS])
+    return list(rows.values_list("seq", "size")[:limit or SIZES_PAGE_ROWS])
 
 
 class LogReader:

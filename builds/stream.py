@@ -39,6 +39,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 
 from builds import sql
 from builds.models import Job, LogChunk
+from builds.responses import chunk_sizes
 from builds.states import TERMINAL_JOB_STATES
 from harmont.logtokens import LogTokenInvalid, verify_log_token
 from harmont.serializers import parse_uuid
@@ -49,7 +50,8 @@ TICK_SECONDS = 0.2
 KEEPALIVE_SECONDS = 15.0
 DONE = object()  # sentinel queued after a job's last chunk
 HISTORY_FRAME_BYTES = 1024 * 1024  # a whole event, id and event lines included
-HISTORY_PAGE_ROWS = 500  # chunks read per history query (the agent sends at most 64 K characters a chunk)
+HISTORY_PAGE_ROWS = 500  # chunks whose sizes one history page looks at
+HISTORY_PAGE_BYTES = 512 * 1024  # content one history page reads (at least one chunk, however big)
 SUBSCRIBER_QUEUE_CHUNKS = 1000
 
 
@@ -206,7 +208,7 @@ def may_open(job_id: uuid.UUID, build_id: uuid.UUID) -> bool:
         raise
 
 
-def history(job_id: uuid.UUID, after_seq: int) -> tuple[str, list[tuple]]:
+def history(job_id: uuid.UUID, after_seq: int) -> tuple[str, tuple[list[tuple], bool]]:
     """The job's state, then the first page of its stored chunks past `after_seq` (in that
     order: a job seen terminal here has all of its chunks in the pages that follow)."""
     try:
@@ -217,10 +219,22 @@ def history(job_id: uuid.UUID, after_seq: int) -> tuple[str, list[tuple]]:
         raise
 
 
-def history_page(job_id: uuid.UUID, after_seq: int) -> list[tuple]:
+def history_page(job_id: uuid.UUID, after_seq: int) -> tuple[list[tuple], bool]:
+    """The chunks past `after_seq` that fit in HISTORY_PAGE_BYTES (sizes are read first, so a
+    page of big chunks is not read whole), and whether more may follow."""
     try:
-        return list(LogChunk.objects.filter(job_id=job_id, seq__gt=after_seq).order_by("seq").values_list(
-            "seq", "stream_kind", "content", "ts")[:HISTORY_PAGE_ROWS])
+        sizes = chunk_sizes(job_id, after=after_seq, limit=HISTORY_PAGE_ROWS)
+        if not sizes:
+            return [], False
+        total, count = 0, 0
+        for _, size in sizes:
+            if count and total + size > HISTORY_PAGE_BYTES:
+                break
+            total += size
+            count += 1
+        rows = list(LogChunk.objects.filter(job_id=job_id, seq__gt=after_seq, seq__lte=sizes[count - 1][0])
+                    .order_by("seq").values_list("seq", "stream_kind", "content", "ts"))
+        return rows, count < len(sizes) or len(sizes) == HISTORY_PAGE_ROWS
     except DatabaseError:
         close_old_connections()
         raise
@@ -237,12 +251,12 @@ def history_frame(encoded: list[str], *, last: bool, event_id: int | None) -> by
 FRAME_OVERHEAD = len(history_frame([], last=True, event_id=10**20))
 
 
-async def history_frames(job_id: uuid.UUID, after_seq: int, first_page: list[tuple]) -> AsyncIterator[
+async def history_frames(job_id: uuid.UUID, after_seq: int, first_page: tuple[list[tuple], bool]) -> AsyncIterator[
         tuple[bytes, int]]:
     """The history as events of at most HISTORY_FRAME_BYTES (a single chunk bigger than that goes
     alone: a chunk is never split, its seq names it), each with the seq it ends at."""
     encoded: list[str] = []
-    size, seq, page = FRAME_OVERHEAD, after_seq, first_page
+    size, seq, (page, more) = FRAME_OVERHEAD, after_seq, first_page
     while page:
         for row in page:
             item = json.dumps(chunk_dict(*row), separators=(",", ":"))
@@ -252,8 +266,8 @@ async def history_frames(job_id: uuid.UUID, after_seq: int, first_page: list[tup
             encoded.append(item)
             size += len(item) + 1
             seq = row[0]
-        page = (await sync_to_async(history_page, thread_sensitive=False)(job_id, seq)
-                if len(page) == HISTORY_PAGE_ROWS else [])
+        page, more = (await sync_to_async(history_page, thread_sensitive=False)(job_id, seq)
+                      if more else ([], False))
     # Only a frame with chunks is ever held back, so the last is empty only if all of history is.
     yield history_frame(encoded, last=True, event_id=seq if encoded else None), seq
 
@@ -283,7 +297,7 @@ async def job_log_stream(request: HttpRequest, job_id: str) -> HttpResponse:
     return with_cors(response, request)
 
 
-async def events(logs: LogHub, job_id: uuid.UUID, after: int, first_page: list[tuple],
+async def events(logs: LogHub, job_id: uuid.UUID, after: int, first_page: tuple[list[tuple], bool],
                  finished: bool) -> AsyncIterator[bytes]:
     seq = after
     async for data, seq in history_frames(job_id, after, first_page):

@@ -13,10 +13,13 @@ all the streams of a process.
 from __future__ import annotations
 
 import asyncio
+import gc
+import http.client
 import os
 import socket
 import threading
 import time
+import tracemalloc
 import uuid
 from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import Any
@@ -27,8 +30,9 @@ from django.db import OperationalError, connection, connections
 from django.utils import timezone
 
 from builds import services, stream
-from builds.models import Build, Job, JobState, StreamKind
+from builds.models import Build, Job, JobState, LogChunk, StreamKind
 from harmont.logtokens import mint_log_token
+from organizations import services as org_services
 from harmont.timestamps import ns_from_datetime
 from tests.helpers import builds_url, is_postgres, make_agent, make_build, parallel_ir
 from tests.live import Event, EventStream, LiveServer
@@ -782,3 +786,97 @@ def test_a_full_queue_unsubscribes_only_the_stalled_subscriber(monkeypatch):
         hub.task.cancel()
 
     asyncio.run(scenario())
+
+
+# ===================================================================== memory while a 100 MiB log is read
+
+MIB = 1024 * 1024
+
+
+def store_big_log(job: Job, mib: int) -> int:
+    """`mib` MiB of log in 64 KiB chunks, written straight to the table (one string shared by all rows)."""
+    piece = ("y" * 1023 + "\n") * 64
+    per_batch = 64
+    for first in range(1, mib * 16 + 1, per_batch):
+        LogChunk.objects.bulk_create([LogChunk(job=job, seq=seq, stream_kind=OUT, content=piece, ts=ts(seq))
+                                      for seq in range(first, min(first + per_batch, mib * 16 + 1))])
+    size = len(piece) * mib * 16
+    Job.objects.filter(pk=job.pk).update(log_bytes=size)
+    return size
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def growth_while(read: Any) -> tuple[int, int, Any]:
+    """(traced Python memory peak growth, resident set growth, what `read` returned) of this
+    process, which is the server's: uvicorn runs in one of its threads."""
+    gc.collect()
+    rss_before, rss_peak, reading = rss_bytes(), 0, True
+
+    def sample() -> None:
+        nonlocal rss_peak
+        while reading:
+            rss_peak = max(rss_peak, rss_bytes())
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    tracemalloc.start()
+    traced_before = tracemalloc.get_traced_memory()[0]
+    sampler.start()
+    try:
+        result = read()
+    finally:
+        reading = False
+        sampler.join()
+        traced_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return traced_peak - traced_before, max(rss_peak, rss_bytes()) - rss_before, result
+
+
+def read_all(live: LiveServer, path: str, headers: dict[str, str]) -> tuple[int, int, bytes]:
+    """(status, bytes received, the last bytes): the body is counted and dropped as it arrives."""
+    conn = http.client.HTTPConnection(live.host, live.port, timeout=60)
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        received, last = 0, b""
+        while block := response.read(64 * 1024):
+            received += len(block)
+            last = (last + block)[-64:]
+        return response.status, received, last
+    finally:
+        conn.close()
+
+
+def test_reading_a_100_mib_raw_log_raises_the_servers_memory_by_less_than_20_mib(live_asgi, build, running, owner):
+    job, _ = running
+    size = store_big_log(job, 100)
+    headers = {"Authorization": f"Bearer {org_services.create_personal_token(user=owner, description='t').raw}"}
+    path = builds_url(build.pipeline, f"/{build.number}/jobs/{job.pk}/log")
+    read_all(live_asgi, path, {**headers, "Range": "bytes=-10"})  # warm: first-request imports and caches
+
+    traced, rss, (status, received, last) = growth_while(lambda: read_all(live_asgi, path, headers))
+    assert (status, received, last) == (200, size, ("y" * 1023 + "\n")[-64:].encode())
+    assert traced < 20 * MIB, f"{traced / MIB:.1f} MiB traced"
+    assert rss < 20 * MIB, f"{rss / MIB:.1f} MiB resident"
+
+    traced, rss, (status, received, _) = growth_while(
+        lambda: read_all(live_asgi, path, {**headers, "Range": f"bytes=-{90 * MIB}"}))
+    assert (status, received) == (206, 90 * MIB)
+    assert traced < 20 * MIB and rss < 20 * MIB, (traced / MIB, rss / MIB)
+
+
+def test_streaming_a_100_mib_history_raises_the_servers_memory_by_less_than_20_mib(live_asgi, build, running):
+    job, _ = running
+    store_big_log(job, 100)
+    services.report_finish(job=job, exit_code=0)
+    path = logs_path(job, token_for(build))
+    read_all(live_asgi, logs_path(job, token_for(build), f"&last_event_id={100 * 16 - 1}"), {})  # warm
+
+    traced, rss, (status, received, last) = growth_while(lambda: read_all(live_asgi, path, {}))
+    assert status == 200 and received > 100 * MIB and last.endswith(b"event: done\ndata: {}\n\n")
+    assert traced < 20 * MIB, f"{traced / MIB:.1f} MiB traced"
+    assert rss < 20 * MIB, f"{rss / MIB:.1f} MiB resident"
