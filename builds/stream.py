@@ -7,6 +7,14 @@ the chunks after each watched job's cursor and the states of those jobs, and
 fans the answer out to the subscribers. So the database sees one poll per
 process per tick however many browsers are watching.
 
+History (what is stored past the resume point) goes out as several `history` events of
+at most HISTORY_FRAME_BYTES each, read from the database one page at a time as the
+previous frame is sent; each carries the id of its last chunk, so a client cut off
+mid-history resumes after the frame it got, and the last says `"last": true`. A
+subscriber's queue holds at most SUBSCRIBER_QUEUE_CHUNKS items: a client that stops
+reading overflows it, is dropped by the hub and has its stream ended (without `done`),
+and resumes with Last-Event-ID like any other cut connection.
+
 Why per-job cursors rather than "chunk id > last id": appends to one job are
 serialised by its row lock and numbered by the agent, so `seq > cursor` can't
 skip a chunk that commits late, whereas a global id can commit out of order.
@@ -31,6 +39,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 
 from builds import sql
 from builds.models import Job, LogChunk
+from builds.responses import chunk_sizes
 from builds.states import TERMINAL_JOB_STATES
 from harmont.logtokens import LogTokenInvalid, verify_log_token
 from harmont.serializers import parse_uuid
@@ -40,6 +49,10 @@ log = logging.getLogger("harmont.stream")
 TICK_SECONDS = 0.2
 KEEPALIVE_SECONDS = 15.0
 DONE = object()  # sentinel queued after a job's last chunk
+HISTORY_FRAME_BYTES = 1024 * 1024  # a whole event, id and event lines included
+HISTORY_PAGE_ROWS = 500  # chunks whose sizes one history page looks at
+HISTORY_PAGE_BYTES = 512 * 1024  # content one history page reads (at least one chunk, however big)
+SUBSCRIBER_QUEUE_CHUNKS = 1000
 
 
 def chunk_dict(seq: int, stream_kind: int, content: str, ts: int | None) -> dict[str, Any]:
@@ -57,7 +70,9 @@ def frame(event: str, data: Any, *, event_id: int | None = None) -> bytes:
 class Subscriber:
     job_id: uuid.UUID
     last_seq: int
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=SUBSCRIBER_QUEUE_CHUNKS))
+    # Set by the hub when the queue was full: the client is not reading; its stream ends.
+    overflowed: bool = False
 
 
 def fetch_updates(cursors: dict[uuid.UUID, int]) -> tuple[dict[uuid.UUID, str], list[tuple]]:
@@ -127,16 +142,31 @@ class LogHub:
             self._deliver(states, chunks)
 
     def _deliver(self, states: dict[uuid.UUID, str], chunks: list[tuple]) -> None:
+        stalled: list[Subscriber] = []
         for job_id, seq, stream_kind, content, ts in chunks:
             self.cursors[job_id] = max(self.cursors.get(job_id, 0), seq)
             payload = chunk_dict(seq, stream_kind, content, ts)
             for subscriber in self.subscribers.get(job_id, ()):
-                subscriber.queue.put_nowait(payload)
+                self._offer(subscriber, payload, stalled)
         for job_id, state in states.items():
             if state in TERMINAL_JOB_STATES:
                 for subscriber in self.subscribers.pop(job_id, ()):
-                    subscriber.queue.put_nowait(DONE)
+                    self._offer(subscriber, DONE, stalled)
                 self.cursors.pop(job_id, None)
+        for subscriber in stalled:
+            self.unsubscribe(subscriber)
+
+    @staticmethod
+    def _offer(subscriber: Subscriber, item: Any, stalled: list[Subscriber]) -> None:
+        if subscriber.overflowed:
+            return
+        try:
+            subscriber.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            # Its reader is behind by a whole queue: holding more for it would grow without
+            # bound. What it has queued still goes out, then its stream ends and it resumes.
+            subscriber.overflowed = True
+            stalled.append(subscriber)
 
 
 # One hub per event loop: under ASGI that is one per process; under a WSGI
@@ -178,15 +208,68 @@ def may_open(job_id: uuid.UUID, build_id: uuid.UUID) -> bool:
         raise
 
 
-def history(job_id: uuid.UUID, after_seq: int) -> tuple[str, list[dict[str, Any]]]:
+def history(job_id: uuid.UUID, after_seq: int) -> tuple[str, tuple[list[tuple], bool]]:
+    """The job's state, then the first page of its stored chunks past `after_seq` (in that
+    order: a job seen terminal here has all of its chunks in the pages that follow)."""
     try:
         state = Job.objects.values_list("state", flat=True).get(pk=job_id)
-        rows = LogChunk.objects.filter(job_id=job_id, seq__gt=after_seq).order_by("seq").values_list(
-            "seq", "stream_kind", "content", "ts")
-        return state, [chunk_dict(*row) for row in rows]
+        return state, history_page(job_id, after_seq)
     except DatabaseError:
         close_old_connections()
         raise
+
+
+def history_page(job_id: uuid.UUID, after_seq: int) -> tuple[list[tuple], bool]:
+    """The chunks past `after_seq` that fit in HISTORY_PAGE_BYTES (sizes are read first, so a
+    page of big chunks is not read whole), and whether more may follow."""
+    try:
+        sizes = chunk_sizes(job_id, after=after_seq, limit=HISTORY_PAGE_ROWS)
+        if not sizes:
+            return [], False
+        total, count = 0, 0
+        for _, size in sizes:
+            if count and total + size > HISTORY_PAGE_BYTES:
+                break
+            total += size
+            count += 1
+        rows = list(LogChunk.objects.filter(job_id=job_id, seq__gt=after_seq, seq__lte=sizes[count - 1][0])
+                    .order_by("seq").values_list("seq", "stream_kind", "content", "ts"))
+        return rows, count < len(sizes) or len(sizes) == HISTORY_PAGE_ROWS
+    except DatabaseError:
+        close_old_connections()
+        raise
+
+
+def history_frame(encoded: list[str], *, last: bool, event_id: int | None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    tail = '],"last":true}' if last else "]}"
+    return f"{head}event: history\ndata: {{\"chunks\":[{','.join(encoded)}{tail}\n\n".encode()
+
+
+# The bytes of a history event besides its chunks and their commas: id and event lines, the
+# JSON around the list, the closing blank line (an id is at most 20 digits).
+FRAME_OVERHEAD = len(history_frame([], last=True, event_id=10**20))
+
+
+async def history_frames(job_id: uuid.UUID, after_seq: int, first_page: tuple[list[tuple], bool]) -> AsyncIterator[
+        tuple[bytes, int]]:
+    """The history as events of at most HISTORY_FRAME_BYTES (a single chunk bigger than that goes
+    alone: a chunk is never split, its seq names it), each with the seq it ends at."""
+    encoded: list[str] = []
+    size, seq, (page, more) = FRAME_OVERHEAD, after_seq, first_page
+    while page:
+        for row in page:
+            item = json.dumps(chunk_dict(*row), separators=(",", ":"))
+            if encoded and size + len(item) + 1 > HISTORY_FRAME_BYTES:
+                yield history_frame(encoded, last=False, event_id=seq), seq
+                encoded, size = [], FRAME_OVERHEAD
+            encoded.append(item)
+            size += len(item) + 1
+            seq = row[0]
+        page, more = (await sync_to_async(history_page, thread_sensitive=False)(job_id, seq)
+                      if more else ([], False))
+    # Only a frame with chunks is ever held back, so the last is empty only if all of history is.
+    yield history_frame(encoded, last=True, event_id=seq if encoded else None), seq
 
 
 async def job_log_stream(request: HttpRequest, job_id: str) -> HttpResponse:
@@ -204,44 +287,44 @@ async def job_log_stream(request: HttpRequest, job_id: str) -> HttpResponse:
         return stream_error("log_stream_forbidden", "This log token does not open that job's log.", 403, request)
 
     after = resume_point(request)
-    logs = hub()
-    subscriber = logs.subscribe(job_uuid, after)
-    try:
-        state, chunks = await sync_to_async(history, thread_sensitive=False)(job_uuid, after)
-    except BaseException:
-        logs.unsubscribe(subscriber)
-        raise
-    logs.start_from(subscriber, chunks[-1]["seq"] if chunks else after)
-    finished = state in TERMINAL_JOB_STATES
-    if finished:
-        logs.unsubscribe(subscriber)
-    response = StreamingHttpResponse(
-        events(logs, subscriber, chunks, finished), content_type="text/event-stream; charset=utf-8")
+    # The first page is read here, so a failure to read comes before the response starts;
+    # the rest as the history goes out.
+    state, first_page = await sync_to_async(history, thread_sensitive=False)(job_uuid, after)
+    response = StreamingHttpResponse(events(hub(), job_uuid, after, first_page, state in TERMINAL_JOB_STATES),
+                                     content_type="text/event-stream; charset=utf-8")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return with_cors(response, request)
 
 
-async def events(logs: LogHub, subscriber: Subscriber, history_chunks: list[dict[str, Any]],
+async def events(logs: LogHub, job_id: uuid.UUID, after: int, first_page: tuple[list[tuple], bool],
                  finished: bool) -> AsyncIterator[bytes]:
+    seq = after
+    async for data, seq in history_frames(job_id, after, first_page):
+        yield data
+    if finished:
+        yield frame("done", {})
+        return
+    # Watched from where the history ended: the hub's next poll brings what came meanwhile
+    # (and `done` if the job ended while its history was going out).
+    subscriber = logs.subscribe(job_id, seq)
+    logs.start_from(subscriber, seq)
     try:
-        yield frame("history", {"chunks": history_chunks},
-                    event_id=history_chunks[-1]["seq"] if history_chunks else None)
-        if finished:
-            yield frame("done", {})
-            return
         while True:
             try:
                 item = await asyncio.wait_for(subscriber.queue.get(), timeout=KEEPALIVE_SECONDS)
             except asyncio.TimeoutError:
+                if subscriber.overflowed:
+                    return
                 yield b": keep-alive\n\n"
                 continue
             if item is DONE:
                 yield frame("done", {})
                 return
-            if item["seq"] <= subscriber.last_seq:
-                continue  # already in the history
-            subscriber.last_seq = item["seq"]
-            yield frame("chunk", item, event_id=item["seq"])
+            if item["seq"] > subscriber.last_seq:  # else already in the history
+                subscriber.last_seq = item["seq"]
+                yield frame("chunk", item, event_id=item["seq"])
+            if subscriber.overflowed and subscriber.queue.empty():
+                return  # ended without `done`: the client resumes from the last id it got
     finally:
         logs.unsubscribe(subscriber)

@@ -17,7 +17,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from builds import services
+from builds import responses, services
 from builds.models import Build, Job, JobState, LogChunk, StreamKind
 from harmont.timestamps import ns_from_datetime
 from tests.helpers import assert_error, builds_url, make_agent, make_build
@@ -62,24 +62,24 @@ def test_log_is_the_whole_text_in_seq_order_of_all_streams(api, build, job):
 
     assert response.status_code == 200
     assert response["Content-Type"] == "text/plain; charset=utf-8"
-    assert response.content == FULL
+    assert response.getvalue() == FULL
     assert response["Content-Length"] == str(len(FULL))
     assert "Content-Range" not in response
     assert response["Accept-Ranges"] == "bytes"
 
 
 def test_members_read_logs_too(member_api, build, job):
-    assert member_api.get(log_url(build, job.pk)).content == FULL
+    assert member_api.get(log_url(build, job.pk)).getvalue() == FULL
 
 
 def test_log_of_a_job_without_output_is_empty(api, build):
     job = job_of(build, "b")
     response = api.get(log_url(build, job.pk))
-    assert (response.status_code, response.content, response["Content-Type"]) == (
+    assert (response.status_code, response.getvalue(), response["Content-Type"]) == (
         200, b"", "text/plain; charset=utf-8")
     assert api.head(log_url(build, job.pk))["Content-Length"] == "0"
     tail = api.get(log_url(build, job.pk), HTTP_RANGE="bytes=-10")
-    assert (tail.status_code, tail.content) == (200, b"")
+    assert (tail.status_code, tail.getvalue()) == (200, b"")
 
 
 # ===================================================================== HEAD: the size
@@ -109,7 +109,7 @@ def test_suffix_range_is_206_with_exactly_the_last_n_bytes(api, build, job, n):
 
     total = len(FULL)
     assert response.status_code == 206
-    assert response.content == FULL[-n:]  # may cut a UTF-8 sequence: a range is bytes
+    assert response.getvalue() == FULL[-n:]  # may cut a UTF-8 sequence: a range is bytes
     assert response["Content-Range"] == f"bytes {total - n}-{total - 1}/{total}"
     assert response["Content-Length"] == str(n)
     assert response["Content-Type"] == "text/plain; charset=utf-8"
@@ -120,7 +120,7 @@ def test_suffix_range_longer_than_the_log_is_the_whole_log(api, build, job, n):
     response = api.get(log_url(build, job.pk), HTTP_RANGE=f"bytes=-{n}")
 
     assert response.status_code == 206
-    assert response.content == FULL
+    assert response.getvalue() == FULL
     assert response["Content-Range"] == f"bytes 0-{len(FULL) - 1}/{len(FULL)}"
 
 
@@ -130,7 +130,7 @@ def test_other_range_forms_get_the_whole_log_with_200(api, build, job, header):
     response = api.get(log_url(build, job.pk), HTTP_RANGE=header)
 
     assert response.status_code == 200
-    assert response.content == FULL
+    assert response.getvalue() == FULL
     assert "Content-Range" not in response
 
 
@@ -143,7 +143,7 @@ def test_tail_across_many_chunks(api, build):
     response = api.get(log_url(build, job.pk), HTTP_RANGE="bytes=-2500")  # ~185 chunks, past one fetch of 100
 
     assert response.status_code == 206
-    assert response.content == full[-2500:]
+    assert response.getvalue() == full[-2500:]
     assert response["Content-Range"] == f"bytes {len(full) - 2500}-{len(full) - 1}/{len(full)}"
 
 
@@ -185,8 +185,9 @@ def test_log_with_a_stranger_token_is_404(stranger_api, build, job):
 # ===================================================================== queries
 
 
-@pytest.mark.parametrize("extra", [{}, {"HTTP_RANGE": "bytes=-100000"}, {"HTTP_RANGE": "bytes=-10"}])
-def test_log_query_count_does_not_grow_with_the_log(api, build, pipeline, extra):
+@pytest.mark.parametrize(("extra", "expected"), [({}, 5), ({"HTTP_RANGE": "bytes=-100000"}, 6),
+                                                 ({"HTTP_RANGE": "bytes=-10"}, 6)])
+def test_log_query_count_does_not_grow_with_the_log(api, build, pipeline, extra, expected):
     api.get(log_url(build, job_of(build).pk))  # the token's last_used_at write happens once in a while: not here
     counts = []
     for size in (3, 300):
@@ -195,10 +196,62 @@ def test_log_query_count_does_not_grow_with_the_log(api, build, pipeline, extra)
         write(job, [(seq, OUT, f"line {seq}\n") for seq in range(1, size + 1)])
         with CaptureQueriesContext(connection) as queries:
             response = api.get(log_url(fresh, job.pk), **extra)
+            response.getvalue()  # the body is read from the database as it is sent
         assert response.status_code in (200, 206)
         counts.append(len(queries))
-    # token, build+pipeline+the caller's membership, job, chunks
-    assert counts == [4, 4]
+    # token, build+pipeline+the caller's membership, job, (a tail: where it starts,) chunk sizes, chunks
+    assert counts == [expected, expected]
+
+
+# ===================================================================== read in pieces
+
+
+def big_log(job: Job, *, chunks: int, size: int) -> bytes:
+    """`chunks` chunks of `size` bytes each (two-byte characters, so bytes and characters differ)."""
+    body = "é" * ((size - 7) // 2) + "x" * ((size - 7) % 2)
+    lines = [(seq, OUT, f"{seq:06d}{body}\n") for seq in range(1, chunks + 1)]
+    write(job, lines)
+    return "".join(content for _, _, content in lines).encode()
+
+
+@pytest.mark.parametrize("extra", [{}, {"HTTP_RANGE": "bytes=-3000000"}, {"HTTP_RANGE": "bytes=-1"}])
+def test_a_big_log_is_sent_in_pieces_of_at_most_the_piece_size(api, build, monkeypatch, extra):
+    monkeypatch.setattr(responses, "SIZES_PAGE_ROWS", 7)  # several pages of sizes, both ways
+    job = job_of(build)
+    full = big_log(job, chunks=40, size=100_000)
+
+    response = api.get(log_url(build, job.pk), **extra)
+    pieces = list(response.streaming_content)
+
+    body = b"".join(pieces)
+    wanted = int(extra["HTTP_RANGE"][len("bytes=-"):]) if extra else len(full)
+    assert body == full[-wanted:]
+    assert response["Content-Length"] == str(wanted)
+    assert max(len(piece) for piece in pieces) <= responses.LOG_PIECE_BYTES
+    assert len(pieces) >= wanted / responses.LOG_PIECE_BYTES
+
+
+def test_one_chunk_bigger_than_a_piece_is_one_piece(api, build, monkeypatch):
+    monkeypatch.setattr(responses, "LOG_PIECE_BYTES", 1000)
+    job = job_of(build)
+    full = big_log(job, chunks=3, size=5000)
+
+    pieces = list(api.get(log_url(build, job.pk)).streaming_content)
+
+    assert [len(piece) for piece in pieces] == [len(full) // 3] * 3
+    assert b"".join(pieces) == full
+
+
+def test_a_log_growing_while_it_is_read_stops_at_the_size_it_declared(api, build, monkeypatch):
+    monkeypatch.setattr(responses, "LOG_PIECE_BYTES", 100)
+    job = job_of(build)
+    full = big_log(job, chunks=5, size=200)
+
+    response = api.get(log_url(build, job.pk))
+    first = next(iter(response.streaming_content))
+    write(job, [(6, OUT, "later\n")])
+
+    assert first + b"".join(response.streaming_content) == full
 
 
 # ===================================================================== storage and its limit
@@ -213,7 +266,7 @@ def test_a_batch_sent_twice_is_stored_once(api, build):
     assert write(job, [batch[1], (3, OUT, "three\n")]) == 1
 
     job.refresh_from_db()
-    body = api.get(log_url(build, job.pk)).content
+    body = api.get(log_url(build, job.pk)).getvalue()
     assert body == "one\ntwo ✓\nthree\n".encode()
     assert job.log_bytes == len(body)
 
@@ -243,11 +296,11 @@ def test_output_past_the_limit_is_dropped_with_one_meta_chunk_and_the_job_goes_o
     # The job itself goes on and passes.
     assert services.report_finish(job=job, exit_code=0) == JobState.PASSED
 
-    body = api.get(log_url(build, job.pk)).content
+    body = api.get(log_url(build, job.pk)).getvalue()
     assert body == (forty + forty + notice).encode()
     assert api.head(log_url(build, job.pk))["Content-Length"] == str(len(body)) == str(job.log_bytes)
     tail = api.get(log_url(build, job.pk), HTTP_RANGE="bytes=-20")
-    assert (tail.status_code, tail.content) == (206, body[-20:])
+    assert (tail.status_code, tail.getvalue()) == (206, body[-20:])
     assert tail["Content-Range"] == f"bytes {len(body) - 20}-{len(body) - 1}/{len(body)}"
 
 

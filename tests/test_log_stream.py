@@ -12,9 +12,15 @@ all the streams of a process.
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import http.client
 import os
+import socket
 import threading
 import time
+import tracemalloc
+import uuid
 from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import Any
 
@@ -24,11 +30,12 @@ from django.db import OperationalError, connection, connections
 from django.utils import timezone
 
 from builds import services, stream
-from builds.models import Build, Job, JobState, StreamKind
+from builds.models import Build, Job, JobState, LogChunk, StreamKind
 from harmont.logtokens import mint_log_token
+from organizations import services as org_services
 from harmont.timestamps import ns_from_datetime
 from tests.helpers import builds_url, is_postgres, make_agent, make_build, parallel_ir
-from tests.live import EventStream, LiveServer
+from tests.live import Event, EventStream, LiveServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -98,13 +105,22 @@ def watch(live: LiveServer, job: Job, query: str = "", headers: dict[str, str] |
     return events
 
 
+def history_frames(events: EventStream) -> list[Event]:
+    """The `history` events up to the one marked last, each checked to carry its last seq as id."""
+    frames = []
+    while True:
+        frame = events.next()
+        assert frame.event == "history", frame.lines
+        chunks = frame.data["chunks"]
+        assert set(frame.data) <= {"chunks", "last"}
+        assert frame.id == (chunks[-1]["seq"] if chunks else None), frame.lines
+        frames.append(frame)
+        if frame.data.get("last"):
+            return frames
+
+
 def history_of(events: EventStream) -> list[dict[str, Any]]:
-    first = events.next()
-    assert first.event == "history", first.lines
-    chunks = first.data["chunks"]
-    assert set(first.data) == {"chunks"}
-    assert first.id == (chunks[-1]["seq"] if chunks else None), first.lines
-    return chunks
+    return [chunk for frame in history_frames(events) for chunk in frame.data["chunks"]]
 
 
 def until_done(events: EventStream, timeout: float = 5) -> list[dict[str, Any]]:
@@ -141,7 +157,7 @@ def test_history_comes_first_then_live_chunks_then_done(live_asgi, build, runnin
     assert events.headers["Content-Type"].startswith("text/event-stream")
     first = events.next()
     assert first.lines[:2] == ["id: 3", "event: history"] and len(first.lines) == 3
-    assert first.data == {"chunks": [chunk(job, 1), chunk(job, 2, ERR), chunk(job, 3)]}
+    assert first.data == {"chunks": [chunk(job, 1), chunk(job, 2, ERR), chunk(job, 3)], "last": True}
     events.assert_silent(0.4)  # two ticks: nothing new, nothing sent
 
     write(job, [4], ERR)
@@ -304,7 +320,7 @@ def test_a_job_already_over_gets_its_history_then_done_at_once(live_asgi, build,
 
     events = watch(live_asgi, job)
     history = events.next()
-    assert history.data == {"chunks": [chunk(job, 1), chunk(job, 2)]}
+    assert history.data == {"chunks": [chunk(job, 1), chunk(job, 2)], "last": True}
     done = events.next(timeout=1)
     assert (done.event, done.data) == ("done", {})
     assert done.at - history.at < 0.15  # at once, not after a tick of the hub
@@ -318,7 +334,7 @@ def test_a_job_that_never_ran_and_ended_gets_empty_history_then_done(live_asgi, 
 
     events = watch(live_asgi, job)
     first = events.next()
-    assert first.lines == ["event: history", 'data: {"chunks":[]}']  # no id: there is nothing to resume after
+    assert first.lines == ["event: history", 'data: {"chunks":[],"last":true}']  # no id: there is nothing to resume after
     assert until_done(events, timeout=1) == []
 
 
@@ -362,7 +378,7 @@ def test_resume_from_the_newest_id_gives_empty_history_and_then_the_new_chunks(l
 
     events = watch(live_asgi, job, headers={"Last-Event-ID": "2"})
     first = events.next()
-    assert first.lines == ["event: history", 'data: {"chunks":[]}']
+    assert first.lines == ["event: history", 'data: {"chunks":[],"last":true}']
     write(job, [3])
     assert [e.data for e in events.chunks(1)] == [chunk(job, 3)]
 
@@ -385,7 +401,7 @@ def test_silence_is_broken_by_comment_lines(live_asgi, build, running, monkeypat
     job, _ = running
     events = watch(live_asgi, job)
     history = events.next()
-    assert history.data == {"chunks": []}
+    assert history.data == {"chunks": [], "last": True}
 
     first = events.next(timeout=2)
     assert first.event == "comment" and first.lines[0].startswith(":"), first.lines
@@ -650,3 +666,217 @@ def test_past_the_log_limit_the_stream_gets_one_meta_chunk_and_then_done(live_as
     assert until_done(events) == []
     job.refresh_from_db()
     assert (job.state, job.log_truncated) == (JobState.PASSED, True)
+
+
+# ===================================================================== history in bounded frames
+
+
+def event_bytes(event: Event) -> int:
+    return len(("\n".join(event.lines) + "\n\n").encode())
+
+
+def test_a_long_history_comes_in_frames_of_at_most_the_frame_size_the_last_one_marked(live_asgi, build, running,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(stream, "HISTORY_FRAME_BYTES", 1000)
+    monkeypatch.setattr(stream, "HISTORY_PAGE_ROWS", 7)  # frames span pages, pages span frames
+    job, _ = running
+    write(job, range(1, 61))
+
+    frames = history_frames(watch(live_asgi, job))
+
+    assert len(frames) > 5
+    assert all(event_bytes(frame) <= 1000 for frame in frames), [event_bytes(frame) for frame in frames]
+    assert [frame.data.get("last", False) for frame in frames] == [False] * (len(frames) - 1) + [True]
+    assert [c for frame in frames for c in frame.data["chunks"]] == [chunk(job, seq) for seq in range(1, 61)]
+    for frame in frames:  # every frame decodes as `hm` decodes one: {"chunks": [...]}
+        assert [cli_decode(c) for c in frame.data["chunks"]]
+
+
+def test_a_history_bigger_than_a_mebibyte_is_split_at_the_default_size(live_asgi, build, running):
+    job, _ = running
+    text = "é" * 30_000 + "\n"  # ~60 KB of JSON a chunk (escaped), 40 of them
+    services.append_log(job=job, chunks=[services.ChunkIn(seq, OUT, text, ts(seq)) for seq in range(1, 41)])
+
+    frames = history_frames(watch(live_asgi, job))
+
+    assert len(frames) >= 2
+    assert max(event_bytes(frame) for frame in frames) <= stream.HISTORY_FRAME_BYTES
+    assert [c["seq"] for frame in frames for c in frame.data["chunks"]] == list(range(1, 41))
+
+
+def test_resume_from_the_id_of_a_middle_frame_replays_the_rest_once(live_asgi, build, running, monkeypatch):
+    monkeypatch.setattr(stream, "HISTORY_FRAME_BYTES", 1000)
+    job, _ = running
+    write(job, range(1, 41))
+    frames = history_frames(watch(live_asgi, job))
+    cut = frames[1].id  # a client cut off after the second frame
+
+    again = watch(live_asgi, job, headers={"Last-Event-ID": str(cut)})
+    assert seqs(history_of(again)) == list(range(cut + 1, 41))
+    write(job, [41])
+    assert [e.data for e in again.chunks(1)] == [chunk(job, 41)]
+    services.report_finish(job=job, exit_code=0)
+    assert until_done(again) == []
+
+
+def test_a_job_ending_while_its_long_history_goes_out_still_ends_with_done(live_asgi, build, running, monkeypatch):
+    monkeypatch.setattr(stream, "HISTORY_FRAME_BYTES", 1000)
+    job, _ = running
+    write(job, range(1, 41))
+    events = watch(live_asgi, job)
+    first = events.next()
+    write(job, [41])
+    services.report_finish(job=job, exit_code=0)
+
+    rest = history_of(events)
+    assert first.data["chunks"] + rest + until_done(events) == [chunk(job, seq) for seq in range(1, 42)]
+
+
+# ===================================================================== a client that stops reading
+
+
+def test_a_client_that_stops_reading_is_dropped_and_resumes_with_last_event_id(live_asgi, build, running,
+                                                                               monkeypatch):
+    monkeypatch.setattr(stream, "SUBSCRIBER_QUEUE_CHUNKS", 5)
+    job, _ = running
+    big = "x" * 65_535 + "\n"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little for it
+    sock.connect((live_asgi.host, live_asgi.port))
+    sock.sendall(f"GET {logs_path(job, token_for(build))} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    hub = hub_watching(job)
+    seq, deadline = 0, time.monotonic() + 30
+    while job.pk in hub.subscribers:  # written until the stalled stream's queue overflows
+        assert time.monotonic() < deadline, "the hub kept a client that reads nothing"
+        services.append_log(job=job, chunks=[services.ChunkIn(s, OUT, big, ts(s)) for s in range(seq + 1, seq + 11)])
+        seq += 10
+        time.sleep(0.25)
+    stalled_at = seq
+
+    received = b""
+    sock.settimeout(10)
+    while data := sock.recv(1 << 20):  # reading again: what was queued, then the end
+        received += data
+    sock.close()
+    ids = [int(line[4:]) for line in received.decode().split("\n") if line.startswith("id: ")]
+    assert b"event: done" not in received
+    assert ids == sorted(set(ids)) and ids[-1] < stalled_at
+
+    write(job, [stalled_at + 1])
+    again = watch(live_asgi, job, headers={"Last-Event-ID": str(ids[-1])})
+    assert seqs(history_of(again)) == list(range(ids[-1] + 1, stalled_at + 2))
+    services.report_finish(job=job, exit_code=0)
+    assert until_done(again) == []
+
+
+def test_a_full_queue_unsubscribes_only_the_stalled_subscriber(monkeypatch):
+    monkeypatch.setattr(stream, "SUBSCRIBER_QUEUE_CHUNKS", 3)
+
+    async def scenario() -> None:
+        hub = stream.LogHub(tick=3600)
+        job_id = uuid.uuid4()
+        slow, fast = hub.subscribe(job_id, 0), hub.subscribe(job_id, 0)
+        for seq in range(1, 5):
+            hub._deliver({}, [(job_id, seq, OUT, "x", None)])
+            fast.queue.get_nowait()
+        assert slow.overflowed and not fast.overflowed
+        assert slow.queue.qsize() == 3 and hub.subscribers[job_id] == {fast}
+        hub._deliver({job_id: JobState.PASSED}, [])
+        assert fast.queue.get_nowait() is stream.DONE and slow.queue.qsize() == 3
+        hub.task.cancel()
+
+    asyncio.run(scenario())
+
+
+# ===================================================================== memory while a 100 MiB log is read
+
+MIB = 1024 * 1024
+
+
+def store_big_log(job: Job, mib: int) -> int:
+    """`mib` MiB of log in 64 KiB chunks, written straight to the table (one string shared by all rows)."""
+    piece = ("y" * 1023 + "\n") * 64
+    per_batch = 64
+    for first in range(1, mib * 16 + 1, per_batch):
+        LogChunk.objects.bulk_create([LogChunk(job=job, seq=seq, stream_kind=OUT, content=piece, ts=ts(seq))
+                                      for seq in range(first, min(first + per_batch, mib * 16 + 1))])
+    size = len(piece) * mib * 16
+    Job.objects.filter(pk=job.pk).update(log_bytes=size)
+    return size
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def growth_while(read: Any) -> tuple[int, int, Any]:
+    """(traced Python memory peak growth, resident set growth, what `read` returned) of this
+    process, which is the server's: uvicorn runs in one of its threads."""
+    gc.collect()
+    rss_before, rss_peak, reading = rss_bytes(), 0, True
+
+    def sample() -> None:
+        nonlocal rss_peak
+        while reading:
+            rss_peak = max(rss_peak, rss_bytes())
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    tracemalloc.start()
+    traced_before = tracemalloc.get_traced_memory()[0]
+    sampler.start()
+    try:
+        result = read()
+    finally:
+        reading = False
+        sampler.join()
+        traced_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return traced_peak - traced_before, max(rss_peak, rss_bytes()) - rss_before, result
+
+
+def read_all(live: LiveServer, path: str, headers: dict[str, str]) -> tuple[int, int, bytes]:
+    """(status, bytes received, the last bytes): the body is counted and dropped as it arrives."""
+    conn = http.client.HTTPConnection(live.host, live.port, timeout=60)
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        received, last = 0, b""
+        while block := response.read(64 * 1024):
+            received += len(block)
+            last = (last + block)[-64:]
+        return response.status, received, last
+    finally:
+        conn.close()
+
+
+def test_reading_a_100_mib_raw_log_raises_the_servers_memory_by_less_than_20_mib(live_asgi, build, running, owner):
+    job, _ = running
+    size = store_big_log(job, 100)
+    headers = {"Authorization": f"Bearer {org_services.create_personal_token(user=owner, description='t').raw}"}
+    path = builds_url(build.pipeline, f"/{build.number}/jobs/{job.pk}/log")
+    read_all(live_asgi, path, {**headers, "Range": "bytes=-10"})  # warm: first-request imports and caches
+
+    traced, rss, (status, received, last) = growth_while(lambda: read_all(live_asgi, path, headers))
+    assert (status, received, last) == (200, size, ("y" * 1023 + "\n")[-64:].encode())
+    assert traced < 20 * MIB, f"{traced / MIB:.1f} MiB traced"
+    assert rss < 20 * MIB, f"{rss / MIB:.1f} MiB resident"
+
+    traced, rss, (status, received, _) = growth_while(
+        lambda: read_all(live_asgi, path, {**headers, "Range": f"bytes=-{90 * MIB}"}))
+    assert (status, received) == (206, 90 * MIB)
+    assert traced < 20 * MIB and rss < 20 * MIB, (traced / MIB, rss / MIB)
+
+
+def test_streaming_a_100_mib_history_raises_the_servers_memory_by_less_than_20_mib(live_asgi, build, running):
+    job, _ = running
+    store_big_log(job, 100)
+    services.report_finish(job=job, exit_code=0)
+    path = logs_path(job, token_for(build))
+    read_all(live_asgi, logs_path(job, token_for(build), f"&last_event_id={100 * 16 - 1}"), {})  # warm
+
+    traced, rss, (status, received, last) = growth_while(lambda: read_all(live_asgi, path, {}))
+    assert status == 200 and received > 100 * MIB and last.endswith(b"event: done\ndata: {}\n\n")
+    assert traced < 20 * MIB, f"{traced / MIB:.1f} MiB traced"
+    assert rss < 20 * MIB, f"{rss / MIB:.1f} MiB resident"
