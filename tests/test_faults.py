@@ -7,7 +7,10 @@ throwaway PostgreSQL cluster stopped for a while.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +19,8 @@ from django.db import InterfaceError, OperationalError, connection
 from django.test import Client, RequestFactory
 
 from builds import stream
+from builds.agent import transport as agent_transport
+from builds.agent.transport import MAX_BACKOFF_SECONDS, Transport
 from builds.models import Job
 from harmont.errors import CATALOG
 from harmont.logtokens import mint_log_token
@@ -124,3 +129,92 @@ def test_live_log_stream_while_database_is_away_is_503_flat_json(build, running,
 def test_database_unavailable_is_in_the_catalog_with_a_page(client, db):
     assert CATALOG["database_unavailable"].type == "server_error"
     assert client.get("/docs/errors/database_unavailable").status_code == 200
+
+
+# ---------------------------------------------------------------- the agent's transport
+
+class FlakyServer(http.server.ThreadingHTTPServer):
+    """Answers 503 to its first `failures` requests, then 200; keeps connections alive between them
+    and notes the client port of each request (one port, one connection)."""
+
+    daemon_threads = True
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.ports: list[int] = []
+        super().__init__(("127.0.0.1", 0), FlakyHandler)
+
+
+class FlakyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as gunicorn and uvicorn answer
+
+    def do_POST(self) -> None:  # noqa: N802 — http.server's naming
+        server: FlakyServer = self.server  # type: ignore[assignment]
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        server.ports.append(self.client_address[1])
+        failing = len(server.ports) <= server.failures
+        body = json.dumps({"error": {"code": "database_unavailable"}} if failing else {"ok": True}).encode()
+        self.send_response(503 if failing else 200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky() -> Iterator[Any]:
+    servers: list[FlakyServer] = []
+
+    def start(failures: int) -> FlakyServer:
+        server = FlakyServer(failures)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The transport's backoff sleeps, recorded instead of slept."""
+    slept: list[float] = []
+    monkeypatch.setattr(agent_transport.time, "sleep", slept.append)
+    return slept
+
+
+def url_of(server: FlakyServer) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_transport_retries_a_5xx_on_a_new_connection(flaky, sleeps):
+    server = flaky(failures=3)
+    transport = Transport(url_of(server))
+    assert transport.json("POST", "/api/v0/agent/claim", token="hms_x", body={}) == {"ok": True}
+    assert len(server.ports) == 4
+    assert len(set(server.ports)) == 4, "a retry went out on the connection the 5xx came on"
+    assert len(sleeps) == 3
+
+
+def test_transport_keeps_a_healthy_connection_alive(flaky, sleeps):
+    server = flaky(failures=0)
+    transport = Transport(url_of(server))
+    for _ in range(3):
+        transport.json("POST", "/api/v0/agent/claim", token="hms_x", body={})
+    assert len(server.ports) == 3 and len(set(server.ports)) == 1
+    assert sleeps == []
+
+
+def test_transport_backoff_is_capped(flaky, sleeps):
+    server = flaky(failures=12)
+    transport = Transport(url_of(server))
+    assert transport.json("POST", "/api/v0/agent/claim", token="hms_x", body={}) == {"ok": True}
+    assert MAX_BACKOFF_SECONDS == 5.0
+    assert len(sleeps) == 12
+    assert max(sleeps) <= MAX_BACKOFF_SECONDS, sleeps
+    assert sleeps[-1] == MAX_BACKOFF_SECONDS  # it got there: 0.5, 1, 2, 4, then the cap
