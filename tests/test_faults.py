@@ -11,17 +11,22 @@ import http.server
 import json
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from django.contrib.sessions.middleware import SessionMiddleware
 from django.db import InterfaceError, OperationalError, connection
 from django.test import Client, RequestFactory
+from django.utils import timezone
 
+from builds import reaper as reaper_loop
+from builds import services as build_services
 from builds import stream
 from builds.agent import transport as agent_transport
 from builds.agent.transport import MAX_BACKOFF_SECONDS, Transport
-from builds.models import Job
+from builds.models import Job, JobState
+from builds.reaper import OutageGrace, run_reaper
 from harmont.errors import CATALOG
 from harmont.logtokens import mint_log_token
 from tests.helpers import AGENT, assert_error, builds_url, job_url
@@ -218,3 +223,87 @@ def test_transport_backoff_is_capped(flaky, sleeps):
     assert len(sleeps) == 12
     assert max(sleeps) <= MAX_BACKOFF_SECONDS, sleeps
     assert sleeps[-1] == MAX_BACKOFF_SECONDS  # it got there: 0.5, 1, 2, 4, then the cap
+
+
+# ---------------------------------------------------------------- the reaper after an outage
+
+class ReaperPasses:
+    """Reaper passes at chosen times on a fake clock, sharing what the loop knows between them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, t0: datetime) -> None:
+        self.monkeypatch = monkeypatch
+        self.t0 = t0
+        self.grace = OutageGrace()
+        self.reap = build_services.reap
+
+    def run(self, at: float, *, database_up: bool = True) -> None:
+        if database_up:
+            self.monkeypatch.setattr(reaper_loop.services, "reap", self.reap)
+        else:
+            def refused(**kwargs: Any) -> Any:
+                raise OperationalError("connection to server failed: Connection refused")
+
+            self.monkeypatch.setattr(reaper_loop.services, "reap", refused)
+        run_reaper(stop=threading.Event(), interval=0, once=True, grace=self.grace,
+                   clock=lambda: self.t0 + timedelta(seconds=at))
+
+
+@pytest.fixture
+def silent_job(running, settings) -> tuple[Job, datetime]:
+    """A running job whose agent last got a heartbeat through at t0 (timeout 30 s)."""
+    settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS = 30
+    spec, _ = running
+    t0 = timezone.now()
+    Job.objects.filter(pk=spec["id"]).update(last_heartbeat_at=t0)
+    return Job.objects.get(pk=spec["id"]), t0
+
+
+def test_reaper_without_an_outage_reaps_a_job_silent_past_the_timeout(silent_job, monkeypatch):
+    job, t0 = silent_job
+    passes = ReaperPasses(monkeypatch, t0)
+    passes.run(at=31)
+    job.refresh_from_db()
+    assert (job.state, job.error_code) == (JobState.FAILED, "agent_heartbeat_lost")
+
+
+def test_reaper_after_an_outage_gives_agents_a_full_timeout_from_when_the_database_came_back(silent_job,
+                                                                                            monkeypatch):
+    job, t0 = silent_job
+    passes = ReaperPasses(monkeypatch, t0)
+    passes.run(at=5, database_up=False)
+    passes.run(at=10, database_up=False)
+    passes.run(at=15)  # back: silent 15 s, counted from here
+    passes.run(at=40)  # 40 s since the last heartbeat, but 25 s since the database answered
+    passes.run(at=44)
+    job.refresh_from_db()
+    assert job.state == JobState.RUNNING
+
+    passes.run(at=46)  # 31 s since the database came back
+    job.refresh_from_db()
+    assert (job.state, job.error_code) == (JobState.FAILED, "agent_heartbeat_lost")
+
+
+def test_a_heartbeat_after_the_outage_keeps_the_job_past_the_grace(silent_job, monkeypatch):
+    job, t0 = silent_job
+    passes = ReaperPasses(monkeypatch, t0)
+    passes.run(at=5, database_up=False)
+    passes.run(at=15)
+    Job.objects.filter(pk=job.pk).update(last_heartbeat_at=t0 + timedelta(seconds=20))
+    passes.run(at=46)
+    job.refresh_from_db()
+    assert job.state == JobState.RUNNING
+
+
+def test_a_failed_pass_during_the_grace_starts_it_over(silent_job, monkeypatch):
+    job, t0 = silent_job
+    passes = ReaperPasses(monkeypatch, t0)
+    passes.run(at=5, database_up=False)
+    passes.run(at=10)
+    passes.run(at=20, database_up=False)
+    passes.run(at=25)
+    passes.run(at=50)  # 40 s after the first return, 25 s after the second
+    job.refresh_from_db()
+    assert job.state == JobState.RUNNING
+    passes.run(at=56)
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED
