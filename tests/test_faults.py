@@ -9,14 +9,21 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.contrib.sessions.middleware import SessionMiddleware
-from django.db import InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError, connection, connections
 from django.test import Client, RequestFactory
 from django.utils import timezone
 
@@ -29,6 +36,8 @@ from builds.models import Job, JobState
 from builds.reaper import OutageGrace, run_reaper
 from harmont.errors import CATALOG
 from harmont.logtokens import mint_log_token
+from tests.dsl import hm
+from tests.e2e import PROJECT_ROOT, Agents, create_build, finished, jobs_by_key, stdout_of, wait_for
 from tests.helpers import AGENT, assert_error, builds_url, job_url
 
 
@@ -235,6 +244,9 @@ class ReaperPasses:
         self.t0 = t0
         self.grace = OutageGrace()
         self.reap = build_services.reap
+        # The loop drops a connection that failed; here the fake failure leaves the test's own
+        # (inside its transaction) sound, and closing it would end that transaction.
+        monkeypatch.setattr(reaper_loop, "close_old_connections", lambda: None)
 
     def run(self, at: float, *, database_up: bool = True) -> None:
         if database_up:
@@ -307,3 +319,111 @@ def test_a_failed_pass_during_the_grace_starts_it_over(silent_job, monkeypatch):
     passes.run(at=56)
     job.refresh_from_db()
     assert job.state == JobState.FAILED
+
+
+# ---------------------------------------------------------------- the app server killed mid-run
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def database_url_of_tests() -> str:
+    """The test database, as a server process started by the test reaches it."""
+    conn = connections["default"].settings_dict
+    if conn["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{conn['NAME']}"
+    host, port = conn.get("HOST") or "127.0.0.1", conn.get("PORT") or 5432
+    return f"postgres://{conn.get('USER') or 'postgres'}@{host}:{port}/{conn['NAME']}"
+
+
+class ServerProcess:
+    """uvicorn serving the project on a fixed port, as `make run` does; killed and started again at will."""
+
+    def __init__(self, *, port: int, env: dict[str, str], log: Path) -> None:
+        self.port, self.env, self.log = port, env, log
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "harmont.asgi:application", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--timeout-keep-alive", "2"],
+                cwd=PROJECT_ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for(self._answers, 30, what="the server to answer")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+
+@pytest.fixture
+def server_process(e2e_database: None, transactional_db: None, tmp_path: Path) -> Iterator[ServerProcess]:
+    env = {**os.environ, "DATABASE_URL": database_url_of_tests(), "HARMONT_MEDIA_ROOT": str(tmp_path / "media"),
+           "PYTHONUNBUFFERED": "1"}
+    server = ServerProcess(port=free_port(), env=env, log=tmp_path / "server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+        print((tmp_path / "server.log").read_text(errors="replace")[-5000:])
+
+
+LINES = 60
+# Output spread over ~6 s, so the server's death falls in the middle of every job.
+COUNTING = f"for i in $(seq 1 {LINES}); do echo line-$i; sleep 0.1; done"
+
+
+def every_line_once(job: Job) -> bool:
+    return stdout_of(job).splitlines() == [f"line-{i}" for i in range(1, LINES + 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+# First: on SQLite, what the other fixtures write must go to the file the server process reads.
+def test_killing_the_app_server_mid_run_loses_nothing(server_process, api, pipeline, agent_token, tmp_path):
+    pipeline.repository = ""  # an empty workspace, no clone (as tests/e2e.py's `agents`)
+    pipeline.save(update_fields=["repository"])
+    agents = Agents(server=server_process.url, token=agent_token.raw, base=tmp_path / "agents")
+    (tmp_path / "agents").mkdir()
+    try:
+        for name in ("one", "two"):
+            agents.start(name)
+        ir = hm.pipeline([hm.sh(COUNTING, key=f"count-{n}") for n in range(4)])
+        builds = [create_build(api, pipeline, ir) for _ in range(2)]
+        running = lambda: sum(j.state == "running" for b in builds for j in jobs_by_key(b).values())  # noqa: E731
+        try:
+            wait_for(lambda: running() == 2, 20, what="both agents to be running a job")
+        except AssertionError:
+            raise AssertionError([(k, j.state, j.error_code) for b in builds for k, j in jobs_by_key(b).items()])
+        time.sleep(2)
+        server_process.kill()
+        time.sleep(3)  # the agents' requests fail meanwhile; they retry
+        server_process.start()
+        for build in builds:
+            done = wait_for(lambda build=build: finished(build), 60, what="the build to finish")
+            assert done.state == "passed", {k: (j.state, j.error_code) for k, j in jobs_by_key(build).items()}
+            for job in jobs_by_key(build).values():
+                assert every_line_once(job), stdout_of(job)[-500:]
+        for agent in agents.started:
+            assert agent.process.poll() is None  # carried on through it
+    finally:
+        agents.close()
