@@ -10,10 +10,12 @@ import asyncio
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -427,3 +429,167 @@ def test_killing_the_app_server_mid_run_loses_nothing(server_process, api, pipel
             assert agent.process.poll() is None  # carried on through it
     finally:
         agents.close()
+
+
+# ---------------------------------------------------------------- a database outage
+
+POSTGRES_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+HEARTBEAT_TIMEOUT = 15  # the least the setting takes
+# Past the heartbeat timeout, so that the reaper's first pass after the outage sees every job
+# silent for longer than it: only the grace it gives after an outage keeps them.
+OUTAGE_SECONDS = HEARTBEAT_TIMEOUT + 1
+
+SEED = """
+import json
+from organizations.services import create_agent_token, create_organization, create_personal_token, get_or_create_user
+from pipelines.services import create_pipeline
+user, _ = get_or_create_user(email="outage@example.com", name="Outage")
+org = create_organization(name="Outage", owner=user)
+pipeline = create_pipeline(org=org, name="web", repository="", default_branch="main")
+print(json.dumps({"org": org.slug, "pipeline": pipeline.slug,
+                  "api": create_personal_token(user=user).raw,
+                  "agent": create_agent_token(organization=org).raw}))
+"""
+
+
+class ThrowawayCluster:
+    """A PostgreSQL cluster of the test's own, in a temporary directory on a free port (never the shared one)."""
+
+    def __init__(self) -> None:
+        self.bin = POSTGRES_BINS[-1].parent
+        # Outside pytest's own temporary directories: as root the server runs as `postgres`
+        # (initdb refuses root), which can't enter those.
+        self.base = Path(tempfile.mkdtemp(prefix="harmont-outage-"))
+        self.base.chmod(0o777)
+        self.data = self.base / "pgdata"
+        self.port = free_port()
+        self.user = "postgres" if os.geteuid() == 0 else None
+
+    def run(self, *command: str) -> None:
+        subprocess.run([str(self.bin / command[0]), *command[1:]], check=True, user=self.user,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
+
+    @property
+    def url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def init(self) -> None:
+        self.run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+
+    def start(self) -> None:
+        self.run("pg_ctl", "-D", str(self.data), "-w", "-l", str(self.base / "pg.log"), "-o",
+                 f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+
+    def stop(self) -> None:
+        self.run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
+
+
+def http(method: str, url: str, path: str, *, token: str, body: Any = None) -> tuple[int, Any]:
+    import http.client as client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    conn = client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    kind = response.getheader("Content-Type") or ""
+    return response.status, json.loads(data) if kind.startswith("application/json") else data.decode()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not POSTGRES_BINS, reason="needs the PostgreSQL server binaries (/usr/lib/postgresql/*/bin)")
+def test_a_database_outage_reaps_nothing_and_every_build_finishes_with_every_line_once(tmp_path):
+    base = tmp_path / "outage"
+    base.mkdir()
+    cluster = ThrowawayCluster()
+    cluster.init()
+    cluster.start()
+    env = {**os.environ, "DATABASE_URL": cluster.url, "HARMONT_MEDIA_ROOT": str(base / "media"),
+           "HARMONT_AGENT_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT), "HARMONT_CONN_MAX_AGE": "0",
+           "PYTHONUNBUFFERED": "1"}
+    manage = [sys.executable, "manage.py"]
+    reaper: subprocess.Popen | None = None
+    server = ServerProcess(port=free_port(), env=env, log=base / "server.log")
+    agents = Agents(server=server.url, token="", base=base / "agents")
+    (base / "agents").mkdir()
+    try:
+        subprocess.run([*manage, "migrate", "--noinput"], cwd=PROJECT_ROOT, env=env, check=True,
+                       stdout=subprocess.DEVNULL, timeout=120)
+        seeded = json.loads(subprocess.run([*manage, "shell", "-c", SEED], cwd=PROJECT_ROOT, env=env, check=True,
+                                           capture_output=True, text=True, timeout=60).stdout.strip().splitlines()[-1])
+        agents.token = seeded["agent"]
+        server.start()
+        with open(base / "reaper.log", "wb") as out:
+            reaper = subprocess.Popen([*manage, "runreaper", "--interval", "1"], cwd=PROJECT_ROOT, env=env,
+                                      stdout=out, stderr=subprocess.STDOUT)
+        for name in ("one", "two"):
+            agents.start(name)
+        builds_path = f"/api/v0/organizations/{seeded['org']}/pipelines/{seeded['pipeline']}/builds"
+        long_count = COUNTING.replace("sleep 0.1", "sleep 0.5")  # ~30 s: it runs through the outage
+        ir = hm.pipeline([hm.sh(long_count, key="count-0"), hm.sh(long_count, key="count-1")])
+        status, created = http("POST", server.url, builds_path, token=seeded["api"],
+                               body={"branch": "main", "commit": "abc123", "pipeline_ir": json.dumps(ir)})
+        assert status == 201, created
+        build_path = f"{builds_path}/{created['number']}"
+
+        def jobs() -> list[dict[str, Any]]:
+            return http("GET", server.url, f"{build_path}/jobs", token=seeded["api"])[1]["data"]
+
+        wait_for(lambda: all(job["state"] == "running" for job in jobs()), 30, what="both jobs to run")
+        time.sleep(2)
+
+        cluster.stop()
+        down_at = time.monotonic()
+        status, refused = http("GET", server.url, build_path, token=seeded["api"])
+        assert (status, refused["error"]["code"]) == (503, "database_unavailable"), refused
+        status, refused = http("POST", server.url, "/api/v0/agent/register", token=seeded["agent"],
+                               body={"name": "late"})
+        assert (status, refused["error"]["code"]) == (503, "database_unavailable"), refused
+        time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
+        cluster.start()
+        back_at = time.monotonic()
+        wait_for(lambda: http("GET", server.url, build_path, token=seeded["api"])[0] == 200, 20,
+                 what="the server to answer again")
+        answering = time.monotonic() - back_at
+
+        def logged_lines() -> int:
+            return sum(len(http("GET", server.url, f"{build_path}/jobs/{job['id']}/log",
+                                token=seeded["api"])[1].splitlines()) for job in jobs())
+
+        before = logged_lines()
+        wait_for(lambda: logged_lines() > before, 30, what="new output after the outage")
+        logging_again = time.monotonic() - back_at
+        print(f"database back: the server answers after {answering:.1f} s, new output stored after "
+              f"{logging_again:.1f} s")
+
+        def done() -> dict[str, Any] | None:
+            build = http("GET", server.url, build_path, token=seeded["api"])[1]
+            return build if build["state"] in ("passed", "failed", "canceled") else None
+
+        build = wait_for(done, 60, what="the build to finish")
+        finished_jobs = jobs()
+        assert build["state"] == "passed", [(job["step_key"], job["state"], job.get("error_code"))
+                                            for job in finished_jobs]
+        for job in finished_jobs:
+            log = http("GET", server.url, f"{build_path}/jobs/{job['id']}/log", token=seeded["api"])[1]
+            assert [line for line in log.splitlines() if line.startswith("line-")] == \
+                [f"line-{i}" for i in range(1, LINES + 1)], log[-500:]
+    finally:
+        agents.close()
+        server.close()
+        if reaper is not None:
+            reaper.terminate()
+            reaper.wait(timeout=10)
+        try:
+            cluster.stop()
+        except subprocess.CalledProcessError:
+            pass  # already stopped
+        shutil.rmtree(cluster.base, ignore_errors=True)
+        for name in ("server.log", "reaper.log"):
+            if (base / name).exists():
+                print(f"--- {name}\n" + (base / name).read_text(errors="replace")[-3000:])
