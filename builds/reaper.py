@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import DatabaseError, close_old_connections
+from django.utils import timezone
 
 from builds import services
 from builds.services.agents import prune_agents
@@ -15,12 +19,46 @@ from organizations.idempotency import prune_idempotency_keys
 log = logging.getLogger("harmont.reaper")
 
 
-def run_reaper(*, stop: threading.Event, interval: float, once: bool = False) -> None:
+class OutageGrace:
+    """When the reaper could reach the database again after a failed pass.
+
+    A reaper can't tell an agent that is gone from one that could not get through to a
+    database that was away: both are silent. So after an outage no job is judged lost
+    until a full heartbeat timeout has passed since the database answered again, which
+    gives every agent that timeout to get its heartbeats in.
+    """
+
+    def __init__(self) -> None:
+        self.outage = False
+        self.back_since: datetime | None = None
+
+    def failed(self) -> None:
+        self.outage = True
+        self.back_since = None
+
+    def silence_counted_from(self, now: datetime) -> datetime | None:
+        """For the pass starting at `now`: the `silence_counted_from` it gives `reap`."""
+        if not self.outage:
+            return None
+        if self.back_since is None:
+            self.back_since = now  # this pass is the first since; a failure of it starts over
+        if now - self.back_since >= timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS):
+            self.outage = False
+        return self.back_since
+
+
+def run_reaper(*, stop: threading.Event, interval: float, once: bool = False, grace: OutageGrace | None = None,
+               clock: Callable[[], datetime] = timezone.now) -> None:
     """Reap every `interval` seconds until `stop` is set. Each pass is idempotent and
-    every verdict is a compare-and-set, so several reapers at once are harmless."""
+    every verdict is a compare-and-set, so several reapers at once are harmless.
+
+    `grace` carries what the reaper knows of database outages from one pass to the next
+    (a test passes its own, with a `clock` of its own)."""
+    grace = grace or OutageGrace()
     while not stop.is_set():
         try:
-            report = services.reap()
+            now = clock()
+            report = services.reap(now=now, silence_counted_from=grace.silence_counted_from(now))
             if report.heartbeat_lost or report.job_timeouts or report.pipeline_timeouts:
                 log.info("reaped: %s", report)
             # Here rather than per request: one indexed DELETE every few seconds, not one per create.
@@ -32,6 +70,7 @@ def run_reaper(*, stop: threading.Event, interval: float, once: bool = False) ->
                 log.info("pruned %d agents not seen for a day", gone)
         except DatabaseError:
             log.exception("reaper pass failed; retrying")
+            grace.failed()
             close_old_connections()
         if once:
             return

@@ -41,6 +41,7 @@ from builds import sql
 from builds.models import Job, LogChunk
 from builds.responses import chunk_sizes
 from builds.states import TERMINAL_JOB_STATES
+from harmont.errors import DATABASE_RETRY_AFTER_SECONDS, DATABASE_UNAVAILABLE_ERRORS
 from harmont.logtokens import LogTokenInvalid, verify_log_token
 from harmont.serializers import parse_uuid
 
@@ -279,6 +280,19 @@ async def job_log_stream(request: HttpRequest, job_id: str) -> HttpResponse:
         return stream_error("log_stream_unauthorized", "A valid, unexpired log token is required (?token=).",
                             401, request)
     job_uuid = parse_uuid(job_id)
+    try:
+        return await _open_stream(request, job_uuid, build_id)
+    except DATABASE_UNAVAILABLE_ERRORS:
+        # Before the response starts, so it can still say why; the client retries (EventSource does so
+        # on its own) and resumes from its Last-Event-ID once the database is back.
+        log.warning("log stream of job %s not opened: database unavailable", job_id)
+        response = stream_error("database_unavailable", "The database is unavailable; retry shortly.", 503,
+                                request)
+        response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+        return response
+
+
+async def _open_stream(request: HttpRequest, job_uuid: uuid.UUID | None, build_id: uuid.UUID) -> HttpResponse:
     # Both queries run on the event loop's shared executor (as the hub's poll does), not
     # thread-sensitive: Django's ASGI handler gives each request a thread of its own that
     # lives as long as the response, so a connection opened there was held by every open

@@ -26,7 +26,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from builds import services, webhooks
 from builds.models import Build, WebhookDelivery
-from harmont.errors import ApiError, envelope_response
+from harmont.errors import DATABASE_UNAVAILABLE_ERRORS, ApiError, database_unavailable, envelope_response
 
 logger = logging.getLogger("harmont.webhooks")
 
@@ -44,6 +44,8 @@ def _json_errors(view: Callable[..., HttpResponse]) -> Callable[..., HttpRespons
             return envelope_response(request, exc.code, exc.message, status=exc.status, fields=exc.fields)
         except RequestDataTooBig:
             return _too_large(request)
+        except DATABASE_UNAVAILABLE_ERRORS as exc:
+            return database_unavailable(request, exc)
         except Exception:
             logger.exception("webhook delivery failed")
             return envelope_response(request, "server_error", "Internal server error.", status=500)

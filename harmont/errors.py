@@ -10,13 +10,17 @@ from __future__ import annotations
 import io
 import logging
 import re
+import sqlite3
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -24,6 +28,20 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from harmont.parsers import body_limit_for, read_chunked_body, takes_chunked_body
 
 logger = logging.getLogger("harmont.errors")
+
+try:
+    import psycopg
+except ImportError:  # SQLite-only installs
+    psycopg = None
+
+# What the database raises while it is away (stopped, restarting, unreachable): Django's wrappers,
+# and the drivers' own classes for the few places that reach a driver unwrapped.
+DATABASE_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError, InterfaceError, sqlite3.OperationalError, sqlite3.InterfaceError,
+    *((psycopg.OperationalError, psycopg.InterfaceError) if psycopg is not None else ()),
+)
+# Clients (the agent, `hm`) retry a 503; this tells them not to hammer a recovering database.
+DATABASE_RETRY_AFTER_SECONDS = 2
 
 API_PREFIX = "/api/v0/"
 
@@ -209,6 +227,10 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "Slow down: this endpoint limits how often it may be called. Retry after the number of seconds in Retry-After."),
     ("server_error", "server_error", "Server error",
      "Something went wrong on the server. The request id identifies the failure in the server's logs."),
+    ("database_unavailable", "server_error", "Database unavailable",
+     "The server cannot reach its database right now (it is restarting, stopped or unreachable), so it answers "
+     "503 with Retry-After. Nothing was changed: retry the same request once it is back (agents do this on "
+     "their own, and a request with an Idempotency-Key is not applied twice)."),
 )
 
 
@@ -311,6 +333,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpRespon
         return envelope_response(request, exc.code, exc.message, status=exc.status, fields=exc.fields)
     if isinstance(exc, RequestDataTooBig):
         return _too_large(request)
+    if isinstance(exc, DATABASE_UNAVAILABLE_ERRORS):
+        return database_unavailable(request, exc)
     if isinstance(exc, drf_exceptions.ValidationError):
         fields = flatten_detail(exc.detail)
         return envelope_response(request, "validation_failed", f"Invalid fields: {', '.join(sorted(fields))}.",
@@ -341,6 +365,14 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpRespon
             return envelope_response(request, "route_not_found", "Not found.", status=404)
         return envelope_response(request, "insufficient_org_role", "Permission denied.", status=403)
     return None  # unhandled: ApiErrorMiddleware renders the 500
+
+
+def database_unavailable(request: HttpRequest, exc: BaseException) -> JsonResponse:
+    """The 503 envelope for a request that failed because the database is away."""
+    logger.warning("database unavailable on %s %s (request %s): %s", request.method, request.path,
+                   request_id_for(request), exc)
+    return envelope_response(request, "database_unavailable", "The database is unavailable; retry shortly.",
+                             status=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)})
 
 
 def _too_large(request: HttpRequest, limit: int | None = None) -> JsonResponse:
@@ -422,6 +454,9 @@ class ApiErrorMiddleware:
         return self.get_response(request)
 
     def process_exception(self, request: HttpRequest, exc: Exception) -> HttpResponse | None:
+        if isinstance(exc, DATABASE_UNAVAILABLE_ERRORS):
+            # Every route, pages too: an HTML 500 would tell a client the request itself was wrong.
+            return database_unavailable(request, exc)
         if not is_api_path(request):
             return None
         if isinstance(exc, ApiError):
@@ -438,3 +473,16 @@ def route_not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResp
     """Catch-all for unknown paths under /api/v0."""
     return envelope_response(request, "route_not_found", f"No API route {request.method} {request.path}.",
                              status=404)
+
+
+def server_error(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    """handler500: what escaped a middleware (a session or sign-in lookup) rather than a view.
+
+    Django calls it while handling the exception, so `sys.exc_info()` is that exception.
+    """
+    exc = sys.exc_info()[1]
+    if isinstance(exc, DATABASE_UNAVAILABLE_ERRORS):
+        return database_unavailable(request, exc)
+    if is_api_path(request):
+        return envelope_response(request, "server_error", "Internal server error.", status=500)
+    return defaults.server_error(request, *args, **kwargs)

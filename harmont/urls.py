@@ -7,6 +7,9 @@ from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerSpli
 from harmont import views
 from harmont.errors import route_not_found
 
+# A database outage that surfaces in a middleware is a 503 envelope too, never Django's HTML page.
+handler500 = "harmont.errors.server_error"
+
 api_v0 = [
     path("ping", views.ping, name="ping"),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi"),

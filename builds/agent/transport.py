@@ -29,10 +29,20 @@ class Unauthorized(AgentError):
     """The agent token was revoked (or the job credential is no longer valid)."""
 
 
-class Transport:
-    """Small JSON-over-HTTP client: one keep-alive connection per thread, retries with backoff."""
+# The longest wait between two tries: after an outage (the server restarting, its database away)
+# the agent gets through at most this long after the server answers again.
+MAX_BACKOFF_SECONDS = 5.0
 
-    def __init__(self, server: str, *, timeout: float = 30.0, max_backoff: float = 10.0) -> None:
+
+class Transport:
+    """Small JSON-over-HTTP client: one keep-alive connection per thread, retries with capped backoff.
+
+    After any failed try (a 5xx answer, a reset, a timeout) the connection is dropped and the next
+    try opens a new one: the server closes idle connections after a few seconds, so one kept
+    through a backoff sleep is usually dead by the time it is used again.
+    """
+
+    def __init__(self, server: str, *, timeout: float = 30.0, max_backoff: float = MAX_BACKOFF_SECONDS) -> None:
         parts = urllib.parse.urlsplit(server.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"server must be an http(s) URL, got {server!r}")
@@ -85,10 +95,11 @@ class Transport:
                 response = conn.getresponse()
                 data = response.read()
                 if response.status < 500 or last:
-                    if response.will_close:
+                    if response.will_close or response.status >= 500:
                         self._drop_connection()
                     return response.status, data
-                log.warning("%s %s: server error %s; retrying", method, path, response.status)
+                self._drop_connection()
+                log.warning("%s %s: server error %s; retrying in %.1fs", method, path, response.status, delay)
             except (OSError, http.client.HTTPException) as exc:
                 self._drop_connection()
                 if last:
@@ -96,7 +107,8 @@ class Transport:
                 log.warning("%s %s: %s; retrying in %.1fs", method, path, exc, delay)
             if self.stop_retrying.is_set():
                 raise AgentError(0, "gave up: agent is stopping")
-            time.sleep(delay + random.uniform(0, delay / 2))
+            # Jittered so a fleet coming back does not retry in step; never past the cap.
+            time.sleep(min(delay + random.uniform(0, delay / 2), self.max_backoff))
             delay = min(delay * 2, self.max_backoff)
 
     def json(self, method: str, path: str, *, token: str, body: Any = None, ok: tuple[int, ...] = (200,)) -> Any:

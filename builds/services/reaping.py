@@ -25,7 +25,7 @@ class ReapReport:
     pipeline_timeouts: int = 0
 
 
-def reap(*, now: datetime | None = None) -> ReapReport:
+def reap(*, now: datetime | None = None, silence_counted_from: datetime | None = None) -> ReapReport:
     """Judge what agents can no longer report: lost agents, overdue jobs, overdue builds.
 
     - a live job whose agent sent nothing for HEARTBEAT_TIMEOUT → `failed`,
@@ -35,11 +35,17 @@ def reap(*, now: datetime | None = None) -> ReapReport:
     - a build past its pipeline `timeout_seconds` (counted from its first job's
       start) → `failed`, `pipeline_timeout`; its waiting jobs `timed_out`, its
       running ones `timing_out` until their agents report.
+
+    `silence_counted_from` is when the caller could last reach the database again after
+    failing to: an agent's silence counts only from then (see builds.reaper.OutageGrace).
     """
     now = now or timezone.now()
     report = ReapReport()
     lost_before = now - timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS)
-    lost = Job.objects.filter(state__in=states.LIVE_JOB_STATES, last_heartbeat_at__lt=lost_before)
+    if silence_counted_from is not None and silence_counted_from > lost_before:
+        lost = Job.objects.none()
+    else:
+        lost = Job.objects.filter(state__in=states.LIVE_JOB_STATES, last_heartbeat_at__lt=lost_before)
     for job in lost.only("id", "build_id", "last_heartbeat_at"):
         # Compare-and-set on the heartbeat read above: one that arrives in between keeps its job.
         if finish_job(job=job, state=J.FAILED, error_code="agent_heartbeat_lost",
