@@ -220,8 +220,7 @@ def is_protected_branch(pipeline: Pipeline, branch: str) -> bool:
         isinstance(pattern, str) and fnmatch.fnmatchcase(branch, pattern) for pattern in patterns)
 
 
-def secret_access_for(*, pipeline: Pipeline, request: BuildRequest, creator_role: str | None, fork: bool,
-                      server_env: bool) -> str:
+def secret_access_for(*, pipeline: Pipeline, request: BuildRequest, creator_role: str | None, fork: bool) -> str:
     """Which secrets the build's jobs get, decided once, when it is created.
 
     None for a pull request from a fork. All for a build an admin or owner
@@ -232,15 +231,16 @@ def secret_access_for(*, pipeline: Pipeline, request: BuildRequest, creator_role
     `BASH_ENV` in `env` is enough), on a protected branch, at that branch's tip
     for a build a person triggered. Every other build,
     such as a member's with their own IR, gets the unprotected secrets only.
-    `server_env`: the request's `env` is the server's own (a webhook's
-    `HARMONT_*` variables), not a client's.
+    Only the server's own paths (webhooks) set a source other than `api` or
+    `ui` (`validate_build_request` refuses it from clients), so the `env` of
+    such a build is the server's, not a client's.
     """
     if fork:
         return SecretAccess.NONE
     if creator_role in (Role.ADMIN, Role.OWNER):
         return SecretAccess.ALL
     own_commands = (request.pipeline_ir is None and request.source_archive is None and not request.source_url
-                    and (server_env or not request.env))
+                    and (request.source not in MANUAL_SOURCES or not request.env))
     # A person names the commit, which may sit on any branch of the repository (or a pull request's
     # ref) whatever branch they call it: only the branch's tip, `HEAD`, is what that branch says.
     # A webhook's commit is the one GitHub signed for its branch.
@@ -252,7 +252,7 @@ def secret_access_for(*, pipeline: Pipeline, request: BuildRequest, creator_role
 
 def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User | None = None,
                  creator_role: str | None = None, fork: bool = False, held: bool = False,
-                 server_env: bool = False, now: datetime | None = None) -> Build:
+                 now: datetime | None = None) -> Build:
     """Number, store and plan a build: the build row, its jobs and their edges in bulk.
 
     A rejected plan still records the build (`failed`, with the planner's
@@ -269,8 +269,7 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
                        f"Pipeline {pipeline.slug!r} does not allow manual builds (source {request.source!r}).")
     now = now or timezone.now()
     document, plan, error = _plan(pipeline, request)
-    secret_access = secret_access_for(pipeline=pipeline, request=request, creator_role=creator_role, fork=fork,
-                                      server_env=server_env)
+    secret_access = secret_access_for(pipeline=pipeline, request=request, creator_role=creator_role, fork=fork)
     build_id = uuid.uuid4()
     archive_name = None
     if request.source_archive is not None:

@@ -148,9 +148,8 @@ def _matching_pipelines(repository: Repository, event: webhooks.Event) -> list[P
 def _build_one(pipeline: Pipeline, request: BuildRequest, now: datetime, builds: list[Build],
                refused: list[RefusedBuild], *, fork: bool, held: bool) -> None:
     try:
-        # The request's env is the server's own (HARMONT_TAG, HARMONT_PULL_REQUEST*: build_facts).
-        builds.append(create_build(pipeline=pipeline, request=request, fork=fork, held=held, server_env=True,
-                                   now=now))
+        # source "webhook": the request's env is the server's own (HARMONT_TAG, HARMONT_PULL_REQUEST*).
+        builds.append(create_build(pipeline=pipeline, request=request, fork=fork, held=held, now=now))
     except ApiError as exc:
         # Caught without a savepoint of our own: ApiError is no database error, so the
         # transaction is still usable, and a savepoint here would roll back the failed
