@@ -24,14 +24,16 @@ def json_object(request: Request) -> dict[str, Any]:
 
 
 def validated(serializer_class: type[serializers.Serializer], request: Request, *,
-              code: str = "validation_failed", field_codes: Mapping[str, str] | None = None) -> dict[str, Any]:
+              code: str = "validation_failed", field_codes: Mapping[str, str] | None = None,
+              partial: bool = False) -> dict[str, Any]:
     """The request's JSON object, validated by `serializer_class`; if it is not, 422 with `fields`.
 
     The error's code is `code` (the endpoint's own, such as `organization_invalid`,
     which clients switch on), unless `field_codes` names a code for one of the bad
     fields: the first of those that is bad wins (an invite's role → `invalid_role`).
+    `partial`: a PATCH body, whose absent fields are left out (no defaults applied).
     """
-    body = serializer_class(data=json_object(request))
+    body = serializer_class(data=json_object(request), partial=partial)
     if not body.is_valid():
         fields = flatten_detail(body.errors)
         code = next((field_code for field, field_code in (field_codes or {}).items() if field in fields), code)

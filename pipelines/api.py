@@ -22,6 +22,7 @@ from pipelines import registration, services
 from pipelines.models import Pipeline
 from pipelines.serializers import SecretListSerializer, SecretSerializer, SetSecretRequestSerializer
 from pipelines.serializers import CreatePipelineRequestSerializer, PipelineListSerializer, PipelineSerializer
+from pipelines.serializers import UpdatePipelineRequestSerializer
 from pipelines.serializers import RegisterPipelinesRequestSerializer, RegisterPipelinesResponseSerializer
 
 PAGE_PARAMS = [
@@ -61,10 +62,22 @@ class PipelineListView(OrgScopedView):
 
 
 class PipelineDetailView(OrgScopedView):
+    required_role = {"PATCH": Role.ADMIN}
+    role_action = "change pipeline settings"
+
     @extend_schema(operation_id="getPipeline", tags=["pipelines"],
                    responses={200: PipelineSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str) -> Response:
         return Response(PipelineSerializer(get_pipeline(self.org, pipeline), context=self.credentials_context()).data)
+
+    @extend_schema(operation_id="updatePipeline", tags=["pipelines"], request=UpdatePipelineRequestSerializer,
+                   responses={200: PipelineSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
+                              422: ErrorSerializer})
+    def patch(self, request: Request, org: str, pipeline: str) -> Response:
+        found = get_pipeline(self.org, pipeline)
+        changes = validated(UpdatePipelineRequestSerializer, request, code="pipeline_invalid", partial=True)
+        updated = services.update_pipeline(pipeline=found, changes=dict(changes))
+        return Response(PipelineSerializer(updated, context=self.credentials_context()).data)
 
 
 class PipelineRegisterView(OrgScopedView):

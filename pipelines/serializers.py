@@ -67,6 +67,12 @@ class CreatePipelineRequestSerializer(serializers.Serializer):
                   "never get secrets.")
 
 
+class UpdatePipelineRequestSerializer(CreatePipelineRequestSerializer):
+    """A PATCH of a pipeline's settings: any of the create request's fields but `source_slug`; absent ones stay."""
+
+    source_slug = None
+
+
 class StrictBooleanField(serializers.BooleanField):
     """A JSON true or false and nothing else (DRF's BooleanField would take "yes" and 1)."""
 

@@ -64,16 +64,9 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                                          "of them."]}, code="pipeline_invalid")
     # Names may be longer than the slug column; cut there rather than fail the INSERT.
     slug = base[:SLUG_MAX_LENGTH].rstrip("-")
-    repo_name = repo_name or derive_repo_name(repository)
-    if repo_name is not None and len(repo_name) > REPO_NAME_MAX_LENGTH:
-        raise ApiError("pipeline_invalid", "repo_name derived from repository is too long.",
-                       fields={"repo_name": [f"The name derived from repository is longer than "
-                                             f"{REPO_NAME_MAX_LENGTH} characters; give repo_name explicitly."]})
+    repo_name = _checked_repo_name(repo_name or derive_repo_name(repository))
     stored_definition = validate_definition(definition) if definition is not None else None
-    branch_errors = protected_branches_errors(protected_branches or [])
-    if branch_errors:
-        raise ApiError("pipeline_invalid", "protected_branches is invalid.",
-                       fields={"protected_branches": branch_errors})
+    _check_protected_branches(protected_branches or [])
     if Pipeline.objects.filter(organization=org, slug=slug).exists():
         raise _slug_taken(slug)
     try:
@@ -88,6 +81,57 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
             )
     except IntegrityError:  # lost a race for the same slug
         raise _slug_taken(slug) from None
+
+
+# What PATCH may change: the slug stays (URLs and webhooks name it) and so does `source_slug`
+# (registration matches a repository's pipelines by it).
+UPDATABLE_FIELDS = frozenset({"name", "description", "repository", "repo_name", "default_branch", "visibility",
+                              "allow_manual", "definition", "fork_pull_requests", "protected_branches"})
+
+
+def update_pipeline(*, pipeline: Pipeline, changes: dict[str, Any]) -> Pipeline:
+    """Change some of a pipeline's settings (the fields in `changes`), checked as `create_pipeline` checks them.
+
+    Every field is checked before anything is written; a bad one is 422
+    `pipeline_invalid` and changes nothing. A new `repository` without a
+    `repo_name` derives it again, as creating does. Builds that exist keep what
+    they were created with (their IR, their secret access).
+    """
+    unknown = set(changes) - UPDATABLE_FIELDS
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+    values = dict(changes)
+    if "name" in values and not slugify_name(values["name"], fallback=""):
+        raise validation_error({"name": ["Must contain a letter a-z or a digit 0-9."]}, code="pipeline_invalid")
+    if "repository" in values and not values.get("repo_name"):
+        values["repo_name"] = derive_repo_name(values["repository"])
+    if "repo_name" in values:
+        values["repo_name"] = _checked_repo_name(values["repo_name"] or None)
+    if values.get("definition") is not None:
+        values["definition"] = validate_definition(values["definition"])
+    if "protected_branches" in values:
+        values["protected_branches"] = list(values["protected_branches"] or [])
+        _check_protected_branches(values["protected_branches"])
+    if values:
+        Pipeline.objects.filter(pk=pipeline.pk).update(**values)
+        for name, value in values.items():
+            setattr(pipeline, name, value)
+    return pipeline
+
+
+def _checked_repo_name(repo_name: str | None) -> str | None:
+    if repo_name is not None and len(repo_name) > REPO_NAME_MAX_LENGTH:
+        raise ApiError("pipeline_invalid", "repo_name is too long.",
+                       fields={"repo_name": [f"Longer than {REPO_NAME_MAX_LENGTH} characters; a repository URL "
+                                             "whose derived name is that long needs an explicit repo_name."]})
+    return repo_name
+
+
+def _check_protected_branches(patterns: list[str]) -> None:
+    branch_errors = protected_branches_errors(patterns)
+    if branch_errors:
+        raise ApiError("pipeline_invalid", "protected_branches is invalid.",
+                       fields={"protected_branches": branch_errors})
 
 
 def _slug_taken(slug: str) -> ApiError:
