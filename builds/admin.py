@@ -59,7 +59,7 @@ class BuildAdmin(ReadOnlyAdmin):
     list_select_related = ["pipeline", "pipeline__organization", "created_by"]
     raw_id_fields = ["pipeline", "created_by"]
     readonly_fields = ["id", "pipeline", "number", "state", "branch", "commit", "message", "source", "created_by",
-                       "fork", "secret_access", "approved_by", "approved_at", "env", "error_code", "error_message", "cancel_requested_at", "created_at", "scheduled_at",
+                       "fork", "secret_access", "approved_by", "approved_at", "rebuild_of", "env", "error_code", "error_message", "cancel_requested_at", "created_at", "scheduled_at",
                        "started_at", "finished_at", "timeout_seconds", "source_url", "source_sha256",
                        "source_archive", "pipeline_ir"]
     inlines = [JobInline]

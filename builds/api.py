@@ -162,6 +162,17 @@ class BuildApproveView(BuildScopedView):
         return Response(BuildSerializer(services.approve_build(build=self.build, approved_by=request.user)).data)
 
 
+class BuildRebuildView(BuildScopedView):
+    @extend_schema(operation_id="rebuildBuild", tags=["builds"], request=None, parameters=[IDEMPOTENCY_KEY_HEADER],
+                   responses={201: BuildSerializer, 404: ErrorSerializer, 422: ErrorSerializer,
+                              **IDEMPOTENCY_RESPONSES})
+    @idempotent
+    def post(self, request: Request, org: str, pipeline: str, number: str) -> Response:
+        """A new build with this one's branch, commit, message, env, IR and uploaded source (`rebuild_of`: its number)."""
+        build = services.rebuild_build(build=self.build, created_by=request.user, creator_role=self.membership.role)
+        return Response(BuildSerializer(build).data, status=status.HTTP_201_CREATED)
+
+
 class BuildLogTokenView(BuildScopedView):
     @extend_schema(operation_id="getBuildLogToken", tags=["builds"],
                    responses={200: LogTokenResponseSerializer, 404: ErrorSerializer})

@@ -101,6 +101,9 @@ class Build(models.Model):
                                     on_delete=models.SET_NULL, related_name="+")
     approved_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # The number of the build of the same pipeline this one is a rebuild of. A number, not a
+    # foreign key: it is what the API and the page show, and it outlives a pruned original.
+    rebuild_of = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     scheduled_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

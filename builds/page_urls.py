@@ -20,6 +20,7 @@ build_pages = [
     path(f"{BUILD}/log-token.json", views.build_log_token_json, name="build-log-token"),
     path(f"{BUILD}/cancel", views.build_cancel, name="build-cancel"),
     path(f"{BUILD}/approve", views.build_approve, name="build-approve"),
+    path(f"{BUILD}/rebuild", views.build_rebuild, name="build-rebuild"),
     path(f"{BUILD}/jobs/<uuid:job_id>/log", views.job_raw_log, name="job-log"),
     path(f"{BUILD}/artifacts/<uuid:artifact_id>", views.artifact_download, name="artifact"),
     path("orgs/<str:org>/agents", views.agents, name="agents"),

@@ -31,6 +31,8 @@ class BuildSerializer(serializers.Serializer):
         "or `none`."))
     error_code = serializers.CharField(read_only=True, allow_null=True)
     error_message = serializers.CharField(read_only=True, allow_null=True)
+    rebuild_of = serializers.IntegerField(read_only=True, allow_null=True, help_text=(
+        "The number of the build of this pipeline that this one rebuilt (`POST .../rebuild`), else null."))
     created_at = serializers.DateTimeField(read_only=True)
     scheduled_at = serializers.DateTimeField(read_only=True, allow_null=True)
     started_at = serializers.DateTimeField(read_only=True, allow_null=True)
@@ -81,6 +83,7 @@ def build_data(build: Build) -> dict[str, Any]:
         "secret_access": _text(build.secret_access),
         "error_code": _text(build.error_code),
         "error_message": _text(build.error_message),
+        "rebuild_of": None if build.rebuild_of is None else int(build.rebuild_of),
         "created_at": _datetime(build.created_at, tz),
         "scheduled_at": _datetime(build.scheduled_at, tz),
         "started_at": _datetime(build.started_at, tz),

@@ -12,6 +12,7 @@ urlpatterns = [
     path(BUILD, api.BuildDetailView.as_view(), name="build-detail"),
     path(f"{BUILD}/cancel", api.BuildCancelView.as_view(), name="build-cancel"),
     path(f"{BUILD}/approve", api.BuildApproveView.as_view(), name="build-approve"),
+    path(f"{BUILD}/rebuild", api.BuildRebuildView.as_view(), name="build-rebuild"),
     path(f"{BUILD}/log-token", api.BuildLogTokenView.as_view(), name="build-log-token"),
     path(f"{BUILD}/jobs", api.JobListView.as_view(), name="job-list"),
     path(f"{BUILD}/jobs/<str:job_id>", api.JobDetailView.as_view(), name="job-detail"),

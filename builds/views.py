@@ -348,6 +348,24 @@ def build_approve(request: HttpRequest, org: str, pipeline: str, number: int) ->
 
 
 @login_required
+@require_POST
+def build_rebuild(request: HttpRequest, org: str, pipeline: str, number: int) -> HttpResponse:
+    """The Rebuild button: any member, as in the API (`POST .../rebuild`); opens the new build."""
+    page = org_page(request, org)
+    build = page_build(page, pipeline, number)
+    try:
+        rebuilt = services.rebuild_build(build=build, created_by=request.user,  # type: ignore[arg-type]
+                                         creator_role=page.membership.role, source=BuildSource.UI)
+    except ApiError as exc:  # its plan was rejected again: the new build exists, failed; say why there
+        messages.error(request, exc.message)
+        latest = Build.objects.filter(pipeline_id=build.pipeline_id).order_by("-number").values_list(
+            "number", flat=True).first()
+        return redirect(reverse("builds_ui:build", args=[org, pipeline, latest or build.number]))
+    messages.success(request, f"Build #{rebuilt.number} rebuilds #{build.number}.")
+    return redirect(build_url(rebuilt))
+
+
+@login_required
 @require_GET
 def job_raw_log(request: HttpRequest, org: str, pipeline: str, number: int, job_id: uuid.UUID) -> HttpResponse:
     """The whole log as text/plain, like `GET /api/v0/.../jobs/<id>/log` but for a signed-in browser."""

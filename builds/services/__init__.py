@@ -8,6 +8,7 @@ from builds.services.builds import (
     cancel_build,
     create_build,
     find_pipeline_by_repo,
+    rebuild_build,
     validate_build_request,
 )
 from builds.services.claims import Claim, FinishOutcome, claim_for_agent, claim_job, finish_and_claim_next
@@ -28,7 +29,8 @@ from builds.services.workspaces import store_workspace
 __all__ = [
     "StoredArtifact", "store_artifact",
     "Registration", "agent_seen", "disconnect_agent", "register_agent",
-    "BuildRequest", "approve_build", "cancel_build", "create_build", "find_pipeline_by_repo", "validate_build_request",
+    "BuildRequest", "approve_build", "cancel_build", "create_build", "find_pipeline_by_repo", "rebuild_build",
+    "validate_build_request",
     "Claim", "FinishOutcome", "claim_for_agent", "claim_job", "finish_and_claim_next",
     "job_spec",
     "finish_job", "heartbeat", "move_job", "report_finish", "start_job",

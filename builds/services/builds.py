@@ -23,7 +23,7 @@ from builds.models import Build, BuildSource, EdgeKind, Job, JobDependency, JobK
 from harmont.errors import ApiError, validation_error
 from organizations.models import Organization, Role, User
 from pipelines import ir
-from pipelines.models import Pipeline
+from pipelines.models import ForkPullRequests, Pipeline
 
 # Also the sources a client may choose: `webhook`, `schedule` and `trigger_job` say the
 # server's own code started the build, which is what lets it pass `allow_manual: false`.
@@ -252,7 +252,7 @@ def secret_access_for(*, pipeline: Pipeline, request: BuildRequest, creator_role
 
 def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User | None = None,
                  creator_role: str | None = None, fork: bool = False, held: bool = False,
-                 now: datetime | None = None) -> Build:
+                 rebuild_of: Build | None = None, now: datetime | None = None) -> Build:
     """Number, store and plan a build: the build row, its jobs and their edges in bulk.
 
     A rejected plan still records the build (`failed`, with the planner's
@@ -263,23 +263,32 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
     (None: no person triggered it). `fork`: the code comes from a pull request
     of another repository. Both decide the build's `secret_access` (see
     `secret_access_for`). `held`: its root jobs wait, `held`, until `approve_build`.
+    `rebuild_of`: the build this one repeats (`rebuild_build`), whose stored
+    upload it shares and whose secret access bounds its own.
     """
-    if not pipeline.allow_manual and request.source in MANUAL_SOURCES:
+    if rebuild_of is None and not pipeline.allow_manual and request.source in MANUAL_SOURCES:
         raise ApiError("pipeline_manual_disabled",
                        f"Pipeline {pipeline.slug!r} does not allow manual builds (source {request.source!r}).")
     now = now or timezone.now()
     document, plan, error = _plan(pipeline, request)
-    secret_access = secret_access_for(pipeline=pipeline, request=request, creator_role=creator_role, fork=fork)
+    if rebuild_of is None:
+        secret_access = secret_access_for(pipeline=pipeline, request=request, creator_role=creator_role, fork=fork)
+    else:
+        secret_access = rebuild_secret_access(original=rebuild_of, creator_role=creator_role)
     build_id = uuid.uuid4()
-    archive_name = None
-    if request.source_archive is not None:
+    archive_name, own_archive = None, False
+    if rebuild_of is not None and rebuild_of.source_archive:
+        archive_name = rebuild_of.source_archive.name  # shared, not copied: the bytes are the same
+    elif request.source_archive is not None:
         archive_name = default_storage.save(f"sources/{build_id}.tar.gz", ContentFile(request.source_archive))
+        own_archive = True
     try:
         build = _insert_build(pipeline=pipeline, build_id=build_id, request=request, document=document,
                               plan=plan, error=error, archive_name=archive_name, created_by=created_by,
-                              fork=fork, secret_access=secret_access, held=held, now=now)
+                              fork=fork, secret_access=secret_access, held=held,
+                              rebuild_of=None if rebuild_of is None else rebuild_of.number, now=now)
     except BaseException:
-        if archive_name:
+        if own_archive:
             default_storage.delete(archive_name)
         raise
     if error is not None:
@@ -293,7 +302,7 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
 def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequest, document: Any,
                   plan: ir.Plan | None, error: ir.PlanError | None, archive_name: str | None,
                   created_by: User | None, fork: bool, secret_access: str, held: bool,
-                  now: datetime) -> Build:
+                  rebuild_of: int | None, now: datetime) -> Build:
     # The counter row's lock is held until commit, so concurrent creates on one
     # pipeline queue here and take consecutive numbers; a rollback returns the number.
     Pipeline.objects.filter(pk=pipeline.pk).update(build_counter=F("build_counter") + 1)
@@ -315,7 +324,8 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
         pipeline_ir=document, timeout_seconds=plan.timeout_seconds if plan else None,
         source_archive=archive_name, source_url=source_url, source_sha256=request.source_sha256,
         error_code=error.code if error else None, error_message=error.message if error else None,
-        created_by=created_by, fork=fork, secret_access=secret_access, created_at=now, scheduled_at=now,
+        created_by=created_by, fork=fork, secret_access=secret_access, rebuild_of=rebuild_of,
+        created_at=now, scheduled_at=now,
         finished_at=now if state in states.TERMINAL_BUILD_STATES else None,
     )
     if jobs:
@@ -382,6 +392,59 @@ def edge_rows(jobs: list[Job], plan: ir.Plan, *, after: Job | None = None) -> li
         if after is not None and not planned.depends_on:
             edges.append(JobDependency(job=job, prerequisite=after, kind=EdgeKind.DEPENDS_ON))
     return edges
+
+
+# Most to least: a rebuild never gets more than its original had.
+_ACCESS_ORDER = (SecretAccess.NONE, SecretAccess.UNPROTECTED, SecretAccess.ALL)
+
+
+def rebuild_secret_access(*, original: Build, creator_role: str | None) -> str:
+    """Which secrets a rebuild of `original` gets: never more than the original's.
+
+    An admin's or owner's rebuild gets every secret, as their own build would
+    (a fork's: none). A member's keeps the original's access when the server
+    itself started the original (a webhook or a schedule: the organization's
+    own commands at a commit its branch named), else it gets at most the
+    unprotected secrets: whatever role let the original's person have all of
+    them is not the member's.
+    """
+    if original.fork:
+        return SecretAccess.NONE
+    if creator_role in (Role.ADMIN, Role.OWNER):
+        return SecretAccess.ALL
+    if original.source not in MANUAL_SOURCES:
+        return original.secret_access
+    return min(original.secret_access, SecretAccess.UNPROTECTED, key=_ACCESS_ORDER.index)
+
+
+def rebuild_build(*, build: Build, created_by: User, creator_role: str | None, source: str = BuildSource.API,
+                  now: datetime | None = None) -> Build:
+    """A new build of the same pipeline with `build`'s branch, commit, message, env, IR and uploaded source.
+
+    The stored upload is shared, not copied (a file is deleted with the last
+    build naming it). The IR is the one `build` ran: for a build rendered from
+    its repository, the rendered one, so the rebuild runs what the original
+    did; a build that never got one (its render failed) renders again. The
+    pipeline's `allow_manual` does not apply: a rebuild runs what already ran,
+    not code a client sends. A fork's build stays a fork's, held again for an
+    approval unless an admin or owner rebuilds it. Numbered like every build;
+    `rebuild_of` is the original's number.
+    """
+    original = Build.objects.select_related("pipeline").get(pk=build.pk)
+    pipeline = original.pipeline
+    document = original.pipeline_ir
+    if isinstance(document, dict) and set(document) == {"raw"}:
+        document = document["raw"]  # kept as sent because it was no JSON: plan it again as such
+    request = BuildRequest(
+        branch=original.branch, commit=original.commit, message=original.message, source=source,
+        env=dict(original.env or {}), pipeline_ir=document, source_archive=None,
+        source_url=None if original.source_archive else original.source_url,
+        source_sha256=original.source_sha256,
+    )
+    held = (original.fork and pipeline.fork_pull_requests == ForkPullRequests.REQUIRE_APPROVAL
+            and creator_role not in (Role.ADMIN, Role.OWNER))
+    return create_build(pipeline=pipeline, request=request, created_by=created_by, creator_role=creator_role,
+                        fork=original.fork, held=held, rebuild_of=original, now=now)
 
 
 def cancel_build(*, build: Build, now: datetime | None = None) -> Build:

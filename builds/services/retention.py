@@ -41,7 +41,12 @@ def _delete_file_on_commit(name: str) -> None:
 
 
 def _build_deleted(sender: type[Build], instance: Build, **kwargs: Any) -> None:
-    _delete_file_on_commit(instance.source_archive.name or "")
+    name = instance.source_archive.name or ""
+    if name:
+        # A rebuild shares its original's upload: the file goes with the last build naming it,
+        # decided after the commit, when every build deleted with this one is gone too.
+        transaction.on_commit(lambda: None if Build.objects.filter(source_archive=name).exists()
+                              else default_storage.delete(name))
 
 
 def _job_deleted(sender: type[Job], instance: Job, **kwargs: Any) -> None:
