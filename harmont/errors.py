@@ -58,12 +58,24 @@ STATUS_BY_TYPE = {
 }
 
 
+# Codes whose answers carry another status than their type's.
+STATUS_BY_CODE = {
+    # A server error the client can wait out: 503 with Retry-After, which clients retry.
+    "database_unavailable": 503,
+}
+
+
 @dataclass(frozen=True)
 class ErrorCode:
     code: str
     type: str
     title: str
     explanation: str
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of this code's answers (what its docs page says)."""
+        return STATUS_BY_CODE.get(self.code, STATUS_BY_TYPE[self.type])
 
 
 def _catalog(*entries: tuple[str, str, str, str]) -> dict[str, ErrorCode]:
@@ -251,7 +263,7 @@ class ApiError(Exception):
         self.type = entry.type
         self.message = message
         self.fields = fields
-        self.status = status or STATUS_BY_TYPE[entry.type]
+        self.status = status or entry.status
 
 
 def validation_error(fields: dict[str, list[str]], *, code: str = "validation_failed", message: str | None = None) -> ApiError:
@@ -371,8 +383,13 @@ def database_unavailable(request: HttpRequest, exc: BaseException) -> JsonRespon
     """The 503 envelope for a request that failed because the database is away."""
     logger.warning("database unavailable on %s %s (request %s): %s", request.method, request.path,
                    request_id_for(request), exc)
-    return envelope_response(request, "database_unavailable", "The database is unavailable; retry shortly.",
-                             status=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)})
+    response = envelope_response(request, "database_unavailable", "The database is unavailable; retry shortly.",
+                                 status=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)})
+    # Logged above, once, as the warning it is: Django's request logger would log every 5xx
+    # again as an error (django.utils.log.log_response skips a response marked so), and an
+    # outage of a few seconds would fill the error log with one line per request.
+    response._has_been_logged = True  # type: ignore[attr-defined]
+    return response
 
 
 def _too_large(request: HttpRequest, limit: int | None = None) -> JsonResponse:

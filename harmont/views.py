@@ -11,7 +11,7 @@ from rest_framework.decorators import api_view, authentication_classes, permissi
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from harmont.errors import CATALOG, STATUS_BY_TYPE
+from harmont.errors import CATALOG
 
 
 @extend_schema(operation_id="ping", tags=["meta"], auth=[],
@@ -35,12 +35,12 @@ def healthz(request: HttpRequest) -> HttpResponse:
 
 
 def error_index(request: HttpRequest) -> HttpResponse:
-    entries = sorted(CATALOG.values(), key=lambda e: (STATUS_BY_TYPE[e.type], e.code))
-    return render(request, "errors/index.html", {"entries": entries, "status_by_type": STATUS_BY_TYPE})
+    entries = sorted(CATALOG.values(), key=lambda e: (e.status, e.code))
+    return render(request, "errors/index.html", {"entries": entries})
 
 
 def error_doc(request: HttpRequest, code: str) -> HttpResponse:
     entry = CATALOG.get(code)
     if entry is None:
         raise Http404("unknown error code")
-    return render(request, "errors/detail.html", {"entry": entry, "status": STATUS_BY_TYPE[entry.type]})
+    return render(request, "errors/detail.html", {"entry": entry, "status": entry.status})

@@ -145,6 +145,15 @@ def test_every_doc_url_is_served(client, api):
     assert client.get("/docs/errors/not-a-code").status_code == 404
 
 
+def test_doc_pages_give_the_status_the_answers_carry(client):
+    assert "HTTP status <strong>503</strong>" in client.get("/docs/errors/database_unavailable").content.decode()
+    assert "HTTP status <strong>500</strong>" in client.get("/docs/errors/server_error").content.decode()
+    assert "HTTP status <strong>409</strong>" in client.get("/docs/errors/build_not_held").content.decode()
+    index = client.get("/docs/errors/").content.decode()
+    row = index[index.index("database_unavailable"):]
+    assert row[:row.index("</tr>")].count(">503<") == 1
+
+
 def raised_codes() -> dict[str, str]:
     """Every error code the server's source names where an error is made: {code: file:line}."""
     found: dict[str, str] = {}

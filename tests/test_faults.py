@@ -75,6 +75,14 @@ def test_rest_route_while_database_is_away_is_503_envelope(api, org, pipeline, d
     assert_unavailable(api.post(builds_url(pipeline), {"branch": "main", "commit": "HEAD"}, format="json"))
 
 
+def test_an_outage_logs_one_warning_per_request_and_no_error(api, org, pipeline, database_down, caplog):
+    database_down()
+    with caplog.at_level("INFO"):
+        assert_unavailable(api.get(builds_url(pipeline)))
+    records = [(r.name, r.levelname) for r in caplog.records]
+    assert records == [("harmont.errors", "WARNING")], records
+
+
 def test_agent_routes_while_database_is_away_are_503_envelopes(session, running, database_down):
     spec, job_client = running
     database_down()
