@@ -23,7 +23,7 @@ from rest_framework.test import APIClient
 from builds import services as build_services
 from builds.models import Agent, Build, BuildState, Job, JobState, LogChunk
 from builds import selectors
-from builds.agent.logs import STDOUT, LogShipper
+from builds.agent.logs import MAX_BATCH_CHARS, STDOUT, LogShipper
 from builds.agent.spec import JobSpec
 from builds.agent.transport import AgentError
 from harmont.timestamps import ns_from_datetime
@@ -669,6 +669,66 @@ def test_the_agent_hearing_job_finished_stops_the_command_and_sends_that_jobs_ou
 
     assert shipper.cancel_requested.is_set() and shipper.ended.is_set()
     assert (transport.calls, shipper.pending) == (1, [])  # one refusal, no retries, nothing kept for the finish
+
+
+class RecordingTransport:
+    """Takes every log shipment and remembers its chunks; its first `failures` shipments fail as a 503 would."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.batches: list[list[dict[str, Any]]] = []
+        self.failures = failures
+
+    def json(self, method: str, path: str, *, token: str, body: Any = None, ok: tuple[int, ...] = (200,)) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise AgentError(503, {"error": {"type": "server_error", "code": "database_unavailable",
+                                             "message": "..."}})
+        self.batches.append(body["chunks"])
+        return {"state": "running", "cancel": False, "timeout": False}
+
+
+def test_a_backlog_goes_out_in_bounded_requests_in_order_once_the_server_is_back():
+    transport = RecordingTransport(failures=1)
+    shipper = LogShipper(transport, JobSpec.from_claim({  # type: ignore[arg-type]
+        "job": {"id": "job-1", "command": "true", "env": {}, "timeout_seconds": 60, "step_key": "a"},
+        "job_token": "hmj_x"}))
+    line = "x" * 1000 + "\n"
+    output = line * 10_000  # 10 MB printed while the server was away
+    for start in range(0, len(output), 65536):
+        shipper.add(STDOUT, output[start:start + 65536])
+    with pytest.raises(AgentError):
+        shipper.flush()  # the server is away: everything stays pending
+    assert transport.batches == []
+
+    shipper.flush()
+
+    assert len(transport.batches) == 5
+    assert all(sum(len(c["content"]) for c in batch) <= MAX_BATCH_CHARS for batch in transport.batches)
+    seqs = [c["seq"] for batch in transport.batches for c in batch]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert "".join(c["content"] for batch in transport.batches for c in batch) == output
+    assert shipper.pending == []
+
+
+def test_a_flush_sends_what_was_pending_when_it_began_and_no_more():
+    shipper: LogShipper
+
+    class Chatty(RecordingTransport):
+        def json(self, *args: Any, **kwargs: Any) -> Any:
+            shipper.add(STDOUT, "y" * MAX_BATCH_CHARS)  # the command keeps printing while a batch is sent
+            return super().json(*args, **kwargs)
+
+    transport = Chatty()
+    shipper = LogShipper(transport, JobSpec.from_claim({  # type: ignore[arg-type]
+        "job": {"id": "job-1", "command": "true", "env": {}, "timeout_seconds": 60, "step_key": "a"},
+        "job_token": "hmj_x"}))
+    shipper.add(STDOUT, "x" * (3 * MAX_BATCH_CHARS))
+
+    shipper.flush()
+
+    assert len(transport.batches) == 3
+    assert {c["content"][0] for batch in transport.batches for c in batch} == {"x"}
+    assert sum(len(c["content"]) for c in shipper.pending) == 3 * MAX_BATCH_CHARS  # for the next flush
 
 
 @pytest.mark.parametrize(("status", "code"), [(409, "job_not_active"), (422, "validation_failed")])

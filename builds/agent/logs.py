@@ -17,6 +17,10 @@ from builds.agent.transport import AgentError, Transport
 log = logging.getLogger("harmont.agent")
 STDOUT, STDERR, META = 0, 1, 2
 MAX_CHUNK_CHARS = 64 * 1024
+# Characters of content per log request. After the server was away, the backlog may be
+# far larger than the route takes (HARMONT_MAX_REQUEST_BYTES, 64 MiB by default) once
+# JSON-escaped (up to 12 bytes a character): it goes in requests of this size instead.
+MAX_BATCH_CHARS = 2 * 1024 * 1024
 
 REDACTED = "[REDACTED]"
 # Shorter values are injected but not masked: replacing every "1" or "ok" in a log would
@@ -124,10 +128,32 @@ class LogShipper:
                                  "content": text[start:start + MAX_CHUNK_CHARS], "ts": time.time_ns()})
 
     def flush(self) -> None:
+        """Send what is pending now, in order, in requests of at most MAX_BATCH_CHARS of content.
+
+        Output that arrives meanwhile waits for the next flush, so a command that
+        prints faster than the server takes it can't keep the caller here.
+        """
         with self.lock:
-            batch = list(self.pending)
-        if not batch:
-            return
+            last = self.pending[-1]["seq"] if self.pending else 0
+        while True:
+            with self.lock:
+                batch = self._batch(up_to=last)
+            if not batch or not self._send(batch):
+                return
+
+    def _batch(self, *, up_to: int) -> list[dict[str, Any]]:
+        # Called with the lock held: the oldest pending chunks, at least one, within the budget.
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for chunk in self.pending:
+            if chunk["seq"] > up_to or (batch and size + len(chunk["content"]) > MAX_BATCH_CHARS):
+                break
+            batch.append(chunk)
+            size += len(chunk["content"])
+        return batch
+
+    def _send(self, batch: list[dict[str, Any]]) -> bool:
+        """Ship one batch; False once the server has ended the job (nothing more is sent)."""
         try:
             answer = self.transport.json("POST", f"/api/v0/agent/jobs/{self.job.id}/logs", token=self.job.token,
                                          body={"chunks": batch})
@@ -139,7 +165,7 @@ class LogShipper:
                 self.ended.set()
                 self.pending = []
             self.cancel_requested.set()
-            return
+            return False
         with self.lock:
             sent = {chunk["seq"] for chunk in batch}
             self.pending = [chunk for chunk in self.pending if chunk["seq"] not in sent]
@@ -147,6 +173,7 @@ class LogShipper:
             self.cancel_requested.set()
         if answer and answer.get("timeout"):
             self.timeout_requested.set()
+        return True
 
 
 def clean_text(text: str) -> str:
