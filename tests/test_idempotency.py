@@ -416,6 +416,7 @@ def test_concurrent_requests_with_one_key_create_exactly_one_build(api, pipeline
 
 
 OPTED_IN = {("post", "/api/v0/organizations/{org}/pipelines/{pipeline}/builds"),
+            ("post", "/api/v0/organizations/{org}/pipelines/{pipeline}/builds/{number}/rebuild"),
             ("post", "/api/v0/organizations/{org}/builds"),
             ("post", "/api/v0/organizations/{org}/pipelines"),
             ("post", "/api/v0/organizations/{org}/pipelines/register"),
