@@ -146,11 +146,21 @@ class LogChunkAdmin(ReadOnlyAdmin):
 
 @admin.register(WebhookDelivery)
 class WebhookDeliveryAdmin(ReadOnlyAdmin):
-    list_display = ["delivery_id", "event", "repository", "organization", "builds_created", "received_at"]
-    list_filter = ["event", "received_at"]
+    list_display = ["delivery_id", "event", "repository", "organization", "status", "attempts", "builds_created",
+                    "received_at", "processed_at"]
+    list_filter = ["status", "event", "received_at"]
     list_select_related = ["repository", "repository__organization"]
     search_fields = ["=delivery_id", "repository__repo_name", "repository__organization__slug"]
-    readonly_fields = ["repository", "delivery_id", "event", "received_at", "builds_created"]
+    readonly_fields = ["repository", "delivery_id", "event", "status", "attempts", "last_error", "received_at",
+                       "enqueued_at", "retry_at", "processed_at", "builds_created", "result", "payload"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[WebhookDelivery]:
+        queryset = super().get_queryset(request)
+        match = getattr(request, "resolver_match", None)
+        if match is not None and match.url_name == "builds_webhookdelivery_changelist":
+            # A payload may be megabytes: only one delivery's own page loads it.
+            queryset = queryset.defer("payload", "result")
+        return queryset
     show_full_result_count = False
 
     @admin.display(description="organization", ordering="repository__organization__slug")

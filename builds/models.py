@@ -287,19 +287,46 @@ class Artifact(models.Model):
         return self.path
 
 
+class DeliveryStatus(models.TextChoices):
+    # Verified and recorded; a task will act on it (and is re-enqueued if it got lost).
+    QUEUED = "queued"
+    PROCESSED = "processed"
+    # Every attempt failed (HARMONT_WEBHOOK_MAX_ATTEMPTS): `last_error` says why.
+    FAILED = "failed"
+
+
 class WebhookDelivery(models.Model):
-    """A webhook delivery already acted on, so that a redelivery creates nothing new."""
+    """A verified webhook delivery for one repository: recorded once, so that a redelivery creates nothing new.
+
+    The request that brought it only records it; a task acts on it (builds what it
+    triggers) and keeps what that did in `result`.
+    """
 
     repository = models.ForeignKey("pipelines.Repository", on_delete=models.CASCADE, related_name="deliveries")
     delivery_id = models.CharField(max_length=100)
     event = models.CharField(max_length=50)
     received_at = models.DateTimeField(default=timezone.now)
+    # The verified payload, kept until the delivery is processed (and for the admin after).
+    payload = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=10, choices=DeliveryStatus.choices, default=DeliveryStatus.PROCESSED)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # When the task was last handed to the queue, and the earliest time the sweep hands it over again.
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    retry_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    processed_at = models.DateTimeField(null=True, blank=True)
     builds_created = models.PositiveIntegerField(default=0)
+    # What processing did: the builds (pipeline, number), the refused and the skipped pipelines.
+    result = models.JSONField(null=True, blank=True)
 
     class Meta:
         verbose_name_plural = "webhook deliveries"
         constraints = [
             models.UniqueConstraint(fields=["repository", "delivery_id"], name="webhook_delivery_unique"),
+        ]
+        indexes = [
+            # The reaper's sweep for deliveries whose task got lost or failed.
+            models.Index(fields=["status", "retry_at"], name="webhook_delivery_queue"),
         ]
 
     def __str__(self) -> str:

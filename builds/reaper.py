@@ -1,5 +1,6 @@
 """The reaper loop: the part of execution no agent can report on (lost agents, overdue work), and
-the rows that only live for a while (expired idempotency keys, agents not seen for a day)."""
+the rows that only live for a while (expired idempotency keys, agents not seen for a day), and the
+webhook deliveries whose task got lost or failed, handed to the queue again."""
 
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def run_reaper(*, stop: threading.Event, interval: float, once: bool = False, gr
             gone = prune_agents()
             if gone:
                 log.info("pruned %d agents not seen for a day", gone)
+            requeued = services.requeue_webhook_deliveries(now=now)
+            if requeued:
+                log.info("handed %d webhook deliveries to the task queue again", requeued)
         except DatabaseError:
             log.exception("reaper pass failed; retrying")
             grace.failed()

@@ -1,12 +1,14 @@
 from django.urls import path
 
-from builds import agent_api, api
+from builds import agent_api, api, delivery_api
 
 BUILD = "organizations/<str:org>/pipelines/<str:pipeline>/builds/<str:number>"
 
 urlpatterns = [
     path("organizations/<str:org>/builds", api.RepoBuildsView.as_view(), name="repo-builds"),
     path("organizations/<str:org>/agents", api.AgentListView.as_view(), name="agent-list"),
+    path("organizations/<str:org>/webhook-deliveries/<str:delivery_id>", delivery_api.WebhookDeliveryView.as_view(),
+         name="webhook-delivery"),
     path("organizations/<str:org>/pipelines/<str:pipeline>/builds", api.PipelineBuildsView.as_view(),
          name="build-list"),
     path(BUILD, api.BuildDetailView.as_view(), name="build-detail"),

@@ -8,6 +8,9 @@ out here because the envelope middleware covers /api/v0 only.
 The URL names the repository so that its secrets are known before the body is
 looked at: the HMAC is checked over the raw bytes first, and only a delivery
 that verifies is ever parsed. Nothing anyone can send unsigned reaches a parser.
+
+A verified delivery is recorded and answered 202; a task builds what it triggers
+(builds.tasks), so GitHub's ten-second timeout never meets a slow build create.
 """
 
 from __future__ import annotations
@@ -21,11 +24,10 @@ from urllib.parse import parse_qs
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 
 from builds import services, webhooks
-from builds.models import Build, WebhookDelivery
+from builds.models import WebhookDelivery
 from harmont.errors import DATABASE_UNAVAILABLE_ERRORS, ApiError, database_unavailable, envelope_response
 
 logger = logging.getLogger("harmont.webhooks")
@@ -78,7 +80,7 @@ def _decode(request: HttpRequest, body: bytes) -> Any:
 @csrf_exempt
 @_json_errors
 def github_webhook(request: HttpRequest, repo_name: str | None = None) -> HttpResponse:
-    """Verify a delivery against every repository registered under the URL's name, then build what it triggers."""
+    """Verify a delivery against every repository registered under the URL's name, record it, queue its task."""
     if request.method != "POST":
         return envelope_response(request, "method_not_allowed", f"Method {request.method} not allowed; POST a "
                                  "GitHub webhook delivery.", status=405, headers={"Allow": "POST"})
@@ -122,32 +124,13 @@ def github_webhook(request: HttpRequest, repo_name: str | None = None) -> HttpRe
         event = webhooks.parse_event(event_name, payload)
     except webhooks.PayloadError as exc:
         return envelope_response(request, "webhook_invalid", str(exc), status=400)
-    results = [services.handle_webhook_delivery(repository=repository, delivery_id=delivery_id, event=event)
-               for repository in repositories]
-    return JsonResponse({
-        "ok": True, "event": event_name, "delivery_id": delivery_id,
-        "repositories": [_result_json(result) for result in results],
-    })
-
-
-def _result_json(result: services.DeliveryResult) -> dict[str, Any]:
-    org_slug = result.repository.organization.slug
-    return {
-        "organization": org_slug,
-        "repository": result.repository.repo_name,
-        "redelivery": result.redelivery,
-        "builds_created": result.builds_created,
-        "builds": [_build_json(org_slug, build) for build in result.builds],
-        "refused": [{"pipeline": refused.pipeline.slug, "code": refused.code, "message": refused.message}
-                    for refused in result.refused],
-        "skipped": [{"pipeline": skipped.pipeline.slug, "reason": skipped.reason, "message": skipped.message}
-                    for skipped in result.skipped],
-    }
-
-
-def _build_json(org_slug: str, build: Build) -> dict[str, Any]:
-    path = reverse("builds_ui:build", args=[org_slug, build.pipeline.slug, build.number])
-    return {
-        "pipeline": build.pipeline.slug, "number": build.number, "state": build.state,
-        "error_code": build.error_code, "url": f"{settings.APP_URL}{path}",
-    }
+    # Checked now, so that a payload that can't make a build is refused to GitHub (and shown in
+    # its delivery log) instead of failing later, where only the task's record would tell.
+    services.delivery_build_request(event)
+    recorded = [services.record_webhook_delivery(repository=repository, delivery_id=delivery_id,
+                                                 event_name=event_name, payload=payload)
+                for repository in repositories]
+    # 202: verified and recorded; what it builds is decided by a task, and shown at
+    # GET /api/v0/organizations/{org}/webhook-deliveries/{delivery_id}. A redelivery queues nothing.
+    return JsonResponse({"ok": True, "event": event_name, "delivery_id": delivery_id,
+                         "queued": any(delivery is not None for delivery in recorded)}, status=202)

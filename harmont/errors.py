@@ -218,6 +218,9 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "This Idempotency-Key was already sent to this route with a different request body (keys are kept for 24 "
      "hours, HARMONT_IDEMPOTENCY_KEY_TTL). A retry must repeat the first request exactly; a different request "
      "needs a new key. Nothing was changed."),
+    ("webhook_delivery_not_found", "not_found", "Webhook delivery not found",
+     "No delivery with this id (GitHub's X-GitHub-Delivery) reached a repository of this organization, or it "
+     "did not verify (an unverified delivery is never recorded)."),
     ("artifact_not_found", "not_found", "Artifact not found",
      "No artifact with this id exists in the build."),
     ("artifact_path_invalid", "validation_failed", "Artifact path invalid",

@@ -53,7 +53,8 @@ def agent_process(*, server: str, token: str, workdir: Path,
 
 
 def server_processes(env: dict[str, str], agent_token: str) -> list[tuple[list[str], dict[str, str]]]:
-    """The web server, the reaper, and one local agent for the demo organization: (command, environment)."""
+    """The web server, the reaper, a task worker, and one local agent for the demo organization: (command,
+    environment)."""
     port = env["PORT"]
     workers = env.get("HARMONT_WORKERS", "2")
     manage_py = str(BASE_DIR / "manage.py")
@@ -65,6 +66,8 @@ def server_processes(env: dict[str, str], agent_token: str) -> list[tuple[list[s
           "--graceful-timeout", "5"]
          + (["--access-logfile", "-"] if env.get("HARMONT_ACCESS_LOG") == "1" else []), env),
         ([sys.executable, manage_py, "runreaper"], env),
+        # The task queue's worker: webhook deliveries are acted on here, not in their request.
+        ([sys.executable, manage_py, "db_worker", "--interval", "0.5"], env),
         agent_process(server=f"http://127.0.0.1:{port}", token=agent_token, workdir=VAR / "agent", environ=env),
     ]
 

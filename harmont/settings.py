@@ -180,6 +180,8 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "django_tasks",
+    "django_tasks_db",
     "organizations",
     "pipelines",
     "builds",
@@ -288,6 +290,16 @@ BUILD_ARTIFACTS_MAX_BYTES = env_int("HARMONT_BUILD_ARTIFACTS_MAX_BYTES", 1024 * 
 
 # GitHub caps webhook payloads at 25 MB; /webhooks/github refuses larger bodies (413) unread.
 WEBHOOK_MAX_BYTES = env_int("HARMONT_WEBHOOK_MAX_BYTES", 25 * 1024 * 1024, minimum=1024)
+
+# Background work (webhook processing) runs as tasks on the database backend of django-tasks,
+# run by `manage.py db_worker` processes (`make run` starts one).
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]}}
+# A queued delivery whose task has not finished after this long is handed to the queue again
+# (its worker died, or the enqueue was lost with its process); the task is safe to run twice.
+TASK_LEASE_SECONDS = env_int("HARMONT_TASK_LEASE_SECONDS", 300, minimum=5)
+# Attempts at acting on one webhook delivery before it is marked failed; between failed
+# attempts 30 s, doubling, at most an hour.
+WEBHOOK_MAX_ATTEMPTS = env_int("HARMONT_WEBHOOK_MAX_ATTEMPTS", 10, minimum=1)
 
 # How long the first answer to a create sent with an Idempotency-Key is kept for its retries (seconds).
 IDEMPOTENCY_KEY_TTL_SECONDS = env_int("HARMONT_IDEMPOTENCY_KEY_TTL", 24 * 3600, minimum=60)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from django.db import connection
-from django.test import Client
+from django.test import Client, TestCase
 from rest_framework.test import APIClient
 
 from builds import services as build_services
@@ -315,12 +315,37 @@ def ping_payload(full_name: str = "acme/web") -> dict[str, Any]:
             "repository": repository_json(full_name), "sender": SENDER}
 
 
+def run_tasks() -> int:
+    """Run every task ready on the queue, as a `manage.py db_worker` would; returns how many ran.
+
+    The worker's own claim and run, without its loop: the loop closes the database
+    connection between tasks, which would end a test's transaction.
+    """
+    from django_tasks_db.management.commands.db_worker import Worker
+    from django_tasks_db.models import DBTaskResult
+    from django_tasks_db.utils import exclusive_transaction
+
+    worker = Worker(queue_names=["*"], interval=0, batch=True, backend_name="default", startup_delay=False,
+                    max_tasks=None, worker_id=f"tests-{threading.get_ident()}", excluded_queue_names=[])
+    ran = 0
+    while True:
+        with exclusive_transaction():
+            result = DBTaskResult.objects.ready().filter(backend_name="default").get_locked()
+            if result is None:
+                return ran
+            result.claim(worker.worker_id)
+        worker.run_task(result)
+        ran += 1
+
+
 def deliver(event: str, payload: Any, *, secret: str | None = WEBHOOK_SECRET, delivery: str | None = None,
             signature: str | None = None, body: bytes | None = None, content_type: str = "application/json",
-            headers: dict[str, str] | None = None, repository: str | None = None) -> Any:
+            headers: dict[str, str] | None = None, repository: str | None = None, process: bool = True) -> Any:
     """POST a delivery like GitHub does; CSRF checks on, to show the endpoint needs no token.
 
     To the payload URL of `repository`, by default the one the payload names (else acme/web).
+    With `process`, the task queue is then worked off, as a worker would (the enqueue happens
+    after the delivery's row commits, which a test's transaction runs at once here).
     """
     repository = repository or webhooks.repository_full_name(payload) or "acme/web"
     raw = body if body is not None else json.dumps(payload).encode()
@@ -331,5 +356,27 @@ def deliver(event: str, payload: Any, *, secret: str | None = WEBHOOK_SECRET, de
     elif secret is not None:
         extra["HTTP_X_HUB_SIGNATURE_256"] = webhooks.sign(secret, raw)
     extra.update(headers or {})
-    return Client(enforce_csrf_checks=True).post(f"{WEBHOOK_URL}/{repository}", data=raw, content_type=content_type,
-                                                 **extra)
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        response = Client(enforce_csrf_checks=True).post(f"{WEBHOOK_URL}/{repository}", data=raw,
+                                                         content_type=content_type, **extra)
+    if process:
+        run_tasks()
+    response.delivery_id = extra["HTTP_X_GITHUB_DELIVERY"]  # type: ignore[attr-defined]
+    return response
+
+
+def outcomes(response: Any) -> list[dict[str, Any]]:
+    """What a delivery did, per repository it verified for (oldest registered first): its record's builds,
+    refusals and skips, as `GET .../webhook-deliveries/{id}` shows them, with the organization."""
+    from builds.delivery_api import delivery_body
+    from builds.models import WebhookDelivery
+
+    found = []
+    for delivery in (WebhookDelivery.objects.filter(delivery_id=response.delivery_id)
+                     .select_related("repository__organization").order_by("repository_id")):
+        org_slug = delivery.repository.organization.slug
+        body = delivery_body(delivery, org_slug)
+        found.append({"organization": org_slug, "repository": body["repository"],
+                      "builds_created": body["builds_created"], "builds": body["builds"],
+                      "refused": body["refused"], "skipped": body["skipped"]})
+    return found

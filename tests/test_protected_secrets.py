@@ -209,7 +209,7 @@ def hooked(org) -> Pipeline:
 
 @pytest.mark.django_db
 def test_a_push_to_the_default_branch_with_the_stored_definition_gets_all(session, hooked):
-    assert deliver("push", push_payload("refs/heads/main")).status_code == 200
+    assert deliver("push", push_payload("refs/heads/main")).status_code == 202
 
     assert Build.objects.get().secret_access == SecretAccess.ALL
     assert_all(claim(session)[0])
@@ -217,7 +217,7 @@ def test_a_push_to_the_default_branch_with_the_stored_definition_gets_all(sessio
 
 @pytest.mark.django_db
 def test_a_push_to_a_branch_that_is_not_protected_gets_unprotected_only(session, hooked):
-    assert deliver("push", push_payload("refs/heads/feature/print-env")).status_code == 200
+    assert deliver("push", push_payload("refs/heads/feature/print-env")).status_code == 202
 
     assert_unprotected_only(claim(session)[0])
 

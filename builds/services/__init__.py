@@ -21,7 +21,10 @@ from builds.services.webhooks import (
     DeliveryResult,
     RefusedBuild,
     SkippedBuild,
-    handle_webhook_delivery,
+    delivery_build_request,
+    process_webhook_delivery,
+    record_webhook_delivery,
+    requeue_webhook_deliveries,
     verified_repositories,
 )
 from builds.services.workspaces import store_workspace
@@ -37,6 +40,7 @@ __all__ = [
     "ChunkIn", "append_log",
     "ReapReport", "reap",
     "accept_rendered_pipeline", "fail_render", "record_render_result",
-    "DeliveryResult", "RefusedBuild", "SkippedBuild", "handle_webhook_delivery", "verified_repositories",
+    "DeliveryResult", "RefusedBuild", "SkippedBuild", "delivery_build_request", "process_webhook_delivery",
+    "record_webhook_delivery", "requeue_webhook_deliveries", "verified_repositories",
     "store_workspace",
 ]

@@ -1,18 +1,21 @@
-"""Webhook deliveries: find the repositories a delivery is for, record it once, build what it triggers."""
+"""Webhook deliveries: find the repositories a delivery is for, record it once, and (in a task) build what it triggers."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.db.models.functions import Lower
 from django.utils import timezone
 
 from builds import webhooks
-from builds.models import Build, BuildSource, WebhookDelivery
+from builds.models import Build, BuildSource, DeliveryStatus, WebhookDelivery
 from builds.services.builds import BuildRequest, create_build, validate_build_request
 from harmont.crypto import decrypt_text
 from harmont.errors import ApiError
@@ -43,16 +46,13 @@ class SkippedBuild:
 
 @dataclass(frozen=True)
 class DeliveryResult:
-    """What one delivery did for one repository.
+    """What acting on one delivery did for its repository.
 
-    `builds` are the builds this call created, failed ones included (a rejected
-    plan is recorded as a failed build). For a redelivery nothing is created:
-    `builds` is empty and `builds_created` is what the first delivery created.
+    `builds` are the builds it created, failed ones included (a rejected plan
+    is recorded as a failed build).
     """
 
     repository: Repository
-    redelivery: bool
-    builds_created: int
     builds: list[Build] = field(default_factory=list)
     refused: list[RefusedBuild] = field(default_factory=list)
     skipped: list[SkippedBuild] = field(default_factory=list)
@@ -86,53 +86,152 @@ def verified_repositories(*, repo_name: str, body: bytes, signature: str | None)
     return verified
 
 
-def handle_webhook_delivery(*, repository: Repository, delivery_id: str, event: webhooks.Event,
-                            now: datetime | None = None) -> DeliveryResult:
-    """Record a verified delivery for `repository` and create one `webhook` build per matching pipeline.
+def delivery_build_request(event: webhooks.Event) -> BuildRequest | None:
+    """The build a delivery's event asks for (None: it builds nothing, such as a deleted branch).
 
-    One transaction: the delivery row goes in first, so a redelivery racing the
-    original waits on the unique (repository, delivery_id) index and then finds
-    the row, creating nothing; if the original rolls back, the redelivery builds.
-    A pipeline whose build is refused or whose plan is rejected doesn't stop the
-    others. A pull request from a fork builds as each pipeline's
-    `fork_pull_requests` says: without secrets, held for approval, or not at all
-    (`skipped`). Raises 422 `build_invalid` (nothing written) when the payload's
-    branch, commit or message can't make a build at all.
+    Raises 422 `build_invalid` when the payload's branch, commit or message can't
+    make a build at all. Pure: the webhook route checks it before recording a
+    delivery, and the task that acts on it again.
+    """
+    facts = webhooks.build_facts(event)
+    if facts is None:
+        return None
+    return validate_build_request(branch=facts.branch, commit=facts.commit, message=facts.message,
+                                  source=BuildSource.WEBHOOK, env=facts.env, allowed_sources=WEBHOOK_SOURCES)
+
+
+def record_webhook_delivery(*, repository: Repository, delivery_id: str, event_name: str, payload: Any,
+                            now: datetime | None = None) -> WebhookDelivery | None:
+    """Record a verified delivery for `repository` and queue the task that acts on it; None for a redelivery.
+
+    The unique (repository, delivery_id) index decides: a redelivery racing the
+    original waits on it and then creates nothing. The task is enqueued once the
+    row is committed; should that be lost (the process died in between), the
+    reaper's sweep enqueues it when its lease is over.
     """
     now = now or timezone.now()
-    facts = webhooks.build_facts(event)
-    request = None
-    if facts is not None:
-        request = validate_build_request(branch=facts.branch, commit=facts.commit, message=facts.message,
-                                         source=BuildSource.WEBHOOK, env=facts.env,
-                                         allowed_sources=WEBHOOK_SOURCES)
+    try:
+        with transaction.atomic():
+            delivery = WebhookDelivery.objects.create(
+                repository=repository, delivery_id=delivery_id, event=event_name, received_at=now, payload=payload,
+                status=DeliveryStatus.QUEUED, enqueued_at=now, retry_at=now + _lease())
+    except IntegrityError:
+        if WebhookDelivery.objects.filter(repository=repository, delivery_id=delivery_id).exists():
+            return None
+        raise  # not the unique index (the repository went away): a real failure
+    transaction.on_commit(lambda: _enqueue(delivery.pk))
+    return delivery
+
+
+def _lease() -> timedelta:
+    return timedelta(seconds=settings.TASK_LEASE_SECONDS)
+
+
+def _enqueue(delivery_pk: int) -> None:
+    from builds.tasks import process_webhook_delivery  # the task module imports the services
+
+    process_webhook_delivery.enqueue(delivery_pk)
+
+
+def retry_delay(attempts: int) -> timedelta:
+    """How long after its `attempts`-th failed attempt a delivery is tried again: 30 s, doubling, at most an hour."""
+    return timedelta(seconds=min(30 * 2 ** (attempts - 1), 3600))
+
+
+def process_webhook_delivery(*, delivery_pk: int, now: datetime | None = None) -> DeliveryResult | None:
+    """Act on a queued delivery: one `webhook` build per matching pipeline. Safe to run twice, also at once.
+
+    The first statement claims the delivery (queued → attempt counted), a
+    compare-and-set that also takes its row lock (SQLite: the database's write
+    lock) until this transaction ends: a second run waits and then finds it
+    processed, creating nothing. None when there was nothing to do.
+
+    A pipeline whose build is refused or whose plan is rejected doesn't stop
+    the others. A pull request from a fork builds as each pipeline's
+    `fork_pull_requests` says: without secrets, held for approval, or not at
+    all (`skipped`). An unexpected failure rolls back the builds of this
+    attempt and leaves the delivery queued for another, after `retry_delay`;
+    after HARMONT_WEBHOOK_MAX_ATTEMPTS it is `failed`.
+    """
+    now = now or timezone.now()
     with transaction.atomic():
+        claimed = WebhookDelivery.objects.filter(pk=delivery_pk, status=DeliveryStatus.QUEUED).update(
+            attempts=F("attempts") + 1)
+        if not claimed:
+            return None
+        delivery = WebhookDelivery.objects.select_related("repository__organization").get(pk=delivery_pk)
         try:
             with transaction.atomic():
-                delivery = WebhookDelivery.objects.create(repository=repository, delivery_id=delivery_id,
-                                                          event=event.name, received_at=now)
-        except IntegrityError:
-            previous = WebhookDelivery.objects.filter(repository=repository, delivery_id=delivery_id).first()
-            if previous is None:  # not the unique index (the repository went away): a real failure
-                raise
-            return DeliveryResult(repository=repository, redelivery=True, builds_created=previous.builds_created)
-        builds: list[Build] = []
-        refused: list[RefusedBuild] = []
-        skipped: list[SkippedBuild] = []
-        fork = isinstance(event, webhooks.PullRequestEvent) and event.fork
-        if request is not None:
-            for pipeline in _matching_pipelines(repository, event):
-                policy = pipeline.fork_pull_requests if fork else None
-                if policy == ForkPullRequests.SKIP:
-                    skipped.append(SkippedBuild(pipeline, "fork_pull_request",
-                                                "The pull request comes from another repository (a fork) and the "
-                                                "pipeline's fork_pull_requests is skip."))
-                    continue
-                _build_one(pipeline, request, now, builds, refused, fork=fork,
-                           held=policy == ForkPullRequests.REQUIRE_APPROVAL)
-        WebhookDelivery.objects.filter(pk=delivery.pk).update(builds_created=len(builds))
-    return DeliveryResult(repository=repository, redelivery=False, builds_created=len(builds), builds=builds,
-                          refused=refused, skipped=skipped)
+                result = _act_on(delivery, now)
+        except Exception as exc:  # noqa: BLE001 (recorded on the delivery, and in the log)
+            logger.exception("webhook delivery %s (%s) failed, attempt %d", delivery.delivery_id, delivery.event,
+                             delivery.attempts)
+            failed = delivery.attempts >= settings.WEBHOOK_MAX_ATTEMPTS
+            WebhookDelivery.objects.filter(pk=delivery_pk).update(
+                status=DeliveryStatus.FAILED if failed else DeliveryStatus.QUEUED,
+                retry_at=None if failed else now + retry_delay(delivery.attempts),
+                last_error=f"{type(exc).__name__}: {exc}"[:1000])
+            return None
+        WebhookDelivery.objects.filter(pk=delivery_pk).update(
+            status=DeliveryStatus.PROCESSED, processed_at=now, retry_at=None, builds_created=len(result.builds),
+            result=result_record(result), last_error="")
+    return result
+
+
+def _act_on(delivery: WebhookDelivery, now: datetime) -> DeliveryResult:
+    repository = delivery.repository
+    event = webhooks.parse_event(delivery.event, delivery.payload)
+    builds: list[Build] = []
+    refused: list[RefusedBuild] = []
+    skipped: list[SkippedBuild] = []
+    try:
+        request = delivery_build_request(event)
+    except ApiError as exc:  # checked before the delivery was recorded; kept in case the rules changed since
+        return DeliveryResult(repository=repository, refused=[
+            RefusedBuild(pipeline, exc.code, exc.message) for pipeline in _matching_pipelines(repository, event)])
+    fork = isinstance(event, webhooks.PullRequestEvent) and event.fork
+    if request is not None:
+        for pipeline in _matching_pipelines(repository, event):
+            policy = pipeline.fork_pull_requests if fork else None
+            if policy == ForkPullRequests.SKIP:
+                skipped.append(SkippedBuild(pipeline, "fork_pull_request",
+                                            "The pull request comes from another repository (a fork) and the "
+                                            "pipeline's fork_pull_requests is skip."))
+                continue
+            _build_one(pipeline, request, now, builds, refused, fork=fork,
+                       held=policy == ForkPullRequests.REQUIRE_APPROVAL)
+    return DeliveryResult(repository=repository, builds=builds, refused=refused, skipped=skipped)
+
+
+def result_record(result: DeliveryResult) -> dict[str, Any]:
+    """What a delivery keeps of what it did (`WebhookDelivery.result`): builds by pipeline and number."""
+    return {
+        "builds": [{"pipeline_id": build.pipeline_id, "pipeline": build.pipeline.slug, "number": build.number}
+                   for build in result.builds],
+        "refused": [{"pipeline": refused.pipeline.slug, "code": refused.code, "message": refused.message}
+                    for refused in result.refused],
+        "skipped": [{"pipeline": skipped.pipeline.slug, "reason": skipped.reason, "message": skipped.message}
+                    for skipped in result.skipped],
+    }
+
+
+def requeue_webhook_deliveries(*, now: datetime | None = None, limit: int = 100) -> int:
+    """Hand to the queue again the queued deliveries whose lease or retry delay is over; returns how many.
+
+    Their task was lost (a worker died mid-run, an enqueue died with its
+    process) or failed. Each is taken with a compare-and-set on its `retry_at`,
+    so of several reapers one enqueues it.
+    """
+    now = now or timezone.now()
+    due = list(WebhookDelivery.objects.filter(status=DeliveryStatus.QUEUED, retry_at__lte=now)
+               .order_by("retry_at").values_list("pk", "retry_at")[:limit])
+    requeued = 0
+    for pk, retry_at in due:
+        if WebhookDelivery.objects.filter(pk=pk, status=DeliveryStatus.QUEUED, retry_at=retry_at).update(
+                enqueued_at=now, retry_at=now + _lease()):
+            _enqueue(pk)
+            requeued += 1
+    return requeued
 
 
 def _matching_pipelines(repository: Repository, event: webhooks.Event) -> list[Pipeline]:
