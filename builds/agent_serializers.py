@@ -52,6 +52,8 @@ class SourceSpec(serializers.Serializer):
 class RenderSpec(serializers.Serializer):
     source_slug = serializers.CharField(help_text="The pipeline to render from the checkout's .hm/*.py.")
     result_path = serializers.CharField(help_text="POST the rendered IR (or the failure) here.")
+    envelope = serializers.BooleanField(help_text=(
+        "Send the whole rendered envelope with the IR: the build registers the repository's pipelines again."))
 
 
 class JobSpecSerializer(serializers.Serializer):
@@ -215,10 +217,15 @@ class RenderResultRequest(serializers.Serializer):
     pipeline_ir = serializers.JSONField(required=False, help_text="The rendered v0 IR (object or JSON string).")
     error = serializers.CharField(required=False, max_length=10_000, trim_whitespace=False,
                                   help_text="Why the render failed, instead of an IR.")
+    envelope = serializers.JSONField(required=False, help_text=(
+        "With `pipeline_ir`, when the job spec's `render.envelope` asked for it: every pipeline of the "
+        "repository's .hm/*.py as rendered (what harmont.dump_registry_json() prints)."))
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if ("pipeline_ir" in attrs) == ("error" in attrs):
             raise serializers.ValidationError({"pipeline_ir": ["Send exactly one of pipeline_ir and error."]})
+        if "envelope" in attrs and "error" in attrs:
+            raise serializers.ValidationError({"envelope": ["Only a rendered pipeline comes with its envelope."]})
         return attrs
 
 

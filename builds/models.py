@@ -101,6 +101,9 @@ class Build(models.Model):
                                     on_delete=models.SET_NULL, related_name="+")
     approved_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # A push to the default branch of a repository's registered pipelines: the envelope its render
+    # job renders at the pushed commit registers them again (new ones built, vanished ones archived).
+    discovers_pipelines = models.BooleanField(default=False)
     # The number of the build of the same pipeline this one is a rebuild of. A number, not a
     # foreign key: it is what the API and the page show, and it outlives a pruned original.
     rebuild_of = models.PositiveIntegerField(null=True, blank=True)

@@ -186,7 +186,7 @@ def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_has
 _CJ, _CB, _CP = Table(Job, "j"), Table(Build, "b"), Table(Pipeline, "p")
 CLAIMED_JOB = Columns(Job, [f.name for f in Job._meta.concrete_fields if f.name not in ("cache", "runner_args")])
 CLAIMED_BUILD = Columns(Build, ("id", "pipeline", "number", "state", "branch", "commit", "source_archive",
-                                "source_url", "source_sha256", "fork", "secret_access"))
+                                "source_url", "source_sha256", "fork", "secret_access", "discovers_pipelines"))
 CLAIMED_PIPELINE = Columns(Pipeline, ("id", "organization", "slug", "repository", "source_slug"))
 CLAIMED_JOB_SQL = (
     f"SELECT {CLAIMED_JOB.select(_CJ)}, {CLAIMED_BUILD.select(_CB)}, {CLAIMED_PIPELINE.select(_CP)}"

@@ -7,13 +7,23 @@ delivers at least once: the reaper hands a task whose worker died to the queue a
 
 from __future__ import annotations
 
+import uuid
+
 from django_tasks import task
 
-from builds.services import webhooks
+from builds.services import discovery, webhooks
 
 
 @task()
 def process_webhook_delivery(delivery_pk: int) -> int:
     """Build what a recorded webhook delivery triggers; returns how many builds it created (0: nothing to do)."""
     result = webhooks.process_webhook_delivery(delivery_pk=delivery_pk)
+    return 0 if result is None else len(result.builds)
+
+
+@task()
+def discover_pipelines(build_id: str, envelope: dict) -> int:
+    """Register a repository's pipelines again from the envelope a default-branch build rendered; returns the new
+    builds made."""
+    result = discovery.discover_pipelines(build_id=uuid.UUID(build_id), envelope=envelope)
     return 0 if result is None else len(result.builds)

@@ -56,7 +56,7 @@ def test_the_render_jobs_spec_names_the_pipeline_and_the_checkout(session, repo_
 
     spec, _ = claim(session)
 
-    assert spec["render"] == {"source_slug": "ci", "result_path": job_url(spec["id"], "pipeline")}
+    assert spec["render"] == {"source_slug": "ci", "result_path": job_url(spec["id"], "pipeline"), "envelope": False}
     assert spec["source"] == {"kind": "git", "url": "file:///srv/git/site.git", "commit": "0123abcd",
                               "branch": "main", "path": None, "sha256": None}
     assert spec["build_id"] == str(build.id)

@@ -2,12 +2,14 @@
 
 The agent runs this file as its own process, in the job's workspace:
 
-    python -I render_pipeline.py SOURCE_SLUG OUTPUT_PATH
+    python -I render_pipeline.py SOURCE_SLUG OUTPUT_PATH [ENVELOPE_PATH]
 
 `-I` keeps the agent's own directories off `sys.path`, so `import harmont` is
 the pipeline package from PyPI (this project's package has the same name).
 Whatever the pipeline files print goes to the job's log; the IR is written to
-OUTPUT_PATH. Exit status 0 means OUTPUT_PATH holds the named pipeline's IR.
+OUTPUT_PATH, and with ENVELOPE_PATH the whole envelope (every pipeline of the
+files, what `harmont.dump_registry_json()` prints) there. Exit status 0 means
+OUTPUT_PATH holds the named pipeline's IR.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: render_pipeline.py SOURCE_SLUG OUTPUT_PATH", file=sys.stderr)
+    if len(argv) not in (3, 4):
+        print("usage: render_pipeline.py SOURCE_SLUG OUTPUT_PATH [ENVELOPE_PATH]", file=sys.stderr)
         return 2
     slug, output = argv[1], Path(argv[2])
+    envelope_output = Path(argv[3]) if len(argv) == 4 else None
     files = sorted(Path(".hm").glob("*.py"))
     if not files:
         print("harmont render: the repository has no .hm/*.py files", file=sys.stderr)
@@ -41,6 +44,8 @@ def main(argv: list[str]) -> int:
         print(f"harmont render: no pipeline {slug!r} in .hm/*.py (found: {names})", file=sys.stderr)
         return 4
     output.write_text(json.dumps(found[0]["definition"]))
+    if envelope_output is not None:
+        envelope_output.write_text(json.dumps(envelope))
     print(f"harmont render: rendered pipeline {slug!r}")
     return 0
 

@@ -362,12 +362,16 @@ class Agent:
         """Render the build's pipeline from the checkout and send its IR; the server plans the rest."""
         assert job.render is not None
         output = self.workdir / f"{job.id}.pipeline.json"
-        output.unlink(missing_ok=True)
-        if self.run_as is not None:
-            # The renderer runs as that user, who may not create files in the work directory.
-            output.touch()
-            self.run_as.give(output)
-        argv = [sys.executable, "-I", str(RENDERER), job.render["source_slug"], str(output)]
+        # The server asks for the whole envelope too when the build re-registers the repository's pipelines.
+        envelope = self.workdir / f"{job.id}.envelope.json" if job.render.get("envelope") else None
+        outputs = [path for path in (output, envelope) if path is not None]
+        for path in outputs:
+            path.unlink(missing_ok=True)
+            if self.run_as is not None:
+                # The renderer runs as that user, who may not create files in the work directory.
+                path.touch()
+                self.run_as.give(path)
+        argv = [sys.executable, "-I", str(RENDERER), job.render["source_slug"], *map(str, outputs)]
         result = self._execute(job, workspace, shipper, argv=argv)
         if result.get("outcome") is not None:
             return result
@@ -375,9 +379,11 @@ class Agent:
             if result.get("exit_code") != 0:
                 problem = f"the renderer exited with status {result.get('exit_code')}"
             else:
-                document = json.loads(output.read_text())
+                body: dict[str, Any] = {"pipeline_ir": json.loads(output.read_text())}
+                if envelope is not None:
+                    body["envelope"] = json.loads(envelope.read_text())
                 answer = self.transport.json("POST", job.render["result_path"], token=job.token,
-                                             body={"pipeline_ir": document}, ok=(200, 422))
+                                             body=body, ok=(200, 422))
                 if "error" not in answer:
                     shipper.add(META, f"harmont-agent: pipeline sent; {answer['jobs']} jobs planned\n")
                     return result
@@ -388,7 +394,8 @@ class Agent:
         except (OSError, ValueError) as exc:
             problem = f"the renderer left no pipeline: {exc}"
         finally:
-            output.unlink(missing_ok=True)
+            for path in outputs:
+                path.unlink(missing_ok=True)
         shipper.add(META, f"harmont-agent: render failed: {problem}\n")
         self.transport.json("POST", job.render["result_path"], token=job.token, body={"error": problem})
         return {**result, "error_code": "render_failed", "error_message": problem[:2000]}

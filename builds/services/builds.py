@@ -195,13 +195,16 @@ def plan_document(document: Any, *, env: dict[str, str]) -> tuple[Any, ir.Plan |
         return loaded, None, exc
 
 
-def _plan(pipeline: Pipeline, request: BuildRequest) -> tuple[Any, ir.Plan | None, ir.PlanError | None]:
+def _plan(pipeline: Pipeline, request: BuildRequest, *, render: bool = False
+          ) -> tuple[Any, ir.Plan | None, ir.PlanError | None]:
     """Decide the IR (request, else stored definition) and plan it, before any write.
 
-    With neither, the build is rendered on an agent from the repository's
-    `.hm/*.py` (all three results None), if an agent can get the code at all.
+    With neither, or with `render` and no IR in the request, the build is
+    rendered on an agent from the repository's `.hm/*.py` at the build's
+    commit (all three results None), if an agent can get the code at all.
     """
-    document = request.pipeline_ir if request.pipeline_ir is not None else pipeline.definition
+    stored = None if render and can_check_out(pipeline=pipeline, request=request) else pipeline.definition
+    document = request.pipeline_ir if request.pipeline_ir is not None else stored
     if document is None:
         if can_check_out(pipeline=pipeline, request=request):
             return None, None, None
@@ -252,7 +255,8 @@ def secret_access_for(*, pipeline: Pipeline, request: BuildRequest, creator_role
 
 def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User | None = None,
                  creator_role: str | None = None, fork: bool = False, held: bool = False,
-                 rebuild_of: Build | None = None, now: datetime | None = None) -> Build:
+                 rebuild_of: Build | None = None, render: bool = False, discovers_pipelines: bool = False,
+                 now: datetime | None = None) -> Build:
     """Number, store and plan a build: the build row, its jobs and their edges in bulk.
 
     A rejected plan still records the build (`failed`, with the planner's
@@ -264,13 +268,17 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
     of another repository. Both decide the build's `secret_access` (see
     `secret_access_for`). `held`: its root jobs wait, `held`, until `approve_build`.
     `rebuild_of`: the build this one repeats (`rebuild_build`), whose stored
-    upload it shares and whose secret access bounds its own.
+    upload it shares and whose secret access bounds its own. `render`: the
+    pipeline is rendered from the repository at the build's commit even if it
+    has a stored definition (a webhook build of a registered pipeline);
+    `discovers_pipelines`: that render's envelope registers the repository's
+    pipelines again (`builds.services.discovery`).
     """
     if rebuild_of is None and not pipeline.allow_manual and request.source in MANUAL_SOURCES:
         raise ApiError("pipeline_manual_disabled",
                        f"Pipeline {pipeline.slug!r} does not allow manual builds (source {request.source!r}).")
     now = now or timezone.now()
-    document, plan, error = _plan(pipeline, request)
+    document, plan, error = _plan(pipeline, request, render=render)
     if rebuild_of is None:
         secret_access = secret_access_for(pipeline=pipeline, request=request, creator_role=creator_role, fork=fork)
     else:
@@ -286,7 +294,8 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
         build = _insert_build(pipeline=pipeline, build_id=build_id, request=request, document=document,
                               plan=plan, error=error, archive_name=archive_name, created_by=created_by,
                               fork=fork, secret_access=secret_access, held=held,
-                              rebuild_of=None if rebuild_of is None else rebuild_of.number, now=now)
+                              rebuild_of=None if rebuild_of is None else rebuild_of.number,
+                              discovers_pipelines=discovers_pipelines and plan is None and error is None, now=now)
     except BaseException:
         if own_archive:
             default_storage.delete(archive_name)
@@ -302,7 +311,7 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
 def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequest, document: Any,
                   plan: ir.Plan | None, error: ir.PlanError | None, archive_name: str | None,
                   created_by: User | None, fork: bool, secret_access: str, held: bool,
-                  rebuild_of: int | None, now: datetime) -> Build:
+                  rebuild_of: int | None, discovers_pipelines: bool, now: datetime) -> Build:
     # The counter row's lock is held until commit, so concurrent creates on one
     # pipeline queue here and take consecutive numbers; a rollback returns the number.
     Pipeline.objects.filter(pk=pipeline.pk).update(build_counter=F("build_counter") + 1)
@@ -325,6 +334,7 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
         source_archive=archive_name, source_url=source_url, source_sha256=request.source_sha256,
         error_code=error.code if error else None, error_message=error.message if error else None,
         created_by=created_by, fork=fork, secret_access=secret_access, rebuild_of=rebuild_of,
+        discovers_pipelines=discovers_pipelines,
         created_at=now, scheduled_at=now,
         finished_at=now if state in states.TERMINAL_BUILD_STATES else None,
     )

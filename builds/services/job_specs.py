@@ -40,7 +40,9 @@ def job_spec(job: Job) -> dict[str, Any]:
         "upload_workspace": links.has_children,
         "cancel_grace_seconds": settings.AGENT_CANCEL_GRACE_SECONDS,
         "mask": list(dict.fromkeys(secrets.values())),
-        "render": {"source_slug": build.pipeline.source_slug, "result_path": f"/api/v0/agent/jobs/{job.pk}/pipeline"}
+        # `envelope`: send the whole rendered envelope too, which registers the repository's pipelines again.
+        "render": {"source_slug": build.pipeline.source_slug, "result_path": f"/api/v0/agent/jobs/{job.pk}/pipeline",
+                   "envelope": build.discovers_pipelines}
         if job.kind == JobKind.RENDER else None,
     }
 

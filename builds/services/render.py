@@ -5,6 +5,10 @@ render job (see `create_build`). Its agent checks the code out, renders the
 pipeline from the repository's `.hm/*.py` with the `harmont` package, and sends
 the IR here; the rest of the build is planned from it, after the render job in
 dependency order. User code never runs in the server: it only parses JSON.
+
+A webhook build of a pipeline registered from its repository is rendered so
+too, at the pushed commit, and a push to the default branch also sends the
+whole envelope, which registers the repository's pipelines again.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from django.utils import timezone
 from builds import states
 from builds.models import Build, Job, JobDependency, JobKind
 from builds.services.builds import RENDER_STEP_KEY, edge_rows, job_rows, plan_document
+from builds.services.discovery import enqueue_discovery
 from harmont.errors import ApiError
 from pipelines import ir
 
@@ -33,12 +38,15 @@ def _locked_render(job: Job) -> tuple[Build, str]:
     return build, state
 
 
-def accept_rendered_pipeline(*, job: Job, document: Any, now: datetime | None = None) -> int:
+def accept_rendered_pipeline(*, job: Job, document: Any, envelope: Any = None, now: datetime | None = None) -> int:
     """Plan the rendered IR and add the build's jobs; returns how many were added.
 
     Safe to retry: once the build has its jobs, a repeated report changes
     nothing. A rejected IR fails the build with the planner's error code (like
     a rejected `pipeline_ir` at create time) and answers 422 `build_plan_rejected`.
+    With `envelope`, for a build that `discovers_pipelines`, a task registers
+    the repository's pipelines from it once this is committed (see
+    `builds.services.discovery`), whether or not this pipeline's IR planned.
     """
     now = now or timezone.now()
     error: ir.PlanError | None = None
@@ -51,6 +59,8 @@ def accept_rendered_pipeline(*, job: Job, document: Any, now: datetime | None = 
             raise ApiError("build_plan_rejected", f"Build #{build.number} already failed ({build.error_code}).")
         if state not in states.LIVE_JOB_STATES:
             raise ApiError("job_not_active", "The render job is no longer running; its result can't change the build.")
+        if envelope is not None and build.discovers_pipelines:
+            transaction.on_commit(lambda: enqueue_discovery(build_id=build.pk, envelope=envelope))
         stored, plan, error = plan_document(document, env=build.env)
         if plan is not None and any(p.key == RENDER_STEP_KEY for p in plan.jobs):
             plan, error = None, ir.PlanError("duplicate_key", f"The step key {RENDER_STEP_KEY!r} is reserved.")
@@ -90,7 +100,7 @@ def fail_render(*, job: Job, message: str, now: datetime | None = None) -> None:
         states.settle_build(build_id=build.pk, now=now, locked=build)
 
 
-def record_render_result(*, job: Job, pipeline_ir: Any = None, error: str | None = None,
+def record_render_result(*, job: Job, pipeline_ir: Any = None, error: str | None = None, envelope: Any = None,
                          now: datetime | None = None) -> int:
     """A render job's report: the rendered IR (`pipeline_ir`), or why rendering failed (`error`).
 
@@ -100,4 +110,4 @@ def record_render_result(*, job: Job, pipeline_ir: Any = None, error: str | None
     if error is not None:
         fail_render(job=job, message=error, now=now)
         return 0
-    return accept_rendered_pipeline(job=job, document=pipeline_ir, now=now)
+    return accept_rendered_pipeline(job=job, document=pipeline_ir, envelope=envelope, now=now)

@@ -191,6 +191,7 @@ def _act_on(delivery: WebhookDelivery, now: datetime) -> DeliveryResult:
             RefusedBuild(pipeline, exc.code, exc.message) for pipeline in _matching_pipelines(repository, event)])
     fork = isinstance(event, webhooks.PullRequestEvent) and event.fork
     if request is not None:
+        discovery_asked = False
         for pipeline in _matching_pipelines(repository, event):
             policy = pipeline.fork_pull_requests if fork else None
             if policy == ForkPullRequests.SKIP:
@@ -198,8 +199,12 @@ def _act_on(delivery: WebhookDelivery, now: datetime) -> DeliveryResult:
                                             "The pull request comes from another repository (a fork) and the "
                                             "pipeline's fork_pull_requests is skip."))
                 continue
-            _build_one(pipeline, request, now, builds, refused, fork=fork,
-                       held=policy == ForkPullRequests.REQUIRE_APPROVAL)
+            # One render per delivery re-registers the repository's pipelines: several would
+            # each build the pipelines that are new.
+            discovers = not discovery_asked and _discovers(pipeline, repository, event)
+            if _build_one(pipeline, request, now, builds, refused, fork=fork,
+                          held=policy == ForkPullRequests.REQUIRE_APPROVAL, discovers=discovers):
+                discovery_asked = discovery_asked or discovers
     return DeliveryResult(repository=repository, builds=builds, refused=refused, skipped=skipped)
 
 
@@ -244,11 +249,23 @@ def _matching_pipelines(repository: Repository, event: webhooks.Event) -> list[P
     return [pipeline for pipeline in pipelines if webhooks.triggers_match(pipeline.triggers, event)]
 
 
+def _discovers(pipeline: Pipeline, repository: Repository, event: webhooks.Event) -> bool:
+    """Whether this pipeline's build of `event` re-registers the repository's pipelines: a push to its default branch."""
+    return (pipeline.registered_from_id == repository.pk and isinstance(event, webhooks.PushEvent)
+            and event.ref_type == "branch" and event.ref_name == pipeline.default_branch)
+
+
 def _build_one(pipeline: Pipeline, request: BuildRequest, now: datetime, builds: list[Build],
-               refused: list[RefusedBuild], *, fork: bool, held: bool) -> None:
+               refused: list[RefusedBuild], *, fork: bool, held: bool, discovers: bool = False) -> bool:
+    """Create the pipeline's build of the delivery (or record why not); whether a rendering build was created."""
     try:
         # source "webhook": the request's env is the server's own (HARMONT_TAG, HARMONT_PULL_REQUEST*).
-        builds.append(create_build(pipeline=pipeline, request=request, fork=fork, held=held, now=now))
+        # A pipeline registered from the repository is rendered at the pushed commit, as the hosted
+        # service does: its stored definition is what the repository said at registration.
+        build = create_build(pipeline=pipeline, request=request, fork=fork, held=held, now=now,
+                             render=pipeline.registered_from_id is not None, discovers_pipelines=discovers)
+        builds.append(build)
+        return build.discovers_pipelines
     except ApiError as exc:
         # Caught without a savepoint of our own: ApiError is no database error, so the
         # transaction is still usable, and a savepoint here would roll back the failed
@@ -264,3 +281,4 @@ def _build_one(pipeline: Pipeline, request: BuildRequest, now: datetime, builds:
         else:
             refused.append(RefusedBuild(pipeline=pipeline, code=exc.code, message=exc.message))
         logger.warning("webhook build for pipeline %s: %s (%s)", pipeline, exc.code, exc.message)
+        return False
