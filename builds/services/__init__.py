@@ -15,6 +15,7 @@ from builds.services.job_specs import job_spec
 from builds.services.jobs import finish_job, heartbeat, move_job, report_finish, start_job
 from builds.services.logs import ChunkIn, append_log
 from builds.services.reaping import ReapReport, reap
+from builds.services.retries import retry_job
 from builds.services.render import accept_rendered_pipeline, fail_render, record_render_result
 from builds.services.webhooks import (
     DeliveryResult,
@@ -34,6 +35,7 @@ __all__ = [
     "finish_job", "heartbeat", "move_job", "report_finish", "start_job",
     "ChunkIn", "append_log",
     "ReapReport", "reap",
+    "retry_job",
     "accept_rendered_pipeline", "fail_render", "record_render_result",
     "DeliveryResult", "RefusedBuild", "SkippedBuild", "handle_webhook_delivery", "verified_repositories",
     "store_workspace",

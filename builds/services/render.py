@@ -20,6 +20,7 @@ from builds.models import Build, Job, JobDependency, JobKind
 from builds.services.builds import RENDER_STEP_KEY, edge_rows, job_rows, plan_document
 from harmont.errors import ApiError
 from pipelines import ir
+from pipelines.models import Pipeline
 
 ERROR_MESSAGE_MAX = 2000
 
@@ -51,7 +52,8 @@ def accept_rendered_pipeline(*, job: Job, document: Any, now: datetime | None = 
             raise ApiError("build_plan_rejected", f"Build #{build.number} already failed ({build.error_code}).")
         if state not in states.LIVE_JOB_STATES:
             raise ApiError("job_not_active", "The render job is no longer running; its result can't change the build.")
-        stored, plan, error = plan_document(document, env=build.env)
+        default_retry = Pipeline.objects.filter(pk=build.pipeline_id).values_list("default_retry", flat=True).first()
+        stored, plan, error = plan_document(document, env=build.env, default_retry=default_retry)
         if plan is not None and any(p.key == RENDER_STEP_KEY for p in plan.jobs):
             plan, error = None, ir.PlanError("duplicate_key", f"The step key {RENDER_STEP_KEY!r} is reserved.")
         if plan is None:
