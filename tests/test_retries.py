@@ -601,3 +601,70 @@ def test_a_soft_failed_job_may_still_be_retried_by_hand(api, pipeline):
     build.refresh_from_db()
     assert (build.state, build.finished_at) == (B.RUNNING, None)
     assert states.roll_up([states.RETRIED, J.SCHEDULED]) == B.RUNNING
+
+
+# ===================================================================== the build page
+
+
+def page_url(build: Build, suffix: str = "") -> str:
+    return f"/orgs/{build.pipeline.organization.slug}/pipelines/{build.pipeline.slug}/builds/{build.number}{suffix}"
+
+
+def signed_in(user: Any) -> Any:
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def retry_forms(html: str) -> dict[str, bool]:
+    """{job id: whether its Retry form is shown} for every job offering one."""
+    import re
+
+    return {job_id: "hidden" not in attrs for job_id, attrs in re.findall(
+        r'/jobs/([0-9a-f-]{36})/retry" class="inline-form" data-retry-form([^>]*)>', html)}
+
+
+@pytest.mark.django_db
+def test_the_build_page_offers_retry_on_retryable_jobs_and_shows_the_attempts(member, chain):
+    web = signed_in(member)
+    jobs = jobs_of(chain)
+    run_job(jobs["d"])
+    fail(jobs["a"])
+    html = web.get(page_url(chain)).content.decode()
+    forms = retry_forms(html)
+    assert forms[str(jobs["a"].pk)] is True
+    assert forms[str(jobs["d"].pk)] is False and forms[str(jobs["b"].pk)] is False
+
+    response = web.post(page_url(chain, f"/jobs/{jobs['a'].pk}/retry"))
+
+    assert response.status_code == 302 and response["Location"] == page_url(chain)
+    new = jobs_of(chain)["a"]
+    assert new.attempt == 2
+    html = web.get(page_url(chain)).content.decode()
+    assert "Retrying a: attempt 2." in html
+    # The older attempt stays on the page, before the new one, without a Retry of its own.
+    assert html.index(f'id="job-{jobs["a"].pk}"') < html.index(f'id="job-{new.pk}"')
+    assert 'data-attempt="1" data-retried' in html and "attempt 1 · retried" in html and "attempt 2" in html
+    assert str(jobs["a"].pk) not in retry_forms(html)
+    status = web.get(page_url(chain, "/status.json")).json()
+    assert [(j["id"], j["attempt"], j["retried"], j["retryable"]) for j in status["jobs"]][:2] == [
+        (str(jobs["a"].pk), 1, True, False), (str(new.pk), 2, False, False)]
+
+
+@pytest.mark.django_db
+def test_a_retry_from_the_page_that_is_refused_says_why_and_changes_nothing(member, chain):
+    web = signed_in(member)
+    job = jobs_of(chain)["a"]
+    response = web.post(page_url(chain, f"/jobs/{job.pk}/retry"), follow=True)
+    assert "can&#x27;t be retried: it is scheduled" in response.content.decode()
+    assert Job.objects.filter(build=chain).count() == 4
+
+
+@pytest.mark.django_db
+def test_the_page_retry_of_another_organizations_build_is_404(stranger, other_org, chain):
+    job = jobs_of(chain)["a"]
+    fail(job)
+    assert signed_in(stranger).post(page_url(chain, f"/jobs/{job.pk}/retry")).status_code == 404
+    assert not Job.objects.filter(retried=True).exists()

@@ -127,6 +127,12 @@ def manual_retry_allowed(policy: Mapping[str, Any] | None) -> tuple[bool, str | 
     return bool(manual.get("allowed", True)), manual.get("reason")
 
 
+def retryable_by_hand(job: Job, build: Build) -> bool:
+    """Whether the build page offers Retry: what `retry_job` checks of the job alone (not its prerequisites)."""
+    return (not job.retried and job.state in states.RETRYABLE_STATES and job.kind != JobKind.RENDER
+            and not build.error_code and manual_retry_allowed(job.retry_policy)[0])
+
+
 def end_columns(job: Job, *, state: str, exit_code: int | None, error_code: str | None,
                 build: states.RollUpInputs) -> tuple[dict[str, Any], str | None]:
     """The extra columns a job's end writes (`retried` or `soft_failed`), and the retry rule used, if any.
