@@ -668,3 +668,31 @@ def test_the_page_retry_of_another_organizations_build_is_404(stranger, other_or
     fail(job)
     assert signed_in(stranger).post(page_url(chain, f"/jobs/{job.pk}/retry")).status_code == 404
     assert not Job.objects.filter(retried=True).exists()
+
+
+@pytest.mark.django_db
+def test_the_admin_edits_default_retry_normalised_and_refuses_a_bad_one(pipeline):
+    import json
+
+    from django.test import Client
+
+    from organizations.models import User
+
+    client = Client()
+    client.force_login(User.objects.create_superuser("ops@example.com", "a-long-passphrase"))
+    url = f"/admin/pipelines/pipeline/{pipeline.pk}/change/"
+    form = {"organization": pipeline.organization_id, "slug": pipeline.slug, "name": pipeline.name,
+            "repository": pipeline.repository, "default_branch": "main", "visibility": "private", "allow_manual": "on",
+            "source_slug": "ci", "definition": json.dumps(pipeline.definition), "triggers": "null",
+            "fork_pull_requests": "build_without_secrets", "protected_branches": "[]"}
+
+    assert client.post(url, {**form, "default_retry": '{"automatic": true}'}).status_code == 302
+    pipeline.refresh_from_db()
+    assert pipeline.default_retry == {"automatic": [AUTO_ANY], "manual": MANUAL_OK}
+    page = client.post(url, {**form, "default_retry": '{"automatic": {"limit": 0}}'})
+    assert page.status_code == 200 and "invalid_ir: default_retry.automatic.limit must be" in page.content.decode()
+    pipeline.refresh_from_db()
+    assert pipeline.default_retry == {"automatic": [AUTO_ANY], "manual": MANUAL_OK}
+    assert client.post(url, {**form, "default_retry": "null"}).status_code == 302
+    pipeline.refresh_from_db()
+    assert pipeline.default_retry is None
