@@ -407,8 +407,10 @@ def normalise_retry(value: Any, what: str) -> dict | None:
     is an int, `"*"` or a list of ints (-1: the agent was lost) and `limit`
     1..10 (default 2). `manual` is `true`, `false` or `{"allowed": bool,
     "reason": str}`. Returns `{"automatic": [{"exit_status": "*" | [int, ...],
-    "limit": int}], "manual": {"allowed": bool, "reason": str | None}}`, which
-    this function accepts again unchanged. Keys Buildkite has but this server
+    "limit": int}] | false, "manual": {"allowed": bool, "reason": str | None}}`,
+    which this function accepts again unchanged. `automatic: false` is kept as
+    such: it turns off every automatic retry, the one a lost agent gets without
+    a rule too, where no rules (absent, or `[]`) leave that one on. Keys Buildkite has but this server
     can't honour (`signal`, `permit_on_passed`, ...) are refused rather than
     silently ignored.
     """
@@ -418,8 +420,11 @@ def normalise_retry(value: Any, what: str) -> dict | None:
         raise _invalid(f"{what} must be an object with 'automatic' and/or 'manual', got {_show(value)}.")
     _only_keys(value, ("automatic", "manual"), what)
     automatic = value.get("automatic")
-    if automatic is None or automatic is False:
-        rules: list = []
+    rules: list | bool
+    if automatic is None:
+        rules = []
+    elif automatic is False:
+        rules = False
     elif automatic is True:
         rules = [{"exit_status": ANY_EXIT_STATUS, "limit": RETRY_LIMIT_DEFAULT}]
     elif isinstance(automatic, dict):

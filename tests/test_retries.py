@@ -54,7 +54,8 @@ MANUAL_OK = {"allowed": True, "reason": None}
 
 @pytest.mark.parametrize(("given", "normalised"), [
     ({"automatic": True}, {"automatic": [AUTO_ANY], "manual": MANUAL_OK}),
-    ({"automatic": False, "manual": False}, {"automatic": [], "manual": {"allowed": False, "reason": None}}),
+    ({"automatic": False, "manual": False}, {"automatic": False, "manual": {"allowed": False, "reason": None}}),
+    ({"automatic": []}, {"automatic": [], "manual": MANUAL_OK}),
     ({"automatic": {"exit_status": 3}}, {"automatic": [{"exit_status": [3], "limit": 2}], "manual": MANUAL_OK}),
     ({"automatic": [{"exit_status": -1, "limit": 5}, {"exit_status": [2, 1, 2], "limit": 10}]},
      {"automatic": [{"exit_status": [-1], "limit": 5}, {"exit_status": [1, 2], "limit": 10}], "manual": MANUAL_OK}),
@@ -158,6 +159,9 @@ LOST = "agent_heartbeat_lost"
     (None, {}, J.FAILED, 1, None, None),
     (None, {}, J.FAILED, None, LOST, "agent_lost"),  # a lost agent: once by default
     (None, {"agent_lost": 1}, J.FAILED, None, LOST, None),
+    ({"automatic": [], "manual": MANUAL_OK}, {}, J.FAILED, None, LOST, "agent_lost"),
+    ({"automatic": False, "manual": MANUAL_OK}, {}, J.FAILED, None, LOST, None),  # opted out of every retry
+    ({"automatic": [{"exit_status": [3], "limit": 2}]}, {}, J.FAILED, None, LOST, "agent_lost"),
     ({"automatic": [{"exit_status": [-1], "limit": 3}]}, {"agent_lost": 1, "0": 2}, J.FAILED, None, LOST, "0"),
     ({"automatic": [{"exit_status": [-1], "limit": 3}]}, {"0": 3}, J.FAILED, None, LOST, None),  # a rule for -1 decides
     ({"automatic": [{"exit_status": "*", "limit": 2}]}, {}, J.FAILED, None, LOST, "0"),

@@ -13,7 +13,8 @@ Decisions where Buildkite's rules leave room, written down here:
 * `exit_status` of a job whose agent was lost is -1; `"*"` matches every
   failure, a lost agent and a failure to start too. The first automatic rule
   whose `exit_status` matches decides (a used-up rule retries no more, a later
-  rule does not step in). A lost agent with no matching rule gets one retry.
+  rule does not step in). A lost agent with no matching rule gets one retry,
+  unless the step says `automatic: false` (no automatic retry at all).
 * Only `failed` jobs are retried automatically: a timed-out or canceled job
   is what its timeout or its canceler asked for. By hand, `failed`,
   `timed_out` and `canceled` jobs may be retried.
@@ -98,10 +99,11 @@ def automatic_retry_rule(policy: Mapping[str, Any] | None, used: Mapping[str, in
     `policy` is the job's normalised `retry_policy`; `used` counts the
     automatic retries its step's attempts had, by rule key.
     """
-    if state != J.FAILED:
+    automatic = (policy or {}).get("automatic")
+    if state != J.FAILED or automatic is False:  # `automatic: false`: no automatic retry at all
         return None
     status = exit_status_of(exit_code=exit_code, error_code=error_code)
-    for index, rule in enumerate((policy or {}).get("automatic") or []):
+    for index, rule in enumerate(automatic or []):
         if _status_matches(rule["exit_status"], status):
             key = str(index)
             return key if used.get(key, 0) < rule["limit"] else None
