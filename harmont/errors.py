@@ -141,7 +141,7 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "The owner of a personal organization cannot leave or be demoted in it."),
     ("build_already_finished", "conflict", "Build already finished",
      "The build has already passed, failed or been skipped; there is nothing left to cancel."),
-    ("job_not_retryable", "conflict", "Job can't be retried",
+    ("job_not_retryable", "conflict", "Job not retryable",
      "A retry (`POST .../jobs/{job_id}/retry`) gives a job's step a new attempt. Only the latest attempt of a "
      "step that ended `failed`, `timed_out` or `canceled` can be retried, and not when its step says "
      "`retry: {manual: false}`, when it is the job that renders the pipeline, when the build failed as a whole "
