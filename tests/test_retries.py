@@ -700,3 +700,23 @@ def test_the_admin_edits_default_retry_normalised_and_refuses_a_bad_one(pipeline
     assert client.post(url, {**form, "default_retry": "null"}).status_code == 302
     pipeline.refresh_from_db()
     assert pipeline.default_retry is None
+
+
+@pytest.mark.django_db
+def test_a_retry_reopens_the_steps_after_a_wait_and_they_wait_for_the_new_attempt(api, pipeline):
+    build = make_build(pipeline, pipeline_ir=flat(step("a"), step("b"), {"type": "wait"}, step("c")))
+    run_job(jobs_of(build)["b"])
+    fail(jobs_of(build)["a"])
+    assert jobs_of(build)["c"].state == J.SKIPPED
+
+    new = api.post(retry_url(build, jobs_of(build)["a"])).json()
+
+    assert jobs_of(build)["c"].state == J.PENDING
+    # The wait's prerequisites are the segment's latest attempts.
+    assert api.get(jobs_url(build, f"/{jobs_of(build)['c'].pk}")).json()["depends_on"] == [
+        new["id"], str(jobs_of(build)["b"].pk)]
+    run_job(Job.objects.get(pk=new["id"]))
+    assert jobs_of(build)["c"].state == J.SCHEDULED
+    run_job(jobs_of(build)["c"])
+    build.refresh_from_db()
+    assert build.state == B.PASSED
