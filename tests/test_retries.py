@@ -443,7 +443,7 @@ def test_a_job_whose_prerequisite_is_canceled_is_not_retryable_until_that_one_is
     services.cancel_build(build=chain)
     services.report_finish(job=Job.objects.get(pk=jobs["a"].pk), exit_code=143)
     error = assert_error(api.post(retry_url(chain, jobs["b"])), 409, "job_not_retryable")
-    assert f"prerequisite {jobs['a'].pk} ended blocking" in error["message"]
+    assert f"prerequisite a ({jobs['a'].pk}) ended canceled; retry that job first" in error["message"]
     chain.refresh_from_db()
     assert chain.cancel_requested_at is not None
 

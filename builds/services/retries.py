@@ -236,9 +236,10 @@ def _check_retryable(build: Build, job: Job, graph: states.BuildGraph) -> None:
     waited = set(graph.prerequisites.get(job.pk, ()))
     if job.after_segment is not None:
         waited |= {other for other, segment in graph.segments.items() if segment == job.after_segment}
-    blocking = sorted(str(other) for other in waited if graph.states.get(other) in states.BLOCKING_STATES)
+    blocking = [other for other in waited if graph.states.get(other) in states.BLOCKING_STATES]
     if blocking:
-        raise _not_retryable(job, f"its prerequisite {blocking[0]} ended blocking; retry that job first")
+        first = Job.objects.filter(pk__in=blocking).order_by("position").values_list("pk", "step_key", "state")[0]
+        raise _not_retryable(job, f"its prerequisite {first[1]} ({first[0]}) ended {first[2]}; retry that job first")
 
 
 def _not_retryable(job: Job, why: str) -> ApiError:
