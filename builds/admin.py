@@ -96,12 +96,13 @@ class JobAdmin(ReadOnlyAdmin):
     list_filter = ["state", "error_code"]
     search_fields = ["=id", "step_key", "name", "command", "build__pipeline__slug"]
     list_select_related = ["build", "build__pipeline", "build__pipeline__organization", "agent"]
-    raw_id_fields = ["build", "organization", "agent"]
+    raw_id_fields = ["build", "organization", "agent", "retry_of"]
     exclude = ["credential_hash", "env", "workspace_archive"]
     readonly_fields = ["id", "build", "organization", "position", "step_key", "name", "command", "image",
                        "timeout_seconds", "cache", "runner", "runner_args", "state", "exit_code", "signal",
                        "error_code", "error_message", "soft_failed", "agent", "assigned_at", "last_heartbeat_at",
-                       "log_bytes", "log_truncated", "created_at", "scheduled_at", "started_at", "finished_at"]
+                       "log_bytes", "log_truncated", "created_at", "scheduled_at", "started_at", "finished_at",
+                       "attempt", "retry_of", "retried", "retry_policy", "soft_fail_policy", "automatic_retries"]
     show_full_result_count = False
 
     @admin.display(description="build", ordering="build__number")

@@ -181,10 +181,27 @@ class BuildLogTokenView(BuildScopedView):
         return Response(LogTokenResponseSerializer({"token": minted.token, "expires_at": minted.expires_at}).data)
 
 
+INCLUDE_RETRIED = OpenApiParameter(
+    "include_retried", OpenApiTypes.BOOL,
+    description="`true`: also the older attempts of retried steps, each just before the attempt that retried it.")
+
+
+def include_retried(request: Request) -> bool:
+    raw = request.query_params.get("include_retried")
+    if raw in (None, "", "false", "0"):
+        return False
+    if raw in ("true", "1"):
+        return True
+    raise ApiError("invalid_filter", "Invalid filter: include_retried.",
+                   fields={"include_retried": ["Must be true or false."]})
+
+
 class JobListView(BuildScopedView):
-    @extend_schema(operation_id="listJobs", tags=["jobs"], responses={200: JobListSerializer, 404: ErrorSerializer})
+    @extend_schema(operation_id="listJobs", tags=["jobs"], parameters=[INCLUDE_RETRIED],
+                   responses={200: JobListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
-        jobs = selectors.build_jobs(self.build)
+        """The latest attempt of each step, in dependency order."""
+        jobs = selectors.build_jobs(self.build, include_retried=include_retried(request))
         return Response({"data": JobSerializer(jobs, many=True).data})
 
 
@@ -196,6 +213,20 @@ class JobDetailView(BuildScopedView):
             raise ApiError("job_not_found", f"No job {job_id} in build #{self.build.number}.")
         return Response(JobSerializer(job).data)
 
+
+
+class JobRetryView(BuildScopedView):
+    # Members may retry, as they may cancel.
+
+    @extend_schema(operation_id="retryJob", tags=["jobs"], request=None,
+                   responses={201: JobSerializer, 404: ErrorSerializer, 409: ErrorSerializer})
+    def post(self, request: Request, org: str, pipeline: str, number: str, job_id: str) -> Response:
+        """A new attempt of a failed, timed-out or canceled job's step; its skipped dependents wait for it again."""
+        job = selectors.find_job(build=self.build, job_id=job_id, fields=("id", "build_id"))
+        if job is None:
+            raise ApiError("job_not_found", f"No job {job_id} in build #{self.build.number}.")
+        new = selectors.build_job(self.build, services.retry_job(job=job).pk)
+        return Response(JobSerializer(new).data, status=status.HTTP_201_CREATED)
 
 
 class PlainTextRenderer(BaseRenderer):

@@ -176,11 +176,26 @@ class Job(models.Model):
     # waits, besides its JobDependency edges, for every job of its build in `after_segment`.
     segment = models.PositiveIntegerField(null=True, blank=True)
     after_segment = models.PositiveIntegerField(null=True, blank=True)
+    # Retries (builds.services.retries). A retry is a new job of the same step (same key and
+    # position, the next `attempt`, `retry_of` the job it retries); the old one keeps its log
+    # and is `retried`, which takes it out of the roll-up and of what its step's dependents wait for.
+    attempt = models.PositiveIntegerField(default=1)
+    retry_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    retried = models.BooleanField(default=False)
+    # The step's `retry` and `soft_fail`, normalised by the planner (pipelines.ir); null: none.
+    retry_policy = models.JSONField(null=True, blank=True)
+    soft_fail_policy = models.JSONField(null=True, blank=True)
+    # Automatic retries used so far by this step's attempts, by rule: {"<rule index>": n,
+    # "agent_lost": n} (the default retry of a job whose agent was lost). Copied forward, plus one.
+    automatic_retries = models.JSONField(default=dict, blank=True)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["build", "position"], name="job_position_unique"),
-            models.UniqueConstraint(fields=["build", "step_key"], name="job_key_unique"),
+            # Older attempts of a step keep its key and position; only the latest is unique.
+            models.UniqueConstraint(fields=["build", "position"], condition=models.Q(retried=False),
+                                    name="job_position_unique"),
+            models.UniqueConstraint(fields=["build", "step_key"], condition=models.Q(retried=False),
+                                    name="job_key_unique"),
         ]
         indexes = [
             # Agents claim the oldest scheduled job of an organization.

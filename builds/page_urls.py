@@ -22,6 +22,7 @@ build_pages = [
     path(f"{BUILD}/approve", views.build_approve, name="build-approve"),
     path(f"{BUILD}/rebuild", views.build_rebuild, name="build-rebuild"),
     path(f"{BUILD}/jobs/<uuid:job_id>/log", views.job_raw_log, name="job-log"),
+    path(f"{BUILD}/jobs/<uuid:job_id>/retry", views.job_retry, name="job-retry"),
     path(f"{BUILD}/artifacts/<uuid:artifact_id>", views.artifact_download, name="artifact"),
     path("orgs/<str:org>/agents", views.agents, name="agents"),
     # The hosted service's build link (no `orgs/`), which the hm CLI prints after `hm run`.

@@ -76,21 +76,26 @@ def jobs_with_prerequisites(build: Build) -> QuerySet[Job]:
     return Job.objects.filter(build=build).prefetch_related(Prefetch("prerequisite_edges", queryset=edges))
 
 
-def build_jobs(build: Build, *, fields: tuple[str, ...] = ()) -> list[Job]:
+def build_jobs(build: Build, *, fields: tuple[str, ...] = (), include_retried: bool = False) -> list[Job]:
     """The build's jobs in dependency order, each with `prerequisite_ids`: every prerequisite, in position order.
 
     Two queries (the jobs, their edges) however the prerequisites are stored: a
     wait's are the jobs of a segment, which are among the jobs read. Jobs
-    waiting for one segment share one list.
+    waiting for one segment share one list. The latest attempt of each step
+    only, unless `include_retried`: then each older attempt comes just before
+    the one that retried it (a step's attempts share its position).
     """
-    jobs_qs = jobs_with_prerequisites(build).order_by("position")
+    jobs_qs = jobs_with_prerequisites(build).order_by("position", "attempt")
+    if not include_retried:
+        jobs_qs = jobs_qs.filter(retried=False)
     if fields:
-        jobs_qs = jobs_qs.only(*fields, "position", "segment", "after_segment")
+        jobs_qs = jobs_qs.only(*fields, "position", "segment", "after_segment", "attempt", "retried")
     jobs = list(jobs_qs)
     position = {job.pk: job.position for job in jobs}
     members: dict[int, list[uuid.UUID]] = {}
     for job in jobs:
-        if job.segment is not None:
+        # What a wait waits for is the segment's latest attempts.
+        if job.segment is not None and not job.retried:
             members.setdefault(job.segment, []).append(job.pk)
     for job in jobs:
         explicit = [edge.prerequisite_id for edge in job.prerequisite_edges.all()]
@@ -112,7 +117,7 @@ def build_job(build: Build, job_id: str | uuid.UUID) -> Job | None:
         return None
     through = Q(dependent_edges__job_id=job.pk)
     if job.after_segment is not None:
-        through |= Q(segment=job.after_segment)
+        through |= Q(segment=job.after_segment, retried=False)
     job.prerequisite_ids = list(Job.objects.filter(through, build=build).order_by("position").distinct()
                                 .values_list("id", flat=True))
     return job

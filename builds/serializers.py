@@ -96,25 +96,27 @@ BuildListSerializer = page_serializer("BuildList", BuildSerializer)
 
 class JobSerializer(serializers.ModelSerializer):
     depends_on = serializers.SerializerMethodField()
-    retry_policy = serializers.SerializerMethodField()
-    soft_fail_policy = serializers.SerializerMethodField()
+    retry_policy = serializers.JSONField(read_only=True, allow_null=True, help_text=(
+        "The step's `retry` (or its pipeline's `default_retry`), normalised: `{\"automatic\": [{\"exit_status\": "
+        "\"*\" | [int], \"limit\": 1..10}], \"manual\": {\"allowed\": bool, \"reason\": str | null}}`; null: none."))
+    soft_fail_policy = serializers.JSONField(read_only=True, allow_null=True, help_text=(
+        "The step's `soft_fail`, normalised: `{\"exit_status\": \"*\" | [int]}`; null: failures fail the build."))
+    attempt = serializers.IntegerField(read_only=True, help_text="1 for a step's first job, n+1 for a retry of attempt n.")
+    retry_of = serializers.UUIDField(source="retry_of_id", read_only=True, allow_null=True,
+                                     help_text="The job this one retries (the step's previous attempt).")
+    retried = serializers.BooleanField(read_only=True, help_text=(
+        "A later attempt of the step replaced this job: it no longer counts for the build."))
 
     class Meta:
         model = Job
         fields = ["id", "step_key", "name", "command", "state", "exit_code", "error_code", "error_message",
-                  "depends_on", "soft_failed", "retry_policy", "soft_fail_policy", "created_at", "started_at",
-                  "finished_at"]
+                  "depends_on", "soft_failed", "retry_policy", "soft_fail_policy", "attempt", "retry_of", "retried",
+                  "created_at", "started_at", "finished_at"]
         read_only_fields = fields
 
     def get_depends_on(self, job: Job) -> list[str]:
         # `prerequisite_ids` is set by the view (selectors.build_jobs / build_job), in constant queries.
         return [str(pk) for pk in job.prerequisite_ids]
-
-    def get_retry_policy(self, job: Job) -> dict | None:
-        return None  # retries are not part of the v0 IR yet
-
-    def get_soft_fail_policy(self, job: Job) -> dict | None:
-        return None
 
 
 class JobListSerializer(serializers.Serializer):

@@ -84,10 +84,13 @@ def update_jobs(job_ids: Sequence[uuid.UUID], values: Mapping[str, object], *,
 
 
 def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, object],
-            sources: Sequence[str], unchanged: Mapping[str, object] | None = None) -> tuple[bool, set[str]]:
+            sources: Sequence[str], unchanged: Mapping[str, object] | None = None,
+            retried_as: str = "retried", soft_failed_as: str = "soft_failed") -> tuple[bool, set[str]]:
     """Compare-and-set one job (from one of `sources`) to `values`, and the states of its build's other jobs.
 
     `unchanged`: columns that must still hold the values the caller read (none may be NULL).
+    A retried job's state is read as `retried_as`, a soft-failed one's as `soft_failed_as`
+    (what builds.states.counted_state counts them as).
 
     The caller holds the build's lock, so the states read are every other
     job's as of now. Every end of one of the build's jobs queues for that
@@ -102,18 +105,21 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, obje
     update = (f"UPDATE {t} SET {assignments} WHERE {_JOB_COLUMNS['id']} = %s"
               f" AND {_JOB_COLUMNS['state']} IN ({_placeholders(len(sources))}){guards}")
     guard_values = [db_value(Job, name, value) for name, value in (unchanged or {}).items()]
-    others = f"SELECT DISTINCT {t.state} FROM {t} WHERE {t.build} = %s AND {t.id} <> %s"
+    # soft_failed is only ever set on a failed job, so the CASE needs no test of the state.
+    others = (f"SELECT DISTINCT CASE WHEN {t.retried} THEN %s WHEN {t.soft_failed} THEN %s ELSE {t.state} END"
+              f" FROM {t} WHERE {t.build} = %s AND {t.id} <> %s")
+    others_params = [retried_as, soft_failed_as, build, job]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute(f"WITH ended AS ({update} RETURNING 1)"
                            f" SELECT (SELECT COUNT(*) FROM ended), ARRAY({others})",
-                           [*params, job, *sources, *guard_values, build, job])
+                           [*params, job, *sources, *guard_values, *others_params])
             changed, other_states = cursor.fetchone()
             return bool(changed), set(other_states)
         cursor.execute(update, [*params, job, *sources, *guard_values])
         if not cursor.rowcount:
             return False, set()
-        cursor.execute(others, [build, job])
+        cursor.execute(others, others_params)
         return True, {row[0] for row in cursor.fetchall()}
 
 
@@ -184,7 +190,9 @@ def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_has
 # read along with the job; anything else loads on first use. The job's large JSON
 # columns are left out too.
 _CJ, _CB, _CP = Table(Job, "j"), Table(Build, "b"), Table(Pipeline, "p")
-CLAIMED_JOB = Columns(Job, [f.name for f in Job._meta.concrete_fields if f.name not in ("cache", "runner_args")])
+CLAIMED_JOB = Columns(Job, [f.name for f in Job._meta.concrete_fields
+                            if f.name not in ("cache", "runner_args", "retry_policy", "soft_fail_policy",
+                                              "automatic_retries")])
 CLAIMED_BUILD = Columns(Build, ("id", "pipeline", "number", "state", "branch", "commit", "source_archive",
                                 "source_url", "source_sha256", "fork", "secret_access", "discovers_pipelines"))
 CLAIMED_PIPELINE = Columns(Pipeline, ("id", "organization", "slug", "repository", "source_slug"))
@@ -227,8 +235,10 @@ def agent_for_session(session_hash: str) -> Agent | None:
 
 
 _CrJ, _CrB, _CrA, _CrT = Table(Job, "j"), Table(Build, "b"), Table(Agent, "a"), Table(AgentToken, "t")
+# The retry and soft-fail columns decide what a finish report does (builds.services.retries).
 CREDENTIAL_JOB = Columns(Job, ("id", "build", "organization", "kind", "state", "timeout_seconds", "error_code",
-                               "error_message", "log_bytes", "log_truncated", "agent"))
+                               "error_message", "log_bytes", "log_truncated", "agent", "retry_policy",
+                               "soft_fail_policy", "automatic_retries", "attempt"))
 JOB_FOR_CREDENTIAL_SQL = (
     f"SELECT {CREDENTIAL_JOB.select(_CrJ)}, {_CrA.last_seen_at} >= %s, {_CrA.stopped_at} IS NULL,"
     f" {_CrB.started_at} IS NOT NULL"

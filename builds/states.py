@@ -44,6 +44,27 @@ WAITING_JOB_STATES: frozenset[str] = frozenset({J.HELD, J.PENDING, J.SCHEDULED})
 SATISFIED_STATES: frozenset[str] = frozenset({J.PASSED, J.SKIPPED})
 # Prerequisite outcomes whose dependents (transitively) are skipped.
 BLOCKING_STATES: frozenset[str] = frozenset({J.FAILED, J.TIMED_OUT, J.CANCELED})
+# Ended jobs a retry may give a new attempt (builds.services.retries).
+RETRYABLE_STATES: frozenset[str] = frozenset({J.FAILED, J.TIMED_OUT, J.CANCELED})
+
+# What the roll-up and the follow-ups see of a job besides its state (`counted_state`): a
+# retried job (an older attempt) and a soft-failed one are not what their `state` says.
+# They are never a job's `state`, only what the roll-up rules count it as.
+RETRIED = "retried"
+SOFT_FAILED = "soft_failed"
+# Satisfied prerequisites as counted: a soft failure lets its dependents run.
+COUNTED_SATISFIED: frozenset[str] = SATISFIED_STATES | {SOFT_FAILED}
+COUNTED_TERMINAL: frozenset[str] = TERMINAL_JOB_STATES | {SOFT_FAILED}
+
+
+def counted_state(state: str, *, retried: bool = False, soft_failed: bool = False) -> str:
+    """What a job counts as in `roll_up` and `follow_ups`: its state, `RETRIED` or `SOFT_FAILED`."""
+    if retried:
+        return RETRIED
+    if soft_failed and state == J.FAILED:
+        return SOFT_FAILED
+    return state
+
 
 JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     # Approval schedules a held job. Agents claim only scheduled jobs, so a held one
@@ -61,8 +82,11 @@ JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     J.TIMING_OUT: frozenset({J.TIMED_OUT, J.FAILED}),
     J.PASSED: frozenset(),
     J.FAILED: frozenset(),
-    J.SKIPPED: frozenset(),
-    J.CANCELED: frozenset(),
+    # Only a retry reopens an ended job: a dependent skipped because the retried job failed,
+    # or canceled with its build before it was ever claimed, waits again for the new attempt.
+    # (The retried job itself never changes state: it is marked `retried`.)
+    J.SKIPPED: frozenset({J.PENDING}),
+    J.CANCELED: frozenset({J.PENDING}),
     J.TIMED_OUT: frozenset(),
 }
 
@@ -78,33 +102,46 @@ def sources_for(target: str) -> frozenset[str]:
 
 def roll_up(job_states: Iterable[str], *, cancel_requested: bool = False,
             build_error: bool = False) -> BuildState:
-    """The build state from its jobs' states: the first rule that holds wins.
+    """The build state from its jobs' states (as `counted_state` counts them): the first rule that holds wins.
 
     1. a requested cancel: canceled;
     2. a build-level failure (a rejected plan, a pipeline timeout): failed,
        whatever its jobs did;
     3. no jobs, or every job skipped: skipped;
-    4. every job ended: failed if one failed or timed out, else passed;
-    5. some job is past waiting (claimed, running, stopping, or ended): running;
-    6. every job waiting and some held for approval: held;
-    7. otherwise (every job waiting for an agent): scheduled.
+    4. every job ended: failed if one failed or timed out (a soft failure
+       is not one);
+    5. every job ended and one was canceled: canceled. Only a retry leaves a
+       canceled job in a build whose cancel is no longer requested (retrying
+       one job of a canceled build lifts the cancel for what follows from it,
+       the rest stays canceled): that build did not run whole, so it must not
+       pass;
+    6. every job ended otherwise (passed, skipped, soft-failed): passed;
+    7. some job is past waiting (claimed, running, stopping, or ended), or
+       was retried (the build ran, and a new attempt waits): running;
+    8. every job waiting and some held for approval: held;
+    9. otherwise (every job waiting for an agent): scheduled.
 
-    Only which states are present matters, never how many jobs hold them, so a
-    set of distinct states decides as well as the whole list.
+    A retried job (`RETRIED`) counts in rule 7 only; a soft-failed one
+    (`SOFT_FAILED`) as passed. Only which states are present matters, never
+    how many jobs hold them, so a set of distinct states decides as well as
+    the whole list.
     """
-    states = list(job_states)
+    seen = list(job_states)
     if cancel_requested:
         return BuildState.CANCELED
     if build_error:
         return BuildState.FAILED
-    all_terminal = all(s in TERMINAL_JOB_STATES for s in states)
-    if not states or (all_terminal and all(s == J.SKIPPED for s in states)):
+    states = [s for s in seen if s != RETRIED]
+    all_terminal = all(s in COUNTED_TERMINAL for s in states)
+    if not seen or (all_terminal and all(s == J.SKIPPED for s in states)):
         return BuildState.SKIPPED
     if all_terminal:
         if any(s in (J.FAILED, J.TIMED_OUT) for s in states):
             return BuildState.FAILED
+        if J.CANCELED in states:
+            return BuildState.CANCELED
         return BuildState.PASSED
-    if any(s not in WAITING_JOB_STATES for s in states):
+    if any(s not in WAITING_JOB_STATES for s in seen):
         return BuildState.RUNNING
     if J.HELD in states:
         return BuildState.HELD
@@ -132,7 +169,7 @@ def rolled_up_columns(build: RollUpInputs, job_states: Iterable[str], *, now: da
     """
     states = set(job_states)
     state = roll_up(states, cancel_requested=build.cancel_requested, build_error=build.build_error)
-    all_done = all(s in TERMINAL_JOB_STATES for s in states)
+    all_done = all(s in COUNTED_TERMINAL or s == RETRIED for s in states)
     columns: dict[str, object] = {
         "state": state,
         "started_at": build.started_at or first_start,
@@ -150,43 +187,72 @@ def follow_ups(states: Mapping[uuid.UUID, str],
 
     Returns {job id: new state}: `skipped` for every waiting job that
     transitively depends on a failed/timed-out/canceled job, `scheduled` for
-    every pending job whose prerequisites all passed or were skipped.
+    every pending job whose prerequisites all passed, were skipped or
+    soft-failed. Retried jobs (`RETRIED`) are not there at all: their
+    dependents wait for the new attempt.
 
     `segments` and `waits_for` are the jobs' `segment` and `after_segment`: a
     job also depends on every job of the segment it waits for. A segment is one
     node of the walk, so a wait costs its jobs, never their pairs.
     """
-    segments, waits_for = segments or {}, waits_for or {}
-    dependents: dict[object, list[object]] = defaultdict(list)
-    for job, prereqs in prerequisites.items():
-        for prereq in prereqs:
-            dependents[prereq].append(job)
-    members: dict[int, list[uuid.UUID]] = defaultdict(list)
-    for job, segment in segments.items():
-        members[segment].append(job)
-        dependents[job].append(("segment", segment))
-    for job, segment in waits_for.items():
-        dependents[("segment", segment)].append(job)
+    states = {job: state for job, state in states.items() if state != RETRIED}
+    segments = {job: segment for job, segment in (segments or {}).items() if job in states}
+    waits_for = waits_for or {}
+    dependents, members = _dependents(states, prerequisites, segments, waits_for)
+    blocked = _reachable(dependents, [job for job, state in states.items() if state in BLOCKING_STATES])
 
-    blocked: set[object] = set()
-    frontier: list[object] = [job for job, state in states.items() if state in BLOCKING_STATES]
-    while frontier:
-        for dependent in dependents[frontier.pop()]:
-            if dependent not in blocked:
-                blocked.add(dependent)
-                frontier.append(dependent)
-
-    satisfied = {segment: all(states[job] in SATISFIED_STATES for job in jobs) for segment, jobs in members.items()}
+    satisfied = {segment: all(states[job] in COUNTED_SATISFIED for job in jobs) for segment, jobs in members.items()}
     changes: dict[uuid.UUID, str] = {}
     for job, state in states.items():
         if state not in WAITING_JOB_STATES:
             continue
         if job in blocked:
             changes[job] = J.SKIPPED
-        elif (state == J.PENDING and all(states[p] in SATISFIED_STATES for p in prerequisites.get(job, ()))
+        elif (state == J.PENDING and all(states.get(p) in COUNTED_SATISFIED for p in prerequisites.get(job, ()))
               and satisfied.get(waits_for.get(job), True)):
             changes[job] = J.SCHEDULED
     return changes
+
+
+def downstream(roots: Iterable[uuid.UUID], states: Mapping[uuid.UUID, str],
+               prerequisites: Mapping[uuid.UUID, Iterable[uuid.UUID]],
+               segments: Mapping[uuid.UUID, int] | None = None,
+               waits_for: Mapping[uuid.UUID, int] | None = None) -> set[uuid.UUID]:
+    """Every job that transitively depends on one of `roots` (over edges and waits), retried jobs left out."""
+    states = {job: state for job, state in states.items() if state != RETRIED}
+    segments = {job: segment for job, segment in (segments or {}).items() if job in states}
+    dependents, _ = _dependents(states, prerequisites, segments, waits_for or {})
+    return {job for job in _reachable(dependents, list(roots)) if not isinstance(job, tuple) and job in states}
+
+
+def _dependents(states: Mapping[uuid.UUID, str], prerequisites: Mapping[uuid.UUID, Iterable[uuid.UUID]],
+                segments: Mapping[uuid.UUID, int], waits_for: Mapping[uuid.UUID, int]
+                ) -> tuple[dict[object, list[object]], dict[int, list[uuid.UUID]]]:
+    """The walk's graph: each job's (or segment's) dependents, and each segment's jobs."""
+    dependents: dict[object, list[object]] = defaultdict(list)
+    for job, prereqs in prerequisites.items():
+        if job in states:
+            for prereq in prereqs:
+                dependents[prereq].append(job)
+    members: dict[int, list[uuid.UUID]] = defaultdict(list)
+    for job, segment in segments.items():
+        members[segment].append(job)
+        dependents[job].append(("segment", segment))
+    for job, segment in waits_for.items():
+        if job in states:
+            dependents[("segment", segment)].append(job)
+    return dependents, members
+
+
+def _reachable(dependents: Mapping[object, list[object]], roots: list[object]) -> set[object]:
+    reached: set[object] = set()
+    frontier = list(roots)
+    while frontier:
+        for dependent in dependents.get(frontier.pop(), ()):
+            if dependent not in reached:
+                reached.add(dependent)
+                frontier.append(dependent)
+    return reached
 
 
 # ------------------------------------------------------------------ writing transitions
@@ -209,7 +275,8 @@ def transition_jobs(job_ids: Iterable[uuid.UUID], *, to: str, now: datetime,
 def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
             only_from: Iterable[str] | None = None, unchanged: Mapping[str, object] | None = None,
             **fields: object) -> tuple[bool, set[str]]:
-    """`transition_jobs` for one job that ends, and the states of the build's other jobs (`sql.end_job`).
+    """`transition_jobs` for one job that ends, and the states of the build's other jobs (`sql.end_job`),
+    as `counted_state` counts them.
 
     `fields` may hold `sql.Add` values (output counted without the job's row lock); `unchanged`
     columns must still hold what the caller read, or nothing changes.
@@ -220,7 +287,7 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
     if not sources:
         return False, set()
     return sql.end_job(job_id=job_id, build_id=build_id, values=_transition_values(to, now, fields),
-                       sources=sources, unchanged=unchanged)
+                       sources=sources, unchanged=unchanged, retried_as=RETRIED, soft_failed_as=SOFT_FAILED)
 
 
 def _sources(to: str, only_from: Iterable[str] | None) -> frozenset[str]:
@@ -235,6 +302,9 @@ def _transition_values(to: str, now: datetime, fields: Mapping[str, object]) -> 
         values.setdefault("scheduled_at", now)
     elif to == J.RUNNING:
         values.setdefault("started_at", now)
+    elif to == J.PENDING:  # reopened by a retry: it waits again, as it did before it was skipped
+        values.setdefault("finished_at", None)
+        values.setdefault("scheduled_at", None)
     return values
 
 
@@ -289,6 +359,35 @@ def mark_build_started(build_id: uuid.UUID, now: datetime) -> None:
     Build.objects.filter(pk=build_id, started_at__isnull=True).update(started_at=now)
 
 
+@dataclass
+class BuildGraph:
+    """A build's jobs as the follow-ups walk them: counted states (`counted_state`), edges and waits."""
+
+    states: dict[uuid.UUID, str]
+    prerequisites: dict[uuid.UUID, list[uuid.UUID]]
+    segments: dict[uuid.UUID, int]
+    waits_for: dict[uuid.UUID, int]
+    started: list[datetime]  # the jobs' start times
+
+
+def read_graph(build_id: uuid.UUID) -> BuildGraph:
+    """Every job of the build and every edge: two queries however many there are."""
+    jobs = list(Job.objects.filter(build_id=build_id).values_list("id", "state", "started_at", "segment",
+                                                                   "after_segment", "retried", "soft_failed"))
+    prerequisites: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
+    for job_id, prereq_id in JobDependency.objects.filter(job__build_id=build_id).values_list(
+            "job_id", "prerequisite_id"):
+        prerequisites[job_id].append(prereq_id)
+    return BuildGraph(
+        states={job_id: counted_state(state, retried=retried, soft_failed=soft_failed)
+                for job_id, state, _, _, _, retried, soft_failed in jobs},
+        prerequisites=prerequisites,
+        segments={job_id: segment for job_id, _, _, segment, *_ in jobs if segment is not None},
+        waits_for={job_id: after for job_id, _, _, _, after, *_ in jobs if after is not None},
+        started=[started for _, _, started, *_ in jobs if started is not None],
+    )
+
+
 def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Build | None = None) -> Build:
     """Apply follow-up transitions (skip / schedule) and roll the build state up.
 
@@ -300,15 +399,9 @@ def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Bu
     # savepoint=False: inside the caller's transaction a savepoint would only cost two queries.
     with transaction.atomic(savepoint=False):
         build = locked or lock_build(build_id)
-        jobs = list(Job.objects.filter(build_id=build_id).values_list("id", "state", "started_at", "segment",
-                                                                       "after_segment"))
-        states = {job_id: state for job_id, state, *_ in jobs}
-        segments = {job_id: segment for job_id, _, _, segment, _ in jobs if segment is not None}
-        waits_for = {job_id: after for job_id, _, _, _, after in jobs if after is not None}
-        prerequisites: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
-        for job_id, prereq_id in JobDependency.objects.filter(job__build_id=build_id).values_list(
-                "job_id", "prerequisite_id"):
-            prerequisites[job_id].append(prereq_id)
+        graph = read_graph(build_id)
+        states, segments, waits_for, prerequisites = (graph.states, graph.segments, graph.waits_for,
+                                                      graph.prerequisites)
 
         if build.cancel_requested_at is None:
             changes = follow_ups(states, prerequisites, segments, waits_for)
@@ -319,7 +412,7 @@ def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Bu
                 transition_jobs(ids, to=target, now=now)
             states.update(changes)
 
-        started = [s for _, _, s, _, _ in jobs if s is not None]
+        started = graph.started
         inputs = RollUpInputs(build.state, build.cancel_requested_at is not None, build.error_code is not None,
                               build.started_at, build.finished_at)
         columns = rolled_up_columns(inputs, states.values(), now=now, first_start=min(started) if started else None)
@@ -368,11 +461,14 @@ def promote_dependents(*, job_id: uuid.UUID, build_id: uuid.UUID, now: datetime)
     needs every job of it satisfied. The segment of `job_id` is one value, so
     "is that segment satisfied" is asked once, not once per waiting job.
     """
-    unsatisfied = JobDependency.objects.filter(job=OuterRef("pk")).exclude(prerequisite__state__in=SATISFIED_STATES)
+    # A soft failure satisfies like a pass; older attempts (retried) are no one's prerequisite.
+    unsatisfied = JobDependency.objects.filter(job=OuterRef("pk")).exclude(
+        Q(prerequisite__state__in=SATISFIED_STATES) | Q(prerequisite__soft_failed=True))
     own_segment = Subquery(Job.objects.filter(pk=job_id).values("segment")[:1])
-    open_in_segment = Job.objects.filter(build_id=build_id, segment=own_segment).exclude(state__in=SATISFIED_STATES)
-    open_in_waited = Job.objects.filter(build_id=build_id, segment=OuterRef("after_segment")).exclude(
-        state__in=SATISFIED_STATES)
+    open_in_segment = Job.objects.filter(build_id=build_id, segment=own_segment, retried=False).exclude(
+        Q(state__in=SATISFIED_STATES) | Q(soft_failed=True))
+    open_in_waited = Job.objects.filter(build_id=build_id, segment=OuterRef("after_segment"), retried=False).exclude(
+        Q(state__in=SATISFIED_STATES) | Q(soft_failed=True))
     by_edge = Q(pk__in=JobDependency.objects.filter(prerequisite_id=job_id).values("job_id")) & (
         Q(after_segment__isnull=True) | ~Exists(open_in_waited))
     by_wait = Q(after_segment=own_segment) & ~Exists(open_in_segment)

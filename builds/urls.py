@@ -19,6 +19,7 @@ urlpatterns = [
     path(f"{BUILD}/jobs", api.JobListView.as_view(), name="job-list"),
     path(f"{BUILD}/jobs/<str:job_id>", api.JobDetailView.as_view(), name="job-detail"),
     path(f"{BUILD}/jobs/<str:job_id>/log", api.JobLogView.as_view(), name="job-log"),
+    path(f"{BUILD}/jobs/<str:job_id>/retry", api.JobRetryView.as_view(), name="job-retry"),
     path(f"{BUILD}/artifacts", api.ArtifactListView.as_view(), name="artifact-list"),
     path(f"{BUILD}/artifacts/<str:artifact_id>/download", api.ArtifactDownloadView.as_view(),
          name="artifact-download"),

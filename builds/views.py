@@ -34,6 +34,7 @@ from builds.filters import BuildFilter
 from builds.models import Artifact, Build, BuildSource, BuildState, Job
 from builds.responses import artifact_response, raw_log_response
 from builds.selectors import build_jobs, find_artifact, recent_agents, scoped_build
+from builds.services.retries import retryable_by_hand
 from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
 from builds.templatetags.harmont_pages import duration_seconds, format_duration
 from harmont.errors import ApiError
@@ -46,10 +47,11 @@ from pipelines.models import Pipeline
 
 # What the build page reads of its jobs: a job's env can be large and is never shown.
 JOB_FIELDS = ("id", "build_id", "position", "step_key", "name", "command", "image", "state", "exit_code",
-              "error_code", "error_message", "signal", "started_at", "finished_at", "log_bytes", "log_truncated")
-# The 2-second poll redraws states only.
+              "error_code", "error_message", "signal", "started_at", "finished_at", "log_bytes", "log_truncated",
+              "kind", "attempt", "retried", "retry_policy", "soft_failed")
+# The 2-second poll redraws states only (and whether Retry is offered).
 STATUS_JOB_FIELDS = ("id", "build_id", "position", "state", "exit_code", "error_code", "error_message", "started_at",
-                     "finished_at")
+                     "finished_at", "kind", "attempt", "retried", "retry_policy", "soft_failed")
 # The build page lists this many artifacts (oldest first); the API lists them all.
 ARTIFACTS_ON_PAGE = 100
 HISTORY_PAGE_SIZE = 25
@@ -78,11 +80,13 @@ def page_build(page: OrgPage, pipeline: str, number: int) -> Build:
 
 
 def job_rows(build: Build) -> list[Job]:
-    """The build's jobs in dependency order, each with `after` (its prerequisites' keys)."""
-    jobs = build_jobs(build, fields=JOB_FIELDS)
+    """The build's jobs in dependency order, older attempts of a step before its latest, each with
+    `after` (its prerequisites' keys) and `retryable` (the page offers Retry)."""
+    jobs = build_jobs(build, fields=JOB_FIELDS, include_retried=True)
     keys = {job.pk: job.step_key for job in jobs}
     for job in jobs:
-        job.after = [keys[pk] for pk in job.prerequisite_ids]
+        job.after = [keys[pk] for pk in job.prerequisite_ids if pk in keys]
+        job.retryable = retryable_by_hand(job, build)
     return jobs
 
 
@@ -99,7 +103,8 @@ def build_status(build: Build, jobs: list[Job], now: datetime) -> dict[str, Any]
         "jobs": [
             {"id": str(job.pk), "state": job.state, "exit_code": job.exit_code, "error_code": job.error_code,
              "error_message": job.error_message, "duration": format_duration(duration_seconds(job, now)),
-             "finished": job.state in TERMINAL_JOB_STATES}
+             "finished": job.state in TERMINAL_JOB_STATES, "attempt": job.attempt, "retried": job.retried,
+             "soft_failed": job.soft_failed, "retryable": retryable_by_hand(job, build)}
             for job in jobs
         ],
     }
@@ -299,7 +304,7 @@ def build_status_json(request: HttpRequest, org: str, pipeline: str, number: int
     """Polled by the build page every ~2 s: membership, build, jobs; three queries however many jobs."""
     page = org_page(request, org)
     build = page_build(page, pipeline, number)
-    jobs = list(Job.objects.filter(build=build).only(*STATUS_JOB_FIELDS).order_by("position"))
+    jobs = list(Job.objects.filter(build=build).only(*STATUS_JOB_FIELDS).order_by("position", "attempt"))
     return JsonResponse(build_status(build, jobs, timezone.now()))
 
 
@@ -363,6 +368,24 @@ def build_rebuild(request: HttpRequest, org: str, pipeline: str, number: int) ->
         return redirect(reverse("builds_ui:build", args=[org, pipeline, latest or build.number]))
     messages.success(request, f"Build #{rebuilt.number} rebuilds #{build.number}.")
     return redirect(build_url(rebuilt))
+
+
+@login_required
+@require_POST
+def job_retry(request: HttpRequest, org: str, pipeline: str, number: int, job_id: uuid.UUID) -> HttpResponse:
+    """A job's Retry button: any member may retry, as in the API (`POST .../jobs/<id>/retry`)."""
+    page = org_page(request, org)
+    build = page_build(page, pipeline, number)
+    job = Job.objects.filter(build=build, pk=job_id).only("id", "build_id", "step_key").first()
+    if job is None:
+        raise Http404(f"No job {job_id} in build #{build.number}.")
+    try:
+        new = services.retry_job(job=job)
+    except ApiError as exc:  # not retryable (409): say so on the page
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Retrying {job.step_key}: attempt {new.attempt}.")
+    return redirect(build_url(build))
 
 
 @login_required

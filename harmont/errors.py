@@ -153,6 +153,12 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "The owner of a personal organization cannot leave or be demoted in it."),
     ("build_already_finished", "conflict", "Build already finished",
      "The build has already passed, failed or been skipped; there is nothing left to cancel."),
+    ("job_not_retryable", "conflict", "Job not retryable",
+     "A retry (`POST .../jobs/{job_id}/retry`) gives a job's step a new attempt. Only the latest attempt of a "
+     "step that ended `failed`, `timed_out` or `canceled` can be retried, and not when its step says "
+     "`retry: {manual: false}`, when it is the job that renders the pipeline, when the build failed as a whole "
+     "(a rejected plan, a pipeline timeout), or while one of its prerequisites ended failed, timed out or "
+     "canceled (retry that job first: its dependents come back with it). The message says which applies."),
     ("build_not_held", "conflict", "Build not waiting for approval",
      "Only a held build can be approved: one built from a pull request of another repository (a fork) on a "
      "pipeline whose `fork_pull_requests` is `require_approval`, before anyone approved or canceled it. This "

@@ -8,6 +8,7 @@ from django.utils import timezone
 from harmont.crypto import encrypt_text
 from pipelines.models import Pipeline, Repository
 from pipelines.models import Secret
+from pipelines import ir
 from pipelines import secrets as secret_services
 from pipelines.services import derive_repo_name
 
@@ -21,6 +22,14 @@ class PipelineForm(forms.ModelForm):
         # An emptied box means no patterns, not a NULL the column can't hold.
         value = self.cleaned_data.get("protected_branches")
         return [] if value is None else value
+
+    def clean_default_retry(self) -> Any:
+        # Stored as the planner normalises it (the field's validator refused what it can't read).
+        value = self.cleaned_data.get("default_retry")
+        try:
+            return ir.normalise_retry(value, "default_retry")
+        except ir.PlanError:
+            return value
 
 
 @admin.register(Pipeline)

@@ -133,6 +133,9 @@ class PlannedJob:
     # job this one waits for. Those prerequisites are in `depends_on` too.
     segment: int | None = None
     after_segment: int | None = None
+    # Normalised `retry` and `soft_fail` (see `normalise_retry`, `normalise_soft_fail`); None: none.
+    retry_policy: dict | None = None
+    soft_fail_policy: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ class _Step:
 
     location: str
     job: PlannedJob
+    has_retry: bool = False  # the step set `retry` itself (else the pipeline's default applies)
 
     @property
     def where(self) -> str:
@@ -182,14 +186,17 @@ def load_ir(raw: str | bytes | dict) -> dict:
 
 
 def plan_ir(raw: str | bytes | dict, *, build_env: dict[str, str] | None = None,
-            limits: Limits | None = None) -> Plan:
+            limits: Limits | None = None, default_retry: Any = None) -> Plan:
     """Validate the IR and order its steps into jobs; raise PlanError on the first problem.
 
     ``build_env`` (the build's own ``env``) is applied last, so it overrides
     every env layer the pipeline defines. ``limits``: what one build may hold
-    (default: the configured ones).
+    (default: the configured ones). ``default_retry``: the pipeline's
+    ``default_retry``, the policy of every step without a ``retry`` of its own
+    (a step's ``retry`` replaces it whole, it is not merged).
     """
     limits = limits or Limits.from_settings()
+    default_policy = normalise_retry(default_retry, "The pipeline's 'default_retry'")
     doc = load_ir(raw)
     check_storable(doc)
     _check_version(doc)
@@ -205,6 +212,9 @@ def plan_ir(raw: str | bytes | dict, *, build_env: dict[str, str] | None = None,
     else:
         steps, edges = [], set()
     order = _dependency_order(steps, edges, waits)
+    if default_policy is not None:
+        steps = [step if step.has_retry else replace(step, job=replace(step.job, retry_policy=default_policy))
+                 for step in steps]
     return Plan(jobs=_assemble(steps, edges, waits, order, build_env or {}, limits), timeout_seconds=timeout)
 
 
@@ -373,8 +383,134 @@ def _read_command_step(
         runner_args=_optional_object(step.get("runner_args"), f"{where} 'runner_args'"),
         builds_in=None,
         depends_on=(),
+        retry_policy=normalise_retry(step.get("retry"), f"{where} 'retry'"),
+        soft_fail_policy=normalise_soft_fail(step.get("soft_fail"), f"{where} 'soft_fail'"),
     )
-    return _Step(location=location, job=job)
+    return _Step(location=location, job=job, has_retry=step.get("retry") is not None)
+
+
+# --- retry and soft_fail (Buildkite's shapes) --------------------------------
+
+# Buildkite's bounds and default for an automatic retry rule's `limit`.
+RETRY_LIMIT_MAX = 10
+RETRY_LIMIT_DEFAULT = 2
+# The exit status that stands for "the agent was lost" (Buildkite's -1).
+AGENT_LOST_EXIT_STATUS = -1
+ANY_EXIT_STATUS = "*"
+
+
+def normalise_retry(value: Any, what: str) -> dict | None:
+    """A step's `retry` (or a pipeline's `default_retry`) in one shape; None when absent.
+
+    Accepts Buildkite's forms: `automatic` is `true` (= `[{"exit_status": "*",
+    "limit": 2}]`), `false`, one rule or a list of rules; a rule's `exit_status`
+    is an int, `"*"` or a list of ints (-1: the agent was lost) and `limit`
+    1..10 (default 2). `manual` is `true`, `false` or `{"allowed": bool,
+    "reason": str}`. Returns `{"automatic": [{"exit_status": "*" | [int, ...],
+    "limit": int}] | false, "manual": {"allowed": bool, "reason": str | None}}`,
+    which this function accepts again unchanged. `automatic: false` is kept as
+    such: it turns off every automatic retry, the one a lost agent gets without
+    a rule too, where no rules (absent, or `[]`) leave that one on. Keys Buildkite has but this server
+    can't honour (`signal`, `permit_on_passed`, ...) are refused rather than
+    silently ignored.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _invalid(f"{what} must be an object with 'automatic' and/or 'manual', got {_show(value)}.")
+    _only_keys(value, ("automatic", "manual"), what)
+    automatic = value.get("automatic")
+    rules: list | bool
+    if automatic is None:
+        rules = []
+    elif automatic is False:
+        rules = False
+    elif automatic is True:
+        rules = [{"exit_status": ANY_EXIT_STATUS, "limit": RETRY_LIMIT_DEFAULT}]
+    elif isinstance(automatic, dict):
+        rules = [_retry_rule(automatic, f"{what}.automatic")]
+    elif isinstance(automatic, list):
+        if len(automatic) > 100:
+            raise PlanError(LIMIT_EXCEEDED, f"{what}.automatic has {len(automatic)} rules; at most 100.")
+        rules = [_retry_rule(rule, f"{what}.automatic[{i}]") for i, rule in enumerate(automatic)]
+    else:
+        raise _invalid(f"{what}.automatic must be true, false, a rule object or a list of rules, "
+                       f"got {_show(automatic)}.")
+    manual = value.get("manual")
+    if manual is None or manual is True:
+        allowed, reason = True, None
+    elif manual is False:
+        allowed, reason = False, None
+    elif isinstance(manual, dict):
+        _only_keys(manual, ("allowed", "reason"), f"{what}.manual")
+        allowed = manual.get("allowed", True)
+        if not isinstance(allowed, bool):
+            raise _invalid(f"{what}.manual.allowed must be true or false, got {_show(allowed)}.")
+        reason = _optional_text(manual.get("reason"), f"{what}.manual.reason", LABEL_MAX_LENGTH)
+    else:
+        raise _invalid(f"{what}.manual must be true, false or {{\"allowed\": bool, \"reason\": str}}, "
+                       f"got {_show(manual)}.")
+    return {"automatic": rules, "manual": {"allowed": allowed, "reason": reason}}
+
+
+def _retry_rule(rule: Any, what: str) -> dict:
+    if not isinstance(rule, dict):
+        raise _invalid(f"{what} must be an object with 'exit_status' and 'limit', got {_show(rule)}.")
+    _only_keys(rule, ("exit_status", "limit"), what)
+    limit = rule.get("limit", RETRY_LIMIT_DEFAULT)
+    if limit is None:
+        limit = RETRY_LIMIT_DEFAULT
+    if not _is_int(limit) or not 1 <= limit <= RETRY_LIMIT_MAX:
+        raise _invalid(f"{what}.limit must be a whole number from 1 to {RETRY_LIMIT_MAX}, got {_show(limit)}.")
+    return {"exit_status": _exit_statuses(rule.get("exit_status", ANY_EXIT_STATUS), f"{what}.exit_status"),
+            "limit": limit}
+
+
+def _exit_statuses(value: Any, what: str) -> str | list[int]:
+    if value == ANY_EXIT_STATUS:
+        return ANY_EXIT_STATUS
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(_is_int(v) and AGENT_LOST_EXIT_STATUS <= v <= 255 for v in values):
+        raise _invalid(f"{what} must be \"*\", an exit status (-1 to 255; -1: the agent was lost) or a "
+                       f"non-empty list of them, got {_show(value)}.")
+    return sorted(set(values))
+
+
+def normalise_soft_fail(value: Any, what: str) -> dict | None:
+    """A step's `soft_fail` in one shape: None (hard failures), or `{"exit_status": "*" | [int, ...]}`.
+
+    `true` is `{"exit_status": "*"}`; `false` (or absent) is None; Buildkite's
+    list of `{"exit_status": int | "*"}` objects becomes one object with every
+    status listed (`"*"` if one of them is). This function accepts its own
+    result again unchanged.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {"exit_status": ANY_EXIT_STATUS}
+    rules = [value] if isinstance(value, dict) else value
+    if not isinstance(rules, list) or not rules:
+        raise _invalid(f"{what} must be true, false or a non-empty list of {{\"exit_status\": ...}}, "
+                       f"got {_show(value)}.")
+    if len(rules) > 100:
+        raise PlanError(LIMIT_EXCEEDED, f"{what} has {len(rules)} rules; at most 100.")
+    statuses: set[int] = set()
+    for i, rule in enumerate(rules):
+        where = what if isinstance(value, dict) else f"{what}[{i}]"
+        if not isinstance(rule, dict) or "exit_status" not in rule:
+            raise _invalid(f"{where} must be an object with 'exit_status', got {_show(rule)}.")
+        _only_keys(rule, ("exit_status",), where)
+        matched = _exit_statuses(rule["exit_status"], f"{where}.exit_status")
+        if matched == ANY_EXIT_STATUS:
+            return {"exit_status": ANY_EXIT_STATUS}
+        statuses.update(matched)
+    return {"exit_status": sorted(statuses)}
+
+
+def _only_keys(value: dict, allowed: tuple[str, ...], what: str) -> None:
+    unknown = sorted(str(key) for key in value if key not in allowed)
+    if unknown:
+        raise _invalid(f"{what} has unknown field {_show(unknown[0])}; expected {' and '.join(map(repr, allowed))}.")
 
 
 def _check_unique_key(step: _Step, seen: dict[str, _Step]) -> None:

@@ -45,6 +45,16 @@ def validate_protected_branches(value: object) -> None:
         raise ValidationError(errors)
 
 
+def validate_default_retry(value: object) -> None:
+    """The admin's check of `default_retry`: what the planner accepts (pipelines.ir.normalise_retry)."""
+    from pipelines import ir
+
+    try:
+        ir.normalise_retry(value, "default_retry")
+    except ir.PlanError as exc:
+        raise ValidationError(f"{exc.code}: {exc.message}") from None
+
+
 class PipelineQuerySet(models.QuerySet["Pipeline"]):
     def for_org(self, org: Organization) -> "PipelineQuerySet":
         return self.filter(organization=org, archived_at__isnull=True)
@@ -69,6 +79,8 @@ class Pipeline(models.Model):
     # Branches besides the default one whose builds of the stored definition get protected
     # secrets: fnmatch patterns (`release/*`), matched case-sensitively like git refs.
     protected_branches = models.JSONField(default=list, blank=True, validators=[validate_protected_branches])
+    # The `retry` of every step that sets none (Buildkite's shape, stored normalised; null: none).
+    default_retry = models.JSONField(null=True, blank=True, validators=[validate_default_retry])
     # The last build number handed out. Incremented under the row lock inside the
     # transaction that inserts the build, so numbers have no gaps or duplicates.
     build_counter = models.PositiveIntegerField(default=0)

@@ -18,7 +18,7 @@ class PipelineSerializer(serializers.ModelSerializer):
         model = Pipeline
         fields = ["slug", "name", "description", "repository", "repo_name", "default_branch", "visibility",
                   "allow_manual", "source_slug", "definition", "triggers", "fork_pull_requests", "protected_branches",
-                  "created_at"]
+                  "default_retry", "created_at"]
         read_only_fields = fields
 
     def to_representation(self, instance: Pipeline) -> dict[str, Any]:
@@ -65,6 +65,10 @@ class CreatePipelineRequestSerializer(serializers.Serializer):
         help_text="What a pull request from another repository (a fork) builds: without secrets (the default), "
                   "nothing (`skip`), or a build held until an admin approves it (`require_approval`). Fork builds "
                   "never get secrets.")
+    default_retry = serializers.JSONField(required=False, allow_null=True, help_text=(
+        "The `retry` of every step that sets none, in Buildkite's shape: `{\"automatic\": true | rule | [rule], "
+        "\"manual\": bool | {\"allowed\": bool, \"reason\": str}}`, a rule being `{\"exit_status\": int | \"*\" | "
+        "[int], \"limit\": 1..10}` (-1: the agent was lost). Stored normalised."))
 
 
 class UpdatePipelineRequestSerializer(CreatePipelineRequestSerializer):

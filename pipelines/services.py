@@ -45,6 +45,15 @@ def validate_definition(definition: Any, *, field: str = "definition") -> dict:
     return doc
 
 
+def validate_default_retry(value: Any, *, field: str = "default_retry") -> dict | None:
+    """A pipeline's `default_retry`, normalised as the planner does a step's `retry` (None: none)."""
+    try:
+        return ir.normalise_retry(value, f"'{field}'")
+    except ir.PlanError as exc:
+        raise ApiError("pipeline_invalid", f"{field} rejected: {exc.message}",
+                       fields={field: [f"{exc.code}: {exc.message}"]}) from None
+
+
 @transaction.atomic
 def create_pipeline(*, org: Organization, name: str, repository: str, default_branch: str,
                     description: str | None = None, repo_name: str | None = None,
@@ -52,10 +61,12 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                     source_slug: str | None = None, definition: Any = None,
                     triggers: list | None = None,
                     fork_pull_requests: str = ForkPullRequests.BUILD_WITHOUT_SECRETS,
-                    protected_branches: list[str] | None = None, now: datetime | None = None) -> Pipeline:
+                    protected_branches: list[str] | None = None, default_retry: Any = None,
+                    now: datetime | None = None) -> Pipeline:
     """A new pipeline of `org`, its slug made from `name` (a slug the organization already uses is an error).
 
     Bad fields are 422 `pipeline_invalid`, a taken slug 422 `pipeline_slug_taken`; both write nothing.
+    `default_retry` is checked and normalised as a step's `retry` is (`validate_default_retry`).
     """
     base = slugify_name(name, fallback="")
     if not base:
@@ -66,6 +77,7 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
     slug = base[:SLUG_MAX_LENGTH].rstrip("-")
     repo_name = _checked_repo_name(repo_name or derive_repo_name(repository))
     stored_definition = validate_definition(definition) if definition is not None else None
+    stored_retry = validate_default_retry(default_retry)
     _check_protected_branches(protected_branches or [])
     if Pipeline.objects.filter(organization=org, slug=slug).exists():
         raise _slug_taken(slug)
@@ -76,7 +88,7 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                 repo_name=repo_name, default_branch=default_branch,
                 allow_manual=allow_manual, visibility=visibility, source_slug=source_slug or slug,
                 definition=stored_definition, triggers=triggers, fork_pull_requests=fork_pull_requests,
-                protected_branches=list(protected_branches or []),
+                protected_branches=list(protected_branches or []), default_retry=stored_retry,
                 created_at=now or timezone.now(),
             )
     except IntegrityError:  # lost a race for the same slug
@@ -86,7 +98,8 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
 # What PATCH may change: the slug stays (URLs and webhooks name it) and so does `source_slug`
 # (registration matches a repository's pipelines by it).
 UPDATABLE_FIELDS = frozenset({"name", "description", "repository", "repo_name", "default_branch", "visibility",
-                              "allow_manual", "definition", "fork_pull_requests", "protected_branches"})
+                              "allow_manual", "definition", "fork_pull_requests", "protected_branches",
+                              "default_retry"})
 
 
 def update_pipeline(*, pipeline: Pipeline, changes: dict[str, Any]) -> Pipeline:
@@ -112,6 +125,8 @@ def update_pipeline(*, pipeline: Pipeline, changes: dict[str, Any]) -> Pipeline:
     if "protected_branches" in values:
         values["protected_branches"] = list(values["protected_branches"] or [])
         _check_protected_branches(values["protected_branches"])
+    if "default_retry" in values:
+        values["default_retry"] = validate_default_retry(values["default_retry"])
     if values:
         Pipeline.objects.filter(pk=pipeline.pk).update(**values)
         for name, value in values.items():

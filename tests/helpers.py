@@ -137,8 +137,8 @@ def build_at(pipeline: Pipeline, now: datetime, **fields: Any) -> Build:
 
 
 def job_states(build: Build) -> dict[str, str]:
-    """{step key: state} of the build's jobs."""
-    return dict(Job.objects.filter(build=build).order_by("position").values_list("step_key", "state"))
+    """{step key: state} of the build's jobs (each step's latest attempt)."""
+    return dict(Job.objects.filter(build=build, retried=False).order_by("position").values_list("step_key", "state"))
 
 
 def run_job(job: Job, state: str = JobState.PASSED, exit_code: int | None = 0) -> None:

@@ -82,7 +82,8 @@ def stored_log(job_id: Any) -> list[tuple[int, int, str]]:
 
 
 def job_of(build: Build, key: str) -> Job:
-    return Job.objects.get(build=build, step_key=key)
+    """The step's first job (a lost agent's job is retried: its new attempt comes after it)."""
+    return Job.objects.filter(build=build, step_key=key).order_by("attempt").first()
 
 
 # ===================================================================== credential isolation

@@ -47,6 +47,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True), pytest.
 PID_THEN = "echo pid=$$; exec "  # the command's pid, then the real work in the same process
 
 
+def no_automatic_retry(ir: dict[str, Any]) -> dict[str, Any]:
+    """The IR with `retry: {automatic: false}` on every step: a lost agent's job fails for good
+    (tests/test_retries_e2e.py runs the default, one retry)."""
+    for node in ir["graph"]["nodes"]:
+        node["step"]["retry"] = {"automatic": False}
+    return ir
+
+
 def assert_gone(pid: int) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
@@ -178,7 +186,7 @@ def test_lost_agents_jobs_fail_with_heartbeat_lost(e2e_settings, api, pipeline, 
     # here, but kept above the agent's 5 s heartbeat interval: below it, a healthy agent's
     # job would be reaped too, and this test could not tell the two apart.
     e2e_settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS = 6
-    ir = hm.pipeline([hm.sh(PID_THEN + "sleep 600", key="sleep")])
+    ir = no_automatic_retry(hm.pipeline([hm.sh(PID_THEN + "sleep 600", key="sleep")]))
     # `killed` dies for good; `frozen` is stopped past the timeout (a paused VM, a long
     # network partition), then wakes to find its job already failed.
     killed = agents.start("killed")
@@ -186,7 +194,8 @@ def test_lost_agents_jobs_fail_with_heartbeat_lost(e2e_settings, api, pipeline, 
     killed_pid = pid_from_log(killed_job)
     frozen = agents.start("frozen")
     ticking = "echo pid=$$; while :; do echo tick; sleep 0.2; done"  # output waits to be shipped on waking
-    frozen_job = Job.objects.get(build=create_build(api, pipeline, hm.pipeline([hm.sh(ticking, key="loop")])))
+    frozen_job = Job.objects.get(build=create_build(api, pipeline, no_automatic_retry(
+        hm.pipeline([hm.sh(ticking, key="loop")]))))
     frozen_pid = pid_from_log(frozen_job)
     frozen_job.refresh_from_db()
     assert frozen_job.agent.name == "frozen"

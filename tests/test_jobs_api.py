@@ -12,8 +12,8 @@ from builds.models import Build, EdgeKind, Job, JobDependency, JobState
 from tests.helpers import assert_error, builds_url, four_job_ir, iso, make_build, run_job
 
 JOB_KEYS = {"id", "step_key", "name", "command", "state", "exit_code", "error_code", "error_message",
-            "depends_on", "soft_failed", "retry_policy", "soft_fail_policy", "created_at", "started_at",
-            "finished_at"}
+            "depends_on", "soft_failed", "retry_policy", "soft_fail_policy", "attempt", "retry_of", "retried",
+            "created_at", "started_at", "finished_at"}
 
 
 def jobs_url(build: Build, suffix: str = "") -> str:
@@ -29,8 +29,10 @@ def job_body(job: Job, *, depends_on: list[Job]) -> dict[str, Any]:
     return {
         "id": str(job.id), "step_key": job.step_key, "name": job.name, "command": job.command,
         "state": job.state, "exit_code": job.exit_code, "error_code": job.error_code,
-        "error_message": job.error_message, "depends_on": [str(p.id) for p in depends_on], "soft_failed": False,
-        "retry_policy": None, "soft_fail_policy": None, "created_at": iso(job.created_at),
+        "error_message": job.error_message, "depends_on": [str(p.id) for p in depends_on],
+        "soft_failed": job.soft_failed, "retry_policy": job.retry_policy, "soft_fail_policy": job.soft_fail_policy,
+        "attempt": job.attempt, "retry_of": None if job.retry_of_id is None else str(job.retry_of_id),
+        "retried": job.retried, "created_at": iso(job.created_at),
         "started_at": iso(job.started_at) if job.started_at else None,
         "finished_at": iso(job.finished_at) if job.finished_at else None,
     }

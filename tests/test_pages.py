@@ -270,6 +270,7 @@ def test_every_form_needs_its_csrf_token(owner: User, build: Build) -> None:
     for url, data in [
         (build_url(build, "/cancel"), None),
         (build_url(build, "/approve"), None),
+        (build_url(build, f"/jobs/{build.jobs.first().pk}/retry"), None),
         (history_url(build.pipeline), {"branch": "main", "commit": "abc123"}),
         ("/settings/tokens", {"description": "x"}),
         (f"/settings/tokens/{token.pk}/revoke", None),

@@ -76,6 +76,17 @@ def test_bad_settings_are_422_and_change_nothing(api, org, pipeline, body, field
 
 
 @pytest.mark.django_db
+def test_patch_sets_and_clears_the_default_retry(api, org, pipeline):
+    body = api.patch(url(org.slug, pipeline.slug), {"default_retry": {"automatic": True}}, format="json").json()
+    assert body["default_retry"] == {"automatic": [{"exit_status": "*", "limit": 2}],
+                                     "manual": {"allowed": True, "reason": None}}
+    bad = api.patch(url(org.slug, pipeline.slug), {"default_retry": {"automatic": [{"limit": 99}]}}, format="json")
+    assert "default_retry" in assert_error(bad, 422, "pipeline_invalid")["fields"]
+    cleared = api.patch(url(org.slug, pipeline.slug), {"default_retry": None}, format="json").json()
+    assert cleared["default_retry"] is None
+
+
+@pytest.mark.django_db
 def test_source_slug_and_unknown_fields_are_ignored(api, org, pipeline):
     response = api.patch(url(org.slug, pipeline.slug), {"source_slug": "other", "build_counter": 99},
                          format="json")

@@ -77,9 +77,19 @@ def test_a_running_job_silent_past_the_heartbeat_timeout_fails_and_the_build_rol
     a.refresh_from_db()
     assert (a.state, a.error_code, a.finished_at) == (J.FAILED, "agent_heartbeat_lost", at(lost_after + 1))
     assert a.error_message
+    # A lost agent's job is retried once by default (builds.services.retries): b waits for the new attempt.
+    assert a.retried and job_states(build) == {"a": J.SCHEDULED, "b": J.PENDING}
+    build.refresh_from_db()
+    assert (build.state, build.finished_at) == (B.RUNNING, None)
+
+    second = start_key(agent, build, "a", now=at(lost_after + 2))
+    assert reap(at(2 * lost_after + 3)) == ReapReport(heartbeat_lost=1)
+    second.refresh_from_db()
+    assert (second.attempt, second.state, second.error_code, second.retried) == (
+        2, J.FAILED, "agent_heartbeat_lost", False)
     assert job_states(build) == {"a": J.FAILED, "b": J.SKIPPED}
     build.refresh_from_db()
-    assert (build.state, build.finished_at) == (B.FAILED, at(lost_after + 1))
+    assert (build.state, build.finished_at) == (B.FAILED, at(2 * lost_after + 3))
 
 
 @pytest.mark.django_db
@@ -90,9 +100,9 @@ def test_an_assigned_job_whose_agent_vanished_fails_too(agent, pipeline, lost_af
     assert reap(at(lost_after + 1)) == ReapReport(heartbeat_lost=1)
 
     a.refresh_from_db()
-    assert (a.state, a.error_code, a.started_at) == (J.FAILED, "agent_heartbeat_lost", None)
+    assert (a.state, a.error_code, a.started_at, a.retried) == (J.FAILED, "agent_heartbeat_lost", None, True)
     build.refresh_from_db()
-    assert build.state == B.FAILED
+    assert build.state == B.RUNNING  # its new attempt waits for an agent
 
 
 @pytest.mark.django_db

@@ -23,6 +23,8 @@ NOW = T0 + timedelta(minutes=5)
 ALL_JOB_STATES = list(J.values)
 # What a build may carry besides its jobs: nothing, a requested cancel, a build-level error.
 FLAGS = ("none", "cancel", "error")
+# A fourth job `w`, ended: none, an older attempt (retried, failed), or a soft failure `z` also waits for.
+EXTRAS = ("none", "retried", "soft_failed")
 # Every way a job can end: (the state it ends from, the terminal state it ends in). A pending
 # job here has no prerequisites, so the first roll-up schedules it: its endings are the
 # scheduled job's.
@@ -30,10 +32,12 @@ ENDINGS = sorted((source, target) for source, targets in states.JOB_TRANSITIONS.
                  for target in targets if target in states.TERMINAL_JOB_STATES and source != J.PENDING)
 
 
-def situation(pipeline, *, ending_from: str, other: str, flag: str, number: int, link: str = "edge") -> dict[str, Job]:
+def situation(pipeline, *, ending_from: str, other: str, flag: str, number: int, link: str = "edge",
+              extra: str = "none") -> dict[str, Job]:
     """A build with `x` (in `ending_from`), `y` (in `other`) and `z` (pending, after `x`), rolled up once.
 
     `link`: how `z` waits for `x`, an edge or a wait (`x` alone in the segment `z` waits for).
+    `extra`: see EXTRAS; a soft-failed `w` is in `x`'s segment for a wait.
     """
     build = Build.objects.create(pipeline=pipeline, number=number, branch="main", commit="abc123", created_at=T0,
                                  started_at=T0 if ending_from not in states.WAITING_JOB_STATES else None,
@@ -45,13 +49,61 @@ def situation(pipeline, *, ending_from: str, other: str, flag: str, number: int,
         jobs[key] = Job.objects.create(build=build, organization_id=pipeline.organization_id, position=position,
                                        step_key=key, command="true", timeout_seconds=60, state=state,
                                        started_at=started, created_at=T0)
+    if extra != "none":
+        jobs["w"] = Job.objects.create(build=build, organization_id=pipeline.organization_id, position=3,
+                                       step_key="w", command="false", timeout_seconds=60, state=J.FAILED,
+                                       exit_code=1, started_at=T0, finished_at=T0, created_at=T0,
+                                       retried=extra == "retried", soft_failed=extra == "soft_failed")
     if link == "edge":
         JobDependency.objects.create(job=jobs["z"], prerequisite=jobs["x"], kind=EdgeKind.DEPENDS_ON)
+        if extra == "soft_failed":
+            JobDependency.objects.create(job=jobs["z"], prerequisite=jobs["w"], kind=EdgeKind.DEPENDS_ON)
     else:
-        Job.objects.filter(pk=jobs["x"].pk).update(segment=0)
+        Job.objects.filter(pk__in=[j.pk for k, j in jobs.items() if k in ("x", "w")]).update(segment=0)
         Job.objects.filter(pk=jobs["z"].pk).update(after_segment=0)
     states.settle_build(build_id=build.pk, now=T0)  # the build row as the roll-up has it before the change
     return jobs
+
+
+def test_an_ended_extra_job_changes_what_the_roll_up_sees():
+    # The situations above would prove little if `w` were invisible by construction.
+    assert states.roll_up([J.PASSED, J.FAILED]) == BuildState.FAILED
+    assert states.roll_up([J.PASSED, states.SOFT_FAILED]) == BuildState.PASSED
+    assert states.roll_up([J.PASSED, states.RETRIED]) == BuildState.PASSED
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_retried_and_soft_failed_jobs_roll_up_by_their_rules_over_every_combination(size):
+    for jobs in itertools.combinations_with_replacement(ALL_JOB_STATES, size):
+        for flags in itertools.product((False, True), repeat=2):
+            cancel, error = flags
+            plain = states.roll_up(jobs, cancel_requested=cancel, build_error=error)
+            # A soft failure counts as a pass.
+            assert (states.roll_up([*jobs, states.SOFT_FAILED], cancel_requested=cancel, build_error=error)
+                    == states.roll_up([*jobs, J.PASSED], cancel_requested=cancel, build_error=error)), jobs
+            # An older attempt counts for nothing but that the build ran: waiting builds are running.
+            with_retried = states.roll_up([*jobs, states.RETRIED], cancel_requested=cancel, build_error=error)
+            expected = BuildState.RUNNING if plain in (BuildState.SCHEDULED, BuildState.HELD) else plain
+            assert with_retried == expected, (jobs, flags)
+            # The fast path's distinct states decide as every job's list does.
+            build = RollUpInputs(BuildState.RUNNING, cancel, error, T0, None)
+            everyone = [*jobs, states.RETRIED, states.SOFT_FAILED]
+            assert (states.rolled_up_columns(build, set(everyone), now=NOW)
+                    == states.rolled_up_columns(build, everyone, now=NOW))
+
+
+def test_follow_ups_treat_a_soft_failure_as_a_pass_and_never_see_a_retried_job():
+    a, b, c, old = (f"00000000-0000-0000-0000-00000000000{i}" for i in range(4))
+    prerequisites = {c: [a, b]}
+    for ended in ALL_JOB_STATES:
+        soft = states.follow_ups({a: states.SOFT_FAILED, b: ended, c: J.PENDING}, prerequisites)
+        passed = states.follow_ups({a: J.PASSED, b: ended, c: J.PENDING}, prerequisites)
+        assert soft == passed, ended
+        # An older attempt in the build (failed, in c's segment even) changes nothing.
+        with_old = states.follow_ups({a: J.PASSED, b: ended, c: J.PENDING, old: states.RETRIED}, prerequisites,
+                                     {a: 0, old: 0}, {c: 0})
+        assert with_old == states.follow_ups({a: J.PASSED, b: ended, c: J.PENDING}, prerequisites, {a: 0}, {c: 0})
+        assert old not in with_old
 
 
 def outcome(jobs: dict[str, Job]) -> tuple:
@@ -61,14 +113,17 @@ def outcome(jobs: dict[str, Job]) -> tuple:
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("extra", EXTRAS)
 @pytest.mark.parametrize("link", ["edge", "wait"])
 @pytest.mark.parametrize("flag", FLAGS)
 @pytest.mark.parametrize(("source", "ended"), ENDINGS)
-def test_a_job_ending_settles_as_settle_build_would(pipeline, source, ended, flag, link):
+def test_a_job_ending_settles_as_settle_build_would(pipeline, source, ended, flag, link, extra):
     compared = 0
     for number, other in enumerate(ALL_JOB_STATES, start=1):
-        fast = situation(pipeline, ending_from=source, other=other, flag=flag, number=2 * number, link=link)
-        full = situation(pipeline, ending_from=source, other=other, flag=flag, number=2 * number + 1, link=link)
+        fast = situation(pipeline, ending_from=source, other=other, flag=flag, number=2 * number, link=link,
+                         extra=extra)
+        full = situation(pipeline, ending_from=source, other=other, flag=flag, number=2 * number + 1, link=link,
+                         extra=extra)
         if Job.objects.get(pk=fast["x"].pk).state != source:
             continue  # the first roll-up already moved it (a cancel, or a skip after a failed `y`)
 
@@ -82,11 +137,13 @@ def test_a_job_ending_settles_as_settle_build_would(pipeline, source, ended, fla
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("extra", EXTRAS)
 @pytest.mark.parametrize("flag", FLAGS)
-def test_a_claim_settles_as_settle_build_would(pipeline, flag):
+def test_a_claim_settles_as_settle_build_would(pipeline, flag, extra):
     for number, other in enumerate(ALL_JOB_STATES, start=1):
-        fast = situation(pipeline, ending_from=J.SCHEDULED, other=other, flag=flag, number=2 * number)
-        full = situation(pipeline, ending_from=J.SCHEDULED, other=other, flag=flag, number=2 * number + 1)
+        fast = situation(pipeline, ending_from=J.SCHEDULED, other=other, flag=flag, number=2 * number, extra=extra)
+        full = situation(pipeline, ending_from=J.SCHEDULED, other=other, flag=flag, number=2 * number + 1,
+                         extra=extra)
 
         for jobs in (fast, full):
             assert states.transition_jobs([jobs["x"].pk], to=J.ASSIGNED, now=NOW) == 1

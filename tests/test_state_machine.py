@@ -59,9 +59,15 @@ class TestRollUp:
     def test_rule_3_any_failure_among_terminal_jobs_is_failed(self, jobs):
         assert roll_up(jobs) == B.FAILED
 
-    @pytest.mark.parametrize("jobs", [[J.PASSED], [J.PASSED, J.SKIPPED], [J.PASSED, J.CANCELED]])
+    @pytest.mark.parametrize("jobs", [[J.PASSED], [J.PASSED, J.SKIPPED]])
     def test_rule_3_terminal_without_failure_is_passed(self, jobs):
         assert roll_up(jobs) == B.PASSED
+
+    # A canceled job outlives its build's cancel only when a retry lifted it: never passed.
+    @pytest.mark.parametrize("jobs", [[J.CANCELED], [J.PASSED, J.CANCELED], [J.SKIPPED, J.CANCELED]])
+    def test_a_canceled_job_without_a_cancel_request_is_canceled(self, jobs):
+        assert roll_up(jobs) == B.CANCELED
+        assert roll_up([*jobs, J.FAILED]) == B.FAILED
 
     # Rule 4: any job past pending/scheduled -> running.
     @pytest.mark.parametrize("active", [*ACTIVE, J.PASSED, J.FAILED, J.SKIPPED, J.TIMED_OUT, J.CANCELED])
@@ -88,7 +94,7 @@ class TestRollUp:
         expected = {
             J.PENDING: B.SCHEDULED, J.SCHEDULED: B.SCHEDULED, J.ASSIGNED: B.RUNNING, J.RUNNING: B.RUNNING,
             J.PASSED: B.PASSED, J.FAILED: B.FAILED, J.SKIPPED: B.SKIPPED, J.CANCELING: B.RUNNING,
-            J.CANCELED: B.PASSED, J.TIMING_OUT: B.RUNNING, J.TIMED_OUT: B.FAILED, J.HELD: B.HELD,
+            J.CANCELED: B.CANCELED, J.TIMING_OUT: B.RUNNING, J.TIMED_OUT: B.FAILED, J.HELD: B.HELD,
         }
         assert set(expected) == set(J.values)
         assert {state: roll_up([state]) for state in J.values} == expected
@@ -194,9 +200,11 @@ class TestTransitionTable:
         assert TERMINAL_JOB_STATES == {J.PASSED, J.FAILED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}
 
     @pytest.mark.parametrize("terminal", sorted(TERMINAL_JOB_STATES))
-    def test_terminal_states_have_no_exits(self, terminal):
-        assert JOB_TRANSITIONS[terminal] == frozenset()
-        assert not any(can_transition(terminal, target) for target in J.values)
+    def test_terminal_states_have_no_exits_but_a_retry_reopening_a_dependent(self, terminal):
+        # Only a retry moves an ended job: a skipped (or canceled, never-claimed) dependent waits again.
+        reopened = {J.PENDING} if terminal in (J.SKIPPED, J.CANCELED) else set()
+        assert JOB_TRANSITIONS[terminal] == reopened
+        assert {target for target in J.values if can_transition(terminal, target)} == reopened
 
     @pytest.mark.parametrize("state", sorted(set(J.values) - TERMINAL_JOB_STATES))
     def test_every_live_state_can_end(self, state):
@@ -228,7 +236,7 @@ class TestTransitionTable:
         assert sources_for(J.RUNNING) == {J.ASSIGNED}
         assert sources_for(J.PASSED) == {J.RUNNING}
         assert sources_for(J.CANCELED) == {J.HELD, J.PENDING, J.SCHEDULED, J.ASSIGNED, J.CANCELING}
-        assert sources_for(J.PENDING) == frozenset()
+        assert sources_for(J.PENDING) == {J.SKIPPED, J.CANCELED}  # a retry's reopened dependents
         for target in J.values:
             assert sources_for(target) == {s for s in J.values if can_transition(s, target)}
 

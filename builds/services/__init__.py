@@ -16,6 +16,7 @@ from builds.services.job_specs import job_spec
 from builds.services.jobs import finish_job, heartbeat, move_job, report_finish, start_job
 from builds.services.logs import ChunkIn, append_log
 from builds.services.reaping import ReapReport, reap
+from builds.services.retries import retry_job
 from builds.services.render import accept_rendered_pipeline, fail_render, record_render_result
 from builds.services.webhooks import (
     DeliveryResult,
@@ -39,6 +40,7 @@ __all__ = [
     "finish_job", "heartbeat", "move_job", "report_finish", "start_job",
     "ChunkIn", "append_log",
     "ReapReport", "reap",
+    "retry_job",
     "accept_rendered_pipeline", "fail_render", "record_render_result",
     "DeliveryResult", "RefusedBuild", "SkippedBuild", "delivery_build_request", "process_webhook_delivery",
     "record_webhook_delivery", "requeue_webhook_deliveries", "verified_repositories",

@@ -177,8 +177,12 @@ def can_check_out(*, pipeline: Pipeline, request: BuildRequest) -> bool:
     return bool(request.source_archive is not None or request.source_url or pipeline.repository.strip())
 
 
-def plan_document(document: Any, *, env: dict[str, str]) -> tuple[Any, ir.Plan | None, ir.PlanError | None]:
-    """Decode and plan an IR document: (what to store as the build's IR, plan, error)."""
+def plan_document(document: Any, *, env: dict[str, str],
+                  default_retry: Any = None) -> tuple[Any, ir.Plan | None, ir.PlanError | None]:
+    """Decode and plan an IR document: (what to store as the build's IR, plan, error).
+
+    `default_retry`: the pipeline's, for the steps without a `retry` of their own.
+    """
     try:
         loaded = ir.load_ir(document)
     except ir.PlanError as exc:
@@ -186,7 +190,8 @@ def plan_document(document: Any, *, env: dict[str, str]) -> tuple[Any, ir.Plan |
         raw = str(document)[:100_000].encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
         return {"raw": raw}, None, exc
     try:
-        return loaded, ir.plan_ir(loaded, build_env=env, limits=ir.Limits.from_settings()), None
+        return loaded, ir.plan_ir(loaded, build_env=env, limits=ir.Limits.from_settings(),
+                                  default_retry=default_retry), None
     except ir.PlanError as exc:
         try:
             ir.check_storable(loaded)
@@ -213,7 +218,7 @@ def _plan(pipeline: Pipeline, request: BuildRequest, *, render: bool = False
             f"The request has no pipeline_ir, pipeline {pipeline.slug!r} has no stored definition, "
             f"and there is no source to render one from.",
         )
-    return plan_document(document, env=request.env)
+    return plan_document(document, env=request.env, default_retry=pipeline.default_retry)
 
 
 def is_protected_branch(pipeline: Pipeline, branch: str) -> bool:
@@ -375,6 +380,7 @@ def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
             timeout_seconds=planned.timeout_seconds or settings.DEFAULT_JOB_TIMEOUT_SECONDS,
             cache=planned.cache, runner=planned.runner, runner_args=planned.runner_args,
             segment=planned.segment, after_segment=planned.after_segment,
+            retry_policy=planned.retry_policy, soft_fail_policy=planned.soft_fail_policy,
             state=(JobState.HELD if held else JobState.SCHEDULED) if root else JobState.PENDING,
             scheduled_at=now if root and not held else None, created_at=now,
         ))

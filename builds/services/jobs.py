@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from builds import states
 from builds.models import Job, JobState
+from builds.services import retries
 from builds.services.agents import agent_seen_by, touch_job
 from builds.services.logs import ChunkIn, store_chunks, store_fitting_chunks
 
@@ -32,6 +33,11 @@ def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code
     reader sees the job ended without them, and its row is written once.
     `unchanged`: job columns that must still hold what the caller read when
     it decided (the reaper's `last_heartbeat_at`), else nothing changes.
+
+    A failure the job's `retry_policy` retries automatically ends the job
+    `retried` and adds its next attempt; one its `soft_fail_policy` matches
+    ends it `soft_failed` (builds.services.retries). `job` should come with its
+    `kind`, `retry_policy`, `soft_fail_policy` and `automatic_retries` loaded.
     """
     if state not in states.TERMINAL_JOB_STATES:
         raise ValueError(f"{state} is not a terminal job state")
@@ -46,11 +52,18 @@ def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code
             # Near the log limit: under the job's row lock, which comes after the build's
             # (as for every writer that takes both).
             log = store_chunks(job.pk, chunks, now)[1]
+        # An automatic retry or a soft failure is decided here, in the transaction that ends the
+        # job, so no follow-up ever skips its dependents in between (builds.services.retries).
+        outcome, retry_rule = retries.end_columns(job, state=state, exit_code=exit_code, error_code=error_code,
+                                                  build=build)
         changed, others = states.end_job(job_id=job.pk, build_id=job.build_id, to=state, now=now,
                                          only_from=None if expected is None else (expected,), unchanged=unchanged,
                                          exit_code=exit_code,
-                                         error_code=error_code, error_message=error_message, signal=signal, **log)
-        if changed:
+                                         error_code=error_code, error_message=error_message, signal=signal,
+                                         **log, **outcome)
+        if changed and retry_rule is not None:
+            retries.retry_after_end(job_id=job.pk, rule=retry_rule, now=now)
+        elif changed:
             states.settle_after_job_end(build_id=job.build_id, build=build, job_id=job.pk, state=state,
                                         others=others, now=now)
         elif log:

@@ -46,7 +46,8 @@ def reap(*, now: datetime | None = None, silence_counted_from: datetime | None =
         lost = Job.objects.none()
     else:
         lost = Job.objects.filter(state__in=states.LIVE_JOB_STATES, last_heartbeat_at__lt=lost_before)
-    for job in lost.only("id", "build_id", "last_heartbeat_at"):
+    for job in lost.only("id", "build_id", "last_heartbeat_at", "kind", "retry_policy", "soft_fail_policy",
+                         "automatic_retries"):
         # Compare-and-set on the heartbeat read above: one that arrives in between keeps its job.
         if finish_job(job=job, state=J.FAILED, error_code="agent_heartbeat_lost",
                       error_message="The agent running this job stopped responding.", now=now,

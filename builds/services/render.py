@@ -25,6 +25,7 @@ from builds.services.builds import RENDER_STEP_KEY, edge_rows, job_rows, plan_do
 from builds.services.discovery import enqueue_discovery
 from harmont.errors import ApiError
 from pipelines import ir
+from pipelines.models import Pipeline
 
 ERROR_MESSAGE_MAX = 2000
 
@@ -61,7 +62,8 @@ def accept_rendered_pipeline(*, job: Job, document: Any, envelope: Any = None, n
             raise ApiError("job_not_active", "The render job is no longer running; its result can't change the build.")
         if envelope is not None and build.discovers_pipelines:
             transaction.on_commit(lambda: enqueue_discovery(build_id=build.pk, envelope=envelope))
-        stored, plan, error = plan_document(document, env=build.env)
+        default_retry = Pipeline.objects.filter(pk=build.pipeline_id).values_list("default_retry", flat=True).first()
+        stored, plan, error = plan_document(document, env=build.env, default_retry=default_retry)
         if plan is not None and any(p.key == RENDER_STEP_KEY for p in plan.jobs):
             plan, error = None, ir.PlanError("duplicate_key", f"The step key {RENDER_STEP_KEY!r} is reserved.")
         if plan is None:

@@ -342,7 +342,13 @@
     if (approveForm && build.state !== "held") approveForm.hidden = true;
     status.jobs.forEach(function (job) {
       var li = document.getElementById("job-" + job.id);
-      if (!li) return;
+      if (!li) {
+        // A new attempt (an automatic retry, or a retry from another tab or the API).
+        stopLive("A job was retried; reload the page to follow its new attempt.");
+        return;
+      }
+      var retryForm = li.querySelector("[data-retry-form]");
+      if (retryForm) retryForm.hidden = !job.retryable;
       li.dataset.jobState = job.state;
       setBadge(li.querySelector(".job-head .badge"), job.state);
       li.querySelector("[data-job-duration]").textContent = job.duration;
