@@ -31,6 +31,9 @@ class BuildSerializer(serializers.Serializer):
         "or `none`."))
     error_code = serializers.CharField(read_only=True, allow_null=True)
     error_message = serializers.CharField(read_only=True, allow_null=True)
+    waiting_reason = serializers.CharField(read_only=True, allow_null=True, help_text=(
+        "Set while the build waits for a slot under its pipeline's `max_concurrent_builds` (its jobs wait "
+        "`pending`): why. Null once it may run."))
     created_at = serializers.DateTimeField(read_only=True)
     scheduled_at = serializers.DateTimeField(read_only=True, allow_null=True)
     started_at = serializers.DateTimeField(read_only=True, allow_null=True)
@@ -81,6 +84,7 @@ def build_data(build: Build) -> dict[str, Any]:
         "secret_access": _text(build.secret_access),
         "error_code": _text(build.error_code),
         "error_message": _text(build.error_message),
+        "waiting_reason": _text(build.waiting_reason),
         "created_at": _datetime(build.created_at, tz),
         "scheduled_at": _datetime(build.scheduled_at, tz),
         "started_at": _datetime(build.started_at, tz),

@@ -265,6 +265,12 @@ def lock_build(build_id: uuid.UUID) -> Build:
 def _write_build(build_id: uuid.UUID, columns: Mapping[str, object]) -> None:
     if columns:
         Build.objects.filter(pk=build_id).update(**columns)
+    if columns.get("state") in TERMINAL_BUILD_STATES:
+        # The build's slot under its pipeline's max_concurrent_builds is free: admit a waiting build,
+        # after commit, because admission locks the pipeline's row and this caller holds a build's.
+        # robust: the reaper's sweep admits it if this fails. (Imported here: services import states.)
+        from builds.services.concurrency import admit_after_build_end
+        transaction.on_commit(lambda: admit_after_build_end(build_id), robust=True)
 
 
 # What any build holding an assigned job rolls up to, whatever its other jobs' states.
@@ -312,6 +318,9 @@ def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Bu
 
         if build.cancel_requested_at is None:
             changes = follow_ups(states, prerequisites, segments, waits_for)
+            if build.waiting_reason is not None:
+                # Waiting for a concurrency slot: its roots stay pending until admitted.
+                changes = {job_id: target for job_id, target in changes.items() if target != J.SCHEDULED}
             by_target: dict[str, list[uuid.UUID]] = defaultdict(list)
             for job_id, target in changes.items():
                 by_target[target].append(job_id)

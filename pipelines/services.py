@@ -13,7 +13,7 @@ from harmont.errors import ApiError, validation_error
 from organizations.models import Organization
 from organizations.services import slugify_name
 from pipelines import ir
-from pipelines.models import ForkPullRequests, Pipeline, Visibility, protected_branches_errors
+from pipelines.models import ForkPullRequests, Pipeline, Visibility, branch_filter_errors, protected_branches_errors
 
 _SCP_LIKE = re.compile(r"^[^/@:]+@[^/:]+:")  # git@github.com:owner/repo
 _SCHEME_HOST = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*/?")
@@ -52,7 +52,9 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                     source_slug: str | None = None, definition: Any = None,
                     triggers: list | None = None,
                     fork_pull_requests: str = ForkPullRequests.BUILD_WITHOUT_SECRETS,
-                    protected_branches: list[str] | None = None, now: datetime | None = None) -> Pipeline:
+                    protected_branches: list[str] | None = None, cancel_intermediate_builds: bool = False,
+                    cancel_intermediate_builds_branch_filter: list[str] | None = None,
+                    max_concurrent_builds: int | None = None, now: datetime | None = None) -> Pipeline:
     """A new pipeline of `org`, its slug made from `name` (a slug the organization already uses is an error).
 
     Bad fields are 422 `pipeline_invalid`, a taken slug 422 `pipeline_slug_taken`; both write nothing.
@@ -74,6 +76,13 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
     if branch_errors:
         raise ApiError("pipeline_invalid", "protected_branches is invalid.",
                        fields={"protected_branches": branch_errors})
+    filter_errors = branch_filter_errors(cancel_intermediate_builds_branch_filter)
+    if filter_errors:
+        raise ApiError("pipeline_invalid", "cancel_intermediate_builds_branch_filter is invalid.",
+                       fields={"cancel_intermediate_builds_branch_filter": filter_errors})
+    if max_concurrent_builds is not None and (isinstance(max_concurrent_builds, bool) or max_concurrent_builds < 1):
+        raise ApiError("pipeline_invalid", "max_concurrent_builds is invalid.",
+                       fields={"max_concurrent_builds": ["Must be null or a whole number of at least 1."]})
     if Pipeline.objects.filter(organization=org, slug=slug).exists():
         raise _slug_taken(slug)
     try:
@@ -84,6 +93,10 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                 allow_manual=allow_manual, visibility=visibility, source_slug=source_slug or slug,
                 definition=stored_definition, triggers=triggers, fork_pull_requests=fork_pull_requests,
                 protected_branches=list(protected_branches or []),
+                cancel_intermediate_builds=cancel_intermediate_builds,
+                cancel_intermediate_builds_branch_filter=(None if cancel_intermediate_builds_branch_filter is None
+                                                          else list(cancel_intermediate_builds_branch_filter)),
+                max_concurrent_builds=max_concurrent_builds,
                 created_at=now or timezone.now(),
             )
     except IntegrityError:  # lost a race for the same slug

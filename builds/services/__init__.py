@@ -6,6 +6,7 @@ from builds.services.builds import (
     BuildRequest,
     approve_build,
     cancel_build,
+    cancel_superseded_builds,
     create_build,
     find_pipeline_by_repo,
     validate_build_request,
@@ -15,6 +16,7 @@ from builds.services.job_specs import job_spec
 from builds.services.jobs import finish_job, heartbeat, move_job, report_finish, start_job
 from builds.services.logs import ChunkIn, append_log
 from builds.services.reaping import ReapReport, reap
+from builds.services.concurrency import admit_everywhere, admit_waiting_builds
 from builds.services.render import accept_rendered_pipeline, fail_render, record_render_result
 from builds.services.webhooks import (
     DeliveryResult,
@@ -23,12 +25,14 @@ from builds.services.webhooks import (
     handle_webhook_delivery,
     verified_repositories,
 )
+from builds.services.schedules import run_due_schedules
 from builds.services.workspaces import store_workspace
 
 __all__ = [
     "StoredArtifact", "store_artifact",
     "Registration", "agent_seen", "disconnect_agent", "register_agent",
-    "BuildRequest", "approve_build", "cancel_build", "create_build", "find_pipeline_by_repo", "validate_build_request",
+    "BuildRequest", "approve_build", "cancel_build", "cancel_superseded_builds", "create_build", "find_pipeline_by_repo", "validate_build_request",
+    "admit_everywhere", "admit_waiting_builds",
     "Claim", "FinishOutcome", "claim_for_agent", "claim_job", "finish_and_claim_next",
     "job_spec",
     "finish_job", "heartbeat", "move_job", "report_finish", "start_job",
@@ -36,5 +40,6 @@ __all__ = [
     "ReapReport", "reap",
     "accept_rendered_pipeline", "fail_render", "record_render_result",
     "DeliveryResult", "RefusedBuild", "SkippedBuild", "handle_webhook_delivery", "verified_repositories",
+    "run_due_schedules",
     "store_workspace",
 ]
