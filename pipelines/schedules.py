@@ -1,10 +1,4 @@
-"""Pipeline schedules: cron expressions that build a pipeline at their due times.
-
-Times come from `croniter` (no home-made cron parsing): five fields, read as
-wall-clock time in the schedule's IANA time zone, so `0 9 * * 1-5` is nine in
-the morning there in summer and winter alike. A wall-clock time a daylight
-saving change skips runs at the first minute after the gap; one it repeats runs
-once for each of its two UTC instants (croniter's behaviour with a zone-aware start).
+"""Pipeline schedules: cron expressions (pipelines.cron) that build a pipeline at their due times.
 
 The builds are created by `builds.services.schedules.run_due_schedules` (the
 reaper's tick); this module validates and stores schedules.
@@ -12,13 +6,10 @@ reaper's tick); this module validates and stores schedules.
 
 from __future__ import annotations
 
-import zoneinfo
-from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
-from functools import lru_cache
+from datetime import datetime
 from typing import Any
 
-from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
+from croniter import CroniterError
 from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -28,50 +19,12 @@ from builds.services.builds import validate_build_request
 from harmont.errors import ApiError, validation_error
 from harmont.serializers import parse_uuid
 from organizations.models import User
+from pipelines.cron import cron_problem, next_due_after, zone_problem
 from pipelines.models import Pipeline, PipelineSchedule
 
-CRON_FIELDS = 5
-CRON_MAX_LENGTH = PipelineSchedule._meta.get_field("cron").max_length
 SCHEDULE_SOURCES = frozenset({BuildSource.SCHEDULE})
 # The fields a PATCH may change; anything else in the body is ignored, like unknown fields elsewhere.
 EDITABLE = ("cron", "timezone", "branch", "commit", "message", "env", "enabled")
-
-
-@lru_cache(maxsize=1)
-def _zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
-
-
-def cron_problem(cron: Any) -> str | None:
-    """Why `cron` is no 5-field cron expression croniter accepts (None: it is one)."""
-    if not isinstance(cron, str) or not cron.strip():
-        return "Must be a cron expression of 5 fields: minute hour day-of-month month day-of-week."
-    if len(cron) > CRON_MAX_LENGTH:
-        return f"At most {CRON_MAX_LENGTH} characters."
-    if len(cron.split()) != CRON_FIELDS:
-        return (f"Must have exactly 5 fields (minute hour day-of-month month day-of-week); "
-                f"got {len(cron.split())}.")
-    if not croniter.is_valid(cron):
-        return "Not a valid cron expression."
-    return None
-
-
-def zone_problem(name: Any) -> str | None:
-    if not isinstance(name, str) or name not in _zones():
-        return "Must be an IANA time zone name, such as UTC or Europe/Berlin."
-    return None
-
-
-def next_due_after(*, cron: str, zone: str, after: datetime) -> datetime:
-    """The first due time strictly after `after`, in UTC."""
-    start = after.astimezone(zoneinfo.ZoneInfo(zone))
-    return croniter(cron, start).get_next(datetime).astimezone(dt_timezone.utc)
-
-
-def latest_due_at_or_before(*, cron: str, zone: str, moment: datetime) -> datetime:
-    """The last due time at or before `moment`, in UTC (croniter's `get_prev` is strict, hence the second)."""
-    start = (moment + timedelta(seconds=1)).astimezone(zoneinfo.ZoneInfo(zone))
-    return croniter(cron, start).get_prev(datetime).astimezone(dt_timezone.utc)
 
 
 def schedule_errors(*, pipeline: Pipeline, values: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, Any]]:
@@ -99,7 +52,7 @@ def schedule_errors(*, pipeline: Pipeline, values: dict[str, Any]) -> tuple[dict
     if not fields:
         try:
             clean["next_run_at"] = next_due_after(cron=clean["cron"], zone=clean["timezone"], after=timezone.now())
-        except (CroniterBadDateError, CroniterBadCronError, CroniterError):
+        except CroniterError:
             # Valid fields that never match a date (`0 0 30 2 *`).
             fields["cron"] = ["Never due: no date matches this expression."]
     return fields, clean

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from builds import services
 from builds.models import Build, BuildSource, Job, JobState
+from pipelines import cron
 from pipelines import schedules as schedule_services
 from pipelines.models import PipelineSchedule, ScheduledRun
 from tests.helpers import assert_error, is_postgres, iso, race
@@ -231,7 +232,7 @@ def test_daylight_saving_spring_forward_runs_the_skipped_time_once_at_the_gaps_e
     # Berlin skips 02:00-03:00 on 2026-03-29: a daily 02:30 runs at 03:00 CEST (01:00 UTC) that day.
     schedule = make_schedule(pipeline, cron="30 2 * * *", timezone_name="Europe/Berlin",
                              now=datetime(2026, 3, 27, 12, tzinfo=UTC))
-    schedule = due(schedule, schedule_services.next_due_after(cron="30 2 * * *", zone="Europe/Berlin",
+    schedule = due(schedule, cron.next_due_after(cron="30 2 * * *", zone="Europe/Berlin",
                                                               after=datetime(2026, 3, 28, 12, tzinfo=UTC)))
     assert schedule.next_run_at == datetime(2026, 3, 29, 1, 0, tzinfo=UTC)
     [build] = services.run_due_schedules(now=datetime(2026, 3, 29, 1, 0, 30, tzinfo=UTC))
@@ -273,3 +274,26 @@ def test_concurrent_ticks_create_exactly_one_build_per_due_time(pipeline):
     later = datetime(2026, 1, 1, 10, 5, 0, tzinfo=UTC)
     results = race(6, lambda i: services.run_due_schedules(now=later))
     assert Build.objects.count() == 6 and ScheduledRun.objects.count() == 6
+
+
+# ------------------------------------------------------------------ the admin
+
+
+def test_the_admin_creates_schedules_through_the_service_and_refuses_bad_cron(pipeline, owner):
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    staff = get_user_model().objects.create_superuser("ops@example.com", "a-long-passphrase")
+    client = Client()
+    client.force_login(staff)
+    url = "/admin/pipelines/pipelineschedule/add/"
+    form = {"pipeline": pipeline.pk, "cron": "61 * * * *", "timezone": "UTC", "branch": "main", "commit": "HEAD",
+            "message": "", "env": "{}", "enabled": "on", "created_by": ""}
+    response = client.post(url, form)
+    assert response.status_code == 200 and b"Not a valid cron expression." in response.content
+    assert not PipelineSchedule.objects.exists()
+    response = client.post(url, {**form, "cron": "5 4 * * *", "timezone": "Europe/Berlin"})
+    assert response.status_code == 302, response.content[:2000]
+    schedule = PipelineSchedule.objects.get()
+    assert (schedule.cron, schedule.timezone, schedule.created_by) == ("5 4 * * *", "Europe/Berlin", staff)
+    assert schedule.next_run_at is not None and schedule.next_run_at > timezone.now()

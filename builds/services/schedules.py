@@ -12,7 +12,7 @@ from builds.models import Build, BuildSource
 from builds.services.builds import create_build, validate_build_request
 from harmont.errors import ApiError
 from pipelines.models import PipelineSchedule, ScheduledRun
-from pipelines.schedules import SCHEDULE_SOURCES, latest_due_at_or_before, next_due_after
+from pipelines.cron import latest_due_at_or_before, next_due_after
 
 log = logging.getLogger("harmont.schedules")
 
@@ -53,7 +53,7 @@ def _run_schedule(*, schedule: PipelineSchedule, now: datetime) -> Build | None:
             request = validate_build_request(
                 branch=schedule.branch, commit=schedule.commit, env=schedule.env,
                 message=schedule.message or f"Scheduled build ({schedule.cron}, {schedule.timezone})",
-                source=BuildSource.SCHEDULE, allowed_sources=SCHEDULE_SOURCES)
+                source=BuildSource.SCHEDULE, allowed_sources=frozenset({BuildSource.SCHEDULE}))
             # The server's own path: `allow_manual: false` pipelines build too. The schedule's
             # creator is named, but no role: the build's secrets follow the branch's rules.
             build = create_build(pipeline=schedule.pipeline, request=request, created_by=schedule.created_by,
