@@ -21,16 +21,18 @@ from pipelines.models import Pipeline, PipelineSchedule
 from tests.helpers import (
     assert_error,
     builds_url,
-    claim,
     cyclic_ir,
+    deliver,
     is_postgres,
     job_states,
     make_agent,
     make_build,
+    push_payload,
     race,
     run_job,
     two_step_ir,
 )
+from tests.test_webhooks import make_pipeline, make_repository, push_on
 
 pytestmark = pytest.mark.django_db
 
@@ -173,6 +175,17 @@ def test_api_and_schedule_builds_take_the_same_path(api, pipeline, on_commit):
     body = api.get(builds_url(pipeline, f"/{first.number}")).json()
     assert (body["state"], body["error_code"], body["error_message"]) == (
         "canceled", "superseded", f"Superseded by build #{scheduled.number} on branch main.")
+
+
+def test_webhook_builds_supersede_too(org, on_commit):
+    make_repository(org)
+    pipeline = make_pipeline(org, "Feature CI", push_on("*"), cancel_intermediate_builds=True)
+    with on_commit():
+        assert deliver("push", push_payload("refs/heads/feature/x", after="a" * 40)).status_code == 200
+        assert deliver("push", push_payload("refs/heads/feature/x", after="b" * 40)).status_code == 200
+    first, second = Build.objects.filter(pipeline=pipeline).order_by("number")
+    assert (first.source, first.state, first.error_code) == ("webhook", "canceled", "superseded")
+    assert (second.commit, second.state) == ("b" * 40, "scheduled")
 
 
 def test_pipeline_create_validates_the_settings(api, org):

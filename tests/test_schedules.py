@@ -243,6 +243,20 @@ def test_daylight_saving_spring_forward_runs_the_skipped_time_once_at_the_gaps_e
     assert len(services.run_due_schedules(now=datetime(2026, 3, 30, 0, 31, tzinfo=UTC))) == 1
 
 
+def test_daylight_saving_fall_back_runs_an_hourly_schedule_at_both_instants_of_the_repeated_hour(pipeline):
+    # Berlin's 02:00-03:00 happens twice on 2026-10-25: at 00:00 UTC (CEST) and at 01:00 UTC (CET).
+    schedule = due(make_schedule(pipeline, cron="0 * * * *", timezone_name="Europe/Berlin"),
+                   datetime(2026, 10, 24, 23, 0, tzinfo=UTC))  # 01:00 CEST
+    due_times = []
+    for minute in range(0, 4 * 60, 10):  # a reaper pass every ten minutes from 23:00 UTC to 03:00 UTC
+        now = datetime(2026, 10, 24, 23, 0, 5, tzinfo=UTC) + timedelta(minutes=minute)
+        due_times += [b.created_at for b in services.run_due_schedules(now=now)]
+    assert list(ScheduledRun.objects.order_by("due_at").values_list("due_at", flat=True)) == [
+        datetime(2026, 10, 24, 23, tzinfo=UTC), datetime(2026, 10, 25, 0, tzinfo=UTC),
+        datetime(2026, 10, 25, 1, tzinfo=UTC), datetime(2026, 10, 25, 2, tzinfo=UTC)]
+    assert len(due_times) == 4
+
+
 def test_a_rejected_definition_still_spends_the_due_time_on_a_failed_build(pipeline):
     pipeline.definition = None
     pipeline.repository = ""
