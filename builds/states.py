@@ -48,7 +48,8 @@ BLOCKING_STATES: frozenset[str] = frozenset({J.FAILED, J.TIMED_OUT, J.CANCELED})
 JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     # Approval schedules a held job. Agents claim only scheduled jobs, so a held one
     # waits without the claim statement knowing about approvals at all.
-    J.HELD: frozenset({J.SCHEDULED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
+    # Approved while its pipeline has no free concurrency slot, a held job waits pending instead.
+    J.HELD: frozenset({J.SCHEDULED, J.PENDING, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
     # Waiting jobs time out only with their build (pipeline timeout).
     J.PENDING: frozenset({J.SCHEDULED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
     J.SCHEDULED: frozenset({J.ASSIGNED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),

@@ -293,12 +293,29 @@ def test_removing_the_limit_admits_every_waiting_build(pipeline):
     assert all(reread(b).waiting_reason is None for b in waiting)
 
 
-def test_held_builds_take_no_slot(pipeline):
+def test_held_builds_take_no_slot_and_once_approved_wait_for_one(pipeline, owner, on_commit):
     configure(pipeline, max_concurrent_builds=1)
     request = services.validate_build_request(branch="main", commit="abc123")
     held = services.create_build(pipeline=pipeline, request=request, held=True)
     free = make_build(pipeline)
     assert (held.state, free.waiting_reason) == ("held", None)
+    approved = services.approve_build(build=held, approved_by=owner)
+    # The slot is free's: the approved build waits, its roots pending, for its turn.
+    assert (approved.state, approved.waiting_reason, approved.approved_by) == (
+        "scheduled", "Waiting for a concurrency slot: 1 of 1 concurrent builds of this pipeline are running.", owner)
+    assert job_states(held) == {"a": "pending", "b": "pending"}
+    with on_commit():
+        services.cancel_build(build=free)
+    assert reread(held).waiting_reason is None and job_states(held) == {"a": "scheduled", "b": "pending"}
+
+
+def test_a_held_build_approved_with_a_free_slot_is_scheduled(pipeline, owner):
+    configure(pipeline, max_concurrent_builds=2)
+    make_build(pipeline)
+    held = services.create_build(pipeline=pipeline, held=True,
+                                 request=services.validate_build_request(branch="main", commit="abc123"))
+    approved = services.approve_build(build=held, approved_by=owner)
+    assert (approved.waiting_reason, job_states(held)) == (None, {"a": "scheduled", "b": "pending"})
 
 
 def test_a_build_rendered_on_an_agent_waits_with_its_render_job_pending(pipeline):

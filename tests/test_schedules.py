@@ -99,7 +99,11 @@ def test_members_list_schedules_but_may_not_create_edit_or_delete(member_api, pi
     schedule = make_schedule(pipeline)
     listed = member_api.get(schedules_url(pipeline))
     assert listed.status_code == 200
-    assert [s["id"] for s in listed.json()["data"]] == [str(schedule.pk)]
+    assert listed.json() == {"data": [{
+        "id": str(schedule.pk), "cron": "0 * * * *", "timezone": "UTC", "branch": "main", "commit": "HEAD",
+        "message": None, "env": {}, "enabled": True, "created_by": None, "next_run_at": iso(schedule.next_run_at),
+        "last_run_at": None, "last_build_number": None, "created_at": iso(schedule.created_at),
+        "updated_at": iso(schedule.updated_at)}], "next_cursor": None}
     assert_error(member_api.post(schedules_url(pipeline), {"cron": "0 * * * *"}, format="json"), 403,
                  "insufficient_org_role")
     assert_error(member_api.patch(schedules_url(pipeline, schedule.pk), {"enabled": False}, format="json"), 403,
@@ -198,9 +202,12 @@ def test_a_due_schedule_creates_one_schedule_build_and_advances(pipeline, owner)
     assert Build.objects.count() == 1
 
 
-def test_disabled_and_not_yet_due_schedules_build_nothing(pipeline):
+def test_disabled_not_yet_due_and_archived_pipelines_schedules_build_nothing(pipeline, other_pipeline):
     due(make_schedule(pipeline, enabled=False), datetime(2026, 1, 1, 10, tzinfo=UTC))
     due(make_schedule(pipeline), datetime(2026, 1, 1, 11, tzinfo=UTC))
+    due(make_schedule(other_pipeline), datetime(2026, 1, 1, 10, tzinfo=UTC))
+    other_pipeline.archived_at = datetime(2026, 1, 1, 9, tzinfo=UTC)
+    other_pipeline.save(update_fields=["archived_at"])
     assert services.run_due_schedules(now=datetime(2026, 1, 1, 10, 30, tzinfo=UTC)) == []
     assert not Build.objects.exists()
 

@@ -307,7 +307,7 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
     # for a person already and a rejected one never runs: neither waits for a slot.
     waiting_reason = None
     if limit is not None and error is None and not held:
-        waiting_reason = concurrency.waiting_reason_at_create(pipeline=pipeline, limit=limit)
+        waiting_reason = concurrency.waiting_reason_at_create(pipeline_id=pipeline.pk, limit=limit)
     if plan is not None:
         jobs = job_rows(build_id=build_id, org_id=pipeline.organization_id, plan=plan, now=now, held=held)
     elif error is None:
@@ -480,18 +480,29 @@ def approve_build(*, build: Build, approved_by: User, now: datetime | None = Non
 
     409 `build_not_held` when the build holds no job (approved already, canceled,
     or never held). Under the build's lock, so of an approval racing a cancel or
-    a second approval exactly one finds held jobs.
+    a second approval exactly one finds held jobs. When the pipeline's
+    `max_concurrent_builds` has no free slot, the approved build waits for one
+    like a new build would (its held jobs go `pending`, `waiting_reason` set).
     """
     now = now or timezone.now()
     with transaction.atomic():
+        # The pipeline's row first, then the build's (admission's lock order): counting the slots
+        # under it keeps an approval from racing a create or an admission for the last one.
+        limit = (Pipeline.objects.select_for_update().filter(pk=build.pipeline_id)
+                 .values_list("max_concurrent_builds", flat=True).get())
         locked = states.lock_build(build.pk)
         held = list(Job.objects.filter(build_id=locked.pk, state=JobState.HELD).values_list("id", flat=True))
         if locked.cancel_requested_at is not None or not held:
             raise ApiError("build_not_held", f"Build #{locked.number} is {locked.state}; it holds no job waiting "
                                              "for approval.")
-        states.transition_jobs(held, to=JobState.SCHEDULED, now=now, only_from=(JobState.HELD,))
-        Build.objects.filter(pk=locked.pk).update(approved_by=approved_by, approved_at=now)
-        locked.approved_by, locked.approved_at = approved_by, now
+        waiting_reason = None
+        if limit is not None:
+            waiting_reason = concurrency.waiting_reason_at_create(pipeline_id=locked.pipeline_id, limit=limit)
+        states.transition_jobs(held, to=JobState.PENDING if waiting_reason else JobState.SCHEDULED, now=now,
+                               only_from=(JobState.HELD,))
+        Build.objects.filter(pk=locked.pk).update(approved_by=approved_by, approved_at=now,
+                                                  waiting_reason=waiting_reason)
+        locked.approved_by, locked.approved_at, locked.waiting_reason = approved_by, now, waiting_reason
         settled = states.settle_build(build_id=locked.pk, now=now, locked=locked)
     settled.pipeline = build.pipeline
     return settled

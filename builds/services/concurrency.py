@@ -42,14 +42,15 @@ def _active(pipeline_id: int) -> Q:
              cancel_requested_at__isnull=True)
 
 
-def waiting_reason_at_create(*, pipeline: Pipeline, limit: int) -> str | None:
+def waiting_reason_at_create(*, pipeline_id: int, limit: int) -> str | None:
     """Why a build created now must wait (None: it may start). The caller holds the pipeline's row lock.
 
     It waits when the pipeline has `limit` active builds, and also when older
-    builds wait already, so that a new build never overtakes them.
+    builds wait already, so that a new build never overtakes them. Also asked
+    when a held build is approved.
     """
-    counts = Build.objects.filter(pipeline_id=pipeline.pk).aggregate(
-        active=Count("pk", filter=_active(pipeline.pk)),
+    counts = Build.objects.filter(pipeline_id=pipeline_id).aggregate(
+        active=Count("pk", filter=_active(pipeline_id)),
         waiting=Count("pk", filter=Q(waiting_reason__isnull=False)))
     if counts["active"] < limit and not counts["waiting"]:
         return None
