@@ -362,3 +362,84 @@ def test_concurrent_admissions_admit_one_build_per_free_slot(org):
     results = race(6, lambda i: services.admit_waiting_builds(pipeline_id=pipeline.pk))
     assert sorted(n for r in results for n in r) == [3]
     assert [reread(b).waiting_reason is None for b in waiting[1:]] == [True, False, False]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_admission_waiting_for_a_build_that_a_cancel_holds_does_not_deadlock(org, monkeypatch):
+    """The cancel holds the waiting build's lock and, at its commit, the foreign key check takes a share
+    lock on the pipeline row; the admission holds the pipeline row and waits for that build. The
+    admission's lock must let the share lock through (FOR NO KEY UPDATE), or PostgreSQL aborts one."""
+    if not is_postgres():
+        pytest.skip("needs PostgreSQL's row locks")
+    import threading
+    import time
+
+    pipeline = pipeline_services.create_pipeline(org=org, name="Limited", repository="https://github.com/a/b.git",
+                                                 default_branch="main", definition=two_step_ir(),
+                                                 max_concurrent_builds=1)
+    first = make_build(pipeline)
+    second, third = make_build(pipeline), make_build(pipeline)
+    # The slot frees without its admission (as if that process died).
+    Build.objects.filter(pk=first.pk).update(state="canceled", cancel_requested_at=first.created_at)
+    slow = threading.Event()
+    lock_build = states.lock_build
+
+    def slow_lock_build(build_id):
+        locked = lock_build(build_id)
+        if threading.current_thread().name == "canceler" and not slow.is_set():
+            slow.set()
+            time.sleep(1)  # the admission takes the pipeline's row and queues on this build meanwhile
+        return locked
+
+    monkeypatch.setattr(states, "lock_build", slow_lock_build)
+    errors: list[BaseException] = []
+
+    def run(work) -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 (asserted below)
+            errors.append(exc)
+        finally:
+            from django.db import connection
+            connection.close()
+
+    canceler = threading.Thread(target=run, name="canceler", args=(lambda: services.cancel_build(build=second),))
+    admitter = threading.Thread(target=run, args=(lambda: (slow.wait(5), time.sleep(0.2),
+                                                           services.admit_waiting_builds(pipeline_id=pipeline.pk)),))
+    canceler.start()
+    admitter.start()
+    canceler.join(30)
+    admitter.join(30)
+    assert not errors, errors
+    assert reread(second).state == "canceled"
+    assert reread(third).waiting_reason is None and job_states(third)["a"] == "scheduled"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admissions_racing_cancels_and_approvals_neither_deadlock_nor_overfill(org, owner):
+    """A cancel holds its build's lock and, at commit, a foreign key check's share lock on the pipeline;
+    admission and approval lock the pipeline first: the lock they take must let that share through."""
+    if not is_postgres():
+        pytest.skip("races need PostgreSQL: SQLite serialises every writer")
+    pipeline = pipeline_services.create_pipeline(org=org, name="Limited", repository="https://github.com/a/b.git",
+                                                 default_branch="main", definition=two_step_ir(),
+                                                 max_concurrent_builds=1)
+    first = make_build(pipeline)
+    waiting = [make_build(pipeline) for _ in range(3)]
+    held = services.create_build(pipeline=pipeline, held=True,
+                                 request=services.validate_build_request(branch="main", commit="abc123"))
+
+    def act(i: int) -> object:
+        if i == 0:
+            return services.cancel_build(build=first).state
+        if i == 1:
+            return services.cancel_build(build=waiting[2]).state
+        if i == 2:
+            return services.approve_build(build=held, approved_by=owner).state
+        return services.admit_waiting_builds(pipeline_id=pipeline.pk)
+
+    race(8, act)  # re-raises any error of a thread: a deadlock would be one
+    builds = [reread(b) for b in (first, *waiting, held)]
+    active = [b for b in builds if b.state in ("scheduled", "running") and b.waiting_reason is None]
+    assert [b.number for b in active] == [2]  # the oldest waiting build took the one slot
+    assert (reread(waiting[2]).state, reread(held).waiting_reason is not None) == ("canceled", True)

@@ -487,8 +487,9 @@ def approve_build(*, build: Build, approved_by: User, now: datetime | None = Non
     now = now or timezone.now()
     with transaction.atomic():
         # The pipeline's row first, then the build's (admission's lock order): counting the slots
-        # under it keeps an approval from racing a create or an admission for the last one.
-        limit = (Pipeline.objects.select_for_update().filter(pk=build.pipeline_id)
+        # under it keeps an approval from racing a create or an admission for the last one. NO KEY,
+        # as in concurrency.admit_waiting_builds: a cancel's foreign key check shares the row.
+        limit = (Pipeline.objects.select_for_update(no_key=True).filter(pk=build.pipeline_id)
                  .values_list("max_concurrent_builds", flat=True).get())
         locked = states.lock_build(build.pk)
         held = list(Job.objects.filter(build_id=locked.pk, state=JobState.HELD).values_list("id", flat=True))

@@ -72,19 +72,26 @@ def admit_waiting_builds(*, pipeline_id: int, now: datetime | None = None) -> li
     now = now or timezone.now()
     admitted: list[int] = []
     with transaction.atomic():
-        limits = list(Pipeline.objects.select_for_update().filter(pk=pipeline_id)
+        # FOR NO KEY UPDATE, like the counter's UPDATE in `_insert_build`: it queues behind that and
+        # other admissions, but not behind the FOR KEY SHARE that PostgreSQL's foreign key check takes
+        # on the pipeline at the commit of any transaction that updated a build row twice (a cancel,
+        # holding that build's lock): a plain FOR UPDATE here deadlocks with it.
+        limits = list(Pipeline.objects.select_for_update(no_key=True).filter(pk=pipeline_id)
                       .values_list("max_concurrent_builds", flat=True))
         if not limits:
             return admitted
         limit = limits[0]
         waiting = Build.objects.filter(pipeline_id=pipeline_id, waiting_reason__isnull=False).order_by("number")
+        free = None
         if limit is not None:
             free = limit - Build.objects.filter(_active(pipeline_id)).count()
             if free <= 0:
                 return admitted
-            waiting = waiting[:free]
         for build_id in list(waiting.values_list("pk", flat=True)):
+            if free is not None and len(admitted) >= free:
+                break
             locked = states.lock_build(build_id)
+            # Canceled between the read and its lock: the next one in line takes the slot.
             if locked.waiting_reason is None or locked.cancel_requested_at is not None:
                 continue
             Build.objects.filter(pk=build_id).update(waiting_reason=None)
