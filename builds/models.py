@@ -107,6 +107,9 @@ class Build(models.Model):
     # The number of the build of the same pipeline this one is a rebuild of. A number, not a
     # foreign key: it is what the API and the page show, and it outlives a pruned original.
     rebuild_of = models.PositiveIntegerField(null=True, blank=True)
+    # Set while the build waits for a slot under its pipeline's `max_concurrent_builds` (its root
+    # jobs stay `pending`, so no agent sees them): why it waits, as the build page and JSON say it.
+    waiting_reason = models.CharField(max_length=255, null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     scheduled_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -122,6 +125,9 @@ class Build(models.Model):
             models.Index(fields=["pipeline", "branch", "-number"], name="build_by_branch"),
             models.Index(fields=["pipeline", "state", "-number"], name="build_by_state"),
             models.Index(fields=["pipeline", "commit"], name="build_by_commit"),
+            # Admission takes a pipeline's oldest waiting builds; the reaper finds pipelines that have any.
+            models.Index(fields=["pipeline", "number"], condition=models.Q(waiting_reason__isnull=False),
+                         name="build_waiting"),
         ]
 
     def __str__(self) -> str:

@@ -12,6 +12,11 @@ BUILD = "orgs/<str:org>/pipelines/<str:pipeline>/builds/<int:number>"
 pipeline_pages = [
     path("orgs/<str:org>/", views.pipeline_list, name="pipelines"),
     path("orgs/<str:org>/pipelines/<str:pipeline>/", views.pipeline_history, name="history"),
+    path("orgs/<str:org>/pipelines/<str:pipeline>/schedules", views.schedule_create, name="schedule-create"),
+    path("orgs/<str:org>/pipelines/<str:pipeline>/schedules/<uuid:schedule_id>/toggle", views.schedule_toggle,
+         name="schedule-toggle"),
+    path("orgs/<str:org>/pipelines/<str:pipeline>/schedules/<uuid:schedule_id>/delete", views.schedule_delete,
+         name="schedule-delete"),
 ]
 
 build_pages = [

@@ -1,6 +1,7 @@
-"""The reaper loop: the part of execution no agent can report on (lost agents, overdue work), and
-the rows that only live for a while (expired idempotency keys, agents not seen for a day), and the
-webhook deliveries whose task got lost or failed, handed to the queue again."""
+"""The reaper loop: the part of execution no agent can report on (lost agents, overdue work), the
+rows that only live for a while (expired idempotency keys, agents not seen for a day), the
+pipelines' schedules (their due builds), builds waiting for a concurrency slot, and the webhook
+deliveries whose task got lost or failed, handed to the queue again."""
 
 from __future__ import annotations
 
@@ -72,6 +73,13 @@ def run_reaper(*, stop: threading.Event, interval: float, once: bool = False, gr
             requeued = services.requeue_webhook_deliveries(now=now)
             if requeued:
                 log.info("handed %d webhook deliveries to the task queue again", requeued)
+            scheduled = services.run_due_schedules(now=now)
+            if scheduled:
+                log.info("scheduled builds: %s", ", ".join(f"{b.pipeline.slug}#{b.number}" for b in scheduled))
+            # Builds whose admission was lost (a process died between a build's end and admitting the next).
+            admitted = services.admit_everywhere(now=now)
+            if admitted:
+                log.info("admitted %d builds waiting for a concurrency slot", admitted)
         except DatabaseError:
             log.exception("reaper pass failed; retrying")
             grace.failed()

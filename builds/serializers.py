@@ -33,6 +33,9 @@ class BuildSerializer(serializers.Serializer):
     error_message = serializers.CharField(read_only=True, allow_null=True)
     rebuild_of = serializers.IntegerField(read_only=True, allow_null=True, help_text=(
         "The number of the build of this pipeline that this one rebuilt (`POST .../rebuild`), else null."))
+    waiting_reason = serializers.CharField(read_only=True, allow_null=True, help_text=(
+        "Set while the build waits for a slot under its pipeline's `max_concurrent_builds` (its jobs wait "
+        "`pending`): why. Null once it may run."))
     created_at = serializers.DateTimeField(read_only=True)
     scheduled_at = serializers.DateTimeField(read_only=True, allow_null=True)
     started_at = serializers.DateTimeField(read_only=True, allow_null=True)
@@ -84,6 +87,7 @@ def build_data(build: Build) -> dict[str, Any]:
         "error_code": _text(build.error_code),
         "error_message": _text(build.error_message),
         "rebuild_of": None if build.rebuild_of is None else int(build.rebuild_of),
+        "waiting_reason": _text(build.waiting_reason),
         "created_at": _datetime(build.created_at, tz),
         "scheduled_at": _datetime(build.scheduled_at, tz),
         "started_at": _datetime(build.started_at, tz),

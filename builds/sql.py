@@ -273,7 +273,7 @@ def job_for_credential(credential_hash: str, *, seen_since: datetime, ended_sinc
 # What the Build serializer shows (plus what cancel and the log routes use).
 SCOPED_BUILD_FIELDS = ("id", "number", "state", "branch", "commit", "message", "source", "fork", "secret_access",
                        "error_code", "error_message", "rebuild_of", "created_at", "scheduled_at", "started_at",
-                       "finished_at", "cancel_requested_at", "pipeline")
+                       "finished_at", "cancel_requested_at", "waiting_reason", "pipeline")
 # Every build-scoped request runs it: the ORM spent about 1 ms of CPU building and
 # compiling this four-table join, PostgreSQL about 0.3 ms planning and answering it.
 # It loads what `select_related("pipeline__organization").only(*SCOPED_BUILD_FIELDS,

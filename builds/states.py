@@ -69,7 +69,8 @@ def counted_state(state: str, *, retried: bool = False, soft_failed: bool = Fals
 JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     # Approval schedules a held job. Agents claim only scheduled jobs, so a held one
     # waits without the claim statement knowing about approvals at all.
-    J.HELD: frozenset({J.SCHEDULED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
+    # Approved while its pipeline has no free concurrency slot, a held job waits pending instead.
+    J.HELD: frozenset({J.SCHEDULED, J.PENDING, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
     # Waiting jobs time out only with their build (pipeline timeout).
     J.PENDING: frozenset({J.SCHEDULED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
     J.SCHEDULED: frozenset({J.ASSIGNED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
@@ -335,6 +336,12 @@ def lock_build(build_id: uuid.UUID) -> Build:
 def _write_build(build_id: uuid.UUID, columns: Mapping[str, object]) -> None:
     if columns:
         Build.objects.filter(pk=build_id).update(**columns)
+    if columns.get("state") in TERMINAL_BUILD_STATES:
+        # The build's slot under its pipeline's max_concurrent_builds is free: admit a waiting build,
+        # after commit, because admission locks the pipeline's row and this caller holds a build's.
+        # robust: the reaper's sweep admits it if this fails. (Imported here: services import states.)
+        from builds.services.concurrency import admit_after_build_end
+        transaction.on_commit(lambda: admit_after_build_end(build_id), robust=True)
 
 
 # What any build holding an assigned job rolls up to, whatever its other jobs' states.
@@ -405,6 +412,9 @@ def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Bu
 
         if build.cancel_requested_at is None:
             changes = follow_ups(states, prerequisites, segments, waits_for)
+            if build.waiting_reason is not None:
+                # Waiting for a concurrency slot: its roots stay pending until admitted.
+                changes = {job_id: target for job_id, target in changes.items() if target != J.SCHEDULED}
             by_target: dict[str, list[uuid.UUID]] = defaultdict(list)
             for job_id, target in changes.items():
                 by_target[target].append(job_id)

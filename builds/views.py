@@ -43,6 +43,7 @@ from harmont.pagination import decode_cursor, encode_cursor
 from organizations import services as org_services
 from organizations.models import AgentToken
 from organizations.views import OrgPage, org_page
+from pipelines import schedules as schedule_services
 from pipelines.models import Pipeline
 
 # What the build page reads of its jobs: a job's env can be large and is never shown.
@@ -95,7 +96,7 @@ def build_status(build: Build, jobs: list[Job], now: datetime) -> dict[str, Any]
     return {
         "build": {
             "number": build.number, "state": build.state, "error_code": build.error_code,
-            "error_message": build.error_message,
+            "error_message": build.error_message, "waiting_reason": build.waiting_reason,
             "duration": format_duration(duration_seconds(build, now)),
             "finished": build.finished_at is not None,
             "cancelable": build.state not in TERMINAL_BUILD_STATES,
@@ -226,10 +227,95 @@ def pipeline_history(request: HttpRequest, org: str, pipeline: str) -> HttpRespo
                 status = exc.status
         else:
             status = 422
+    return _history_response(request, page, pipe, form=form, status=status)
+
+
+def _history_response(request: HttpRequest, page: OrgPage, pipe: Pipeline, *, form: NewBuildForm,
+                      schedule_form: "ScheduleForm | None" = None, status: int = 200) -> HttpResponse:
     history = _history(request, pipe)
     if history["invalid_filter"] and status == 200:
         status = 400
-    return render(request, "builds/history.html", page.context(pipeline=pipe, form=form, **history), status=status)
+    schedules = list(schedule_services.list_schedules(pipeline=pipe))
+    schedule_form = schedule_form or ScheduleForm(initial={"branch": pipe.default_branch, "commit": "HEAD",
+                                                           "timezone": "UTC"})
+    return render(request, "builds/history.html", page.context(
+        pipeline=pipe, form=form, schedules=schedules, schedule_form=schedule_form, **history), status=status)
+
+
+# ---------------------------------------------------------------- schedules (the pipeline page's section)
+
+
+class ScheduleForm(forms.Form):
+    cron = forms.CharField(max_length=100, help_text="5 fields: minute hour day-of-month month day-of-week.")
+    timezone = forms.CharField(max_length=64, initial="UTC", help_text="IANA name, e.g. Europe/Berlin.")
+    branch = forms.CharField(max_length=255)
+    commit = forms.CharField(max_length=255, initial="HEAD")
+    message = forms.CharField(max_length=1000, required=False)
+
+
+def _schedule_page(request: HttpRequest, org: str, pipeline: str) -> tuple[OrgPage, Pipeline]:
+    """The pipeline of a schedule form: admins and owners only, as in the API."""
+    page = org_page(request, org)
+    pipe = Pipeline.objects.for_org(page.org).filter(slug=pipeline).first()
+    if pipe is None:
+        raise Http404(f"No pipeline {pipeline!r}.")
+    if not page.is_admin:
+        raise PermissionDenied(f"Only admins and owners of {page.org.name} manage schedules; your role is "
+                               f"{page.membership.role}.")
+    pipe.organization = page.org
+    return page, pipe
+
+
+@login_required
+@require_POST
+def schedule_create(request: HttpRequest, org: str, pipeline: str) -> HttpResponse:
+    """The pipeline page's "New schedule" form; bad fields re-render the page (422) with their errors."""
+    page, pipe = _schedule_page(request, org, pipeline)
+    form = ScheduleForm(request.POST)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            schedule_services.create_schedule(pipeline=pipe, cron=data["cron"], timezone_name=data["timezone"],
+                                              branch=data["branch"], commit=data["commit"],
+                                              message=data["message"] or None,
+                                              created_by=request.user)  # type: ignore[arg-type]
+        except ApiError as exc:
+            for name, errors in (exc.fields or {}).items():
+                form.add_error(name if name in form.fields else None, errors)
+        else:
+            messages.success(request, f"Schedule “{data['cron']}” ({data['timezone']}) created.")
+            return redirect("pipelines_ui:history", org=page.org.slug, pipeline=pipe.slug)
+    return _history_response(request, page, pipe, form=NewBuildForm(initial={"branch": pipe.default_branch,
+                                                                               "commit": "HEAD"}),
+                             schedule_form=form, status=422)
+
+
+def _page_schedule(pipe: Pipeline, schedule_id: uuid.UUID) -> Any:
+    try:
+        return schedule_services.get_schedule(pipeline=pipe, schedule_id=schedule_id)
+    except ApiError as exc:  # schedule_not_found: a page's 404
+        raise Http404(exc.message) from None
+
+
+@login_required
+@require_POST
+def schedule_toggle(request: HttpRequest, org: str, pipeline: str, schedule_id: uuid.UUID) -> HttpResponse:
+    """Enable a disabled schedule (its next run counted from now) or disable an enabled one."""
+    page, pipe = _schedule_page(request, org, pipeline)
+    schedule = _page_schedule(pipe, schedule_id)
+    schedule_services.update_schedule(schedule=schedule, changes={"enabled": not schedule.enabled})
+    messages.success(request, f"Schedule “{schedule.cron}” {'enabled' if schedule.enabled else 'disabled'}.")
+    return redirect("pipelines_ui:history", org=page.org.slug, pipeline=pipe.slug)
+
+
+@login_required
+@require_POST
+def schedule_delete(request: HttpRequest, org: str, pipeline: str, schedule_id: uuid.UUID) -> HttpResponse:
+    page, pipe = _schedule_page(request, org, pipeline)
+    schedule = _page_schedule(pipe, schedule_id)
+    schedule_services.delete_schedule(schedule=schedule)
+    messages.success(request, f"Schedule “{schedule.cron}” deleted; the builds it made stay.")
+    return redirect("pipelines_ui:history", org=page.org.slug, pipeline=pipe.slug)
 
 
 def _history(request: HttpRequest, pipe: Pipeline) -> dict[str, Any]:

@@ -142,6 +142,8 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "credential's own (or does not exist), or the credential's job has already finished."),
     ("agent_token_not_found", "not_found", "Agent token not found",
      "No agent token with this id exists in the organization."),
+    ("schedule_not_found", "not_found", "Schedule not found",
+     "No schedule with this id in the pipeline. Schedule ids come from the pipeline's schedule list."),
     ("secret_not_found", "not_found", "Secret not found",
      "No secret with this name exists in the organization (or, under `.../pipelines/{pipeline}/secrets`, in "
      "that pipeline). Names are case-sensitive, like environment variables."),

@@ -9,6 +9,8 @@ from harmont.crypto import encrypt_text
 from pipelines.models import Pipeline, Repository
 from pipelines.models import Secret
 from pipelines import ir
+from pipelines.models import PipelineSchedule, ScheduledRun, Secret
+from pipelines import schedules as schedule_services
 from pipelines import secrets as secret_services
 from pipelines.services import derive_repo_name
 
@@ -37,7 +39,7 @@ class PipelineAdmin(admin.ModelAdmin):
     form = PipelineForm
     list_display = ["slug", "organization", "name", "repo_name", "source_slug", "allow_manual", "build_counter",
                     "created_at", "archived_at"]
-    list_filter = ["allow_manual", "visibility", "fork_pull_requests"]
+    list_filter = ["allow_manual", "visibility", "fork_pull_requests", "cancel_intermediate_builds"]
     search_fields = ["slug", "name", "repo_name", "repository", "organization__slug"]
     list_select_related = ["organization"]
     raw_id_fields = ["organization"]
@@ -143,3 +145,64 @@ class SecretAdmin(admin.ModelAdmin):
                                                value=value, protected=protected)
         obj.pk, obj.updated_at = secret.pk, secret.updated_at
         obj._state.adding = False
+
+
+class PipelineScheduleForm(forms.ModelForm):
+    """Checked by the schedules service (cron, zone, branch, commit, env), which also computes the next run."""
+
+    class Meta:
+        model = PipelineSchedule
+        fields = ["pipeline", "cron", "timezone", "branch", "commit", "message", "env", "enabled", "created_by"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        pipeline = data.get("pipeline")
+        if pipeline is None:
+            return data
+        values = {name: data.get(name) for name in schedule_services.EDITABLE}
+        values["env"] = {} if values["env"] is None else values["env"]
+        values["message"] = values["message"] or None
+        fields, clean = schedule_services.schedule_errors(pipeline=pipeline, values=values)
+        for field, messages in fields.items():
+            self.add_error(field if field in self.fields else None, messages)
+        if not fields:
+            data.update(clean)
+        return data
+
+
+@admin.register(PipelineSchedule)
+class PipelineScheduleAdmin(admin.ModelAdmin):
+    form = PipelineScheduleForm
+    list_display = ["pipeline", "cron", "timezone", "branch", "enabled", "next_run_at", "last_run_at"]
+    list_filter = ["enabled"]
+    search_fields = ["pipeline__slug", "pipeline__organization__slug", "branch", "cron"]
+    list_select_related = ["pipeline"]
+    raw_id_fields = ["pipeline", "created_by"]
+    readonly_fields = ["next_run_at", "last_run_at", "last_build", "created_at", "updated_at"]
+
+    def save_model(self, request: HttpRequest, obj: PipelineSchedule, form: Any, change: bool) -> None:
+        data = form.cleaned_data
+        if change:
+            schedule_services.update_schedule(schedule=obj, changes={name: data[name]
+                                                                     for name in schedule_services.EDITABLE})
+            return
+        saved = schedule_services.create_schedule(
+            pipeline=data["pipeline"], cron=data["cron"], timezone_name=data["timezone"], branch=data["branch"],
+            commit=data["commit"], message=data["message"], env=data["env"], enabled=data["enabled"],
+            created_by=data.get("created_by") or request.user)
+        obj.pk, obj._state.adding = saved.pk, False
+
+
+@admin.register(ScheduledRun)
+class ScheduledRunAdmin(admin.ModelAdmin):
+    """The record of each due time a schedule acted on; written by the tick only."""
+
+    list_display = ["schedule", "due_at", "build", "created_at"]
+    list_select_related = ["schedule", "build"]
+    raw_id_fields = ["schedule", "build"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -19,11 +19,14 @@ from organizations.idempotency import IDEMPOTENCY_KEY_HEADER, IDEMPOTENCY_RESPON
 from organizations.models import Role
 from pipelines import secrets as secret_services
 from pipelines import registration, services
+from pipelines import schedules as schedule_services
 from pipelines.models import Pipeline
 from pipelines.serializers import SecretListSerializer, SecretSerializer, SetSecretRequestSerializer
 from pipelines.serializers import CreatePipelineRequestSerializer, PipelineListSerializer, PipelineSerializer
 from pipelines.serializers import UpdatePipelineRequestSerializer
 from pipelines.serializers import RegisterPipelinesRequestSerializer, RegisterPipelinesResponseSerializer
+from pipelines.serializers import CreateScheduleRequestSerializer, ScheduleListSerializer, ScheduleSerializer
+from pipelines.serializers import UpdateScheduleRequestSerializer
 
 PAGE_PARAMS = [
     OpenApiParameter("limit", int, description="Page size (1-100, default 50)."),
@@ -191,3 +194,63 @@ class PipelineSecretDetailView(SecretScopeView):
                    parameters=[SECRET_NAME_PARAM], responses={204: None, 403: ErrorSerializer, 404: ErrorSerializer})
     def delete(self, request: Request, org: str, pipeline: str, name: str) -> Response:
         return self.delete_secret(name)
+
+
+# ---------------------------------------------------------------- schedules
+
+
+class ScheduleScopeView(OrgScopedView):
+    """A pipeline's schedules: members read them, admins and owners create, change and delete them
+    (a schedule builds with the server's own source, so it can build `allow_manual: false` pipelines)."""
+
+    required_role = {"POST": Role.ADMIN, "PATCH": Role.ADMIN, "DELETE": Role.ADMIN}
+    role_action = "manage schedules"
+
+    def pipeline(self) -> Pipeline:
+        return get_pipeline(self.org, self.kwargs["pipeline"])
+
+
+SCHEDULE_ID_PARAM = OpenApiParameter("schedule_id", str, OpenApiParameter.PATH, description="The schedule's id.")
+
+
+class PipelineScheduleListView(ScheduleScopeView):
+    @extend_schema(operation_id="listPipelineSchedules", tags=["schedules"], parameters=PAGE_PARAMS,
+                   responses={200: ScheduleListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, org: str, pipeline: str) -> Response:
+        """The pipeline's schedules, oldest first."""
+        page = paginate_by_keys(request, schedule_services.list_schedules(pipeline=self.pipeline()),
+                                keys=("created_at", "pk"))
+        return Response({"data": ScheduleSerializer(page.items, many=True).data, "next_cursor": page.next_cursor})
+
+    @extend_schema(operation_id="createPipelineSchedule", tags=["schedules"], request=CreateScheduleRequestSerializer,
+                   parameters=[IDEMPOTENCY_KEY_HEADER],
+                   responses={201: ScheduleSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
+                              422: ErrorSerializer, **IDEMPOTENCY_RESPONSES})
+    @idempotent
+    def post(self, request: Request, org: str, pipeline: str) -> Response:
+        """Create a schedule; its first build is due at the first time its cron expression names after now."""
+        pipe = self.pipeline()
+        body = validated(CreateScheduleRequestSerializer, request)
+        schedule = schedule_services.create_schedule(
+            pipeline=pipe, created_by=request.user, timezone_name=body.pop("timezone"), **body)
+        return Response(ScheduleSerializer(schedule).data, status=status.HTTP_201_CREATED)
+
+
+class PipelineScheduleDetailView(ScheduleScopeView):
+    @extend_schema(operation_id="updatePipelineSchedule", tags=["schedules"], request=UpdateScheduleRequestSerializer,
+                   parameters=[SCHEDULE_ID_PARAM],
+                   responses={200: ScheduleSerializer, 403: ErrorSerializer, 404: ErrorSerializer,
+                              422: ErrorSerializer})
+    def patch(self, request: Request, org: str, pipeline: str, schedule_id: str) -> Response:
+        """Change some of a schedule's fields; the next run is recomputed from now (no catch-up)."""
+        schedule = schedule_services.get_schedule(pipeline=self.pipeline(), schedule_id=schedule_id)
+        changes = validated(UpdateScheduleRequestSerializer, request)
+        schedule = schedule_services.update_schedule(schedule=schedule, changes=changes)
+        return Response(ScheduleSerializer(schedule).data)
+
+    @extend_schema(operation_id="deletePipelineSchedule", tags=["schedules"], request=None,
+                   parameters=[SCHEDULE_ID_PARAM], responses={204: None, 403: ErrorSerializer, 404: ErrorSerializer})
+    def delete(self, request: Request, org: str, pipeline: str, schedule_id: str) -> Response:
+        schedule = schedule_services.get_schedule(pipeline=self.pipeline(), schedule_id=schedule_id)
+        schedule_services.delete_schedule(schedule=schedule)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+
+from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
@@ -53,6 +57,17 @@ def validate_default_retry(value: object) -> None:
         ir.normalise_retry(value, "default_retry")
     except ir.PlanError as exc:
         raise ValidationError(f"{exc.code}: {exc.message}") from None
+def branch_filter_errors(value: object) -> list[str]:
+    """What is wrong with a `cancel_intermediate_builds_branch_filter` (null is the default rule)."""
+    if value is None:
+        return []
+    return protected_branches_errors(value)
+
+
+def validate_branch_filter(value: object) -> None:
+    errors = branch_filter_errors(value)
+    if errors:
+        raise ValidationError(errors)
 
 
 class PipelineQuerySet(models.QuerySet["Pipeline"]):
@@ -81,6 +96,15 @@ class Pipeline(models.Model):
     protected_branches = models.JSONField(default=list, blank=True, validators=[validate_protected_branches])
     # The `retry` of every step that sets none (Buildkite's shape, stored normalised; null: none).
     default_retry = models.JSONField(null=True, blank=True, validators=[validate_default_retry])
+    # A new build on a branch cancels the branch's older scheduled and running builds (Buildkite's
+    # "cancel intermediate builds"). The filter is a list of fnmatch patterns, `!pattern` excluding;
+    # null: every branch except the default branch.
+    cancel_intermediate_builds = models.BooleanField(default=False)
+    cancel_intermediate_builds_branch_filter = models.JSONField(null=True, blank=True,
+                                                                validators=[validate_branch_filter])
+    # At most this many builds of the pipeline are scheduled or running at once; later ones wait
+    # (`Build.waiting_reason`). Null: no limit.
+    max_concurrent_builds = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
     # The last build number handed out. Incremented under the row lock inside the
     # transaction that inserts the build, so numbers have no gaps or duplicates.
     build_counter = models.PositiveIntegerField(default=0)
@@ -155,3 +179,58 @@ class Secret(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class PipelineSchedule(models.Model):
+    """Builds a pipeline on a cron schedule (5 fields, in `timezone`), with `source: schedule`.
+
+    `next_run_at` is the next due time (UTC) the reaper's tick looks for; each due
+    time that produced a build has its `ScheduledRun` row, unique per due time, so
+    several reapers running the tick at once create one build per due time.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    pipeline = models.ForeignKey(Pipeline, on_delete=models.CASCADE, related_name="schedules")
+    cron = models.CharField(max_length=100)
+    branch = models.CharField(max_length=255)
+    commit = models.CharField(max_length=255, default="HEAD")
+    message = models.TextField(blank=True, null=True)
+    env = models.JSONField(default=dict, blank=True)
+    enabled = models.BooleanField(default=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    next_run_at = models.DateTimeField(null=True, blank=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_build = models.ForeignKey("builds.Build", null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+    # An IANA zone name (`Europe/Berlin`): the cron fields are read as that zone's wall-clock time.
+    # Declared after the fields above, whose defaults need the `timezone` module this name shadows.
+    timezone = models.CharField(max_length=64, default="UTC")
+
+    class Meta:
+        indexes = [
+            # The pipeline's list, keyset-paginated by (created_at, id).
+            models.Index(fields=["pipeline", "created_at", "id"], name="schedule_by_pipeline"),
+            # The tick: enabled schedules that are due.
+            models.Index(fields=["next_run_at"], condition=models.Q(enabled=True), name="schedule_due"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.pipeline_id}: {self.cron} ({self.timezone})"
+
+
+class ScheduledRun(models.Model):
+    """One due time of a schedule that was acted on: inserting it is the claim to create that build."""
+
+    schedule = models.ForeignKey(PipelineSchedule, on_delete=models.CASCADE, related_name="runs")
+    due_at = models.DateTimeField()
+    build = models.ForeignKey("builds.Build", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["schedule", "due_at"], name="scheduled_run_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.schedule_id} @ {self.due_at.isoformat()}"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from harmont.redaction import redact_url_credentials
 from harmont.serializers import page_serializer
-from pipelines.models import PROTECTED_BRANCHES_MAX, ForkPullRequests, Pipeline, Visibility
+from pipelines.models import PROTECTED_BRANCHES_MAX, ForkPullRequests, Pipeline, PipelineSchedule, Visibility
 
 
 class PipelineSerializer(serializers.ModelSerializer):
@@ -18,7 +19,8 @@ class PipelineSerializer(serializers.ModelSerializer):
         model = Pipeline
         fields = ["slug", "name", "description", "repository", "repo_name", "default_branch", "visibility",
                   "allow_manual", "source_slug", "definition", "triggers", "fork_pull_requests", "protected_branches",
-                  "default_retry", "created_at"]
+                  "default_retry", "cancel_intermediate_builds", "cancel_intermediate_builds_branch_filter",
+                  "max_concurrent_builds", "created_at"]
         read_only_fields = fields
 
     def to_representation(self, instance: Pipeline) -> dict[str, Any]:
@@ -69,6 +71,18 @@ class CreatePipelineRequestSerializer(serializers.Serializer):
         "The `retry` of every step that sets none, in Buildkite's shape: `{\"automatic\": true | rule | [rule], "
         "\"manual\": bool | {\"allowed\": bool, \"reason\": str}}`, a rule being `{\"exit_status\": int | \"*\" | "
         "[int], \"limit\": 1..10}` (-1: the agent was lost). Stored normalised."))
+    cancel_intermediate_builds = serializers.BooleanField(required=False, default=False, help_text=(
+        "A new build on a branch cancels that branch's older scheduled and running builds "
+        "(`error_code: superseded`)."))
+    cancel_intermediate_builds_branch_filter = serializers.ListField(
+        child=StrictCharField(max_length=255, trim_whitespace=False), required=False, allow_null=True, default=None,
+        max_length=PROTECTED_BRANCHES_MAX, help_text=(
+            "Branches whose new builds cancel older ones: fnmatch patterns, `!pattern` excluding. Null (the "
+            "default): every branch except the default branch."))
+    max_concurrent_builds = serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=1, max_value=10_000, help_text=(
+            "At most this many builds of the pipeline are scheduled or running at once; later ones wait, "
+            "`scheduled`, with `waiting_reason` set. Null: no limit."))
 
 
 class UpdatePipelineRequestSerializer(CreatePipelineRequestSerializer):
@@ -136,3 +150,53 @@ class RegisterPipelinesResponseSerializer(serializers.Serializer):
     pipelines = PipelineSerializer(many=True)
     archived = serializers.ListField(child=serializers.CharField(),
                                      help_text="Slugs of pipelines archived because their entry disappeared.")
+
+
+class ScheduleSerializer(serializers.Serializer):
+    """A pipeline schedule. Views load `created_by` and `last_build` with it (no queries here)."""
+
+    id = serializers.UUIDField()
+    cron = serializers.CharField(help_text="5 fields: minute hour day-of-month month day-of-week.")
+    timezone = serializers.CharField(help_text="The IANA time zone the cron fields are read in.")
+    branch = serializers.CharField()
+    commit = serializers.CharField()
+    message = serializers.CharField(allow_null=True)
+    env = serializers.DictField(child=serializers.CharField(), help_text="Passed on to every job of its builds.")
+    enabled = serializers.BooleanField()
+    created_by = serializers.EmailField(source="created_by.email", allow_null=True, default=None,
+                                        help_text="Who created it (its builds name them); null once they are gone.")
+    next_run_at = serializers.DateTimeField(allow_null=True, help_text="The next due time (ignored while disabled).")
+    last_run_at = serializers.DateTimeField(allow_null=True, help_text="The due time of its latest build.")
+    last_build_number = serializers.IntegerField(source="last_build.number", allow_null=True, default=None)
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+
+ScheduleListSerializer = page_serializer("PipelineScheduleList", ScheduleSerializer)
+
+
+@extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
+class StringMapField(serializers.JSONField):
+    """A JSON object of strings; checked (with the field's name, not each key's) by the service."""
+
+
+class CreateScheduleRequestSerializer(serializers.Serializer):
+    # Only the kinds here; the rules (cron, zone, branch, commit) are pipelines.schedules.schedule_errors.
+    cron = StrictCharField(trim_whitespace=True, help_text="5 fields: minute hour day-of-month month day-of-week.")
+    timezone = StrictCharField(required=False, default="UTC", help_text="An IANA time zone name; default UTC.")
+    branch = StrictCharField(required=False, trim_whitespace=False,
+                             help_text="Default: the pipeline's default branch.")
+    commit = StrictCharField(required=False, default="HEAD", help_text="A commit id or HEAD (the default).")
+    message = StrictCharField(required=False, allow_null=True, allow_blank=True, trim_whitespace=False)
+    env = StringMapField(required=False, default=dict, help_text="Names to values, passed on to every job.")
+    enabled = StrictBooleanField(required=False, default=True)
+
+
+class UpdateScheduleRequestSerializer(serializers.Serializer):
+    cron = StrictCharField(required=False, trim_whitespace=True)
+    timezone = StrictCharField(required=False)
+    branch = StrictCharField(required=False, trim_whitespace=False)
+    commit = StrictCharField(required=False)
+    message = StrictCharField(required=False, allow_null=True, allow_blank=True, trim_whitespace=False)
+    env = StringMapField(required=False)
+    enabled = StrictBooleanField(required=False)

@@ -13,7 +13,7 @@ from harmont.errors import ApiError, validation_error
 from organizations.models import Organization
 from organizations.services import slugify_name
 from pipelines import ir
-from pipelines.models import ForkPullRequests, Pipeline, Visibility, protected_branches_errors
+from pipelines.models import ForkPullRequests, Pipeline, Visibility, branch_filter_errors, protected_branches_errors
 
 _SCP_LIKE = re.compile(r"^[^/@:]+@[^/:]+:")  # git@github.com:owner/repo
 _SCHEME_HOST = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*/?")
@@ -62,7 +62,9 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                     triggers: list | None = None,
                     fork_pull_requests: str = ForkPullRequests.BUILD_WITHOUT_SECRETS,
                     protected_branches: list[str] | None = None, default_retry: Any = None,
-                    now: datetime | None = None) -> Pipeline:
+                    cancel_intermediate_builds: bool = False,
+                    cancel_intermediate_builds_branch_filter: list[str] | None = None,
+                    max_concurrent_builds: int | None = None, now: datetime | None = None) -> Pipeline:
     """A new pipeline of `org`, its slug made from `name` (a slug the organization already uses is an error).
 
     Bad fields are 422 `pipeline_invalid`, a taken slug 422 `pipeline_slug_taken`; both write nothing.
@@ -79,6 +81,7 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
     stored_definition = validate_definition(definition) if definition is not None else None
     stored_retry = validate_default_retry(default_retry)
     _check_protected_branches(protected_branches or [])
+    _check_build_control(cancel_intermediate_builds_branch_filter, max_concurrent_builds)
     if Pipeline.objects.filter(organization=org, slug=slug).exists():
         raise _slug_taken(slug)
     try:
@@ -89,6 +92,10 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                 allow_manual=allow_manual, visibility=visibility, source_slug=source_slug or slug,
                 definition=stored_definition, triggers=triggers, fork_pull_requests=fork_pull_requests,
                 protected_branches=list(protected_branches or []), default_retry=stored_retry,
+                cancel_intermediate_builds=cancel_intermediate_builds,
+                cancel_intermediate_builds_branch_filter=(None if cancel_intermediate_builds_branch_filter is None
+                                                          else list(cancel_intermediate_builds_branch_filter)),
+                max_concurrent_builds=max_concurrent_builds,
                 created_at=now or timezone.now(),
             )
     except IntegrityError:  # lost a race for the same slug
@@ -99,7 +106,8 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
 # (registration matches a repository's pipelines by it).
 UPDATABLE_FIELDS = frozenset({"name", "description", "repository", "repo_name", "default_branch", "visibility",
                               "allow_manual", "definition", "fork_pull_requests", "protected_branches",
-                              "default_retry"})
+                              "default_retry", "cancel_intermediate_builds",
+                              "cancel_intermediate_builds_branch_filter", "max_concurrent_builds"})
 
 
 def update_pipeline(*, pipeline: Pipeline, changes: dict[str, Any]) -> Pipeline:
@@ -127,11 +135,23 @@ def update_pipeline(*, pipeline: Pipeline, changes: dict[str, Any]) -> Pipeline:
         _check_protected_branches(values["protected_branches"])
     if "default_retry" in values:
         values["default_retry"] = validate_default_retry(values["default_retry"])
+    # A raised (or removed) max_concurrent_builds admits waiting builds at the reaper's next pass.
+    _check_build_control(values.get("cancel_intermediate_builds_branch_filter"), values.get("max_concurrent_builds"))
     if values:
         Pipeline.objects.filter(pk=pipeline.pk).update(**values)
         for name, value in values.items():
             setattr(pipeline, name, value)
     return pipeline
+
+
+def _check_build_control(branch_filter: list[str] | None, max_concurrent_builds: int | None) -> None:
+    filter_errors = branch_filter_errors(branch_filter)
+    if filter_errors:
+        raise ApiError("pipeline_invalid", "cancel_intermediate_builds_branch_filter is invalid.",
+                       fields={"cancel_intermediate_builds_branch_filter": filter_errors})
+    if max_concurrent_builds is not None and (isinstance(max_concurrent_builds, bool) or max_concurrent_builds < 1):
+        raise ApiError("pipeline_invalid", "max_concurrent_builds is invalid.",
+                       fields={"max_concurrent_builds": ["Must be null or a whole number of at least 1."]})
 
 
 def _checked_repo_name(repo_name: str | None) -> str | None:

@@ -13,4 +13,8 @@ urlpatterns = [
          name="pipeline-secret-list"),
     path("organizations/<str:org>/pipelines/<str:pipeline>/secrets/<str:name>", api.PipelineSecretDetailView.as_view(),
          name="pipeline-secret-detail"),
+    path("organizations/<str:org>/pipelines/<str:pipeline>/schedules", api.PipelineScheduleListView.as_view(),
+         name="pipeline-schedule-list"),
+    path("organizations/<str:org>/pipelines/<str:pipeline>/schedules/<str:schedule_id>",
+         api.PipelineScheduleDetailView.as_view(), name="pipeline-schedule-detail"),
 ]

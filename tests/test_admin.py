@@ -27,7 +27,8 @@ from organizations import services as org_services
 from organizations.models import Role, User
 from pipelines import secrets as secret_services
 from pipelines import services as pipeline_services
-from pipelines.models import Repository
+from pipelines import schedules as schedule_services
+from pipelines.models import Repository, ScheduledRun
 from tests.helpers import make_build, two_step_ir
 
 pytestmark = pytest.mark.django_db
@@ -84,6 +85,8 @@ def populate(n: int) -> None:
         secret_services.set_secret(organization=org, pipeline=pipeline if i % 2 else None, name=f"TOKEN_{i}",
                                    value="s3cret")
         Group.objects.create(name=f"group {i} {tag}")
+        schedule = schedule_services.create_schedule(pipeline=pipeline, cron=f"{i} * * * *", created_by=user)
+        ScheduledRun.objects.create(schedule=schedule, due_at=schedule.next_run_at, build=build)
         idempotency.claim_idempotency_key(user=user, route="0" * 64, key=f"key-{i}", request_hash="0" * 64,
                                           path=f"/api/v0/organizations/{org.slug}/builds")
         assert build.jobs.count() == 2

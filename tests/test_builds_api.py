@@ -34,7 +34,7 @@ from tests.helpers import (
 )
 
 BUILD_KEYS = {"id", "number", "state", "pipeline_slug", "branch", "commit", "message", "source", "fork", "secret_access", "error_code",
-              "error_message", "rebuild_of", "created_at", "scheduled_at", "started_at", "finished_at"}
+              "error_message", "rebuild_of", "waiting_reason", "created_at", "scheduled_at", "started_at", "finished_at"}
 T0 = datetime(2026, 6, 4, 12, 0, tzinfo=dt_timezone.utc)
 
 
@@ -65,7 +65,7 @@ def test_create_returns_201_with_full_body(api, owner, pipeline):
         "id": str(stored.id), "number": 1, "state": "scheduled", "pipeline_slug": "web-ci",
         "branch": "main", "commit": "abc123", "message": "Fix the thing", "source": "api", "fork": False,
         "secret_access": "all",  # an owner triggered it
-        "error_code": None, "error_message": None, "rebuild_of": None,
+        "error_code": None, "error_message": None, "rebuild_of": None, "waiting_reason": None,
         "created_at": iso(stored.created_at), "scheduled_at": iso(stored.created_at),
         "started_at": None, "finished_at": None,
     }
@@ -584,7 +584,7 @@ def test_list_is_newest_first_with_full_body(api, pipeline, other_pipeline):
     assert body["data"][0] == {
         "id": str(second.id), "number": 2, "state": "scheduled", "pipeline_slug": "web-ci", "branch": "dev",
         "commit": "abc123", "message": "two", "source": "api", "fork": False,
-        "secret_access": "unprotected", "error_code": None, "error_message": None, "rebuild_of": None,
+        "secret_access": "unprotected", "error_code": None, "error_message": None, "rebuild_of": None, "waiting_reason": None,
         "created_at": iso(second.created_at), "scheduled_at": iso(second.scheduled_at), "started_at": None,
         "finished_at": None,
     }
@@ -743,7 +743,7 @@ def test_get_returns_full_body(api, pipeline, build):
     assert response.json() == {
         "id": str(build.id), "number": 1, "state": "scheduled", "pipeline_slug": "web-ci", "branch": "main",
         "commit": "abc123", "message": "first build", "source": "api", "fork": False, "secret_access": "unprotected", "error_code": None,
-        "error_message": None, "rebuild_of": None, "created_at": iso(build.created_at), "scheduled_at": iso(build.scheduled_at),
+        "error_message": None, "rebuild_of": None, "waiting_reason": None, "created_at": iso(build.created_at), "scheduled_at": iso(build.scheduled_at),
         "started_at": None, "finished_at": None,
     }
 
@@ -801,7 +801,7 @@ def test_cancel_scheduled_build(api, pipeline, build):
     assert response.json() == {
         "id": str(build.id), "number": 1, "state": "canceled", "pipeline_slug": "web-ci", "branch": "main",
         "commit": "abc123", "message": "first build", "source": "api", "fork": False, "secret_access": "unprotected", "error_code": None,
-        "error_message": None, "rebuild_of": None, "created_at": iso(build.created_at), "scheduled_at": iso(build.scheduled_at),
+        "error_message": None, "rebuild_of": None, "waiting_reason": None, "created_at": iso(build.created_at), "scheduled_at": iso(build.scheduled_at),
         "started_at": None, "finished_at": iso(build.finished_at),
     }
     assert job_states(build) == {"a": "canceled", "b": "canceled"}

@@ -1,4 +1,4 @@
-"""`Idempotency-Key` on the creates: builds (both routes), pipelines (create, register), secrets (both scopes).
+"""`Idempotency-Key` on the creates: builds (both routes), pipelines (create, register), secrets (both scopes), schedules.
 
 A retry with the same key and body gets the first answer again and creates nothing; another
 body is 422, a retry while the first runs 409; keys belong to a caller and a route, live 24 h,
@@ -26,7 +26,7 @@ from harmont.errors import ApiError
 from organizations import idempotency
 from organizations import services as org_services
 from organizations.models import IdempotencyKey, IdempotencyState
-from pipelines.models import Pipeline, Repository, Secret
+from pipelines.models import Pipeline, PipelineSchedule, Repository, Secret
 from tests.helpers import assert_error, bearer, builds_url, cyclic_ir, is_postgres, race, two_step_ir
 
 pytestmark = pytest.mark.django_db
@@ -92,6 +92,10 @@ ROUTES = {
         url=lambda p: f"/api/v0/organizations/{p.organization.slug}/pipelines/{p.slug}/secrets",
         body={"name": "DEPLOY_TOKEN", "value": VALUE}, other_body={"name": "DEPLOY_TOKEN", "value": "other"},
         status=201, written=lambda p: secrets_of(p.organization)),
+    "schedule": Route(
+        url=lambda p: f"/api/v0/organizations/{p.organization.slug}/pipelines/{p.slug}/schedules",
+        body={"cron": "0 * * * *"}, other_body={"cron": "5 * * * *"}, status=201,
+        written=lambda p: list(PipelineSchedule.objects.order_by("created_at").values_list("pk", "cron"))),
 }
 
 
@@ -421,7 +425,8 @@ OPTED_IN = {("post", "/api/v0/organizations/{org}/pipelines/{pipeline}/builds"),
             ("post", "/api/v0/organizations/{org}/pipelines"),
             ("post", "/api/v0/organizations/{org}/pipelines/register"),
             ("post", "/api/v0/organizations/{org}/secrets"),
-            ("post", "/api/v0/organizations/{org}/pipelines/{pipeline}/secrets")}
+            ("post", "/api/v0/organizations/{org}/pipelines/{pipeline}/secrets"),
+            ("post", "/api/v0/organizations/{org}/pipelines/{pipeline}/schedules")}
 
 
 def test_the_openapi_document_names_the_header_where_it_works(client):

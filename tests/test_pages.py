@@ -425,15 +425,15 @@ def test_history_query_count_is_pinned_whatever_the_page(web: Client, owner: Use
             build_services.create_build(pipeline=pipeline, created_by=owner,
                                         request=build_services.validate_build_request(branch="main", commit="c0ffee"))
     create(2)
-    # session, user, memberships, pipeline, one page of builds (creators joined)
-    with django_assert_num_queries(5):
+    # session, user, memberships, pipeline, one page of builds (creators joined), the schedules
+    with django_assert_num_queries(6):
         assert len(numbers_on(web.get(history_url(pipeline, query)))) == 2
     create(60)
-    with django_assert_num_queries(5):
+    with django_assert_num_queries(6):
         first = web.get(history_url(pipeline, query))
     assert len(numbers_on(first)) == 25
     older = re.search(r'href="\?([^"]+)" rel="next"', text(first))[1].replace("&amp;", "&")
-    with django_assert_num_queries(5):
+    with django_assert_num_queries(6):
         assert len(numbers_on(web.get(history_url(pipeline, older)))) == 25
 
 

@@ -38,7 +38,7 @@ def test_rebuild_repeats_the_build_with_the_next_number(api, owner, pipeline):
     assert body == {
         "id": str(rebuilt.id), "number": 2, "state": "scheduled", "pipeline_slug": "web-ci",
         "branch": "feature/x", "commit": "0123abcd", "message": "Try again", "source": "api", "fork": False,
-        "secret_access": "all", "error_code": None, "error_message": None, "rebuild_of": 1,
+        "secret_access": "all", "error_code": None, "error_message": None, "rebuild_of": 1, "waiting_reason": None,
         "created_at": iso(rebuilt.created_at), "scheduled_at": iso(rebuilt.scheduled_at), "started_at": None,
         "finished_at": None,
     }

@@ -52,7 +52,8 @@ def test_register_creates_one_pipeline_per_entry(api, org, envelope, settings):
         "default_branch": "main", "visibility": "private", "allow_manual": True, "source_slug": "ci",
         "definition": envelope["pipelines"][0]["definition"], "triggers": envelope["pipelines"][0]["triggers"],
         "fork_pull_requests": "build_without_secrets", "protected_branches": [], "default_retry": None,
-        "created_at": ci["created_at"],
+        "cancel_intermediate_builds": False, "cancel_intermediate_builds_branch_filter": None,
+        "max_concurrent_builds": None, "created_at": ci["created_at"],
     }
     assert (deploy["slug"], deploy["source_slug"], deploy["allow_manual"], deploy["triggers"]) == (
         "acme-web-deploy", "deploy", False, [{"event": "push", "tags": ["v*"]}])

@@ -236,7 +236,7 @@ class TestTransitionTable:
         assert sources_for(J.RUNNING) == {J.ASSIGNED}
         assert sources_for(J.PASSED) == {J.RUNNING}
         assert sources_for(J.CANCELED) == {J.HELD, J.PENDING, J.SCHEDULED, J.ASSIGNED, J.CANCELING}
-        assert sources_for(J.PENDING) == {J.SKIPPED, J.CANCELED}  # a retry's reopened dependents
+        assert sources_for(J.PENDING) == {J.SKIPPED, J.CANCELED, J.HELD}  # a retry's reopened dependents; a held job approved while no concurrency slot is free
         for target in J.values:
             assert sources_for(target) == {s for s in J.values if can_transition(s, target)}
 

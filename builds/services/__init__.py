@@ -6,6 +6,7 @@ from builds.services.builds import (
     BuildRequest,
     approve_build,
     cancel_build,
+    cancel_superseded_builds,
     create_build,
     find_pipeline_by_repo,
     rebuild_build,
@@ -16,6 +17,7 @@ from builds.services.job_specs import job_spec
 from builds.services.jobs import finish_job, heartbeat, move_job, report_finish, start_job
 from builds.services.logs import ChunkIn, append_log
 from builds.services.reaping import ReapReport, reap
+from builds.services.concurrency import admit_everywhere, admit_waiting_builds
 from builds.services.retries import retry_job
 from builds.services.render import accept_rendered_pipeline, fail_render, record_render_result
 from builds.services.webhooks import (
@@ -28,13 +30,15 @@ from builds.services.webhooks import (
     requeue_webhook_deliveries,
     verified_repositories,
 )
+from builds.services.schedules import run_due_schedules
 from builds.services.workspaces import store_workspace
 
 __all__ = [
     "StoredArtifact", "store_artifact",
     "Registration", "agent_seen", "disconnect_agent", "register_agent",
-    "BuildRequest", "approve_build", "cancel_build", "create_build", "find_pipeline_by_repo", "rebuild_build",
-    "validate_build_request",
+    "BuildRequest", "approve_build", "cancel_build", "cancel_superseded_builds", "create_build",
+    "find_pipeline_by_repo", "rebuild_build", "validate_build_request",
+    "admit_everywhere", "admit_waiting_builds",
     "Claim", "FinishOutcome", "claim_for_agent", "claim_job", "finish_and_claim_next",
     "job_spec",
     "finish_job", "heartbeat", "move_job", "report_finish", "start_job",
@@ -44,5 +48,6 @@ __all__ = [
     "accept_rendered_pipeline", "fail_render", "record_render_result",
     "DeliveryResult", "RefusedBuild", "SkippedBuild", "delivery_build_request", "process_webhook_delivery",
     "record_webhook_delivery", "requeue_webhook_deliveries", "verified_repositories",
+    "run_due_schedules",
     "store_workspace",
 ]

@@ -19,7 +19,8 @@ from django.db.models import F
 from django.utils import timezone
 
 from builds import states
-from builds.models import Build, BuildSource, EdgeKind, Job, JobDependency, JobKind, JobState, SecretAccess
+from builds.services import concurrency
+from builds.models import Build, BuildSource, BuildState, EdgeKind, Job, JobDependency, JobKind, JobState, SecretAccess
 from harmont.errors import ApiError, validation_error
 from organizations.models import Organization, Role, User
 from pipelines import ir
@@ -305,6 +306,10 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
         if own_archive:
             default_storage.delete(archive_name)
         raise
+    if error is None and pipeline.cancel_intermediate_builds and supersedes_on_branch(pipeline, build.branch):
+        # After commit, so the pipeline's counter lock is not held while older builds are canceled
+        # (and a rollback cancels nothing). robust: a failure here must not fail the create.
+        transaction.on_commit(lambda: cancel_superseded_builds(build=build), robust=True)
     if error is not None:
         raise ApiError("build_plan_rejected",
                        f"Build #{build.number} failed: the pipeline definition was rejected "
@@ -320,13 +325,23 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
     # The counter row's lock is held until commit, so concurrent creates on one
     # pipeline queue here and take consecutive numbers; a rollback returns the number.
     Pipeline.objects.filter(pk=pipeline.pk).update(build_counter=F("build_counter") + 1)
-    number = Pipeline.objects.filter(pk=pipeline.pk).values_list("build_counter", flat=True).get()
+    number, limit = Pipeline.objects.filter(pk=pipeline.pk).values_list("build_counter", "max_concurrent_builds").get()
+    # Under that same lock, so two creates can't both see the last free slot. A held build waits
+    # for a person already and a rejected one never runs: neither waits for a slot.
+    waiting_reason = None
+    if limit is not None and error is None and not held:
+        waiting_reason = concurrency.waiting_reason_at_create(pipeline_id=pipeline.pk, limit=limit)
     if plan is not None:
         jobs = job_rows(build_id=build_id, org_id=pipeline.organization_id, plan=plan, now=now, held=held)
     elif error is None:
         jobs = [_render_job(build_id=build_id, pipeline=pipeline, env=request.env, now=now, held=held)]
     else:
         jobs = []
+    if waiting_reason is not None:
+        # No agent sees a pending job; admission schedules these roots (concurrency.admit_waiting_builds).
+        for job in jobs:
+            if job.state == JobState.SCHEDULED:
+                job.state, job.scheduled_at = JobState.PENDING, None
     job_states = [job.state for job in jobs]
     state = states.roll_up(job_states, build_error=error is not None)
     source_url = request.source_url
@@ -339,7 +354,7 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
         source_archive=archive_name, source_url=source_url, source_sha256=request.source_sha256,
         error_code=error.code if error else None, error_message=error.message if error else None,
         created_by=created_by, fork=fork, secret_access=secret_access, rebuild_of=rebuild_of,
-        discovers_pipelines=discovers_pipelines,
+        discovers_pipelines=discovers_pipelines, waiting_reason=waiting_reason,
         created_at=now, scheduled_at=now,
         finished_at=now if state in states.TERMINAL_BUILD_STATES else None,
     )
@@ -463,10 +478,13 @@ def rebuild_build(*, build: Build, created_by: User, creator_role: str | None, s
                         fork=original.fork, held=held, rebuild_of=original, now=now)
 
 
-def cancel_build(*, build: Build, now: datetime | None = None) -> Build:
+def cancel_build(*, build: Build, now: datetime | None = None, error_code: str | None = None,
+                 error_message: str | None = None) -> Build:
     """Cancel a build: waiting jobs end `canceled`, running ones go `canceling`.
 
     Idempotent for a build already canceled; 409 for one that already finished.
+    `error_code`/`error_message` record why, when the server cancels it
+    (`superseded`); a repeated cancel keeps the first reason.
     """
     now = now or timezone.now()
     with transaction.atomic():
@@ -475,7 +493,10 @@ def cancel_build(*, build: Build, now: datetime | None = None) -> Build:
             if locked.state in states.TERMINAL_BUILD_STATES:
                 raise ApiError("build_already_finished",
                                f"Build #{locked.number} already {locked.state}; there is nothing to cancel.")
-            Build.objects.filter(pk=locked.pk).update(cancel_requested_at=now)
+            reason = {"error_code": error_code, "error_message": error_message} if error_code else {}
+            # A canceled build waits for no slot any more.
+            Build.objects.filter(pk=locked.pk).update(cancel_requested_at=now, waiting_reason=None, **reason)
+            locked.waiting_reason = None
             waiting = Job.objects.filter(build_id=locked.pk, state__in=states.WAITING_JOB_STATES)
             states.transition_jobs(waiting.values_list("id", flat=True), to=JobState.CANCELED, now=now)
             active = Job.objects.filter(build_id=locked.pk, state__in=(JobState.ASSIGNED, JobState.RUNNING))
@@ -485,23 +506,82 @@ def cancel_build(*, build: Build, now: datetime | None = None) -> Build:
     return settled
 
 
+# Auto-cancel takes only builds still waiting or running; a held build waits for a person's decision.
+SUPERSEDABLE_STATES = (BuildState.SCHEDULED, BuildState.RUNNING)
+
+
+def supersedes_on_branch(pipeline: Pipeline, branch: str) -> bool:
+    """Whether a new build on `branch` cancels the branch's older ones (the pipeline has the feature on).
+
+    `cancel_intermediate_builds_branch_filter`: null is every branch except the
+    default one (Buildkite's default); else fnmatch patterns, case-sensitive like
+    git refs, `!pattern` excluding. A branch qualifies when no `!` pattern matches
+    it and some other pattern does (or the list has only `!` patterns, or none).
+    """
+    patterns = pipeline.cancel_intermediate_builds_branch_filter
+    if patterns is None:
+        return branch != pipeline.default_branch
+    include = [p for p in patterns if isinstance(p, str) and not p.startswith("!")]
+    exclude = [p[1:] for p in patterns if isinstance(p, str) and p.startswith("!")]
+    if any(fnmatch.fnmatchcase(branch, p) for p in exclude):
+        return False
+    return not include or any(fnmatch.fnmatchcase(branch, p) for p in include)
+
+
+def cancel_superseded_builds(*, build: Build, now: datetime | None = None) -> list[int]:
+    """Cancel the older `scheduled`/`running` builds of `build`'s pipeline and branch; their numbers.
+
+    Each goes through `cancel_build` (running jobs go `canceling` until their
+    agents stop them) with `error_code: superseded` naming the newer build. A
+    build that finished (or was canceled) meanwhile is left as it is.
+    """
+    now = now or timezone.now()
+    older = (Build.objects.filter(pipeline_id=build.pipeline_id, branch=build.branch, number__lt=build.number,
+                                  state__in=SUPERSEDABLE_STATES, cancel_requested_at__isnull=True)
+             .order_by("number").only("id", "number"))
+    canceled = []
+    for old in older:
+        old.pipeline = build.pipeline
+        try:
+            cancel_build(build=old, now=now, error_code="superseded",
+                         error_message=f"Superseded by build #{build.number} on branch {build.branch}.")
+        except ApiError as exc:
+            if exc.code != "build_already_finished":
+                raise
+            continue  # it ended between the read and its lock: nothing to cancel
+        canceled.append(old.number)
+    return canceled
+
+
 def approve_build(*, build: Build, approved_by: User, now: datetime | None = None) -> Build:
     """Let agents take a held build's jobs: `held` → `scheduled`, and who approved it is recorded.
 
     409 `build_not_held` when the build holds no job (approved already, canceled,
     or never held). Under the build's lock, so of an approval racing a cancel or
-    a second approval exactly one finds held jobs.
+    a second approval exactly one finds held jobs. When the pipeline's
+    `max_concurrent_builds` has no free slot, the approved build waits for one
+    like a new build would (its held jobs go `pending`, `waiting_reason` set).
     """
     now = now or timezone.now()
     with transaction.atomic():
+        # The pipeline's row first, then the build's (admission's lock order): counting the slots
+        # under it keeps an approval from racing a create or an admission for the last one. NO KEY,
+        # as in concurrency.admit_waiting_builds: a cancel's foreign key check shares the row.
+        limit = (Pipeline.objects.select_for_update(no_key=True).filter(pk=build.pipeline_id)
+                 .values_list("max_concurrent_builds", flat=True).get())
         locked = states.lock_build(build.pk)
         held = list(Job.objects.filter(build_id=locked.pk, state=JobState.HELD).values_list("id", flat=True))
         if locked.cancel_requested_at is not None or not held:
             raise ApiError("build_not_held", f"Build #{locked.number} is {locked.state}; it holds no job waiting "
                                              "for approval.")
-        states.transition_jobs(held, to=JobState.SCHEDULED, now=now, only_from=(JobState.HELD,))
-        Build.objects.filter(pk=locked.pk).update(approved_by=approved_by, approved_at=now)
-        locked.approved_by, locked.approved_at = approved_by, now
+        waiting_reason = None
+        if limit is not None:
+            waiting_reason = concurrency.waiting_reason_at_create(pipeline_id=locked.pipeline_id, limit=limit)
+        states.transition_jobs(held, to=JobState.PENDING if waiting_reason else JobState.SCHEDULED, now=now,
+                               only_from=(JobState.HELD,))
+        Build.objects.filter(pk=locked.pk).update(approved_by=approved_by, approved_at=now,
+                                                  waiting_reason=waiting_reason)
+        locked.approved_by, locked.approved_at, locked.waiting_reason = approved_by, now, waiting_reason
         settled = states.settle_build(build_id=locked.pk, now=now, locked=locked)
     settled.pipeline = build.pipeline
     return settled

@@ -337,6 +337,12 @@
       error.querySelector("[data-build-error-code]").textContent = build.error_code || "";
       error.querySelector("[data-build-error-message]").textContent = build.error_message || "";
     }
+    var waiting = document.querySelector("[data-build-waiting]");
+    if (waiting) {
+      // Admitted (a concurrency slot freed): the note goes.
+      waiting.hidden = !build.waiting_reason;
+      waiting.textContent = build.waiting_reason || "";
+    }
     if (cancelForm && !build.cancelable) cancelForm.hidden = true;
     // Approved or canceled meanwhile (another tab, the API): nothing is held any more.
     if (approveForm && build.state !== "held") approveForm.hidden = true;
