@@ -48,6 +48,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pipelines import agent_tags
+
 IR_VERSION = "0"
 BUILDS_IN = "builds_in"
 DEPENDS_ON = "depends_on"
@@ -71,6 +73,9 @@ IMAGE_MAX_LENGTH = 500
 RUNNER_MAX_LENGTH = 255
 # Timeouts are stored as PostgreSQL integers.
 TIMEOUT_MAX = 2**31 - 1
+CONCURRENCY_GROUP_MAX_LENGTH = 255
+# Each unit of a group's `concurrency` is a slot row (builds.models.ConcurrencySlot).
+CONCURRENCY_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,12 @@ class PlannedJob:
     # job this one waits for. Those prerequisites are in `depends_on` too.
     segment: int | None = None
     after_segment: int | None = None
+    # What the job asks of its agent's tags (pipelines.agent_tags): the step's own `agents`
+    # until `_assemble` makes it the effective selector, queue included.
+    agents: dict[str, str] | None = None
+    # At most `concurrency` jobs of the organization with this group run at once.
+    concurrency_group: str | None = None
+    concurrency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -182,14 +193,16 @@ def load_ir(raw: str | bytes | dict) -> dict:
 
 
 def plan_ir(raw: str | bytes | dict, *, build_env: dict[str, str] | None = None,
-            limits: Limits | None = None) -> Plan:
+            limits: Limits | None = None, default_agents: Any = None) -> Plan:
     """Validate the IR and order its steps into jobs; raise PlanError on the first problem.
 
     ``build_env`` (the build's own ``env``) is applied last, so it overrides
     every env layer the pipeline defines. ``limits``: what one build may hold
-    (default: the configured ones).
+    (default: the configured ones). ``default_agents``: the pipeline's
+    selector for steps without their own ``agents`` (map or list form).
     """
     limits = limits or Limits.from_settings()
+    default_agents = _optional_selector(default_agents, "The pipeline's 'default_agents'")
     doc = load_ir(raw)
     check_storable(doc)
     _check_version(doc)
@@ -205,7 +218,8 @@ def plan_ir(raw: str | bytes | dict, *, build_env: dict[str, str] | None = None,
     else:
         steps, edges = [], set()
     order = _dependency_order(steps, edges, waits)
-    return Plan(jobs=_assemble(steps, edges, waits, order, build_env or {}, limits), timeout_seconds=timeout)
+    return Plan(jobs=_assemble(steps, edges, waits, order, build_env or {}, limits, default_agents),
+                timeout_seconds=timeout)
 
 
 def check_storable(doc: Any) -> None:
@@ -373,8 +387,36 @@ def _read_command_step(
         runner_args=_optional_object(step.get("runner_args"), f"{where} 'runner_args'"),
         builds_in=None,
         depends_on=(),
+        agents=_optional_selector(step.get("agents"), f"{where} 'agents'"),
+        **_concurrency(step, where),
     )
     return _Step(location=location, job=job)
+
+
+def _optional_selector(value: Any, what: str) -> dict[str, str] | None:
+    try:
+        return agent_tags.read_selector(value)
+    except agent_tags.SelectorError as exc:
+        raise _invalid(f"{what} {exc}.") from None
+
+
+def _concurrency(step: dict, where: str) -> dict[str, Any]:
+    """`concurrency_group` and `concurrency`, both or neither (as Buildkite requires)."""
+    group, limit = step.get("concurrency_group"), step.get("concurrency")
+    if group is None and limit is None:
+        return {}
+    if group is None or limit is None:
+        raise _invalid(f"{where} has {'concurrency' if group is None else 'concurrency_group'} without "
+                       f"{'concurrency_group' if group is None else 'concurrency'}; give both or neither.")
+    if not isinstance(group, str) or not group:
+        raise _invalid(f"{where} 'concurrency_group' must be a non-empty string, got {_show(group)}.")
+    if len(group) > CONCURRENCY_GROUP_MAX_LENGTH:
+        raise PlanError(LIMIT_EXCEEDED, f"{where} 'concurrency_group' has {len(group)} characters; at most "
+                                        f"{CONCURRENCY_GROUP_MAX_LENGTH}.")
+    if not _is_int(limit) or not 1 <= limit <= CONCURRENCY_MAX:
+        raise _invalid(f"{where} 'concurrency' must be a whole number from 1 to {CONCURRENCY_MAX}, "
+                       f"got {_show(limit)}.")
+    return {"concurrency_group": group, "concurrency": limit}
 
 
 def _check_unique_key(step: _Step, seen: dict[str, _Step]) -> None:
@@ -633,7 +675,7 @@ def _cycle_error(steps: list[_Step], children: list[list[int]], stuck: set[int])
 
 
 def _assemble(steps: list[_Step], edges: set[_Edge], waits: _Waits, order: list[int], build_env: dict[str, str],
-              limits: Limits) -> tuple[PlannedJob, ...]:
+              limits: Limits, default_agents: dict[str, str] | None = None) -> tuple[PlannedJob, ...]:
     position = {node: index for index, node in enumerate(order)}
     prerequisites: dict[int, set[int]] = {node: set() for node in order}
     builds_in: dict[int, int] = {}
@@ -667,6 +709,8 @@ def _assemble(steps: list[_Step], edges: set[_Edge], waits: _Waits, order: list[
             depends_on=depends_on,
             segment=waits.segment.get(node),
             after_segment=segment,
+            agents=agent_tags.effective_selector(steps[node].job.agents, default=default_agents,
+                                                 runner=steps[node].job.runner),
         ))
     return tuple(jobs)
 

@@ -17,9 +17,10 @@ from django.utils import timezone
 
 from builds import states
 from builds.models import Build, Job, JobDependency, JobKind
-from builds.services.builds import RENDER_STEP_KEY, edge_rows, job_rows, plan_document
+from builds.services.builds import RENDER_STEP_KEY, create_concurrency_slots, edge_rows, job_rows, plan_document
 from harmont.errors import ApiError
 from pipelines import ir
+from pipelines.models import Pipeline
 
 ERROR_MESSAGE_MAX = 2000
 
@@ -51,7 +52,8 @@ def accept_rendered_pipeline(*, job: Job, document: Any, now: datetime | None = 
             raise ApiError("build_plan_rejected", f"Build #{build.number} already failed ({build.error_code}).")
         if state not in states.LIVE_JOB_STATES:
             raise ApiError("job_not_active", "The render job is no longer running; its result can't change the build.")
-        stored, plan, error = plan_document(document, env=build.env)
+        default_agents = Pipeline.objects.values_list("default_agents", flat=True).get(pk=build.pipeline_id)
+        stored, plan, error = plan_document(document, env=build.env, default_agents=default_agents)
         if plan is not None and any(p.key == RENDER_STEP_KEY for p in plan.jobs):
             plan, error = None, ir.PlanError("duplicate_key", f"The step key {RENDER_STEP_KEY!r} is reserved.")
         if plan is None:
@@ -63,6 +65,7 @@ def accept_rendered_pipeline(*, job: Job, document: Any, now: datetime | None = 
         else:
             jobs = job_rows(build_id=build.pk, org_id=job.organization_id, plan=plan, now=now, after=job)
             Job.objects.bulk_create(jobs)
+            create_concurrency_slots(jobs)
             JobDependency.objects.bulk_create(edge_rows(jobs, plan, after=job))
             Build.objects.filter(pk=build.pk).update(pipeline_ir=stored, timeout_seconds=plan.timeout_seconds)
             states.settle_build(build_id=build.pk, now=now, locked=build)
