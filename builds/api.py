@@ -173,7 +173,8 @@ class BuildLogTokenView(BuildScopedView):
 class JobListView(BuildScopedView):
     @extend_schema(operation_id="listJobs", tags=["jobs"], responses={200: JobListSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
-        jobs = selectors.build_jobs(self.build)
+        jobs = selectors.with_waiting_reasons(selectors.build_jobs(self.build),
+                                              organization_id=self.build.pipeline.organization_id)
         return Response({"data": JobSerializer(jobs, many=True).data})
 
 
@@ -183,6 +184,7 @@ class JobDetailView(BuildScopedView):
         job = selectors.build_job(self.build, job_id)
         if job is None:
             raise ApiError("job_not_found", f"No job {job_id} in build #{self.build.number}.")
+        selectors.with_waiting_reasons([job], organization_id=self.build.pipeline.organization_id)
         return Response(JobSerializer(job).data)
 
 

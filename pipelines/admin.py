@@ -6,6 +6,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from harmont.crypto import encrypt_text
+from pipelines import agent_tags
 from pipelines.models import Pipeline, Repository
 from pipelines.models import Secret
 from pipelines import secrets as secret_services
@@ -21,6 +22,14 @@ class PipelineForm(forms.ModelForm):
         # An emptied box means no patterns, not a NULL the column can't hold.
         value = self.cleaned_data.get("protected_branches")
         return [] if value is None else value
+
+    def clean_default_agents(self) -> Any:
+        # The model's validator refused a malformed one; Buildkite's list form is stored as the map.
+        value = self.cleaned_data.get("default_agents")
+        try:
+            return agent_tags.read_selector(value)
+        except agent_tags.SelectorError:
+            return value
 
 
 @admin.register(Pipeline)

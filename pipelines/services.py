@@ -12,7 +12,7 @@ from django.utils import timezone
 from harmont.errors import ApiError, validation_error
 from organizations.models import Organization
 from organizations.services import slugify_name
-from pipelines import ir
+from pipelines import agent_tags, ir
 from pipelines.models import ForkPullRequests, Pipeline, Visibility, protected_branches_errors
 
 _SCP_LIKE = re.compile(r"^[^/@:]+@[^/:]+:")  # git@github.com:owner/repo
@@ -52,8 +52,11 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                     source_slug: str | None = None, definition: Any = None,
                     triggers: list | None = None,
                     fork_pull_requests: str = ForkPullRequests.BUILD_WITHOUT_SECRETS,
-                    protected_branches: list[str] | None = None, now: datetime | None = None) -> Pipeline:
+                    protected_branches: list[str] | None = None, default_agents: Any = None,
+                    now: datetime | None = None) -> Pipeline:
     """A new pipeline of `org`, its slug made from `name` (a slug the organization already uses is an error).
+
+    `default_agents`: the agent selector of steps without their own (pipelines.agent_tags), stored as its map.
 
     Bad fields are 422 `pipeline_invalid`, a taken slug 422 `pipeline_slug_taken`; both write nothing.
     """
@@ -74,6 +77,11 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
     if branch_errors:
         raise ApiError("pipeline_invalid", "protected_branches is invalid.",
                        fields={"protected_branches": branch_errors})
+    try:
+        default_agents = agent_tags.read_selector(default_agents)
+    except agent_tags.SelectorError as exc:
+        raise ApiError("pipeline_invalid", "default_agents is invalid.",
+                       fields={"default_agents": [f"The selector {exc}."]}) from None
     if Pipeline.objects.filter(organization=org, slug=slug).exists():
         raise _slug_taken(slug)
     try:
@@ -83,7 +91,7 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                 repo_name=repo_name, default_branch=default_branch,
                 allow_manual=allow_manual, visibility=visibility, source_slug=source_slug or slug,
                 definition=stored_definition, triggers=triggers, fork_pull_requests=fork_pull_requests,
-                protected_branches=list(protected_branches or []),
+                protected_branches=list(protected_branches or []), default_agents=default_agents,
                 created_at=now or timezone.now(),
             )
     except IntegrityError:  # lost a race for the same slug

@@ -14,7 +14,7 @@ from tests.dsl import hm
 from tests.helpers import ISO_Z, assert_error, two_step_ir
 
 PIPELINE_KEYS = {"slug", "name", "description", "repository", "repo_name", "default_branch", "visibility",
-                 "allow_manual", "source_slug", "definition", "triggers", "fork_pull_requests", "protected_branches", "created_at"}
+                 "allow_manual", "source_slug", "definition", "triggers", "fork_pull_requests", "protected_branches", "default_agents", "created_at"}
 
 
 def url(org_slug: str, pipeline_slug: str | None = None) -> str:
@@ -52,7 +52,7 @@ def test_list_is_oldest_first_with_full_body(api, org, pipeline, other_pipeline)
         "slug": "web-ci", "name": "Web CI", "description": None,
         "repository": "https://github.com/acme/web.git", "repo_name": "acme/web", "default_branch": "main",
         "visibility": "private", "allow_manual": True, "source_slug": "ci", "definition": two_step_ir(),
-        "triggers": None, "fork_pull_requests": "build_without_secrets", "protected_branches": [], "created_at": first["created_at"],
+        "triggers": None, "fork_pull_requests": "build_without_secrets", "protected_branches": [], "default_agents": None, "created_at": first["created_at"],
     }
     assert ISO_Z.match(first["created_at"])
     assert body["data"][1]["slug"] == second.slug
@@ -138,7 +138,7 @@ def test_create_returns_full_body(admin_api, org):
         "slug": "web-ci-nightly", "name": "Web  CI / Nightly!", "description": "nightly",
         "repository": "https://github.com/acme/web.git", "repo_name": "acme/web", "default_branch": "main",
         "visibility": "private", "allow_manual": True, "source_slug": "web-ci-nightly", "definition": None,
-        "triggers": None, "fork_pull_requests": "build_without_secrets", "protected_branches": [], "created_at": body["created_at"],
+        "triggers": None, "fork_pull_requests": "build_without_secrets", "protected_branches": [], "default_agents": None, "created_at": body["created_at"],
     }
     assert ISO_Z.match(body["created_at"])
     stored = Pipeline.objects.get(organization=org, slug="web-ci-nightly")
