@@ -406,8 +406,8 @@ def _concurrency(step: dict, where: str) -> dict[str, Any]:
     if group is None and limit is None:
         return {}
     if group is None or limit is None:
-        raise _invalid(f"{where} has {'concurrency' if group is None else 'concurrency_group'} without "
-                       f"{'concurrency_group' if group is None else 'concurrency'}; give both or neither.")
+        given, missing = ("concurrency", "concurrency_group") if group is None else ("concurrency_group", "concurrency")
+        raise _invalid(f"{where} has {given!r} without {missing!r}; give both or neither.")
     if not isinstance(group, str) or not group:
         raise _invalid(f"{where} 'concurrency_group' must be a non-empty string, got {_show(group)}.")
     if len(group) > CONCURRENCY_GROUP_MAX_LENGTH:
