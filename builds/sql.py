@@ -150,9 +150,12 @@ def _selector_matches(t: Table) -> str:
     if connection.vendor == "postgresql":
         like = (f"replace(replace(replace(replace(replace(r.value, '\\', '\\\\'), '%%', '\\%%'), '_', '\\_'),"
                 f" '*', '%%'), '?', '_')")
-        return (f"NOT EXISTS (SELECT 1 FROM jsonb_each_text(COALESCE({t.agents}, '{_NO_SELECTOR}'::jsonb)) r"
+        # Most jobs want exactly queue=default: for them one comparison and the agent's answer,
+        # worked out once per statement, instead of expanding both maps for every row read.
+        return (f"CASE WHEN {t.agents} = '{_NO_SELECTOR}'::jsonb THEN (SELECT tags FROM me) @> '{_NO_SELECTOR}'::jsonb"
+                f" ELSE NOT EXISTS (SELECT 1 FROM jsonb_each_text(COALESCE({t.agents}, '{_NO_SELECTOR}'::jsonb)) r"
                 f" WHERE NOT EXISTS (SELECT 1 FROM jsonb_each_text((SELECT tags FROM me)) a"
-                f" WHERE a.key = r.key AND a.value LIKE {like} ESCAPE '\\'))")
+                f" WHERE a.key = r.key AND a.value LIKE {like} ESCAPE '\\')) END")
     return (f"NOT EXISTS (SELECT 1 FROM json_each(COALESCE({t.agents}, '{_NO_SELECTOR}')) r"
             f" WHERE NOT EXISTS (SELECT 1 FROM json_each((SELECT tags FROM me)) a"
             f" WHERE a.key = r.key AND a.value GLOB replace(r.value, '[', '[[]')))")
@@ -174,8 +177,9 @@ def _slot_free(s: Table) -> str:
     """
     h = _HOLDER
     ended = ", ".join(repr(str(state)) for state in sorted(_ENDED))
-    return (f"({s.holder} IS NULL OR EXISTS (SELECT 1 FROM {h} WHERE {h.id} = {s.holder}"
-            f" AND {h.state} IN ({ended})))")
+    # A scalar subquery, not EXISTS: PostgreSQL turns `OR EXISTS (...)` into a hash of every
+    # ended job's id; this stays one primary-key lookup per slot read.
+    return f"({s.holder} IS NULL OR (SELECT {h.state} FROM {h} WHERE {h.id} = {s.holder}) IN ({ended}))"
 
 
 @functools.cache
@@ -224,8 +228,8 @@ def _claim_sql(fresh: bool) -> str:
         f" free AS (SELECT {s.id} AS id FROM {s} JOIN candidate ON {s.group} = candidate.grp"
         f" WHERE {s.organization} = %s AND {s.index} < candidate.n AND {_slot_free(s)}"
         f" ORDER BY {s.index} LIMIT 1 FOR UPDATE OF s SKIP LOCKED),"
-        f" taken AS (UPDATE {slot_table} SET {holder} = candidate.id FROM free, candidate"
-        f" WHERE {slot_table}.{slot_id} = free.id RETURNING 1),"
+        f" taken AS (UPDATE {slot_table} SET {holder} = (SELECT id FROM candidate)"
+        f" WHERE {slot_id} = (SELECT id FROM free) RETURNING 1),"
         # The job only with its slot: if every free slot went to racers, nothing is claimed.
         f" target AS (SELECT id FROM held UNION ALL"
         f" SELECT id FROM candidate WHERE grp IS NULL OR EXISTS (SELECT 1 FROM taken)),"
