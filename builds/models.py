@@ -273,8 +273,9 @@ class ConcurrencySlot(models.Model):
     A slot is free when it has no holder or its holder has ended: holders only
     ever go from live to ended, so ending a job frees its slot without a write,
     and a claim reading an old snapshot can only think a slot taken that is free,
-    never the reverse (builds.sql.assign_next_job). Created, `index` 0..n-1,
-    with the jobs that name the group.
+    never the reverse (builds.sql.assign_next_job). A job handed back to
+    `scheduled` keeps its slot until it is claimed again (it may take it back).
+    Created, `index` 0..n-1, with the jobs that name the group.
     """
 
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")

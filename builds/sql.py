@@ -174,6 +174,10 @@ def _slot_free(s: Table) -> str:
     re-reads the slot but judges its new holder from the old snapshot, where
     that holder is still scheduled: "not live" would call the slot free again.
     An ended job never runs again, whichever snapshot says so.
+
+    A job handed back to `scheduled` (assigned → scheduled) keeps its slot from
+    other jobs until it is claimed again, when it may take that same slot
+    (the claim also accepts a slot whose holder is the job itself).
     """
     h = _HOLDER
     ended = ", ".join(repr(str(state)) for state in sorted(_ENDED))
@@ -214,7 +218,8 @@ def _claim_sql(fresh: bool) -> str:
     # statement takes a slot row of the group (ConcurrencySlot) and the job only together.
     me = f"SELECT %s::jsonb || {a.tags} AS tags FROM {a} WHERE {a.id} = %s"
     room = (f"({j.concurrency_group} IS NULL OR EXISTS (SELECT 1 FROM {s} WHERE {s.organization} = {j.organization}"
-            f" AND {s.group} = {j.concurrency_group} AND {s.index} < {j.concurrency} AND {_slot_free(s)}))")
+            f" AND {s.group} = {j.concurrency_group} AND {s.index} < {j.concurrency}"
+            f" AND ({_slot_free(s)} OR {s.holder} = {j.id})))")
     slot_table = connection.ops.quote_name(ConcurrencySlot._meta.db_table)
     holder, slot_id = _SLOT.bare("holder"), _SLOT.bare("id")
     return (
@@ -226,7 +231,7 @@ def _claim_sql(fresh: bool) -> str:
         # A free slot of its group below its own concurrency, locked so a racer skips it. After
         # the lock the row is re-checked: a slot a racer took meanwhile is no longer free.
         f" free AS (SELECT {s.id} AS id FROM {s} JOIN candidate ON {s.group} = candidate.grp"
-        f" WHERE {s.organization} = %s AND {s.index} < candidate.n AND {_slot_free(s)}"
+        f" WHERE {s.organization} = %s AND {s.index} < candidate.n AND ({_slot_free(s)} OR {s.holder} = candidate.id)"
         f" ORDER BY {s.index} LIMIT 1 FOR UPDATE OF s SKIP LOCKED),"
         f" taken AS (UPDATE {slot_table} SET {holder} = (SELECT id FROM candidate)"
         f" WHERE {slot_id} = (SELECT id FROM free) RETURNING 1),"

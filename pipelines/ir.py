@@ -26,6 +26,11 @@ Decisions the spec leaves open:
   wait still depend on the steps before the first.
 * A step naming itself (graph self-edge or flat self-reference) is
   ``invalid_ir``; longer loops are ``cycle``.
+* A step's ``agents`` (map, or Buildkite's ``["key=value"]`` list) replaces
+  the pipeline's ``default_agents`` whole, as in Buildkite; every job gets
+  its effective selector, queue included (``runner``, else ``default``;
+  pipelines.agent_tags). ``concurrency_group`` and ``concurrency`` come
+  together or not at all (Buildkite requires both).
 * Fields we don't know are ignored, so newer clients keep working; in the
   graph form that includes top-level ``env`` / ``default_image``, which only
   the flat form defines.

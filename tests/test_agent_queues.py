@@ -12,6 +12,7 @@ import pytest
 from django.utils import timezone
 
 from builds import services as build_services
+from builds import states
 from builds.models import Agent, ConcurrencySlot, Job, JobState
 from builds.selectors import with_waiting_reasons
 from builds.views import build_url
@@ -431,3 +432,33 @@ def test_another_organizations_agents_and_groups_dont_count(org, other_org, pipe
     jobs = with_waiting_reasons(list(Job.objects.filter(build=build).order_by("position")),
                                 organization_id=org.pk)
     assert [job.waiting_reason for job in jobs] == ["waiting for an agent with queue=arm64", None]
+
+
+@pytest.mark.django_db
+def test_a_job_handed_back_to_scheduled_can_be_claimed_again_into_its_place(org, pipeline):
+    build_at(pipeline, T0, pipeline_ir=flat(step("d0", concurrency_group="g", concurrency=1),
+                                            step("d1", concurrency_group="g", concurrency=1)))
+    agent = make_agent(org, name="a")
+    assert claimed_key(agent) == "d0"
+    job = Job.objects.get(step_key="d0")
+    # assigned → scheduled: an agent that vanished before starting hands its job back.
+    assert states.transition_jobs([job.pk], to=J.SCHEDULED, now=timezone.now(), only_from=(J.ASSIGNED,)) == 1
+    again = claimed_key(agent)
+    assert claimed_key(agent) is None  # still one of the group at a time
+    if is_postgres():
+        # Its slot stays reserved for it while it waits again (d1 can't take it), and it takes it back.
+        assert again == "d0"
+        assert ConcurrencySlot.objects.get(group="g").holder_id == job.pk
+    else:
+        # SQLite counts live jobs: the handed-back job is newer now (scheduled again), d1 goes first.
+        assert again == "d1"
+
+
+def test_runagent_reads_tags_as_key_value_pairs():
+    from builds.agent.runner import parse_tags
+
+    assert parse_tags("queue=arm64, os=linux") == {"queue": "arm64", "os": "linux"}
+    assert parse_tags("") == {}
+    for bad in ("queue", "=x", "a=1,a=2"):
+        with pytest.raises(ValueError):
+            parse_tags(bad)
