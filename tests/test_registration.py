@@ -51,7 +51,8 @@ def test_register_creates_one_pipeline_per_entry(api, org, envelope, settings):
         "slug": "acme-web-ci", "name": "CI", "description": None, "repository": REPO_URL, "repo_name": "Acme/Web",
         "default_branch": "main", "visibility": "private", "allow_manual": True, "source_slug": "ci",
         "definition": envelope["pipelines"][0]["definition"], "triggers": envelope["pipelines"][0]["triggers"],
-        "fork_pull_requests": "build_without_secrets", "protected_branches": [], "created_at": ci["created_at"],
+        "fork_pull_requests": "build_without_secrets", "protected_branches": [], "default_agents": None,
+        "created_at": ci["created_at"],
     }
     assert (deploy["slug"], deploy["source_slug"], deploy["allow_manual"], deploy["triggers"]) == (
         "acme-web-deploy", "deploy", False, [{"event": "push", "tags": ["v*"]}])
