@@ -204,10 +204,12 @@ def recent_agents_query(org: Organization, *, now: datetime) -> QuerySet[Agent]:
 
 
 def with_status(agents: list[Agent], *, now: datetime) -> list[Agent]:
-    """Each agent of `recent_agents_query` with `connection_state` and `current_job`: the job it
-    holds (with the build number and pipeline slug shown beside it), or None."""
+    """Each agent of `recent_agents_query` with `connection_state`, `tags_label` (its tags as the page
+    shows them, implied queue included) and `current_job`: the job it holds (with the build number
+    and pipeline slug shown beside it), or None."""
     for agent in agents:
         agent.connection_state = connection_state(agent, now)
+        agent.tags_label = agent_tags.describe(agent_tags.effective_tags(agent.tags))
         agent.current_job = agent.live_jobs[0] if agent.live_jobs else None
     return agents
 

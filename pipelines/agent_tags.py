@@ -132,5 +132,5 @@ def glob_match(value: str, pattern: str) -> bool:
 
 
 def describe(selector: Mapping[str, str]) -> str:
-    """`queue=arm64, os=linux`, for messages."""
-    return ", ".join(f"{key}={value}" for key, value in selector.items())
+    """`queue=arm64, os=linux`, for messages: the queue first, then by name (PostgreSQL's jsonb keeps no order)."""
+    return ", ".join(f"{key}={selector[key]}" for key in sorted(selector, key=lambda key: (key != QUEUE, key)))

@@ -462,3 +462,28 @@ def test_runagent_reads_tags_as_key_value_pairs():
     for bad in ("queue", "=x", "a=1,a=2"):
         with pytest.raises(ValueError):
             parse_tags(bad)
+
+
+@pytest.mark.django_db
+def test_the_agents_page_shows_each_agents_tags(client, owner, org):
+    tagged_agent(org, "arm-box", queue="arm64", os="linux")
+    make_agent(org, name="plain-box")
+    client.force_login(owner)
+    page = client.get(f"/orgs/{org.slug}/agents")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "queue=arm64, os=linux" in html  # the queue first, then by name, on either database
+    assert "queue=default" in html  # an untagged agent's implied queue
+
+
+@pytest.mark.django_db
+def test_the_graph_form_takes_agents_and_concurrency_too(pipeline):
+    ir = {"version": "0", "graph": {"nodes": [
+        {"step": {"key": "a", "cmd": "true", "agents": {"queue": "arm64"}, "concurrency_group": "g",
+                  "concurrency": 1}, "env": {}},
+        {"step": {"key": "b", "cmd": "true", "agents": ["os=linux"]}, "env": {}}],
+        "edges": [], "node_holes": [], "edge_property": "directed"}}
+    build = make_build(pipeline, pipeline_ir=ir)
+    rows = {key: (agents, group, limit) for key, agents, group, limit in Job.objects.filter(build=build)
+            .values_list("step_key", "agents", "concurrency_group", "concurrency")}
+    assert rows == {"a": ({"queue": "arm64"}, "g", 1), "b": ({"os": "linux", "queue": "default"}, None, None)}
