@@ -14,7 +14,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from builds import services
-from builds.models import Agent, Artifact, Build, Job, JobDependency, LogChunk, WebhookDelivery
+from builds.models import Agent, Artifact, Build, ConcurrencySlot, Job, JobDependency, LogChunk, WebhookDelivery
 from builds.states import TERMINAL_BUILD_STATES
 from harmont.errors import ApiError
 from harmont.timestamps import datetime_from_ns
@@ -102,7 +102,8 @@ class JobAdmin(ReadOnlyAdmin):
                        "timeout_seconds", "cache", "runner", "runner_args", "state", "exit_code", "signal",
                        "error_code", "error_message", "soft_failed", "agent", "assigned_at", "last_heartbeat_at",
                        "log_bytes", "log_truncated", "created_at", "scheduled_at", "started_at", "finished_at",
-                       "attempt", "retry_of", "retried", "retry_policy", "soft_fail_policy", "automatic_retries"]
+                       "attempt", "retry_of", "retried", "retry_policy", "soft_fail_policy", "automatic_retries",
+                       "agents", "concurrency_group", "concurrency"]
     show_full_result_count = False
 
     @admin.display(description="build", ordering="build__number")
@@ -120,13 +121,24 @@ class JobDependencyAdmin(ReadOnlyAdmin):
 
 @admin.register(Agent)
 class AgentAdmin(ReadOnlyAdmin):
-    list_display = ["name", "organization", "token", "hostname", "version", "last_seen_at", "stopped_at"]
+    list_display = ["name", "organization", "token", "hostname", "version", "tags", "last_seen_at", "stopped_at"]
     list_filter = [("stopped_at", admin.EmptyFieldListFilter)]
     list_select_related = ["organization", "token"]
     search_fields = ["name", "hostname", "organization__slug"]
     exclude = ["session_hash"]
-    readonly_fields = ["id", "organization", "token", "name", "hostname", "version", "os", "created_at",
+    readonly_fields = ["id", "organization", "token", "name", "hostname", "version", "os", "tags", "created_at",
                        "last_seen_at", "stopped_at"]
+
+
+@admin.register(ConcurrencySlot)
+class ConcurrencySlotAdmin(ReadOnlyAdmin):
+    """Which job took each place of a concurrency group last (free once that job ended)."""
+
+    list_display = ["group", "index", "organization", "holder"]
+    list_select_related = ["organization", "holder"]
+    search_fields = ["group", "organization__slug"]
+    raw_id_fields = ["organization", "holder"]
+    readonly_fields = ["organization", "group", "index", "holder"]
 
 
 @admin.register(LogChunk)

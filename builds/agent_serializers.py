@@ -22,6 +22,19 @@ from builds.services import ChunkIn, Claim, FinishOutcome, job_spec
 from builds.states import TERMINAL_JOB_STATES
 from harmont.serializers import json_object, validated
 from harmont.timestamps import is_unix_ns, ns_from_datetime
+from pipelines import agent_tags
+
+
+class AgentTagsField(serializers.DictField):
+    """An agent's `{key: value}` tags (pipelines.agent_tags); each problem is one message."""
+
+    child = serializers.CharField()
+
+    def to_internal_value(self, data: object) -> dict[str, str]:
+        problems = agent_tags.tag_problems(data)
+        if problems:
+            raise serializers.ValidationError(problems)
+        return dict(data)  # type: ignore[call-overload]
 
 
 class RegisterRequest(serializers.Serializer):
@@ -29,12 +42,16 @@ class RegisterRequest(serializers.Serializer):
     hostname = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
     version = serializers.CharField(max_length=50, required=False, allow_blank=True, default="")
     os = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    tags = AgentTagsField(required=False, default=dict, help_text=(
+        "What jobs select this agent by (`{\"queue\": \"arm64\", \"os\": \"linux\"}`); without a `queue` tag "
+        "the agent is in queue `default`. Keys: 1-64 of A-Z a-z 0-9 _ . -; values: 1-255 printable characters "
+        "without * ? [ ]; at most 32 tags."))
 
 
 class AgentSerializer(serializers.ModelSerializer):
     class Meta:
         model = Agent
-        fields = ["id", "name", "hostname", "version", "os", "created_at", "last_seen_at"]
+        fields = ["id", "name", "hostname", "version", "os", "tags", "created_at", "last_seen_at"]
         read_only_fields = fields
 
 

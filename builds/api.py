@@ -201,7 +201,8 @@ class JobListView(BuildScopedView):
                    responses={200: JobListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str) -> Response:
         """The latest attempt of each step, in dependency order."""
-        jobs = selectors.build_jobs(self.build, include_retried=include_retried(request))
+        jobs = selectors.with_waiting_reasons(selectors.build_jobs(self.build, include_retried=include_retried(request)),
+                                              organization_id=self.build.pipeline.organization_id)
         return Response({"data": JobSerializer(jobs, many=True).data})
 
 
@@ -211,6 +212,7 @@ class JobDetailView(BuildScopedView):
         job = selectors.build_job(self.build, job_id)
         if job is None:
             raise ApiError("job_not_found", f"No job {job_id} in build #{self.build.number}.")
+        selectors.with_waiting_reasons([job], organization_id=self.build.pipeline.organization_id)
         return Response(JobSerializer(job).data)
 
 

@@ -194,6 +194,14 @@ class Job(models.Model):
     # Automatic retries used so far by this step's attempts, by rule: {"<rule index>": n,
     # "agent_lost": n} (the default retry of a job whose agent was lost). Copied forward, plus one.
     automatic_retries = models.JSONField(default=dict, blank=True)
+    # The effective agent selector, `{tag: value or glob}` with its queue (pipelines.agent_tags):
+    # only an agent whose tags match every rule claims the job. NULL (jobs from before
+    # selectors existed) means `{"queue": "default"}`.
+    agents = models.JSONField(null=True, blank=True)
+    # At most `concurrency` jobs of the organization in this group are live at once; the
+    # claim enforces it through ConcurrencySlot rows.
+    concurrency_group = models.CharField(max_length=255, null=True, blank=True)
+    concurrency = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -208,6 +216,9 @@ class Job(models.Model):
             models.Index(fields=["organization", "state", "scheduled_at"], name="job_claim_queue"),
             # The reaper looks for active jobs whose agent went quiet.
             models.Index(fields=["state", "last_heartbeat_at"], name="job_by_heartbeat"),
+            # How many of a concurrency group run (SQLite's claim, the build page's waiting reason).
+            models.Index(fields=["organization", "concurrency_group", "state"], name="job_by_concurrency_group",
+                         condition=models.Q(concurrency_group__isnull=False)),
         ]
 
     def __str__(self) -> str:
@@ -273,12 +284,39 @@ class Agent(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     last_seen_at = models.DateTimeField(default=timezone.now)
     stopped_at = models.DateTimeField(null=True, blank=True)
+    # `{key: value}` the agent registered with (`runagent --tags`); jobs select agents by them.
+    tags = models.JSONField(default=dict, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["organization", "last_seen_at"], name="agent_by_org")]
 
     def __str__(self) -> str:
         return self.name
+
+
+class ConcurrencySlot(models.Model):
+    """One of the `concurrency` places of an organization's concurrency group, and the job that took it last.
+
+    A slot is free when it has no holder or its holder has ended: holders only
+    ever go from live to ended, so ending a job frees its slot without a write,
+    and a claim reading an old snapshot can only think a slot taken that is free,
+    never the reverse (builds.sql.assign_next_job). A job handed back to
+    `scheduled` keeps its slot until it is claimed again (it may take it back).
+    Created, `index` 0..n-1, with the jobs that name the group.
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    group = models.CharField(max_length=255)
+    index = models.PositiveIntegerField()
+    holder = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "group", "index"], name="concurrency_slot_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.group}[{self.index}]"
 
 
 def artifact_upload_path(artifact: "Artifact", filename: str) -> str:

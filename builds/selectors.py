@@ -7,16 +7,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Prefetch, Q, QuerySet
+from django.db.models import Count, Prefetch, Q, QuerySet
 from django.db.models.fields.files import FieldFile
 from django.utils import timezone
 
 from builds import sql, states
-from builds.models import Agent, Artifact, Build, EdgeKind, Job, JobDependency
+from builds.models import Agent, Artifact, Build, EdgeKind, Job, JobDependency, JobState
 from harmont.errors import ApiError
 from harmont.serializers import parse_uuid
 from harmont.tokens import hash_secret
 from organizations.models import Organization, User
+from pipelines import agent_tags
 
 # "Last seen" is shown to the second at best; refreshing it on every request of a busy
 # agent would be a write per request for nothing (builds.services.agents).
@@ -208,10 +209,12 @@ def recent_agents_query(org: Organization, *, now: datetime) -> QuerySet[Agent]:
 
 
 def with_status(agents: list[Agent], *, now: datetime) -> list[Agent]:
-    """Each agent of `recent_agents_query` with `connection_state` and `current_job`: the job it
-    holds (with the build number and pipeline slug shown beside it), or None."""
+    """Each agent of `recent_agents_query` with `connection_state`, `tags_label` (its tags as the page
+    shows them, implied queue included) and `current_job`: the job it holds (with the build number
+    and pipeline slug shown beside it), or None."""
     for agent in agents:
         agent.connection_state = connection_state(agent, now)
+        agent.tags_label = agent_tags.describe(agent_tags.effective_tags(agent.tags))
         agent.current_job = agent.live_jobs[0] if agent.live_jobs else None
     return agents
 
@@ -219,3 +222,44 @@ def with_status(agents: list[Agent], *, now: datetime) -> list[Agent]:
 def recent_agents(org: Organization, *, now: datetime) -> list[Agent]:
     """All of the organization's agents seen within AGENT_LIST_WINDOW, most recently seen first (the agents page)."""
     return with_status(list(recent_agents_query(org, now=now).order_by("-last_seen_at")), now=now)
+
+
+# Distinct tag sets of connected agents read for the waiting reasons: far more than any
+# fleet has, and it keeps that read bounded however many agents connect.
+WAITING_REASON_TAG_SETS = 1000
+
+
+def with_waiting_reasons(jobs: list[Job], *, organization_id: int, now: datetime | None = None) -> list[Job]:
+    """Each job with `waiting_reason`: for a scheduled job nobody can take yet, why; else None.
+
+    "waiting for an agent with queue=arm64" when no connected agent's tags match
+    its selector, "waiting for concurrency group X (2 of 2 running)" when its
+    group is full. Two queries when some job is scheduled (the connected agents'
+    distinct tag sets, the live jobs per group), none otherwise, however many
+    jobs there are. Advice for people, read without locks: the claim decides.
+    """
+    for job in jobs:
+        job.waiting_reason = None
+    waiting = [job for job in jobs if job.state == JobState.SCHEDULED]
+    if not waiting:
+        return jobs
+    now = now or timezone.now()
+    connected = (Agent.objects.filter(organization_id=organization_id, stopped_at__isnull=True,
+                                      last_seen_at__gte=now - timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS))
+                 .order_by().values_list("tags", flat=True).distinct()[:WAITING_REASON_TAG_SETS])
+    tag_sets = list(connected)
+    groups = {job.concurrency_group for job in waiting if job.concurrency_group is not None}
+    running: dict[str, int] = {}
+    if groups:
+        running = dict(Job.objects.filter(organization_id=organization_id, concurrency_group__in=groups,
+                                          state__in=states.LIVE_JOB_STATES)
+                       .order_by().values_list("concurrency_group").annotate(n=Count("id")))
+    for job in waiting:
+        selector = job.agents if job.agents is not None else agent_tags.effective_selector(None, default=None,
+                                                                                          runner=None)
+        if not any(agent_tags.selector_matches(selector, tags) for tags in tag_sets):
+            job.waiting_reason = f"waiting for an agent with {agent_tags.describe(selector)}"
+        elif job.concurrency_group is not None and running.get(job.concurrency_group, 0) >= (job.concurrency or 1):
+            job.waiting_reason = (f"waiting for concurrency group {job.concurrency_group} "
+                                  f"({running[job.concurrency_group]} of {job.concurrency} running)")
+    return jobs

@@ -6,11 +6,13 @@ from datetime import datetime, tzinfo
 from typing import Any
 
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.settings import api_settings
 
 from builds.models import Agent, Artifact, Build, BuildSource, BuildState, Job, SecretAccess
 from harmont.serializers import page_serializer
+from pipelines import agent_tags
 
 
 class BuildSerializer(serializers.Serializer):
@@ -110,13 +112,31 @@ class JobSerializer(serializers.ModelSerializer):
                                      help_text="The job this one retries (the step's previous attempt).")
     retried = serializers.BooleanField(read_only=True, help_text=(
         "A later attempt of the step replaced this job: it no longer counts for the build."))
+    agents = serializers.SerializerMethodField(help_text=(
+        "The tags an agent needs to take this job, `{tag: value or glob}`, its queue included."))
+    waiting_reason = serializers.SerializerMethodField(help_text=(
+        "Why a scheduled job has not been taken yet (no connected agent matches its agents, or its "
+        "concurrency group is full); null otherwise."))
 
     class Meta:
         model = Job
         fields = ["id", "step_key", "name", "command", "state", "exit_code", "error_code", "error_message",
                   "depends_on", "soft_failed", "retry_policy", "soft_fail_policy", "attempt", "retry_of", "retried",
-                  "created_at", "started_at", "finished_at"]
+                  "created_at", "started_at", "finished_at", "agents", "concurrency_group", "concurrency",
+                  "waiting_reason"]
         read_only_fields = fields
+        extra_kwargs = {
+            "concurrency_group": {"help_text": "At most `concurrency` jobs of the organization in this group run at once."},
+        }
+
+    @extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
+    def get_agents(self, job: Job) -> dict[str, str]:
+        return job.agents if job.agents is not None else agent_tags.effective_selector(None, default=None, runner=None)
+
+    @extend_schema_field({"type": "string", "nullable": True})
+    def get_waiting_reason(self, job: Job) -> str | None:
+        # Set by the view (selectors.with_waiting_reasons), in constant queries.
+        return getattr(job, "waiting_reason", None)
 
     def get_depends_on(self, job: Job) -> list[str]:
         # `prerequisite_ids` is set by the view (selectors.build_jobs / build_job), in constant queries.
@@ -173,8 +193,8 @@ class AgentStatusSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Agent
-        fields = ["id", "name", "hostname", "version", "os", "created_at", "last_seen_at", "connection_state",
-                  "current_job"]
+        fields = ["id", "name", "hostname", "version", "os", "tags", "created_at", "last_seen_at",
+                  "connection_state", "current_job"]
         read_only_fields = fields
 
 

@@ -12,6 +12,7 @@ database spends answering (numbers in bench/README.md).
 from __future__ import annotations
 
 import functools
+import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,12 +21,16 @@ from typing import Any
 
 from django.db import connection, models
 
-from builds.models import Agent, Build, EdgeKind, Job, JobDependency, JobState, LogChunk
+from builds.models import Agent, Build, ConcurrencySlot, EdgeKind, Job, JobDependency, JobState, LogChunk
 from harmont.rows import Columns, Table, db_value, first_row
 from organizations.models import AgentToken, Membership, Organization, User
+from pipelines import agent_tags
 from pipelines.models import Pipeline
 
 J = JobState
+# builds.states.LIVE_JOB_STATES and TERMINAL_JOB_STATES (which imports this module).
+_LIVE = frozenset({J.ASSIGNED, J.RUNNING, J.CANCELING, J.TIMING_OUT})
+_ENDED = frozenset({J.PASSED, J.FAILED, J.SKIPPED, J.CANCELED, J.TIMED_OUT})
 
 
 def _placeholders(count: int) -> str:
@@ -133,37 +138,142 @@ class Assigned:
     builds_in_children: bool  # some job starts from this one's files
 
 
+# Jobs stored before selectors existed (agents NULL) want what a job without one wants.
+_NO_SELECTOR = json.dumps(agent_tags.effective_selector(None, default=None, runner=None))
+_DEFAULT_TAGS = json.dumps(agent_tags.effective_tags(None))
+_SLOT = Table(ConcurrencySlot, "s")
+_HOLDER = Table(Job, "h")
+
+
+def _selector_matches(t: Table) -> str:
+    """SQL: every rule of job `t`'s selector matches one of the claiming agent's tags (the CTE/subquery `me`).
+
+    PostgreSQL: `LIKE` over the glob translated (backslash, `%`, `_` escaped, then
+    `*` → `%`, `?` → `_`); SQLite: `GLOB`, with `[` made literal. Both are
+    case-sensitive, as agent_tags.glob_match. Per job row read, so the claim
+    stays a range scan of the claim index that stops at the first match.
+    """
+    if connection.vendor == "postgresql":
+        like = (f"replace(replace(replace(replace(replace(r.value, '\\', '\\\\'), '%%', '\\%%'), '_', '\\_'),"
+                " '*', '%%'), '?', '_')")
+        # Most jobs want exactly queue=default: for them one comparison and the agent's answer,
+        # worked out once per statement, instead of expanding both maps for every row read.
+        return (f"CASE WHEN {t.agents} = '{_NO_SELECTOR}'::jsonb THEN (SELECT tags FROM me) @> '{_NO_SELECTOR}'::jsonb"
+                f" ELSE NOT EXISTS (SELECT 1 FROM jsonb_each_text(COALESCE({t.agents}, '{_NO_SELECTOR}'::jsonb)) r"
+                f" WHERE NOT EXISTS (SELECT 1 FROM jsonb_each_text((SELECT tags FROM me)) a"
+                f" WHERE a.key = r.key AND a.value LIKE {like} ESCAPE '\\')) END")
+    return (f"NOT EXISTS (SELECT 1 FROM json_each(COALESCE({t.agents}, '{_NO_SELECTOR}')) r"
+            f" WHERE NOT EXISTS (SELECT 1 FROM json_each((SELECT tags FROM me)) a"
+            f" WHERE a.key = r.key AND a.value GLOB replace(r.value, '[', '[[]')))")
+
+
+def _live(t: Table) -> str:
+    return f"{t.state} IN ({', '.join(repr(str(state)) for state in sorted(_LIVE))})"
+
+
+def _slot_free(s: Table) -> str:
+    """SQL: slot `s` has no holder or its holder has ended.
+
+    "Ended", not "not live": a holder read as scheduled in this statement's
+    snapshot may have been claimed (into this very slot) by a racer that
+    committed since. When PostgreSQL re-checks a row locked FOR UPDATE, it
+    re-reads the slot but judges its new holder from the old snapshot, where
+    that holder is still scheduled: "not live" would call the slot free again.
+    An ended job never runs again, whichever snapshot says so.
+
+    A job handed back to `scheduled` (assigned → scheduled) keeps its slot from
+    other jobs until it is claimed again, when it may take that same slot
+    (the claim also accepts a slot whose holder is the job itself).
+    """
+    h = _HOLDER
+    ended = ", ".join(repr(str(state)) for state in sorted(_ENDED))
+    # A scalar subquery, not EXISTS: PostgreSQL turns `OR EXISTS (...)` into a hash of every
+    # ended job's id; this stays one primary-key lookup per slot read.
+    return f"({s.holder} IS NULL OR (SELECT {h.state} FROM {h} WHERE {h.id} = {s.holder}) IN ({ended}))"
+
+
 @functools.cache
 def _claim_sql(fresh: bool) -> str:
     """The claim's statement (see `assign_next_job`), built once per form."""
     t, e, c = _JOB, _EDGE, _JOB_COLUMNS
-    skip_locked = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     held = f"SELECT {t.id} FROM {t} WHERE {t.claim_key} = %s AND {t.agent} = %s AND {t.state} = %s LIMIT 1"
-    oldest = (f"SELECT {t.id} FROM {t} WHERE {t.organization} = %s AND {t.state} = %s"
-              f" ORDER BY {t.scheduled_at}, {t.position} LIMIT 1{skip_locked}")
-    # COALESCE evaluates the oldest-job subquery (and locks its row) only when no held job answers.
-    target = f"COALESCE(({held}), ({oldest}))" if fresh else f"({held})"
     assign = ", ".join(f"{c[name]} = %s" for name in ("state", "agent", "credential_hash", "claim_key",
                                                        "assigned_at", "last_heartbeat_at"))
-    return (f"UPDATE {t} SET {assign} WHERE {c['id']} = {target}"
-            f" AND ({c['state']} = %s OR ({c['state']} = %s AND {c['claim_key']} = %s AND {c['agent']} = %s))"
-            f" RETURNING {t.id},"
-            f" (SELECT {e.prerequisite} FROM {e} WHERE {e.job} = {t.id} AND {e.kind} = %s LIMIT 1),"
-            f" EXISTS (SELECT 1 FROM {e} WHERE {e.prerequisite} = {t.id} AND {e.kind} = %s)")
+    guard = f" AND ({c['state']} = %s OR ({c['state']} = %s AND {c['claim_key']} = %s AND {c['agent']} = %s))"
+    returning = (f" RETURNING {t.id},"
+                 f" (SELECT {e.prerequisite} FROM {e} WHERE {e.job} = {t.id} AND {e.kind} = %s LIMIT 1) AS parent,"
+                 f" EXISTS (SELECT 1 FROM {e} WHERE {e.prerequisite} = {t.id} AND {e.kind} = %s) AS children")
+    if not fresh:
+        return f"UPDATE {t} SET {assign} WHERE {c['id']} = ({held}){guard}{returning}"
+    a, s, j = Table(Agent, "ag"), _SLOT, Table(Job, "j")
+    me = f"SELECT json_patch(%s, {a.tags}) AS tags FROM {a} WHERE {a.id} = %s"
+    waiting = f"{j.organization} = %s AND {j.state} = %s AND {_selector_matches(j)}"
+    order = f" ORDER BY {j.scheduled_at}, {j.position} LIMIT 1"
+    if connection.vendor != "postgresql":
+        # SQLite runs one writing statement at a time, and this one reads the live jobs of the
+        # group as of now: a plain count is exact here.
+        h = _HOLDER
+        room = (f"({j.concurrency_group} IS NULL OR (SELECT COUNT(*) FROM {h} WHERE {h.organization} = {j.organization}"
+                f" AND {h.concurrency_group} = {j.concurrency_group} AND {_live(h)}) < {j.concurrency})")
+        oldest = f"SELECT {j.id} FROM {j} WHERE {waiting} AND {room}{order}"
+        # COALESCE evaluates the oldest-job subquery only when no held job answers.
+        return (f"WITH me AS ({me}) UPDATE {t} SET {assign} WHERE {c['id']} = COALESCE(({held}), ({oldest}))"
+                f"{guard}{returning}")
+    # PostgreSQL. Counting the group's live jobs here would not be safe: under READ COMMITTED
+    # two claimers each miss the other's uncommitted claim and both take a job. Instead the
+    # statement takes a slot row of the group (ConcurrencySlot) and the job only together.
+    me = f"SELECT %s::jsonb || {a.tags} AS tags FROM {a} WHERE {a.id} = %s"
+    room = (f"({j.concurrency_group} IS NULL OR EXISTS (SELECT 1 FROM {s} WHERE {s.organization} = {j.organization}"
+            f" AND {s.group} = {j.concurrency_group} AND {s.index} < {j.concurrency}"
+            f" AND ({_slot_free(s)} OR {s.holder} = {j.id})))")
+    slot_table = connection.ops.quote_name(ConcurrencySlot._meta.db_table)
+    holder, slot_id = _SLOT.bare("holder"), _SLOT.bare("id")
+    return (
+        f"WITH held AS ({held}), me AS ({me}),"
+        # The oldest waiting job this agent may take whose group (if any) looks to have room;
+        # skipping rows other claimers hold, as before.
+        f" candidate AS (SELECT {j.id} AS id, {j.concurrency_group} AS grp, {j.concurrency} AS n FROM {j}"
+        f" WHERE NOT EXISTS (SELECT 1 FROM held) AND {waiting} AND {room}{order} FOR UPDATE OF j SKIP LOCKED),"
+        # A free slot of its group below its own concurrency, locked so a racer skips it. After
+        # the lock the row is re-checked: a slot a racer took meanwhile is no longer free.
+        f" free AS (SELECT {s.id} AS id FROM {s} JOIN candidate ON {s.group} = candidate.grp"
+        f" WHERE {s.organization} = %s AND {s.index} < candidate.n AND ({_slot_free(s)} OR {s.holder} = candidate.id)"
+        f" ORDER BY {s.index} LIMIT 1 FOR UPDATE OF s SKIP LOCKED),"
+        f" taken AS (UPDATE {slot_table} SET {holder} = (SELECT id FROM candidate)"
+        f" WHERE {slot_id} = (SELECT id FROM free) RETURNING 1),"
+        # The job only with its slot: if every free slot went to racers, nothing is claimed.
+        f" target AS (SELECT id FROM held UNION ALL"
+        f" SELECT id FROM candidate WHERE grp IS NULL OR EXISTS (SELECT 1 FROM taken)),"
+        f" claimed AS (UPDATE {t} SET {assign} WHERE {c['id']} = (SELECT id FROM target LIMIT 1){guard}{returning})"
+        # One row always: the claim (or NULLs), and whether a job was picked (a lost slot race).
+        f" SELECT claimed.*, EXISTS (SELECT 1 FROM candidate) FROM (SELECT 1) one LEFT JOIN claimed ON TRUE"
+    )
+
+
+# A claim that lost every free slot of its job's group to racers tries again, this often.
+CLAIM_ATTEMPTS = 5
 
 
 def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_hash: str, now: datetime,
                     claim_key: str | None = None, fresh: bool = True) -> Assigned | None:
-    """scheduled → assigned for the organization's oldest scheduled job (None: none waiting).
+    """scheduled → assigned for the oldest scheduled job of the organization the agent may take (None: none).
 
     The answer also carries the job's `builds_in` links, which its spec needs.
 
     One statement, autocommitted, so the claimed row is locked for no longer
-    than the UPDATE itself. On PostgreSQL `FOR UPDATE SKIP LOCKED` lets racing
+    than the statement itself. On PostgreSQL `FOR UPDATE SKIP LOCKED` lets racing
     agents each take a different row instead of queueing on the oldest one; the
     locked row's state is checked again under the lock, so it is still
     `scheduled`. SQLite runs one writing statement at a time, so there the
     statement alone decides. Either way one job goes to exactly one agent.
+
+    A job is taken only by an agent whose tags match its selector (`Job.agents`,
+    read with the agent's own tags inside the statement), and a job of a
+    concurrency group only while fewer than `concurrency` of the group are
+    live: on PostgreSQL by taking one of the group's slot rows in the same
+    statement (a data-modifying WITH). Jobs that can't be taken are passed over,
+    oldest first. A claim whose free slots all went to racers claims nothing
+    and is tried again, up to CLAIM_ATTEMPTS statements.
 
     `claim_key` makes a retried claim safe: a job this agent already holds under
     the same key (its answer was lost on the way) is answered again, with a new
@@ -172,17 +282,30 @@ def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_has
     """
     agent = db_value(Job, "agent", agent_id)
     held = [claim_key, agent, J.ASSIGNED]
+    params = [J.ASSIGNED, agent, credential_hash, claim_key, db_value(Job, "assigned_at", now),
+              db_value(Job, "last_heartbeat_at", now)]
+    guard = [J.SCHEDULED, J.ASSIGNED, claim_key, agent, EdgeKind.BUILDS_IN, EdgeKind.BUILDS_IN]
+    waiting = [organization_id, J.SCHEDULED]
+    me = [_DEFAULT_TAGS, agent]
+    if not fresh:
+        params = [*params, *held, *guard]
+    elif connection.vendor == "postgresql":
+        params = [*held, *me, *waiting, organization_id, *params, *guard]
+    else:
+        params = [*me, *params, *held, *waiting, *guard]
     with connection.cursor() as cursor:
-        cursor.execute(
-            _claim_sql(fresh),
-            [J.ASSIGNED, agent, credential_hash, claim_key, db_value(Job, "assigned_at", now),
-             db_value(Job, "last_heartbeat_at", now), *held, *([organization_id, J.SCHEDULED] if fresh else []),
-             J.SCHEDULED, J.ASSIGNED, claim_key, agent, EdgeKind.BUILDS_IN, EdgeKind.BUILDS_IN],
-        )
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    job_id, parent_id, children = row
+        for _attempt in range(CLAIM_ATTEMPTS):
+            cursor.execute(_claim_sql(fresh), params)
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            if row[0] is not None:
+                break
+            if not (fresh and connection.vendor == "postgresql" and row[3]):
+                return None  # nothing this agent may take (not a lost race)
+        else:
+            return None
+    job_id, parent_id, children = row[:3]
     return Assigned(job_id, None if parent_id is None else uuid.UUID(str(parent_id)), bool(children))
 
 

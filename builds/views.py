@@ -33,7 +33,7 @@ from builds import services
 from builds.filters import BuildFilter
 from builds.models import Artifact, Build, BuildSource, BuildState, Job
 from builds.responses import artifact_response, raw_log_response
-from builds.selectors import build_jobs, find_artifact, recent_agents, scoped_build
+from builds.selectors import build_jobs, find_artifact, recent_agents, scoped_build, with_waiting_reasons
 from builds.services.retries import retryable_by_hand
 from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
 from builds.templatetags.harmont_pages import duration_seconds, format_duration
@@ -49,10 +49,12 @@ from pipelines.models import Pipeline
 # What the build page reads of its jobs: a job's env can be large and is never shown.
 JOB_FIELDS = ("id", "build_id", "position", "step_key", "name", "command", "image", "state", "exit_code",
               "error_code", "error_message", "signal", "started_at", "finished_at", "log_bytes", "log_truncated",
-              "kind", "attempt", "retried", "retry_policy", "soft_failed")
-# The 2-second poll redraws states only (and whether Retry is offered).
+              "kind", "attempt", "retried", "retry_policy", "soft_failed", "agents", "concurrency_group",
+              "concurrency")
+# The 2-second poll redraws states only (and whether Retry is offered, and why a job waits).
 STATUS_JOB_FIELDS = ("id", "build_id", "position", "state", "exit_code", "error_code", "error_message", "started_at",
-                     "finished_at", "kind", "attempt", "retried", "retry_policy", "soft_failed")
+                     "finished_at", "kind", "attempt", "retried", "retry_policy", "soft_failed", "agents",
+                     "concurrency_group", "concurrency")
 # The build page lists this many artifacts (oldest first); the API lists them all.
 ARTIFACTS_ON_PAGE = 100
 HISTORY_PAGE_SIZE = 25
@@ -82,8 +84,9 @@ def page_build(page: OrgPage, pipeline: str, number: int) -> Build:
 
 def job_rows(build: Build) -> list[Job]:
     """The build's jobs in dependency order, older attempts of a step before its latest, each with
-    `after` (its prerequisites' keys) and `retryable` (the page offers Retry)."""
-    jobs = build_jobs(build, fields=JOB_FIELDS, include_retried=True)
+    `after` (its prerequisites' keys), `retryable` (the page offers Retry) and `waiting_reason`."""
+    jobs = with_waiting_reasons(build_jobs(build, fields=JOB_FIELDS, include_retried=True),
+                                organization_id=build.pipeline.organization_id)
     keys = {job.pk: job.step_key for job in jobs}
     for job in jobs:
         job.after = [keys[pk] for pk in job.prerequisite_ids if pk in keys]
@@ -105,7 +108,8 @@ def build_status(build: Build, jobs: list[Job], now: datetime) -> dict[str, Any]
             {"id": str(job.pk), "state": job.state, "exit_code": job.exit_code, "error_code": job.error_code,
              "error_message": job.error_message, "duration": format_duration(duration_seconds(job, now)),
              "finished": job.state in TERMINAL_JOB_STATES, "attempt": job.attempt, "retried": job.retried,
-             "soft_failed": job.soft_failed, "retryable": retryable_by_hand(job, build)}
+             "soft_failed": job.soft_failed, "retryable": retryable_by_hand(job, build),
+             "waiting_reason": job.waiting_reason}
             for job in jobs
         ],
     }
@@ -387,10 +391,12 @@ def build_detail(request: HttpRequest, org: str, pipeline: str, number: int) -> 
 @require_GET
 @never_cache
 def build_status_json(request: HttpRequest, org: str, pipeline: str, number: int) -> JsonResponse:
-    """Polled by the build page every ~2 s: membership, build, jobs; three queries however many jobs."""
+    """Polled by the build page every ~2 s: membership, build, jobs; three queries however many jobs
+    (two more, for the waiting reasons, while some job is scheduled)."""
     page = org_page(request, org)
     build = page_build(page, pipeline, number)
     jobs = list(Job.objects.filter(build=build).only(*STATUS_JOB_FIELDS).order_by("position", "attempt"))
+    with_waiting_reasons(jobs, organization_id=build.pipeline.organization_id)
     return JsonResponse(build_status(build, jobs, timezone.now()))
 
 

@@ -6,11 +6,9 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from harmont.crypto import encrypt_text
-from pipelines.models import Pipeline, Repository
-from pipelines.models import Secret
-from pipelines import ir
-from pipelines.models import PipelineSchedule, ScheduledRun, Secret
+from pipelines import agent_tags, ir
 from pipelines import schedules as schedule_services
+from pipelines.models import Pipeline, PipelineSchedule, Repository, ScheduledRun, Secret
 from pipelines import secrets as secret_services
 from pipelines.services import derive_repo_name
 
@@ -31,6 +29,14 @@ class PipelineForm(forms.ModelForm):
         try:
             return ir.normalise_retry(value, "default_retry")
         except ir.PlanError:
+            return value
+
+    def clean_default_agents(self) -> Any:
+        # The model's validator refused a malformed one; Buildkite's list form is stored as the map.
+        value = self.cleaned_data.get("default_agents")
+        try:
+            return agent_tags.read_selector(value)
+        except agent_tags.SelectorError:
             return value
 
 

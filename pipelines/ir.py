@@ -26,6 +26,11 @@ Decisions the spec leaves open:
   wait still depend on the steps before the first.
 * A step naming itself (graph self-edge or flat self-reference) is
   ``invalid_ir``; longer loops are ``cycle``.
+* A step's ``agents`` (map, or Buildkite's ``["key=value"]`` list) replaces
+  the pipeline's ``default_agents`` whole, as in Buildkite; every job gets
+  its effective selector, queue included (``runner``, else ``default``;
+  pipelines.agent_tags). ``concurrency_group`` and ``concurrency`` come
+  together or not at all (Buildkite requires both).
 * Fields we don't know are ignored, so newer clients keep working; in the
   graph form that includes top-level ``env`` / ``default_image``, which only
   the flat form defines.
@@ -47,6 +52,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from pipelines import agent_tags
 
 IR_VERSION = "0"
 BUILDS_IN = "builds_in"
@@ -71,6 +78,9 @@ IMAGE_MAX_LENGTH = 500
 RUNNER_MAX_LENGTH = 255
 # Timeouts are stored as PostgreSQL integers.
 TIMEOUT_MAX = 2**31 - 1
+CONCURRENCY_GROUP_MAX_LENGTH = 255
+# Each unit of a group's `concurrency` is a slot row (builds.models.ConcurrencySlot).
+CONCURRENCY_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,12 @@ class PlannedJob:
     # Normalised `retry` and `soft_fail` (see `normalise_retry`, `normalise_soft_fail`); None: none.
     retry_policy: dict | None = None
     soft_fail_policy: dict | None = None
+    # What the job asks of its agent's tags (pipelines.agent_tags): the step's own `agents`
+    # until `_assemble` makes it the effective selector, queue included.
+    agents: dict[str, str] | None = None
+    # At most `concurrency` jobs of the organization with this group run at once.
+    concurrency_group: str | None = None
+    concurrency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -186,17 +202,19 @@ def load_ir(raw: str | bytes | dict) -> dict:
 
 
 def plan_ir(raw: str | bytes | dict, *, build_env: dict[str, str] | None = None,
-            limits: Limits | None = None, default_retry: Any = None) -> Plan:
+            limits: Limits | None = None, default_retry: Any = None, default_agents: Any = None) -> Plan:
     """Validate the IR and order its steps into jobs; raise PlanError on the first problem.
 
     ``build_env`` (the build's own ``env``) is applied last, so it overrides
     every env layer the pipeline defines. ``limits``: what one build may hold
     (default: the configured ones). ``default_retry``: the pipeline's
     ``default_retry``, the policy of every step without a ``retry`` of its own
-    (a step's ``retry`` replaces it whole, it is not merged).
+    (a step's ``retry`` replaces it whole, it is not merged). ``default_agents``:
+    the pipeline's selector for steps without their own ``agents`` (map or list form).
     """
     limits = limits or Limits.from_settings()
     default_policy = normalise_retry(default_retry, "The pipeline's 'default_retry'")
+    default_agents = _optional_selector(default_agents, "The pipeline's 'default_agents'")
     doc = load_ir(raw)
     check_storable(doc)
     _check_version(doc)
@@ -215,7 +233,8 @@ def plan_ir(raw: str | bytes | dict, *, build_env: dict[str, str] | None = None,
     if default_policy is not None:
         steps = [step if step.has_retry else replace(step, job=replace(step.job, retry_policy=default_policy))
                  for step in steps]
-    return Plan(jobs=_assemble(steps, edges, waits, order, build_env or {}, limits), timeout_seconds=timeout)
+    return Plan(jobs=_assemble(steps, edges, waits, order, build_env or {}, limits, default_agents),
+                timeout_seconds=timeout)
 
 
 def check_storable(doc: Any) -> None:
@@ -385,6 +404,8 @@ def _read_command_step(
         depends_on=(),
         retry_policy=normalise_retry(step.get("retry"), f"{where} 'retry'"),
         soft_fail_policy=normalise_soft_fail(step.get("soft_fail"), f"{where} 'soft_fail'"),
+        agents=_optional_selector(step.get("agents"), f"{where} 'agents'"),
+        **_concurrency(step, where),
     )
     return _Step(location=location, job=job, has_retry=step.get("retry") is not None)
 
@@ -511,6 +532,32 @@ def _only_keys(value: dict, allowed: tuple[str, ...], what: str) -> None:
     unknown = sorted(str(key) for key in value if key not in allowed)
     if unknown:
         raise _invalid(f"{what} has unknown field {_show(unknown[0])}; expected {' and '.join(map(repr, allowed))}.")
+
+
+def _optional_selector(value: Any, what: str) -> dict[str, str] | None:
+    try:
+        return agent_tags.read_selector(value)
+    except agent_tags.SelectorError as exc:
+        raise _invalid(f"{what} {exc}.") from None
+
+
+def _concurrency(step: dict, where: str) -> dict[str, Any]:
+    """`concurrency_group` and `concurrency`, both or neither (as Buildkite requires)."""
+    group, limit = step.get("concurrency_group"), step.get("concurrency")
+    if group is None and limit is None:
+        return {}
+    if group is None or limit is None:
+        given, missing = ("concurrency", "concurrency_group") if group is None else ("concurrency_group", "concurrency")
+        raise _invalid(f"{where} has {given!r} without {missing!r}; give both or neither.")
+    if not isinstance(group, str) or not group:
+        raise _invalid(f"{where} 'concurrency_group' must be a non-empty string, got {_show(group)}.")
+    if len(group) > CONCURRENCY_GROUP_MAX_LENGTH:
+        raise PlanError(LIMIT_EXCEEDED, f"{where} 'concurrency_group' has {len(group)} characters; at most "
+                                        f"{CONCURRENCY_GROUP_MAX_LENGTH}.")
+    if not _is_int(limit) or not 1 <= limit <= CONCURRENCY_MAX:
+        raise _invalid(f"{where} 'concurrency' must be a whole number from 1 to {CONCURRENCY_MAX}, "
+                       f"got {_show(limit)}.")
+    return {"concurrency_group": group, "concurrency": limit}
 
 
 def _check_unique_key(step: _Step, seen: dict[str, _Step]) -> None:
@@ -769,7 +816,7 @@ def _cycle_error(steps: list[_Step], children: list[list[int]], stuck: set[int])
 
 
 def _assemble(steps: list[_Step], edges: set[_Edge], waits: _Waits, order: list[int], build_env: dict[str, str],
-              limits: Limits) -> tuple[PlannedJob, ...]:
+              limits: Limits, default_agents: dict[str, str] | None = None) -> tuple[PlannedJob, ...]:
     position = {node: index for index, node in enumerate(order)}
     prerequisites: dict[int, set[int]] = {node: set() for node in order}
     builds_in: dict[int, int] = {}
@@ -803,6 +850,8 @@ def _assemble(steps: list[_Step], edges: set[_Edge], waits: _Waits, order: list[
             depends_on=depends_on,
             segment=waits.segment.get(node),
             after_segment=segment,
+            agents=agent_tags.effective_selector(steps[node].job.agents, default=default_agents,
+                                                 runner=steps[node].job.runner),
         ))
     return tuple(jobs)
 

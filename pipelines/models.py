@@ -12,6 +12,7 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 
 from organizations.models import Organization
+from pipelines import agent_tags
 
 
 class Visibility(models.TextChoices):
@@ -70,6 +71,21 @@ def validate_branch_filter(value: object) -> None:
         raise ValidationError(errors)
 
 
+def default_agents_errors(value: object) -> list[str]:
+    """What is wrong with a `default_agents` selector (empty: nothing); the planner's rules for a step's `agents`."""
+    try:
+        agent_tags.read_selector(value)
+    except agent_tags.SelectorError as exc:
+        return [f"The selector {exc}."]
+    return []
+
+
+def validate_default_agents(value: object) -> None:
+    errors = default_agents_errors(value)
+    if errors:
+        raise ValidationError(errors)
+
+
 class PipelineQuerySet(models.QuerySet["Pipeline"]):
     def for_org(self, org: Organization) -> "PipelineQuerySet":
         return self.filter(organization=org, archived_at__isnull=True)
@@ -105,6 +121,9 @@ class Pipeline(models.Model):
     # At most this many builds of the pipeline are scheduled or running at once; later ones wait
     # (`Build.waiting_reason`). Null: no limit.
     max_concurrent_builds = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
+    # The agent selector of steps without their own `agents` (pipelines.agent_tags), stored
+    # as the `{key: pattern}` map; NULL: none (jobs want `queue=default`).
+    default_agents = models.JSONField(null=True, blank=True, validators=[validate_default_agents])
     # The last build number handed out. Incremented under the row lock inside the
     # transaction that inserts the build, so numbers have no gaps or duplicates.
     build_counter = models.PositiveIntegerField(default=0)

@@ -9,7 +9,21 @@ from rest_framework import serializers
 
 from harmont.redaction import redact_url_credentials
 from harmont.serializers import page_serializer
-from pipelines.models import PROTECTED_BRANCHES_MAX, ForkPullRequests, Pipeline, PipelineSchedule, Visibility
+from pipelines import agent_tags
+from pipelines.models import PROTECTED_BRANCHES_MAX, ForkPullRequests, Pipeline, Visibility
+
+SELECTOR_SCHEMA = {"type": "object", "additionalProperties": {"type": "string"}, "nullable": True}
+
+
+@extend_schema_field(SELECTOR_SCHEMA)
+class AgentSelectorField(serializers.JSONField):
+    """An agent selector, `{tag: value or glob}` or Buildkite's `["key=value", ...]`, read as the map."""
+
+    def to_internal_value(self, data: object) -> dict[str, str] | None:
+        try:
+            return agent_tags.read_selector(data)
+        except agent_tags.SelectorError as exc:
+            raise serializers.ValidationError(f"The selector {exc}.") from None
 
 
 class PipelineSerializer(serializers.ModelSerializer):
@@ -20,8 +34,11 @@ class PipelineSerializer(serializers.ModelSerializer):
         fields = ["slug", "name", "description", "repository", "repo_name", "default_branch", "visibility",
                   "allow_manual", "source_slug", "definition", "triggers", "fork_pull_requests", "protected_branches",
                   "default_retry", "cancel_intermediate_builds", "cancel_intermediate_builds_branch_filter",
-                  "max_concurrent_builds", "created_at"]
+                  "max_concurrent_builds", "default_agents", "created_at"]
         read_only_fields = fields
+        extra_kwargs = {"default_agents": {"help_text": (
+            "The agent selector (`{tag: value or glob}`) of steps without their own `agents`; a step's own "
+            "replaces it whole. Null: steps without `agents` want `queue=default`.")}}
 
     def to_representation(self, instance: Pipeline) -> dict[str, Any]:
         data = super().to_representation(instance)
@@ -62,6 +79,9 @@ class CreatePipelineRequestSerializer(serializers.Serializer):
         max_length=PROTECTED_BRANCHES_MAX, help_text=(
             "Branch patterns (fnmatch: `release/*`) whose builds of the stored definition get protected secrets, "
             "besides the default branch."))
+    default_agents = AgentSelectorField(required=False, allow_null=True, help_text=(
+        "Agent selector for steps without `agents`: `{tag: value or glob (* ?)}` or `[\"key=value\", ...]`. "
+        "A step's own `agents` replaces it whole; a selector without `queue` wants `queue=default`."))
     fork_pull_requests = serializers.ChoiceField(
         choices=ForkPullRequests.choices, required=False, default=ForkPullRequests.BUILD_WITHOUT_SECRETS,
         help_text="What a pull request from another repository (a fork) builds: without secrets (the default), "

@@ -12,7 +12,7 @@ from django.utils import timezone
 from harmont.errors import ApiError, validation_error
 from organizations.models import Organization
 from organizations.services import slugify_name
-from pipelines import ir
+from pipelines import agent_tags, ir
 from pipelines.models import ForkPullRequests, Pipeline, Visibility, branch_filter_errors, protected_branches_errors
 
 _SCP_LIKE = re.compile(r"^[^/@:]+@[^/:]+:")  # git@github.com:owner/repo
@@ -64,8 +64,11 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                     protected_branches: list[str] | None = None, default_retry: Any = None,
                     cancel_intermediate_builds: bool = False,
                     cancel_intermediate_builds_branch_filter: list[str] | None = None,
-                    max_concurrent_builds: int | None = None, now: datetime | None = None) -> Pipeline:
+                    max_concurrent_builds: int | None = None, default_agents: Any = None,
+                    now: datetime | None = None) -> Pipeline:
     """A new pipeline of `org`, its slug made from `name` (a slug the organization already uses is an error).
+
+    `default_agents`: the agent selector of steps without their own (pipelines.agent_tags), stored as its map.
 
     Bad fields are 422 `pipeline_invalid`, a taken slug 422 `pipeline_slug_taken`; both write nothing.
     `default_retry` is checked and normalised as a step's `retry` is (`validate_default_retry`).
@@ -82,6 +85,7 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
     stored_retry = validate_default_retry(default_retry)
     _check_protected_branches(protected_branches or [])
     _check_build_control(cancel_intermediate_builds_branch_filter, max_concurrent_builds)
+    default_agents = checked_default_agents(default_agents)
     if Pipeline.objects.filter(organization=org, slug=slug).exists():
         raise _slug_taken(slug)
     try:
@@ -95,7 +99,7 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                 cancel_intermediate_builds=cancel_intermediate_builds,
                 cancel_intermediate_builds_branch_filter=(None if cancel_intermediate_builds_branch_filter is None
                                                           else list(cancel_intermediate_builds_branch_filter)),
-                max_concurrent_builds=max_concurrent_builds,
+                max_concurrent_builds=max_concurrent_builds, default_agents=default_agents,
                 created_at=now or timezone.now(),
             )
     except IntegrityError:  # lost a race for the same slug
@@ -107,7 +111,8 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
 UPDATABLE_FIELDS = frozenset({"name", "description", "repository", "repo_name", "default_branch", "visibility",
                               "allow_manual", "definition", "fork_pull_requests", "protected_branches",
                               "default_retry", "cancel_intermediate_builds",
-                              "cancel_intermediate_builds_branch_filter", "max_concurrent_builds"})
+                              "cancel_intermediate_builds_branch_filter", "max_concurrent_builds",
+                              "default_agents"})
 
 
 def update_pipeline(*, pipeline: Pipeline, changes: dict[str, Any]) -> Pipeline:
@@ -135,6 +140,8 @@ def update_pipeline(*, pipeline: Pipeline, changes: dict[str, Any]) -> Pipeline:
         _check_protected_branches(values["protected_branches"])
     if "default_retry" in values:
         values["default_retry"] = validate_default_retry(values["default_retry"])
+    if "default_agents" in values:
+        values["default_agents"] = checked_default_agents(values["default_agents"])
     # A raised (or removed) max_concurrent_builds admits waiting builds at the reaper's next pass.
     _check_build_control(values.get("cancel_intermediate_builds_branch_filter"), values.get("max_concurrent_builds"))
     if values:
@@ -142,6 +149,15 @@ def update_pipeline(*, pipeline: Pipeline, changes: dict[str, Any]) -> Pipeline:
         for name, value in values.items():
             setattr(pipeline, name, value)
     return pipeline
+
+
+def checked_default_agents(value: Any) -> dict[str, str] | None:
+    """A pipeline's `default_agents` as stored (the `{tag: pattern}` map); 422 `pipeline_invalid` when malformed."""
+    try:
+        return agent_tags.read_selector(value)
+    except agent_tags.SelectorError as exc:
+        raise ApiError("pipeline_invalid", "default_agents is invalid.",
+                       fields={"default_agents": [f"The selector {exc}."]}) from None
 
 
 def _check_build_control(branch_filter: list[str] | None, max_concurrent_builds: int | None) -> None:

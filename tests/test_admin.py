@@ -17,7 +17,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from builds import services as build_services
-from builds.models import Agent, Build, Job, JobDependency, JobState, LogChunk, WebhookDelivery
+from builds.models import Agent, Build, ConcurrencySlot, Job, JobDependency, JobState, LogChunk, WebhookDelivery
 from builds.services import store_artifact
 from builds.services import ChunkIn
 from harmont.tokens import hash_secret
@@ -79,6 +79,7 @@ def populate(n: int) -> None:
         build_services.append_log(job=claim.job, chunks=[
             ChunkIn(seq=s, stream_kind=0, content=f"line {s}\n", ts=time.time_ns()) for s in (1, 2)])
         store_artifact(job=claim.job, path=f"reports/{i}.txt", content=b"report")
+        ConcurrencySlot.objects.create(organization=org, group=f"deploy-{i}", index=0, holder=claim.job)
         repository = Repository.objects.create(organization=org, url=f"https://x/{i}.git", repo_name=f"x/{i}",
                                                webhook_secret_encrypted=encrypt_text("s"))
         WebhookDelivery.objects.create(repository=repository, delivery_id=str(uuid.uuid4()), event="push")

@@ -222,7 +222,8 @@ def test_register_returns_201_with_agent_and_session_token(agent_token, org):
     agent = Agent.objects.get()
     assert body == {
         "agent": {"id": str(agent.id), "name": "runner-7", "hostname": "ci-7.local", "version": "0.3.1",
-                  "os": "linux", "created_at": iso(agent.created_at), "last_seen_at": iso(agent.last_seen_at)},
+                  "os": "linux", "tags": {}, "created_at": iso(agent.created_at),
+                  "last_seen_at": iso(agent.last_seen_at)},
         "session_token": body["session_token"],
     }
     assert body["session_token"].startswith("hms_") and len(body["session_token"]) == 4 + 43
@@ -695,8 +696,8 @@ def test_a_backlog_goes_out_in_bounded_requests_in_order_once_the_server_is_back
         "job_token": "hmj_x"}))
     line = "x" * 1000 + "\n"
     output = line * 10_000  # 10 MB printed while the server was away
-    for start in range(0, len(output), 65536):
-        shipper.add(STDOUT, output[start:start + 65536])
+    for offset in range(0, len(output), 65536):
+        shipper.add(STDOUT, output[offset:offset + 65536])
     with pytest.raises(AgentError):
         shipper.flush()  # the server is away: everything stays pending
     assert transport.batches == []
@@ -1434,7 +1435,7 @@ def test_agents_list_shows_each_agents_connection_and_current_job(api, org, agen
     assert response.status_code == 200
     agents = {agent.name: agent for agent in Agent.objects.all()}
     row = {name: {"id": str(a.id), "name": a.name, "hostname": a.hostname, "version": a.version, "os": a.os,
-                  "created_at": iso(a.created_at), "last_seen_at": iso(a.last_seen_at)}
+                  "tags": {}, "created_at": iso(a.created_at), "last_seen_at": iso(a.last_seen_at)}
            for name, a in agents.items()}
     assert response.json() == {"data": [  # newest registered first
         {**row["gone"], "connection_state": "stopped", "current_job": None},

@@ -14,7 +14,6 @@ import pytest
 from builds import services, states
 from builds.models import Build, BuildSource, Job, JobState
 from builds.services import builds as build_module
-from builds.services import concurrency
 from pipelines import schedules as schedule_services
 from pipelines import services as pipeline_services
 from pipelines.models import Pipeline, PipelineSchedule

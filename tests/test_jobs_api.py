@@ -13,7 +13,7 @@ from tests.helpers import assert_error, builds_url, four_job_ir, iso, make_build
 
 JOB_KEYS = {"id", "step_key", "name", "command", "state", "exit_code", "error_code", "error_message",
             "depends_on", "soft_failed", "retry_policy", "soft_fail_policy", "attempt", "retry_of", "retried",
-            "created_at", "started_at", "finished_at"}
+            "created_at", "started_at", "finished_at", "agents", "concurrency_group", "concurrency", "waiting_reason"}
 
 
 def jobs_url(build: Build, suffix: str = "") -> str:
@@ -24,7 +24,7 @@ def by_key(build: Build) -> dict[str, Job]:
     return {job.step_key: job for job in Job.objects.filter(build=build)}
 
 
-def job_body(job: Job, *, depends_on: list[Job]) -> dict[str, Any]:
+def job_body(job: Job, *, depends_on: list[Job], waiting_reason: str | None = None) -> dict[str, Any]:
     job.refresh_from_db()
     return {
         "id": str(job.id), "step_key": job.step_key, "name": job.name, "command": job.command,
@@ -35,6 +35,8 @@ def job_body(job: Job, *, depends_on: list[Job]) -> dict[str, Any]:
         "retried": job.retried, "created_at": iso(job.created_at),
         "started_at": iso(job.started_at) if job.started_at else None,
         "finished_at": iso(job.finished_at) if job.finished_at else None,
+        "agents": {"queue": "default"}, "concurrency_group": None, "concurrency": None,
+        "waiting_reason": waiting_reason,
     }
 
 
@@ -54,10 +56,11 @@ def test_list_returns_jobs_in_dependency_order_with_full_body(api, four):
     body = response.json()
     assert set(body) == {"data"}
     assert all(set(item) == JOB_KEYS for item in body["data"])
+    no_agent = "waiting for an agent with queue=default"  # scheduled, and no agent is connected
     assert body["data"] == [
         job_body(jobs["deps"], depends_on=[]),
-        job_body(jobs["build"], depends_on=[jobs["deps"]]),
-        job_body(jobs["lint"], depends_on=[]),
+        job_body(jobs["build"], depends_on=[jobs["deps"]], waiting_reason=no_agent),
+        job_body(jobs["lint"], depends_on=[], waiting_reason=no_agent),
         job_body(jobs["deploy"], depends_on=[jobs["deps"], jobs["build"], jobs["lint"]]),
     ]
     first = body["data"][0]

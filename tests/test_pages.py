@@ -528,12 +528,13 @@ def test_build_page_query_count_does_not_grow_with_jobs(web: Client, owner: User
     small = make_build(pipeline, pipeline_ir=ir_with(1))
     big = make_build(pipeline, pipeline_ir=ir_with(15))
     assert big.jobs.count() == 15
-    # session, user, memberships, the build (pipeline, creator), its jobs, their edges, its artifacts
+    # session, user, memberships, the build (pipeline, creator), its jobs, their edges, its artifacts,
+    # and the connected agents' tags (some job is scheduled: its waiting reason)
     for build in (small, big):
-        with django_assert_num_queries(7):
+        with django_assert_num_queries(8):
             assert web.get(build_url(build)).status_code == 200
-        # session, user, memberships, the build, its jobs
-        with django_assert_num_queries(5):
+        # session, user, memberships, the build, its jobs, the connected agents' tags
+        with django_assert_num_queries(6):
             assert web.get(build_url(build, "/status.json")).status_code == 200
 
 

@@ -106,7 +106,8 @@ def test_list_jobs(quiet_api, django_assert_num_queries, pipeline, length):
     build = make_build(pipeline, pipeline_ir=chain_ir(length))
     assert Job.objects.filter(build=build).count() == length + 1
 
-    with django_assert_num_queries(AUTH + 3):  # the build, its jobs, their edges
+    # the build, its jobs, their edges, the connected agents' tags (a job is scheduled: its waiting reason)
+    with django_assert_num_queries(AUTH + 4):
         response = quiet_api.get(builds_url(pipeline, "/1/jobs"))
 
     assert response.status_code == 200
@@ -128,7 +129,8 @@ def flat_wait_ir(before: int, after: int) -> dict:
 def test_list_jobs_after_a_wait(quiet_api, django_assert_num_queries, pipeline, size):
     make_build(pipeline, pipeline_ir=flat_wait_ir(size, size))
 
-    with django_assert_num_queries(AUTH + 3):  # the build, its jobs, their edges
+    # the build, its jobs, their edges, the connected agents' tags (for the scheduled jobs' waiting reasons)
+    with django_assert_num_queries(AUTH + 4):
         response = quiet_api.get(builds_url(pipeline, "/1/jobs"))
 
     assert response.status_code == 200

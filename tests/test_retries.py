@@ -243,6 +243,7 @@ def test_retry_of_a_failed_job_is_201_with_the_new_attempt_and_its_skipped_depen
         "exit_code": None, "error_code": None, "error_message": None, "depends_on": [], "soft_failed": False,
         "retry_policy": None, "soft_fail_policy": None, "attempt": 2, "retry_of": str(jobs["a"].pk),
         "retried": False, "created_at": iso(new.created_at), "started_at": None, "finished_at": None,
+        "agents": {"queue": "default"}, "concurrency_group": None, "concurrency": None, "waiting_reason": None,
     }
     old = Job.objects.get(pk=jobs["a"].pk)
     assert (old.state, old.exit_code, old.retried, old.attempt) == (J.FAILED, 2, True, 1)
@@ -303,7 +304,8 @@ def test_the_job_list_costs_the_same_queries_however_many_attempts(api, pipeline
     small, large = build_with(1), build_with(5)
     assert api.get(jobs_url(small)).status_code == 200  # the token's last use is fresh: no write below
     for build, shown in ((small, 4 if include else 3), (large, 8 if include else 3)):
-        with django_assert_num_queries(4):  # the token, the build, its jobs, their edges
+        # the token, the build, its jobs, their edges, the connected agents' tags (a job is scheduled)
+        with django_assert_num_queries(5):
             response = api.get(jobs_url(build, include))
         assert len(response.json()["data"]) == shown
 

@@ -14,7 +14,7 @@ import pytest
 from django.utils import timezone
 
 from builds import services
-from builds.models import Build, BuildSource, Job, JobState
+from builds.models import Build, BuildSource, Job
 from pipelines import cron
 from pipelines import schedules as schedule_services
 from pipelines.models import PipelineSchedule, ScheduledRun
@@ -252,8 +252,8 @@ def test_daylight_saving_spring_forward_runs_the_skipped_time_once_at_the_gaps_e
 
 def test_daylight_saving_fall_back_runs_an_hourly_schedule_at_both_instants_of_the_repeated_hour(pipeline):
     # Berlin's 02:00-03:00 happens twice on 2026-10-25: at 00:00 UTC (CEST) and at 01:00 UTC (CET).
-    schedule = due(make_schedule(pipeline, cron="0 * * * *", timezone_name="Europe/Berlin"),
-                   datetime(2026, 10, 24, 23, 0, tzinfo=UTC))  # 01:00 CEST
+    due(make_schedule(pipeline, cron="0 * * * *", timezone_name="Europe/Berlin"),
+        datetime(2026, 10, 24, 23, 0, tzinfo=UTC))  # 01:00 CEST
     due_times = []
     for minute in range(0, 4 * 60, 10):  # a reaper pass every ten minutes from 23:00 UTC to 03:00 UTC
         now = datetime(2026, 10, 24, 23, 0, 5, tzinfo=UTC) + timedelta(minutes=minute)

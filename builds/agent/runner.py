@@ -51,6 +51,7 @@ HEARTBEAT_INTERVAL = 5.0
 RENDERER = Path(__file__).with_name("render_pipeline.py")
 GUARD = Path(__file__).with_name("guard.py")
 LOCK_FILE = ".agent.lock"  # in the work directory, held for the agent's life
+TAGS_VARIABLE = "HARMONT_AGENT_TAGS"  # the default of --tags
 
 
 class JobStartFailed(Exception):
@@ -60,8 +61,9 @@ class JobStartFailed(Exception):
 class Agent:
     def __init__(self, *, server: str, token: str, name: str | None = None, workdir: str | None = None,
                  poll_interval: float = 1.0, once: bool = False, run_as: RunAs | None = None,
-                 heartbeat_interval: float = HEARTBEAT_INTERVAL) -> None:
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL, tags: dict[str, str] | None = None) -> None:
         self.transport = Transport(server)
+        self.tags = dict(tags or {})
         self.token = token
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.workdir = Path(workdir or Path.cwd() / "var" / "agent" / self.name).resolve()
@@ -96,7 +98,7 @@ class Agent:
     def register(self) -> None:
         data = self.transport.json("POST", "/api/v0/agent/register", token=self.token, ok=(201,), body={
             "name": self.name, "hostname": socket.gethostname(), "version": VERSION,
-            "os": f"{platform.system()} {platform.release()}",
+            "os": f"{platform.system()} {platform.release()}", "tags": self.tags,
         })
         self.session = data["session_token"]
         log.info("registered as %s (%s)", data["agent"]["name"], data["agent"]["id"])
@@ -672,10 +674,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-interval", type=positive_seconds, default=HEARTBEAT_INTERVAL,
                         help=f"seconds between a job's heartbeats (default {HEARTBEAT_INTERVAL:g}); keep it well under "
                              f"the server's HARMONT_AGENT_HEARTBEAT_TIMEOUT")
+    parser.add_argument("--tags", metavar="KEY=VALUE,...", default=os.environ.get(TAGS_VARIABLE, ""),
+                        help=f"tags jobs select this agent by, e.g. queue=arm64,os=linux (default: "
+                             f"${TAGS_VARIABLE}); without a queue tag the agent takes jobs of queue 'default'")
     parser.add_argument("--run-as", metavar="USER",
                         help="run job commands as this user, who then can't read the agent's token file or "
                              "its processes (the agent must run as root)")
     args = parser.parse_args(argv)
+    try:
+        tags = parse_tags(args.tags)
+    except ValueError as exc:
+        parser.error(f"--tags: {exc}")
     run_as = None
     if args.run_as:
         try:
@@ -700,11 +709,25 @@ def main(argv: list[str] | None = None) -> int:
                          "it was started with, as /proc shows it, may still hold the token\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
     agent = Agent(server=args.server, token=token, name=args.name, workdir=args.workdir, once=args.once,
-                  poll_interval=args.poll_interval, run_as=run_as, heartbeat_interval=args.heartbeat_interval)
+                  poll_interval=args.poll_interval, run_as=run_as, heartbeat_interval=args.heartbeat_interval,
+                  tags=tags)
     # First SIGTERM/SIGINT: finish the current job, then exit; a second one cancels it.
     signal.signal(signal.SIGTERM, agent.handle_signal)
     signal.signal(signal.SIGINT, agent.handle_signal)
     return agent.run()
+
+
+def parse_tags(text: str) -> dict[str, str]:
+    """`queue=arm64,os=linux` as a map; the server checks names and values (422 naming the bad tag)."""
+    tags: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{item!r} is not key=value")
+        if key.strip() in tags:
+            raise ValueError(f"{key.strip()!r} is given twice")
+        tags[key.strip()] = value.strip()
+    return tags
 
 
 def positive_seconds(value: str) -> float:
@@ -718,7 +741,8 @@ def _options_without_token(args: argparse.Namespace) -> list[str]:
     """The command line's options again (the token aside), for the agent's clean restart."""
     options = ["--server", args.server, "--poll-interval", repr(args.poll_interval),
                "--heartbeat-interval", repr(args.heartbeat_interval)]
-    for option, value in (("--name", args.name), ("--workdir", args.workdir), ("--run-as", args.run_as)):
+    for option, value in (("--name", args.name), ("--workdir", args.workdir), ("--run-as", args.run_as),
+                          ("--tags", args.tags)):
         if value:
             options += [option, value]
     return options + (["--once"] if args.once else [])

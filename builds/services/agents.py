@@ -26,13 +26,18 @@ class Registration:
 
 @transaction.atomic
 def register_agent(*, token: AgentToken, name: str, hostname: str = "", version: str = "", os: str = "",
-                   now: datetime | None = None) -> Registration:
-    """A new agent process of the token's organization, with the session it claims jobs with."""
+                   tags: dict[str, str] | None = None, now: datetime | None = None) -> Registration:
+    """A new agent process of the token's organization, with the session it claims jobs with.
+
+    `tags` (checked by the caller: pipelines.agent_tags.tag_problems) decide
+    which jobs it may claim; they are stored as given, without the implied
+    `queue=default`.
+    """
     now = now or timezone.now()
     session = new_prefixed_secret(AGENT_SESSION_PREFIX)
     agent = Agent.objects.create(organization_id=token.organization_id, token=token, name=name,
-                                 hostname=hostname, version=version, os=os, session_hash=hash_secret(session),
-                                 created_at=now, last_seen_at=now)
+                                 hostname=hostname, version=version, os=os, tags=dict(tags or {}),
+                                 session_hash=hash_secret(session), created_at=now, last_seen_at=now)
     AgentToken.objects.filter(pk=token.pk).update(last_used_at=now)
     return Registration(agent, session)
 

@@ -20,10 +20,11 @@ from django.utils import timezone
 
 from builds import states
 from builds.services import concurrency
-from builds.models import Build, BuildSource, BuildState, EdgeKind, Job, JobDependency, JobKind, JobState, SecretAccess
+from builds.models import (Build, BuildSource, BuildState, ConcurrencySlot, EdgeKind, Job, JobDependency, JobKind,
+                           JobState, SecretAccess)
 from harmont.errors import ApiError, validation_error
 from organizations.models import Organization, Role, User
-from pipelines import ir
+from pipelines import agent_tags, ir
 from pipelines.models import ForkPullRequests, Pipeline
 
 # Also the sources a client may choose: `webhook`, `schedule` and `trigger_job` say the
@@ -179,10 +180,12 @@ def can_check_out(*, pipeline: Pipeline, request: BuildRequest) -> bool:
 
 
 def plan_document(document: Any, *, env: dict[str, str],
-                  default_retry: Any = None) -> tuple[Any, ir.Plan | None, ir.PlanError | None]:
+                  default_retry: Any = None, default_agents: Any = None
+                  ) -> tuple[Any, ir.Plan | None, ir.PlanError | None]:
     """Decode and plan an IR document: (what to store as the build's IR, plan, error).
 
-    `default_retry`: the pipeline's, for the steps without a `retry` of their own.
+    `default_retry` and `default_agents`: the pipeline's, for the steps without
+    a `retry` or an `agents` selector of their own.
     """
     try:
         loaded = ir.load_ir(document)
@@ -192,7 +195,7 @@ def plan_document(document: Any, *, env: dict[str, str],
         return {"raw": raw}, None, exc
     try:
         return loaded, ir.plan_ir(loaded, build_env=env, limits=ir.Limits.from_settings(),
-                                  default_retry=default_retry), None
+                                  default_retry=default_retry, default_agents=default_agents), None
     except ir.PlanError as exc:
         try:
             ir.check_storable(loaded)
@@ -219,7 +222,8 @@ def _plan(pipeline: Pipeline, request: BuildRequest, *, render: bool = False
             f"The request has no pipeline_ir, pipeline {pipeline.slug!r} has no stored definition, "
             f"and there is no source to render one from.",
         )
-    return plan_document(document, env=request.env, default_retry=pipeline.default_retry)
+    return plan_document(document, env=request.env, default_retry=pipeline.default_retry,
+                         default_agents=pipeline.default_agents)
 
 
 def is_protected_branch(pipeline: Pipeline, branch: str) -> bool:
@@ -360,10 +364,31 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
     )
     if jobs:
         Job.objects.bulk_create(jobs)
+        create_concurrency_slots(jobs)
         if plan is not None:
             JobDependency.objects.bulk_create(edge_rows(jobs, plan))
     build.pipeline = pipeline
     return build
+
+
+def create_concurrency_slots(jobs: list[Job]) -> None:
+    """The slot rows the claim takes for the jobs' concurrency groups (those that exist already stay).
+
+    Slots are made with the jobs rather than at the claim, so the claim stays
+    one statement that only updates rows. Indexes 0..n-1 for the largest
+    `concurrency` any of the jobs gives its group; a job takes only a slot
+    below its own.
+    """
+    wanted: dict[tuple[int, str], int] = {}
+    for job in jobs:
+        if job.concurrency_group is not None:
+            key = (job.organization_id, job.concurrency_group)
+            wanted[key] = max(wanted.get(key, 0), job.concurrency or 1)
+    if wanted:
+        ConcurrencySlot.objects.bulk_create(
+            [ConcurrencySlot(organization_id=org_id, group=group, index=index)
+             for (org_id, group), count in wanted.items() for index in range(count)],
+            ignore_conflicts=True)
 
 
 def _render_job(*, build_id: uuid.UUID, pipeline: Pipeline, env: dict[str, str], now: datetime,
@@ -373,8 +398,18 @@ def _render_job(*, build_id: uuid.UUID, pipeline: Pipeline, env: dict[str, str],
         step_key=RENDER_STEP_KEY, kind=JobKind.RENDER, name=f"Render pipeline {pipeline.source_slug}",
         command=f"render pipeline {pipeline.source_slug!r} from .hm/*.py",
         env={**ir.BASE_JOB_ENV, **env}, timeout_seconds=settings.RENDER_TIMEOUT_SECONDS,
+        agents=render_agents(pipeline),
         state=JobState.HELD if held else JobState.SCHEDULED, scheduled_at=None if held else now, created_at=now,
     )
+
+
+def render_agents(pipeline: Pipeline) -> dict[str, str]:
+    """The render job's selector: the pipeline's default (a malformed stored one counts as none)."""
+    try:
+        default = agent_tags.read_selector(pipeline.default_agents)
+    except agent_tags.SelectorError:
+        default = None  # the planner reports it once the render job's IR is planned
+    return agent_tags.effective_selector(None, default=default, runner=None)
 
 
 def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
@@ -395,7 +430,8 @@ def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
             timeout_seconds=planned.timeout_seconds or settings.DEFAULT_JOB_TIMEOUT_SECONDS,
             cache=planned.cache, runner=planned.runner, runner_args=planned.runner_args,
             segment=planned.segment, after_segment=planned.after_segment,
-            retry_policy=planned.retry_policy, soft_fail_policy=planned.soft_fail_policy,
+            retry_policy=planned.retry_policy, soft_fail_policy=planned.soft_fail_policy, agents=planned.agents,
+            concurrency_group=planned.concurrency_group, concurrency=planned.concurrency,
             state=(JobState.HELD if held else JobState.SCHEDULED) if root else JobState.PENDING,
             scheduled_at=now if root and not held else None, created_at=now,
         ))

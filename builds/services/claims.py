@@ -30,7 +30,10 @@ class Claim:
 
 
 def claim_job(*, agent: Agent, now: datetime | None = None, claim_key: str | None = None) -> Claim | None:
-    """Give `agent` the oldest scheduled job of its organization, or None; the request also counts as seen.
+    """Give `agent` the oldest scheduled job of its organization it may take, or None; the request also counts as seen.
+
+    It may take a job whose selector its tags match and whose concurrency group
+    (if any) has room; see `sql.assign_next_job`.
 
     A claim retried with the same `claim_key` gets the job the first attempt took.
     """

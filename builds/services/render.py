@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from builds import states
 from builds.models import Build, Job, JobDependency, JobKind
-from builds.services.builds import RENDER_STEP_KEY, edge_rows, job_rows, plan_document
+from builds.services.builds import RENDER_STEP_KEY, create_concurrency_slots, edge_rows, job_rows, plan_document
 from builds.services.discovery import enqueue_discovery
 from harmont.errors import ApiError
 from pipelines import ir
@@ -62,8 +62,10 @@ def accept_rendered_pipeline(*, job: Job, document: Any, envelope: Any = None, n
             raise ApiError("job_not_active", "The render job is no longer running; its result can't change the build.")
         if envelope is not None and build.discovers_pipelines:
             transaction.on_commit(lambda: enqueue_discovery(build_id=build.pk, envelope=envelope))
-        default_retry = Pipeline.objects.filter(pk=build.pipeline_id).values_list("default_retry", flat=True).first()
-        stored, plan, error = plan_document(document, env=build.env, default_retry=default_retry)
+        default_retry, default_agents = Pipeline.objects.values_list("default_retry", "default_agents").get(
+            pk=build.pipeline_id)
+        stored, plan, error = plan_document(document, env=build.env, default_retry=default_retry,
+                                            default_agents=default_agents)
         if plan is not None and any(p.key == RENDER_STEP_KEY for p in plan.jobs):
             plan, error = None, ir.PlanError("duplicate_key", f"The step key {RENDER_STEP_KEY!r} is reserved.")
         if plan is None:
@@ -75,6 +77,7 @@ def accept_rendered_pipeline(*, job: Job, document: Any, envelope: Any = None, n
         else:
             jobs = job_rows(build_id=build.pk, org_id=job.organization_id, plan=plan, now=now, after=job)
             Job.objects.bulk_create(jobs)
+            create_concurrency_slots(jobs)
             JobDependency.objects.bulk_create(edge_rows(jobs, plan, after=job))
             Build.objects.filter(pk=build.pk).update(pipeline_ir=stored, timeout_seconds=plan.timeout_seconds)
             states.settle_build(build_id=build.pk, now=now, locked=build)

@@ -359,6 +359,9 @@
       setBadge(li.querySelector(".job-head .badge"), job.state);
       li.querySelector("[data-job-duration]").textContent = job.duration;
       li.querySelector("[data-job-exit]").textContent = job.exit_code === null ? "" : "exit " + job.exit_code;
+      var waiting = li.querySelector("[data-job-waiting]");
+      waiting.hidden = !job.waiting_reason;
+      waiting.textContent = job.waiting_reason || "";
       var jobError = li.querySelector("[data-job-error]");
       jobError.hidden = !job.error_code;
       jobError.textContent = job.error_code ? job.error_code + ": " + (job.error_message || "") : "";
