@@ -3,7 +3,7 @@ history, the build page and its page-JSON helpers, and the agents page."""
 
 from django.urls import include, path
 
-from builds import views
+from builds import badges, views
 
 BUILD = "orgs/<str:org>/pipelines/<str:pipeline>/builds/<int:number>"
 
@@ -29,6 +29,7 @@ build_pages = [
     path(f"{BUILD}/jobs/<uuid:job_id>/log", views.job_raw_log, name="job-log"),
     path(f"{BUILD}/jobs/<uuid:job_id>/retry", views.job_retry, name="job-retry"),
     path(f"{BUILD}/artifacts/<uuid:artifact_id>", views.artifact_download, name="artifact"),
+    path("orgs/<str:org>/pipelines/<str:pipeline>/badge.svg", badges.pipeline_badge, name="badge"),
     path("orgs/<str:org>/agents", views.agents, name="agents"),
     # The hosted service's build link (no `orgs/`), which the hm CLI prints after `hm run`.
     path("<str:org>/pipelines/<str:pipeline>/builds/<int:number>", views.build_link, name="build-link"),

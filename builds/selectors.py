@@ -18,6 +18,7 @@ from harmont.serializers import parse_uuid
 from harmont.tokens import hash_secret
 from organizations.models import Organization, User
 from pipelines import agent_tags
+from pipelines.models import Visibility
 
 # "Last seen" is shown to the second at best; refreshing it on every request of a busy
 # agent would be a write per request for nothing (builds.services.agents).
@@ -65,6 +66,23 @@ def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User,
         return None
     return sql.scoped_build(org_slug=org_slug, pipeline_slug=pipeline_slug, number=number, user_id=user.pk,
                             for_page=for_page)
+
+
+def public_build(*, org_slug: str, pipeline_slug: str, number: int) -> Build | None:
+    """Build `number` of an unarchived public pipeline of the organization `org_slug`, or None: what a visitor sees.
+
+    One query, loading what the build page shows of the build, its pipeline and
+    organization (`scoped_build`'s columns), and nothing of who triggered it.
+    """
+    if not 0 <= number <= MAX_BUILD_NUMBER:
+        return None
+    return (Build.objects.select_related("pipeline__organization")
+            .only(*sql.SCOPED_BUILD_FIELDS, "pipeline__id", "pipeline__slug", "pipeline__name",
+                  "pipeline__organization__id", "pipeline__organization__slug", "pipeline__organization__name",
+                  "pipeline__visibility")
+            .filter(pipeline__organization__slug=org_slug, pipeline__slug=pipeline_slug, number=number,
+                    pipeline__archived_at__isnull=True, pipeline__visibility=Visibility.PUBLIC)
+            .first())
 
 
 def jobs_with_prerequisites(build: Build) -> QuerySet[Job]:

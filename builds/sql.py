@@ -154,7 +154,7 @@ def _selector_matches(t: Table) -> str:
     stays a range scan of the claim index that stops at the first match.
     """
     if connection.vendor == "postgresql":
-        like = (f"replace(replace(replace(replace(replace(r.value, '\\', '\\\\'), '%%', '\\%%'), '_', '\\_'),"
+        like = ("replace(replace(replace(replace(replace(r.value, '\\', '\\\\'), '%%', '\\%%'), '_', '\\_'),"
                 " '*', '%%'), '?', '_')")
         # Most jobs want exactly queue=default: for them one comparison and the agent's answer,
         # worked out once per statement, instead of expanding both maps for every row read.

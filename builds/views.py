@@ -11,15 +11,14 @@ query count) for states, and follows a job's log on the SSE stream
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from functools import wraps
 from typing import Any
 
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, QueryDict
@@ -37,6 +36,7 @@ from builds.selectors import build_jobs, find_artifact, recent_agents, scoped_bu
 from builds.services.retries import retryable_by_hand
 from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
 from builds.templatetags.harmont_pages import duration_seconds, format_duration
+from builds.viewers import Viewer, members_or_public, members_or_public_json, viewed_build, viewed_pipeline
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
 from harmont.pagination import decode_cursor, encode_cursor
@@ -82,7 +82,7 @@ def page_build(page: OrgPage, pipeline: str, number: int) -> Build:
     return build
 
 
-def job_rows(build: Build) -> list[Job]:
+def job_rows(build: Build, *, can_act: bool = True) -> list[Job]:
     """The build's jobs in dependency order, older attempts of a step before its latest, each with
     `after` (its prerequisites' keys), `retryable` (the page offers Retry) and `waiting_reason`."""
     jobs = with_waiting_reasons(build_jobs(build, fields=JOB_FIELDS, include_retried=True),
@@ -90,43 +90,32 @@ def job_rows(build: Build) -> list[Job]:
     keys = {job.pk: job.step_key for job in jobs}
     for job in jobs:
         job.after = [keys[pk] for pk in job.prerequisite_ids if pk in keys]
-        job.retryable = retryable_by_hand(job, build)
+        job.retryable = can_act and retryable_by_hand(job, build)
     return jobs
 
 
-def build_status(build: Build, jobs: list[Job], now: datetime) -> dict[str, Any]:
-    """What the page's poll needs to redraw states: the build and each job, no log content."""
+def build_status(build: Build, jobs: list[Job], now: datetime, *, can_act: bool = True) -> dict[str, Any]:
+    """What the page's poll needs to redraw states: the build and each job, no log content.
+
+    `can_act`: a member looks (a visitor of a public pipeline is offered no Cancel or Retry).
+    """
     return {
         "build": {
             "number": build.number, "state": build.state, "error_code": build.error_code,
             "error_message": build.error_message, "waiting_reason": build.waiting_reason,
             "duration": format_duration(duration_seconds(build, now)),
             "finished": build.finished_at is not None,
-            "cancelable": build.state not in TERMINAL_BUILD_STATES,
+            "cancelable": can_act and build.state not in TERMINAL_BUILD_STATES,
         },
         "jobs": [
             {"id": str(job.pk), "state": job.state, "exit_code": job.exit_code, "error_code": job.error_code,
              "error_message": job.error_message, "duration": format_duration(duration_seconds(job, now)),
              "finished": job.state in TERMINAL_JOB_STATES, "attempt": job.attempt, "retried": job.retried,
-             "soft_failed": job.soft_failed, "retryable": retryable_by_hand(job, build),
+             "soft_failed": job.soft_failed, "retryable": can_act and retryable_by_hand(job, build),
              "waiting_reason": job.waiting_reason}
             for job in jobs
         ],
     }
-
-
-def page_json_login_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Like login_required, but a signed-out caller gets 401 JSON, not a redirect to the sign-in page:
-    these are read by the page's script, which stops polling and says so."""
-
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if not request.user.is_authenticated:
-            return JsonResponse({"error": "signed_out", "message": "Sign in again to follow this build."},
-                                status=401)
-        return view(request, *args, **kwargs)
-
-    return wrapper
 
 
 # ---------------------------------------------------------------- the pipeline list and build history
@@ -196,17 +185,20 @@ def history_page(params: QueryDict, builds: QuerySet[Build]) -> HistoryPage:
     return HistoryPage(rows, older, newest)
 
 
-@login_required
+@members_or_public
 def pipeline_history(request: HttpRequest, org: str, pipeline: str) -> HttpResponse:
-    """Build history (GET) and the "New build" form (POST → the same service as the API)."""
-    page = org_page(request, org)
-    pipe = Pipeline.objects.for_org(page.org).filter(slug=pipeline).first()
-    if pipe is None:
-        raise Http404(f"No pipeline {pipeline!r}.")
-    pipe.organization = page.org
+    """Build history (GET; a public pipeline's for anyone) and the "New build" form (POST, members → the
+    same service as the API)."""
+    viewer, pipe = viewed_pipeline(request, org, pipeline)
     form = NewBuildForm(initial={"branch": pipe.default_branch, "commit": "HEAD"})
     status = 200
+    if request.method == "POST" and viewer.page is None:
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.get_full_path())
+        raise PermissionDenied("Only members of the organization start builds.")
+    page = viewer.page
     if request.method == "POST":
+        assert page is not None
         form = NewBuildForm(request.POST)
         if form.is_valid():
             try:
@@ -231,18 +223,19 @@ def pipeline_history(request: HttpRequest, org: str, pipeline: str) -> HttpRespo
                 status = exc.status
         else:
             status = 422
-    return _history_response(request, page, pipe, form=form, status=status)
+    return _history_response(request, viewer, pipe, form=form, status=status)
 
 
-def _history_response(request: HttpRequest, page: OrgPage, pipe: Pipeline, *, form: NewBuildForm,
+def _history_response(request: HttpRequest, viewer: Viewer, pipe: Pipeline, *, form: NewBuildForm,
                       schedule_form: "ScheduleForm | None" = None, status: int = 200) -> HttpResponse:
     history = _history(request, pipe)
     if history["invalid_filter"] and status == 200:
         status = 400
-    schedules = list(schedule_services.list_schedules(pipeline=pipe))
+    # A visitor of a public pipeline sees its builds, not how it is run.
+    schedules = list(schedule_services.list_schedules(pipeline=pipe)) if viewer.is_member else []
     schedule_form = schedule_form or ScheduleForm(initial={"branch": pipe.default_branch, "commit": "HEAD",
                                                            "timezone": "UTC"})
-    return render(request, "builds/history.html", page.context(
+    return render(request, "builds/history.html", viewer.context(
         pipeline=pipe, form=form, schedules=schedules, schedule_form=schedule_form, **history), status=status)
 
 
@@ -289,8 +282,8 @@ def schedule_create(request: HttpRequest, org: str, pipeline: str) -> HttpRespon
         else:
             messages.success(request, f"Schedule “{data['cron']}” ({data['timezone']}) created.")
             return redirect("pipelines_ui:history", org=page.org.slug, pipeline=pipe.slug)
-    return _history_response(request, page, pipe, form=NewBuildForm(initial={"branch": pipe.default_branch,
-                                                                               "commit": "HEAD"}),
+    return _history_response(request, Viewer(page.org, page), pipe,
+                             form=NewBuildForm(initial={"branch": pipe.default_branch, "commit": "HEAD"}),
                              schedule_form=form, status=422)
 
 
@@ -361,23 +354,23 @@ def build_link(request: HttpRequest, org: str, pipeline: str, number: int) -> Ht
     return redirect(reverse("builds_ui:build", args=[org, pipeline, number]))
 
 
-@login_required
+@members_or_public
 @require_GET
 def build_detail(request: HttpRequest, org: str, pipeline: str, number: int) -> HttpResponse:
-    page = org_page(request, org)
-    build = page_build(page, pipeline, number)
-    jobs = job_rows(build)
+    """The build page: a member's, with its controls, or a public pipeline's, read-only, for anyone."""
+    viewer, build = viewed_build(request, org, pipeline, number)
+    jobs = job_rows(build, can_act=viewer.is_member)
     base = build_url(build)
     artifacts = list(Artifact.objects.filter(build=build).only("id", "job_id", "path", "size")
                      .order_by("created_at", "id")[:ARTIFACTS_ON_PAGE + 1])
     step_keys = {job.pk: job.step_key for job in jobs}
     for artifact in artifacts:
         artifact.step_key = step_keys.get(artifact.job_id, "")
-    return render(request, "builds/build.html", page.context(
+    return render(request, "builds/build.html", viewer.context(
         pipeline=build.pipeline, build=build, jobs=jobs,
         artifacts=artifacts[:ARTIFACTS_ON_PAGE], more_artifacts=len(artifacts) > ARTIFACTS_ON_PAGE,
-        cancelable=build.state not in TERMINAL_BUILD_STATES,
-        approvable=build.state == BuildState.HELD and page.is_admin,
+        cancelable=viewer.is_member and build.state not in TERMINAL_BUILD_STATES,
+        approvable=build.state == BuildState.HELD and viewer.page is not None and viewer.page.is_admin,
         page_config={
             "statusUrl": f"{base}/status.json", "logTokenUrl": f"{base}/log-token.json",
             # The SSE route lives outside /api (EventSource can't send headers); see harmont/urls.py.
@@ -387,26 +380,25 @@ def build_detail(request: HttpRequest, org: str, pipeline: str, number: int) -> 
     ))
 
 
-@page_json_login_required
+@members_or_public_json
 @require_GET
 @never_cache
 def build_status_json(request: HttpRequest, org: str, pipeline: str, number: int) -> JsonResponse:
     """Polled by the build page every ~2 s: membership, build, jobs; three queries however many jobs
-    (two more, for the waiting reasons, while some job is scheduled)."""
-    page = org_page(request, org)
-    build = page_build(page, pipeline, number)
+    (two more, for the waiting reasons, while some job is scheduled; a visitor's, one fewer)."""
+    viewer, build = viewed_build(request, org, pipeline, number)
     jobs = list(Job.objects.filter(build=build).only(*STATUS_JOB_FIELDS).order_by("position", "attempt"))
     with_waiting_reasons(jobs, organization_id=build.pipeline.organization_id)
-    return JsonResponse(build_status(build, jobs, timezone.now()))
+    return JsonResponse(build_status(build, jobs, timezone.now(), can_act=viewer.is_member))
 
 
-@page_json_login_required
+@members_or_public_json
 @require_GET
 @never_cache
 def build_log_token_json(request: HttpRequest, org: str, pipeline: str, number: int) -> JsonResponse:
-    """A log token for the build's streams (what `GET .../log-token` gives API clients)."""
-    page = org_page(request, org)
-    build = page_build(page, pipeline, number)
+    """A log token for the build's streams (what `GET .../log-token` gives API clients); a public
+    pipeline's for anyone, as its logs are."""
+    _, build = viewed_build(request, org, pipeline, number)
     minted = mint_log_token(build_id=build.id)
     return JsonResponse({"token": minted.token, "expires_at": minted.expires_at.isoformat().replace("+00:00", "Z")})
 
@@ -480,25 +472,25 @@ def job_retry(request: HttpRequest, org: str, pipeline: str, number: int, job_id
     return redirect(build_url(build))
 
 
-@login_required
+@members_or_public
 @require_GET
 def job_raw_log(request: HttpRequest, org: str, pipeline: str, number: int, job_id: uuid.UUID) -> HttpResponse:
-    """The whole log as text/plain, like `GET /api/v0/.../jobs/<id>/log` but for a signed-in browser."""
-    page = org_page(request, org)
-    build = page_build(page, pipeline, number)
+    """The whole log as text/plain, like `GET /api/v0/.../jobs/<id>/log` but for a browser (a member's,
+    or anyone's for a public pipeline)."""
+    _, build = viewed_build(request, org, pipeline, number)
     job = Job.objects.filter(build=build, pk=job_id).only("id", "log_bytes").first()
     if job is None:
         raise Http404(f"No job {job_id} in build #{build.number}.")
     return raw_log_response(job, request.headers.get("Range"))
 
 
-@login_required
+@members_or_public
 @require_GET
 def artifact_download(request: HttpRequest, org: str, pipeline: str, number: int,
                       artifact_id: uuid.UUID) -> HttpResponse:
-    """An artifact's bytes, like `GET /api/v0/.../artifacts/<id>/download` but for a signed-in browser."""
-    page = org_page(request, org)
-    build = page_build(page, pipeline, number)
+    """An artifact's bytes, like `GET /api/v0/.../artifacts/<id>/download` but for a browser (a member's,
+    or anyone's for a public pipeline)."""
+    _, build = viewed_build(request, org, pipeline, number)
     artifact = find_artifact(build=build, artifact_id=artifact_id)
     if artifact is None:
         raise Http404(f"No artifact {artifact_id} in build #{build.number}.")
