@@ -328,7 +328,7 @@ def test_history_with_a_filter_and_a_second_page(page: Page, context: BrowserCon
     other.close()
     filters.get_by_label("State").select_option("canceled")
     filters.get_by_role("button", name="Filter").click()
-    expect(page.locator(".empty")).to_contain_text("No builds match")
+    expect(page.locator(".empty").first).to_contain_text("No builds match")
 
 
 def test_new_build_form_opens_the_new_build(page: Page, context: BrowserContext, server: str, owner: User,

@@ -194,3 +194,29 @@ def test_the_rebuild_button_needs_the_csrf_token(member, build):
     page = f"/orgs/{build.pipeline.organization.slug}/pipelines/{build.pipeline.slug}/builds/{build.number}"
     assert client.post(f"{page}/rebuild").status_code == 403
     assert Build.objects.filter(pipeline=build.pipeline).count() == 1
+
+
+# ---------------------------------------------------------------- end to end, with a real agent
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_rebuild_runs_on_an_agent_with_the_originals_uploaded_source(api, pipeline, agents, e2e_server):
+    from tests.e2e import create_build, finished, jobs_by_key, stdout_of, wait_for
+
+    agents.start("a1")
+    archive = tarball({"VERSION": b"3.1.4\n"})
+    original = create_build(api, pipeline, {"version": "0", "steps": [
+        {"type": "command", "key": "show", "cmd": 'echo "version $(cat VERSION) for $FLAVOUR"'}]},
+        env={"FLAVOUR": "mint"}, source_b64=base64.b64encode(archive).decode())
+    assert wait_for(lambda: finished(original), 60, what="the original build").state == "passed"
+
+    response = api.post(rebuild_url(original))
+
+    assert response.status_code == 201, response.content
+    rebuilt = Build.objects.get(pk=response.json()["id"])
+    done = wait_for(lambda: finished(rebuilt), 60, what="the rebuild")
+    assert (done.state, done.rebuild_of, done.source_archive.name) == ("passed", original.number,
+                                                                      original.source_archive.name)
+    assert stdout_of(jobs_by_key(done)["show"]) == stdout_of(jobs_by_key(original)["show"]) == \
+        "version 3.1.4 for mint\n"
