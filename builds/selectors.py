@@ -273,8 +273,7 @@ def with_waiting_reasons(jobs: list[Job], *, organization_id: int, now: datetime
                                           state__in=states.LIVE_JOB_STATES)
                        .order_by().values_list("concurrency_group").annotate(n=Count("id")))
     for job in waiting:
-        selector = job.agents if job.agents is not None else agent_tags.effective_selector(None, default=None,
-                                                                                          runner=None)
+        selector = agent_tags.job_selector(job.agents)
         if not any(agent_tags.selector_matches(selector, tags) for tags in tag_sets):
             job.waiting_reason = f"waiting for an agent with {agent_tags.describe(selector)}"
         elif job.concurrency_group is not None and running.get(job.concurrency_group, 0) >= (job.concurrency or 1):

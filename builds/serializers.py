@@ -131,7 +131,7 @@ class JobSerializer(serializers.ModelSerializer):
 
     @extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
     def get_agents(self, job: Job) -> dict[str, str]:
-        return job.agents if job.agents is not None else agent_tags.effective_selector(None, default=None, runner=None)
+        return agent_tags.job_selector(job.agents)
 
     @extend_schema_field({"type": "string", "nullable": True})
     def get_waiting_reason(self, job: Job) -> str | None:

@@ -139,7 +139,7 @@ class Assigned:
 
 
 # Jobs stored before selectors existed (agents NULL) want what a job without one wants.
-_NO_SELECTOR = json.dumps(agent_tags.effective_selector(None, default=None, runner=None))
+_NO_SELECTOR = json.dumps(agent_tags.job_selector(None))
 _DEFAULT_TAGS = json.dumps(agent_tags.effective_tags(None))
 _SLOT = Table(ConcurrencySlot, "s")
 _HOLDER = Table(Job, "h")

@@ -97,28 +97,25 @@ def viewed_pipeline(request: HttpRequest, org: str, pipeline: str) -> tuple[View
     return Viewer(found.organization, None), found
 
 
-def members_or_public(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """For pages a public pipeline shows to anyone: a signed-out visitor of anything else signs in first."""
+def _answering_sign_in(answer: Callable[[HttpRequest], HttpResponse]
+                       ) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """A view decorator: `SignInRequired` from the view is answered with `answer(request)`."""
 
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        try:
-            return view(request, *args, **kwargs)
-        except SignInRequired:
-            return redirect_to_login(request.get_full_path())
+    def decorate(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            try:
+                return view(request, *args, **kwargs)
+            except SignInRequired:
+                return answer(request)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
-def members_or_public_json(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """`members_or_public` for the build page's JSON helpers: 401 JSON, which the page's script reads."""
-
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        try:
-            return view(request, *args, **kwargs)
-        except SignInRequired:
-            return JsonResponse({"error": "signed_out", "message": "Sign in again to follow this build."},
-                                status=401)
-
-    return wrapper
+# For pages a public pipeline shows to anyone: a signed-out visitor of anything else signs in first.
+members_or_public = _answering_sign_in(lambda request: redirect_to_login(request.get_full_path()))
+# The same for the build page's JSON helpers: 401 JSON, which the page's script reads.
+members_or_public_json = _answering_sign_in(lambda request: JsonResponse(
+    {"error": "signed_out", "message": "Sign in again to follow this build."}, status=401))

@@ -33,6 +33,7 @@ from builds.filters import BuildFilter
 from builds.models import Artifact, Build, BuildSource, BuildState, Job
 from builds.responses import artifact_response, raw_log_response
 from builds.selectors import build_jobs, find_artifact, recent_agents, scoped_build, with_waiting_reasons
+from builds.services.builds import BuildPlanRejected
 from builds.services.retries import retryable_by_hand
 from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
 from builds.templatetags.harmont_pages import duration_seconds, format_duration
@@ -192,13 +193,12 @@ def pipeline_history(request: HttpRequest, org: str, pipeline: str) -> HttpRespo
     viewer, pipe = viewed_pipeline(request, org, pipeline)
     form = NewBuildForm(initial={"branch": pipe.default_branch, "commit": "HEAD"})
     status = 200
-    if request.method == "POST" and viewer.page is None:
-        if not request.user.is_authenticated:
-            return redirect_to_login(request.get_full_path())
-        raise PermissionDenied("Only members of the organization start builds.")
-    page = viewer.page
     if request.method == "POST":
-        assert page is not None
+        page = viewer.page
+        if page is None:  # a visitor of a public pipeline
+            if not request.user.is_authenticated:
+                return redirect_to_login(request.get_full_path())
+            raise PermissionDenied("Only members of the organization start builds.")
         form = NewBuildForm(request.POST)
         if form.is_valid():
             try:
@@ -210,13 +210,9 @@ def pipeline_history(request: HttpRequest, org: str, pipeline: str) -> HttpRespo
                         message=form.cleaned_data["message"] or None, source=BuildSource.UI))
                 return redirect(build_url(build))
             except ApiError as exc:
-                if exc.code == "build_plan_rejected":
+                if isinstance(exc, BuildPlanRejected):
                     # The service recorded the attempt as a failed build; show it like any other.
-                    failed = Build.objects.filter(pipeline=pipe, created_by=request.user,
-                                                  source=BuildSource.UI).order_by("-number").first()
-                    if failed is not None:
-                        failed.pipeline = pipe
-                        return redirect(build_url(failed))
+                    return redirect(build_url(exc.build))
                 form.add_error(None, exc.message)
                 for name, errors in (exc.fields or {}).items():
                     form.add_error(name if name in form.fields else None, errors)
@@ -447,9 +443,7 @@ def build_rebuild(request: HttpRequest, org: str, pipeline: str, number: int) ->
                                          creator_role=page.membership.role, source=BuildSource.UI)
     except ApiError as exc:  # its plan was rejected again: the new build exists, failed; say why there
         messages.error(request, exc.message)
-        latest = Build.objects.filter(pipeline_id=build.pipeline_id).order_by("-number").values_list(
-            "number", flat=True).first()
-        return redirect(reverse("builds_ui:build", args=[org, pipeline, latest or build.number]))
+        return redirect(build_url(exc.build if isinstance(exc, BuildPlanRejected) else build))
     messages.success(request, f"Build #{rebuilt.number} rebuilds #{build.number}.")
     return redirect(build_url(rebuilt))
 

@@ -115,6 +115,11 @@ def effective_selector(step: Mapping[str, str] | None, *, default: Mapping[str, 
     return selector
 
 
+def job_selector(stored: Mapping[str, str] | None) -> dict[str, str]:
+    """A job's stored `agents`; NULL (a job from before selectors existed) is what a job without one wants."""
+    return dict(stored) if stored is not None else effective_selector(None, default=None, runner=None)
+
+
 def effective_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
     """An agent's tags with its queue: `default` when it registered none."""
     return {QUEUE: DEFAULT_QUEUE, **(tags or {})}

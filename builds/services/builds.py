@@ -54,6 +54,14 @@ class BuildRequest:
     source_sha256: str | None
 
 
+class BuildPlanRejected(ApiError):
+    """422 `build_plan_rejected`, carrying the failed build that `create_build` recorded for the attempt."""
+
+    def __init__(self, build: Build, message: str) -> None:
+        super().__init__("build_plan_rejected", message)
+        self.build = build
+
+
 def ref_name_problem(name: str) -> str | None:
     """Why `name` is no branch or tag name git would accept (None: it is one).
 
@@ -270,7 +278,8 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
     """Number, store and plan a build: the build row, its jobs and their edges in bulk.
 
     A rejected plan still records the build (`failed`, with the planner's
-    error code) and then raises 422 `build_plan_rejected`, so the attempt is
+    error code) and then raises 422 `build_plan_rejected` (`BuildPlanRejected`,
+    which carries that build), so the attempt is
     visible in the history exactly like a build that failed.
 
     `creator_role` is the role of `created_by` in the pipeline's organization
@@ -315,9 +324,8 @@ def create_build(*, pipeline: Pipeline, request: BuildRequest, created_by: User 
         # (and a rollback cancels nothing). robust: a failure here must not fail the create.
         transaction.on_commit(lambda: cancel_superseded_builds(build=build), robust=True)
     if error is not None:
-        raise ApiError("build_plan_rejected",
-                       f"Build #{build.number} failed: the pipeline definition was rejected "
-                       f"({error.code}): {error.message}")
+        raise BuildPlanRejected(build, f"Build #{build.number} failed: the pipeline definition was rejected "
+                                       f"({error.code}): {error.message}")
     return build
 
 

@@ -22,7 +22,7 @@ import uuid
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import Count, Q
+from django.db.models import Count, Q, Subquery
 from django.utils import timezone
 
 from builds import states
@@ -104,10 +104,11 @@ def admit_waiting_builds(*, pipeline_id: int, now: datetime | None = None) -> li
 
 def admit_after_build_end(build_id: uuid.UUID) -> None:
     """Run after the transaction that ended build `build_id` commits: admit what its slot lets in."""
-    pipeline_id = Build.objects.filter(pk=build_id).values_list("pipeline_id", flat=True).first()
-    if pipeline_id is None:
-        return
-    if Build.objects.filter(pipeline_id=pipeline_id, waiting_reason__isnull=False).exists():
+    # One query on every build's end, which for a pipeline without waiting builds is all it costs.
+    pipeline_of_build = Build.objects.filter(pk=build_id).values("pipeline_id")[:1]
+    pipeline_id = (Build.objects.filter(pipeline_id=Subquery(pipeline_of_build), waiting_reason__isnull=False)
+                   .values_list("pipeline_id", flat=True).first())
+    if pipeline_id is not None:
         admit_waiting_builds(pipeline_id=pipeline_id)
 
 

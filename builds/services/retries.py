@@ -129,10 +129,25 @@ def manual_retry_allowed(policy: Mapping[str, Any] | None) -> tuple[bool, str | 
     return bool(manual.get("allowed", True)), manual.get("reason")
 
 
+def refusal(job: Job, build: Build) -> str | None:
+    """Why `job` can't be retried by hand, judged from the job and its build alone (None: it can)."""
+    if job.retried:
+        return "it was retried already"
+    if job.state not in states.RETRYABLE_STATES:
+        return f"it is {job.state}; only failed, timed-out and canceled jobs are retried"
+    if job.kind == JobKind.RENDER:
+        return "it renders the pipeline; start a new build instead"
+    if build.error_code:
+        return f"the build failed as a whole ({build.error_code}); start a new build instead"
+    allowed, reason = manual_retry_allowed(job.retry_policy)
+    if not allowed:
+        return f"its step does not allow manual retries{f': {reason}' if reason else ''}"
+    return None
+
+
 def retryable_by_hand(job: Job, build: Build) -> bool:
     """Whether the build page offers Retry: what `retry_job` checks of the job alone (not its prerequisites)."""
-    return (not job.retried and job.state in states.RETRYABLE_STATES and job.kind != JobKind.RENDER
-            and not build.error_code and manual_retry_allowed(job.retry_policy)[0])
+    return refusal(job, build) is None
 
 
 def end_columns(job: Job, *, state: str, exit_code: int | None, error_code: str | None,
@@ -222,17 +237,9 @@ def _add_attempt(*, old: Job, graph: states.BuildGraph, now: datetime, automatic
 
 
 def _check_retryable(build: Build, job: Job, graph: states.BuildGraph) -> None:
-    if job.retried:
-        raise _not_retryable(job, "it was retried already")
-    if job.state not in states.RETRYABLE_STATES:
-        raise _not_retryable(job, f"it is {job.state}; only failed, timed-out and canceled jobs are retried")
-    if job.kind == JobKind.RENDER:
-        raise _not_retryable(job, "it renders the pipeline; start a new build instead")
-    if build.error_code:
-        raise _not_retryable(job, f"the build failed as a whole ({build.error_code}); start a new build instead")
-    allowed, reason = manual_retry_allowed(job.retry_policy)
-    if not allowed:
-        raise _not_retryable(job, f"its step does not allow manual retries{f': {reason}' if reason else ''}")
+    why = refusal(job, build)
+    if why is not None:
+        raise _not_retryable(job, why)
     waited = set(graph.prerequisites.get(job.pk, ()))
     if job.after_segment is not None:
         waited |= {other for other, segment in graph.segments.items() if segment == job.after_segment}

@@ -9,7 +9,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from builds.models import Build, BuildSource
-from builds.services.builds import create_build, validate_build_request
+from builds.services.builds import BuildPlanRejected, create_build, validate_build_request
 from harmont.errors import ApiError
 from pipelines.models import PipelineSchedule, ScheduledRun
 from pipelines.cron import latest_due_at_or_before, next_due_after
@@ -59,11 +59,8 @@ def _run_schedule(*, schedule: PipelineSchedule, now: datetime) -> Build | None:
             build = create_build(pipeline=schedule.pipeline, request=request, created_by=schedule.created_by,
                                  now=now)
         except ApiError as exc:
-            if exc.code == "build_plan_rejected":
-                # Recorded as a failed build, like any rejected plan; this transaction still holds
-                # the pipeline's counter lock, so the newest scheduled build is that one.
-                build = Build.objects.filter(pipeline=schedule.pipeline, source=BuildSource.SCHEDULE).order_by(
-                    "-number").first()
+            if isinstance(exc, BuildPlanRejected):
+                build = exc.build  # recorded as a failed build, like any rejected plan
             else:
                 # Stored fields were checked when saved; should one be refused now, the due time is
                 # still spent (recorded without a build) rather than retried on every pass.

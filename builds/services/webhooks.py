@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from builds import webhooks
 from builds.models import Build, BuildSource, DeliveryStatus, WebhookDelivery
-from builds.services.builds import BuildRequest, create_build, validate_build_request
+from builds.services.builds import BuildPlanRejected, BuildRequest, create_build, validate_build_request
 from harmont.crypto import decrypt_text
 from harmont.errors import ApiError
 from pipelines.models import ForkPullRequests, Pipeline, Repository
@@ -204,7 +204,7 @@ def _act_on(delivery: WebhookDelivery, now: datetime) -> DeliveryResult:
             discovers = not discovery_asked and _discovers(pipeline, repository, event)
             if _build_one(pipeline, request, now, builds, refused, fork=fork,
                           held=policy == ForkPullRequests.REQUIRE_APPROVAL, discovers=discovers):
-                discovery_asked = discovery_asked or discovers
+                discovery_asked = True
     return DeliveryResult(repository=repository, builds=builds, refused=refused, skipped=skipped)
 
 
@@ -270,14 +270,8 @@ def _build_one(pipeline: Pipeline, request: BuildRequest, now: datetime, builds:
         # Caught without a savepoint of our own: ApiError is no database error, so the
         # transaction is still usable, and a savepoint here would roll back the failed
         # build that create_build records for a rejected plan before raising.
-        if exc.code == "build_plan_rejected":
-            # The failed build is recorded. create_build's counter update holds the
-            # pipeline row lock until this transaction commits, so the newest build
-            # of the pipeline is the one it just wrote.
-            failed = Build.objects.filter(pipeline=pipeline).order_by("-number").first()
-            if failed is not None:
-                failed.pipeline = pipeline
-                builds.append(failed)
+        if isinstance(exc, BuildPlanRejected):
+            builds.append(exc.build)  # recorded as a failed build, like any rejected plan
         else:
             refused.append(RefusedBuild(pipeline=pipeline, code=exc.code, message=exc.message))
         logger.warning("webhook build for pipeline %s: %s (%s)", pipeline, exc.code, exc.message)
