@@ -35,6 +35,7 @@ from builds.agent_serializers import (
     LogsRequest,
     RegisterRequest,
     RenderResultRequest,
+    StartRequest,
     StoredArtifactSerializer,
     claim_answer,
     claim_key,
@@ -109,11 +110,12 @@ class ClaimView(AgentView):
 
 
 class StartView(JobView):
-    @extend_schema(operation_id="agentStartJob", tags=["agent"], request=None,
-                   responses={200: Directive, 401: ErrorSerializer})
+    @extend_schema(operation_id="agentStartJob", tags=["agent"], request=StartRequest,
+                   responses={200: Directive, 401: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request, job_id: str) -> Response:
         """The command is about to run. If the answer says cancel, don't run it."""
-        state = services.start_job(job=self.job(request, job_id))
+        commit = validated(StartRequest, request).get("commit")
+        state = services.start_job(job=self.job(request, job_id), commit=commit)
         return Response(directive(state))
 
 

@@ -139,6 +139,13 @@ class Directive(serializers.Serializer):
     timeout = serializers.BooleanField(help_text="The job is over its time: stop it and finish as timed out.")
 
 
+class StartRequest(serializers.Serializer):
+    agent_name = serializers.CharField(required=False, allow_blank=True, max_length=255)
+    commit = serializers.RegexField(r"\A[0-9a-f]{40}(?:[0-9a-f]{24})?\Z", required=False, allow_null=True, help_text=(
+        "The full id of the commit the job's checkout landed on. A build whose commit was no full id (`HEAD`, a "
+        "branch) takes it as its `commit`: later jobs check out the same one, and its commit statuses go there."))
+
+
 class HeartbeatRequest(serializers.Serializer):
     timing_out = serializers.BooleanField(required=False, default=False)
 

@@ -393,3 +393,118 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event} {self.delivery_id}"
+
+
+class WebhookEvent(models.TextChoices):
+    """What an organization's webhook endpoints may subscribe to."""
+
+    BUILD_CREATED = "build.created"
+    BUILD_STARTED = "build.started"
+    BUILD_FINISHED = "build.finished"
+    JOB_FINISHED = "job.finished"
+
+
+class WebhookEndpoint(models.Model):
+    """A URL of an organization's that is told about its builds (Standard Webhooks: signed with `secret`)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="webhook_endpoints")
+    url = models.CharField(max_length=2000)
+    events = models.JSONField(default=list)
+    description = models.CharField(max_length=255, blank=True, default="")
+    # `whsec_` + base64: what the receiver verifies signatures with. Encrypted (harmont.crypto):
+    # the server signs with it, so it can't be a hash; shown once, when the endpoint is made.
+    secret_encrypted = models.TextField()
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [
+            # Every build and job event reads its organization's endpoints; the list pages them oldest first.
+            models.Index(fields=["organization", "created_at", "id"], name="webhook_endpoint_by_org"),
+        ]
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class NotificationChannel(models.TextChoices):
+    COMMIT_STATUS = "commit_status"
+    WEBHOOK = "webhook"
+
+
+class NotificationStatus(models.TextChoices):
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    # A commit status a newer one of the same build replaced before it was posted.
+    SUPERSEDED = "superseded"
+    # Out of attempts (or of something to post to): `last_error` says why.
+    FAILED = "failed"
+
+
+class Notification(models.Model):
+    """One message to the outside world about a build: a commit status on GitHub, or an outbound webhook event.
+
+    Written in the transaction that changes the build or job, so none is lost
+    with a process that dies after the commit; posted by tasks
+    (builds.services.notifications), in order within its `lane` (one build's
+    messages to one receiver), at least once, retried with backoff.
+    """
+
+    message_id = models.CharField(max_length=40, unique=True)  # the webhook-id: stable across retries
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    build = models.ForeignKey(Build, on_delete=models.CASCADE, related_name="notifications")
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    channel = models.CharField(max_length=16, choices=NotificationChannel.choices)
+    endpoint = models.ForeignKey(WebhookEndpoint, null=True, blank=True, on_delete=models.CASCADE,
+                                 related_name="notifications")
+    repository = models.ForeignKey("pipelines.Repository", null=True, blank=True, on_delete=models.CASCADE,
+                                   related_name="+")
+    # `<channel>:<receiver>:<build>`: messages of one lane go out one at a time, oldest first.
+    lane = models.CharField(max_length=120)
+    event = models.CharField(max_length=20)
+    payload = models.JSONField()
+    status = models.CharField(max_length=10, choices=NotificationStatus.choices, default=NotificationStatus.QUEUED)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    # The earliest next attempt (backoff); null while it waits for something else (a commit
+    # status waits for the commit a HEAD build checks out).
+    due_at = models.DateTimeField(null=True, blank=True)
+    # A task sending it holds it until then: the claim is a compare-and-set on this, not a row
+    # lock, since an attempt waits on the network (up to its timeout) and SQLite has one writer.
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    # When the reaper's sweep hands its lane to the queue again, in case the task meant to
+    # send it was lost (a worker died, an enqueue died with its process).
+    sweep_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["lane", "id"], condition=models.Q(status="queued"), name="notification_lane"),
+            models.Index(fields=["sweep_at"], condition=models.Q(status="queued"), name="notification_sweep"),
+            # An endpoint's deliveries, newest first (keyset on id).
+            models.Index(fields=["endpoint", "-id"], name="notification_by_endpoint"),
+            models.Index(fields=["build", "channel"], name="notification_by_build"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.event} {self.message_id}"
+
+
+class NotificationAttempt(models.Model):
+    """One try at posting a notification: what the receiver answered, or why nothing came back."""
+
+    notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="attempts_made")
+    at = models.DateTimeField(default=timezone.now)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_excerpt = models.TextField(blank=True, default="")
+    error = models.CharField(max_length=500, blank=True, default="")
+    duration_ms = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        indexes = [models.Index(fields=["notification", "at"], name="notification_attempt_order")]
+
+    def __str__(self) -> str:
+        return f"{self.status_code or self.error} at {self.at}"

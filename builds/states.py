@@ -260,17 +260,32 @@ def _reachable(dependents: Mapping[object, list[object]], roots: list[object]) -
 
 
 def transition_jobs(job_ids: Iterable[uuid.UUID], *, to: str, now: datetime,
-                    only_from: Iterable[str] | None = None, **fields: object) -> int:
+                    only_from: Iterable[str] | None = None, build_id: uuid.UUID | None = None,
+                    **fields: object) -> int:
     """Compare-and-set: move the given jobs to `to` where the table allows; returns rows changed.
 
     `only_from` narrows the allowed sources further, e.g. to the one state a
     decision was made from: if the job moved on meanwhile, nothing changes.
+    Jobs that end (`to` terminal) must all be of `build_id`: their
+    `job.finished` events are recorded (builds.services.notifications).
     """
     ids = list(job_ids)
     sources = _sources(to, only_from)
     if not ids or not sources:
         return 0
-    return sql.update_jobs(ids, _transition_values(to, now, fields), only_from=sources)
+    ending = to in TERMINAL_JOB_STATES
+    if ending and build_id is None:
+        raise ValueError("jobs that end need their build_id")
+    changed = sql.update_jobs(ids, _transition_values(to, now, fields), only_from=sources)
+    if changed and ending:
+        _notifications().record_jobs_finished(build_id=build_id, job_ids=ids, state=to, now=now)
+    return changed
+
+
+def _notifications():  # type: ignore[no-untyped-def]
+    # Imported when first needed: the services package imports this module.
+    from builds.services import notifications
+    return notifications
 
 
 def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
@@ -287,8 +302,12 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
     sources = sorted(_sources(to, only_from))
     if not sources:
         return False, set()
-    return sql.end_job(job_id=job_id, build_id=build_id, values=_transition_values(to, now, fields),
-                       sources=sources, unchanged=unchanged, retried_as=RETRIED, soft_failed_as=SOFT_FAILED)
+    changed, others = sql.end_job(job_id=job_id, build_id=build_id, values=_transition_values(to, now, fields),
+                                  sources=sources, unchanged=unchanged, retried_as=RETRIED,
+                                  soft_failed_as=SOFT_FAILED)
+    if changed:
+        _notifications().record_jobs_finished(build_id=build_id, job_ids=[job_id], now=now)
+    return changed, others
 
 
 def _sources(to: str, only_from: Iterable[str] | None) -> frozenset[str]:
@@ -334,8 +353,17 @@ def lock_build(build_id: uuid.UUID) -> Build:
 
 
 def _write_build(build_id: uuid.UUID, columns: Mapping[str, object]) -> None:
+    """Write rolled-up columns (the caller holds the build's lock); record the build's start and end events."""
+    columns = dict(columns)
+    started_at = columns.pop("started_at", None)
+    if started_at is not None:
+        # Separately and only if still unset: `mark_build_started` writes it without the lock.
+        mark_build_started(build_id, started_at)  # type: ignore[arg-type]
     if columns:
         Build.objects.filter(pk=build_id).update(**columns)
+    if columns.get("finished_at") is not None:
+        _notifications().record_build_event(build_id=build_id, event="build.finished",
+                                            now=columns["finished_at"])  # type: ignore[arg-type]
     if columns.get("state") in TERMINAL_BUILD_STATES:
         # The build's slot under its pipeline's max_concurrent_builds is free: admit a waiting build,
         # after commit, because admission locks the pipeline's row and this caller holds a build's.
@@ -362,8 +390,9 @@ def mark_build_running(build_id: uuid.UUID) -> None:
 
 
 def mark_build_started(build_id: uuid.UUID, now: datetime) -> None:
-    """A job of the build started running: the build's `started_at`, if it had none."""
-    Build.objects.filter(pk=build_id, started_at__isnull=True).update(started_at=now)
+    """A job of the build started running: the build's `started_at`, if it had none (and its `build.started`)."""
+    if Build.objects.filter(pk=build_id, started_at__isnull=True).update(started_at=now):
+        _notifications().record_build_event(build_id=build_id, event="build.started", now=now)
 
 
 @dataclass
@@ -419,7 +448,7 @@ def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Bu
             for job_id, target in changes.items():
                 by_target[target].append(job_id)
             for target, ids in by_target.items():
-                transition_jobs(ids, to=target, now=now)
+                transition_jobs(ids, to=target, now=now, build_id=build_id)
             states.update(changes)
 
         started = graph.started

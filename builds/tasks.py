@@ -11,7 +11,7 @@ import uuid
 
 from django_tasks import task
 
-from builds.services import discovery, webhooks
+from builds.services import discovery, notifications, webhooks
 
 
 @task()
@@ -27,3 +27,9 @@ def discover_pipelines(build_id: str, envelope: dict) -> int:
     builds made."""
     result = discovery.discover_pipelines(build_id=uuid.UUID(build_id), envelope=envelope)
     return 0 if result is None else len(result.builds)
+
+
+@task()
+def deliver_notifications(lane: str) -> int:
+    """Post one lane's queued commit statuses or webhook events, in order; returns how many went out."""
+    return notifications.deliver_lane(lane=lane)

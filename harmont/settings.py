@@ -49,6 +49,19 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
     return value
 
 
+def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum:  # also refuses nan
+        raise ImproperlyConfigured(f"{name} must be >= {minimum}, got {raw}")
+    return value
+
+
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
 
@@ -300,6 +313,15 @@ TASK_LEASE_SECONDS = env_int("HARMONT_TASK_LEASE_SECONDS", 300, minimum=5)
 # Attempts at acting on one webhook delivery before it is marked failed; between failed
 # attempts 30 s, doubling, at most an hour.
 WEBHOOK_MAX_ATTEMPTS = env_int("HARMONT_WEBHOOK_MAX_ATTEMPTS", 10, minimum=1)
+
+# Where commit statuses go: GitHub's API, or a GitHub Enterprise server's (`https://HOST/api/v3`).
+GITHUB_API_URL = env_str("HARMONT_GITHUB_API_URL", "https://api.github.com").rstrip("/")
+if not GITHUB_API_URL.startswith(("https://", "http://")):
+    raise ImproperlyConfigured(f"HARMONT_GITHUB_API_URL must be an http(s) URL, got {GITHUB_API_URL!r}")
+# Commit statuses and outbound webhooks (builds.services.notifications): each attempt may take
+# this long (seconds); a failed one is tried again after HARMONT_DELIVERY_RETRY_SECONDS, doubling.
+DELIVERY_TIMEOUT_SECONDS = env_float("HARMONT_DELIVERY_TIMEOUT", 10.0, minimum=0.1)
+DELIVERY_RETRY_SECONDS = env_float("HARMONT_DELIVERY_RETRY_SECONDS", 10.0, minimum=0.01)
 
 # How long the first answer to a create sent with an Idempotency-Key is kept for its retries (seconds).
 IDEMPOTENCY_KEY_TTL_SECONDS = env_int("HARMONT_IDEMPOTENCY_KEY_TTL", 24 * 3600, minimum=60)

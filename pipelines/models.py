@@ -160,6 +160,8 @@ class Repository(models.Model):
     url = models.CharField(max_length=500)
     repo_name = models.CharField(max_length=255)
     webhook_secret_encrypted = models.TextField(blank=True, default="")
+    # A GitHub token (encrypted) allowed to post commit statuses to the repository; empty: no statuses.
+    github_token_encrypted = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(default=timezone.now)
 

@@ -204,8 +204,12 @@ def end_job() -> int:
 
 
 # Finishing, without the statements of the job's end: the credential, the transaction
-# (savepoint here), the last log chunks, the build's lock.
-FINISH = 5
+# (savepoint here), the last log chunks, the build's lock, the organization's webhook
+# endpoints (does any want job.finished?).
+FINISH = 6
+# A build's start or end event: the build with the repository its commit statuses go to,
+# the organization's webhook endpoints (builds.services.notifications).
+BUILD_EVENT = 2
 # Claiming: the claim, the job with its build and pipeline, its secrets (the job spec).
 CLAIM = 3
 
@@ -224,7 +228,7 @@ def test_a_busy_agents_requests_cost_the_same_for_2_and_30_jobs(session, pipelin
         response = session.post(f"{AGENT}/claim")
     assert response.status_code == 200
     spec, job_client = response.json()["job"], bearer(response.json()["job_token"])
-    with django_assert_num_queries(3):  # the credential, running, the build's first start time
+    with django_assert_num_queries(3 + BUILD_EVENT):  # the credential, running, the build's first start time
         assert job_client.post(job_url(spec["id"], "start")).json()["state"] == "running"
     with django_assert_num_queries(6):  # the credential, savepoint, the job's lock, insert, log size, release
         response = job_client.post(job_url(spec["id"], "logs"), {"chunks": [chunk(1, "x\n")]}, format="json")
@@ -239,7 +243,7 @@ def test_a_busy_agents_requests_cost_the_same_for_2_and_30_jobs(session, pipelin
     with django_assert_num_queries(2):  # the credential, running
         assert job_client.post(job_url(following["job"]["id"], "start")).json()["state"] == "running"
     last = size == 2
-    with django_assert_num_queries(FINISH + end_job() + (1 if last else 0)):  # the last one ends the build
+    with django_assert_num_queries(FINISH + end_job() + (1 + BUILD_EVENT if last else 0)):  # the last ends the build
         response = job_client.post(job_url(following["job"]["id"], "finish"), finish_body(), format="json")
     assert response.json() == {"state": "passed", "cancel": True, "timeout": False}
 

@@ -128,7 +128,7 @@ def test_a_job_ending_settles_as_settle_build_would(pipeline, source, ended, fla
             continue  # the first roll-up already moved it (a cancel, or a skip after a failed `y`)
 
         assert services.finish_job(job=fast["x"], state=ended, now=NOW)  # the fast path where it applies
-        assert states.transition_jobs([full["x"].pk], to=ended, now=NOW) == 1
+        assert states.transition_jobs([full["x"].pk], to=ended, now=NOW, build_id=full["x"].build_id) == 1
         states.settle_build(build_id=full["x"].build_id, now=NOW)
 
         assert outcome(fast) == outcome(full), (source, ended, other, flag)

@@ -313,7 +313,7 @@ class TestCompareAndSet:
         transition_jobs([a.pk], to=J.ASSIGNED, now=at(1))
         transition_jobs([a.pk], to=J.RUNNING, now=at(2))
         transition_jobs([b.pk], to=J.SCHEDULED, now=at(3))
-        transition_jobs([a.pk], to=J.PASSED, now=at(4))
+        transition_jobs([a.pk], to=J.PASSED, now=at(4), build_id=build.pk)
         a.refresh_from_db()
         b.refresh_from_db()
         assert (a.started_at, a.finished_at, b.scheduled_at) == (at(2), at(4), at(3))

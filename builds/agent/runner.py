@@ -302,7 +302,7 @@ class Agent:
         shutil.rmtree(workspace, ignore_errors=True)
         workspace.mkdir(parents=True)
         try:
-            self._prepare_workspace(job, workspace, shipper)
+            checked_out = self._prepare_workspace(job, workspace, shipper)
             if self.run_as is not None:
                 self.run_as.give(workspace)
         except (AgentError, OSError, tarfile.TarError, SourceError) as exc:
@@ -313,8 +313,10 @@ class Agent:
             self._finish(job, {"exit_code": None, "error_code": "workspace_unavailable",
                                "error_message": reason[:1000]}, shipper)
             return
-        started = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/start", token=job.token,
-                                      body={"agent_name": self.name})
+        start: dict[str, Any] = {"agent_name": self.name}
+        if checked_out is not None:
+            start["commit"] = checked_out  # a build of HEAD takes it as its commit
+        started = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/start", token=job.token, body=start)
         if started.get("cancel"):
             shipper.add(META, "harmont-agent: canceled before start\n")
             self._ship_final(shipper)
@@ -340,8 +342,10 @@ class Agent:
         self._finish(job, result, shipper)
         shutil.rmtree(workspace, ignore_errors=True)
 
-    def _prepare_workspace(self, job: JobSpec, workspace: Path, shipper: LogShipper) -> None:
+    def _prepare_workspace(self, job: JobSpec, workspace: Path, shipper: LogShipper) -> str | None:
+        """Fill the workspace; returns the full commit id a git checkout landed on (None for other sources)."""
         source = job.source or {}
+        revision = None
         if source.get("kind") == "archive":
             archive = self.transport.download(source["path"], token=job.token)
             unpack(archive, workspace)
@@ -359,6 +363,7 @@ class Agent:
             archive = self.transport.download(job.parent_workspace_path, token=job.token)
             unpack(archive, workspace)
             shipper.add(META, f"harmont-agent: unpacked parent workspace ({len(archive)} bytes)\n")
+        return revision
 
     def _render(self, job: JobSpec, workspace: Path, shipper: LogShipper) -> dict[str, Any]:
         """Render the build's pipeline from the checkout and send its IR; the server plans the rest."""

@@ -19,9 +19,9 @@ from django.db.models import F
 from django.utils import timezone
 
 from builds import states
-from builds.services import concurrency
+from builds.services import concurrency, notifications
 from builds.models import (Build, BuildSource, BuildState, ConcurrencySlot, EdgeKind, Job, JobDependency, JobKind,
-                           JobState, SecretAccess)
+                           JobState, SecretAccess, WebhookEvent)
 from harmont.errors import ApiError, validation_error
 from organizations.models import Organization, Role, User
 from pipelines import agent_tags, ir
@@ -375,6 +375,9 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
         create_concurrency_slots(jobs)
         if plan is not None:
             JobDependency.objects.bulk_create(edge_rows(jobs, plan))
+    notifications.record_build_event(build_id=build_id, event=WebhookEvent.BUILD_CREATED, now=now)
+    if build.finished_at is not None:  # nothing to run, or a rejected plan: it ends as it begins
+        notifications.record_build_event(build_id=build_id, event=WebhookEvent.BUILD_FINISHED, now=now)
     build.pipeline = pipeline
     return build
 
@@ -542,7 +545,8 @@ def cancel_build(*, build: Build, now: datetime | None = None, error_code: str |
             Build.objects.filter(pk=locked.pk).update(cancel_requested_at=now, waiting_reason=None, **reason)
             locked.waiting_reason = None
             waiting = Job.objects.filter(build_id=locked.pk, state__in=states.WAITING_JOB_STATES)
-            states.transition_jobs(waiting.values_list("id", flat=True), to=JobState.CANCELED, now=now)
+            states.transition_jobs(waiting.values_list("id", flat=True), to=JobState.CANCELED, now=now,
+                                   build_id=locked.pk)
             active = Job.objects.filter(build_id=locked.pk, state__in=(JobState.ASSIGNED, JobState.RUNNING))
             states.transition_jobs(active.values_list("id", flat=True), to=JobState.CANCELING, now=now)
         settled = states.settle_build(build_id=locked.pk, now=now)

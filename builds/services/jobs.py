@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from builds import states
 from builds.models import Job, JobState
-from builds.services import retries
+from builds.services import notifications, retries
 from builds.services.agents import agent_seen_by, touch_job
 from builds.services.logs import ChunkIn, store_chunks, store_fitting_chunks
 
@@ -84,9 +84,15 @@ def move_job(*, job: Job, state: str, now: datetime | None = None, **fields: Any
     return bool(changed)
 
 
-def start_job(*, job: Job, now: datetime | None = None) -> str:
-    """The agent begins running the command: assigned → running. Returns the job's state after."""
+def start_job(*, job: Job, commit: str | None = None, now: datetime | None = None) -> str:
+    """The agent begins running the command: assigned → running. Returns the job's state after.
+
+    `commit`: the full id the job's checkout landed on; a build whose commit was
+    no full id takes it (`notifications.record_checked_out_commit`).
+    """
     now = now or timezone.now()
+    if commit is not None:
+        notifications.record_checked_out_commit(build_id=job.build_id, commit=commit, now=now)
     # assigned → running changes no roll-up (the build is running since the claim), so no
     # build lock: a compare-and-set on the job and the build's first start time.
     started = states.transition_jobs([job.pk], to=J.RUNNING, now=now, last_heartbeat_at=now)

@@ -90,7 +90,7 @@ def time_out_build(*, build_id: uuid.UUID, now: datetime) -> bool:
         )
         waiting = Job.objects.filter(build_id=build_id, state__in=(*states.WAITING_JOB_STATES, J.ASSIGNED))
         states.transition_jobs(waiting.values_list("id", flat=True), to=J.TIMED_OUT, now=now,
-                               error_code="pipeline_timeout")
+                               build_id=build_id, error_code="pipeline_timeout")
         running = Job.objects.filter(build_id=build_id, state=J.RUNNING)
         # The code tells the agent's later timed-out report apart from the job's own timeout.
         states.transition_jobs(running.values_list("id", flat=True), to=J.TIMING_OUT, now=now,

@@ -44,6 +44,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from builds import states
+from builds.services import notifications
 from builds.models import Build, Job, JobDependency, JobKind, JobState
 from harmont.errors import ApiError
 from pipelines.ir import AGENT_LOST_EXIT_STATUS, ANY_EXIT_STATUS
@@ -191,10 +192,13 @@ def retry_job(*, job: Job, now: datetime | None = None) -> Job:
         if not Job.objects.filter(pk=old.pk, retried=False, state__in=states.RETRYABLE_STATES).update(retried=True):
             raise _not_retryable(old, "it was retried already")
         new = _add_attempt(old=old, graph=graph, now=now, automatic_retries=old.automatic_retries or {})
-        if build.cancel_requested_at is not None or build.finished_at is not None:
+        reopened = build.finished_at is not None
+        if build.cancel_requested_at is not None or reopened:
             Build.objects.filter(pk=build.pk).update(cancel_requested_at=None, finished_at=None)
             build.cancel_requested_at = build.finished_at = None
         states.settle_build(build_id=build.pk, now=now, locked=build)
+        if reopened:  # its commit status goes back to pending; it finishes (build.finished) again later
+            notifications.record_build_event(build_id=build.pk, event=notifications.REOPENED, now=now)
     return new
 
 
