@@ -466,3 +466,21 @@ def test_a_message_given_up_on_lets_the_rest_of_its_lane_go(pipeline, org, recei
     assert notifications.deliver_lane(lane=first.lane, now=first.created_at + timedelta(hours=24)) == 1
 
     assert [m.status for m in hook.notifications.order_by("id")] == ["failed", "delivered"]
+
+
+def test_a_commit_reported_while_a_worker_parks_its_status_still_gets_it_posted(pipeline, repository, receiver,
+                                                                                 monkeypatch):
+    build = make_build(pipeline, commit="HEAD")
+    message, = lane_messages(build, "commit_status")
+    real, reported = notifications.is_full_commit, []
+
+    def agent_reports_meanwhile(value):  # after the worker read HEAD, before it parks the status
+        if value == "HEAD" and not reported:
+            reported.append(notifications.record_checked_out_commit(build_id=build.pk, commit=SHA))
+        return real(value)
+
+    monkeypatch.setattr(notifications, "is_full_commit", agent_reports_meanwhile)
+    assert notifications.deliver_lane(lane=message.lane) == 1
+
+    assert reported == [True]
+    assert [r["url"] for r in receiver.requests] == [f"https://api.github.com/repos/acme/web/statuses/{SHA}"]

@@ -296,8 +296,9 @@ def deliver_lane(*, lane: str, now: datetime | None = None, limit: int = 100) ->
         try:
             outgoing = _request(head, at)
         except _Hold:
-            Notification.objects.filter(pk=head.pk).update(due_at=None, sweep_at=None, claimed_until=None)
-            break
+            if _hold(head):
+                break
+            continue  # its commit was reported meanwhile: try it again
         except _Undeliverable as exc:
             Notification.objects.filter(pk=head.pk).update(status=S.FAILED, last_error=str(exc), claimed_until=None,
                                                            sweep_at=None)
@@ -310,6 +311,23 @@ def deliver_lane(*, lane: str, now: datetime | None = None, limit: int = 100) ->
         elif outcome != S.FAILED:
             break  # it is retried later, and the rest of the lane waits for it
     return delivered
+
+
+def _hold(message: Notification) -> bool:
+    """Park a commit status until its build's commit is known; False when it is known by now.
+
+    Decided under the build's row lock: `record_checked_out_commit` updates
+    that row before it looks for parked statuses, so either it sees this one
+    parked, or this sees its commit. (SQLite has one writer at a time anyway.)
+    """
+    with transaction.atomic():
+        commit = (Build.objects.select_for_update().filter(pk=message.build_id)
+                  .values_list("commit", flat=True).first())
+        if commit is not None and is_full_commit(commit):
+            Notification.objects.filter(pk=message.pk).update(claimed_until=None)
+            return False
+        Notification.objects.filter(pk=message.pk).update(due_at=None, sweep_at=None, claimed_until=None)
+        return True
 
 
 def _supersede_older(lane: str, at: datetime) -> int:
