@@ -6,6 +6,10 @@ fixture reach the server (and the reaper thread) too. Tests using these fixtures
 a transactional database: the server's threads must see what the test commits. The
 agents' output goes to files printed at teardown, which pytest shows only when the
 test failed. The fixtures are loaded for every module by tests/conftest.py (`pytest_plugins`).
+
+`db_worker` is a real `manage.py db_worker` process on the server's database, for the tasks
+(webhook deliveries, commit statuses, outbound webhooks); its settings come from its
+environment, which mirrors the test's `settings` (`worker_environment`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import pytest
 from django.db import connections
@@ -33,7 +38,13 @@ from organizations import services as org_services
 from pipelines.models import Pipeline
 from tests.helpers import builds_url
 
+if TYPE_CHECKING:  # imported by pytest as the plugin below, so that its asserts are rewritten
+    from tests.fake_github import FakeReceiver
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# The fake GitHub and webhook receiver: `db_worker` posts to the former.
+pytest_plugins = ["tests.fake_github"]
 
 T = TypeVar("T")
 
@@ -309,3 +320,85 @@ def e2e_settings(settings: Any, tmp_path: Path) -> Any:
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.AGENT_CANCEL_GRACE_SECONDS = 2
     return settings
+
+
+# ------------------------------------------------------------------ a task worker process
+
+# The settings a worker's tasks read, and the environment variable each comes from.
+WORKER_SETTINGS = {
+    "SECRET_KEY": "HARMONT_SECRET_KEY",
+    "SECRETS_KEYS": "HARMONT_SECRETS_KEY",  # decrypts GitHub tokens and webhook secrets
+    "PUBLIC_URL": "HARMONT_PUBLIC_URL",  # the build page links of the events a task records
+    "MEDIA_ROOT": "HARMONT_MEDIA_ROOT",
+    "GITHUB_API_URL": "HARMONT_GITHUB_API_URL",
+    "DELIVERY_RETRY_SECONDS": "HARMONT_DELIVERY_RETRY_SECONDS",
+    "DELIVERY_TIMEOUT_SECONDS": "HARMONT_DELIVERY_TIMEOUT",
+    "TASK_LEASE_SECONDS": "HARMONT_TASK_LEASE_SECONDS",
+}
+
+
+def database_url() -> str:
+    """The DATABASE_URL of the database this test runs on (the e2e file copy on SQLite)."""
+    settings_dict = connections["default"].settings_dict
+    if connections["default"].vendor == "sqlite":
+        return f"sqlite:///{settings_dict['NAME']}"
+    credentials = settings_dict["USER"] + (f":{quote(settings_dict['PASSWORD'], safe='')}"
+                                           if settings_dict["PASSWORD"] else "")
+    return (f"postgres://{credentials}@{settings_dict['HOST'] or '127.0.0.1'}:{settings_dict['PORT'] or 5432}/"
+            f"{settings_dict['NAME']}")
+
+
+def worker_environment(settings: Any) -> dict[str, str]:
+    """A process's environment that gives it this test's database and these `settings` (WORKER_SETTINGS)."""
+    env = {**os.environ, "DATABASE_URL": database_url(), "HARMONT_DEBUG": "0", "PYTHONUNBUFFERED": "1"}
+    for name, variable in WORKER_SETTINGS.items():
+        value = getattr(settings, name)
+        env[variable] = ",".join(value) if isinstance(value, list) else str(value)
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen
+    output_path: Path
+
+    def output(self) -> str:
+        return (f"--- db_worker (pid {self.process.pid}, exit {self.process.poll()}):\n"
+                f"{self.output_path.read_text(errors='replace')}")
+
+    def stop(self) -> None:
+        """SIGTERM to its process group (a graceful stop between tasks), SIGKILL if that takes over 10 s."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                kill_group(self.process.pid)
+                self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def db_worker(e2e_server: str, transactional_db: None, e2e_settings: Any, fake_github: FakeReceiver,
+              tmp_path: Path) -> Iterator[WorkerProcess]:
+    """`manage.py db_worker --interval 0.2` on the e2e server's database, stopped at teardown.
+
+    The test's settings point at the e2e server (build page links) and the fake GitHub,
+    with retries 0.3 s apart (doubling); the worker gets the same through its environment.
+    Change `settings` the worker reads before this fixture starts it (in a fixture it uses).
+    """
+    e2e_settings.PUBLIC_URL = e2e_server
+    e2e_settings.GITHUB_API_URL = fake_github.url
+    e2e_settings.DELIVERY_RETRY_SECONDS = 0.3
+    e2e_settings.DELIVERY_TIMEOUT_SECONDS = 5.0
+    output_path = tmp_path / "db_worker.log"
+    with open(output_path, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "db_worker", "--interval", "0.2", "--no-startup-delay", "--no-reload"],
+            cwd=PROJECT_ROOT, env=worker_environment(e2e_settings), stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+    worker = WorkerProcess(process, output_path)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        print(worker.output())
