@@ -31,6 +31,14 @@ from builds.services.webhooks import (
     verified_repositories,
 )
 from builds.services.schedules import run_due_schedules
+from builds.services.webhook_endpoints import (
+    IssuedEndpoint,
+    create_webhook_endpoint,
+    delete_webhook_endpoint,
+    get_webhook_endpoint,
+    retry_notifications,
+    update_webhook_endpoint,
+)
 from builds.services.workspaces import store_workspace
 
 __all__ = [
@@ -49,5 +57,7 @@ __all__ = [
     "DeliveryResult", "RefusedBuild", "SkippedBuild", "delivery_build_request", "process_webhook_delivery",
     "record_webhook_delivery", "requeue_webhook_deliveries", "verified_repositories",
     "run_due_schedules",
+    "IssuedEndpoint", "create_webhook_endpoint", "delete_webhook_endpoint", "get_webhook_endpoint",
+    "retry_notifications", "update_webhook_endpoint",
     "store_workspace",
 ]
