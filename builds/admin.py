@@ -219,8 +219,8 @@ class ArtifactAdmin(ReadOnlyAdmin):
 class WebhookEndpointForm(forms.ModelForm):
     """The organization (on add), URL, events and description; checked by the rules the API and the page use."""
 
-    # Not required here: the service's rules say what is missing, in the words the API uses.
-    url = forms.CharField(label="URL", required=False, widget=forms.TextInput(attrs={"size": 80}))
+    # Only "required" here: the service's rules say what else is wrong, in the words the API uses.
+    url = forms.CharField(label="URL", widget=forms.TextInput(attrs={"size": 80}))
     events = forms.MultipleChoiceField(choices=WebhookEvent.choices, widget=forms.CheckboxSelectMultiple,
                                        required=False, initial=WebhookEvent.values)
 
@@ -233,7 +233,8 @@ class WebhookEndpointForm(forms.ModelForm):
         errors = webhook_endpoints.endpoint_errors(url=data.get("url", ""), events=data.get("events", []),
                                                    description=data.get("description", ""))
         for name, messages_ in errors.items():
-            self.add_error(name, messages_)
+            if name not in self.errors:  # a missing URL is said once, by its field
+                self.add_error(name, messages_)
         organization = data.get("organization")
         if (self.instance._state.adding and organization is not None and not errors
                 and organization.webhook_endpoints.count() >= webhook_endpoints.MAX_ENDPOINTS_PER_ORGANIZATION):

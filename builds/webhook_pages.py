@@ -28,9 +28,8 @@ DELIVERIES_ON_PAGE = 50
 
 
 class WebhookEndpointForm(forms.Form):
-    # Not required here: the service's rules say what is missing, in the words the API uses.
-    url = forms.CharField(label="URL", required=False,
-                          help_text="Where the events are POSTed, e.g. https://hooks.example.com/harmont.")
+    # Only "required" here: the service's rules say what else is wrong, in the words the API uses.
+    url = forms.CharField(label="URL", help_text="Where the events are POSTed, e.g. https://hooks.example.com/harmont.")
     description = forms.CharField(required=False, help_text="What it is, for people.")
     events = forms.MultipleChoiceField(choices=WebhookEvent.choices, widget=forms.CheckboxSelectMultiple,
                                        required=False, initial=WebhookEvent.values)
