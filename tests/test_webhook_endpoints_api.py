@@ -208,6 +208,9 @@ def test_list_query_count_does_not_grow_with_endpoints(api: APIClient, org: Orga
         create(api, org)
     with django_assert_num_queries(3):
         assert len(api.get(hooks_url(org)).json()["data"]) == 6
+    cursor = api.get(hooks_url(org), {"limit": 2}).json()["next_cursor"]
+    with django_assert_num_queries(3):
+        assert len(api.get(hooks_url(org), {"limit": 2, "cursor": cursor}).json()["data"]) == 2
 
 
 def test_delete_is_204_and_a_second_delete_404(api: APIClient, org: Organization) -> None:
@@ -336,7 +339,7 @@ def test_deliveries_of_an_unknown_endpoint_are_404(api: APIClient, org: Organiza
 def test_deliveries_query_count_is_the_same_for_one_and_five(api: APIClient, org: Organization, pipeline: Pipeline,
                                                              django_assert_num_queries: Any, limit: int) -> None:
     endpoint, _ = subscribed(api, org, "build.created")
-    url = hooks_url(org, f"/{endpoint.pk}/deliveries?limit={limit}")
+    url = hooks_url(org, f"/{endpoint.pk}/deliveries")
 
     def add_builds(n: int) -> None:
         for _ in range(n):
@@ -347,11 +350,15 @@ def test_deliveries_query_count_is_the_same_for_one_and_five(api: APIClient, org
     add_builds(1)
     # token, membership, the endpoint, a page of messages with their builds, their attempts
     with django_assert_num_queries(5):
-        assert len(api.get(url).json()["data"]) == 1
+        assert len(api.get(url, {"limit": limit}).json()["data"]) == 1
     add_builds(4)
     with django_assert_num_queries(5):
-        data = api.get(url).json()["data"]
+        page = api.get(url, {"limit": limit}).json()
+    data = page["data"]
     assert len(data) == min(5, limit) and all(len(d["attempts_made"]) == 2 for d in data)
+    if page["next_cursor"]:  # a page further down costs the same
+        with django_assert_num_queries(5):
+            assert len(api.get(url, {"limit": limit, "cursor": page["next_cursor"]}).json()["data"]) == 1
 
 
 # ---------------------------------------------------------------- a real delivery
