@@ -73,6 +73,9 @@ def run_reaper(*, stop: threading.Event, interval: float, once: bool = False, gr
             requeued = services.requeue_webhook_deliveries(now=now)
             if requeued:
                 log.info("handed %d webhook deliveries to the task queue again", requeued)
+            swept = services.sweep_notifications(now=now)
+            if swept:
+                log.info("handed %d lanes of commit statuses and webhook events to the task queue again", swept)
             scheduled = services.run_due_schedules(now=now)
             if scheduled:
                 log.info("scheduled builds: %s", ", ".join(f"{b.pipeline.slug}#{b.number}" for b in scheduled))

@@ -61,6 +61,13 @@ class RepositoryForm(forms.ModelForm):
         help_text="The secret GitHub signs this repository's webhooks with. Leave empty to keep the current one.",
     )
 
+    github_token = forms.CharField(
+        required=False, strip=False, widget=forms.PasswordInput(render_value=False),
+        help_text="A GitHub token that may post commit statuses to this repository. Leave empty to keep the "
+                  "current one.",
+    )
+    remove_github_token = forms.BooleanField(required=False, help_text="Stop posting commit statuses.")
+
     class Meta:
         model = Repository
         fields = ["organization", "url", "repo_name"]
@@ -73,6 +80,10 @@ class RepositoryForm(forms.ModelForm):
         repository = super().save(commit=False)
         if self.cleaned_data.get("webhook_secret"):
             repository.webhook_secret_encrypted = encrypt_text(self.cleaned_data["webhook_secret"])
+        if self.cleaned_data.get("remove_github_token"):
+            repository.github_token_encrypted = ""
+        elif self.cleaned_data.get("github_token"):
+            repository.github_token_encrypted = encrypt_text(self.cleaned_data["github_token"])
         repository.updated_at = timezone.now()
         if commit:
             repository.save()
@@ -82,15 +93,19 @@ class RepositoryForm(forms.ModelForm):
 @admin.register(Repository)
 class RepositoryAdmin(admin.ModelAdmin):
     form = RepositoryForm
-    list_display = ["repo_name", "organization", "url", "has_webhook_secret", "updated_at"]
+    list_display = ["repo_name", "organization", "url", "has_webhook_secret", "has_github_token", "updated_at"]
     search_fields = ["repo_name", "url", "organization__slug"]
     list_select_related = ["organization"]
     raw_id_fields = ["organization"]
-    readonly_fields = ["has_webhook_secret", "created_at", "updated_at"]
+    readonly_fields = ["has_webhook_secret", "has_github_token", "created_at", "updated_at"]
 
     @admin.display(description="webhook secret set", boolean=True)
     def has_webhook_secret(self, repository: Repository) -> bool:
         return bool(repository.webhook_secret_encrypted)
+
+    @admin.display(description="GitHub token set", boolean=True)
+    def has_github_token(self, repository: Repository) -> bool:
+        return bool(repository.github_token_encrypted)
 
 
 class SecretForm(forms.ModelForm):

@@ -102,6 +102,7 @@ class PipelineRegisterView(OrgScopedView):
         return Response({
             "repository": {"repo_name": done.repository.repo_name, "url": done.repository.url,
                            "webhook_secret_set": bool(done.repository.webhook_secret_encrypted),
+                           "github_token_set": bool(done.repository.github_token_encrypted),
                            "webhook_url": settings.PUBLIC_URL + reverse("github-webhook",
                                                                         args=[done.repository.repo_name])},
             "pipelines": PipelineSerializer(done.pipelines, many=True, context=self.credentials_context()).data,

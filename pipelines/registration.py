@@ -157,11 +157,12 @@ def pipeline_slug(repo_name: str, source_slug: str) -> str:
 
 def register_pipelines(*, org: Organization, repository: str, envelope: Any, default_branch: str,
                        repo_name: str | None = None, webhook_secret: str | None = None,
-                       now: datetime | None = None) -> Registration:
+                       github_token: str | None = None, now: datetime | None = None) -> Registration:
     """Create or update a repository's pipelines from its envelope; archive the ones that disappeared.
 
     Idempotent: the same envelope again changes nothing but `updated_at`.
-    `webhook_secret` None keeps the stored one, "" removes it.
+    `webhook_secret` and `github_token` (what commit statuses are posted with): None keeps
+    the stored one, "" removes it.
     """
     entries = parse_envelope(envelope)
     repo_name = repo_name or derive_repo_name(repository)
@@ -169,23 +170,26 @@ def register_pipelines(*, org: Organization, repository: str, envelope: Any, def
         raise ApiError("validation_failed", "repo_name is missing or too long.", fields={"repo_name": [
             f"Give repo_name (owner/name, at most {REPO_NAME_MAX_LENGTH} characters); "
             f"it could not be derived from repository."]})
-    if webhook_secret is not None and len(webhook_secret) > WEBHOOK_SECRET_MAX:
-        raise ApiError("validation_failed", "webhook_secret is too long.",
-                       fields={"webhook_secret": [f"At most {WEBHOOK_SECRET_MAX} characters."]})
+    for name, value in (("webhook_secret", webhook_secret), ("github_token", github_token)):
+        if value is not None and len(value) > WEBHOOK_SECRET_MAX:
+            raise ApiError("validation_failed", f"{name} is too long.",
+                           fields={name: [f"At most {WEBHOOK_SECRET_MAX} characters."]})
     now = now or timezone.now()
     try:
         with transaction.atomic():
             return _register(org=org, url=repository, repo_name=repo_name, default_branch=default_branch,
-                             webhook_secret=webhook_secret, entries=entries, now=now)
+                             webhook_secret=webhook_secret, github_token=github_token, entries=entries,
+                             now=now)
     except IntegrityError:
         # A concurrent registration of the same repository inserted its row first; ours now finds it.
         with transaction.atomic():
             return _register(org=org, url=repository, repo_name=repo_name, default_branch=default_branch,
-                             webhook_secret=webhook_secret, entries=entries, now=now)
+                             webhook_secret=webhook_secret, github_token=github_token, entries=entries,
+                             now=now)
 
 
 def _register(*, org: Organization, url: str, repo_name: str, default_branch: str, webhook_secret: str | None,
-              entries: list[EnvelopeEntry], now: datetime) -> Registration:
+              github_token: str | None, entries: list[EnvelopeEntry], now: datetime) -> Registration:
     repo = (Repository.objects.select_for_update().annotate(name_lower=Lower("repo_name"))
             .filter(organization=org, name_lower=repo_name.lower()).first())
     if repo is None:
@@ -194,6 +198,8 @@ def _register(*, org: Organization, url: str, repo_name: str, default_branch: st
     repo.url, repo.repo_name, repo.updated_at = url, repo_name, now
     if webhook_secret is not None:
         repo.webhook_secret_encrypted = encrypt_text(webhook_secret) if webhook_secret else ""
+    if github_token is not None:
+        repo.github_token_encrypted = encrypt_text(github_token) if github_token else ""
     repo.save()
 
     slugs = [pipeline_slug(repo_name, entry.source_slug) for entry in entries]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
 from django.db.models import Q, QuerySet
@@ -205,7 +206,7 @@ def _rotate_column(queryset: QuerySet[Any], column: str) -> RotationCount:
 
 
 def rotate_encryption() -> dict[str, RotationCount]:
-    """Re-encrypt every secret and webhook secret with the first key of HARMONT_SECRETS_KEY.
+    """Re-encrypt every secret, webhook secret, GitHub token and webhook endpoint secret with the first key of HARMONT_SECRETS_KEY.
 
     Afterwards the other keys open nothing and can be removed. Safe to run
     again (values already under the first key are left) and beside live
@@ -215,4 +216,9 @@ def rotate_encryption() -> dict[str, RotationCount]:
         "secrets": _rotate_column(Secret.objects.all(), "value_encrypted"),
         "webhook secrets": _rotate_column(Repository.objects.exclude(webhook_secret_encrypted=""),
                                           "webhook_secret_encrypted"),
+        "GitHub tokens": _rotate_column(Repository.objects.exclude(github_token_encrypted=""),
+                                        "github_token_encrypted"),
+        # Through the app registry: the builds app depends on this one, not the other way round.
+        "webhook endpoint secrets": _rotate_column(apps.get_model("builds", "WebhookEndpoint").objects.all(),
+                                                   "secret_encrypted"),
     }

@@ -155,6 +155,12 @@ class RegisterPipelinesRequestSerializer(serializers.Serializer):
                                            trim_whitespace=False, help_text=(
                                                "The secret GitHub signs webhooks with. Absent or null keeps the "
                                                "stored one; an empty string removes it. Never returned."))
+    github_token = serializers.CharField(required=False, allow_null=True, allow_blank=True, write_only=True,
+                                         trim_whitespace=False, help_text=(
+                                             "A GitHub token that may post commit statuses to the repository "
+                                             "(`repo:status`, or a fine-grained token with Commit statuses: "
+                                             "write): every build of its pipelines gets one. Absent or null "
+                                             "keeps the stored one; an empty string removes it. Never returned."))
     envelope = AnyJSONField(help_text="What `harmont.dump_registry_json()` prints (object or JSON string).")
 
 
@@ -162,6 +168,7 @@ class RegisteredRepositorySerializer(serializers.Serializer):
     repo_name = serializers.CharField()
     url = serializers.CharField()
     webhook_secret_set = serializers.BooleanField()
+    github_token_set = serializers.BooleanField(help_text="Whether builds post commit statuses to GitHub.")
     webhook_url = serializers.CharField(help_text="Where to point the repository's GitHub webhook.")
 
 

@@ -44,6 +44,7 @@ def test_register_creates_one_pipeline_per_entry(api, org, envelope, settings):
     assert response.status_code == 200, response.content
     body = response.json()
     assert body["repository"] == {"repo_name": "Acme/Web", "url": REPO_URL, "webhook_secret_set": True,
+                                  "github_token_set": False,
                                   "webhook_url": f"{settings.PUBLIC_URL}/webhooks/github/Acme/Web"}
     assert body["archived"] == []
     ci, deploy = body["pipelines"]

@@ -30,6 +30,7 @@ from builds.services.webhooks import (
     requeue_webhook_deliveries,
     verified_repositories,
 )
+from builds.services.notifications import record_checked_out_commit, sweep_notifications
 from builds.services.schedules import run_due_schedules
 from builds.services.webhook_endpoints import (
     IssuedEndpoint,
@@ -56,6 +57,7 @@ __all__ = [
     "accept_rendered_pipeline", "fail_render", "record_render_result",
     "DeliveryResult", "RefusedBuild", "SkippedBuild", "delivery_build_request", "process_webhook_delivery",
     "record_webhook_delivery", "requeue_webhook_deliveries", "verified_repositories",
+    "record_checked_out_commit", "sweep_notifications",
     "run_due_schedules",
     "IssuedEndpoint", "create_webhook_endpoint", "delete_webhook_endpoint", "get_webhook_endpoint",
     "retry_notifications", "update_webhook_endpoint",

@@ -23,7 +23,7 @@ import logging
 import re
 import uuid
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import Any
 from urllib.parse import quote
 
@@ -33,6 +33,7 @@ from django.db.models import F, OuterRef, Q, Subquery
 from django.db.models.functions import Lower
 from django.urls import reverse
 from django.utils import timezone
+from rest_framework.settings import api_settings
 from standardwebhooks.webhooks import Webhook
 
 from builds import outbound
@@ -76,7 +77,8 @@ def _lease() -> timedelta:
 
 
 def _timestamp(at: datetime) -> str:
-    return at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    # As the API writes its times (REST_FRAMEWORK's DATETIME_FORMAT, in UTC).
+    return at.astimezone(dt_timezone.utc).strftime(api_settings.DATETIME_FORMAT)
 
 
 def lane_of(channel: str, receiver: object, build_id: uuid.UUID) -> str:
@@ -200,8 +202,12 @@ def record_jobs_finished(*, build_id: uuid.UUID, job_ids: Iterable[uuid.UUID], s
     build = _events_build(build_id)
     if build is None:
         return 0
-    jobs = [job for job in selectors.build_jobs(build, include_retried=True) if job.pk in ids
-            and (state is None or (job.state == state and job.finished_at == now))]
+    if len(ids) == 1:  # an agent's report: the job alone, not the whole build per job end
+        one = selectors.build_job(build, next(iter(ids)))
+        candidates = [one] if one is not None else []
+    else:
+        candidates = [job for job in selectors.build_jobs(build, include_retried=True) if job.pk in ids]
+    jobs = [job for job in candidates if state is None or (job.state == state and job.finished_at == now)]
     rows = []
     summary = {"id": str(build.pk), "number": build.number, "pipeline_slug": build.pipeline.slug,
                "state": build.state}
@@ -264,25 +270,29 @@ class _Undeliverable(Exception):
 
 
 def deliver_lane(*, lane: str, now: datetime | None = None, limit: int = 100) -> int:
-    """Post the lane's queued messages in order until one fails or must wait; returns how many were delivered.
+    """Post the lane's queued messages in order until one must wait; returns how many were delivered.
 
-    Safe to run twice, also at once: each message is claimed with a
-    compare-and-set on `claimed_until` before its attempt.
+    Safe to run twice, also at once: the oldest queued message is claimed with
+    a compare-and-set on `claimed_until` before its attempt, and while another
+    task holds it this one leaves the lane alone, so two posts of one lane
+    never overlap and arrive out of order.
     """
     delivered = 0
     for _ in range(limit):
         at = now or timezone.now()
         head = (Notification.objects.select_related("endpoint", "repository")
                 .filter(lane=lane, status=S.QUEUED).order_by("id").first())
-        if head is None or head.due_at is None or head.due_at > at:
+        if head is None or (head.claimed_until is not None and head.claimed_until > at):
+            break
+        if head.channel == C.COMMIT_STATUS and _supersede_older(lane, at):
+            continue  # the head is the newest status now
+        if head.due_at is None or head.due_at > at:
             break
         claimed = (Notification.objects.filter(pk=head.pk, status=S.QUEUED)
-                   .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=at))
+                   .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lte=at))
                    .update(claimed_until=at + _lease(), sweep_at=at + _lease()))
         if not claimed:
-            break  # another task has it
-        if head.channel == C.COMMIT_STATUS and _superseded(head):
-            continue
+            break  # another task took it just now
         try:
             outgoing = _request(head, at)
         except _Hold:
@@ -294,22 +304,23 @@ def deliver_lane(*, lane: str, now: datetime | None = None, limit: int = 100) ->
             continue  # nothing will ever come of it: the lane goes on
         answer = outbound.post(outgoing.url, headers=outgoing.headers, body=outgoing.body,
                                timeout=settings.DELIVERY_TIMEOUT_SECONDS)
-        if _record_attempt(head, answer, at):
+        outcome = _record_attempt(head, answer, at)
+        if outcome == S.DELIVERED:
             delivered += 1
-        else:
-            break
+        elif outcome != S.FAILED:
+            break  # it is retried later, and the rest of the lane waits for it
     return delivered
 
 
-def _superseded(head: Notification) -> bool:
-    """Mark the lane's statuses older than its newest queued one superseded; whether `head` was one of them."""
-    newest = (Notification.objects.filter(lane=head.lane, status=S.QUEUED).order_by("-id")
+def _supersede_older(lane: str, at: datetime) -> int:
+    """Mark the lane's statuses older than its newest queued one superseded (none another task holds)."""
+    newest = (Notification.objects.filter(lane=lane, status=S.QUEUED).order_by("-id")
               .values_list("pk", flat=True).first())
-    if newest is None or newest == head.pk:
-        return False
-    Notification.objects.filter(lane=head.lane, status=S.QUEUED, id__lt=newest).update(
-        status=S.SUPERSEDED, claimed_until=None, sweep_at=None)
-    return True
+    if newest is None:
+        return 0
+    return (Notification.objects.filter(lane=lane, status=S.QUEUED, id__lt=newest)
+            .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lte=at))
+            .update(status=S.SUPERSEDED, claimed_until=None, sweep_at=None))
 
 
 def _request(message: Notification, at: datetime) -> _Outgoing:
@@ -369,8 +380,8 @@ def retry_delay(channel: str, attempts: int) -> timedelta:
     return min(timedelta(seconds=seconds), LONGEST_DELAY[channel])
 
 
-def _record_attempt(message: Notification, answer: outbound.Answer, at: datetime) -> bool:
-    """Keep the attempt and what it means for the message; whether it was delivered."""
+def _record_attempt(message: Notification, answer: outbound.Answer, at: datetime) -> str:
+    """Keep the attempt and what it means for the message: its status after (queued: tried again later)."""
     attempts = message.attempts + 1
     ended = at + timedelta(milliseconds=answer.duration_ms)
     columns: dict[str, Any]
@@ -396,9 +407,9 @@ def _record_attempt(message: Notification, answer: outbound.Answer, at: datetime
         level = logging.INFO if columns.get("status") != S.FAILED else logging.WARNING
         logger.log(level, "%s %s to %s: attempt %d failed (%s)", message.channel, message.message_id,
                    message.lane, attempts, columns["last_error"][:200])
-        if "due_at" in columns and columns["due_at"] is not None:
+        if columns["due_at"] is not None:
             enqueue_lanes([message.lane], run_after=columns["due_at"])
-    return answer.ok
+    return columns.get("status", S.QUEUED)
 
 
 def sweep_notifications(*, now: datetime | None = None, limit: int = 200) -> int:
