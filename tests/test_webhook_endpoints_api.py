@@ -13,7 +13,7 @@ import base64
 import http.server
 import threading
 from collections.abc import Iterator
-from datetime import timedelta, timezone as dt_timezone
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -41,13 +41,6 @@ from tests.helpers import assert_error, iso, make_build, run_job
 pytestmark = pytest.mark.django_db
 
 HOOK = "https://hooks.example.com/harmont"
-
-
-@pytest.fixture(autouse=True)
-def _utc_for_notifications(monkeypatch: pytest.MonkeyPatch) -> None:
-    # builds.services.notifications._timestamp reads django.utils.timezone.utc, which Django 5.0
-    # removed: until it reads datetime.timezone.utc, every event an endpoint hears about raises.
-    monkeypatch.setattr(timezone, "utc", dt_timezone.utc, raising=False)
 
 
 def hooks_url(org: Organization | str, suffix: str = "") -> str:

@@ -11,7 +11,7 @@ with its attempts, and requeues failed ones.
 from __future__ import annotations
 
 import re
-from datetime import timedelta, timezone as dt_timezone
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -38,13 +38,6 @@ pytestmark = pytest.mark.django_db
 
 HOOK = "https://hooks.example.com/harmont"
 SECRET_ON_PAGE = re.compile(r'data-testid="webhook-secret">(whsec_[A-Za-z0-9+/=]+)<')
-
-
-@pytest.fixture(autouse=True)
-def _utc_for_notifications(monkeypatch: pytest.MonkeyPatch) -> None:
-    # builds.services.notifications._timestamp reads django.utils.timezone.utc, which Django 5.0
-    # removed: until it reads datetime.timezone.utc, every event an endpoint hears about raises.
-    monkeypatch.setattr(timezone, "utc", dt_timezone.utc, raising=False)
 
 
 def signed_in(user: User, *, csrf: bool = False) -> Client:
