@@ -322,8 +322,8 @@ class NotificationAdmin(ReadOnlyAdmin):
     @admin.action(description="Try again now", permissions=["view"])
     def try_again_now(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
         count = services.retry_notifications(selected=queryset)
-        self.message_user(request, f"{count} message(s) queued to be posted now; delivered and superseded ones "
-                                   "are left as they are.", messages.SUCCESS)
+        self.message_user(request, f"{count} message(s) queued to be posted now; delivered and superseded ones, "
+                                   "and any being posted at this moment, are left as they are.", messages.SUCCESS)
 
 
 @admin.register(NotificationAttempt)

@@ -325,26 +325,28 @@ def test_every_attempt_of_a_notification_is_on_its_admin_page(ops: Client, org: 
 def test_try_again_now_requeues_failed_messages_and_hands_their_lanes_over(
         ops: Client, org: Organization, pipeline: Pipeline, django_capture_on_commit_callbacks: Any) -> None:
     endpoint = endpoint_of(org)
-    failed_build, delivered_build = make_build(pipeline), make_build(pipeline)
-    failed = Notification.objects.get(endpoint=endpoint, build=failed_build)
-    delivered = Notification.objects.get(endpoint=endpoint, build=delivered_build)
-    long_ago = timezone.now() - timedelta(days=2)
+    failed, delivered, posting = (Notification.objects.get(endpoint=endpoint, build=make_build(pipeline))
+                                  for _ in range(3))
+    long_ago, soon = timezone.now() - timedelta(days=2), timezone.now() + timedelta(minutes=4)
     Notification.objects.filter(pk=failed.pk).update(status=NotificationStatus.FAILED, due_at=None, sweep_at=None,
                                                      claimed_until=long_ago, last_error="Gave up", attempts=9)
     Notification.objects.filter(pk=delivered.pk).update(status=NotificationStatus.DELIVERED, due_at=None,
                                                         delivered_at=long_ago)
+    # A task is posting this one right now: a second post of its lane must not start beside it.
+    Notification.objects.filter(pk=posting.pk).update(claimed_until=soon, due_at=long_ago)
     DBTaskResult.objects.all().delete()
     before = timezone.now()
     with django_capture_on_commit_callbacks(execute=True):
         response = ops.post(admin_url(Notification, "changelist"), {
-            "action": "try_again_now", "_selected_action": [failed.pk, delivered.pk]}, follow=True)
+            "action": "try_again_now", "_selected_action": [failed.pk, delivered.pk, posting.pk]}, follow=True)
     assert response.status_code == 200
     assert "1 message(s) queued" in " ".join(str(m) for m in response.context["messages"])
-    failed.refresh_from_db()
-    delivered.refresh_from_db()
+    for message in (failed, delivered, posting):
+        message.refresh_from_db()
     assert failed.status == NotificationStatus.QUEUED and failed.claimed_until is None
     assert before <= failed.due_at <= timezone.now() and failed.sweep_at > failed.due_at
     assert failed.attempts == 9  # its history stays
     assert (delivered.status, delivered.due_at) == (NotificationStatus.DELIVERED, None)
+    assert (posting.claimed_until, posting.due_at) == (soon, long_ago)
     tasks = list(DBTaskResult.objects.filter(task_path__endswith="deliver_notifications"))
     assert [task.args_kwargs["args"] for task in tasks] == [[failed.lane]]

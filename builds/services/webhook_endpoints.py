@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from builds.models import Notification, NotificationStatus, WebhookEndpoint, WebhookEvent
@@ -163,23 +163,28 @@ def get_webhook_endpoint(*, organization: Organization, endpoint_id: str | uuid.
     return endpoint
 
 
-RETRYABLE = (NotificationStatus.QUEUED, NotificationStatus.FAILED)
+def _retryable(now: datetime) -> Q:
+    # Failed ones, and queued ones no task is posting right now: clearing a live claim would let a
+    # second task post its lane alongside the first, out of order.
+    idle = Q(claimed_until__isnull=True) | Q(claimed_until__lte=now)
+    return Q(status=NotificationStatus.FAILED) | (Q(status=NotificationStatus.QUEUED) & idle)
 
 
 def retry_notifications(*, selected: QuerySet[Notification], now: datetime | None = None) -> int:
-    """Try the queued and failed messages of `selected` again now (the admin's action); returns how many.
+    """Try the failed and waiting messages of `selected` again now (the admin's action); returns how many.
 
-    Each goes back to `queued`, due now and unclaimed, and its lane is handed to
-    the queue once this commits. A message past its channel's window gets one
-    attempt more: if that fails too it is `failed` again.
+    Each goes back to `queued`, due now, and its lane is handed to the queue
+    once this commits. Delivered and superseded ones are left, and so is one a
+    task is posting at this moment. A message past its channel's window gets
+    one attempt more: if that fails too it is `failed` again.
     """
     now = now or timezone.now()
     lease = timedelta(seconds=settings.TASK_LEASE_SECONDS)
     with transaction.atomic():
-        chosen = selected.filter(status__in=RETRYABLE)
-        lanes = sorted(set(chosen.values_list("lane", flat=True)))
-        count = Notification.objects.filter(pk__in=chosen.values("pk"), status__in=RETRYABLE).update(
+        chosen = dict(selected.filter(_retryable(now)).values_list("pk", "lane"))
+        count = Notification.objects.filter(_retryable(now), pk__in=list(chosen)).update(
             status=NotificationStatus.QUEUED, due_at=now, claimed_until=None, sweep_at=now + lease)
+        lanes = sorted(set(chosen.values()))
         if lanes:
             # robust: the reaper's sweep hands the lanes over if the enqueue fails (their sweep_at comes due).
             transaction.on_commit(lambda: notifications.enqueue_lanes(lanes), robust=True)
