@@ -1,20 +1,41 @@
-"""Operators' view of builds, jobs, their edges, logs and agents.
+"""Operators' view of builds, jobs, their edges, logs and agents, and of what the server tells the outside world.
 
 These rows are written only by the services (create_build, the agent API, the
 reaper), so the admin shows them read-only: no add, no edit. Operators can
 delete, and cancel builds with the action, which calls the same service as
 the API and the Cancel button. Deleting a build, job or artifact here deletes its
 stored files too (builds.services.retention), once the deletion commits.
+
+Outbound webhook endpoints are the exception: operators add and edit them here,
+through the same service as the API and the page (the secret is shown once,
+after adding, and never again). Every commit status and webhook message, with
+each attempt at posting it, is under Notifications.
 """
 
 from datetime import datetime
+from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from builds import services
-from builds.models import Agent, Artifact, Build, ConcurrencySlot, Job, JobDependency, LogChunk, WebhookDelivery
+from builds.models import (
+    Agent,
+    Artifact,
+    Build,
+    ConcurrencySlot,
+    Job,
+    JobDependency,
+    LogChunk,
+    Notification,
+    NotificationAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+)
+from builds.services import webhook_endpoints
 from builds.states import TERMINAL_BUILD_STATES
 from harmont.errors import ApiError
 from harmont.timestamps import datetime_from_ns
@@ -193,3 +214,123 @@ class ArtifactAdmin(ReadOnlyAdmin):
     @admin.display(description="build", ordering="build__number")
     def build_title(self, artifact: Artifact) -> str:
         return f"{artifact.build.pipeline.organization.slug}/{artifact.build.pipeline.slug} #{artifact.build.number}"
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    """The organization (on add), URL, events and description; checked by the rules the API and the page use."""
+
+    # Only "required" here: the service's rules say what else is wrong, in the words the API uses.
+    url = forms.CharField(label="URL", widget=forms.TextInput(attrs={"size": 80}))
+    events = forms.MultipleChoiceField(choices=WebhookEvent.choices, widget=forms.CheckboxSelectMultiple,
+                                       required=False, initial=WebhookEvent.values)
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = ["organization", "url", "events", "description"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        errors = webhook_endpoints.endpoint_errors(url=data.get("url", ""), events=data.get("events", []),
+                                                   description=data.get("description", ""))
+        for name, messages_ in errors.items():
+            if name not in self.errors:  # a missing URL is said once, by its field
+                self.add_error(name, messages_)
+        organization = data.get("organization")
+        if (self.instance._state.adding and organization is not None and not errors
+                and organization.webhook_endpoints.count() >= webhook_endpoints.MAX_ENDPOINTS_PER_ORGANIZATION):
+            self.add_error(None, webhook_endpoints.limit_error(organization).message)
+        return data
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin):
+    form = WebhookEndpointForm
+    list_display = ["url", "organization", "events", "created_at"]
+    list_select_related = ["organization"]
+    search_fields = ["url", "description", "organization__slug"]
+    raw_id_fields = ["organization"]
+    readonly_fields = ["created_by", "created_at"]
+    ordering = ["-created_at"]
+
+    def get_fields(self, request: HttpRequest, obj: WebhookEndpoint | None = None) -> list[str]:
+        # Never the secret: it is shown once, in the message after adding.
+        return ["organization", "url", "events", "description"] + (["created_by", "created_at"] if obj else [])
+
+    def get_readonly_fields(self, request: HttpRequest, obj: WebhookEndpoint | None = None) -> list[str]:
+        return self.readonly_fields + (["organization"] if obj else [])
+
+    def save_model(self, request: HttpRequest, obj: WebhookEndpoint, form: Any, change: bool) -> None:
+        data = form.cleaned_data
+        if change:
+            services.update_webhook_endpoint(endpoint=obj, url=data["url"], events=data["events"],
+                                             description=data["description"])
+            return
+        issued = services.create_webhook_endpoint(organization=data["organization"], url=data["url"],
+                                                  events=data["events"], description=data["description"],
+                                                  created_by=request.user)  # type: ignore[arg-type]
+        created = issued.endpoint
+        obj.pk, obj.events, obj.created_at = created.pk, created.events, created.created_at
+        obj.created_by = created.created_by
+        obj.secret_encrypted = created.secret_encrypted
+        obj._state.adding = False
+        self.message_user(request, f"Signing secret of the webhook endpoint {created.url}: {issued.secret} "
+                                   "(copy it now: it is not shown again).", messages.WARNING)
+
+
+class NotificationAttemptInline(admin.TabularInline):
+    model = NotificationAttempt
+    fields = ["at", "status_code", "response_excerpt", "error", "duration_ms"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ["at", "id"]
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(Notification)
+class NotificationAdmin(ReadOnlyAdmin):
+    """Commit statuses and webhook messages with every attempt at posting them; "Try again now" requeues."""
+
+    list_display = ["message_id", "channel", "event", "status", "attempts", "build_title", "due_at", "delivered_at"]
+    list_filter = ["channel", "status", "event"]
+    list_select_related = ["build", "build__pipeline", "build__pipeline__organization"]
+    search_fields = ["=message_id", "lane"]
+    fields = ["channel", "event", "status", "attempts", "build", "job", "endpoint", "repository", "lane", "message_id",
+              "created_at", "due_at", "delivered_at", "last_error", "payload"]
+    readonly_fields = fields
+    inlines = [NotificationAttemptInline]
+    actions = ["try_again_now"]
+    show_full_result_count = False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Notification]:
+        queryset = super().get_queryset(request)
+        match = getattr(request, "resolver_match", None)
+        if match is not None and match.url_name == "builds_notification_changelist":
+            queryset = queryset.defer("payload")  # only one message's own page shows it
+        return queryset
+
+    @admin.display(description="build", ordering="build__number")
+    def build_title(self, message: Notification) -> str:
+        build = message.build
+        return f"{build.pipeline.organization.slug}/{build.pipeline.slug} #{build.number}"
+
+    @admin.action(description="Try again now", permissions=["view"])
+    def try_again_now(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
+        count = services.retry_notifications(selected=queryset)
+        self.message_user(request, f"{count} message(s) queued to be posted now; delivered and superseded ones, "
+                                   "and any being posted at this moment, are left as they are.", messages.SUCCESS)
+
+
+@admin.register(NotificationAttempt)
+class NotificationAttemptAdmin(ReadOnlyAdmin):
+    list_display = ["notification", "at", "status_code", "error", "duration_ms"]
+    list_select_related = ["notification"]
+    search_fields = ["=notification__message_id"]
+    raw_id_fields = ["notification"]
+    readonly_fields = ["notification", "at", "status_code", "response_excerpt", "error", "duration_ms"]
+    show_full_result_count = False

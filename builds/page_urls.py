@@ -1,9 +1,9 @@
 """Page routes for builds: an organization's pipelines with their latest builds, a pipeline's build
-history, the build page and its page-JSON helpers, and the agents page."""
+history, the build page and its page-JSON helpers, the agents page and the webhooks page."""
 
 from django.urls import include, path
 
-from builds import badges, views
+from builds import badges, views, webhook_pages
 
 BUILD = "orgs/<str:org>/pipelines/<str:pipeline>/builds/<int:number>"
 
@@ -34,6 +34,9 @@ build_pages = [
     # The hosted service's build link (no `orgs/`), which the hm CLI prints after `hm run`.
     path("<str:org>/pipelines/<str:pipeline>/builds/<int:number>", views.build_link, name="build-link"),
     path("orgs/<str:org>/agents/tokens/<uuid:token_id>/revoke", views.revoke_agent_token, name="revoke-agent-token"),
+    path("orgs/<str:org>/webhooks", webhook_pages.webhooks, name="webhooks"),
+    path("orgs/<str:org>/webhooks/<uuid:endpoint_id>", webhook_pages.webhook_deliveries, name="webhook-deliveries"),
+    path("orgs/<str:org>/webhooks/<uuid:endpoint_id>/delete", webhook_pages.delete_webhook, name="webhook-delete"),
 ]
 
 urlpatterns = [

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from builds import agent_api, api, delivery_api
+from builds import agent_api, api, delivery_api, outbound_api
 
 BUILD = "organizations/<str:org>/pipelines/<str:pipeline>/builds/<str:number>"
 
@@ -9,6 +9,11 @@ urlpatterns = [
     path("organizations/<str:org>/agents", api.AgentListView.as_view(), name="agent-list"),
     path("organizations/<str:org>/webhook-deliveries/<str:delivery_id>", delivery_api.WebhookDeliveryView.as_view(),
          name="webhook-delivery"),
+    path("organizations/<str:org>/webhooks", outbound_api.WebhookEndpointListView.as_view(), name="webhook-list"),
+    path("organizations/<str:org>/webhooks/<str:id>", outbound_api.WebhookEndpointDetailView.as_view(),
+         name="webhook-detail"),
+    path("organizations/<str:org>/webhooks/<str:id>/deliveries", outbound_api.WebhookEndpointDeliveriesView.as_view(),
+         name="webhook-deliveries"),
     path("organizations/<str:org>/pipelines/<str:pipeline>/builds", api.PipelineBuildsView.as_view(),
          name="build-list"),
     path(BUILD, api.BuildDetailView.as_view(), name="build-detail"),

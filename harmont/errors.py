@@ -229,6 +229,17 @@ CATALOG: dict[str, ErrorCode] = _catalog(
     ("webhook_delivery_not_found", "not_found", "Webhook delivery not found",
      "No delivery with this id (GitHub's X-GitHub-Delivery) reached a repository of this organization, or it "
      "did not verify (an unverified delivery is never recorded)."),
+    ("webhook_not_found", "not_found", "Webhook endpoint not found",
+     "No outbound webhook endpoint with this id exists in the organization: it was deleted, belongs to another "
+     "organization, or the id is not one (ids are the UUIDs that `GET /organizations/{org}/webhooks` lists)."),
+    ("webhook_endpoint_invalid", "validation_failed", "Webhook endpoint invalid",
+     "An outbound webhook endpoint needs a `url` that is http:// or https://, names a host, holds no user name or "
+     "password, spaces or control characters and is at most 2000 characters long; `events`, a non-empty list of "
+     "build.created, build.started, build.finished and job.finished; and a `description` of at most 255 "
+     "characters. `fields` says what was wrong. Nothing was created or changed."),
+    ("webhook_limit", "validation_failed", "Too many webhook endpoints",
+     "An organization has at most 20 outbound webhook endpoints. Delete one it no longer needs "
+     "(`DELETE /organizations/{org}/webhooks/{id}`) before adding another. Nothing was created."),
     ("artifact_not_found", "not_found", "Artifact not found",
      "No artifact with this id exists in the build."),
     ("artifact_path_invalid", "validation_failed", "Artifact path invalid",

@@ -17,7 +17,19 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from builds import services as build_services
-from builds.models import Agent, Build, ConcurrencySlot, Job, JobDependency, JobState, LogChunk, WebhookDelivery
+from builds.models import (
+    Agent,
+    Build,
+    ConcurrencySlot,
+    Job,
+    JobDependency,
+    JobState,
+    LogChunk,
+    Notification,
+    NotificationAttempt,
+    NotificationChannel,
+    WebhookDelivery,
+)
 from builds.services import store_artifact
 from builds.services import ChunkIn
 from harmont.tokens import hash_secret
@@ -83,6 +95,12 @@ def populate(n: int) -> None:
         repository = Repository.objects.create(organization=org, url=f"https://x/{i}.git", repo_name=f"x/{i}",
                                                webhook_secret_encrypted=encrypt_text("s"))
         WebhookDelivery.objects.create(repository=repository, delivery_id=str(uuid.uuid4()), event="push")
+        endpoint = build_services.create_webhook_endpoint(organization=org, url=f"https://hooks.example.com/{i}",
+                                                          events=["build.finished"], created_by=user).endpoint
+        message = Notification.objects.create(
+            message_id=f"msg_{uuid.uuid4().hex}", organization=org, build=build, channel=NotificationChannel.WEBHOOK,
+            endpoint=endpoint, lane=f"webhook:{endpoint.pk}:{build.pk}", event="build.finished", payload={})
+        NotificationAttempt.objects.create(notification=message, status_code=500, response_excerpt="no")
         secret_services.set_secret(organization=org, pipeline=pipeline if i % 2 else None, name=f"TOKEN_{i}",
                                    value="s3cret")
         Group.objects.create(name=f"group {i} {tag}")

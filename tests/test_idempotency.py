@@ -426,7 +426,8 @@ OPTED_IN = {("post", "/api/v0/organizations/{org}/pipelines/{pipeline}/builds"),
             ("post", "/api/v0/organizations/{org}/pipelines/register"),
             ("post", "/api/v0/organizations/{org}/secrets"),
             ("post", "/api/v0/organizations/{org}/pipelines/{pipeline}/secrets"),
-            ("post", "/api/v0/organizations/{org}/pipelines/{pipeline}/schedules")}
+            ("post", "/api/v0/organizations/{org}/pipelines/{pipeline}/schedules"),
+            ("post", "/api/v0/organizations/{org}/webhooks")}
 
 
 def test_the_openapi_document_names_the_header_where_it_works(client):

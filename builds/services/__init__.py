@@ -32,6 +32,14 @@ from builds.services.webhooks import (
 )
 from builds.services.notifications import record_checked_out_commit, sweep_notifications
 from builds.services.schedules import run_due_schedules
+from builds.services.webhook_endpoints import (
+    IssuedEndpoint,
+    create_webhook_endpoint,
+    delete_webhook_endpoint,
+    get_webhook_endpoint,
+    retry_notifications,
+    update_webhook_endpoint,
+)
 from builds.services.workspaces import store_workspace
 
 __all__ = [
@@ -51,5 +59,7 @@ __all__ = [
     "record_webhook_delivery", "requeue_webhook_deliveries", "verified_repositories",
     "record_checked_out_commit", "sweep_notifications",
     "run_due_schedules",
+    "IssuedEndpoint", "create_webhook_endpoint", "delete_webhook_endpoint", "get_webhook_endpoint",
+    "retry_notifications", "update_webhook_endpoint",
     "store_workspace",
 ]
