@@ -487,6 +487,9 @@ class Notification(models.Model):
             # An endpoint's deliveries, newest first (keyset on id).
             models.Index(fields=["endpoint", "-id"], name="notification_by_endpoint"),
             models.Index(fields=["build", "channel"], name="notification_by_build"),
+            # The webhooks page counts each endpoint's queued and failed messages.
+            models.Index(fields=["endpoint", "status"], condition=models.Q(status__in=["queued", "failed"]),
+                         name="notification_endpoint_open"),
         ]
 
     def __str__(self) -> str:

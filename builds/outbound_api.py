@@ -8,11 +8,9 @@ endpoint's deliveries is where its owner sees what was posted and what came back
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from django.db.models import Prefetch
-from django.http import HttpResponseBase
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -21,7 +19,6 @@ from rest_framework.response import Response
 from builds import services
 from builds.models import Notification, NotificationAttempt, NotificationStatus, WebhookEndpoint, WebhookEvent
 from builds.services.webhook_endpoints import DESCRIPTION_MAX_LENGTH, INVALID_CODE, URL_MAX_LENGTH
-from harmont.crypto import decrypt_text, encrypt_text
 from harmont.pagination import paginate, paginate_by_keys
 from harmont.serializers import ErrorSerializer, page_serializer, validated
 from organizations import idempotency
@@ -123,43 +120,6 @@ def delivery_data(message: Notification) -> dict[str, Any]:
     }
 
 
-def idempotent_sealed(handler: idempotency.Handler) -> idempotency.Handler:
-    """`organizations.idempotency.idempotent` for an answer that holds a secret: the kept answer is encrypted.
-
-    A retry must get the secret again (the first answer may be the one that was
-    lost), so the answer is kept, but a raw secret must be in no column: it is
-    stored with harmont.crypto's encrypt_text and opened for the replay.
-    """
-
-    @functools.wraps(handler)
-    def wrapper(view: OrgScopedView, request: Request, *args: object, **kwargs: object) -> HttpResponseBase:
-        raw = request.META.get("HTTP_IDEMPOTENCY_KEY")
-        if raw is None:
-            return handler(view, request, *args, **kwargs)
-        claim = idempotency.claim_idempotency_key(
-            user=request.user, route=idempotency.route_of(request), key=idempotency.parse_key(raw),
-            request_hash=idempotency.request_hash(request), path=request.path)
-        if claim.replay:
-            claim.row.response_body = decrypt_text(claim.row.response_body)  # this copy only, never saved
-            return idempotency.replayed(claim.row)
-        try:
-            try:
-                response = handler(view, request, *args, **kwargs)
-            except Exception as exc:
-                response = view.handle_exception(exc)  # a refusal is an answer to keep too
-        except BaseException:
-            idempotency.release_idempotency_key(row=claim.row)
-            raise
-        if response.status_code >= 500:
-            idempotency.release_idempotency_key(row=claim.row)
-        else:
-            idempotency.store_idempotent_answer(row=claim.row, status=response.status_code,
-                                                body=encrypt_text(idempotency.body_of(response)))
-        return response
-
-    return wrapper
-
-
 class WebhookEndpointListView(OrgScopedView):
     required_role = {"GET": Role.ADMIN, "POST": Role.ADMIN}
     role_action = "manage webhooks"
@@ -178,7 +138,7 @@ class WebhookEndpointListView(OrgScopedView):
                    parameters=[idempotency.IDEMPOTENCY_KEY_HEADER],
                    responses={201: WebhookEndpointCreateResponseSerializer, 403: ErrorSerializer,
                               404: ErrorSerializer, 422: ErrorSerializer, **idempotency.IDEMPOTENCY_RESPONSES})
-    @idempotent_sealed
+    @idempotency.idempotent_sealed
     def post(self, request: Request, org: str) -> Response:
         """A new endpoint; its signing secret is in this answer only."""
         body = validated(WebhookEndpointCreateRequestSerializer, request, code=INVALID_CODE)

@@ -43,7 +43,7 @@ from harmont.logtokens import mint_log_token
 from harmont.pagination import decode_cursor, encode_cursor
 from organizations import services as org_services
 from organizations.models import AgentToken
-from organizations.views import OrgPage, org_page
+from organizations.views import OrgPage, admin_org_page, org_page
 from pipelines import schedules as schedule_services
 from pipelines.models import Pipeline
 
@@ -499,15 +499,6 @@ class AgentTokenForm(forms.Form):
                                   help_text="Where the agents using this token run, e.g. “build box 1”.")
 
 
-def _admin_page(request: HttpRequest, org: str) -> OrgPage:
-    page = org_page(request, org)
-    if not page.is_admin:
-        # A member may know the organization: 403 (not 404) with the reason, as the API's insufficient_org_role.
-        raise PermissionDenied(f"Only admins and owners of {page.org.name} manage agents; your role is "
-                               f"{page.membership.role}.")
-    return page
-
-
 def _agents_page(request: HttpRequest, page: OrgPage, *, form: AgentTokenForm,
                  created: org_services.IssuedAgentToken | None = None, status: int = 200) -> HttpResponse:
     agents = recent_agents(page.org, now=timezone.now())
@@ -520,7 +511,7 @@ def _agents_page(request: HttpRequest, page: OrgPage, *, form: AgentTokenForm,
 @login_required
 def agents(request: HttpRequest, org: str) -> HttpResponse:
     """Agents seen in the last day and the organization's agent tokens; POST creates a token (shown once)."""
-    page = _admin_page(request, org)
+    page = admin_org_page(request, org, action="manage agents")
     if request.method != "POST":
         return _agents_page(request, page, form=AgentTokenForm())
     form = AgentTokenForm(request.POST)
@@ -534,7 +525,7 @@ def agents(request: HttpRequest, org: str) -> HttpResponse:
 @login_required
 @require_POST
 def revoke_agent_token(request: HttpRequest, org: str, token_id: uuid.UUID) -> HttpResponse:
-    page = _admin_page(request, org)
+    page = admin_org_page(request, org, action="manage agents")
     token = AgentToken.objects.filter(organization=page.org, pk=token_id).first()
     if token is None:
         raise Http404("No such agent token.")

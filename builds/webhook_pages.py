@@ -11,7 +11,6 @@ import uuid
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Prefetch, Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -21,7 +20,7 @@ from builds import services
 from builds.models import Notification, NotificationAttempt, NotificationStatus, WebhookEndpoint, WebhookEvent
 from builds.services.webhook_endpoints import IssuedEndpoint
 from harmont.errors import ApiError
-from organizations.views import OrgPage, org_page
+from organizations.views import OrgPage, admin_org_page
 
 # The endpoint's page shows this many of its deliveries, newest first; the API pages through them all.
 DELIVERIES_ON_PAGE = 50
@@ -33,15 +32,6 @@ class WebhookEndpointForm(forms.Form):
     description = forms.CharField(required=False, help_text="What it is, for people.")
     events = forms.MultipleChoiceField(choices=WebhookEvent.choices, widget=forms.CheckboxSelectMultiple,
                                        required=False, initial=WebhookEvent.values)
-
-
-def _admin_page(request: HttpRequest, org: str) -> OrgPage:
-    page = org_page(request, org)
-    if not page.is_admin:
-        # A member may know the organization: 403 (not 404) with the reason, as the API's insufficient_org_role.
-        raise PermissionDenied(f"Only admins and owners of {page.org.name} manage webhooks; your role is "
-                               f"{page.membership.role}.")
-    return page
 
 
 def _page_endpoint(page: OrgPage, endpoint_id: uuid.UUID) -> WebhookEndpoint:
@@ -64,7 +54,7 @@ def _webhooks_page(request: HttpRequest, page: OrgPage, *, form: WebhookEndpoint
 @login_required
 def webhooks(request: HttpRequest, org: str) -> HttpResponse:
     """The organization's webhook endpoints; POST adds one (its secret is shown once, on the answer)."""
-    page = _admin_page(request, org)
+    page = admin_org_page(request, org, action="manage webhooks")
     if request.method != "POST":
         return _webhooks_page(request, page, form=WebhookEndpointForm())
     form = WebhookEndpointForm(request.POST)
@@ -87,7 +77,7 @@ def webhooks(request: HttpRequest, org: str) -> HttpResponse:
 @login_required
 @require_POST
 def delete_webhook(request: HttpRequest, org: str, endpoint_id: uuid.UUID) -> HttpResponse:
-    page = _admin_page(request, org)
+    page = admin_org_page(request, org, action="manage webhooks")
     endpoint = _page_endpoint(page, endpoint_id)
     services.delete_webhook_endpoint(endpoint=endpoint)
     messages.success(request, f"Deleted the webhook endpoint {endpoint.url}; nothing more is sent to it.")
@@ -97,7 +87,7 @@ def delete_webhook(request: HttpRequest, org: str, endpoint_id: uuid.UUID) -> Ht
 @login_required
 def webhook_deliveries(request: HttpRequest, org: str, endpoint_id: uuid.UUID) -> HttpResponse:
     """The endpoint's newest deliveries, each with its build and every attempt's answer."""
-    page = _admin_page(request, org)
+    page = admin_org_page(request, org, action="manage webhooks")
     endpoint = _page_endpoint(page, endpoint_id)
     deliveries = list(
         Notification.objects.filter(endpoint=endpoint).select_related("build__pipeline").defer("payload")

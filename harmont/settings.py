@@ -322,6 +322,10 @@ if not GITHUB_API_URL.startswith(("https://", "http://")):
 # this long (seconds); a failed one is tried again after HARMONT_DELIVERY_RETRY_SECONDS, doubling.
 DELIVERY_TIMEOUT_SECONDS = env_float("HARMONT_DELIVERY_TIMEOUT", 10.0, minimum=0.1)
 DELIVERY_RETRY_SECONDS = env_float("HARMONT_DELIVERY_RETRY_SECONDS", 10.0, minimum=0.01)
+# Outbound webhook endpoints are URLs an organization's admins choose: unless this is set, one
+# that resolves to a loopback, private or link-local address (this host, the LAN, a cloud's
+# metadata service) is refused, so the server can't be used to reach what only it can reach.
+WEBHOOK_ALLOW_PRIVATE_ADDRESSES = env_bool("HARMONT_WEBHOOK_ALLOW_PRIVATE_ADDRESSES", False)
 
 # How long the first answer to a create sent with an Idempotency-Key is kept for its retries (seconds).
 IDEMPOTENCY_KEY_TTL_SECONDS = env_int("HARMONT_IDEMPOTENCY_KEY_TTL", 24 * 3600, minimum=60)

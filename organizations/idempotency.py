@@ -43,6 +43,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from harmont.crypto import decrypt_text, encrypt_text
 from harmont.errors import ApiError
 from harmont.serializers import ErrorSerializer
 from organizations.models import IdempotencyKey, IdempotencyState, User
@@ -174,7 +175,23 @@ def idempotent(handler: Handler) -> Handler:
 
     It runs after authentication and the permission check, so `request.user` is the caller.
     """
+    return _idempotent(handler, seal=_plain, unseal=_plain)
 
+
+def idempotent_sealed(handler: Handler) -> Handler:
+    """`idempotent` for an answer that holds a secret shown once: the kept answer is stored encrypted.
+
+    A retry must get the secret again (the first answer may be the one that was
+    lost), so the answer is kept, but a raw secret may be in no column.
+    """
+    return _idempotent(handler, seal=encrypt_text, unseal=decrypt_text)
+
+
+def _plain(text: str) -> str:
+    return text
+
+
+def _idempotent(handler: Handler, *, seal: Callable[[str], str], unseal: Callable[[str], str]) -> Handler:
     @functools.wraps(handler)
     def wrapper(view: APIView, request: Request, *args: object, **kwargs: object) -> HttpResponseBase:
         raw = request.META.get(_META_NAME)
@@ -184,6 +201,7 @@ def idempotent(handler: Handler) -> Handler:
         claim = claim_idempotency_key(user=request.user, route=route_of(request), key=key,
                                       request_hash=request_hash(request), path=request.path)
         if claim.replay:
+            claim.row.response_body = unseal(claim.row.response_body)  # this copy only, never saved
             return replayed(claim.row)
         try:
             try:
@@ -197,7 +215,7 @@ def idempotent(handler: Handler) -> Handler:
         if response.status_code >= 500:
             release_idempotency_key(row=claim.row)
         else:
-            store_idempotent_answer(row=claim.row, status=response.status_code, body=body_of(response))
+            store_idempotent_answer(row=claim.row, status=response.status_code, body=seal(body_of(response)))
         return response
 
     return wrapper

@@ -16,6 +16,7 @@ from typing import Any
 from django import forms
 from django.conf import settings
 from django.contrib import messages
+from django.core.exceptions import PermissionDenied
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import AuthenticationForm
@@ -78,6 +79,16 @@ def org_page(request: HttpRequest, org_slug: str) -> OrgPage:
             membership.user = request.user  # the caller, already loaded: no query when a page reads it
             return OrgPage(membership, memberships)
     raise Http404(f"No organization {org_slug!r}.")
+
+
+def admin_org_page(request: HttpRequest, org_slug: str, *, action: str) -> OrgPage:
+    """`org_page` for a page only admins and owners may use; `action` says what they do there ("manage agents")."""
+    page = org_page(request, org_slug)
+    if not page.is_admin:
+        # A member may know the organization: 403 (not 404) with the reason, as the API's insufficient_org_role.
+        raise PermissionDenied(f"Only admins and owners of {page.org.name} {action}; your role is "
+                               f"{page.membership.role}.")
+    return page
 
 
 def nav_context(request: HttpRequest) -> dict[str, Any]:

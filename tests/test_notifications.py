@@ -55,8 +55,9 @@ class Receiver:
         self.requests: list[dict[str, Any]] = []
         self.answers: list[int] = []  # status codes to give, in turn; then 201
 
-    def __call__(self, url: str, *, headers: dict[str, str], body: bytes, timeout: float) -> Answer:
-        self.requests.append({"url": url, "headers": headers, "body": body})
+    def __call__(self, url: str, *, headers: dict[str, str], body: bytes, timeout: float,
+                 public_only: bool = False) -> Answer:
+        self.requests.append({"url": url, "headers": headers, "body": body, "public_only": public_only})
         code = self.answers.pop(0) if self.answers else 201
         return Answer(code, "nope" if code >= 300 else "{}", "", 5)
 
@@ -484,3 +485,15 @@ def test_a_commit_reported_while_a_worker_parks_its_status_still_gets_it_posted(
 
     assert reported == [True]
     assert [r["url"] for r in receiver.requests] == [f"https://api.github.com/repos/acme/web/statuses/{SHA}"]
+
+
+def test_webhooks_but_not_statuses_go_only_to_public_addresses_unless_allowed(pipeline, org, repository, receiver,
+                                                                            settings):
+    settings.WEBHOOK_ALLOW_PRIVATE_ADDRESSES = False
+    endpoint(org, events=["build.created"])
+    build = make_build(pipeline, commit=SHA)
+    for message in Notification.objects.filter(build=build):
+        notifications.deliver_lane(lane=message.lane)
+
+    assert sorted((r["url"].split("/")[2], r["public_only"]) for r in receiver.requests) == [
+        ("api.github.com", False), ("hooks.example.test", True)]

@@ -86,3 +86,23 @@ def test_a_refused_connection_and_a_bad_url_are_failed_attempts():
     assert (refused.ok, refused.status_code) == (False, None) and "ConnectionRefused" in refused.error
 
     assert outbound.post("ftp://example.test/", headers={}, body=b"", timeout=2).error.startswith("not an http(s)")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "[::1]"])
+def test_public_only_refuses_what_only_the_server_can_reach(host):
+    answer = outbound.post(f"http://{host}:9/in", headers={}, body=b"{}", timeout=2, public_only=True)
+
+    assert (answer.ok, answer.status_code) == (False, None)
+    assert answer.error.startswith("refused: ") and "not public" in answer.error
+
+
+def test_public_only_connects_to_the_address_it_checked(server, monkeypatch):
+    checked = []
+    monkeypatch.setattr(outbound, "_public_address", lambda host, port: checked.append(host) or "127.0.0.1")
+    port = server.server_address[1]
+
+    answer = outbound.post(f"http://receiver.example.test:{port}/in", headers={}, body=b"{}", timeout=5,
+                           public_only=True)
+
+    assert answer.ok and checked == ["receiver.example.test"]
+    assert server.seen[0][1]["Host"] == f"receiver.example.test:{port}"

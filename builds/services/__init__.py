@@ -30,14 +30,13 @@ from builds.services.webhooks import (
     requeue_webhook_deliveries,
     verified_repositories,
 )
-from builds.services.notifications import record_checked_out_commit, sweep_notifications
+from builds.services.notifications import record_checked_out_commit, retry_notifications, sweep_notifications
 from builds.services.schedules import run_due_schedules
 from builds.services.webhook_endpoints import (
     IssuedEndpoint,
     create_webhook_endpoint,
     delete_webhook_endpoint,
     get_webhook_endpoint,
-    retry_notifications,
     update_webhook_endpoint,
 )
 from builds.services.workspaces import store_workspace

@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, OuterRef, Q, Subquery
+from django.db.models import F, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Lower
 from django.urls import reverse
 from django.utils import timezone
@@ -304,7 +304,8 @@ def deliver_lane(*, lane: str, now: datetime | None = None, limit: int = 100) ->
                                                            sweep_at=None)
             continue  # nothing will ever come of it: the lane goes on
         answer = outbound.post(outgoing.url, headers=outgoing.headers, body=outgoing.body,
-                               timeout=settings.DELIVERY_TIMEOUT_SECONDS)
+                               timeout=settings.DELIVERY_TIMEOUT_SECONDS,
+                               public_only=head.channel == C.WEBHOOK and not settings.WEBHOOK_ALLOW_PRIVATE_ADDRESSES)
         outcome = _record_attempt(head, answer, at)
         if outcome == S.DELIVERED:
             delivered += 1
@@ -428,6 +429,33 @@ def _record_attempt(message: Notification, answer: outbound.Answer, at: datetime
         if columns["due_at"] is not None:
             enqueue_lanes([message.lane], run_after=columns["due_at"])
     return columns.get("status", S.QUEUED)
+
+
+def _retryable(now: datetime) -> Q:
+    # Failed ones, and queued ones no task is posting right now: clearing a live claim would let a
+    # second task post its lane alongside the first, out of order.
+    idle = Q(claimed_until__isnull=True) | Q(claimed_until__lte=now)
+    return Q(status=S.FAILED) | (Q(status=S.QUEUED) & idle)
+
+
+def retry_notifications(*, selected: QuerySet[Notification], now: datetime | None = None) -> int:
+    """Try the failed and waiting messages of `selected` again now (the admin's action); returns how many.
+
+    Each goes back to `queued`, due now, and its lane is handed to the queue
+    once this commits. Delivered and superseded ones are left, and so is one a
+    task is posting at this moment. A message past its channel's window gets
+    one attempt more: if that fails too it is `failed` again.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        chosen = dict(selected.filter(_retryable(now)).values_list("pk", "lane"))
+        count = Notification.objects.filter(_retryable(now), pk__in=list(chosen)).update(
+            status=S.QUEUED, due_at=now, claimed_until=None, sweep_at=now + _lease())
+        lanes = sorted(set(chosen.values()))
+        if lanes:
+            # robust: the reaper's sweep hands the lanes over if the enqueue fails (their sweep_at comes due).
+            transaction.on_commit(lambda: enqueue_lanes(lanes), robust=True)
+    return count
 
 
 def sweep_notifications(*, now: datetime | None = None, limit: int = 200) -> int:

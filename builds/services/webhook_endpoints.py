@@ -13,17 +13,14 @@ import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from django.conf import settings
 from django.db import transaction
-from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from builds.models import Notification, NotificationStatus, WebhookEndpoint, WebhookEvent
-from builds.services import notifications
+from builds.models import WebhookEndpoint, WebhookEvent
 from harmont.crypto import encrypt_text
 from harmont.errors import ApiError, validation_error
 from organizations.models import Organization, User
@@ -161,31 +158,3 @@ def get_webhook_endpoint(*, organization: Organization, endpoint_id: str | uuid.
     if endpoint is None:
         raise ApiError("webhook_not_found", f"No webhook endpoint {endpoint_id} in organization {organization.slug!r}.")
     return endpoint
-
-
-def _retryable(now: datetime) -> Q:
-    # Failed ones, and queued ones no task is posting right now: clearing a live claim would let a
-    # second task post its lane alongside the first, out of order.
-    idle = Q(claimed_until__isnull=True) | Q(claimed_until__lte=now)
-    return Q(status=NotificationStatus.FAILED) | (Q(status=NotificationStatus.QUEUED) & idle)
-
-
-def retry_notifications(*, selected: QuerySet[Notification], now: datetime | None = None) -> int:
-    """Try the failed and waiting messages of `selected` again now (the admin's action); returns how many.
-
-    Each goes back to `queued`, due now, and its lane is handed to the queue
-    once this commits. Delivered and superseded ones are left, and so is one a
-    task is posting at this moment. A message past its channel's window gets
-    one attempt more: if that fails too it is `failed` again.
-    """
-    now = now or timezone.now()
-    lease = timedelta(seconds=settings.TASK_LEASE_SECONDS)
-    with transaction.atomic():
-        chosen = dict(selected.filter(_retryable(now)).values_list("pk", "lane"))
-        count = Notification.objects.filter(_retryable(now), pk__in=list(chosen)).update(
-            status=NotificationStatus.QUEUED, due_at=now, claimed_until=None, sweep_at=now + lease)
-        lanes = sorted(set(chosen.values()))
-        if lanes:
-            # robust: the reaper's sweep hands the lanes over if the enqueue fails (their sweep_at comes due).
-            transaction.on_commit(lambda: notifications.enqueue_lanes(lanes), robust=True)
-    return count
