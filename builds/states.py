@@ -391,8 +391,10 @@ def mark_build_running(build_id: uuid.UUID) -> None:
 
 def mark_build_started(build_id: uuid.UUID, now: datetime) -> None:
     """A job of the build started running: the build's `started_at`, if it had none (and its `build.started`)."""
-    if Build.objects.filter(pk=build_id, started_at__isnull=True).update(started_at=now):
-        _notifications().record_build_event(build_id=build_id, event="build.started", now=now)
+    # One transaction, so no reader sees the start without its event, and no crash keeps one without the other.
+    with transaction.atomic(savepoint=False):
+        if Build.objects.filter(pk=build_id, started_at__isnull=True).update(started_at=now):
+            _notifications().record_build_event(build_id=build_id, event="build.started", now=now)
 
 
 @dataclass
