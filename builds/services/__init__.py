@@ -32,6 +32,7 @@ from builds.services.webhooks import (
 )
 from builds.services.notifications import record_checked_out_commit, sweep_notifications
 from builds.services.schedules import run_due_schedules
+from builds.services.snapshots import store_snapshot
 from builds.services.workspaces import store_workspace
 
 __all__ = [
@@ -51,5 +52,6 @@ __all__ = [
     "record_webhook_delivery", "requeue_webhook_deliveries", "verified_repositories",
     "record_checked_out_commit", "sweep_notifications",
     "run_due_schedules",
+    "store_snapshot",
     "store_workspace",
 ]
