@@ -26,7 +26,7 @@ from typing import Any
 
 from builds.agent.checkout import SourceError, fetch_tarball, git_checkout
 from builds.agent.executors import EXECUTORS, AgentContext, Executor, JobStartFailed, make_executor
-from builds.agent.executors.host import HostExecutor
+from builds.agent.executors.host import HostExecutor, stop_process_group
 from builds.agent.files import BoundedReader, collect_artifacts, pack, unpack
 from builds.agent.isolation import (
     TOKEN_OPTION_WARNING,
@@ -56,7 +56,8 @@ EXECUTOR_VARIABLES = {"executor": "HARMONT_AGENT_EXECUTOR", "default_image": "HA
                       "network": "HARMONT_AGENT_NETWORK", "memory": "HARMONT_AGENT_MEMORY",
                       "cpus": "HARMONT_AGENT_CPUS", "container_options": "HARMONT_AGENT_CONTAINER_OPTIONS"}
 
-__all__ = ["Agent", "JobStartFailed", "main"]
+# stop_process_group: moved to executors/host.py, still importable from here (the benchmarks use it).
+__all__ = ["Agent", "JobStartFailed", "main", "stop_process_group"]
 
 
 class Agent:

@@ -333,6 +333,7 @@ class ContainerExecutor(Executor):
             self._keep_snapshot(str(parent["job_id"]), name)
             shipper.add(META, "harmont-agent: starting from the builds_in parent's filesystem (kept on this agent)\n")
             return name
+        started = time.monotonic()
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
                 size = self._load(job, parent["path"], name)
@@ -352,7 +353,7 @@ class ContainerExecutor(Executor):
             else:
                 self._keep_snapshot(str(parent["job_id"]), name)
                 shipper.add(META, f"harmont-agent: loaded the builds_in parent's filesystem snapshot "
-                                  f"({size} bytes)\n")
+                                  f"({size} bytes, {time.monotonic() - started:.1f} s)\n")
                 return name
             time.sleep(attempt)
         return None  # pragma: no cover - the loop returns or raises
