@@ -118,7 +118,7 @@ class JobAdmin(ReadOnlyAdmin):
     search_fields = ["=id", "step_key", "name", "command", "build__pipeline__slug"]
     list_select_related = ["build", "build__pipeline", "build__pipeline__organization", "agent"]
     raw_id_fields = ["build", "organization", "agent", "retry_of"]
-    exclude = ["credential_hash", "env", "workspace_archive"]
+    exclude = ["credential_hash", "env", "workspace_archive", "snapshot_image"]
     readonly_fields = ["id", "build", "organization", "position", "step_key", "name", "command", "image",
                        "timeout_seconds", "cache", "runner", "runner_args", "state", "exit_code", "signal",
                        "error_code", "error_message", "soft_failed", "agent", "assigned_at", "last_heartbeat_at",

@@ -45,7 +45,7 @@ from builds.agent_serializers import (
     log_chunks,
 )
 from builds.models import Job
-from builds.responses import archive_response
+from builds.responses import archive_response, snapshot_response
 from harmont.errors import ApiError, validation_error
 from harmont.serializers import ErrorSerializer, validated
 
@@ -182,6 +182,39 @@ class ParentWorkspaceView(JobView):
         """The builds_in parent's files, for the workspace this job starts from."""
         parent, workspace = selectors.parent_workspace(self.job(request, job_id))
         return archive_response(workspace, f"{parent.pk}.tar.gz")
+
+
+class SnapshotUploadView(JobView):
+    body_limit = "SNAPSHOT_MAX_BYTES"  # checked again by the service as the body is read
+    chunked_body = False  # streamed to storage as it arrives, chunked or with a Content-Length
+
+    @extend_schema(operation_id="agentUploadSnapshot", tags=["agent"],
+                   request={"application/x-tar": {"type": "string", "format": "binary"}},
+                   responses={204: None, 401: ErrorSerializer, 409: ErrorSerializer, 413: ErrorSerializer,
+                              422: ErrorSerializer})
+    def put(self, request: Request, job_id: str) -> Response:
+        """The job's whole filesystem (a container engine's `save` archive of its committed container), for its
+        builds_in children on other agents. Send it chunked as it is made, or with a Content-Length."""
+        job = self.job(request, job_id)
+        length = request.META.get("CONTENT_LENGTH") or ""
+        if length.isdigit():
+            content, size = request.stream or io.BytesIO(), int(length)
+        elif "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+            # Without a length Django reads no body: the server (gunicorn, uvicorn) has undone the chunking.
+            content, size = request.META["wsgi.input"], None
+        else:
+            content, size = io.BytesIO(), None
+        services.store_snapshot(job=job, content=content, size=size)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ParentSnapshotView(JobView):
+    @extend_schema(operation_id="agentParentSnapshot", tags=["agent"],
+                   responses={(200, "application/x-tar"): bytes, 401: ErrorSerializer, 404: ErrorSerializer})
+    def get(self, request: Request, job_id: str) -> FileResponse:
+        """The builds_in parent's filesystem snapshot, for the container this job starts in."""
+        parent, snapshot = selectors.parent_snapshot(self.job(request, job_id))
+        return snapshot_response(snapshot, f"{parent.pk}.tar")
 
 
 class SourceArchiveView(AgentView):

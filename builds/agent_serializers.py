@@ -73,6 +73,17 @@ class RenderSpec(serializers.Serializer):
         "Send the whole rendered envelope with the IR: the build registers the repository's pipelines again."))
 
 
+class ParentSnapshotSpec(serializers.Serializer):
+    job_id = serializers.UUIDField(help_text="The job whose filesystem this is: an agent that made or loaded its "
+                                             "snapshot already starts from its own copy.")
+    path = serializers.CharField(help_text="GET the snapshot here (404 snapshot_not_found: the parent left none).")
+
+
+class SnapshotUploadSpec(serializers.Serializer):
+    path = serializers.CharField(help_text="PUT the snapshot here, as the engine's `save` makes it.")
+    max_bytes = serializers.IntegerField(help_text="The largest snapshot the server stores.")
+
+
 class JobSpecSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     build_id = serializers.UUIDField()
@@ -87,6 +98,11 @@ class JobSpecSerializer(serializers.Serializer):
     source = SourceSpec(allow_null=True, help_text="Where a root job's code comes from; null: start empty.")
     parent_workspace_path = serializers.CharField(allow_null=True, help_text="The builds_in parent's files.")
     upload_workspace = serializers.BooleanField(help_text="PUT the workspace after the command passes.")
+    parent_snapshot = ParentSnapshotSpec(allow_null=True, help_text=(
+        "A builds_in child's parent filesystem, for agents that run jobs in containers; null for a root job."))
+    snapshot_upload = SnapshotUploadSpec(allow_null=True, help_text=(
+        "Set for a job with builds_in children: an agent that runs it in a container PUTs the committed "
+        "container's image here after the command passes."))
     cancel_grace_seconds = serializers.IntegerField()
     mask = serializers.ListField(child=serializers.CharField(trim_whitespace=False),
                                  help_text="Secret values in `env`: replace them with [REDACTED] in the output shipped.")
@@ -169,7 +185,8 @@ class FinishRequest(serializers.Serializer):
     exit_code = serializers.IntegerField(allow_null=True, required=False, min_value=-1, max_value=65535)
     signal = serializers.IntegerField(allow_null=True, required=False, min_value=1, max_value=255)
     outcome = serializers.ChoiceField(choices=["canceled", "timed_out"], allow_null=True, required=False)
-    error_code = serializers.ChoiceField(choices=["workspace_unavailable", "render_failed", "job_start_failed"],
+    error_code = serializers.ChoiceField(choices=["workspace_unavailable", "render_failed", "job_start_failed",
+                                                  "image_unavailable"],
                                          allow_null=True,
                                          required=False)
     error_message = serializers.CharField(allow_null=True, required=False, allow_blank=True, max_length=2000)

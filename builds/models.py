@@ -177,6 +177,9 @@ class Job(models.Model):
     log_truncated = models.BooleanField(default=False)
     # The files a `builds_in` child starts from, uploaded by the agent that ran this job.
     workspace_archive = models.FileField(upload_to="workspaces/", blank=True, null=True)
+    # Its whole filesystem, when it ran in a container: the image its `builds_in` children start
+    # from (an engine's `save` archive, uncompressed), uploaded by that agent.
+    snapshot_image = models.FileField(upload_to="snapshots/", blank=True, null=True)
     # A flat `wait` without an edge per pair of jobs (N×M rows for N steps before it and M
     # after): the job belongs to `segment` when some later job waits for that segment, and
     # waits, besides its JobDependency edges, for every job of its build in `after_segment`.

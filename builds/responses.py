@@ -168,6 +168,14 @@ def artifact_response(artifact: Artifact) -> FileResponse:
     return response
 
 
+def snapshot_response(field: Any, filename: str) -> FileResponse:
+    """A stored filesystem snapshot (an engine's `save` archive), streamed from storage as an attachment."""
+    response = FileResponse(field.open("rb"), content_type="application/x-tar", as_attachment=True,
+                            filename=filename)
+    response["Content-Length"] = str(field.size)
+    return response
+
+
 def archive_response(field: Any, filename: str) -> FileResponse:
     """A stored gzipped tarball (a build's uploaded source, a job's workspace), as an attachment."""
     return FileResponse(field.open("rb"), content_type="application/gzip", as_attachment=True, filename=filename)

@@ -157,6 +157,14 @@ def parent_workspace(job: Job) -> tuple[Job, FieldFile]:
     return parent, parent.workspace_archive
 
 
+def parent_snapshot(job: Job) -> tuple[Job, FieldFile]:
+    """The `builds_in` parent of a live job and its filesystem snapshot; 404 `snapshot_not_found` otherwise."""
+    parent = builds_in_parent(job)
+    if job.state not in states.LIVE_JOB_STATES or parent is None or not parent.snapshot_image:
+        raise ApiError("snapshot_not_found", "No filesystem snapshot from this job's builds_in parent.")
+    return parent, parent.snapshot_image
+
+
 def build_source(job: Job, build_id: str) -> FieldFile:
     """The uploaded source of build `build_id`, for a live job of that build; 404 `source_not_found` otherwise.
 

@@ -44,6 +44,8 @@ urlpatterns += [
     path(f"{AGENT_JOB}/workspace", agent_api.WorkspaceUploadView.as_view(), name="agent-job-workspace"),
     path(f"{AGENT_JOB}/artifacts", agent_api.ArtifactUploadView.as_view(), name="agent-job-artifacts"),
     path(f"{AGENT_JOB}/parent-workspace", agent_api.ParentWorkspaceView.as_view(), name="agent-parent-workspace"),
+    path(f"{AGENT_JOB}/snapshot", agent_api.SnapshotUploadView.as_view(), name="agent-job-snapshot"),
+    path(f"{AGENT_JOB}/parent-snapshot", agent_api.ParentSnapshotView.as_view(), name="agent-parent-snapshot"),
     path("internal/builds/<str:build_uuid>/source.tar.gz", agent_api.SourceArchiveView.as_view(),
          name="build-source"),
 ]

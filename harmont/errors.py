@@ -137,6 +137,9 @@ CATALOG: dict[str, ErrorCode] = _catalog(
      "No personal API token with this id belongs to you, or it has already been revoked."),
     ("workspace_not_found", "not_found", "Workspace not found",
      "The job has no builds_in parent, or the parent left no workspace (it did not pass)."),
+    ("snapshot_not_found", "not_found", "Snapshot not found",
+     "The job has no builds_in parent, or the parent left no filesystem snapshot: it did not pass, it ran on "
+     "an agent without a container executor, or its snapshot was not stored (too large)."),
     ("source_not_found", "not_found", "Source not found",
      "No uploaded source archive that this job credential opens: the build has none, the build is not the "
      "credential's own (or does not exist), or the credential's job has already finished."),
@@ -251,6 +254,9 @@ CATALOG: dict[str, ErrorCode] = _catalog(
     ("artifact_exists", "conflict", "Artifact already stored",
      "The job already stored an artifact at this path with different content. Artifacts are immutable: a "
      "retried upload of the same bytes is accepted, different bytes are not."),
+    ("snapshot_too_large", "payload_too_large", "Snapshot too large",
+     "A job's filesystem snapshot (for its builds_in children) is larger than HARMONT_SNAPSHOT_MAX_BYTES; it is "
+     "not stored, and children on other agents start from their step's image."),
     ("artifact_too_large", "payload_too_large", "Artifact too large",
      "The file is larger than one artifact may be (HARMONT_ARTIFACT_MAX_BYTES). It was not stored; the job's "
      "result is unchanged."),

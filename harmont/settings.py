@@ -301,6 +301,12 @@ if ARTIFACT_MAX_BYTES > MAX_REQUEST_BYTES:
     )
 BUILD_ARTIFACTS_MAX_BYTES = env_int("HARMONT_BUILD_ARTIFACTS_MAX_BYTES", 1024 * 1024 * 1024, minimum=1)
 
+# A job's filesystem snapshot (a container executor's image of a passed parent, for its builds_in
+# children on other agents). Streamed to storage as it arrives, never held in memory, so it is not
+# bound by HARMONT_MAX_REQUEST_BYTES: agents send it chunked, as `save` makes it. (A body sent with a
+# Content-Length is held to both.) An image holds the step's whole base image too.
+SNAPSHOT_MAX_BYTES = env_int("HARMONT_SNAPSHOT_MAX_BYTES", 2 * 1024 * 1024 * 1024, minimum=1024)
+
 # GitHub caps webhook payloads at 25 MB; /webhooks/github refuses larger bodies (413) unread.
 WEBHOOK_MAX_BYTES = env_int("HARMONT_WEBHOOK_MAX_BYTES", 25 * 1024 * 1024, minimum=1024)
 

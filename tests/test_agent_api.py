@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import threading
 import uuid
 from collections import Counter
@@ -26,6 +27,7 @@ from builds import selectors
 from builds.agent.logs import MAX_BATCH_CHARS, STDOUT, LogShipper
 from builds.agent.spec import JobSpec
 from builds.agent.transport import AgentError
+from harmont.errors import ApiError
 from harmont.timestamps import ns_from_datetime
 from harmont.tokens import hash_secret
 from harmont.logtokens import mint_log_token
@@ -57,7 +59,7 @@ from tests.helpers import (
 J = JobState
 SPEC_KEYS = {"id", "build_id", "build_number", "pipeline_slug", "step_key", "name", "command", "env",
              "timeout_seconds", "image", "source", "parent_workspace_path", "upload_workspace",
-             "cancel_grace_seconds", "render", "mask"}
+             "parent_snapshot", "snapshot_upload", "cancel_grace_seconds", "render", "mask"}
 T0 = AGENT_T0  # in the past: "now" is always later; `chunk` stamps its lines from here too
 
 
@@ -92,7 +94,7 @@ def job_of(build: Build, key: str) -> Job:
 AGENT_ROUTES = [
     ("post", f"{AGENT}/register"), ("post", f"{AGENT}/disconnect"), ("post", f"{AGENT}/claim"),
     ("post", "start"), ("post", "heartbeat"), ("post", "logs"), ("post", "finish"), ("put", "workspace"),
-    ("get", "parent-workspace"), ("get", "source"),
+    ("get", "parent-workspace"), ("put", "snapshot"), ("get", "parent-snapshot"), ("get", "source"),
 ]
 
 
@@ -105,6 +107,8 @@ def call_route(client: APIClient, method: str, route: str, job: Job):
         path = job_url(job.pk, route)
     if route == "workspace":
         return client.put(path, b"\x1f\x8b archive", content_type="application/gzip")
+    if route == "snapshot":
+        return client.put(path, b"image archive", content_type="application/x-tar")
     if method == "get":
         return client.get(path)
     return getattr(client, method)(path, {}, format="json")
@@ -300,7 +304,8 @@ def test_claim_returns_the_full_job_spec_and_a_job_credential(session, pipeline,
         # No upload and no source_url: the agent clones the pipeline's repository at the commit.
         "source": {"kind": "git", "url": "https://github.com/acme/web.git", "commit": "abc123", "branch": "main",
                    "path": None, "sha256": None},
-        "parent_workspace_path": None, "upload_workspace": True,
+        "parent_workspace_path": None, "upload_workspace": True, "parent_snapshot": None,
+        "snapshot_upload": {"path": f"{AGENT}/jobs/{a.id}/snapshot", "max_bytes": settings.SNAPSHOT_MAX_BYTES},
         "cancel_grace_seconds": settings.AGENT_CANCEL_GRACE_SECONDS, "render": None,
         "mask": [],  # no secrets (tests/test_secrets_api.py)
     }
@@ -1337,6 +1342,110 @@ def test_workspace_upload_as_json_is_415(media, running, build):
     response = job_client.put(job_url(spec["id"], "workspace"), {"a": 1}, format="json")
     assert_error(response, 415, "unsupported_media_type")
     assert not job_of(build, "a").workspace_archive
+
+
+# ===================================================================== filesystem snapshots
+
+
+@pytest.mark.django_db
+def test_a_parents_snapshot_reaches_its_builds_in_child(media, session, running, build, settings):
+    spec_a, client_a = running
+    image = b"docker-archive " * 1000
+    assert spec_a["snapshot_upload"] == {"path": job_url(spec_a["id"], "snapshot"),
+                                         "max_bytes": settings.SNAPSHOT_MAX_BYTES}
+
+    response = client_a.put(spec_a["snapshot_upload"]["path"], image, content_type="application/x-tar")
+
+    assert response.status_code == 204
+    a = job_of(build, "a")
+    assert a.snapshot_image.name == f"snapshots/{a.pk}.tar"
+    assert (media / a.snapshot_image.name).read_bytes() == image
+    finish(client_a, spec_a["id"], exit_code=0)
+    spec_b, client_b = claim(session)
+    assert spec_b["parent_snapshot"] == {"job_id": str(a.pk), "path": job_url(spec_b["id"], "parent-snapshot")}
+    assert spec_b["snapshot_upload"] is None  # b has no builds_in children
+    got = client_b.get(spec_b["parent_snapshot"]["path"])
+    assert got.status_code == 200
+    assert (got["Content-Type"], got["Content-Length"]) == ("application/x-tar", str(len(image)))
+    assert download(got) == image
+
+
+@pytest.mark.django_db
+def test_a_second_snapshot_replaces_the_first(media, running, build):
+    spec, job_client = running
+    job_client.put(job_url(spec["id"], "snapshot"), b"first", content_type="application/x-tar")
+    job_client.put(job_url(spec["id"], "snapshot"), b"second", content_type="application/x-tar")
+
+    a = job_of(build, "a")
+    assert a.snapshot_image.read() == b"second"
+    a.snapshot_image.close()
+    assert [p.name for p in (media / "snapshots").iterdir()] == [a.snapshot_image.name.split("/")[-1]]
+
+
+@pytest.mark.django_db
+def test_a_snapshot_over_its_limit_is_413_and_not_stored(media, running, build, settings):
+    settings.SNAPSHOT_MAX_BYTES = 1024
+    spec, job_client = running
+
+    announced = job_client.put(job_url(spec["id"], "snapshot"), b"x" * 1025, content_type="application/x-tar")
+    # Without a Content-Length (chunked), counted as it is read: the service stops at the limit.
+    with pytest.raises(ApiError) as read:
+        build_services.store_snapshot(job=job_of(build, "a"), content=io.BytesIO(b"x" * 5000))
+
+    assert_error(announced, 413, "payload_too_large")
+    assert read.value.code == "snapshot_too_large" and read.value.status == 413
+    assert not job_of(build, "a").snapshot_image
+    assert not (media / "snapshots").exists() or not list((media / "snapshots").iterdir())
+
+
+@pytest.mark.django_db
+def test_parent_snapshot_of_a_root_job_is_404(media, running):
+    spec, job_client = running
+    assert spec["parent_snapshot"] is None
+    assert_error(job_client.get(job_url(spec["id"], "parent-snapshot")), 404, "snapshot_not_found")
+
+
+@pytest.mark.django_db
+def test_parent_snapshot_when_the_parent_uploaded_none_is_404(media, session, running):
+    # The parent ran on a host executor: its child, in a container, starts from its step's image.
+    spec_a, client_a = running
+    finish(client_a, spec_a["id"], exit_code=0)
+    spec_b, client_b = claim(session)
+    assert_error(client_b.get(spec_b["parent_snapshot"]["path"]), 404, "snapshot_not_found")
+
+
+@pytest.mark.django_db
+def test_snapshot_upload_after_the_job_finished_is_409(media, running, build):
+    spec, job_client = running
+    finish(job_client, spec["id"], exit_code=0)
+
+    response = job_client.put(job_url(spec["id"], "snapshot"), b"late", content_type="application/x-tar")
+
+    assert_error(response, 409, "job_not_active")
+    assert not job_of(build, "a").snapshot_image
+    assert not (media / "snapshots").exists()
+
+
+@pytest.mark.django_db
+def test_empty_snapshot_upload_is_422(media, running, build):
+    spec, job_client = running
+    response = job_client.put(job_url(spec["id"], "snapshot"), b"", content_type="application/x-tar")
+    assert_error(response, 422, "validation_failed")
+    assert not job_of(build, "a").snapshot_image
+
+
+@pytest.mark.django_db
+def test_a_container_that_could_not_start_fails_the_job_image_unavailable(running, build):
+    spec, job_client = running
+
+    response = job_client.post(job_url(spec["id"], "finish"), {
+        "exit_code": None, "error_code": "image_unavailable",
+        "error_message": "Error: initializing source docker://localhost/nope:1: connection refused"}, format="json")
+
+    assert response.status_code == 200, response.content
+    a = job_of(build, "a")
+    assert (a.state, a.error_code, a.exit_code) == (J.FAILED, "image_unavailable", None)
+    assert a.error_message.startswith("Error: initializing source")
 
 
 # ===================================================================== build source

@@ -234,3 +234,20 @@ def test_prune_orphans_deletes_only_old_files_no_row_names(pipeline, django_capt
 
 def test_prune_orphans_with_nothing_stored_yet_finds_nothing() -> None:
     assert retention.prune_orphans(now=NOW + timedelta(days=1)).files == 0
+
+
+def test_a_jobs_filesystem_snapshot_goes_with_its_build_and_an_unnamed_one_with_the_orphans(
+        pipeline, django_capture_on_commit_callbacks):
+    old = stored_build(pipeline, days_old=40)
+    job = old.jobs.order_by("position").first()
+    snapshot = default_storage.save(f"snapshots/{job.pk}.tar", ContentFile(b"image"))
+    Job.objects.filter(pk=job.pk).update(snapshot_image=snapshot)
+    orphan = default_storage.save(f"snapshots/{uuid.uuid4()}.tar", ContentFile(b"x"))
+
+    with django_capture_on_commit_callbacks(execute=True):
+        out = prune("--builds-older-than", "30")
+    report = retention.prune_orphans(now=NOW + timedelta(hours=2))
+
+    assert "4 stored file(s)." in out  # source, workspace, snapshot, artifact
+    assert not default_storage.exists(snapshot)
+    assert report.files == 1 and not default_storage.exists(orphan)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import http.client
 import json
@@ -11,6 +10,7 @@ import logging
 import os
 import platform
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -19,13 +19,14 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
 
 from builds.agent.checkout import SourceError, fetch_tarball, git_checkout
+from builds.agent.executors import EXECUTORS, AgentContext, Executor, JobStartFailed, make_executor
+from builds.agent.executors.host import HostExecutor, stop_process_group
 from builds.agent.files import BoundedReader, collect_artifacts, pack, unpack
 from builds.agent.isolation import (
     TOKEN_OPTION_WARNING,
@@ -33,35 +34,38 @@ from builds.agent.isolation import (
     RunAs,
     TokenError,
     forbid_inspection,
-    job_environment,
     needs_restart,
     read_token,
     restart_cleanly,
     token_file_warning,
 )
-from builds.agent.logs import MAX_CHUNK_CHARS, META, STDERR, STDOUT, LogShipper, clean_text, pump
+from builds.agent.logs import MAX_CHUNK_CHARS, META, LogShipper, clean_text
 from builds.agent.spec import JobSpec
 from builds.agent.transport import VERSION, AgentError, Transport, Unauthorized
 from harmont.redaction import redact_url_credentials
 
 log = logging.getLogger("harmont.agent")
 
-FLUSH_INTERVAL = 0.5  # seconds between log shipments while a command runs
 HEARTBEAT_INTERVAL = 5.0
 RENDERER = Path(__file__).with_name("render_pipeline.py")
 GUARD = Path(__file__).with_name("guard.py")
 LOCK_FILE = ".agent.lock"  # in the work directory, held for the agent's life
 TAGS_VARIABLE = "HARMONT_AGENT_TAGS"  # the default of --tags
+# The defaults of the executor's options, each `--executor` ... `--container-option` by its name.
+EXECUTOR_VARIABLES = {"executor": "HARMONT_AGENT_EXECUTOR", "default_image": "HARMONT_AGENT_DEFAULT_IMAGE",
+                      "network": "HARMONT_AGENT_NETWORK", "memory": "HARMONT_AGENT_MEMORY",
+                      "cpus": "HARMONT_AGENT_CPUS", "container_options": "HARMONT_AGENT_CONTAINER_OPTIONS"}
 
-
-class JobStartFailed(Exception):
-    """One job could not be prepared, started or run for a reason of the agent's host; the job fails, not the agent."""
+# stop_process_group: moved to executors/host.py, still importable from here (the benchmarks use it).
+__all__ = ["Agent", "JobStartFailed", "main", "stop_process_group"]
 
 
 class Agent:
     def __init__(self, *, server: str, token: str, name: str | None = None, workdir: str | None = None,
                  poll_interval: float = 1.0, once: bool = False, run_as: RunAs | None = None,
-                 heartbeat_interval: float = HEARTBEAT_INTERVAL, tags: dict[str, str] | None = None) -> None:
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL, tags: dict[str, str] | None = None,
+                 executor: str = "host", default_image: str | None = None, network: str | None = None,
+                 memory: str | None = None, cpus: str | None = None, container_options: tuple[str, ...] = ()) -> None:
         self.transport = Transport(server)
         self.tags = dict(tags or {})
         self.token = token
@@ -80,6 +84,13 @@ class Agent:
         self.has_handover = False
         self.stopping = threading.Event()  # first SIGTERM: finish the current job, claim no more
         self.abort = threading.Event()  # second SIGTERM: cancel the current job too
+        context = AgentContext(transport=self.transport, workdir=self.workdir, abort=self.abort,
+                               tell_guard=self._tell_guard, run_as=run_as)
+        # Render jobs always run on the host: the renderer is the agent's own Python program.
+        self.host_executor = HostExecutor(context)
+        self.executor: Executor = (self.host_executor if executor == "host" else make_executor(
+            executor, context, default_image=default_image, network=network, memory=memory, cpus=cpus,
+            options=container_options))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -165,6 +176,7 @@ class Agent:
             log.warning("stopped while the server was unreachable: %s", exc)
         finally:
             self.disconnect()
+            self.executor.close()
             self.stop_guard()
             os.close(lock)
         return 0
@@ -198,6 +210,10 @@ class Agent:
             killed += 1
         if self.run_as is not None:
             self.run_as.kill_all_processes()
+        removed = self.executor.clean_up_after_crash()
+        if removed:
+            log.warning("cleaned up after an earlier run: %d containers, snapshots and run directories of %s removed",
+                        removed, self.executor.kind)
         for path in leftovers:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
@@ -209,12 +225,13 @@ class Agent:
 
     def start_guard(self) -> None:
         """Start the process that ends this agent's commands if the agent dies (guard.py)."""
-        argv = [sys.executable, "-I", str(GUARD)]
+        argv = [sys.executable, "-I", str(GUARD), *self.executor.guard_arguments()]
         if self.run_as is not None:
             argv += [str(self.run_as.uid), str(self.run_as.gid)]
         try:
             self.guard = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, cwd="/", env={"PATH": os.defpath})
+                                          stderr=subprocess.DEVNULL, cwd="/",
+                                          env={"PATH": os.defpath, **self.executor.guard_environment()})
         except OSError as exc:
             log.warning("no guard process (%s): a command may outlive this agent if it is killed", exc)
             self.guard = None
@@ -322,9 +339,6 @@ class Agent:
             self._ship_final(shipper)
             self._finish(job, {"exit_code": None, "outcome": "canceled"}, shipper)
             return
-        if job.image:
-            shipper.add(META, f"harmont-agent: image {job.image} requested; running on the agent host "
-                              f"(no container engine)\n")
         shipper.add(META, f"harmont-agent: running {job.step_key} on {self.name}\n")
         artifacts = self._artifacts_dir(job)
         shutil.rmtree(artifacts, ignore_errors=True)
@@ -337,6 +351,8 @@ class Agent:
             result = self._execute(job, workspace, shipper)
         if job.upload_workspace and result.get("outcome") is None and result.get("exit_code") == 0:
             self._upload_workspace(job, workspace, shipper)
+            if not job.render:
+                self.executor.hand_over(job, shipper)
         self._upload_artifacts(job, artifacts, shipper)  # whatever the result; never changes it
         self._ship_final(shipper)
         self._finish(job, result, shipper)
@@ -409,83 +425,10 @@ class Agent:
 
     def _execute(self, job: JobSpec, workspace: Path, shipper: LogShipper,
                  argv: list[str] | None = None) -> dict[str, Any]:
-        env = {**job_environment(job.env, agent_env=os.environ, run_as=self.run_as, default_home=str(workspace)),
-               "HARMONT_JOB_ID": job.id, "HARMONT_WORKSPACE": str(workspace),
-               "HARMONT_ARTIFACTS": str(self._artifacts_dir(job))}
-        try:
-            process = subprocess.Popen(
-                argv or ["bash", "-c", job.command], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                **(self.run_as.popen_options() if self.run_as is not None else {}),
-            )
-        except (OSError, ValueError) as exc:
-            # The program can't be run: missing, not one --run-as's user may run (the agent's own
-            # Python, for the renderer), its command or environment too large for exec (E2BIG) or
-            # holding a NUL byte (ValueError). The job fails; the agent goes on.
-            reason = f"could not start the command: {exc}"
-            if isinstance(exc, OSError) and exc.errno == errno.E2BIG:
-                reason += " (the command and its environment are larger than this host lets a program start with)"
-            raise JobStartFailed(reason) from exc
-        self._tell_guard(f"+{process.pid}")
-        readers = [threading.Thread(target=pump, args=(stream, kind, shipper), daemon=True)
-                   for stream, kind in ((process.stdout, STDOUT), (process.stderr, STDERR))]
-        for reader in readers:
-            reader.start()
-        deadline = time.monotonic() + job.timeout_seconds
-        # Heartbeats go from their own thread (Heartbeat); its directives arrive as the shipper's events.
-        next_flush = time.monotonic() + FLUSH_INTERVAL
-        outcome: str | None = None
-        try:
-            while process.poll() is None:
-                now = time.monotonic()
-                if now >= next_flush:
-                    shipper.flush()
-                    next_flush = now + FLUSH_INTERVAL
-                if outcome is None and shipper.timeout_requested.is_set():
-                    outcome = "timed_out"
-                if outcome is None and shipper.cancel_requested.is_set():
-                    outcome = "canceled"
-                if outcome is None and self.abort.is_set():
-                    outcome = "canceled"
-                if outcome is None and now >= deadline:
-                    outcome = "timed_out"
-                    # Shows the job as timing_out while the command is being stopped.
-                    self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/heartbeat", token=job.token,
-                                        body={"timing_out": True})
-                if outcome is not None:
-                    reason = "timed out" if outcome == "timed_out" else "canceled"
-                    shipper.add(META, f"harmont-agent: {reason}; stopping the command\n")
-                    stop_process_group(process, grace=job.cancel_grace_seconds)
-                    break
-                try:  # returns as soon as the command ends, instead of sleeping past it
-                    process.wait(timeout=0.05)
-                except subprocess.TimeoutExpired:
-                    pass
-        except BaseException:
-            # The agent is going down (its token was revoked, a report was refused): don't
-            # leave the command running with nobody left to watch, stop or report it.
-            stop_process_group(process, grace=job.cancel_grace_seconds)
-            if self.run_as is not None:
-                self.run_as.kill_all_processes()
-            self._tell_guard(f"-{process.pid}")
-            raise
-        process.wait()
-        self._tell_guard(f"-{process.pid}")
-        if self.run_as is not None:
-            # Nothing of the command may outlive it: a process left behind could read the next
-            # job's workspace and secrets (they are that user's too), or swap files under the
-            # uploads the agent makes as root.
-            self.run_as.kill_all_processes()
-        for reader in readers:
-            reader.join(timeout=5)
-        code = process.returncode
-        result: dict[str, Any] = {"outcome": outcome}
-        if code is not None and code < 0:
-            result.update(exit_code=128 - code, signal=-code)
-        else:
-            result.update(exit_code=code, signal=None)
-        shipper.add(META, f"harmont-agent: exit status {result['exit_code']}\n")
-        return result
+        """Run the job's command (or `argv`, the renderer, always on the host) through the agent's executor."""
+        executor = self.executor if argv is None else self.host_executor
+        return executor.execute(job, workspace=workspace, artifacts=self._artifacts_dir(job), shipper=shipper,
+                                argv=argv)
 
     def _upload_workspace(self, job: JobSpec, workspace: Path, shipper: LogShipper) -> None:
         archive = pack(workspace)
@@ -587,22 +530,6 @@ def is_job_entry(name: str) -> bool:
     return True
 
 
-def stop_process_group(process: subprocess.Popen, *, grace: float) -> None:
-    """SIGTERM the command's whole process group; SIGKILL it if still there after `grace` seconds."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # also reaps children that outlived the leader
-    except ProcessLookupError:
-        pass
-
-
 ARTIFACT_UPLOAD_ATTEMPTS = 3
 
 
@@ -658,7 +585,7 @@ class Heartbeat:
 
 def main(argv: list[str] | None = None) -> int:
     """`python manage.py runagent --server URL [--token-file PATH] [--name N] [--workdir DIR] [--once]
-    [--run-as USER]`, the token in `--token-file` or `HARMONT_AGENT_TOKEN`."""
+    [--run-as USER] [--executor host|podman|docker ...]`, the token in `--token-file` or `HARMONT_AGENT_TOKEN`."""
     forbid_inspection()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="manage.py runagent",
@@ -685,7 +612,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-as", metavar="USER",
                         help="run job commands as this user, who then can't read the agent's token file or "
                              "its processes (the agent must run as root)")
+    environ = os.environ
+    containers = parser.add_argument_group("executor", "where job commands run (each option's default: the "
+                                                       "environment variable named)")
+    containers.add_argument("--executor", choices=EXECUTORS, default=environ.get(EXECUTOR_VARIABLES["executor"]) or "host",
+                            help=f"host: on this host, as before; podman, docker: each job in a fresh container of "
+                                 f"its step's image, through that engine's CLI (${EXECUTOR_VARIABLES['executor']})")
+    containers.add_argument("--default-image", metavar="IMAGE", default=environ.get(EXECUTOR_VARIABLES["default_image"]),
+                            help=f"the image of steps that name none (${EXECUTOR_VARIABLES['default_image']})")
+    containers.add_argument("--network", default=environ.get(EXECUTOR_VARIABLES["network"]),
+                            help=f"the containers' network, e.g. none (default: the engine's; "
+                                 f"${EXECUTOR_VARIABLES['network']})")
+    containers.add_argument("--memory", default=environ.get(EXECUTOR_VARIABLES["memory"]),
+                            help=f"each container's memory limit, e.g. 4g (${EXECUTOR_VARIABLES['memory']})")
+    containers.add_argument("--cpus", default=environ.get(EXECUTOR_VARIABLES["cpus"]),
+                            help=f"each container's CPU limit, e.g. 2 or 1.5 (${EXECUTOR_VARIABLES['cpus']})")
+    containers.add_argument("--container-option", metavar="OPTION", action="append", dest="container_option",
+                            help=f"one more option for the engine's create, split like a shell would, e.g. "
+                                 f"--container-option=--ulimit=nofile=1024:1024; repeatable "
+                                 f"(${EXECUTOR_VARIABLES['container_options']}: all of them in one value)")
     args = parser.parse_args(argv)
+    try:
+        args.container_options = container_options(args.container_option, environ.get(
+            EXECUTOR_VARIABLES["container_options"], ""))
+    except ValueError as exc:
+        parser.error(f"--container-option: {exc}")
+    if args.executor != "host" and args.run_as:
+        parser.error("--run-as applies to the host executor only: a container's command runs as its image's user")
     try:
         tags = parse_tags(args.tags)
     except ValueError as exc:
@@ -713,9 +666,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("warning: called from Python, the agent could not start itself again: the environment "
                          "it was started with, as /proc shows it, may still hold the token\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
-    agent = Agent(server=args.server, token=token, name=args.name, workdir=args.workdir, once=args.once,
-                  poll_interval=args.poll_interval, run_as=run_as, heartbeat_interval=args.heartbeat_interval,
-                  tags=tags)
+    try:
+        agent = Agent(server=args.server, token=token, name=args.name, workdir=args.workdir, once=args.once,
+                      poll_interval=args.poll_interval, run_as=run_as, heartbeat_interval=args.heartbeat_interval,
+                      tags=tags, executor=args.executor, default_image=args.default_image, network=args.network,
+                      memory=args.memory, cpus=args.cpus, container_options=tuple(args.container_options))
+    except ValueError as exc:  # no such engine on this host
+        parser.error(str(exc))
     # First SIGTERM/SIGINT: finish the current job, then exit; a second one cancels it.
     signal.signal(signal.SIGTERM, agent.handle_signal)
     signal.signal(signal.SIGINT, agent.handle_signal)
@@ -735,6 +692,13 @@ def parse_tags(text: str) -> dict[str, str]:
     return tags
 
 
+def container_options(given: list[str] | None, default: str) -> list[str]:
+    """The engine options of `--container-option` (each split like a shell would), else of the variable's value."""
+    if given is None:
+        return shlex.split(default)
+    return [part for value in given for part in shlex.split(value)]
+
+
 def positive_seconds(value: str) -> float:
     seconds = float(value)
     if not 0 < seconds < 3600:
@@ -747,7 +711,11 @@ def _options_without_token(args: argparse.Namespace) -> list[str]:
     options = ["--server", args.server, "--poll-interval", repr(args.poll_interval),
                "--heartbeat-interval", repr(args.heartbeat_interval)]
     for option, value in (("--name", args.name), ("--workdir", args.workdir), ("--run-as", args.run_as),
-                          ("--tags", args.tags)):
+                          ("--tags", args.tags), ("--executor", args.executor),
+                          ("--default-image", args.default_image), ("--network", args.network),
+                          ("--memory", args.memory), ("--cpus", args.cpus)):
         if value:
             options += [option, value]
+    # `=`: an option's value may start with `-`; quoted, since each is split again like a shell would.
+    options += [f"--container-option={shlex.quote(part)}" for part in getattr(args, "container_options", [])]
     return options + (["--once"] if args.once else [])

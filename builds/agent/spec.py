@@ -27,6 +27,12 @@ class JobSpec:
     render: dict[str, Any] | None = None
     # Secret values in `env`: the shipper replaces them with [REDACTED] (SecretMasker).
     mask: list[str] = field(default_factory=list)
+    # A builds_in child's parent filesystem, for container executors: {"job_id" (whose snapshot),
+    # "path" (GET it)}; the host executor starts from the parent's workspace files only.
+    parent_snapshot: dict[str, Any] | None = None
+    # A job with builds_in children: where a container executor PUTs its filesystem snapshot,
+    # {"path", "max_bytes"}.
+    snapshot_upload: dict[str, Any] | None = None
 
     @classmethod
     def from_claim(cls, data: dict[str, Any]) -> "JobSpec":
@@ -39,4 +45,5 @@ class JobSpec:
             upload_workspace=job.get("upload_workspace", False),
             cancel_grace_seconds=job.get("cancel_grace_seconds", 10),
             mask=job.get("mask", []),
+            parent_snapshot=job.get("parent_snapshot"), snapshot_upload=job.get("snapshot_upload"),
         )

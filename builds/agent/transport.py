@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -9,6 +10,7 @@ import random
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger("harmont.agent")
@@ -127,3 +129,23 @@ class Transport:
         if status != 200:
             raise AgentError(status, data[:200])
         return data
+
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, *, token: str) -> Iterator[http.client.HTTPResponse]:
+        """One request whose 200 answer the caller reads as it arrives (a large download), on a connection of
+        its own, closed at the end; tried once, since only the caller knows how to start over.
+
+        Any other answer raises AgentError (Unauthorized for 401) with its first bytes.
+        """
+        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request(method, self.base_path + path, headers={
+                "Authorization": f"Bearer {token}", "User-Agent": f"harmont-agent/{VERSION}"})
+            response = conn.getresponse()
+            if response.status != 200:
+                body = response.read(2000)
+                raise (Unauthorized if response.status == 401 else AgentError)(response.status, body[:200])
+            yield response
+        finally:
+            conn.close()

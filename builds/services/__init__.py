@@ -39,6 +39,7 @@ from builds.services.webhook_endpoints import (
     get_webhook_endpoint,
     update_webhook_endpoint,
 )
+from builds.services.snapshots import store_snapshot
 from builds.services.workspaces import store_workspace
 
 __all__ = [
@@ -60,5 +61,6 @@ __all__ = [
     "run_due_schedules",
     "IssuedEndpoint", "create_webhook_endpoint", "delete_webhook_endpoint", "get_webhook_endpoint",
     "retry_notifications", "update_webhook_endpoint",
+    "store_snapshot",
     "store_workspace",
 ]

@@ -1,7 +1,8 @@
 """Retention: deleting old builds with everything they stored, and stored files no row names.
 
 A build's files are its uploaded source (`Build.source_archive`), its jobs'
-workspaces (`Job.workspace_archive`) and its artifacts (`Artifact.file`), all in
+workspaces (`Job.workspace_archive`) and filesystem snapshots (`Job.snapshot_image`)
+and its artifacts (`Artifact.file`), all in
 Django's default storage. Whatever deletes those rows (this module, the admin,
 the API, a cascade from a pipeline or an organization) deletes their files
 through the `post_delete` handlers below, after the transaction commits: a
@@ -29,7 +30,7 @@ PRUNE_BATCH_BUILDS = 50
 # Stored names checked against the database per query.
 ORPHAN_BATCH_NAMES = 500
 # The prefixes under which rows name files (see Build, Job and Artifact).
-STORED_PREFIXES = ("sources", "workspaces", "artifacts")
+STORED_PREFIXES = ("sources", "workspaces", "snapshots", "artifacts")
 # A file younger than this may belong to a row not committed yet (an artifact's bytes are
 # stored before its row is inserted, a source before its build), so --orphans leaves it.
 ORPHAN_GRACE = timedelta(hours=1)
@@ -51,6 +52,7 @@ def _build_deleted(sender: type[Build], instance: Build, **kwargs: Any) -> None:
 
 def _job_deleted(sender: type[Job], instance: Job, **kwargs: Any) -> None:
     _delete_file_on_commit(instance.workspace_archive.name or "")
+    _delete_file_on_commit(instance.snapshot_image.name or "")
 
 
 def _artifact_deleted(sender: type[Artifact], instance: Artifact, **kwargs: Any) -> None:
@@ -106,6 +108,7 @@ def _count(build_ids: list[Any], report: PruneReport) -> None:
         Build.objects.filter(pk__in=build_ids).exclude(source_archive="").exclude(source_archive=None).count()
         + Job.objects.filter(build_id__in=build_ids).exclude(workspace_archive="")
         .exclude(workspace_archive=None).count()
+        + Job.objects.filter(build_id__in=build_ids).exclude(snapshot_image="").exclude(snapshot_image=None).count()
         + Artifact.objects.filter(build_id__in=build_ids).count()
     )
 
@@ -150,7 +153,7 @@ def _walk(directory: str) -> Iterator[str]:
 def _named(names: list[str]) -> set[str]:
     """The names among `names` that a row refers to."""
     lookups: list[tuple[type[models.Model], str]] = [
-        (Build, "source_archive"), (Job, "workspace_archive"), (Artifact, "file")]
+        (Build, "source_archive"), (Job, "workspace_archive"), (Job, "snapshot_image"), (Artifact, "file")]
     named: set[str] = set()
     for model, field_name in lookups:
         named.update(model._default_manager.filter(**{f"{field_name}__in": names})
@@ -177,7 +180,7 @@ class OrphanReport:
 
 def prune_orphans(*, dry_run: bool = False, now: datetime | None = None,
                   on_file: Callable[[str], None] | None = None) -> OrphanReport:
-    """Delete stored files under sources/, workspaces/ and artifacts/ that no row names.
+    """Delete stored files under sources/, workspaces/, snapshots/ and artifacts/ that no row names.
 
     Files younger than ORPHAN_GRACE are kept: their row may be about to be
     committed. Names are checked against the database in batches, so the

@@ -59,7 +59,7 @@ AGENT_LOST_DEFAULT_LIMIT = 1
 EXECUTION_FIELDS = frozenset({
     "id", "state", "exit_code", "error_code", "error_message", "soft_failed", "signal", "created_at",
     "scheduled_at", "started_at", "finished_at", "agent", "credential_hash", "claim_key", "assigned_at",
-    "last_heartbeat_at", "log_bytes", "log_truncated", "workspace_archive", "attempt", "retry_of", "retried",
+    "last_heartbeat_at", "log_bytes", "log_truncated", "workspace_archive", "snapshot_image", "attempt", "retry_of", "retried",
     "automatic_retries",
 })
 
