@@ -16,7 +16,6 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from django.db import connection
 from django.test import TestCase
 from django.utils import timezone
 from django_tasks_db.models import DBTaskResult
@@ -26,7 +25,7 @@ from builds.models import Build, DeliveryStatus, WebhookDelivery
 from builds.services import webhooks as webhook_services
 from builds.tasks import process_webhook_delivery
 from pipelines.models import Pipeline
-from tests.e2e import PROJECT_ROOT, finished, wait_for
+from tests.e2e import PROJECT_ROOT, database_url, finished, wait_for
 from tests.helpers import assert_error, deliver, is_postgres, make_api, push_payload, race, run_tasks
 from tests.test_webhooks import build_url, make_pipeline, make_repository, push_on
 
@@ -251,13 +250,7 @@ def test_members_may_not_see_deliveries_and_other_organizations_get_404(member, 
 
 def worker_environment() -> dict[str, str]:
     """`manage.py db_worker`'s environment: this test's database, the settings it needs to start."""
-    settings_dict = connection.settings_dict
-    if connection.vendor == "sqlite":
-        url = f"sqlite:///{settings_dict['NAME']}"
-    else:
-        url = (f"postgres://{settings_dict['USER']}@{settings_dict['HOST'] or '127.0.0.1'}:"
-               f"{settings_dict['PORT'] or 5432}/{settings_dict['NAME']}")
-    return {**os.environ, "DATABASE_URL": url, "HARMONT_SECRET_KEY": "worker-test-secret-key-0123456789",
+    return {**os.environ, "DATABASE_URL": database_url(), "HARMONT_SECRET_KEY": "worker-test-secret-key-0123456789",
             "HARMONT_DEBUG": "0"}
 
 
