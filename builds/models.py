@@ -110,6 +110,9 @@ class Build(models.Model):
     # Set while the build waits for a slot under its pipeline's `max_concurrent_builds` (its root
     # jobs stay `pending`, so no agent sees them): why it waits, as the build page and JSON say it.
     waiting_reason = models.CharField(max_length=255, null=True, blank=True)
+    # Some job of the build reuses an earlier job (a step cache hit): its job ends settle the whole
+    # build (states.settle_build), which passes a cached job once its prerequisites are met.
+    reuses_jobs = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
     scheduled_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -205,6 +208,12 @@ class Job(models.Model):
     # claim enforces it through ConcurrencySlot rows.
     concurrency_group = models.CharField(max_length=255, null=True, blank=True)
     concurrency = models.PositiveIntegerField(null=True, blank=True)
+    # Step caches (builds.services.caches): the step's cache key (pipelines.cache_keys; null: not
+    # cached), and on a hit the earlier job it reuses. A job with `reused_job` is never claimed:
+    # it passes once its prerequisites are met, and its `builds_in` children start from what the
+    # reused job left.
+    cache_key = models.CharField(max_length=64, null=True, blank=True)
+    reused_job = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
 
     class Meta:
         constraints = [
@@ -350,6 +359,46 @@ class Artifact(models.Model):
 
     def __str__(self) -> str:
         return self.path
+
+
+class CacheEntry(models.Model):
+    """A passed job a later build's step with the same cache key may reuse instead of running.
+
+    Scoped like GitHub Actions' caches: a build reads the entries of its own
+    branch and of its pipeline's default branch, written by builds with the
+    same secret access (a snapshot may hold what a secret let the step fetch).
+    Fork builds neither read nor write them. `size_bytes` (the job's snapshot
+    and workspace) counts against HARMONT_CACHE_MAX_BYTES per organization;
+    the least recently used entries go first.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    pipeline = models.ForeignKey(Pipeline, on_delete=models.CASCADE, related_name="cache_entries")
+    step_key = models.CharField(max_length=255)
+    key = models.CharField(max_length=64)
+    branch = models.CharField(max_length=255)
+    secret_access = models.CharField(max_length=12, choices=SecretAccess.choices)
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="cache_entries")
+    size_bytes = models.BigIntegerField(default=0)
+    hits = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "cache entries"
+        constraints = [
+            # One entry per key and scope: a second job that passed with the key replaces it.
+            models.UniqueConstraint(fields=["pipeline", "key", "branch", "secret_access"], name="cache_entry_unique"),
+        ]
+        indexes = [
+            # The admins' list, keyset-paged newest first, and eviction, least recently used first.
+            models.Index(fields=["organization", "-created_at", "-id"], name="cache_entry_by_org"),
+            models.Index(fields=["organization", "last_used_at", "id"], name="cache_entry_lru"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.step_key} {self.key[:12]} ({self.branch})"
 
 
 class DeliveryStatus(models.TextChoices):

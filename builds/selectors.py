@@ -143,10 +143,12 @@ def build_job(build: Build, job_id: str | uuid.UUID) -> Job | None:
 
 
 def builds_in_parent(job: Job) -> Job | None:
-    """The job whose files `job` starts from, or None."""
-    edge = (JobDependency.objects.select_related("prerequisite")
+    """The job whose files `job` starts from, or None: its `builds_in` parent, or the job that one reuses."""
+    edge = (JobDependency.objects.select_related("prerequisite__reused_job")
             .filter(job=job, kind=EdgeKind.BUILDS_IN).first())
-    return edge.prerequisite if edge else None
+    if edge is None:
+        return None
+    return edge.prerequisite.reused_job or edge.prerequisite
 
 
 def parent_workspace(job: Job) -> tuple[Job, FieldFile]:
@@ -189,12 +191,12 @@ def builds_in_links(job: Job) -> BuildsInLinks:
     if hasattr(job, "builds_in"):  # read with the job by the claim
         return job.builds_in
     edges = JobDependency.objects.filter(Q(job=job) | Q(prerequisite=job), kind=EdgeKind.BUILDS_IN).values_list(
-        "job_id", "prerequisite_id")
+        "job_id", "prerequisite_id", "prerequisite__reused_job_id")
     parent = None
     children = False
-    for job_id, prerequisite_id in edges:
+    for job_id, prerequisite_id, reused_id in edges:
         if job_id == job.pk:
-            parent = prerequisite_id
+            parent = reused_id or prerequisite_id  # a cache hit's child starts from what the reused job left
         else:
             children = True
     return BuildsInLinks(parent, children)

@@ -114,6 +114,11 @@ class JobSerializer(serializers.ModelSerializer):
         "A later attempt of the step replaced this job: it no longer counts for the build."))
     agents = serializers.SerializerMethodField(help_text=(
         "The tags an agent needs to take this job, `{tag: value or glob}`, its queue included."))
+    cached = serializers.SerializerMethodField(help_text=(
+        "A step cache hit: the job did not run; it reuses `reused_job`, an earlier passed job of the same "
+        "step with the same cache key."))
+    reused_job = serializers.UUIDField(source="reused_job_id", read_only=True, allow_null=True,
+                                       help_text="The earlier job a cached job reuses; null when the job runs.")
     waiting_reason = serializers.SerializerMethodField(help_text=(
         "Why a scheduled job has not been taken yet (no connected agent matches its agents, or its "
         "concurrency group is full); null otherwise."))
@@ -123,7 +128,7 @@ class JobSerializer(serializers.ModelSerializer):
         fields = ["id", "step_key", "name", "command", "state", "exit_code", "error_code", "error_message",
                   "depends_on", "soft_failed", "retry_policy", "soft_fail_policy", "attempt", "retry_of", "retried",
                   "created_at", "started_at", "finished_at", "agents", "concurrency_group", "concurrency",
-                  "waiting_reason"]
+                  "waiting_reason", "cached", "reused_job"]
         read_only_fields = fields
         extra_kwargs = {
             "concurrency_group": {"help_text": "At most `concurrency` jobs of the organization in this group run at once."},
@@ -132,6 +137,10 @@ class JobSerializer(serializers.ModelSerializer):
     @extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
     def get_agents(self, job: Job) -> dict[str, str]:
         return agent_tags.job_selector(job.agents)
+
+    @extend_schema_field({"type": "boolean"})
+    def get_cached(self, job: Job) -> bool:
+        return job.reused_job_id is not None
 
     @extend_schema_field({"type": "string", "nullable": True})
     def get_waiting_reason(self, job: Job) -> str | None:

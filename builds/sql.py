@@ -143,6 +143,7 @@ _NO_SELECTOR = json.dumps(agent_tags.job_selector(None))
 _DEFAULT_TAGS = json.dumps(agent_tags.effective_tags(None))
 _SLOT = Table(ConcurrencySlot, "s")
 _HOLDER = Table(Job, "h")
+_PARENT = Table(Job, "pj")
 
 
 def _selector_matches(t: Table) -> str:
@@ -200,8 +201,11 @@ def _claim_sql(fresh: bool) -> str:
     assign = ", ".join(f"{c[name]} = %s" for name in ("state", "agent", "credential_hash", "claim_key",
                                                        "assigned_at", "last_heartbeat_at"))
     guard = f" AND ({c['state']} = %s OR ({c['state']} = %s AND {c['claim_key']} = %s AND {c['agent']} = %s))"
+    # The parent a child starts from: the job a step cache hit reuses, when its parent is one.
+    pj = _PARENT
     returning = (f" RETURNING {t.id},"
-                 f" (SELECT {e.prerequisite} FROM {e} WHERE {e.job} = {t.id} AND {e.kind} = %s LIMIT 1) AS parent,"
+                 f" (SELECT COALESCE({pj.reused_job}, {e.prerequisite}) FROM {e} JOIN {pj} ON {pj.id} = {e.prerequisite}"
+                 f" WHERE {e.job} = {t.id} AND {e.kind} = %s LIMIT 1) AS parent,"
                  f" EXISTS (SELECT 1 FROM {e} WHERE {e.prerequisite} = {t.id} AND {e.kind} = %s) AS children")
     if not fresh:
         return f"UPDATE {t} SET {assign} WHERE {c['id']} = ({held}){guard}{returning}"
@@ -361,7 +365,7 @@ _CrJ, _CrB, _CrA, _CrT = Table(Job, "j"), Table(Build, "b"), Table(Agent, "a"), 
 # The retry and soft-fail columns decide what a finish report does (builds.services.retries).
 CREDENTIAL_JOB = Columns(Job, ("id", "build", "organization", "kind", "state", "timeout_seconds", "error_code",
                                "error_message", "log_bytes", "log_truncated", "agent", "retry_policy",
-                               "soft_fail_policy", "automatic_retries", "attempt"))
+                               "soft_fail_policy", "automatic_retries", "attempt", "cache_key"))
 JOB_FOR_CREDENTIAL_SQL = (
     f"SELECT {CREDENTIAL_JOB.select(_CrJ)}, {_CrA.last_seen_at} >= %s, {_CrA.stopped_at} IS NULL,"
     f" {_CrB.started_at} IS NOT NULL"

@@ -71,8 +71,9 @@ JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     # waits without the claim statement knowing about approvals at all.
     # Approved while its pipeline has no free concurrency slot, a held job waits pending instead.
     J.HELD: frozenset({J.SCHEDULED, J.PENDING, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
-    # Waiting jobs time out only with their build (pipeline timeout).
-    J.PENDING: frozenset({J.SCHEDULED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
+    # Waiting jobs time out only with their build (pipeline timeout). A step cache hit
+    # (`reused_job` set) passes without an agent once its prerequisites are met (`settle_build`).
+    J.PENDING: frozenset({J.SCHEDULED, J.PASSED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
     J.SCHEDULED: frozenset({J.ASSIGNED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
     # An agent that claimed a job but vanished before starting it hands it back.
     J.ASSIGNED: frozenset({J.RUNNING, J.SCHEDULED, J.CANCELING, J.CANCELED, J.FAILED, J.TIMED_OUT}),
@@ -158,6 +159,7 @@ class RollUpInputs:
     build_error: bool  # a build-level failure (rejected plan, pipeline timeout)
     started_at: datetime | None
     finished_at: datetime | None
+    reuses_jobs: bool = False  # some job is a step cache hit (Build.reuses_jobs)
 
 
 def rolled_up_columns(build: RollUpInputs, job_states: Iterable[str], *, now: datetime,
@@ -338,9 +340,10 @@ def lock_build_for_roll_up(build_id: uuid.UUID) -> RollUpInputs:
     values instead of a model instance (callers are inside a transaction).
     """
     row = (Build.objects.select_for_update().filter(pk=build_id)
-           .values_list("state", "cancel_requested_at", "error_code", "started_at", "finished_at").get())
-    state, cancel_requested_at, error_code, started_at, finished_at = row
-    return RollUpInputs(state, cancel_requested_at is not None, error_code is not None, started_at, finished_at)
+           .values_list("state", "cancel_requested_at", "error_code", "started_at", "finished_at", "reuses_jobs").get())
+    state, cancel_requested_at, error_code, started_at, finished_at, reuses_jobs = row
+    return RollUpInputs(state, cancel_requested_at is not None, error_code is not None, started_at, finished_at,
+                        reuses_jobs)
 
 
 def lock_build(build_id: uuid.UUID) -> Build:
@@ -406,23 +409,26 @@ class BuildGraph:
     segments: dict[uuid.UUID, int]
     waits_for: dict[uuid.UUID, int]
     started: list[datetime]  # the jobs' start times
+    reused: set[uuid.UUID]  # jobs that are step cache hits
 
 
 def read_graph(build_id: uuid.UUID) -> BuildGraph:
     """Every job of the build and every edge: two queries however many there are."""
     jobs = list(Job.objects.filter(build_id=build_id).values_list("id", "state", "started_at", "segment",
-                                                                   "after_segment", "retried", "soft_failed"))
+                                                                   "after_segment", "retried", "soft_failed",
+                                                                   "reused_job_id"))
     prerequisites: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
     for job_id, prereq_id in JobDependency.objects.filter(job__build_id=build_id).values_list(
             "job_id", "prerequisite_id"):
         prerequisites[job_id].append(prereq_id)
     return BuildGraph(
         states={job_id: counted_state(state, retried=retried, soft_failed=soft_failed)
-                for job_id, state, _, _, _, retried, soft_failed in jobs},
+                for job_id, state, _, _, _, retried, soft_failed, _ in jobs},
         prerequisites=prerequisites,
         segments={job_id: segment for job_id, _, _, segment, *_ in jobs if segment is not None},
         waits_for={job_id: after for job_id, _, _, _, after, *_ in jobs if after is not None},
         started=[started for _, _, started, *_ in jobs if started is not None],
+        reused={job_id for job_id, *_, reused in jobs if reused is not None},
     )
 
 
@@ -441,19 +447,30 @@ def settle_build(*, build_id: uuid.UUID, now: datetime | None = None, locked: Bu
         states, segments, waits_for, prerequisites = (graph.states, graph.segments, graph.waits_for,
                                                       graph.prerequisites)
 
-        if build.cancel_requested_at is None:
+        started = graph.started
+        while build.cancel_requested_at is None:
             changes = follow_ups(states, prerequisites, segments, waits_for)
             if build.waiting_reason is not None:
                 # Waiting for a concurrency slot: its roots stay pending until admitted.
                 changes = {job_id: target for job_id, target in changes.items() if target != J.SCHEDULED}
+            # A step cache hit that would be scheduled passes instead (no agent ever sees it), which
+            # may make its dependents ready in turn: another round, at most one per level of the graph.
+            cached = [job_id for job_id, target in changes.items() if target == J.SCHEDULED and job_id in graph.reused]
             by_target: dict[str, list[uuid.UUID]] = defaultdict(list)
             for job_id, target in changes.items():
                 by_target[target].append(job_id)
+            if cached:
+                by_target[J.SCHEDULED] = [job_id for job_id in by_target[J.SCHEDULED] if job_id not in set(cached)]
+                transition_jobs(cached, to=J.PASSED, now=now, only_from=(J.PENDING,), build_id=build_id,
+                                exit_code=0, started_at=now)
+                changes.update(dict.fromkeys(cached, J.PASSED))
+                started = [*started, now]
             for target, ids in by_target.items():
                 transition_jobs(ids, to=target, now=now, build_id=build_id)
             states.update(changes)
+            if not cached:
+                break
 
-        started = graph.started
         inputs = RollUpInputs(build.state, build.cancel_requested_at is not None, build.error_code is not None,
                               build.started_at, build.finished_at)
         columns = rolled_up_columns(inputs, states.values(), now=now, first_start=min(started) if started else None)
@@ -470,10 +487,12 @@ def passed_job_fast_path(build: RollUpInputs, state: str) -> bool:
     make its own pending dependents ready, which leaves the roll-up as it is
     (rule 7 treats pending and scheduled alike; a job that ran means no job is held). Everything else takes
     `settle_build`: a failure skips its dependents transitively, a cancel
-    ends the waiting jobs, and a build with no start time yet takes it from
-    its jobs.
+    ends the waiting jobs, a build with no start time yet takes it from
+    its jobs, and in a build with step cache hits only `settle_build` passes
+    the cached jobs that become ready.
     """
-    return state == J.PASSED and not build.cancel_requested and not build.build_error and build.started_at is not None
+    return (state == J.PASSED and not build.cancel_requested and not build.build_error and build.started_at is not None
+            and not build.reuses_jobs)
 
 
 def settle_after_job_end(*, build_id: uuid.UUID, build: RollUpInputs, job_id: uuid.UUID, state: str,

@@ -51,7 +51,7 @@ from pipelines.models import Pipeline
 JOB_FIELDS = ("id", "build_id", "position", "step_key", "name", "command", "image", "state", "exit_code",
               "error_code", "error_message", "signal", "started_at", "finished_at", "log_bytes", "log_truncated",
               "kind", "attempt", "retried", "retry_policy", "soft_failed", "agents", "concurrency_group",
-              "concurrency")
+              "concurrency", "reused_job")
 # The 2-second poll redraws states only (and whether Retry is offered, and why a job waits).
 STATUS_JOB_FIELDS = ("id", "build_id", "position", "state", "exit_code", "error_code", "error_message", "started_at",
                      "finished_at", "kind", "attempt", "retried", "retry_policy", "soft_failed", "agents",

@@ -306,6 +306,9 @@ BUILD_ARTIFACTS_MAX_BYTES = env_int("HARMONT_BUILD_ARTIFACTS_MAX_BYTES", 1024 * 
 # bound by HARMONT_MAX_REQUEST_BYTES: agents send it chunked, as `save` makes it. (A body sent with a
 # Content-Length is held to both.) An image holds the step's whole base image too.
 SNAPSHOT_MAX_BYTES = env_int("HARMONT_SNAPSHOT_MAX_BYTES", 2 * 1024 * 1024 * 1024, minimum=1024)
+# Step caches (builds.services.caches): what an organization's cache entries (the reused jobs'
+# snapshots and workspaces) may take together; past it, the least recently used entries go.
+CACHE_MAX_BYTES = env_int("HARMONT_CACHE_MAX_BYTES", 10 * 1024 * 1024 * 1024, minimum=0)
 
 # GitHub caps webhook payloads at 25 MB; /webhooks/github refuses larger bodies (413) unread.
 WEBHOOK_MAX_BYTES = env_int("HARMONT_WEBHOOK_MAX_BYTES", 25 * 1024 * 1024, minimum=1024)

@@ -13,7 +13,8 @@ from tests.helpers import assert_error, builds_url, four_job_ir, iso, make_build
 
 JOB_KEYS = {"id", "step_key", "name", "command", "state", "exit_code", "error_code", "error_message",
             "depends_on", "soft_failed", "retry_policy", "soft_fail_policy", "attempt", "retry_of", "retried",
-            "created_at", "started_at", "finished_at", "agents", "concurrency_group", "concurrency", "waiting_reason"}
+            "created_at", "started_at", "finished_at", "agents", "concurrency_group", "concurrency", "waiting_reason",
+            "cached", "reused_job"}
 
 
 def jobs_url(build: Build, suffix: str = "") -> str:
@@ -37,6 +38,8 @@ def job_body(job: Job, *, depends_on: list[Job], waiting_reason: str | None = No
         "finished_at": iso(job.finished_at) if job.finished_at else None,
         "agents": {"queue": "default"}, "concurrency_group": None, "concurrency": None,
         "waiting_reason": waiting_reason,
+        "cached": job.reused_job_id is not None,
+        "reused_job": None if job.reused_job_id is None else str(job.reused_job_id),
     }
 
 

@@ -211,7 +211,7 @@ class TestTransitionTable:
         assert JOB_TRANSITIONS[state] & TERMINAL_JOB_STATES
 
     @pytest.mark.parametrize(("source", "target"), [
-        (J.PASSED, J.RUNNING), (J.PENDING, J.RUNNING), (J.PENDING, J.ASSIGNED), (J.PENDING, J.PASSED),
+        (J.PASSED, J.RUNNING), (J.PENDING, J.RUNNING), (J.PENDING, J.ASSIGNED), (J.HELD, J.PASSED),
         (J.SCHEDULED, J.RUNNING), (J.SCHEDULED, J.PASSED), (J.RUNNING, J.SCHEDULED), (J.RUNNING, J.PENDING),
         (J.CANCELING, J.PASSED), (J.CANCELING, J.RUNNING), (J.TIMING_OUT, J.PASSED), (J.FAILED, J.PASSED),
         (J.CANCELED, J.SCHEDULED), (J.RUNNING, J.SKIPPED), (J.RUNNING, J.CANCELED),
@@ -228,13 +228,14 @@ class TestTransitionTable:
         (J.RUNNING, J.PASSED), (J.RUNNING, J.FAILED), (J.RUNNING, J.CANCELING), (J.RUNNING, J.TIMING_OUT),
         (J.RUNNING, J.TIMED_OUT), (J.CANCELING, J.CANCELED), (J.TIMING_OUT, J.TIMED_OUT),
         (J.HELD, J.SCHEDULED), (J.HELD, J.CANCELED),
+        (J.PENDING, J.PASSED),  # a step cache hit, once its prerequisites are met
     ])
     def test_legal_transitions(self, source, target):
         assert can_transition(source, target)
 
     def test_sources_for_inverts_the_table(self):
         assert sources_for(J.RUNNING) == {J.ASSIGNED}
-        assert sources_for(J.PASSED) == {J.RUNNING}
+        assert sources_for(J.PASSED) == {J.RUNNING, J.PENDING}  # an agent's report, or a step cache hit
         assert sources_for(J.CANCELED) == {J.HELD, J.PENDING, J.SCHEDULED, J.ASSIGNED, J.CANCELING}
         assert sources_for(J.PENDING) == {J.SKIPPED, J.CANCELED, J.HELD}  # a retry's reopened dependents; a held job approved while no concurrency slot is free
         for target in J.values:

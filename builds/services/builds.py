@@ -19,7 +19,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from builds import states
-from builds.services import concurrency, notifications
+from builds.services import caches, concurrency, notifications
 from builds.models import (Build, BuildSource, BuildState, ConcurrencySlot, EdgeKind, Job, JobDependency, JobKind,
                            JobState, SecretAccess, WebhookEvent)
 from harmont.errors import ApiError, validation_error
@@ -343,8 +343,12 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
     waiting_reason = None
     if limit is not None and error is None and not held:
         waiting_reason = concurrency.waiting_reason_at_create(pipeline_id=pipeline.pk, limit=limit)
+    hits: list[caches.Hit] = []
     if plan is not None:
-        jobs = job_rows(build_id=build_id, org_id=pipeline.organization_id, plan=plan, now=now, held=held)
+        jobs = job_rows(build_id=build_id, org_id=pipeline.organization_id, plan=plan, now=now, held=held, fork=fork)
+        hits = caches.reuse_cached_jobs(jobs, pipeline_id=pipeline.pk, branch=request.branch,
+                                        default_branch=pipeline.default_branch, secret_access=secret_access,
+                                        fork=fork, now=now)
     elif error is None:
         jobs = [_render_job(build_id=build_id, pipeline=pipeline, env=request.env, now=now, held=held)]
     else:
@@ -366,7 +370,7 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
         source_archive=archive_name, source_url=source_url, source_sha256=request.source_sha256,
         error_code=error.code if error else None, error_message=error.message if error else None,
         created_by=created_by, fork=fork, secret_access=secret_access, rebuild_of=rebuild_of,
-        discovers_pipelines=discovers_pipelines, waiting_reason=waiting_reason,
+        discovers_pipelines=discovers_pipelines, waiting_reason=waiting_reason, reuses_jobs=bool(hits),
         created_at=now, scheduled_at=now,
         finished_at=now if state in states.TERMINAL_BUILD_STATES else None,
     )
@@ -375,9 +379,13 @@ def _insert_build(*, pipeline: Pipeline, build_id: uuid.UUID, request: BuildRequ
         create_concurrency_slots(jobs)
         if plan is not None:
             JobDependency.objects.bulk_create(edge_rows(jobs, plan))
+        caches.record_hits(hits, now=now)
     notifications.record_build_event(build_id=build_id, event=WebhookEvent.BUILD_CREATED, now=now)
     if build.finished_at is not None:  # nothing to run, or a rejected plan: it ends as it begins
         notifications.record_build_event(build_id=build_id, event=WebhookEvent.BUILD_FINISHED, now=now)
+    if hits:
+        # Cached jobs whose prerequisites are met pass now, and what waited for them follows.
+        states.settle_build(build_id=build_id, now=now, locked=build)
     build.pipeline = pipeline
     return build
 
@@ -424,10 +432,12 @@ def render_agents(pipeline: Pipeline) -> dict[str, str]:
 
 
 def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
-             after: Job | None = None, held: bool = False) -> list[Job]:
+             after: Job | None = None, held: bool = False, fork: bool = False) -> list[Job]:
     """Unsaved jobs for a plan. `after`: every job comes after that one (the render job).
 
     `held`: the root jobs wait for an approval (`held`) instead of an agent.
+    Cached steps get their cache keys, except in a fork's build, which neither
+    reads nor writes caches.
     """
     offset = after.position + 1 if after is not None else 0
     rows = []
@@ -446,6 +456,8 @@ def job_rows(*, build_id: uuid.UUID, org_id: int, plan: ir.Plan, now: datetime,
             state=(JobState.HELD if held else JobState.SCHEDULED) if root else JobState.PENDING,
             scheduled_at=now if root and not held else None, created_at=now,
         ))
+    if not fork:
+        caches.assign_cache_keys(rows, plan, now=now)
     return rows
 
 
@@ -625,8 +637,9 @@ def approve_build(*, build: Build, approved_by: User, now: datetime | None = Non
         waiting_reason = None
         if limit is not None:
             waiting_reason = concurrency.waiting_reason_at_create(pipeline_id=locked.pipeline_id, limit=limit)
-        states.transition_jobs(held, to=JobState.PENDING if waiting_reason else JobState.SCHEDULED, now=now,
-                               only_from=(JobState.HELD,))
+        # Pending, and the settle below schedules them (unless the build waits for a slot), or passes
+        # those that are step cache hits.
+        states.transition_jobs(held, to=JobState.PENDING, now=now, only_from=(JobState.HELD,))
         Build.objects.filter(pk=locked.pk).update(approved_by=approved_by, approved_at=now,
                                                   waiting_reason=waiting_reason)
         locked.approved_by, locked.approved_at, locked.waiting_reason = approved_by, now, waiting_reason

@@ -37,13 +37,14 @@ def job_spec(job: Job) -> dict[str, Any]:
         "timeout_seconds": job.timeout_seconds, "image": job.image,
         "source": source_spec(build) if root else None,
         "parent_workspace_path": None if root else f"/api/v0/agent/jobs/{job.pk}/parent-workspace",
-        "upload_workspace": links.has_children,
+        # A cached step that runs keeps what it leaves for the later builds that will reuse it.
+        "upload_workspace": links.has_children or bool(job.cache_key),
         # For container executors: the parent's whole filesystem, named by the job whose snapshot it is
         # (an agent that made or loaded it already starts from its own copy), and where this job's goes.
         "parent_snapshot": None if root else {"job_id": links.parent_id,
                                               "path": f"/api/v0/agent/jobs/{job.pk}/parent-snapshot"},
         "snapshot_upload": {"path": f"/api/v0/agent/jobs/{job.pk}/snapshot", "max_bytes": settings.SNAPSHOT_MAX_BYTES}
-        if links.has_children else None,
+        if links.has_children or job.cache_key else None,
         "cancel_grace_seconds": settings.AGENT_CANCEL_GRACE_SECONDS,
         "mask": list(dict.fromkeys(secrets.values())),
         # `envelope`: send the whole rendered envelope too, which registers the repository's pipelines again.

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from builds import states
 from builds.models import Job, JobState
-from builds.services import notifications, retries
+from builds.services import caches, notifications, retries
 from builds.services.agents import agent_seen_by, touch_job
 from builds.services.logs import ChunkIn, store_chunks, store_fitting_chunks
 
@@ -68,6 +68,9 @@ def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code
                                         others=others, now=now)
         elif log:
             states.update_job_columns(job.pk, log)  # the job moved on meanwhile; its output is kept all the same
+        if changed and state == J.PASSED and job.cache_key:
+            # A cached step that ran: later builds may reuse it (in this transaction, so no pass loses its entry).
+            caches.record_entry(job_id=job.pk, now=now)
     return bool(changed)
 
 

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from builds import states
 from builds.models import Build, Job, JobDependency, JobKind
+from builds.services import caches
 from builds.services.builds import RENDER_STEP_KEY, create_concurrency_slots, edge_rows, job_rows, plan_document
 from builds.services.discovery import enqueue_discovery
 from harmont.errors import ApiError
@@ -62,7 +63,8 @@ def accept_rendered_pipeline(*, job: Job, document: Any, envelope: Any = None, n
             raise ApiError("job_not_active", "The render job is no longer running; its result can't change the build.")
         if envelope is not None and build.discovers_pipelines:
             transaction.on_commit(lambda: enqueue_discovery(build_id=build.pk, envelope=envelope))
-        default_retry, default_agents = Pipeline.objects.values_list("default_retry", "default_agents").get(
+        default_retry, default_agents, default_branch = Pipeline.objects.values_list(
+            "default_retry", "default_agents", "default_branch").get(
             pk=build.pipeline_id)
         stored, plan, error = plan_document(document, env=build.env, default_retry=default_retry,
                                             default_agents=default_agents)
@@ -75,11 +77,18 @@ def accept_rendered_pipeline(*, job: Job, document: Any, envelope: Any = None, n
             build.error_code = error.code
             states.settle_build(build_id=build.pk, now=now, locked=build)
         else:
-            jobs = job_rows(build_id=build.pk, org_id=job.organization_id, plan=plan, now=now, after=job)
+            jobs = job_rows(build_id=build.pk, org_id=job.organization_id, plan=plan, now=now, after=job,
+                            fork=build.fork)
+            hits = caches.reuse_cached_jobs(jobs, pipeline_id=build.pipeline_id, branch=build.branch,
+                                            default_branch=default_branch, secret_access=build.secret_access,
+                                            fork=build.fork, now=now)
             Job.objects.bulk_create(jobs)
             create_concurrency_slots(jobs)
             JobDependency.objects.bulk_create(edge_rows(jobs, plan, after=job))
-            Build.objects.filter(pk=build.pk).update(pipeline_ir=stored, timeout_seconds=plan.timeout_seconds)
+            caches.record_hits(hits, now=now)
+            Build.objects.filter(pk=build.pk).update(pipeline_ir=stored, timeout_seconds=plan.timeout_seconds,
+                                                     reuses_jobs=bool(hits))
+            build.reuses_jobs = bool(hits)
             states.settle_build(build_id=build.pk, now=now, locked=build)
             return len(jobs)
     raise ApiError("build_plan_rejected", f"Build #{build.number} failed: the rendered pipeline was rejected "
