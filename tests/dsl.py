@@ -10,6 +10,7 @@ never uses), then it names the project again.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import sys
@@ -39,3 +40,15 @@ def _load() -> ModuleType:
 
 
 hm = _load()
+
+
+def render_with_keys(ir: dict, *, base_path: Path, org: str = "acme", slug: str = "ci", now: int = 1_700_000_000,
+                     env: dict | None = None) -> dict:
+    """`ir` with the cache keys the package adds when it renders (`dump_registry_json` does this in the checkout).
+
+    `on_change` paths are hashed under `base_path`.
+    """
+    keygen = importlib.import_module("harmont_dsl.keygen")
+    keygen.resolve_pipeline_keys(ir.get("graph", {}), pipeline_org=org, pipeline_slug=slug, now=now,
+                                 base_path=base_path, env=env or {})
+    return ir
