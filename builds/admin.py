@@ -25,6 +25,7 @@ from builds.models import (
     Agent,
     Artifact,
     Build,
+    CacheEntry,
     ConcurrencySlot,
     Job,
     JobDependency,
@@ -35,7 +36,7 @@ from builds.models import (
     WebhookEndpoint,
     WebhookEvent,
 )
-from builds.services import webhook_endpoints
+from builds.services import caches, webhook_endpoints
 from builds.states import TERMINAL_BUILD_STATES
 from harmont.errors import ApiError
 from harmont.timestamps import datetime_from_ns
@@ -117,19 +118,46 @@ class JobAdmin(ReadOnlyAdmin):
     list_filter = ["state", "error_code"]
     search_fields = ["=id", "step_key", "name", "command", "build__pipeline__slug"]
     list_select_related = ["build", "build__pipeline", "build__pipeline__organization", "agent"]
-    raw_id_fields = ["build", "organization", "agent", "retry_of"]
+    raw_id_fields = ["build", "organization", "agent", "retry_of", "reused_job"]
     exclude = ["credential_hash", "env", "workspace_archive", "snapshot_image"]
     readonly_fields = ["id", "build", "organization", "position", "step_key", "name", "command", "image",
                        "timeout_seconds", "cache", "runner", "runner_args", "state", "exit_code", "signal",
                        "error_code", "error_message", "soft_failed", "agent", "assigned_at", "last_heartbeat_at",
                        "log_bytes", "log_truncated", "created_at", "scheduled_at", "started_at", "finished_at",
                        "attempt", "retry_of", "retried", "retry_policy", "soft_fail_policy", "automatic_retries",
-                       "agents", "concurrency_group", "concurrency"]
+                       "agents", "concurrency_group", "concurrency", "cache_key", "reused_job"]
     show_full_result_count = False
 
     @admin.display(description="build", ordering="build__number")
     def build_title(self, job: Job) -> str:
         return f"{job.build.pipeline.organization.slug}/{job.build.pipeline.slug} #{job.build.number}"
+
+
+@admin.register(CacheEntry)
+class CacheEntryAdmin(ReadOnlyAdmin):
+    """Step cache entries: view, and delete (later builds run the step again), through the service,
+    which frees the reused job's stored files when nothing needs them any more."""
+
+    list_display = ["step_key", "pipeline", "short_key", "branch", "secret_access", "size_bytes", "hits",
+                    "created_at", "last_used_at"]
+    list_filter = ["secret_access", "organization"]
+    search_fields = ["step_key", "=key", "branch", "pipeline__slug"]
+    list_select_related = ["pipeline"]
+    raw_id_fields = ["organization", "pipeline", "job"]
+    readonly_fields = ["id", "organization", "pipeline", "step_key", "key", "branch", "secret_access", "job",
+                       "size_bytes", "hits", "created_at", "last_used_at"]
+    ordering = ["-last_used_at"]
+
+    @admin.display(description="key")
+    def short_key(self, entry: CacheEntry) -> str:
+        return entry.key[:12]
+
+    def delete_model(self, request: HttpRequest, obj: CacheEntry) -> None:
+        caches.delete_entry(entry=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[CacheEntry]) -> None:
+        rows = list(queryset.values_list("pk", "job_id"))
+        caches.delete_entries(entry_ids=[pk for pk, _ in rows], job_ids=[job for _, job in rows])
 
 
 @admin.register(JobDependency)

@@ -20,6 +20,7 @@ from builds import services as build_services
 from builds.models import (
     Agent,
     Build,
+    CacheEntry,
     ConcurrencySlot,
     Job,
     JobDependency,
@@ -101,6 +102,8 @@ def populate(n: int) -> None:
             message_id=f"msg_{uuid.uuid4().hex}", organization=org, build=build, channel=NotificationChannel.WEBHOOK,
             endpoint=endpoint, lane=f"webhook:{endpoint.pk}:{build.pk}", event="build.finished", payload={})
         NotificationAttempt.objects.create(notification=message, status_code=500, response_excerpt="no")
+        CacheEntry.objects.create(organization=org, pipeline=pipeline, step_key="a", key=uuid.uuid4().hex * 2,
+                                  branch="main", secret_access=build.secret_access, job=claim.job, size_bytes=10)
         secret_services.set_secret(organization=org, pipeline=pipeline if i % 2 else None, name=f"TOKEN_{i}",
                                    value="s3cret")
         Group.objects.create(name=f"group {i} {tag}")

@@ -446,3 +446,19 @@ def test_the_build_page_marks_a_cached_job(pipeline, owner):
     own, _, _ = rest.partition('<li class="job')
     assert "data-job-cached" in own and f"reuses job {setup.reused_job_id}" in own
     assert "data-job-cached" not in page.decode().partition(f'id="job-{lint.pk}"')[2].partition('<li class="job')[0]
+
+
+@pytest.mark.django_db
+def test_deleting_an_entry_in_the_admin_frees_its_jobs_files(pipeline, django_capture_on_commit_callbacks):
+    from django.test import Client
+    from organizations.models import User
+    run_whole_build(make_build(pipeline, pipeline_ir=setup_ir()))
+    entry = CacheEntry.objects.get()
+    name = entry.job.workspace_archive.name
+    client = Client()
+    client.force_login(User.objects.create_superuser("ops@example.com", "a-long-passphrase"))
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(f"/admin/builds/cacheentry/{entry.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert not CacheEntry.objects.exists() and not default_storage.exists(name)
+    assert jobs_of(make_build(pipeline, pipeline_ir=setup_ir()))["setup"].state == J.SCHEDULED

@@ -177,6 +177,11 @@ def delete_entries(*, entry_ids: list[uuid.UUID], job_ids: list[uuid.UUID]) -> N
     while its own build has not finished (its children may still start from
     them), and while a waiting or running cached job reuses it.
     """
+    with transaction.atomic():
+        _delete_entries(entry_ids=entry_ids, job_ids=job_ids)
+
+
+def _delete_entries(*, entry_ids: list[uuid.UUID], job_ids: list[uuid.UUID]) -> None:
     CacheEntry.objects.filter(pk__in=entry_ids).delete()
     still_needed = (Q(cache_entries__isnull=False) | ~Q(build__state__in=TERMINAL_BUILD_STATES)
                     | Q(pk__in=Job.objects.filter(reused_job_id__in=job_ids,
@@ -193,5 +198,4 @@ def delete_entries(*, entry_ids: list[uuid.UUID], job_ids: list[uuid.UUID]) -> N
 
 def delete_entry(*, entry: CacheEntry) -> None:
     """An admin deletes one entry: later builds run its step again."""
-    with transaction.atomic():
-        delete_entries(entry_ids=[entry.pk], job_ids=[entry.job_id])
+    delete_entries(entry_ids=[entry.pk], job_ids=[entry.job_id])
