@@ -244,6 +244,7 @@ def test_retry_of_a_failed_job_is_201_with_the_new_attempt_and_its_skipped_depen
         "retry_policy": None, "soft_fail_policy": None, "attempt": 2, "retry_of": str(jobs["a"].pk),
         "retried": False, "created_at": iso(new.created_at), "started_at": None, "finished_at": None,
         "agents": {"queue": "default"}, "concurrency_group": None, "concurrency": None, "waiting_reason": None,
+        "cached": False, "reused_job": None,
     }
     old = Job.objects.get(pk=jobs["a"].pk)
     assert (old.state, old.exit_code, old.retried, old.attempt) == (J.FAILED, 2, True, 1)
