@@ -394,6 +394,7 @@ class CacheEntry(models.Model):
         indexes = [
             # The admins' list, keyset-paged newest first, and eviction, least recently used first.
             models.Index(fields=["organization", "-created_at", "-id"], name="cache_entry_by_org"),
+            models.Index(fields=["pipeline", "-created_at", "-id"], name="cache_entry_by_pipeline"),
             models.Index(fields=["organization", "last_used_at", "id"], name="cache_entry_lru"),
         ]
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from builds import agent_api, api, delivery_api, outbound_api
+from builds import agent_api, api, cache_api, delivery_api, outbound_api
 
 BUILD = "organizations/<str:org>/pipelines/<str:pipeline>/builds/<str:number>"
 
@@ -14,6 +14,10 @@ urlpatterns = [
          name="webhook-detail"),
     path("organizations/<str:org>/webhooks/<str:id>/deliveries", outbound_api.WebhookEndpointDeliveriesView.as_view(),
          name="webhook-deliveries"),
+    path("organizations/<str:org>/caches", cache_api.CacheEntryListView.as_view(), name="cache-list"),
+    path("organizations/<str:org>/caches/<str:id>", cache_api.CacheEntryDetailView.as_view(), name="cache-detail"),
+    path("organizations/<str:org>/pipelines/<str:pipeline>/caches", cache_api.PipelineCachesView.as_view(),
+         name="pipeline-caches"),
     path("organizations/<str:org>/pipelines/<str:pipeline>/builds", api.PipelineBuildsView.as_view(),
          name="build-list"),
     path(BUILD, api.BuildDetailView.as_view(), name="build-detail"),

@@ -235,6 +235,10 @@ CATALOG: dict[str, ErrorCode] = _catalog(
     ("webhook_not_found", "not_found", "Webhook endpoint not found",
      "No outbound webhook endpoint with this id exists in the organization: it was deleted, belongs to another "
      "organization, or the id is not one (ids are the UUIDs that `GET /organizations/{org}/webhooks` lists)."),
+    ("cache_entry_not_found", "not_found", "Cache entry not found",
+     "No step cache entry with this id exists in the organization: it was deleted (by an admin, or evicted as "
+     "the least recently used past HARMONT_CACHE_MAX_BYTES), it belongs to another organization, or the id is not one (ids are the UUIDs that "
+     "`GET /organizations/{org}/caches` lists)."),
     ("webhook_endpoint_invalid", "validation_failed", "Webhook endpoint invalid",
      "An outbound webhook endpoint needs a `url` that is http:// or https://, names a host, holds no user name or "
      "password, spaces or control characters and is at most 2000 characters long; `events`, a non-empty list of "

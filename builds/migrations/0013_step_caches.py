@@ -48,7 +48,7 @@ class Migration(migrations.Migration):
             ],
             options={
                 'verbose_name_plural': 'cache entries',
-                'indexes': [models.Index(fields=['organization', '-created_at', '-id'], name='cache_entry_by_org'), models.Index(fields=['organization', 'last_used_at', 'id'], name='cache_entry_lru')],
+                'indexes': [models.Index(fields=['organization', '-created_at', '-id'], name='cache_entry_by_org'), models.Index(fields=['pipeline', '-created_at', '-id'], name='cache_entry_by_pipeline'), models.Index(fields=['organization', 'last_used_at', 'id'], name='cache_entry_lru')],
                 'constraints': [models.UniqueConstraint(fields=('pipeline', 'key', 'branch', 'secret_access'), name='cache_entry_unique')],
             },
         ),

@@ -28,10 +28,13 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
 
 from builds.models import CacheEntry, Job, JobState, LogChunk, StreamKind
-from builds.states import LIVE_JOB_STATES, TERMINAL_BUILD_STATES, WAITING_JOB_STATES
+from builds.states import TERMINAL_BUILD_STATES
+from harmont.errors import ApiError
 from harmont.timestamps import ns_from_datetime
+from organizations.models import Organization
 from pipelines import cache_keys
 from pipelines.ir import Plan
+from pipelines.models import Pipeline
 
 J = JobState
 
@@ -175,7 +178,8 @@ def delete_entries(*, entry_ids: list[uuid.UUID], job_ids: list[uuid.UUID]) -> N
 
     A job's snapshot and workspace stay while another entry names the job,
     while its own build has not finished (its children may still start from
-    them), and while a waiting or running cached job reuses it.
+    them), and while a job of an unfinished build reuses it (its children
+    start from the reused job's files).
     """
     with transaction.atomic():
         _delete_entries(entry_ids=entry_ids, job_ids=job_ids)
@@ -184,9 +188,8 @@ def delete_entries(*, entry_ids: list[uuid.UUID], job_ids: list[uuid.UUID]) -> N
 def _delete_entries(*, entry_ids: list[uuid.UUID], job_ids: list[uuid.UUID]) -> None:
     CacheEntry.objects.filter(pk__in=entry_ids).delete()
     still_needed = (Q(cache_entries__isnull=False) | ~Q(build__state__in=TERMINAL_BUILD_STATES)
-                    | Q(pk__in=Job.objects.filter(reused_job_id__in=job_ids,
-                                                  state__in=WAITING_JOB_STATES | LIVE_JOB_STATES)
-                        .values("reused_job_id")))
+                    | Q(pk__in=Job.objects.filter(reused_job_id__in=job_ids)
+                        .exclude(build__state__in=TERMINAL_BUILD_STATES).values("reused_job_id")))
     freed = list(Job.objects.filter(pk__in=job_ids).exclude(still_needed).values_list(
         "pk", "workspace_archive", "snapshot_image"))
     if not freed:
@@ -199,3 +202,40 @@ def _delete_entries(*, entry_ids: list[uuid.UUID], job_ids: list[uuid.UUID]) -> 
 def delete_entry(*, entry: CacheEntry) -> None:
     """An admin deletes one entry: later builds run its step again."""
     delete_entries(entry_ids=[entry.pk], job_ids=[entry.job_id])
+
+
+# Rows deleted per statement when a pipeline's entries go: a bounded IN list on every database.
+DELETE_BATCH = 500
+
+
+def delete_pipeline_entries(*, pipeline: Pipeline, step_key: str | None = None, branch: str | None = None) -> int:
+    """An admin empties a pipeline's cache (or one step's, or one branch's); how many entries went.
+
+    One transaction: a build inserted meanwhile either reused an entry
+    before it went (its job keeps the files alive) or runs its step again.
+    """
+    entries = CacheEntry.objects.filter(pipeline=pipeline)
+    if step_key is not None:
+        entries = entries.filter(step_key=step_key)
+    if branch is not None:
+        entries = entries.filter(branch=branch)
+    deleted = 0
+    with transaction.atomic():
+        rows = list(entries.values_list("id", "job_id"))
+        for start in range(0, len(rows), DELETE_BATCH):
+            batch = rows[start:start + DELETE_BATCH]
+            _delete_entries(entry_ids=[pk for pk, _ in batch], job_ids=[job for _, job in batch])
+            deleted += len(batch)
+    return deleted
+
+
+def get_entry(*, organization: Organization, entry_id: str) -> CacheEntry:
+    """The organization's entry `entry_id`; 404 `cache_entry_not_found` for another's, a deleted or a malformed id."""
+    try:
+        pk = uuid.UUID(entry_id)
+    except ValueError:
+        pk = None
+    entry = CacheEntry.objects.filter(organization=organization, pk=pk).first() if pk else None
+    if entry is None:
+        raise ApiError("cache_entry_not_found", f"No cache entry {entry_id} in organization {organization.slug!r}.")
+    return entry
