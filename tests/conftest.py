@@ -3,7 +3,8 @@ with an API client; another organization they cannot see; a pipeline and builds;
 an agent token, a registered agent's session and a running job.
 
 Plain helpers are in tests/helpers.py. The fixtures of live servers and agent
-processes are in tests/e2e.py and tests/live.py, loaded as plugins below.
+processes are in tests/e2e.py and tests/live.py, those of podman agents in
+tests/containers.py, loaded as plugins below.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pipelines.models import Pipeline
 pytest.register_assert_rewrite("tests.helpers")
 from tests.helpers import bearer, claim, make_api, make_build, register, start, two_step_ir  # noqa: E402
 
-pytest_plugins = ["tests.e2e", "tests.live"]
+pytest_plugins = ["tests.e2e", "tests.live", "tests.containers"]
 
 
 @pytest.fixture
