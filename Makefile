@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: install run test test-postgres bench bench-dispatch bench-stream bench-plan bench-containers migrate clean
+.PHONY: install run test test-postgres bench bench-dispatch bench-stream bench-plan bench-containers bench-caches migrate clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-plan: install
 # Needs podman (or --engine docker), runc and busybox-static; runs as the user the engine serves.
 bench-containers: install
 	$(PY) bench/bench_containers.py
+
+bench-caches: install
+	$(PY) bench/bench_caches.py
 
 clean:
 	rm -rf $(VENV) var db.sqlite3
