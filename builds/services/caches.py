@@ -30,6 +30,7 @@ from django.db.models import F, Q, Sum
 from builds.models import CacheEntry, Job, JobState, LogChunk, StreamKind
 from builds.states import TERMINAL_BUILD_STATES
 from harmont.errors import ApiError
+from harmont.serializers import parse_uuid
 from harmont.timestamps import ns_from_datetime
 from organizations.models import Organization
 from pipelines import cache_keys
@@ -231,10 +232,7 @@ def delete_pipeline_entries(*, pipeline: Pipeline, step_key: str | None = None, 
 
 def get_entry(*, organization: Organization, entry_id: str) -> CacheEntry:
     """The organization's entry `entry_id`; 404 `cache_entry_not_found` for another's, a deleted or a malformed id."""
-    try:
-        pk = uuid.UUID(entry_id)
-    except ValueError:
-        pk = None
+    pk = parse_uuid(entry_id)
     entry = CacheEntry.objects.filter(organization=organization, pk=pk).first() if pk else None
     if entry is None:
         raise ApiError("cache_entry_not_found", f"No cache entry {entry_id} in organization {organization.slug!r}.")

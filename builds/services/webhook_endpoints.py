@@ -23,6 +23,7 @@ from django.utils import timezone
 from builds.models import WebhookEndpoint, WebhookEvent
 from harmont.crypto import encrypt_text
 from harmont.errors import ApiError, validation_error
+from harmont.serializers import parse_uuid
 from organizations.models import Organization, User
 
 MAX_ENDPOINTS_PER_ORGANIZATION = 20
@@ -150,10 +151,7 @@ def delete_webhook_endpoint(*, endpoint: WebhookEndpoint) -> None:
 
 def get_webhook_endpoint(*, organization: Organization, endpoint_id: str | uuid.UUID) -> WebhookEndpoint:
     """The organization's endpoint `endpoint_id`; 404 `webhook_not_found` for another's, a deleted or a malformed id."""
-    try:
-        pk = endpoint_id if isinstance(endpoint_id, uuid.UUID) else uuid.UUID(endpoint_id)
-    except ValueError:
-        pk = None
+    pk = parse_uuid(endpoint_id)
     endpoint = WebhookEndpoint.objects.filter(organization=organization, pk=pk).first() if pk else None
     if endpoint is None:
         raise ApiError("webhook_not_found", f"No webhook endpoint {endpoint_id} in organization {organization.slug!r}.")
