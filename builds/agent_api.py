@@ -17,7 +17,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from builds import selectors, services
+from builds import claim_waits, selectors, services
 from builds.agent_auth import (
     AgentSessionAuthentication,
     AgentTokenAuthentication,
@@ -38,7 +38,7 @@ from builds.agent_serializers import (
     StartRequest,
     StoredArtifactSerializer,
     claim_answer,
-    claim_key,
+    claim_ask,
     directive,
     finish_answer,
     finish_report,
@@ -102,10 +102,21 @@ class ClaimView(AgentView):
     @extend_schema(operation_id="agentClaim", tags=["agent"], request=ClaimRequest,
                    responses={200: ClaimResponse, 204: None, 401: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request) -> Response:
-        """Take the oldest scheduled job of the organization (204: none waiting; poll again)."""
-        claim = services.claim_job(agent=request.auth, claim_key=claim_key(request))
+        """Take the oldest scheduled job of the organization (204: none waiting; poll again).
+
+        With `wait`, the server may hold the request until a job this agent may
+        take is scheduled, or `wait` seconds pass (then 204).
+        """
+        ask = claim_ask(request)
+        agent = request.auth
+        claim = services.claim_job(agent=agent, claim_key=ask.claim_key)
         if claim is None:
-            return Response(status=status.HTTP_204_NO_CONTENT)
+            response = Response(status=status.HTTP_204_NO_CONTENT)
+            if ask.wait and request.META.get(claim_waits.LONG_POLL_META):
+                # For builds.claim_waits, which holds the request and removes the header.
+                response[claim_waits.HOLD_HEADER] = claim_waits.hold_value(
+                    organization_id=agent.organization_id, agent_id=agent.pk, wait=ask.wait, tags=agent.tags)
+            return response
         return Response(claim_answer(claim))
 
 

@@ -11,6 +11,7 @@ per-field messages (tests/test_agent_api.py holds the two paths equal).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from drf_spectacular.utils import extend_schema_field
@@ -20,6 +21,7 @@ from rest_framework.request import Request
 from builds.models import Agent, JobState
 from builds.services import ChunkIn, Claim, FinishOutcome, job_spec
 from builds.states import TERMINAL_JOB_STATES
+from harmont.errors import flatten_detail, validation_error
 from harmont.serializers import json_object, validated
 from harmont.timestamps import is_unix_ns, ns_from_datetime
 from pipelines import agent_tags
@@ -176,8 +178,16 @@ class ClaimKeyField(serializers.RegexField):
             "answer was lost gets the same job again (with a new job_token) instead of a second one."))
 
 
+# The longest a claim is held waiting for a job: under the idle timeouts of common load balancers.
+MAX_CLAIM_WAIT_SECONDS = 30
+
+
 class ClaimRequest(serializers.Serializer):
     claim_key = ClaimKeyField()
+    wait = serializers.FloatField(required=False, default=0, min_value=0, max_value=MAX_CLAIM_WAIT_SECONDS, help_text=(
+        "Seconds (0-30) the server may hold the request while no job is waiting, answering as soon as one this "
+        "agent may take is scheduled (a long poll; also `?wait=`). A server that holds it says so with the "
+        "`Harmont-Claim-Wait` header on its answer; without that header, poll again after a pause."))
 
 
 class FinishRequest(serializers.Serializer):
@@ -292,9 +302,24 @@ def claim_answer(claim: Claim) -> dict[str, Any]:
     return {"job": JobSpecSerializer(job_spec(claim.job)).data, "job_token": claim.credential}
 
 
-def claim_key(request: Request) -> str | None:
-    """A claim request's optional `claim_key` (an empty body is a claim without one)."""
-    return validated(ClaimRequest, request).get("claim_key") if request.body else None
+@dataclass(frozen=True)
+class ClaimAsk:
+    claim_key: str | None
+    wait: float  # seconds; 0: answer at once
+
+
+def claim_ask(request: Request) -> ClaimAsk:
+    """A claim request's optional `claim_key` and `wait` (an empty body is a claim without either).
+
+    `wait` may come in the query instead, as clients that send no body put it.
+    """
+    data = dict(json_object(request)) if request.body else {}
+    if "wait" not in data and "wait" in request.query_params:
+        data["wait"] = request.query_params["wait"]
+    body = ClaimRequest(data=data)
+    if not body.is_valid():
+        raise validation_error(flatten_detail(body.errors))
+    return ClaimAsk(claim_key=body.validated_data.get("claim_key"), wait=body.validated_data["wait"])
 
 
 def log_chunks(request: Request) -> list[ChunkIn]:

@@ -22,6 +22,7 @@ from typing import Any
 from django.db import connection, models
 
 from builds.models import Agent, Build, ConcurrencySlot, EdgeKind, Job, JobDependency, JobState, LogChunk
+from harmont import claim_notices
 from harmont.rows import Columns, Table, db_value, first_row
 from organizations.models import AgentToken, Membership, Organization, User
 from pipelines import agent_tags
@@ -348,7 +349,8 @@ def claimed_job(job_id: Any) -> Job:
 # Every agent request starts with one of the two lookups below: building the same
 # query with the ORM cost three to four times as much CPU as running it.
 _SA, _ST = Table(Agent, "a"), Table(AgentToken, "t")
-SESSION_AGENT = Columns(Agent, ("id", "organization", "name", "last_seen_at"))
+# The tags: a long-poll claim that finds nothing says them (builds.claim_waits).
+SESSION_AGENT = Columns(Agent, ("id", "organization", "name", "last_seen_at", "tags"))
 AGENT_FOR_SESSION_SQL = (
     f"SELECT {SESSION_AGENT.select(_SA)} FROM {_SA} JOIN {_ST} ON {_ST.id} = {_SA.token}"
     f" WHERE {_SA.session_hash} = %s AND {_SA.stopped_at} IS NULL AND {_ST.revoked_at} IS NULL"
@@ -512,3 +514,58 @@ def chunks_after(cursors: Mapping[uuid.UUID, int]) -> list[tuple]:
             [list(cursors), list(cursors.values())],
         )
         return cursor.fetchall()
+
+
+# ------------------------------------------------------------------ waking long-polling claims (PostgreSQL)
+
+# What builds.claim_waits listens to (harmont.claim_notices). The triggers post `j <organization>
+# <selector JSON or empty>`: a job with this selector may be claimable now.
+_TRIGGER_FUNCTIONS = ("harmont_claims_jobs_inserted", "harmont_claims_job_scheduled", "harmont_claims_slot_freed")
+_TRIGGERS = ("harmont_claims_on_insert", "harmont_claims_on_schedule", "harmont_claims_on_group_end")
+
+
+def claim_notification_sql() -> list[str]:
+    """The triggers that tell waiting claims about claimable jobs, whichever code path made them so.
+
+    Triggers rather than calls beside every transition: jobs become scheduled
+    in a build's insert, the settle, admission, retries and the reaper's hand
+    backs, and one missed path would leave an agent asleep beside a job. A
+    NOTIFY is delivered when its transaction commits, and identical payloads of
+    one transaction are delivered once. The insert trigger is per statement (a
+    1,000-job build notifies once per selector); the update triggers are per row
+    but filtered by their WHEN, which PostgreSQL checks without calling the
+    function, so heartbeats and log appends cost nothing here.
+    """
+    jobs, t = Table(Job), Table(Job, "w")
+    state, org, agents, group = (jobs.bare(name) for name in ("state", "organization", "agents", "concurrency_group"))
+    ended = ", ".join(f"'{s}'" for s in sorted(_ENDED))
+    notify = f"pg_notify('{claim_notices.CHANNEL}', 'j ' || %s || ' ' || COALESCE(%s::text, ''))"
+    return [
+        f"CREATE OR REPLACE FUNCTION harmont_claims_jobs_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" PERFORM {notify % ('r.org', 'r.agents')}"
+        f" FROM (SELECT DISTINCT {org} AS org, {agents} AS agents FROM inserted_jobs WHERE {state} = '{J.SCHEDULED}') r;"
+        f" RETURN NULL; END $$",
+        f"CREATE TRIGGER harmont_claims_on_insert AFTER INSERT ON {jobs} REFERENCING NEW TABLE AS inserted_jobs"
+        f" FOR EACH STATEMENT EXECUTE FUNCTION harmont_claims_jobs_inserted()",
+        f"CREATE OR REPLACE FUNCTION harmont_claims_job_scheduled() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" PERFORM {notify % (f'NEW.{org}', f'NEW.{agents}')}; RETURN NULL; END $$",
+        f"CREATE TRIGGER harmont_claims_on_schedule AFTER UPDATE OF {state} ON {jobs} FOR EACH ROW"
+        f" WHEN (NEW.{state} = '{J.SCHEDULED}' AND OLD.{state} <> '{J.SCHEDULED}')"
+        f" EXECUTE FUNCTION harmont_claims_job_scheduled()",
+        # A concurrency group's live job ended: the group's waiting jobs may have room now.
+        f"CREATE OR REPLACE FUNCTION harmont_claims_slot_freed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" PERFORM {notify % ('NEW.' + org, 'r.agents')}"
+        f" FROM (SELECT DISTINCT {t.agents} AS agents FROM {t} WHERE {t.organization} = NEW.{org}"
+        f" AND {t.concurrency_group} = NEW.{group} AND {t.state} = '{J.SCHEDULED}') r;"
+        f" RETURN NULL; END $$",
+        f"CREATE TRIGGER harmont_claims_on_group_end AFTER UPDATE OF {state} ON {jobs} FOR EACH ROW"
+        f" WHEN (NEW.{group} IS NOT NULL AND NEW.{state} IN ({ended}) AND OLD.{state} NOT IN ({ended}))"
+        f" EXECUTE FUNCTION harmont_claims_slot_freed()",
+    ]
+
+
+def drop_claim_notification_sql() -> list[str]:
+    jobs = Table(Job)
+    return ([f"DROP TRIGGER IF EXISTS {name} ON {jobs}" for name in _TRIGGERS]
+            + [f"DROP FUNCTION IF EXISTS {name}()" for name in _TRIGGER_FUNCTIONS])
+

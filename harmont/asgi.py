@@ -4,7 +4,9 @@ Live log streams (`/v0/...`) go to Django's ASGI handler, where each open
 stream is a coroutine. Everything else goes to the ordinary WSGI application
 on a small thread pool (a2wsgi): Django's own ASGI path runs sync views one at
 a time and drops their persistent database connections, which costs the REST
-API most of its throughput.
+API most of its throughput. Agents' claims go through builds.claim_waits,
+which runs each attempt on that same pool and holds a claim that asked to
+wait between attempts, in the event loop.
 """
 
 import os
@@ -22,6 +24,8 @@ WSGI_THREADS = int(os.environ.get("HARMONT_WSGI_THREADS", "8"))
 django_asgi = get_asgi_application()
 wsgi = WSGIMiddleware(get_wsgi_application(), workers=WSGI_THREADS)
 
+from builds.claim_waits import CLAIM_PATH, long_poll_claim  # noqa: E402 (needs Django set up)
+
 
 async def lifespan(receive, send) -> None:  # noqa: ANN001
     while True:
@@ -38,5 +42,7 @@ async def application(scope, receive, send) -> None:  # noqa: ANN001 (ASGI calla
         await lifespan(receive, send)
     elif scope["type"] == "http" and scope["path"].startswith(STREAM_PREFIX):
         await django_asgi(scope, receive, send)
+    elif scope["type"] == "http" and scope["path"] == CLAIM_PATH and scope["method"] == "POST":
+        await long_poll_claim(scope, receive, send, wsgi)
     else:
         await wsgi(scope, receive, send)

@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
+from harmont import claim_notices
 from harmont.tokens import (
     AGENT_TOKEN_PREFIX,
     hash_secret,
@@ -274,8 +275,10 @@ def create_agent_token(*, organization: Organization, created_by: User | None = 
 def revoke_agent_token(*, token: AgentToken, now: datetime | None = None) -> AgentToken:
     """Revoke an agent token: its agents are refused at their next request. Idempotent."""
     now = now or timezone.now()
-    if AgentToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=now):
-        token.revoked_at = now
+    with transaction.atomic():
+        if AgentToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=now):
+            token.revoked_at = now
+            claim_notices.credentials_changed(organization_id=token.organization_id)
     return token
 
 

@@ -47,6 +47,11 @@ from harmont.redaction import redact_url_credentials
 log = logging.getLogger("harmont.agent")
 
 HEARTBEAT_INTERVAL = 5.0
+# How long an idle claim may be held by the server (a long poll), and the most it allows.
+CLAIM_WAIT_SECONDS = 20.0
+MAX_CLAIM_WAIT = 30.0
+# A server that held the claim answers with this header (builds.claim_waits); without it, poll.
+CLAIM_WAITED_HEADER = "Harmont-Claim-Wait"
 RENDERER = Path(__file__).with_name("render_pipeline.py")
 GUARD = Path(__file__).with_name("guard.py")
 LOCK_FILE = ".agent.lock"  # in the work directory, held for the agent's life
@@ -65,8 +70,11 @@ class Agent:
                  poll_interval: float = 1.0, once: bool = False, run_as: RunAs | None = None,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL, tags: dict[str, str] | None = None,
                  executor: str = "host", default_image: str | None = None, network: str | None = None,
-                 memory: str | None = None, cpus: str | None = None, container_options: tuple[str, ...] = ()) -> None:
-        self.transport = Transport(server)
+                 memory: str | None = None, cpus: str | None = None, container_options: tuple[str, ...] = (),
+                 claim_wait: float = CLAIM_WAIT_SECONDS) -> None:
+        # A held claim must not look like a dead connection.
+        self.transport = Transport(server, timeout=max(30.0, claim_wait + 15))
+        self.claim_wait = claim_wait
         self.tags = dict(tags or {})
         self.token = token
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -82,6 +90,8 @@ class Agent:
         # or None for "none waiting", stands in for the next claim.
         self.handed_over: dict[str, Any] | None = None
         self.has_handover = False
+        # Whether idle claims pause `poll_interval` between them: until a server holds one (`claim_wait`).
+        self.polling = True
         self.stopping = threading.Event()  # first SIGTERM: finish the current job, claim no more
         self.abort = threading.Event()  # second SIGTERM: cancel the current job too
         context = AgentContext(transport=self.transport, workdir=self.workdir, abort=self.abort,
@@ -105,6 +115,9 @@ class Agent:
             self.stopping.set()
             if self.current_job is None:
                 self.transport.stop_retrying.set()  # idle: nothing is left to report
+                if self.claim_wait and self.session:
+                    # A claim the server holds ends when the agent disconnects (401), not after its wait.
+                    threading.Thread(target=self._disconnect, name="disconnect", daemon=True).start()
 
     def register(self) -> None:
         data = self.transport.json("POST", "/api/v0/agent/register", token=self.token, ok=(201,), body={
@@ -141,7 +154,8 @@ class Agent:
                 if claimed is None:
                     if self.once:
                         return 0
-                    self.stopping.wait(self.poll_interval * random.uniform(0.8, 1.2))
+                    if self.polling:
+                        self.stopping.wait(self.poll_interval * random.uniform(0.8, 1.2))
                     continue
                 try:
                     job = JobSpec.from_claim(claimed)
@@ -262,23 +276,33 @@ class Agent:
     def disconnect(self) -> None:
         if self.session is None:
             return
+        self._disconnect()
+
+    def _disconnect(self) -> None:
         try:
             self.transport.request("POST", "/api/v0/agent/disconnect", token=self.session, body={}, retry=False)
         except (OSError, http.client.HTTPException):
             pass  # the server will notice the silence
 
     def claim(self) -> dict[str, Any] | None:
+        """The next job, or None: none came (within `claim_wait`, where the server holds claims)."""
         assert self.session
         if self.has_handover:
             claimed, self.handed_over, self.has_handover = self.handed_over, None, False
             return claimed
         # Every retry of this request sends the same key: if an earlier attempt's answer was
         # lost, the server answers the job it took then rather than taking a second one.
-        status, data = self.transport.request("POST", "/api/v0/agent/claim", token=self.session,
-                                              body={"claim_key": uuid.uuid4().hex})
+        body: dict[str, Any] = {"claim_key": uuid.uuid4().hex}
+        if self.claim_wait:
+            body["wait"] = self.claim_wait
+        status, data = self.transport.request("POST", "/api/v0/agent/claim", token=self.session, body=body)
         if status == 204:
+            # A server that held the claim says so; one that didn't (or an older one) is polled.
+            self.polling = self.transport.last_header(CLAIM_WAITED_HEADER) is None
             return None
         if status == 401:
+            if self.stopping.is_set():
+                return None  # our own disconnect ended the held claim
             raise Unauthorized(status, data[:200])
         if status != 200:
             raise AgentError(status, data[:200])
@@ -602,7 +626,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="this agent's name (default: host name and process id)")
     parser.add_argument("--workdir", help="where job workspaces go (default: var/agent/<name>)")
     parser.add_argument("--once", action="store_true", help="run at most one job, then exit")
-    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between claims when idle")
+    parser.add_argument("--poll-interval", type=float, default=1.0,
+                        help="seconds between claims when idle, against a server that does not hold claims")
+    parser.add_argument("--claim-wait", type=claim_wait_seconds, default=CLAIM_WAIT_SECONDS,
+                        help=f"seconds the server may hold an idle claim until a job comes (0-{MAX_CLAIM_WAIT:g}, "
+                             f"default {CLAIM_WAIT_SECONDS:g}; 0: poll every --poll-interval)")
     parser.add_argument("--heartbeat-interval", type=positive_seconds, default=HEARTBEAT_INTERVAL,
                         help=f"seconds between a job's heartbeats (default {HEARTBEAT_INTERVAL:g}); keep it well under "
                              f"the server's HARMONT_AGENT_HEARTBEAT_TIMEOUT")
@@ -670,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         agent = Agent(server=args.server, token=token, name=args.name, workdir=args.workdir, once=args.once,
                       poll_interval=args.poll_interval, run_as=run_as, heartbeat_interval=args.heartbeat_interval,
                       tags=tags, executor=args.executor, default_image=args.default_image, network=args.network,
-                      memory=args.memory, cpus=args.cpus, container_options=tuple(args.container_options))
+                      memory=args.memory, cpus=args.cpus, container_options=tuple(args.container_options),
+                      claim_wait=args.claim_wait)
     except ValueError as exc:  # no such engine on this host
         parser.error(str(exc))
     # First SIGTERM/SIGINT: finish the current job, then exit; a second one cancels it.
@@ -699,6 +728,13 @@ def container_options(given: list[str] | None, default: str) -> list[str]:
     return [part for value in given for part in shlex.split(value)]
 
 
+def claim_wait_seconds(value: str) -> float:
+    seconds = float(value)
+    if not 0 <= seconds <= MAX_CLAIM_WAIT:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_CLAIM_WAIT:g} seconds, got {value}")
+    return seconds
+
+
 def positive_seconds(value: str) -> float:
     seconds = float(value)
     if not 0 < seconds < 3600:
@@ -709,7 +745,7 @@ def positive_seconds(value: str) -> float:
 def _options_without_token(args: argparse.Namespace) -> list[str]:
     """The command line's options again (the token aside), for the agent's clean restart."""
     options = ["--server", args.server, "--poll-interval", repr(args.poll_interval),
-               "--heartbeat-interval", repr(args.heartbeat_interval)]
+               "--heartbeat-interval", repr(args.heartbeat_interval), "--claim-wait", repr(args.claim_wait)]
     for option, value in (("--name", args.name), ("--workdir", args.workdir), ("--run-as", args.run_as),
                           ("--tags", args.tags), ("--executor", args.executor),
                           ("--default-image", args.default_image), ("--network", args.network),

@@ -96,6 +96,7 @@ class Transport:
                 conn.request(method, self.base_path + path, body=payload, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
+                self._local.headers = response.headers
                 if response.status < 500 or last:
                     if response.will_close or response.status >= 500:
                         self._drop_connection()
@@ -112,6 +113,11 @@ class Transport:
             # Jittered so a fleet coming back does not retry in step; never past the cap.
             time.sleep(min(delay + random.uniform(0, delay / 2), self.max_backoff))
             delay = min(delay * 2, self.max_backoff)
+
+    def last_header(self, name: str) -> str | None:
+        """A header of the last answer `request` got on this thread (it returns only status and body)."""
+        headers = getattr(self._local, "headers", None)
+        return None if headers is None else headers.get(name)
 
     def json(self, method: str, path: str, *, token: str, body: Any = None, ok: tuple[int, ...] = (200,)) -> Any:
         status, data = self.request(method, path, token=token, body=body)

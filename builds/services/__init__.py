@@ -12,7 +12,14 @@ from builds.services.builds import (
     rebuild_build,
     validate_build_request,
 )
-from builds.services.claims import Claim, FinishOutcome, claim_for_agent, claim_job, finish_and_claim_next
+from builds.services.claims import (
+    Claim,
+    FinishOutcome,
+    claim_for_agent,
+    claim_job,
+    finish_and_claim_next,
+    hand_back_claim,
+)
 from builds.services.job_specs import job_spec
 from builds.services.jobs import finish_job, heartbeat, move_job, report_finish, start_job
 from builds.services.logs import ChunkIn, append_log
@@ -48,7 +55,7 @@ __all__ = [
     "BuildRequest", "approve_build", "cancel_build", "cancel_superseded_builds", "create_build",
     "find_pipeline_by_repo", "rebuild_build", "validate_build_request",
     "admit_everywhere", "admit_waiting_builds",
-    "Claim", "FinishOutcome", "claim_for_agent", "claim_job", "finish_and_claim_next",
+    "Claim", "FinishOutcome", "claim_for_agent", "claim_job", "finish_and_claim_next", "hand_back_claim",
     "job_spec",
     "finish_job", "heartbeat", "move_job", "report_finish", "start_job",
     "ChunkIn", "append_log",

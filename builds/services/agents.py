@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from builds.models import Agent, Job
 from builds.selectors import AGENT_LIST_WINDOW, AGENT_SEEN_RESOLUTION
+from harmont import claim_notices
 from harmont.tokens import AGENT_SESSION_PREFIX, hash_secret, new_prefixed_secret
 from organizations.models import AgentToken
 
@@ -44,7 +45,9 @@ def register_agent(*, token: AgentToken, name: str, hostname: str = "", version:
 
 def disconnect_agent(*, agent: Agent, now: datetime | None = None) -> None:
     """The agent exits cleanly: it is listed as stopped and its session no longer works."""
-    Agent.objects.filter(pk=agent.pk, stopped_at__isnull=True).update(stopped_at=now or timezone.now())
+    with transaction.atomic():
+        if Agent.objects.filter(pk=agent.pk, stopped_at__isnull=True).update(stopped_at=now or timezone.now()):
+            claim_notices.credentials_changed(agent_id=agent.pk)
 
 
 def agent_seen(*, agent: Agent, now: datetime | None = None) -> None:

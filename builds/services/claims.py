@@ -15,7 +15,7 @@ from datetime import datetime
 from django.utils import timezone
 
 from builds import sql, states
-from builds.models import Agent, Job
+from builds.models import Agent, Job, JobState
 from builds.selectors import BuildsInLinks
 from builds.services.agents import agent_seen
 from builds.services.jobs import report_finish
@@ -103,3 +103,19 @@ def finish_and_claim_next(*, job: Job, exit_code: int | None, signal: int | None
         claim = claim_for_agent(agent_id=job.agent_id, organization_id=job.organization_id, claim_key=claim_key,
                                 fresh=live)
     return FinishOutcome(state, answers_next=True, next=claim)
+
+
+def hand_back_claim(*, job_id: uuid.UUID, now: datetime | None = None) -> bool:
+    """A claimed job whose answer never reached its agent goes back to the queue (assigned → scheduled).
+
+    Only while it is still `assigned` to nobody's knowledge: once its agent
+    reported a start it is the agent's. It keeps its place in the queue (its
+    `scheduled_at`) and its concurrency slot, as any handed-back job does.
+    """
+    now = now or timezone.now()
+    scheduled_at = Job.objects.filter(pk=job_id, state=JobState.ASSIGNED).values_list("scheduled_at", flat=True).first()
+    if scheduled_at is None:
+        return False
+    return bool(states.transition_jobs([job_id], to=JobState.SCHEDULED, now=now, only_from=[JobState.ASSIGNED],
+                                       scheduled_at=scheduled_at, agent=None, credential_hash=None, claim_key=None,
+                                       assigned_at=None))

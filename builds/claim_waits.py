@@ -1,0 +1,477 @@
+"""Long-poll claims: `POST /api/v0/agent/claim` with `wait` is held in the event loop until a job may be there.
+
+The ASGI entry point (harmont.asgi) hands claims to `long_poll_claim`. Each
+attempt is the ordinary claim view, run on the WSGI thread pool like every
+REST request (authentication, validation, the one-statement claim, the error
+envelope); only the waiting between attempts happens here, as an
+`asyncio.Event` of a `Waiter`, so a held claim costs no thread. An attempt that
+finds nothing says so with the internal `x-harmont-claim-hold` header (the
+agent's organization, id and tags), and the claim waits until one of these:
+
+- a job the agent's tags match became claimable in its organization: the next
+  attempt claims it (or finds it taken and waits again);
+- its organization's agent tokens or this agent changed (revoked, disconnected):
+  the next attempt answers 401 at once;
+- `wait` seconds passed since the request came: 204, as a claim without `wait`;
+- the client went away: nothing is answered, and a job claimed meanwhile is
+  handed back (assigned → scheduled) for another agent.
+
+Where the news comes from: on PostgreSQL, the triggers of builds.sql NOTIFY
+`harmont_claims` when jobs are inserted scheduled, handed back, or freed a
+concurrency slot, and the services NOTIFY revocations; one LISTEN connection
+per process (`ClaimHub`) wakes the matching waiters. On SQLite the hub polls the
+database instead (POLL_SECONDS), while someone waits.
+
+One job wakes one waiter (the oldest waiting whose tags match its selector),
+not every waiter of the organization: a thousand idle agents don't all try for
+each job. A woken waiter that claims wakes the next matching one, in case the
+notice stood for several jobs (identical notices of one transaction arrive
+once); one that finds nothing ends the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections, connections
+
+from harmont import claim_notices
+from pipelines import agent_tags
+
+log = logging.getLogger("harmont.claims")
+
+CLAIM_PATH = "/api/v0/agent/claim"
+# Attempt (this module) → view: this layer holds 204s, so tell it whom the claim is for.
+LONG_POLL_HEADER = "x-harmont-long-poll"
+LONG_POLL_META = "HTTP_X_HARMONT_LONG_POLL"
+# View → this layer, never sent on: `<organization id> <agent id> <wait> <tags JSON>`.
+HOLD_HEADER = "x-harmont-claim-hold"
+# On the answer of a held claim: the seconds it was held. Agents that see no such header poll.
+WAITED_HEADER = "Harmont-Claim-Wait"
+# The body of a claim is a little JSON; anything larger is answered without holding.
+MAX_BODY_BYTES = 64 * 1024
+POLL_SECONDS = 0.1  # SQLite: how often the hub looks for news while someone waits
+# A notice that came just before its waiter was registered still counts (see ClaimHub.add).
+RECENT_SECONDS = 5.0
+LISTEN_RETRY_SECONDS = 1.0
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+App = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
+
+
+def hold_value(*, organization_id: int, agent_id: uuid.UUID, wait: float, tags: dict[str, str]) -> str:
+    """What the claim view puts in HOLD_HEADER (ASCII: the tags' JSON escapes the rest)."""
+    return f"{organization_id} {agent_id} {wait:g} {json.dumps(agent_tags.effective_tags(tags), sort_keys=True)}"
+
+
+@dataclass(frozen=True)
+class Hold:
+    organization_id: int
+    agent_id: str
+    wait: float
+    tags: dict[str, str]
+
+    @classmethod
+    def parse(cls, value: str) -> Hold:
+        organization, agent, wait, tags = value.split(" ", 3)
+        return cls(int(organization), agent, float(wait), json.loads(tags))
+
+
+@dataclass(eq=False)
+class Waiter:
+    hold: Hold
+    since: float  # loop time its first attempt started: notices after it concern it
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    # The selector of the job it was woken for: a claim then wakes the next waiter for it.
+    selector: dict[str, str] | None = None
+
+    def matches(self, selector: dict[str, str]) -> bool:
+        return agent_tags.selector_matches(selector, self.hold.tags)
+
+    def wake(self, selector: dict[str, str] | None = None) -> None:
+        if selector is not None:
+            self.selector = selector
+        self.event.set()
+
+
+@dataclass(frozen=True)
+class Notice:
+    at: float
+    organization_id: int
+    selector: dict[str, str] | None  # None: check credentials again (`o`)
+
+
+class ClaimHub:
+    """The waiting claims of one process (one event loop), and what wakes them."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, list[Waiter]] = {}
+        self.recent: list[Notice] = []
+        self.closing = False
+        self.task: asyncio.Task | None = None
+
+    # ---------------------------------------------------------------- waiters
+
+    def add(self, waiter: Waiter) -> None:
+        """Register `waiter`; a notice for it that came since its first attempt began wakes it at once."""
+        self.waiting.setdefault(waiter.hold.organization_id, []).append(waiter)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._news())
+        for notice in self.recent:
+            if notice.at >= waiter.since and notice.organization_id == waiter.hold.organization_id and (
+                    notice.selector is None or waiter.matches(notice.selector)):
+                waiter.wake(notice.selector)
+                return
+        if self.closing:
+            waiter.wake()
+
+    def remove(self, waiter: Waiter) -> None:
+        queue = self.waiting.get(waiter.hold.organization_id)
+        if queue is None:
+            return
+        try:
+            queue.remove(waiter)
+        except ValueError:
+            return
+        if not queue:
+            del self.waiting[waiter.hold.organization_id]
+
+    def count(self) -> int:
+        return sum(len(queue) for queue in self.waiting.values())
+
+    # ---------------------------------------------------------------- news
+
+    def job_claimable(self, organization_id: int, selector: dict[str, str]) -> bool:
+        """A job with `selector` may be claimable: wake the oldest matching waiter not woken yet."""
+        self._remember(Notice(time_now(), organization_id, selector))
+        for waiter in self.waiting.get(organization_id, ()):
+            if not waiter.event.is_set() and waiter.matches(selector):
+                waiter.wake(selector)
+                return True
+        return False
+
+    def recheck(self, organization_id: int | None = None, agent_id: str | None = None) -> None:
+        """Credentials changed (or news may have been missed): the waiters concerned try again."""
+        if organization_id is not None:
+            self._remember(Notice(time_now(), organization_id, None))
+        for queue in list(self.waiting.values()):
+            for waiter in queue:
+                if (organization_id is None and agent_id is None) or waiter.hold.organization_id == organization_id \
+                        or waiter.hold.agent_id == agent_id:
+                    waiter.wake()
+
+    def close(self) -> None:
+        """The server is stopping: every waiting claim is answered now (204), none is held again."""
+        self.closing = True
+        self.recheck()
+
+    def dispatch(self, payload: str) -> None:
+        """One notice of the claims channel (harmont.claim_notices)."""
+        kind, _, rest = payload.partition(" ")
+        try:
+            if kind == "j":
+                organization, _, selector = rest.partition(" ")
+                self.job_claimable(int(organization), agent_tags.job_selector(json.loads(selector) if selector
+                                                                               else None))
+            elif kind == "o":
+                self.recheck(organization_id=int(rest))
+            elif kind == "a":
+                self.recheck(agent_id=rest)
+        except ValueError:
+            log.warning("ignored a malformed claim notice %r", payload[:200])
+
+    def _remember(self, notice: Notice) -> None:
+        cutoff = notice.at - RECENT_SECONDS
+        self.recent = [old for old in self.recent if old.at >= cutoff]
+        self.recent.append(notice)
+
+    async def _news(self) -> None:
+        """Listen (PostgreSQL) or poll (SQLite) for as long as the process serves claims."""
+        if connections["default"].vendor == "postgresql":
+            await self._listen()
+        else:
+            await self._poll()
+
+    async def _listen(self) -> None:
+        import psycopg
+
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(listen_conninfo(), autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {claim_notices.CHANNEL}")
+                    # What was sent while nobody listened is lost: everyone looks again.
+                    self.recheck()
+                    async for notify in conn.notifies():
+                        self.dispatch(notify.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a lost connection must not end the waits of the process
+                log.warning("claim notices: %s; listening again in %.0f s", exc, LISTEN_RETRY_SECONDS)
+                await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+    async def _poll(self) -> None:
+        seen: dict[Any, float] = {}
+        since = None
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            if not self.waiting:
+                since = None
+                continue
+            try:
+                since, news = await sync_to_async(_poll_in_thread, thread_sensitive=False)(list(self.waiting), since)
+            except Exception:  # noqa: BLE001
+                log.exception("claim poll failed; retrying")
+                continue
+            now = time_now()
+            for key, payload in news:
+                if key not in seen:
+                    seen[key] = now
+                    self.dispatch(payload)
+            for key in [key for key, at in seen.items() if at < now - RECENT_SECONDS * 2]:
+                del seen[key]
+
+
+def time_now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+# Django's own keys in OPTIONS, which are no libpq parameters.
+_NOT_CONNINFO = {"pool", "server_side_binding", "isolation_level", "assume_role", "assume_role_default",
+                 "cursor_factory", "context"}
+
+
+def listen_conninfo() -> str:
+    """libpq parameters of the default database, for the hub's own LISTEN connection."""
+    from psycopg.conninfo import make_conninfo
+
+    settings_dict = connections["default"].settings_dict
+    params = {"dbname": settings_dict["NAME"], "user": settings_dict.get("USER") or None,
+              "password": settings_dict.get("PASSWORD") or None, "host": settings_dict.get("HOST") or None,
+              "port": settings_dict.get("PORT") or None, "application_name": "harmont-claim-notices",
+              **{key: value for key, value in (settings_dict.get("OPTIONS") or {}).items()
+                 if key not in _NOT_CONNINFO}}
+    return make_conninfo(**{key: value for key, value in params.items() if value is not None})
+
+
+def poll_news(organization_ids: list[int], since: Any) -> tuple[Any, list[tuple[Any, str]]]:
+    """SQLite: what happened to the waiting organizations since `since`, as (dedupe key, notice) pairs.
+
+    Looks back a little further than the last poll: a transaction that began
+    before it may commit after it, with an earlier timestamp. The keys keep a
+    notice from counting twice.
+    """
+    from django.db.models import Q
+    from django.utils import timezone
+
+    from builds.models import Agent, Job, JobState
+
+    now = timezone.now()
+    since = since or now
+    after = since - timedelta(seconds=RECENT_SECONDS)
+    news: list[tuple[Any, str]] = []
+    scheduled = (Job.objects.filter(organization_id__in=organization_ids, state=JobState.SCHEDULED,
+                                    scheduled_at__gte=after)
+                 .values_list("id", "organization_id", "agents"))
+    for job_id, organization_id, selector in scheduled:
+        news.append((("j", job_id), f"j {organization_id} {json.dumps(selector) if selector is not None else ''}"))
+    # A concurrency group's job ended: its group's waiting jobs may have room now.
+    freed = (Job.objects.filter(organization_id__in=organization_ids, concurrency_group__isnull=False,
+                                finished_at__gte=after).values_list("id", "organization_id"))
+    for job_id, organization_id in freed:
+        news.append((("g", job_id), f"o {organization_id}"))
+    gone = (Agent.objects.filter(organization_id__in=organization_ids)
+            .filter(Q(stopped_at__gte=after) | Q(token__revoked_at__gte=after)).values_list("id", "stopped_at"))
+    for agent_id, stopped_at in gone:
+        news.append((("a", agent_id, stopped_at), f"a {agent_id}"))
+    return now, news
+
+
+def _poll_in_thread(organization_ids: list[int], since: Any) -> tuple[Any, list[tuple[Any, str]]]:
+    close_old_connections()  # a thread of the pool keeps its connection between polls, as a request would
+    return poll_news(organization_ids, since)
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ClaimHub] = weakref.WeakKeyDictionary()
+
+
+def claim_hub() -> ClaimHub:
+    loop = asyncio.get_running_loop()
+    if loop not in _hubs:
+        _hubs[loop] = ClaimHub()
+    return _hubs[loop]
+
+
+# ------------------------------------------------------------------ the held request
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        wanted = name.encode()
+        return next((value.decode("latin-1") for key, value in self.headers if key == wanted), None)
+
+
+async def read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The request's body, and whether it ended within MAX_BODY_BYTES (else what was read so far)."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return bytes(body), False
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            return bytes(body), True
+        if len(body) > MAX_BODY_BYTES:
+            return bytes(body), False
+
+
+async def attempt(app: App, scope: dict[str, Any], body: bytes) -> Answer:
+    """One pass of the request through `app` (the WSGI side), its answer collected instead of sent."""
+    delivered = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal delivered
+        if delivered:
+            await asyncio.Event().wait()  # nothing more will come; the app never asks
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    answer = Answer(500, [], b"")
+    chunks: list[bytes] = []
+
+    async def collect(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answer.status, answer.headers = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, replay, collect)
+    answer.body = b"".join(chunks)
+    return answer
+
+
+async def send_answer(send: Send, answer: Answer, *, waited: float | None) -> None:
+    headers = [(key, value) for key, value in answer.headers if key != HOLD_HEADER.encode()]
+    if waited is not None:
+        headers.append((WAITED_HEADER.lower().encode(), f"{waited:.3f}".encode()))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body, "more_body": False})
+
+
+def attempt_scope(scope: dict[str, Any]) -> dict[str, Any]:
+    """The scope of each attempt: marked for the view, with one request id for all of them."""
+    headers = [(key, value) for key, value in scope["headers"] if key != LONG_POLL_HEADER.encode()]
+    if not any(key == b"x-request-id" for key, _ in headers):
+        headers.append((b"x-request-id", uuid.uuid4().hex.encode()))
+    return {**scope, "headers": [*headers, (LONG_POLL_HEADER.encode(), b"1")]}
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return
+
+
+async def _wait_for(waiter: Waiter, gone: asyncio.Event, timeout: float) -> None:
+    woken = asyncio.ensure_future(waiter.event.wait())
+    left = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait({woken, left}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        woken.cancel()
+        left.cancel()
+
+
+async def long_poll_claim(scope: dict[str, Any], receive: Receive, send: Send, app: App) -> None:
+    """Answer one claim request, holding it while the agent asked to wait and nothing is there."""
+    body, complete = await read_body(receive)
+    if not complete:
+        await _pass_through(scope, body, receive, send, app)
+        return
+    hub = claim_hub()
+    started = time.monotonic()
+    since = time_now()
+    scope = attempt_scope(scope)
+    gone = asyncio.Event()
+    watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
+    waiter: Waiter | None = None
+    try:
+        while True:
+            if waiter is not None:
+                waiter.event.clear()  # news from now on counts for the next attempt
+            answer = await attempt(app, scope, body)
+            hold = answer.header(HOLD_HEADER)
+            if waiter is not None and waiter.selector is not None and answer.status == 200:
+                # Woken for a job and got one: the notice may have stood for more.
+                hub.job_claimable(waiter.hold.organization_id, waiter.selector)
+            if answer.status != 204 or hold is None:
+                if gone.is_set() and answer.status == 200:
+                    await sync_to_async(_hand_back, thread_sensitive=False)(answer.body)
+                    return
+                await send_answer(send, answer, waited=time.monotonic() - started if waiter else None)
+                return
+            if waiter is None:
+                waiter = Waiter(Hold.parse(hold), since)
+                hub.add(waiter)
+            waiter.selector = None
+            left = waiter.hold.wait - (time.monotonic() - started)
+            if gone.is_set():
+                return
+            if left <= 0 or hub.closing:
+                await send_answer(send, answer, waited=time.monotonic() - started)
+                return
+            if not waiter.event.is_set():
+                await _wait_for(waiter, gone, left)
+            if gone.is_set():
+                return
+            if not waiter.event.is_set() or hub.closing:
+                await send_answer(send, answer, waited=time.monotonic() - started)  # the wait is over
+                return
+    finally:
+        watcher.cancel()
+        if waiter is not None:
+            hub.remove(waiter)
+
+
+async def _pass_through(scope: dict[str, Any], body: bytes, receive: Receive, send: Send, app: App) -> None:
+    """A request too large to hold: the app reads what was read, then the rest, as it would have."""
+    replayed = False
+
+    async def rest() -> dict[str, Any]:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": True}
+        return await receive()
+
+    await app(scope, rest, send)
+
+
+def _hand_back(body: bytes) -> None:
+    """The agent left before its claim's answer went out: the job it took goes back to the queue."""
+    from builds import services
+
+    try:
+        job_id = json.loads(body)["job"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return
+    close_old_connections()
+    services.hand_back_claim(job_id=uuid.UUID(str(job_id)))

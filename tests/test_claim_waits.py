@@ -1,0 +1,398 @@
+"""Long-poll claims, in process: `wait` on the claim view, the hub that wakes held claims, the hand back,
+and what tells the hub (PostgreSQL's triggers and notices, SQLite's poll).
+
+tests/test_claim_waits_e2e.py holds claims on the real ASGI entry point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from django.utils import timezone
+
+from builds import claim_waits, services, states
+from builds.claim_waits import ClaimHub, Hold, Waiter
+from builds.models import Agent, Job, JobState
+from organizations import services as org_services
+from tests.helpers import AGENT, assert_error, claim, is_postgres, make_build, run_job, two_step_ir
+
+J = JobState
+LONG_POLL = {claim_waits.LONG_POLL_META: "1"}
+
+
+# ------------------------------------------------------------------ the view
+
+
+@pytest.mark.django_db
+def test_a_claim_that_may_wait_and_finds_nothing_tells_the_long_poll_layer_whom_to_hold(session, org):
+    response = session.post(f"{AGENT}/claim", {"wait": 12.5, "claim_key": "k" * 16}, format="json", **LONG_POLL)
+
+    assert response.status_code == 204
+    hold = Hold.parse(response[claim_waits.HOLD_HEADER])
+    assert hold == Hold(org.pk, str(session.agent.pk), 12.5, {"queue": "default"})
+
+
+@pytest.mark.django_db
+def test_the_wait_may_come_in_the_query(session, org):
+    response = session.post(f"{AGENT}/claim?wait=3", **LONG_POLL)
+    assert response.status_code == 204 and Hold.parse(response[claim_waits.HOLD_HEADER]).wait == 3
+
+
+@pytest.mark.django_db
+def test_no_hold_without_wait_or_outside_the_long_poll_layer(session):
+    assert claim_waits.HOLD_HEADER not in session.post(f"{AGENT}/claim", {"wait": 0}, format="json", **LONG_POLL)
+    # A WSGI server (or a client sending the header itself to one) holds nothing: plain 204.
+    assert claim_waits.HOLD_HEADER not in session.post(f"{AGENT}/claim", {"wait": 5}, format="json")
+
+
+@pytest.mark.django_db
+def test_an_agents_tags_are_in_the_hold(agent_token, org):
+    from tests.helpers import bearer, register
+
+    response = register(agent_token.raw, tags={"queue": "arm64", "os": "linux"})
+    client = bearer(response.json()["session_token"])
+    hold = Hold.parse(client.post(f"{AGENT}/claim", {"wait": 1}, format="json", **LONG_POLL)[claim_waits.HOLD_HEADER])
+    assert hold.tags == {"queue": "arm64", "os": "linux"}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("wait", [-1, 30.5, "soon", None, [1]])
+def test_a_wait_outside_0_to_30_seconds_is_422_and_claims_nothing(session, build, wait):
+    body = assert_error(session.post(f"{AGENT}/claim", {"wait": wait}, format="json"), 422, "validation_failed")
+    assert "wait" in body["fields"]
+    assert not Job.objects.filter(build=build, state=J.ASSIGNED).exists()
+
+
+@pytest.mark.django_db
+def test_a_bad_wait_in_the_query_is_422(session):
+    assert_error(session.post(f"{AGENT}/claim?wait=forever"), 422, "validation_failed")
+
+
+@pytest.mark.django_db
+def test_a_claim_with_wait_that_finds_a_job_answers_it_at_once(session, build):
+    response = session.post(f"{AGENT}/claim", {"wait": 30}, format="json", **LONG_POLL)
+    assert response.status_code == 200 and response.json()["job"]["step_key"] == "a"
+    assert claim_waits.HOLD_HEADER not in response
+
+
+@pytest.mark.django_db
+def test_an_idle_claim_with_wait_is_still_two_queries(session, pipeline, django_assert_num_queries):
+    with django_assert_num_queries(2):  # the session, the claim that finds nothing
+        response = session.post(f"{AGENT}/claim", {"wait": 20}, format="json", **LONG_POLL)
+    assert response.status_code == 204
+
+
+# ------------------------------------------------------------------ the hub
+
+
+def hold(org: int = 1, agent: str = "a1", **tags: str) -> Hold:
+    return Hold(org, agent, 10, {"queue": "default", **tags})
+
+
+def in_loop(work: Any) -> Any:
+    return asyncio.run(work())
+
+
+def test_a_claimable_job_wakes_the_oldest_waiter_whose_tags_match_and_only_it():
+    async def work() -> list[bool]:
+        hub = ClaimHub()
+        hub.task = asyncio.get_running_loop().create_future()  # no listening here
+        first, arm, second = Waiter(hold(agent="x"), 0), Waiter(hold(agent="arm", queue="arm64"), 0), Waiter(
+            hold(agent="y"), 0)
+        for waiter in (first, arm, second):
+            hub.add(waiter)
+        assert hub.job_claimable(1, {"queue": "default"})
+        woken = [w.event.is_set() for w in (first, arm, second)]
+        # The next notice goes to the next one not woken yet; a queue nobody serves wakes nobody.
+        assert hub.job_claimable(1, {"queue": "default"})
+        assert not hub.job_claimable(1, {"queue": "gpu"})
+        assert not hub.job_claimable(2, {"queue": "default"})  # another organization's
+        assert hub.job_claimable(1, {"queue": "arm*"})
+        return woken + [w.event.is_set() for w in (first, arm, second)] + [first.selector == {"queue": "default"}]
+
+    assert in_loop(work) == [True, False, False, True, True, True, True]
+
+
+def test_a_notice_that_came_during_the_first_attempt_wakes_the_waiter_when_it_is_registered():
+    async def work() -> tuple[bool, bool]:
+        hub = ClaimHub()
+        hub.task = asyncio.get_running_loop().create_future()
+        since = claim_waits.time_now()
+        hub.job_claimable(1, {"queue": "default"})  # nobody was waiting yet
+        late = Waiter(hold(), since)
+        hub.add(late)
+        older = Waiter(hold(agent="b"), claim_waits.time_now() + 1)  # began after the notice: not for it
+        hub.add(older)
+        return late.event.is_set(), older.event.is_set()
+
+    assert in_loop(work) == (True, False)
+
+
+def test_credentials_news_wakes_the_organizations_or_the_agents_waiters_and_closing_wakes_all():
+    async def work() -> list[list[bool]]:
+        hub = ClaimHub()
+        hub.task = asyncio.get_running_loop().create_future()
+        waiters = [Waiter(hold(1, "a1"), 0), Waiter(hold(1, "a2"), 0), Waiter(hold(2, "b1"), 0)]
+        for waiter in waiters:
+            hub.add(waiter)
+        seen = []
+        for payload in ("a a2", "o 2", "x what", "j nope {}"):
+            hub.dispatch(payload)
+            seen.append([w.event.is_set() for w in waiters])
+        hub.close()
+        seen.append([w.event.is_set() for w in waiters])
+        late = Waiter(hold(3, "c"), 0)
+        hub.add(late)  # a claim that starts waiting while the server stops is answered at once
+        seen.append([late.event.is_set()])
+        hub.remove(late)
+        hub.remove(late)  # twice is harmless
+        return seen
+
+    assert in_loop(work) == [[False, True, False], [False, True, True], [False, True, True], [False, True, True],
+                             [True, True, True], [True]]
+
+
+def test_a_job_notice_without_a_selector_is_a_default_queue_job():
+    async def work() -> tuple[bool, bool]:
+        hub = ClaimHub()
+        hub.task = asyncio.get_running_loop().create_future()
+        default, arm = Waiter(hold(agent="d"), 0), Waiter(hold(agent="r", queue="arm64"), 0)
+        hub.add(arm)
+        hub.add(default)
+        hub.dispatch("j 1 ")
+        return default.event.is_set(), arm.event.is_set()
+
+    assert in_loop(work) == (True, False)
+
+
+# ------------------------------------------------------------------ handing a claim back
+
+
+@pytest.mark.django_db
+def test_a_claim_whose_answer_was_lost_goes_back_to_the_queue_in_its_place(session, build):
+    before = Job.objects.get(build=build, step_key="a")
+    spec, _ = claim(session)
+
+    assert services.hand_back_claim(job_id=uuid.UUID(spec["id"]))
+
+    job = Job.objects.get(pk=spec["id"])
+    assert (job.state, job.agent_id, job.credential_hash, job.claim_key, job.assigned_at) == (
+        J.SCHEDULED, None, None, None, None)
+    assert job.scheduled_at == before.scheduled_at
+    again, _ = claim(session)
+    assert again["id"] == spec["id"]
+
+
+@pytest.mark.django_db
+def test_a_started_job_is_not_handed_back(session, build):
+    from tests.helpers import start
+
+    spec, job_client = claim(session)
+    start(job_client, spec["id"])
+    assert not services.hand_back_claim(job_id=uuid.UUID(spec["id"]))
+    assert Job.objects.get(pk=spec["id"]).state == J.RUNNING
+    assert not services.hand_back_claim(job_id=uuid.uuid4())
+
+
+# ------------------------------------------------------------------ what tells the hub: PostgreSQL
+
+
+def listener() -> psycopg.Connection:
+    conn = psycopg.connect(claim_waits.listen_conninfo(), autocommit=True)
+    conn.execute("LISTEN harmont_claims")
+    return conn
+
+
+def notices(conn: psycopg.Connection) -> list[str]:
+    return [note.payload for note in conn.notifies(timeout=0.5)]
+
+
+@pytest.fixture
+def pg_listener(transactional_db: None) -> Any:
+    if not is_postgres():
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's; SQLite is polled (tests below)")
+    conn = listener()
+    yield conn
+    conn.close()
+
+
+def test_jobs_inserted_scheduled_notify_once_per_selector(pg_listener, pipeline):
+    ir = {"version": "0", "steps": [{"type": "command", "key": f"s{i}", "cmd": "true"} for i in range(5)]
+          + [{"type": "command", "key": "arm", "cmd": "true", "agents": {"queue": "arm64"}}]}
+    make_build(pipeline, pipeline_ir=ir)
+
+    got = sorted(notices(pg_listener))
+
+    assert [note.split(" ", 2)[:2] for note in got] == [["j", str(pipeline.organization_id)]] * 2
+    assert sorted(note.split(" ", 2)[2] for note in got) == [json.dumps({"queue": "arm64"}),
+                                                             json.dumps({"queue": "default"})]
+
+
+def test_a_job_released_by_its_dependency_notifies_and_heartbeats_do_not(pg_listener, pipeline):
+    build = make_build(pipeline, pipeline_ir=two_step_ir())
+    notices(pg_listener)
+    first = Job.objects.get(build=build, step_key="a")
+    assert services.move_job(job=first, state=J.ASSIGNED) and services.move_job(job=first, state=J.RUNNING)
+    Job.objects.filter(pk=first.pk).update(last_heartbeat_at=timezone.now())
+    assert notices(pg_listener) == []
+
+    first.refresh_from_db()
+    services.finish_job(job=first, state=J.PASSED, exit_code=0)
+
+    assert notices(pg_listener) == [f"j {pipeline.organization_id} {json.dumps({'queue': 'default'})}"]
+
+
+def test_a_concurrency_group_job_that_ends_notifies_for_the_groups_waiting_jobs(pg_listener, pipeline):
+    steps = [{"type": "command", "key": f"d{i}", "cmd": "deploy", "concurrency_group": "prod", "concurrency": 1}
+             for i in range(2)]
+    build = make_build(pipeline, pipeline_ir={"version": "0", "steps": steps})
+    notices(pg_listener)
+    holder = Job.objects.get(build=build, step_key="d0")
+    assert services.move_job(job=holder, state=J.ASSIGNED) and services.move_job(job=holder, state=J.RUNNING)
+    assert notices(pg_listener) == []
+    holder.refresh_from_db()
+
+    services.finish_job(job=holder, state=J.PASSED, exit_code=0)
+
+    assert notices(pg_listener) == [f"j {pipeline.organization_id} {json.dumps({'queue': 'default'})}"]
+
+
+def test_revoking_a_token_and_disconnecting_an_agent_notify(pg_listener, org, agent_token):
+    from tests.helpers import register
+
+    agent_id = register(agent_token.raw).json()["agent"]["id"]
+    services.disconnect_agent(agent=Agent.objects.get(pk=agent_id))
+    services.disconnect_agent(agent=Agent.objects.get(pk=agent_id))  # already stopped: nothing new
+    org_services.revoke_agent_token(token=agent_token.token)
+    org_services.revoke_agent_token(token=agent_token.token)
+
+    assert notices(pg_listener) == [f"a {agent_id}", f"o {org.pk}"]
+
+
+def test_a_notice_is_sent_only_when_its_transaction_commits(pg_listener, org, agent_token):
+    from django.db import transaction
+
+    with pytest.raises(RuntimeError):
+        with transaction.atomic():
+            org_services.revoke_agent_token(token=agent_token.token)
+            raise RuntimeError("rolled back")
+    assert notices(pg_listener) == []
+
+
+# ------------------------------------------------------------------ what tells the hub: SQLite's poll
+
+
+@pytest.mark.django_db
+def test_the_poll_reports_scheduled_jobs_freed_groups_and_gone_agents_since_it_last_looked(session, pipeline, org,
+                                                                                           agent_token):
+    since = timezone.now() - timedelta(seconds=1)
+    build = make_build(pipeline, pipeline_ir=two_step_ir())
+    steps = [{"type": "command", "key": "d", "cmd": "deploy", "concurrency_group": "prod", "concurrency": 1}]
+    grouped = make_build(pipeline, pipeline_ir={"version": "0", "steps": steps})
+    run_job(Job.objects.get(build=grouped))
+    services.disconnect_agent(agent=session.agent)
+
+    _, news = claim_waits.poll_news([org.pk], since)
+
+    payloads = [payload for _, payload in news]
+    first = Job.objects.get(build=build, step_key="a")
+    assert (("j", first.pk), f"j {org.pk} {json.dumps({'queue': 'default'})}") in news
+    assert f"o {org.pk}" in payloads  # the group's job ended
+    assert f"a {session.agent.pk}" in payloads
+    assert claim_waits.poll_news([org.pk + 1000], since)[1] == []
+    # A job claimed since is no news any more.
+    states.transition_jobs([first.pk], to=J.ASSIGNED, now=timezone.now())
+    assert ("j", first.pk) not in dict(claim_waits.poll_news([org.pk], since)[1])
+
+
+# ------------------------------------------------------------------ the held request (a fake app in its place)
+
+
+def run_claim(app: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`long_poll_claim` over `app` for a client that sends `messages`; what was sent back."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": claim_waits.CLAIM_PATH, "headers": []}
+    asyncio.run(claim_waits.long_poll_claim(scope, receive, send, app))
+    return sent
+
+
+def answering(status: int, body: bytes, *, headers: list[tuple[bytes, bytes]] = (), seen: list | None = None,
+              delay: float = 0) -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        message = await receive()
+        if seen is not None:
+            seen.append((dict(scope["headers"]), message["body"]))
+        await asyncio.sleep(delay)
+        await send({"type": "http.response.start", "status": status, "headers": list(headers)})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
+def test_an_answer_that_is_not_held_goes_out_as_it_came_with_one_request_id_for_the_attempts():
+    seen: list = []
+    body = b'{"claim_key": "abc"}'
+    sent = run_claim(answering(200, b'{"job": {}}', headers=[(b"content-type", b"application/json")], seen=seen),
+                     [{"type": "http.request", "body": body, "more_body": False}])
+
+    assert sent[0] == {"type": "http.response.start", "status": 200,
+                       "headers": [(b"content-type", b"application/json")]}
+    assert sent[1]["body"] == b'{"job": {}}'
+    headers, got = seen[0]
+    assert got == body and headers[b"x-harmont-long-poll"] == b"1" and len(headers[b"x-request-id"]) == 32
+
+
+def test_a_204_whose_wait_is_over_goes_out_without_the_internal_header():
+    hold = claim_waits.hold_value(organization_id=1, agent_id=uuid.uuid4(), wait=0.2, tags={})
+    sent = run_claim(answering(204, b"", headers=[(claim_waits.HOLD_HEADER.encode(), hold.encode())]),
+                     [{"type": "http.request", "body": b"", "more_body": False}])
+
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 204 and claim_waits.HOLD_HEADER.encode() not in headers
+    assert float(headers[b"harmont-claim-wait"]) >= 0.2
+
+
+def test_a_job_claimed_for_a_client_that_left_is_handed_back(monkeypatch):
+    handed: list[str] = []
+    monkeypatch.setattr(claim_waits, "_hand_back", lambda body: handed.append(json.loads(body)["job"]["id"]))
+
+    sent = run_claim(answering(200, json.dumps({"job": {"id": "j-1"}}).encode(), delay=0.1),
+                     [{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}])
+
+    assert (handed, sent) == (["j-1"], [])
+
+
+def test_a_body_too_large_to_hold_is_passed_through_whole():
+    seen: list = []
+    part = b"x" * (claim_waits.MAX_BODY_BYTES + 1)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        got = b""
+        while True:
+            message = await receive()
+            got += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        seen.append(got)
+        await send({"type": "http.response.start", "status": 413, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    sent = run_claim(app, [{"type": "http.request", "body": part, "more_body": True},
+                           {"type": "http.request", "body": b"tail", "more_body": False}])
+
+    assert seen == [part + b"tail"] and sent[0]["status"] == 413

@@ -1,0 +1,203 @@
+"""End to end: claims held by the production entry point (harmont.asgi under uvicorn) until a job comes.
+
+Raw HTTP clients hold claims and see them answered by a job scheduled later, by
+their wait running out, by the agent's token being revoked or the agent
+disconnected; a client that leaves takes no job with it. Real agents long-poll by
+default: one with a 30 s poll interval still starts a new job at once, and stops
+at once when told to while its claim is held. On PostgreSQL the server hears of
+jobs through LISTEN/NOTIFY, on SQLite through its poll; the module runs on both.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from builds.models import Agent, Job, JobState
+from organizations import services as org_services
+from pipelines.models import Pipeline
+from tests.e2e import Agents, finished, job_log, jobs_by_key, wait_for
+from tests.helpers import make_build, register, two_step_ir
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+# Far below every wait asked here: an answer this soon was woken, not timed out.
+PROMPT_SECONDS = 5.0
+
+
+@pytest.fixture
+def server(asgi_server: tuple[str, int], e2e_settings: Any) -> tuple[str, int]:
+    return asgi_server
+
+
+@pytest.fixture
+def agent_session(agent_token: org_services.IssuedAgentToken) -> dict[str, str]:
+    body = register(agent_token.raw).json()
+    return {"token": body["session_token"], "agent_id": body["agent"]["id"]}
+
+
+class HeldClaim(threading.Thread):
+    """`POST /api/v0/agent/claim` with `wait`, on a thread: `.status`, `.headers`, `.body`, `.elapsed`."""
+
+    def __init__(self, server: tuple[str, int], token: str, *, wait: float, query: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.server, self.token, self.wait, self.query = server, token, wait, query
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self.body = b""
+        self.elapsed = 0.0
+        self.start()
+        time.sleep(0.3)  # the first attempt has found nothing and the claim is held
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection(*self.server, timeout=60)
+        started = time.monotonic()
+        path = f"/api/v0/agent/claim?wait={self.wait}" if self.query else "/api/v0/agent/claim"
+        body = None if self.query else json.dumps({"wait": self.wait, "claim_key": "held-claim-key-1"})
+        conn.request("POST", path, body=body, headers={"Authorization": f"Bearer {self.token}",
+                                                       "Content-Type": "application/json", "X-Request-Id": "held-1"})
+        response = conn.getresponse()
+        self.body = response.read()
+        self.elapsed = time.monotonic() - started
+        self.status, self.headers = response.status, {k.lower(): v for k, v in response.getheaders()}
+        conn.close()
+
+    def answer(self, timeout: float = 40) -> HeldClaim:
+        self.join(timeout)
+        assert not self.is_alive(), "the held claim was never answered"
+        return self
+
+
+def test_a_held_claim_is_answered_with_a_job_scheduled_while_it_waits(server, agent_session, pipeline):
+    held = HeldClaim(server, agent_session["token"], wait=25)
+    assert held.is_alive()
+
+    build = make_build(pipeline, pipeline_ir=two_step_ir())
+
+    held.answer()
+    assert held.status == 200, held.body[:300]
+    assert held.elapsed < PROMPT_SECONDS
+    job = json.loads(held.body)["job"]
+    assert (job["build_id"], job["step_key"]) == (str(build.pk), "a")
+    assert 0 < float(held.headers["harmont-claim-wait"]) < PROMPT_SECONDS
+    assert held.headers["x-request-id"] == "held-1"
+    assert "x-harmont-claim-hold" not in held.headers
+    assert Job.objects.get(pk=job["id"]).state == JobState.ASSIGNED
+
+
+def test_a_held_claim_of_another_queue_is_not_woken_by_the_job(server, agent_token, pipeline):
+    arm = register(agent_token.raw, tags={"queue": "arm64"}).json()["session_token"]
+    default = register(agent_token.raw).json()["session_token"]
+    other = HeldClaim(server, arm, wait=3)
+    held = HeldClaim(server, default, wait=25)
+
+    make_build(pipeline, pipeline_ir=two_step_ir())
+
+    assert held.answer().status == 200 and held.elapsed < PROMPT_SECONDS
+    assert other.answer().status == 204 and other.elapsed >= 3
+
+
+def test_a_held_claim_whose_wait_runs_out_is_204_saying_how_long_it_was_held(server, agent_session, pipeline):
+    held = HeldClaim(server, agent_session["token"], wait=1.5, query=True).answer()
+
+    assert held.status == 204
+    assert 1.5 <= held.elapsed < PROMPT_SECONDS
+    assert 1.5 <= float(held.headers["harmont-claim-wait"]) < PROMPT_SECONDS
+
+
+def test_revoking_the_agent_token_ends_a_held_claim_with_401(server, agent_session, agent_token, pipeline):
+    held = HeldClaim(server, agent_session["token"], wait=25)
+
+    org_services.revoke_agent_token(token=agent_token.token)
+
+    assert held.answer().status == 401 and held.elapsed < PROMPT_SECONDS
+    assert json.loads(held.body)["error"]["code"] == "unauthorized"
+
+
+def test_disconnecting_the_agent_ends_its_held_claim_with_401(server, agent_session, pipeline):
+    held = HeldClaim(server, agent_session["token"], wait=25)
+    conn = http.client.HTTPConnection(*server, timeout=10)
+    conn.request("POST", "/api/v0/agent/disconnect", body="{}",
+                 headers={"Authorization": f"Bearer {agent_session['token']}", "Content-Type": "application/json"})
+    assert conn.getresponse().status == 204
+
+    assert held.answer().status == 401 and held.elapsed < PROMPT_SECONDS
+
+
+def test_a_client_that_leaves_a_held_claim_takes_no_job(server, agent_session, pipeline):
+    sock = socket.create_connection(server, timeout=10)
+    body = json.dumps({"wait": 25}).encode()
+    sock.sendall(b"POST /api/v0/agent/claim HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {agent_session['token']}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                 + body)
+    time.sleep(0.3)
+    sock.close()
+    time.sleep(0.3)
+
+    build = make_build(pipeline, pipeline_ir=two_step_ir())
+    time.sleep(1.0)  # more than the server needs to hear of the job and wake whom it holds
+
+    assert Job.objects.get(build=build, step_key="a").state == JobState.SCHEDULED
+    # And the next claim takes it, at once.
+    assert HeldClaim(server, agent_session["token"], wait=25).answer().status == 200
+
+
+# ------------------------------------------------------------------ real agents
+
+
+@pytest.fixture
+def asgi_agents(server: tuple[str, int], transactional_db: None, agent_token: org_services.IssuedAgentToken,
+                tmp_path: Path, pipeline: Pipeline) -> Iterator[Agents]:
+    """Agents against the ASGI entry point (tests.e2e's `agents` talk to Django's WSGI test server)."""
+    pipeline.repository = ""
+    pipeline.save(update_fields=["repository"])
+    host, port = server
+    pool = Agents(server=f"http://{host}:{port}", token=agent_token.raw, base=tmp_path / "agents")
+    pool.base.mkdir()
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def test_an_idle_agent_long_polls_so_a_new_job_starts_at_once_whatever_its_poll_interval(asgi_agents, pipeline):
+    agent = asgi_agents.start("waiting", poll_interval=30)
+    wait_for(lambda: agent_registered("waiting"), 20, what="the agent to register")
+    time.sleep(0.5)  # its first claim found nothing and is held
+
+    started = time.monotonic()
+    build = make_build(pipeline, pipeline_ir=two_step_ir())
+    wait_for(lambda: finished(build), 20, what="the build to finish")
+
+    assert build.state == "passed", {k: job_log(j) for k, j in jobs_by_key(build).items()}
+    # A polling agent would have waited out its 30 s interval before the first job.
+    assert time.monotonic() - started < 15
+    assert agent.process.poll() is None
+
+
+def test_an_agent_stopped_while_its_claim_is_held_exits_at_once(asgi_agents, pipeline):
+    agent = asgi_agents.start("stopping", poll_interval=30, options=("--claim-wait", "30"))
+    wait_for(lambda: agent_registered("stopping"), 20, what="the agent to register")
+    time.sleep(0.5)
+
+    started = time.monotonic()
+    agent.send(signal.SIGTERM)
+
+    assert agent.wait(timeout=15) == 0, agent.output()
+    assert time.monotonic() - started < PROMPT_SECONDS
+    # It took nothing on its way out.
+    build = make_build(pipeline, pipeline_ir=two_step_ir())
+    assert Job.objects.get(build=build, step_key="a").state == JobState.SCHEDULED
+
+
+def agent_registered(name: str) -> bool:
+    return Agent.objects.filter(name=name).exists()
