@@ -1635,7 +1635,7 @@ def test_the_agent_session_loads_what_the_orm_would(session):
     agent = selectors.agent_for_session(session.raw_token)
 
     fields = loaded_fields(agent)
-    assert set(fields) == {"id", "organization_id", "name", "last_seen_at"}
+    assert set(fields) == {"id", "organization_id", "name", "last_seen_at", "tags"}
     assert fields == {name: getattr(Agent.objects.get(pk=session.agent.pk), name) for name in fields}
 
 
