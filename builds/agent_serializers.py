@@ -19,6 +19,7 @@ from rest_framework import serializers
 from rest_framework.request import Request
 
 from builds.models import Agent, JobState
+from builds.selectors import MAX_CLAIM_WAIT_SECONDS
 from builds.services import ChunkIn, Claim, FinishOutcome, job_spec
 from builds.states import TERMINAL_JOB_STATES
 from harmont.errors import flatten_detail, validation_error
@@ -176,10 +177,6 @@ class ClaimKeyField(serializers.RegexField):
         super().__init__(CLAIM_KEY, required=False, allow_null=True, help_text=(
             "The agent's random key for this claim, the same in every retry of the request: a retry whose first "
             "answer was lost gets the same job again (with a new job_token) instead of a second one."))
-
-
-# The longest a claim is held waiting for a job: under the idle timeouts of common load balancers.
-MAX_CLAIM_WAIT_SECONDS = 30
 
 
 class ClaimRequest(serializers.Serializer):

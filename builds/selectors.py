@@ -23,6 +23,9 @@ from pipelines.models import Visibility
 # "Last seen" is shown to the second at best; refreshing it on every request of a busy
 # agent would be a write per request for nothing (builds.services.agents).
 AGENT_SEEN_RESOLUTION = timedelta(seconds=2)
+# The longest a claim is held waiting for a job (builds.claim_waits): under the idle timeouts of
+# common load balancers.
+MAX_CLAIM_WAIT_SECONDS = 30
 # The agents list (API and page) shows agents seen this recently.
 AGENT_LIST_WINDOW = timedelta(days=1)
 
@@ -217,12 +220,17 @@ def find_artifact(*, build: Build, artifact_id: str | uuid.UUID) -> Artifact | N
     return None if pk is None else Artifact.objects.filter(build=build, pk=pk).first()
 
 
+def agent_silence_allowed() -> timedelta:
+    """How long an idle agent may go unseen and still be connected: the heartbeat timeout, plus the
+    longest a claim is held (an agent is seen when each attempt of its claim begins)."""
+    return timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS + MAX_CLAIM_WAIT_SECONDS)
+
+
 def connection_state(agent: Agent, now: datetime) -> str:
-    """stopped (exited cleanly), lost (silent past the heartbeat timeout), or connected."""
+    """stopped (exited cleanly), lost (silent past agent_silence_allowed), or connected."""
     if agent.stopped_at is not None:
         return "stopped"
-    silent = (now - agent.last_seen_at).total_seconds()
-    return "lost" if silent > settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS else "connected"
+    return "lost" if now - agent.last_seen_at > agent_silence_allowed() else "connected"
 
 
 def recent_agents_query(org: Organization, *, now: datetime) -> QuerySet[Agent]:
@@ -273,7 +281,7 @@ def with_waiting_reasons(jobs: list[Job], *, organization_id: int, now: datetime
         return jobs
     now = now or timezone.now()
     connected = (Agent.objects.filter(organization_id=organization_id, stopped_at__isnull=True,
-                                      last_seen_at__gte=now - timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS))
+                                      last_seen_at__gte=now - agent_silence_allowed())
                  .order_by().values_list("tags", flat=True).distinct()[:WAITING_REASON_TAG_SETS])
     tag_sets = list(connected)
     groups = {job.concurrency_group for job in waiting if job.concurrency_group is not None}
