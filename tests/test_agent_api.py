@@ -24,6 +24,7 @@ from rest_framework.test import APIClient
 from builds import services as build_services
 from builds.models import Agent, Build, BuildState, Job, JobState, LogChunk
 from builds import selectors
+from builds.selectors import MAX_CLAIM_WAIT_SECONDS
 from builds.agent.logs import MAX_BATCH_CHARS, STDOUT, LogShipper
 from builds.agent.spec import JobSpec
 from builds.agent.transport import AgentError
@@ -1535,8 +1536,9 @@ def test_agents_list_shows_each_agents_connection_and_current_job(api, org, agen
     spec, _ = claim(connected)
     assert stopped.post(f"{AGENT}/disconnect").status_code == 204
     now = timezone.now()
+    # Silent past the heartbeat timeout and the longest a claim is held.
     Agent.objects.filter(name="quiet").update(
-        last_seen_at=now - timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS + 5))
+        last_seen_at=now - timedelta(seconds=settings.AGENT_HEARTBEAT_TIMEOUT_SECONDS + MAX_CLAIM_WAIT_SECONDS + 5))
     Agent.objects.filter(name="gone").update(last_seen_at=now - timedelta(seconds=1))
 
     response = api.get(agents_url(org.slug))
