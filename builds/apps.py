@@ -6,6 +6,9 @@ class BuildsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from builds.metrics import DatabaseCollector
         from builds.services.retention import connect_file_cleanup
+        from harmont.metrics import register_scrape_collector
 
         connect_file_cleanup()
+        register_scrape_collector(DatabaseCollector())

@@ -45,7 +45,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connections
 
-from harmont import claim_notices
+from harmont import claim_notices, metrics
 from pipelines import agent_tags
 
 log = logging.getLogger("harmont.claims")
@@ -413,6 +413,7 @@ async def long_poll_claim(scope: dict[str, Any], receive: Receive, send: Send, a
     gone = asyncio.Event()
     watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
     waiter: Waiter | None = None
+    outcome = "gone"
     try:
         while True:
             if waiter is not None:
@@ -426,29 +427,29 @@ async def long_poll_claim(scope: dict[str, Any], receive: Receive, send: Send, a
                 if gone.is_set() and answer.status == 200:
                     await sync_to_async(_hand_back, thread_sensitive=False)(answer.body)
                     return
+                outcome = "job" if answer.status == 200 else str(answer.status)
                 await send_answer(send, answer, waited=time.monotonic() - started if waiter else None)
                 return
             if waiter is None:
                 waiter = Waiter(Hold.parse(hold), since)
                 hub.add(waiter)
+                metrics.CLAIMS_HELD.inc()
             waiter.selector = None
             left = waiter.hold.wait - (time.monotonic() - started)
-            if gone.is_set():
-                return
-            if left <= 0 or hub.closing:
-                await send_answer(send, answer, waited=time.monotonic() - started)
-                return
-            if not waiter.event.is_set():
+            if not gone.is_set() and left > 0 and not hub.closing and not waiter.event.is_set():
                 await _wait_for(waiter, gone, left)
             if gone.is_set():
                 return
             if not waiter.event.is_set() or hub.closing:
-                await send_answer(send, answer, waited=time.monotonic() - started)  # the wait is over
+                outcome = "empty"  # the wait is over (or the server is stopping)
+                await send_answer(send, answer, waited=time.monotonic() - started)
                 return
     finally:
         watcher.cancel()
         if waiter is not None:
             hub.remove(waiter)
+            metrics.CLAIMS_HELD.dec()
+            metrics.CLAIM_HOLD_SECONDS.labels(outcome).observe(time.monotonic() - started)
 
 
 async def _pass_through(scope: dict[str, Any], body: bytes, receive: Receive, send: Send, app: App) -> None:

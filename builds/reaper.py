@@ -15,6 +15,7 @@ from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 
 from builds import services
+from harmont import metrics
 from builds.services.agents import prune_agents
 from organizations.idempotency import prune_idempotency_keys
 
@@ -61,6 +62,8 @@ def run_reaper(*, stop: threading.Event, interval: float, once: bool = False, gr
         try:
             now = clock()
             report = services.reap(now=now, silence_counted_from=grace.silence_counted_from(now))
+            metrics.count_reaped([("agent_heartbeat_lost", report.heartbeat_lost), ("job_timeout", report.job_timeouts),
+                                  ("pipeline_timeout", report.pipeline_timeouts)])
             if report.heartbeat_lost or report.job_timeouts or report.pipeline_timeouts:
                 log.info("reaped: %s", report)
             # Here rather than per request: one indexed DELETE every few seconds, not one per create.

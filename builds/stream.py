@@ -41,6 +41,7 @@ from builds import sql
 from builds.models import Job, LogChunk
 from builds.responses import chunk_sizes
 from builds.states import TERMINAL_JOB_STATES
+from harmont import metrics
 from harmont.errors import DATABASE_RETRY_AFTER_SECONDS, DATABASE_UNAVAILABLE_ERRORS
 from harmont.logtokens import LogTokenInvalid, verify_log_token
 from harmont.serializers import parse_uuid
@@ -50,6 +51,9 @@ log = logging.getLogger("harmont.stream")
 TICK_SECONDS = 0.2
 KEEPALIVE_SECONDS = 15.0
 DONE = object()  # sentinel queued after a job's last chunk
+DRAIN = object()  # sentinel queued when the server stops: the stream ends, the client reconnects elsewhere
+# What a draining server tells EventSource: reconnect after this many milliseconds (to another instance).
+DRAIN_RETRY_MS = 1000
 HISTORY_FRAME_BYTES = 1024 * 1024  # a whole event, id and event lines included
 HISTORY_PAGE_ROWS = 500  # chunks whose sizes one history page looks at
 HISTORY_PAGE_BYTES = 512 * 1024  # content one history page reads (at least one chunk, however big)
@@ -103,9 +107,13 @@ class LogHub:
         self.subscribers: dict[uuid.UUID, set[Subscriber]] = {}
         self.cursors: dict[uuid.UUID, int] = {}
         self.task: asyncio.Task | None = None
+        self.draining = False
 
     def subscribe(self, job_id: uuid.UUID, after_seq: int) -> Subscriber:
         subscriber = Subscriber(job_id, after_seq)
+        if self.draining:
+            subscriber.queue.put_nowait(DRAIN)
+            return subscriber
         self.subscribers.setdefault(job_id, set()).add(subscriber)
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
@@ -119,6 +127,16 @@ class LogHub:
         current = self.cursors.get(subscriber.job_id)
         self.cursors[subscriber.job_id] = subscriber.last_seq if current is None else min(current,
                                                                                            subscriber.last_seq)
+
+    def drain(self) -> None:
+        """The server is stopping: every open stream ends now, telling its client to reconnect (elsewhere)."""
+        self.draining = True
+        stalled: list[Subscriber] = []
+        for watchers in list(self.subscribers.values()):
+            for subscriber in watchers:
+                self._offer(subscriber, DRAIN, stalled)
+        for subscriber in stalled:
+            self.unsubscribe(subscriber)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         watchers = self.subscribers.get(subscriber.job_id)
@@ -323,6 +341,7 @@ async def events(logs: LogHub, job_id: uuid.UUID, after: int, first_page: tuple[
     # (and `done` if the job ended while its history was going out).
     subscriber = logs.subscribe(job_id, seq)
     logs.start_from(subscriber, seq)
+    metrics.STREAMS_OPEN.inc()
     try:
         while True:
             try:
@@ -335,10 +354,15 @@ async def events(logs: LogHub, job_id: uuid.UUID, after: int, first_page: tuple[
             if item is DONE:
                 yield frame("done", {})
                 return
+            if item is DRAIN:
+                # No `done`: the client resumes from the last id it got, on whichever server answers.
+                yield f"retry: {DRAIN_RETRY_MS}\n\n".encode()
+                return
             if item["seq"] > subscriber.last_seq:  # else already in the history
                 subscriber.last_seq = item["seq"]
                 yield frame("chunk", item, event_id=item["seq"])
             if subscriber.overflowed and subscriber.queue.empty():
                 return  # ended without `done`: the client resumes from the last id it got
     finally:
+        metrics.STREAMS_OPEN.dec()
         logs.unsubscribe(subscriber)

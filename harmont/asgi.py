@@ -9,7 +9,10 @@ which runs each attempt on that same pool and holds a claim that asked to
 wait between attempts, in the event loop.
 """
 
+import asyncio
 import os
+import signal
+import threading
 
 from a2wsgi import WSGIMiddleware
 
@@ -24,13 +27,38 @@ WSGI_THREADS = int(os.environ.get("HARMONT_WSGI_THREADS", "8"))
 django_asgi = get_asgi_application()
 wsgi = WSGIMiddleware(get_wsgi_application(), workers=WSGI_THREADS)
 
-from builds.claim_waits import CLAIM_PATH, long_poll_claim  # noqa: E402 (needs Django set up)
+from builds.claim_waits import CLAIM_PATH, claim_hub, long_poll_claim  # noqa: E402 (needs Django set up)
+from builds.stream import hub as log_hub  # noqa: E402
+
+
+def drain() -> None:
+    """The server is stopping (in the event loop): held claims are answered and log streams end with a
+    `retry:` hint now, so agents and browsers go to another instance; requests in flight finish."""
+    claim_hub().close()
+    log_hub().drain()
+
+
+def drain_on_sigterm() -> None:
+    """Chain `drain` before the server's own SIGTERM handler (uvicorn's: stop accepting, wait for
+    the requests in flight), in this worker's main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # a server run in a thread (tests) gets its signals elsewhere
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        loop.call_soon_threadsafe(drain)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 async def lifespan(receive, send) -> None:  # noqa: ANN001
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            drain_on_sigterm()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})

@@ -61,9 +61,9 @@ def server_processes(env: dict[str, str], agent_token: str) -> list[tuple[list[s
     return [
         # ASGI with uvicorn workers: open log streams are coroutines, REST requests go to
         # the WSGI app on a thread pool (see harmont/asgi.py).
-        ([sys.executable, "-m", "gunicorn", "harmont.asgi:application", "--worker-class",
-          "uvicorn_worker.UvicornWorker", "--bind", f"127.0.0.1:{port}", "--workers", workers,
-          "--graceful-timeout", "5"]
+        # harmont/gunicorn_conf.py: the uvicorn workers, the drain on SIGTERM, the metrics directory.
+        ([sys.executable, "-m", "gunicorn", "-c", "python:harmont.gunicorn_conf", "harmont.asgi:application",
+          "--bind", f"127.0.0.1:{port}", "--workers", workers]
          + (["--access-logfile", "-"] if env.get("HARMONT_ACCESS_LOG") == "1" else []), env),
         ([sys.executable, manage_py, "runreaper"], env),
         # The task queue's worker: webhook deliveries are acted on here, not in their request.
@@ -78,6 +78,8 @@ def main() -> int:
     if not env.get("HARMONT_SECRET_KEY"):
         env["HARMONT_SECRET_KEY"] = local_secret_key()
     env.setdefault("HARMONT_PUBLIC_URL", f"http://127.0.0.1:{env['PORT']}")
+    # The workers' metrics add up across processes here (harmont.metrics); gunicorn clears it at start.
+    env.setdefault("HARMONT_METRICS_DIR", str(VAR / "metrics"))
     # A demo on one's own machine: let people try /signup (off by default on a real server).
     env.setdefault("HARMONT_SIGNUP_ENABLED", "1")
     print(manage("migrate", "--noinput", env=env), end="")

@@ -202,6 +202,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "harmont.errors.RequestIdMiddleware",
+    "harmont.metrics.RequestMetricsMiddleware",
+    "harmont.logs.RequestLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves the admin's and the pages' static files from gunicorn itself.
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -442,14 +444,33 @@ AXES_IPWARE_META_PRECEDENCE_ORDER = ["REMOTE_ADDR"]
 AXES_ENABLE_ACCESS_FAILURE_LOG = True
 AXES_VERBOSE = False
 
+# Logs: `plain` lines for people, or `json`, one object per line for a log pipeline (harmont.log_format),
+# with a line per request (harmont.logs: route, status, duration, request id, who, organization).
+LOG_FORMAT = env_str("HARMONT_LOG_FORMAT", "plain")
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"HARMONT_LOG_FORMAT must be plain or json, got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+                   "json": {"()": "harmont.log_format.JsonFormatter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": env_str("HARMONT_LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "INFO"}},
+    "loggers": {"django.db.backends": {"level": "INFO"},
+                # The per-request lines (harmont.logs.RequestLogMiddleware): in json only, where a
+                # pipeline parses them; plain logs keep to what happened.
+                "harmont.requests": {"level": "INFO" if LOG_FORMAT == "json" else "WARNING"}},
 }
+
+# Prometheus metrics at /metrics (harmont.metrics): scraped with this bearer token; 404 without it.
+METRICS_TOKEN = env_str("HARMONT_METRICS_TOKEN")
+# Where the processes of one machine keep their counters and histograms, so that a scrape of any
+# worker adds up all of them (prometheus-client's multiprocess mode): an empty directory, cleared
+# when the server starts (harmont/gunicorn_conf.py does). Unset: each process reports its own.
+METRICS_DIR = env_str("HARMONT_METRICS_DIR")
+if METRICS_DIR:
+    Path(METRICS_DIR).mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = METRICS_DIR
 
 # Transport. The pages never read cookies from JavaScript (the CSRF token is in each form),
 # so both cookies are HttpOnly; served over https, they are Secure and browsers get HSTS

@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerSpli
 
 from harmont import views
 from harmont.errors import route_not_found
+from harmont.metrics import metrics_view
 
 # A database outage that surfaces in a middleware is a 503 envelope too, never Django's HTML page.
 handler500 = "harmont.errors.server_error"
@@ -22,6 +23,8 @@ api_v0 = [
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
+    # Prometheus scrapes, with HARMONT_METRICS_TOKEN; a 404 without it.
+    path("metrics", metrics_view, name="metrics"),
     # The live log stream (/v0/jobs/...) and the webhook receiver (/webhooks/...).
     path("", include("builds.root_urls")),
     path("docs/errors/", views.error_index, name="error-index"),

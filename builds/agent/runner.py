@@ -163,6 +163,7 @@ class Agent:
                     log.error("a claimed job could not be read (%r); the reaper will fail it", exc)
                     continue
                 self.current_job = job
+                CURRENT_JOB.id = job.id
                 try:
                     self.run_job(job)
                 except AgentError as exc:
@@ -179,6 +180,7 @@ class Agent:
                     shutil.rmtree(self._artifacts_dir(job), ignore_errors=True)
                 finally:
                     self.current_job = None
+                    CURRENT_JOB.id = None
                 if self.once:
                     return 0
         except Unauthorized:
@@ -306,7 +308,7 @@ class Agent:
             raise Unauthorized(status, data[:200])
         if status != 200:
             raise AgentError(status, data[:200])
-        return json.loads(data)
+        return {**json.loads(data), "claim_request_id": self.transport.last_header("X-Request-Id")}
 
     # ------------------------------------------------------------ one job
 
@@ -363,7 +365,8 @@ class Agent:
             self._ship_final(shipper)
             self._finish(job, {"exit_code": None, "outcome": "canceled"}, shipper)
             return
-        shipper.add(META, f"harmont-agent: running {job.step_key} on {self.name}\n")
+        claimed_by = f" (claimed by request {job.claim_request_id})" if job.claim_request_id else ""
+        shipper.add(META, f"harmont-agent: running {job.step_key} on {self.name}{claimed_by}\n")
         artifacts = self._artifacts_dir(job)
         shutil.rmtree(artifacts, ignore_errors=True)
         artifacts.mkdir(parents=True)
@@ -542,7 +545,10 @@ class Agent:
             body["claim_key"] = uuid.uuid4().hex  # see claim(): a retried report gets the same next job
         answer = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/finish", token=job.token, body=body)
         if body["claim_next"] and "next" in answer:  # left out by older servers
-            self.handed_over, self.has_handover = answer["next"], True
+            handed = answer["next"]
+            if handed is not None:
+                handed = {**handed, "claim_request_id": self.transport.last_header("X-Request-Id")}
+            self.handed_over, self.has_handover = handed, True
 
 
 def is_job_entry(name: str) -> bool:
@@ -693,7 +699,9 @@ def main(argv: list[str] | None = None) -> int:
         restart_cleanly(token=token, argv=argv, options=_options_without_token(args), environ=os.environ)
         sys.stderr.write("warning: called from Python, the agent could not start itself again: the environment "
                          "it was started with, as /proc shows it, may still hold the token\n")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(job)s%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(CURRENT_JOB)
     try:
         agent = Agent(server=args.server, token=token, name=args.name, workdir=args.workdir, once=args.once,
                       poll_interval=args.poll_interval, run_as=run_as, heartbeat_interval=args.heartbeat_interval,
@@ -726,6 +734,19 @@ def container_options(given: list[str] | None, default: str) -> list[str]:
     if given is None:
         return shlex.split(default)
     return [part for value in given for part in shlex.split(value)]
+
+
+class CurrentJob(logging.Filter):
+    """Puts the job the agent is running into each log line (`job <id>: `), from whichever thread logs it."""
+
+    id: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.job = f"job {self.id}: " if self.id else ""
+        return True
+
+
+CURRENT_JOB = CurrentJob()
 
 
 def claim_wait_seconds(value: str) -> float:

@@ -33,6 +33,8 @@ class JobSpec:
     # A job with builds_in children: where a container executor PUTs its filesystem snapshot,
     # {"path", "max_bytes"}.
     snapshot_upload: dict[str, Any] | None = None
+    # The X-Request-Id of the request that claimed it (the server's log names it too).
+    claim_request_id: str | None = None
 
     @classmethod
     def from_claim(cls, data: dict[str, Any]) -> "JobSpec":
@@ -46,4 +48,5 @@ class JobSpec:
             cancel_grace_seconds=job.get("cancel_grace_seconds", 10),
             mask=job.get("mask", []),
             parent_snapshot=job.get("parent_snapshot"), snapshot_upload=job.get("snapshot_upload"),
+            claim_request_id=data.get("claim_request_id"),
         )

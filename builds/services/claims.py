@@ -20,6 +20,7 @@ from builds.selectors import BuildsInLinks
 from builds.services.agents import agent_seen
 from builds.services.jobs import report_finish
 from builds.services.logs import ChunkIn
+from harmont import metrics
 from harmont.tokens import JOB_CREDENTIAL_PREFIX, hash_secret, new_prefixed_secret
 
 
@@ -62,6 +63,8 @@ def claim_for_agent(*, agent_id: uuid.UUID, organization_id: int, now: datetime 
     if assigned is None:
         return None
     job = sql.claimed_job(assigned.job_id)
+    if fresh and job.scheduled_at is not None:
+        metrics.CLAIM_LATENCY.observe(max(0.0, (now - job.scheduled_at).total_seconds()))
     job.builds_in = BuildsInLinks(assigned.builds_in_parent_id, assigned.builds_in_children)
     if job.build.state in states.WAITING_BUILD_STATES:
         # Only after the claim committed, and without the build's lock: waiting for it

@@ -15,6 +15,7 @@ from django.utils import timezone
 from builds import sql, states
 from builds.models import Job, LogChunk, StreamKind
 from builds.services.agents import agent_seen_by
+from harmont import metrics
 from harmont.errors import ApiError
 
 
@@ -127,7 +128,10 @@ def store_chunks(job_id: uuid.UUID, chunks: Sequence[ChunkIn], now: datetime) ->
         return 0, {}
     # log_bytes stays the exact size of what is stored (the raw log's Content-Length);
     # the row lock makes the sum exact.
-    columns: dict[str, Any] = {"log_bytes": log_bytes + sum(len(content.encode()) for content in stored)}
+    added = sum(len(content.encode()) for content in stored)
+    metrics.LOG_BYTES.inc(added)
+    metrics.LOG_CHUNKS.inc(len(stored))
+    columns: dict[str, Any] = {"log_bytes": log_bytes + added}
     if truncated:
         columns["log_truncated"] = True
     return len(stored), columns
