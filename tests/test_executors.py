@@ -341,15 +341,18 @@ def test_runagent_refuses_run_as_with_a_container_executor(monkeypatch, capsys):
 
 def test_the_executors_options_survive_the_agents_clean_restart():
     # The restart drops HARMONT_* from the environment: what they said must be on the new command line.
-    args = argparse.Namespace(server="http://s", poll_interval=1.0, heartbeat_interval=5.0, name=None, workdir=None,
+    args = argparse.Namespace(server="http://s", poll_interval=1.0, heartbeat_interval=5.0, claim_wait=12.0,
+                              name=None, workdir=None,
                               run_as=None, tags="", once=False, executor="podman", default_image="alpine",
                               network="none", memory="1g", cpus="2",
                               container_options=["--ulimit", "nofile=1024:1024", "--label", "a=b c"])
 
     options = runner._options_without_token(args)
 
-    assert options[6:] == ["--executor", "podman", "--default-image", "alpine", "--network", "none", "--memory", "1g",
+    assert options[:8] == ["--server", "http://s", "--poll-interval", "1.0", "--heartbeat-interval", "5.0",
+                           "--claim-wait", "12.0"]
+    assert options[8:] == ["--executor", "podman", "--default-image", "alpine", "--network", "none", "--memory", "1g",
                            "--cpus", "2", "--container-option=--ulimit", "--container-option=nofile=1024:1024",
                            "--container-option=--label", "--container-option='a=b c'"]
-    assert runner.container_options([option.split("=", 1)[1] for option in options[16:]], "") == \
+    assert runner.container_options([option.split("=", 1)[1] for option in options[18:]], "") == \
         args.container_options
