@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: install run test test-postgres bench bench-dispatch bench-stream bench-plan bench-containers bench-caches migrate clean
+.PHONY: install run test test-postgres bench bench-dispatch bench-stream bench-plan bench-containers bench-caches bench-fleet migrate clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: install
 
 bench-dispatch: install
 	$(PY) bench/dispatch_bench.py
+
+# The dispatch bench again beside 1,000 simulated idle agents long-polling the server.
+bench-fleet: install
+	$(PY) bench/dispatch_bench.py --idle-fleet 1000
 
 bench-stream: install
 	$(PY) bench/stream_bench.py

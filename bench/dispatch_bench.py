@@ -14,7 +14,14 @@ through the REST API. Two phases, 1,000 jobs each:
 All figures are read from the database (server timestamps), so agents, server and
 this script share one clock.
 
-Usage: .venv/bin/python bench/dispatch_bench.py [--agents 8] [--poll-interval 0.5] [--rate 100] [--keep]
+With `--idle-fleet N` (`make bench-fleet`: 1,000) the phases run twice: as above, then
+again beside N simulated idle agents long-polling the same organization with tags
+no job selects (bench/dispatch/fleet.py, one asyncio process). Between the two, the
+server's CPU is measured over an idle window without the fleet and one with it: the
+difference is what the idle fleet costs.
+
+Usage: .venv/bin/python bench/dispatch_bench.py [--agents 8] [--poll-interval 0.5] [--rate 100]
+                                                [--idle-fleet N] [--keep]
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from bench.dispatch import DB_NAME, THROUGHPUT_TARGET
 from bench.dispatch.agents import AgentProc, start_agents, stop_agents, wait_for_agents
 from bench.dispatch.calls import measure_agent_calls
 from bench.dispatch.diagnostics import measure_http_stack, measure_spawn, table_oids
+from bench.dispatch.fleet_run import Fleet, idle_window, report_fleet, start_fleet, stop_fleet
 from bench.dispatch.phase import Phase, run_phase
 from bench.dispatch.report import report
 from bench.dispatch.seed import migrate_and_seed
@@ -50,6 +58,10 @@ def main() -> int:
     parser.add_argument("--command", default='echo "$HARMONT_JOB_ID" >> "$BENCH_RUNS_FILE"',
                         help="each job's cmd; the default appends the job id to a file (a bash builtin, as "
                              "cheap as `true`) so the script can prove every job ran exactly once")
+    parser.add_argument("--idle-fleet", type=int, default=0,
+                        help="also run the phases beside this many simulated idle agents (make bench-fleet: 1000)")
+    parser.add_argument("--idle-seconds", type=float, default=20.0,
+                        help="length of each idle window the fleet's CPU is measured over (default 20 s)")
     parser.add_argument("--show-queries", action="store_true", help="print the SQL of each agent call")
     parser.add_argument("--keep", action="store_true", help=f"keep the {DB_NAME} database afterwards")
     args = parser.parse_args()
@@ -81,28 +93,48 @@ def main() -> int:
         wait_for_agents(seed.org, args.agents, agents)
         time.sleep(1.0)  # let every agent reach its idle poll loop
 
+        fleet: list[Fleet] = []
         meter = CpuMeter({
             "server": lambda: (tree_pids(server.pid), False),
             "db": lambda: (db_backend_pids(DB_NAME), False),
             "agents": lambda: ([a.process.pid for a in agents], True),
+            "fleet": lambda: ([f.process.pid for f in fleet], False),
             "self": own_cpu_seconds,
         })
         phases: list[Phase] = []
         index = 0
-        for name in names:
-            interval = 0.0 if name == "burst" else args.jobs_per_build / args.rate
-            phase = Phase(name, args.builds, args.jobs_per_build, interval)
-            run_phase(phase, port=port, seed=seed, runs_file=runs_file, first_index=index, agents=agents,
-                      meter=meter, relations=relations)
-            index += phase.builds
-            say(f"  phase {name}: {phase.jobs} jobs, {phase.result['jobs_per_s']:.1f} jobs/s end to end, claim p95 "
-                f"{percentile(phase.result['claim'], 95) * 1000:.0f} ms (load {phase.load_after})")
-            phases.append(phase)
-            time.sleep(1.0)
+
+        def run_phases(suffix: str) -> None:
+            nonlocal index
+            for name in names:
+                interval = 0.0 if name == "burst" else args.jobs_per_build / args.rate
+                phase = Phase(name + suffix, args.builds, args.jobs_per_build, interval)
+                run_phase(phase, port=port, seed=seed, runs_file=runs_file, first_index=index, agents=agents,
+                          meter=meter, relations=relations)
+                index += phase.builds
+                say(f"  phase {phase.name}: {phase.jobs} jobs, {phase.result['jobs_per_s']:.1f} jobs/s end to end, "
+                    f"claim p95 {percentile(phase.result['claim'], 95) * 1000:.0f} ms (load {phase.load_after})")
+                phases.append(phase)
+                time.sleep(1.0)
+
+        run_phases("")
+        idle: list[dict[str, float]] = []
+        fleet_counts: dict[str, int] = {}
+        if args.idle_fleet:
+            idle.append(idle_window(meter, args.idle_seconds))
+            say(f"starting an idle fleet of {args.idle_fleet} long-polling agents")
+            fleet.append(start_fleet(args.idle_fleet, port=port, token=seed.agent_token, work=run.work))
+            run.defer(stop_fleet, fleet[0])
+            time.sleep(3.0)  # every simulated agent's claim is held
+            idle.append(idle_window(meter, args.idle_seconds))
+            run_phases(" +fleet")
+            fleet_counts = stop_fleet(fleet[0])
         stack = measure_http_stack(port, server.pid)
         stop_agents(agents)
         spawn = measure_spawn(run.work)
         report(phases, costs, args, conn_max_age, stack=stack, spawn=spawn)
+        if args.idle_fleet:
+            report_fleet(phases, idle, fleet_counts, args)
     return 0
 
 
