@@ -1,12 +1,15 @@
 """API throughput against a same-run baseline: `make bench` (see bench/README.md).
 
 One run: a fresh PostgreSQL database `harmont_bench` with 10,000 builds in one
-pipeline, gunicorn (2 sync workers) serving the app with `bench.settings`, and
-wrk (or a small Python fallback) measuring four endpoints, interleaved, twice.
+pipeline, gunicorn serving the app with `bench.settings` through the production
+entry point (`harmont.asgi`, 2 uvicorn workers; `--interface wsgi`: `harmont.wsgi`
+on 2 sync workers, for comparison), and wrk (or a small Python fallback)
+measuring four endpoints, interleaved, twice.
 Absolute req/s drift between runs and machines, so every figure is printed as a
 ratio to the baseline measured by the same run against the same server.
 
-Usage: .venv/bin/python bench/api_bench.py [--keep] [--duration S] [--warmup S] [--python-load]
+Usage: .venv/bin/python bench/api_bench.py [--interface asgi|wsgi] [--keep] [--duration S] [--warmup S]
+                                           [--python-load]
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up before each measurement")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best is reported (default 2)")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk exists")
+    parser.add_argument("--interface", choices=["asgi", "wsgi"], default="asgi",
+                        help="asgi: harmont.asgi on uvicorn workers, what make run and production serve (default); "
+                             "wsgi: harmont.wsgi on sync workers")
     args = parser.parse_args()
 
     tool, load = pick_load_generator(args.python_load)
@@ -51,10 +57,11 @@ def main() -> int:
         connections.close_all()  # the server gets the database to itself
 
         port = free_port()
-        server = start_server(port, run.server_log, run.env, interface="wsgi")
+        server = start_server(port, run.server_log, run.env, interface=args.interface)
         run.defer(stop_group, server)
         base_url = f"http://127.0.0.1:{port}"
-        say(f"gunicorn on {base_url} ({WORKERS} sync workers)")
+        say(f"gunicorn on {base_url} ({WORKERS} {'uvicorn' if args.interface == 'asgi' else 'sync'} workers, "
+            f"harmont.{args.interface})")
         for target in targets:
             shown = check_body(target, http_get_json(base_url, target, seed.token))
             say(f"  ({target.key}) {target.path[:90]}  -> 200, {shown}")

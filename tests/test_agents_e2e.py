@@ -245,9 +245,12 @@ def test_four_agents_run_two_hundred_jobs_exactly_once(e2e_settings, api, pipeli
     running_lines: dict[Any, list[tuple[str, str]]] = {job.pk: [] for job in jobs}
     for job_id, content in LogChunk.objects.filter(job__in=jobs, stream_kind=StreamKind.META).values_list(
             "job_id", "content"):
-        running_lines[job_id] += re.findall(r"^harmont-agent: running (\S+) on (\S+)$", content, re.MULTILINE)
+        running_lines[job_id] += re.findall(r"^harmont-agent: running (\S+) on (\S+) \(claimed by request (\w+)\)$",
+                                            content, re.MULTILINE)
     for job in jobs:
-        assert running_lines[job.pk] == [(job.step_key, job.agent.name)], job
+        [(step_key, agent_name, request_id)] = running_lines[job.pk]
+        assert (step_key, agent_name) == (job.step_key, job.agent.name), job
+        assert len(request_id) == 32  # the X-Request-Id of the claim (or the finish that handed it over)
     used = {job.agent.name for job in jobs}
     assert used <= names and len(used) > 1, used
     assert all(agent.process.poll() is None for agent in agents.started)  # none crashed on a lost race

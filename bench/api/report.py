@@ -39,7 +39,9 @@ def report(targets: list[Target], runs: dict[str, list[Result]], tool: str, args
     say()
     say(f"Harmont API bench, {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs, PostgreSQL "
         f"{PG_HOST}:{PG_PORT}/{DB_NAME}, {BUILDS:,} builds in one pipeline")
-    say(f"server: gunicorn, {WORKERS} sync workers, CONN_MAX_AGE={conn_max_age}, "
+    workers = "uvicorn workers (harmont.asgi; REST on a2wsgi threads)" if args.interface == "asgi" else \
+        "sync workers (harmont.wsgi)"
+    say(f"server: gunicorn, {WORKERS} {workers}, CONN_MAX_AGE={conn_max_age}, "
         f"CONN_HEALTH_CHECKS={health_checks}, access log off")
     threads = f"{THREADS} threads" if tool.startswith("wrk") else "one thread each"
     say(f"load:   {tool}, {CONNECTIONS} connections, {threads}, {args.warmup} s warm-up + "
