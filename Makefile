@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: install run test test-postgres bench bench-dispatch bench-stream bench-plan bench-containers bench-caches bench-fleet migrate clean
+.PHONY: install run test test-postgres bench bench-dispatch bench-stream bench-plan bench-containers bench-caches bench-fleet bench-logs migrate clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench-containers: install
 
 bench-caches: install
 	$(PY) bench/bench_caches.py
+
+bench-logs: install
+	$(PY) bench/bench_logs.py
 
 clean:
 	rm -rf $(VENV) var db.sqlite3
