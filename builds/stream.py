@@ -71,6 +71,14 @@ def frame(event: str, data: Any, *, event_id: int | None = None) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
+@dataclass(frozen=True)
+class LiveChunk:
+    """A chunk as every stream of its job sends it: its event, encoded once however many watch."""
+
+    seq: int
+    frame: bytes
+
+
 @dataclass(eq=False)
 class Subscriber:
     job_id: uuid.UUID
@@ -164,9 +172,13 @@ class LogHub:
         stalled: list[Subscriber] = []
         for job_id, seq, stream_kind, content, ts in chunks:
             self.cursors[job_id] = max(self.cursors.get(job_id, 0), seq)
-            payload = chunk_dict(seq, stream_kind, content, ts)
-            for subscriber in self.subscribers.get(job_id, ()):
-                self._offer(subscriber, payload, stalled)
+            watchers = self.subscribers.get(job_id, ())
+            if not watchers:
+                continue
+            # JSON-encoded once: a 64 KB chunk watched by ten browsers is not encoded ten times.
+            live = LiveChunk(seq, frame("chunk", chunk_dict(seq, stream_kind, content, ts), event_id=seq))
+            for subscriber in watchers:
+                self._offer(subscriber, live, stalled)
         for job_id, state in states.items():
             if state in TERMINAL_JOB_STATES:
                 for subscriber in self.subscribers.pop(job_id, ()):
@@ -358,9 +370,9 @@ async def events(logs: LogHub, job_id: uuid.UUID, after: int, first_page: tuple[
                 # No `done`: the client resumes from the last id it got, on whichever server answers.
                 yield f"retry: {DRAIN_RETRY_MS}\n\n".encode()
                 return
-            if item["seq"] > subscriber.last_seq:  # else already in the history
-                subscriber.last_seq = item["seq"]
-                yield frame("chunk", item, event_id=item["seq"])
+            if item.seq > subscriber.last_seq:  # else already in the history
+                subscriber.last_seq = item.seq
+                yield item.frame
             if subscriber.overflowed and subscriber.queue.empty():
                 return  # ended without `done`: the client resumes from the last id it got
     finally:
