@@ -313,6 +313,8 @@ def claim_ask(request: Request) -> ClaimAsk:
     data = dict(json_object(request)) if request.body else {}
     if "wait" not in data and "wait" in request.query_params:
         data["wait"] = request.query_params["wait"]
+    if not data:
+        return ClaimAsk(claim_key=None, wait=0)  # the common empty claim: no serializer to run
     body = ClaimRequest(data=data)
     if not body.is_valid():
         raise validation_error(flatten_detail(body.errors))
