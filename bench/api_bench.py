@@ -2,13 +2,14 @@
 
 One run: a fresh PostgreSQL database `harmont_bench` with 10,000 builds in one
 pipeline, gunicorn serving the app with `bench.settings` through the production
-entry point (`harmont.asgi`, 2 uvicorn workers; `--interface wsgi`: `harmont.wsgi`
-on 2 sync workers, for comparison), and wrk (or a small Python fallback)
+entry point (harmont/gunicorn_conf.py: 2 harmont.worker workers, REST on their
+threads; for comparison `--interface asgi`: `harmont.asgi` on uvicorn workers, REST
+through a2wsgi threads, or `--interface wsgi`: `harmont.wsgi` on sync workers), and wrk (or a small Python fallback)
 measuring four endpoints, interleaved, twice.
 Absolute req/s drift between runs and machines, so every figure is printed as a
 ratio to the baseline measured by the same run against the same server.
 
-Usage: .venv/bin/python bench/api_bench.py [--interface asgi|wsgi] [--keep] [--duration S] [--warmup S]
+Usage: .venv/bin/python bench/api_bench.py [--interface worker|asgi|wsgi] [--keep] [--duration S] [--warmup S]
                                            [--python-load]
 """
 
@@ -23,7 +24,7 @@ import rootpath  # noqa: F401 (before any `bench` import: puts the project root 
 from bench.api import BUILDS, DB_NAME
 from bench.api.endpoints import auth_headers, check_body, count_queries, http_get_json, targets_for
 from bench.api.measure import Result, measure, pick_load_generator
-from bench.api.report import report
+from bench.api.report import WORKER_KINDS, report
 from bench.api.seed import migrate_and_seed
 from bench.harness import ScratchRun, database_url, free_port, say
 from bench.server import WORKERS, start_server, stop_group
@@ -36,9 +37,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up before each measurement")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best is reported (default 2)")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk exists")
-    parser.add_argument("--interface", choices=["asgi", "wsgi"], default="asgi",
-                        help="asgi: harmont.asgi on uvicorn workers, what make run and production serve (default); "
-                             "wsgi: harmont.wsgi on sync workers")
+    parser.add_argument("--interface", choices=["worker", "asgi", "wsgi"], default="worker",
+                        help="worker: harmont/gunicorn_conf.py, what make run and production serve (default); "
+                             "asgi: harmont.asgi on uvicorn workers; wsgi: harmont.wsgi on sync workers")
     args = parser.parse_args()
 
     tool, load = pick_load_generator(args.python_load)
@@ -60,8 +61,7 @@ def main() -> int:
         server = start_server(port, run.server_log, run.env, interface=args.interface)
         run.defer(stop_group, server)
         base_url = f"http://127.0.0.1:{port}"
-        say(f"gunicorn on {base_url} ({WORKERS} {'uvicorn' if args.interface == 'asgi' else 'sync'} workers, "
-            f"harmont.{args.interface})")
+        say(f"gunicorn on {base_url} ({WORKERS} {WORKER_KINDS[args.interface]})")
         for target in targets:
             shown = check_body(target, http_get_json(base_url, target, seed.token))
             say(f"  ({target.key}) {target.path[:90]}  -> 200, {shown}")

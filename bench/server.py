@@ -16,25 +16,32 @@ from builds.agent.runner import stop_process_group
 
 WORKERS = 2  # as `make run` starts them (HARMONT_WORKERS default)
 
-# The app and the worker class of each entry point: ASGI is what production serves (uvicorn
-# workers, REST through a2wsgi threads, as harmont/run.py starts it); the API bench measures
-# the REST stack alone on sync WSGI workers.
+# The app and the worker class of each entry point. "worker" is what production serves and
+# `make run` starts (harmont/gunicorn_conf.py: harmont.worker's workers, REST on their threads,
+# live log streams and waiting claims in their event loop); the others are for comparison:
+# "asgi" is harmont.asgi on uvicorn workers (REST through a2wsgi threads), "wsgi" the REST
+# stack alone on sync workers.
 ENTRY_POINTS = {
+    "worker": ("harmont.wsgi:application", None),
     "asgi": ("harmont.asgi:application", "uvicorn_worker.UvicornWorker"),
     "wsgi": ("harmont.wsgi:application", "sync"),
 }
+PRODUCTION_CONFIG = "python:harmont.gunicorn_conf"
 
 
-def start_server(port: int, log_path: Path, env: dict[str, str], *, interface: Literal["asgi", "wsgi"] = "asgi",
-                 workers: int = WORKERS, config: Path | None = None) -> subprocess.Popen:
+def start_server(port: int, log_path: Path, env: dict[str, str], *, interface: Literal["worker", "asgi", "wsgi"]
+                 = "worker", workers: int = WORKERS, config: Path | None = None) -> subprocess.Popen:
     """gunicorn on 127.0.0.1:`port`, access log off; returns once every worker is up.
 
-    `config`: a gunicorn config file (only the benchmarks' experiments use one).
+    `config`: a gunicorn config file (only the benchmarks' experiments use one; it starts from
+    harmont/gunicorn_conf.py's settings, see `experiment_config`).
     """
     app, worker_class = ENTRY_POINTS[interface]
-    cmd = [sys.executable, "-m", "gunicorn", app, "--worker-class", worker_class, "--bind", f"127.0.0.1:{port}",
+    cmd = [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}",
            "--workers", str(workers), "--graceful-timeout", "5", "--log-level", "warning"]
-    cmd += ["-c", str(config)] if config else []  # no --access-logfile: access log off
+    cmd += ["--worker-class", worker_class, "--no-control-socket"] if worker_class else []
+    # no --access-logfile: access log off
+    cmd += ["-c", str(config)] if config else (["-c", PRODUCTION_CONFIG] if worker_class is None else [])
     with log_path.open("w") as log:
         # Its own session: cleanup can kill the whole group (master and workers) at once.
         proc = subprocess.Popen(cmd, cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -84,7 +91,7 @@ def experiment_config(names: list[str], table: dict[str, str]) -> str:
     body = "".join(table[name] for name in names)
     marker = ("\n    import os, sys\n    print(f'harmont-bench experiment applied in pid {os.getpid()}', "
               "file=sys.stderr, flush=True)\n")
-    return f"def post_worker_init(worker):\n{body}{marker}"
+    return f"from harmont.gunicorn_conf import *  # noqa: F403\n\n\ndef post_worker_init(worker):\n{body}{marker}"
 
 
 def wait_for_experiment(log_path: Path, workers: int = WORKERS, timeout: float = 30) -> None:

@@ -17,10 +17,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from builds import selectors, services
-from builds.filters import ArtifactFilter, BuildFilter
+from builds.filters import BUILD_FILTERS, ArtifactFilter, BuildFilter
 from builds.models import Artifact, Build, Job
 from builds.responses import artifact_response, raw_log_head, raw_log_response
 from builds.serializers import (
+    BUILD_COLUMNS,
     AgentListSerializer,
     AgentStatusSerializer,
     ArtifactListSerializer,
@@ -31,6 +32,7 @@ from builds.serializers import (
     CreateRepoBuildRequestSerializer,
     JobListSerializer,
     JobSerializer,
+    build_row_data,
     LogTokenResponseSerializer,
 )
 from harmont.errors import ApiError
@@ -100,12 +102,18 @@ class PipelineBuildsView(OrgScopedView):
     @extend_schema(operation_id="listBuilds", tags=["builds"], parameters=PAGE_PARAMS + FILTER_PARAMS,
                    responses={200: BuildListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str) -> Response:
-        pipe = get_pipeline(self.org, pipeline)
-        builds = filtered(BuildFilter(request.query_params, queryset=Build.objects.for_display().filter(pipeline=pipe)))
-        page = paginate(request, builds, key="number", descending=True)
-        for build in page.items:
-            build.pipeline = pipe  # already known; saves a join
-        return Response({"data": BuildSerializer(page.items, many=True).data, "next_cursor": page.next_cursor})
+        # The pipeline is found by the page's own query (a join), and looked up alone only when the
+        # page is empty, to tell "no such pipeline" from "no builds": one query less on every list.
+        builds = Build.objects.filter(pipeline__organization=self.org, pipeline__slug=pipeline,
+                                      pipeline__archived_at__isnull=True)
+        if not BUILD_FILTERS.isdisjoint(request.query_params):
+            builds = filtered(BuildFilter(request.query_params, queryset=builds))
+        page = paginate(request, builds.values(*BUILD_COLUMNS), key="number", descending=True)
+        if not page.items:
+            get_pipeline(self.org, pipeline)  # raises pipeline_not_found
+        tz = timezone.get_current_timezone()
+        return Response({"data": [build_row_data(row, pipeline, tz) for row in page.items],
+                         "next_cursor": page.next_cursor})
 
     @extend_schema(operation_id="createBuild", tags=["builds"], request=CreateBuildRequestSerializer,
                    parameters=[IDEMPOTENCY_KEY_HEADER],

@@ -32,6 +32,7 @@ once); one that finds nothing ends the chain.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import time
@@ -366,6 +367,32 @@ async def attempt(app: App, scope: dict[str, Any], body: bytes) -> Answer:
     return answer
 
 
+def attempt_wsgi(app: Callable[..., Any], environ: dict[str, Any], body: bytes) -> Answer:
+    """`attempt` on a WSGI application, in the calling thread (harmont.worker's first attempt, and
+    those after news, on its threads)."""
+    answer = Answer(500, [], b"")
+    chunks: list[bytes] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        answer.status = int(status.split(" ", 1)[0])
+        answer.headers = [(key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in headers]
+        return chunks.append
+
+    result = app({**environ, "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))}, start_response)
+    try:
+        chunks.extend(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    answer.body = b"".join(chunks)
+    return answer
+
+
+def attempt_environ(environ: dict[str, Any]) -> dict[str, Any]:
+    """`attempt_scope` for a WSGI environ."""
+    return {"HTTP_X_REQUEST_ID": uuid.uuid4().hex, **environ, LONG_POLL_META: "1"}
+
+
 async def send_answer(send: Send, answer: Answer, *, waited: float | None) -> None:
     headers = [(key, value) for key, value in answer.headers if key != HOLD_HEADER.encode()]
     if waited is not None:
@@ -406,10 +433,19 @@ async def long_poll_claim(scope: dict[str, Any], receive: Receive, send: Send, a
     if not complete:
         await _pass_through(scope, body, receive, send, app)
         return
-    hub = claim_hub()
-    started = time.monotonic()
-    since = time_now()
     scope = attempt_scope(scope)
+    await hold_claim(lambda: attempt(app, scope, body), receive, send)
+
+
+async def hold_claim(try_claim: Callable[[], Awaitable[Answer]], receive: Receive, send: Send, *,
+                     first: Answer | None = None, started: float | None = None) -> None:
+    """Attempt the claim (`try_claim`, or `first`: the answer of an attempt made before, which
+    began at `started`, time.monotonic()) and attempt it again each time news may concern it, for
+    as long as its `wait`; then send the answer."""
+    hub = claim_hub()
+    # The loop's clock is time.monotonic(): a first attempt made on a thread began at `since`.
+    since = time_now() if started is None else started
+    started = time.monotonic() if started is None else started
     gone = asyncio.Event()
     watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
     waiter: Waiter | None = None
@@ -418,7 +454,7 @@ async def long_poll_claim(scope: dict[str, Any], receive: Receive, send: Send, a
         while True:
             if waiter is not None:
                 waiter.event.clear()  # news from now on counts for the next attempt
-            answer = await attempt(app, scope, body)
+            answer, first = (first, None) if first is not None else (await try_claim(), None)
             hold = answer.header(HOLD_HEADER)
             if waiter is not None and waiter.selector is not None and answer.status == 200:
                 # Woken for a job and got one: the notice may have stood for more.

@@ -1,8 +1,10 @@
-"""gunicorn's settings for the server (`gunicorn -c python:harmont.gunicorn_conf harmont.asgi:application`).
+"""gunicorn's settings for the server (`gunicorn -c python:harmont.gunicorn_conf harmont.wsgi:application`).
 
-What `make run` uses and production should: a graceful drain of HARMONT_DRAIN_SECONDS
-on SIGTERM (in-flight requests finish; harmont.asgi answers held claims and ends log
-streams with a reconnect hint at once), and the metrics directory of
+What `make run` uses and production should: harmont.worker's workers (the REST API
+and pages on HARMONT_THREADS threads each, live log streams and waiting claims in an
+event loop beside them), a graceful drain of HARMONT_DRAIN_SECONDS on SIGTERM
+(in-flight requests finish; held claims are answered and log streams end with a
+reconnect hint at once), and the metrics directory of
 prometheus-client's multiprocess mode (HARMONT_METRICS_DIR) cleared at start, with
 each exited worker's live gauges dropped. Everything else is given on the command line.
 """
@@ -13,7 +15,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "harmont.worker.Worker"
+threads = int(os.environ.get("HARMONT_THREADS", "8"))
+# Open connections per worker, held claims and live log streams included (they cost no thread).
+worker_connections = int(os.environ.get("HARMONT_WORKER_CONNECTIONS", "10000"))
+# gunicorn's runtime control socket has one default path per user: several servers on a machine
+# (or a server beside the benchmarks) would take it from each other. Nothing here uses it.
+control_socket_disable = True
 # How long a stopping worker lets its requests in flight finish before it is killed.
 graceful_timeout = int(os.environ.get("HARMONT_DRAIN_SECONDS", "30"))
 

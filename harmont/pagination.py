@@ -80,7 +80,8 @@ def paginate(request: Request, queryset: QuerySet[M], *, key: str, descending: b
     """One keyset page of `queryset` ordered by the integer column `key`.
 
     `key` must be unique within the queryset (an id, or a build number within
-    one pipeline), so "after the last key" never skips or repeats a row.
+    one pipeline), so "after the last key" never skips or repeats a row. The
+    queryset may be of `.values()`: the rows are then dicts.
     """
     limit = parse_limit(request)
     cursor = request.query_params.get("cursor")
@@ -90,7 +91,8 @@ def paginate(request: Request, queryset: QuerySet[M], *, key: str, descending: b
     rows = list(queryset.order_by(f"-{key}" if descending else key)[: limit + 1])
     has_more = len(rows) > limit
     rows = rows[:limit]
-    next_cursor = encode_cursor(getattr(rows[-1], key)) if has_more else None
+    last = rows[-1] if has_more else None
+    next_cursor = encode_cursor(last[key] if isinstance(last, dict) else getattr(last, key)) if has_more else None
     return Page(rows, next_cursor)
 
 

@@ -59,10 +59,9 @@ def server_processes(env: dict[str, str], agent_token: str) -> list[tuple[list[s
     workers = env.get("HARMONT_WORKERS", "2")
     manage_py = str(BASE_DIR / "manage.py")
     return [
-        # ASGI with uvicorn workers: open log streams are coroutines, REST requests go to
-        # the WSGI app on a thread pool (see harmont/asgi.py).
-        # harmont/gunicorn_conf.py: the uvicorn workers, the drain on SIGTERM, the metrics directory.
-        ([sys.executable, "-m", "gunicorn", "-c", "python:harmont.gunicorn_conf", "harmont.asgi:application",
+        # harmont/gunicorn_conf.py: harmont.worker's workers (REST on threads, open log streams
+        # and waiting claims in an event loop), the drain on SIGTERM, the metrics directory.
+        ([sys.executable, "-m", "gunicorn", "-c", "python:harmont.gunicorn_conf", "harmont.wsgi:application",
           "--bind", f"127.0.0.1:{port}", "--workers", workers]
          + (["--access-logfile", "-"] if env.get("HARMONT_ACCESS_LOG") == "1" else []), env),
         ([sys.executable, manage_py, "runreaper"], env),

@@ -1,9 +1,11 @@
-"""The production entry point served for real, and an SSE client that reads as the bytes arrive.
+"""The server served for real, and an SSE client that reads as the bytes arrive.
 
-`asgi_server` serves `harmont.asgi:application` (what gunicorn's uvicorn workers run)
-with uvicorn in a thread of the test process, one server per test module: `/v0/...`
-reaches Django's ASGI handler, everything else the WSGI app through a2wsgi, exactly
-as in production. `live_asgi` is that server for one test. Settings changed with the
+`asgi_server` serves `harmont.asgi:application` with uvicorn in a thread of the test
+process, one server per test module: `/v0/...` reaches Django's ASGI handler,
+claims go through builds.claim_waits, everything else the WSGI app through a2wsgi.
+`live_asgi` is that server for one test. `gunicorn_server` is what production runs
+(harmont/gunicorn_conf.py: harmont.worker's workers), in a process of its own: it
+sees the test's database, not the test's settings. Settings changed with the
 `settings` fixture and functions patched with `monkeypatch` reach the server too.
 Tests using it need a transactional database (the server's threads must see what the
 test commits); on SQLite the module runs on a file copy of the test database
@@ -21,17 +23,25 @@ from __future__ import annotations
 import gc
 import http.client
 import json
+import os
 import queue
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
 from django.db import connections
+
+from tests.e2e import PROJECT_ROOT, worker_environment
 
 EOF = object()  # queued by the reader when the server ended the response
 
@@ -242,6 +252,51 @@ def asgi_server(e2e_database: None) -> Iterator[tuple[str, int]]:
         # are garbage in reference cycles, and collecting them closes them.
         gc.collect()
         settings_dict["CONN_MAX_AGE"] = max_age
+
+
+def start_gunicorn(env: dict[str, str], log: Path, *, workers: int = 1) -> tuple[subprocess.Popen, int]:
+    """gunicorn as production runs it (harmont/gunicorn_conf.py) on a free port, answering /healthz."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "python:harmont.gunicorn_conf", "harmont.wsgi:application",
+             "--bind", f"127.0.0.1:{port}", "--workers", str(workers)],
+            cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return process, port
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_gunicorn(process)
+                raise RuntimeError(log.read_text()[-3000:]) from None
+            time.sleep(0.2)
+
+
+def stop_gunicorn(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def gunicorn_server(e2e_database: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """harmont/gunicorn_conf.py's server (one worker) on the test database, for the module: (host, port)."""
+    from django.conf import settings
+
+    work = tmp_path_factory.mktemp("gunicorn")
+    env = {**worker_environment(settings), "HARMONT_MEDIA_ROOT": str(work / "media"),
+           "HARMONT_ALLOWED_HOSTS": "127.0.0.1"}
+    process, port = start_gunicorn(env, work / "gunicorn.log")
+    try:
+        yield "127.0.0.1", port
+    finally:
+        stop_gunicorn(process)
+        print((work / "gunicorn.log").read_text()[-5000:])
 
 
 @pytest.fixture

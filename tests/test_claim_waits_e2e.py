@@ -1,4 +1,7 @@
-"""End to end: claims held by the production entry point (harmont.asgi under uvicorn) until a job comes.
+"""End to end: claims held until a job comes, by both servers that hold them.
+
+Each test runs against what production serves (gunicorn with harmont.worker, in
+a process of its own) and against harmont.asgi under uvicorn.
 
 Raw HTTP clients hold claims and see them answered by a job scheduled later, by
 their wait running out, by the agent's token being revoked or the agent
@@ -34,9 +37,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 PROMPT_SECONDS = 5.0
 
 
-@pytest.fixture
-def server(asgi_server: tuple[str, int], e2e_settings: Any) -> tuple[str, int]:
-    return asgi_server
+@pytest.fixture(params=["worker", "asgi"])
+def server(request: pytest.FixtureRequest, e2e_settings: Any) -> tuple[str, int]:
+    return request.getfixturevalue("gunicorn_server" if request.param == "worker" else "asgi_server")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""End to end: gunicorn as production runs it (harmont/gunicorn_conf.py) drains on SIGTERM.
+"""End to end: gunicorn as production runs it (harmont/gunicorn_conf.py, harmont.worker) drains on SIGTERM.
 
 A held claim is answered (204, saying it was held) and an open log stream ends with a
 `retry:` hint at once, and gunicorn exits well within its drain time. Before that,
@@ -13,8 +13,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -26,7 +24,8 @@ import pytest
 
 from builds.models import JobState
 from harmont.logtokens import mint_log_token
-from tests.e2e import PROJECT_ROOT, worker_environment
+from tests.e2e import worker_environment
+from tests.live import start_gunicorn, stop_gunicorn
 from tests.helpers import make_build, register, two_step_ir
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -35,41 +34,18 @@ DRAIN_SECONDS = 20
 METRICS_TOKEN = "drain-test-metrics"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def gunicorn(e2e_database: None, transactional_db: None, e2e_settings: Any, tmp_path: Path) -> Iterator[Any]:
-    port = free_port()
     env = {**worker_environment(e2e_settings), "HARMONT_DRAIN_SECONDS": str(DRAIN_SECONDS),
            "HARMONT_METRICS_DIR": str(tmp_path / "metrics"), "HARMONT_METRICS_TOKEN": METRICS_TOKEN,
            "HARMONT_ALLOWED_HOSTS": "127.0.0.1"}
     log = tmp_path / "gunicorn.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "python:harmont.gunicorn_conf", "harmont.asgi:application",
-             "--bind", f"127.0.0.1:{port}", "--workers", "2"],
-            cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(log.read_text()[-3000:])
-            time.sleep(0.2)
+    process, port = start_gunicorn(env, log, workers=2)
     process.port = port  # type: ignore[attr-defined]
     try:
         yield process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_gunicorn(process)
         print(log.read_text()[-5000:])
 
 

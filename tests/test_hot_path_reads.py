@@ -170,6 +170,19 @@ def test_build_rendering_equals_the_declared_fields(org, owner, pipeline):
 
 
 @pytest.mark.django_db
+def test_the_build_list_renders_each_build_as_the_declared_fields(api, org, pipeline):
+    """The list renders rows of columns, not model instances: the same JSON as GET build."""
+    make_build(pipeline, message=None)
+    done = make_build(pipeline, message="Fix \u00e9 \"quotes\"")
+    Build.objects.filter(pk=done.pk).update(state=BuildState.PASSED, started_at=T0, finished_at=T0, rebuild_of=1,
+                                            waiting_reason="a reason", error_code="x", fork=True)
+    listed = api.get(builds_url(pipeline)).json()["data"]
+    assert listed == [api.get(builds_url(pipeline, f"/{n}")).json() for n in (2, 1)]
+    assert listed == [declared_rendering(Build.objects.select_related("pipeline").get(pipeline=pipeline, number=n))
+                      for n in (2, 1)]
+
+
+@pytest.mark.django_db
 def test_get_build_body_is_the_declared_rendering(api, org, owner, pipeline, build):
     response = api.get(builds_url(pipeline, "/1"))
     assert response.status_code == 200

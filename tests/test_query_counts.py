@@ -78,17 +78,31 @@ def test_get_unknown_build(quiet_api, django_assert_num_queries, build):
     {"limit": 100, "state": "scheduled", "source": "api", "created_after": "2026-01-01T01:00:00Z"},
 ], ids=["limit-1", "limit-100", "default", "deep", "last-page", "main-1", "main-100", "dev-deep", "filters"])
 def test_list_builds(quiet_api, django_assert_num_queries, many_builds, params):
-    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 2):  # the pipeline, one page of builds
+    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 1):  # one page of builds (joined to their pipeline)
         response = quiet_api.get(builds_url(many_builds), params)
     assert response.status_code == 200, response.content
     assert response.json()["data"]
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("params", [{}, {"branch": "nope"}, {"cursor": encode_cursor(1)}], ids=["-", "filtered", "past"])
+def test_an_empty_build_list_looks_its_pipeline_up(quiet_api, django_assert_num_queries, many_builds, pipeline,
+                                                   params):
+    """An empty page tells "no builds" (200) from "no such pipeline" (404) with one more query."""
+    url = builds_url(many_builds) if params else builds_url(many_builds).replace(f"/{pipeline.slug}/", "/nope/")
+    with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 2):
+        response = quiet_api.get(url, params)
+    if params:
+        assert response.status_code == 200 and response.json() == {"data": [], "next_cursor": None}
+    else:
+        assert response.status_code == 404 and response.json()["error"]["code"] == "pipeline_not_found"
+
+
+@pytest.mark.django_db
 def test_list_builds_walks_150_rows_at_constant_cost(quiet_api, django_assert_num_queries, many_builds):
     cursor, seen = None, []
     while True:
-        with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 2):
+        with django_assert_num_queries(AUTH_AND_MEMBERSHIP + 1):
             body = quiet_api.get(builds_url(many_builds), {"limit": 7, **({"cursor": cursor} if cursor else {})}).json()
         seen += [b["number"] for b in body["data"]]
         cursor = body["next_cursor"]

@@ -32,6 +32,13 @@ def cpu_ratio(reference: list[Result], measured: list[Result]) -> str:
     return f"  [CPU: {ref / cost:.2f}]" if ref and cost else ""
 
 
+WORKER_KINDS = {
+    "worker": "harmont.worker workers (harmont/gunicorn_conf.py; REST on their threads)",
+    "asgi": "uvicorn workers (harmont.asgi; REST on a2wsgi threads)",
+    "wsgi": "sync workers (harmont.wsgi)",
+}
+
+
 def report(targets: list[Target], runs: dict[str, list[Result]], tool: str, args: argparse.Namespace,
            queries: list[tuple[Target, int, list[str], int]], conn_max_age: Any, health_checks: Any) -> None:
     best = {key: max(results, key=lambda r: r.rps) for key, results in runs.items()}
@@ -39,9 +46,7 @@ def report(targets: list[Target], runs: dict[str, list[Result]], tool: str, args
     say()
     say(f"Harmont API bench, {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs, PostgreSQL "
         f"{PG_HOST}:{PG_PORT}/{DB_NAME}, {BUILDS:,} builds in one pipeline")
-    workers = "uvicorn workers (harmont.asgi; REST on a2wsgi threads)" if args.interface == "asgi" else \
-        "sync workers (harmont.wsgi)"
-    say(f"server: gunicorn, {WORKERS} {workers}, CONN_MAX_AGE={conn_max_age}, "
+    say(f"server: gunicorn, {WORKERS} {WORKER_KINDS[args.interface]}, CONN_MAX_AGE={conn_max_age}, "
         f"CONN_HEALTH_CHECKS={health_checks}, access log off")
     threads = f"{THREADS} threads" if tool.startswith("wrk") else "one thread each"
     say(f"load:   {tool}, {CONNECTIONS} connections, {threads}, {args.warmup} s warm-up + "
