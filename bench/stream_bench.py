@@ -1,16 +1,16 @@
-"""Live log streams under load: 500 SSE clients, 100 chunks/s, and the REST API beside them (see bench/README.md).
+"""Live log streams under load: 1,000 SSE clients, 100 chunks/s, and the REST API beside them (see bench/README.md).
 
 One run, on a fresh PostgreSQL database `harmont_bench_stream`, against the
-production server (gunicorn `harmont.asgi:application`, 2 uvicorn workers):
+production server (gunicorn with harmont/gunicorn_conf.py, 2 harmont.worker workers):
 
-1. seeds, through the services, 10 builds x 50 jobs per session and moves every
+1. seeds, through the services, 10 builds x 100 jobs per session and moves every
    job to `running` (claim_job + start_job), each with one chunk of log stored;
 2. measures `GET .../builds/{n}` with wrk, no streams open; then, per session:
-3. opens 500 SSE clients (`/v0/jobs/<id>/logs?token=`), one per running job of the
+3. opens 1,000 SSE clients (`/v0/jobs/<id>/logs?token=`), one per running job of the
    session, in a separate process: plain asyncio (no uvloop), raw
    `asyncio.open_connection`, in batches, watching the server's PostgreSQL
    connections after each batch;
-4. appends 100 chunks/s in total, round robin over the 500 jobs, with
+4. appends 100 chunks/s in total, round robin over the 1,000 jobs, with
    `builds.services.append_log` in this process; each chunk carries its append time
    (`time.time()`, one clock on one machine), so clients compute append -> receipt;
 5. measures the server's CPU with the streams open and no other load, then `GET`
@@ -19,7 +19,7 @@ production server (gunicorn `harmont.asgi:application`, 2 uvicorn workers):
    stream ends with `done`, checks every client's seqs, and measures `GET` build
    again without streams.
 
-Usage: .venv/bin/python bench/stream_bench.py [--clients 500] [--jobs 500] [--rate 100] [--sessions 2] [--keep]
+Usage: .venv/bin/python bench/stream_bench.py [--clients 1000] [--jobs 1000] [--rate 100] [--sessions 2] [--keep]
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def main() -> int:
                         help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--clients", type=int, default=500, help="concurrent SSE clients (default 500)")
-    parser.add_argument("--jobs", type=int, default=500,
-                        help="running jobs the clients watch, round robin (default 500: one client per job)")
+    parser.add_argument("--clients", type=int, default=1000, help="concurrent SSE clients (default 1000)")
+    parser.add_argument("--jobs", type=int, default=1000,
+                        help="running jobs the clients watch, round robin (default 1000: one client per job)")
     parser.add_argument("--builds", type=int, default=10, help="builds the running jobs belong to (default 10)")
     parser.add_argument("--rate", type=float, default=100.0, help="chunks appended per second in total (default 100)")
     parser.add_argument("--sessions", type=int, default=2,

@@ -33,8 +33,8 @@ def report(args: argparse.Namespace, seed: Seed, without: list[WrkRun], sessions
     say()
     say(f"Harmont stream bench, {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs, PostgreSQL "
         f"{DB_NAME}; load average now {loadavg()}")
-    say("server: gunicorn harmont.asgi:application, 2 uvicorn workers (streams: Django ASGI, one LogHub per "
-        "worker; REST: a2wsgi threads), access log off")
+    say("server: gunicorn harmont/gunicorn_conf.py, 2 harmont.worker workers (streams: Django ASGI in each "
+        "worker's event loop, one LogHub per worker; REST: the workers' threads), access log off")
     if args.server_experiment:
         say(f"EXPERIMENT on the server: {args.server_experiment} (see STREAM_EXPERIMENTS in "
             f"bench/stream/experiments.py)")
