@@ -1,7 +1,7 @@
 """What running jobs in containers costs: `make bench-containers`.
 
 One run: a fresh PostgreSQL database, the server as production serves it (gunicorn,
-uvicorn workers), an image made here (a busybox-static root filesystem, `podman
+harmont/gunicorn_conf.py), an image made here (a busybox-static root filesystem, `podman
 import`: no registry is reachable), and real `manage.py runagent` processes.
 
 1. Overhead per job: a build of 50 independent `true` steps, run by one host agent,

@@ -1,7 +1,7 @@
 """Log ingestion: one job printing 10 MB/s for 30 s through a real agent, watched live: `make bench-logs`.
 
 One run: a fresh PostgreSQL database, the server as production serves it (gunicorn,
-uvicorn workers) with HARMONT_JOB_LOG_LIMIT raised past what the job prints, one real
+harmont/gunicorn_conf.py) with HARMONT_JOB_LOG_LIMIT raised past what the job prints, one real
 `manage.py runagent`, and one build whose job runs a small generator: numbered
 100-byte lines, written 64 KB at a time, paced to `--mb-per-s` for `--seconds`.
 `--viewers` live log streams (SSE, threads of this script) watch it from its start.

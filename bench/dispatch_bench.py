@@ -1,7 +1,8 @@
 """Dispatch throughput: real agents running 1,000 trivial jobs through the HTTP API (see bench/README.md).
 
 One run: a fresh PostgreSQL database `harmont_bench_dispatch`; the production
-server (gunicorn `harmont.asgi:application`, 2 uvicorn workers); N real agent
+server (gunicorn with harmont/gunicorn_conf.py, 2 harmont.worker workers; `--interface asgi`
+for harmont.asgi on uvicorn workers); N real agent
 processes (`manage.py runagent`); builds of independent one-line jobs created
 through the REST API. Two phases, 1,000 jobs each:
 
@@ -42,7 +43,7 @@ from bench.dispatch.phase import Phase, run_phase
 from bench.dispatch.report import report
 from bench.dispatch.seed import migrate_and_seed
 from bench.harness import ScratchRun, db_backend_pids, free_port, loadavg, percentile, say
-from bench.server import start_server, stop_group
+from bench.server import ENTRY_POINTS, start_server, stop_group
 
 
 def main() -> int:
@@ -63,6 +64,9 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=20.0,
                         help="length of each idle window the fleet's CPU is measured over (default 20 s)")
     parser.add_argument("--show-queries", action="store_true", help="print the SQL of each agent call")
+    parser.add_argument("--interface", choices=list(ENTRY_POINTS), default="worker",
+                        help="the server: worker (harmont/gunicorn_conf.py, what production runs; default), "
+                             "asgi (harmont.asgi on uvicorn workers) or wsgi (sync workers: no long polls)")
     parser.add_argument("--keep", action="store_true", help=f"keep the {DB_NAME} database afterwards")
     args = parser.parse_args()
     names = [n.strip() for n in args.phases.split(",") if n.strip()]
@@ -82,7 +86,7 @@ def main() -> int:
         connections.close_all()
 
         port = free_port()
-        server = start_server(port, run.server_log, run.env)
+        server = start_server(port, run.server_log, run.env, interface=args.interface)
         run.defer(stop_group, server)
         base = f"http://127.0.0.1:{port}"
         say(f"server on {base}; starting {args.agents} agents (poll interval {args.poll_interval} s)")

@@ -18,8 +18,9 @@ agent's organization, id and tags), and the claim waits until one of these:
 
 Where the news comes from: on PostgreSQL, the triggers of builds.sql NOTIFY
 `harmont_claims` when jobs are inserted scheduled, handed back, or freed a
-concurrency slot, and the services NOTIFY revocations; one LISTEN connection
-per process (`ClaimHub`) wakes the matching waiters. On SQLite the hub polls the
+concurrency slot, and the services NOTIFY revocations; the process's one
+LISTEN connection (builds.notices) hands them to `ClaimHub`, which wakes the
+matching waiters. On SQLite the hub polls the
 database instead (POLL_SECONDS), while someone waits.
 
 One job wakes one waiter (the oldest waiting whose tags match its selector),
@@ -44,8 +45,9 @@ from datetime import timedelta
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections, connections
+from django.db import close_old_connections
 
+from builds import notices
 from harmont import claim_notices, metrics
 from pipelines import agent_tags
 
@@ -64,7 +66,6 @@ MAX_BODY_BYTES = 64 * 1024
 POLL_SECONDS = 0.1  # SQLite: how often the hub looks for news while someone waits
 # A notice that came just before its waiter was registered still counts (see ClaimHub.add).
 RECENT_SECONDS = 5.0
-LISTEN_RETRY_SECONDS = 1.0
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -120,15 +121,20 @@ class ClaimHub:
         self.waiting: dict[int, list[Waiter]] = {}
         self.recent: list[Notice] = []
         self.closing = False
-        self.task: asyncio.Task | None = None
+        self.following = False  # PostgreSQL: the loop's listener hands us the claims channel
+        self.task: asyncio.Task | None = None  # SQLite: the poll
 
     # ---------------------------------------------------------------- waiters
 
     def add(self, waiter: Waiter) -> None:
         """Register `waiter`; a notice for it that came since its first attempt began wakes it at once."""
         self.waiting.setdefault(waiter.hold.organization_id, []).append(waiter)
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._news())
+        if notices.listening():
+            if not self.following:
+                self.following = True
+                notices.listener().follow(claim_notices.CHANNEL, notices.Follower(self.dispatch, self.recheck))
+        elif self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._poll())
         for notice in self.recent:
             if notice.at >= waiter.since and notice.organization_id == waiter.hold.organization_id and (
                     notice.selector is None or waiter.matches(notice.selector)):
@@ -197,31 +203,6 @@ class ClaimHub:
         self.recent = [old for old in self.recent if old.at >= cutoff]
         self.recent.append(notice)
 
-    async def _news(self) -> None:
-        """Listen (PostgreSQL) or poll (SQLite) for as long as the process serves claims."""
-        if connections["default"].vendor == "postgresql":
-            await self._listen()
-        else:
-            await self._poll()
-
-    async def _listen(self) -> None:
-        import psycopg
-
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(listen_conninfo(), autocommit=True)
-                async with conn:
-                    await conn.execute(f"LISTEN {claim_notices.CHANNEL}")
-                    # What was sent while nobody listened is lost: everyone looks again.
-                    self.recheck()
-                    async for notify in conn.notifies():
-                        self.dispatch(notify.payload)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a lost connection must not end the waits of the process
-                log.warning("claim notices: %s; listening again in %.0f s", exc, LISTEN_RETRY_SECONDS)
-                await asyncio.sleep(LISTEN_RETRY_SECONDS)
-
     async def _poll(self) -> None:
         seen: dict[Any, float] = {}
         since = None
@@ -246,24 +227,6 @@ class ClaimHub:
 
 def time_now() -> float:
     return asyncio.get_running_loop().time()
-
-
-# Django's own keys in OPTIONS, which are no libpq parameters.
-_NOT_CONNINFO = {"pool", "server_side_binding", "isolation_level", "assume_role", "assume_role_default",
-                 "cursor_factory", "context"}
-
-
-def listen_conninfo() -> str:
-    """libpq parameters of the default database, for the hub's own LISTEN connection."""
-    from psycopg.conninfo import make_conninfo
-
-    settings_dict = connections["default"].settings_dict
-    params = {"dbname": settings_dict["NAME"], "user": settings_dict.get("USER") or None,
-              "password": settings_dict.get("PASSWORD") or None, "host": settings_dict.get("HOST") or None,
-              "port": settings_dict.get("PORT") or None, "application_name": "harmont-claim-notices",
-              **{key: value for key, value in (settings_dict.get("OPTIONS") or {}).items()
-                 if key not in _NOT_CONNINFO}}
-    return make_conninfo(**{key: value for key, value in params.items() if value is not None})
 
 
 def poll_news(organization_ids: list[int], since: Any) -> tuple[Any, list[tuple[Any, str]]]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from django.db import connection, models
 
+from builds import notices
 from builds.models import Agent, Build, ConcurrencySlot, EdgeKind, Job, JobDependency, JobState, LogChunk
 from harmont import claim_notices
 from harmont.rows import Columns, Table, db_value, first_row
@@ -562,6 +563,40 @@ def claim_notification_sql() -> list[str]:
         f" WHEN (NEW.{group} IS NOT NULL AND NEW.{state} IN ({ended}) AND OLD.{state} NOT IN ({ended}))"
         f" EXECUTE FUNCTION harmont_claims_slot_freed()",
     ]
+
+
+_LOG_TRIGGER_FUNCTIONS = ("harmont_logs_appended", "harmont_logs_job_ended")
+_LOG_TRIGGERS = (("harmont_logs_on_append", LogChunk), ("harmont_logs_on_end", Job))
+
+
+def log_notification_sql() -> list[str]:
+    """The triggers that tell live log streams (builds.stream) a job has news: chunks appended, or its end.
+
+    Per statement for the appends (one notice per job an append's batch wrote,
+    however many chunks), per row but filtered by WHEN for a job's end, so
+    heartbeats and other updates of the jobs table cost nothing here.
+    """
+    chunks, jobs = Table(LogChunk), Table(Job)
+    state = jobs.bare("state")
+    ended = ", ".join(f"'{s}'" for s in sorted(_ENDED))
+    return [
+        f"CREATE OR REPLACE FUNCTION harmont_logs_appended() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" PERFORM pg_notify('{notices.LOG_CHANNEL}', r.job::text)"
+        f" FROM (SELECT DISTINCT {chunks.bare('job')} AS job FROM appended_chunks) r;"
+        f" RETURN NULL; END $$",
+        f"CREATE TRIGGER harmont_logs_on_append AFTER INSERT ON {chunks} REFERENCING NEW TABLE AS appended_chunks"
+        f" FOR EACH STATEMENT EXECUTE FUNCTION harmont_logs_appended()",
+        f"CREATE OR REPLACE FUNCTION harmont_logs_job_ended() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" PERFORM pg_notify('{notices.LOG_CHANNEL}', NEW.{jobs.bare('id')}::text); RETURN NULL; END $$",
+        f"CREATE TRIGGER harmont_logs_on_end AFTER UPDATE OF {state} ON {jobs} FOR EACH ROW"
+        f" WHEN (NEW.{state} IN ({ended}) AND OLD.{state} NOT IN ({ended}))"
+        f" EXECUTE FUNCTION harmont_logs_job_ended()",
+    ]
+
+
+def drop_log_notification_sql() -> list[str]:
+    return ([f"DROP TRIGGER IF EXISTS {name} ON {Table(model)}" for name, model in _LOG_TRIGGERS]
+            + [f"DROP FUNCTION IF EXISTS {name}()" for name in _LOG_TRIGGER_FUNCTIONS])
 
 
 def drop_claim_notification_sql() -> list[str]:

@@ -37,7 +37,7 @@ from django.db import DatabaseError, close_old_connections, connection
 from django.db.models import Q
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
-from builds import sql
+from builds import notices, sql
 from builds.models import Job, LogChunk
 from builds.responses import chunk_sizes
 from builds.states import TERMINAL_JOB_STATES
@@ -48,7 +48,9 @@ from harmont.serializers import parse_uuid
 
 log = logging.getLogger("harmont.stream")
 
-TICK_SECONDS = 0.2
+TICK_SECONDS = 0.2  # SQLite: how often the hub looks for new chunks
+FULL_LOOK_SECONDS = 5.0  # PostgreSQL: how often it looks at every watched job without news
+GATHER_SECONDS = 0.02  # PostgreSQL: from news to the look
 KEEPALIVE_SECONDS = 15.0
 DONE = object()  # sentinel queued after a job's last chunk
 DRAIN = object()  # sentinel queued when the server stops: the stream ends, the client reconnects elsewhere
@@ -110,12 +112,27 @@ def new_chunks(cursors: dict[uuid.UUID, int]) -> list[tuple]:
 
 
 class LogHub:
+    """The live streams of one process (one event loop), and the looks at the database that feed them.
+
+    On PostgreSQL the hub looks when told to: the triggers of builds.sql notify
+    `harmont_logs` with a job's id when chunks of it were appended or it ended,
+    the process's listener (builds.notices) hands that here, and the next look
+    (GATHER_SECONDS later, so one agent's burst of appends is read at once)
+    reads only the jobs with news. Every FULL_LOOK_SECONDS, and whenever the
+    listener (re)connects, it looks at every watched job anyway. On SQLite it
+    looks at every watched job each `tick`.
+    """
+
     def __init__(self, tick: float = TICK_SECONDS) -> None:
         self.tick = tick
         self.subscribers: dict[uuid.UUID, set[Subscriber]] = {}
         self.cursors: dict[uuid.UUID, int] = {}
         self.task: asyncio.Task | None = None
         self.draining = False
+        self.following = False  # PostgreSQL: the loop's listener hands us the logs channel
+        self.news: set[uuid.UUID] = set()  # watched jobs with news since the last look
+        self.look_at_all = True  # the next look reads every watched job
+        self.woken = asyncio.Event()
 
     def subscribe(self, job_id: uuid.UUID, after_seq: int) -> Subscriber:
         subscriber = Subscriber(job_id, after_seq)
@@ -123,6 +140,9 @@ class LogHub:
             subscriber.queue.put_nowait(DRAIN)
             return subscriber
         self.subscribers.setdefault(job_id, set()).add(subscriber)
+        if not self.following and notices.listening():
+            self.following = True
+            notices.listener().follow(notices.LOG_CHANNEL, notices.Follower(self._notice, self._look_at_all))
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
         return subscriber
@@ -135,6 +155,43 @@ class LogHub:
         current = self.cursors.get(subscriber.job_id)
         self.cursors[subscriber.job_id] = subscriber.last_seq if current is None else min(current,
                                                                                            subscriber.last_seq)
+        # What came between its history and now was notified before it watched: look once.
+        self.news.add(subscriber.job_id)
+        self.woken.set()
+
+    def _notice(self, payload: str) -> None:
+        """A job's chunks were appended, or it ended (the logs channel)."""
+        try:
+            job_id = uuid.UUID(payload)
+        except ValueError:
+            log.warning("ignored a malformed log notice %r", payload[:200])
+            return
+        if job_id in self.subscribers:
+            self.news.add(job_id)
+            self.woken.set()
+
+    def _look_at_all(self) -> None:
+        """Notices may have been missed (the listener (re)connected)."""
+        self.look_at_all = True
+        self.woken.set()
+
+    async def _next_look(self) -> list[uuid.UUID]:
+        """Wait for the next look; the jobs it reads."""
+        if not self.following:
+            await asyncio.sleep(self.tick)
+            return list(self.cursors)
+        try:
+            await asyncio.wait_for(self.woken.wait(), FULL_LOOK_SECONDS)
+            await asyncio.sleep(GATHER_SECONDS)
+        except asyncio.TimeoutError:
+            self.look_at_all = True
+        self.woken.clear()
+        if self.look_at_all:
+            self.look_at_all = False
+            self.news.clear()
+            return list(self.cursors)
+        jobs, self.news = list(self.news), set()
+        return jobs
 
     def drain(self) -> None:
         """The server is stopping: every open stream ends now, telling its client to reconnect (elsewhere)."""
@@ -157,14 +214,16 @@ class LogHub:
 
     async def _run(self) -> None:
         while self.subscribers:
-            await asyncio.sleep(self.tick)
-            cursors = {job: seq for job, seq in self.cursors.items() if job in self.subscribers}
+            jobs = await self._next_look()
+            cursors = {job: self.cursors[job] for job in jobs if job in self.subscribers and job in self.cursors}
             if not cursors:
                 continue
             try:
                 states, chunks = await sync_to_async(fetch_updates, thread_sensitive=False)(cursors)
             except Exception:  # noqa: BLE001 — one bad poll must not end every stream of the process
                 log.exception("log stream poll failed; retrying")
+                self._look_at_all()  # the news it took is not lost: soon, every watched job again
+                await asyncio.sleep(self.tick)
                 continue
             self._deliver(states, chunks)
 

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from builds import claim_waits, services, states
 from builds.claim_waits import ClaimHub, Hold, Waiter
+from builds.notices import listen_conninfo
 from builds.models import Agent, Job, JobState
 from organizations import services as org_services
 from tests.helpers import AGENT, assert_error, claim, is_postgres, make_build, run_job, two_step_ir
@@ -102,7 +103,7 @@ def in_loop(work: Any) -> Any:
 def test_a_claimable_job_wakes_the_oldest_waiter_whose_tags_match_and_only_it():
     async def work() -> list[bool]:
         hub = ClaimHub()
-        hub.task = asyncio.get_running_loop().create_future()  # no listening here
+        hub.task, hub.following = asyncio.get_running_loop().create_future(), True  # no listening here
         first, arm, second = Waiter(hold(agent="x"), 0), Waiter(hold(agent="arm", queue="arm64"), 0), Waiter(
             hold(agent="y"), 0)
         for waiter in (first, arm, second):
@@ -122,7 +123,7 @@ def test_a_claimable_job_wakes_the_oldest_waiter_whose_tags_match_and_only_it():
 def test_a_notice_that_came_during_the_first_attempt_wakes_the_waiter_when_it_is_registered():
     async def work() -> tuple[bool, bool]:
         hub = ClaimHub()
-        hub.task = asyncio.get_running_loop().create_future()
+        hub.task, hub.following = asyncio.get_running_loop().create_future(), True
         since = claim_waits.time_now()
         hub.job_claimable(1, {"queue": "default"})  # nobody was waiting yet
         late = Waiter(hold(), since)
@@ -137,7 +138,7 @@ def test_a_notice_that_came_during_the_first_attempt_wakes_the_waiter_when_it_is
 def test_credentials_news_wakes_the_organizations_or_the_agents_waiters_and_closing_wakes_all():
     async def work() -> list[list[bool]]:
         hub = ClaimHub()
-        hub.task = asyncio.get_running_loop().create_future()
+        hub.task, hub.following = asyncio.get_running_loop().create_future(), True
         waiters = [Waiter(hold(1, "a1"), 0), Waiter(hold(1, "a2"), 0), Waiter(hold(2, "b1"), 0)]
         for waiter in waiters:
             hub.add(waiter)
@@ -161,7 +162,7 @@ def test_credentials_news_wakes_the_organizations_or_the_agents_waiters_and_clos
 def test_a_job_notice_without_a_selector_is_a_default_queue_job():
     async def work() -> tuple[bool, bool]:
         hub = ClaimHub()
-        hub.task = asyncio.get_running_loop().create_future()
+        hub.task, hub.following = asyncio.get_running_loop().create_future(), True
         default, arm = Waiter(hold(agent="d"), 0), Waiter(hold(agent="r", queue="arm64"), 0)
         hub.add(arm)
         hub.add(default)
@@ -204,7 +205,7 @@ def test_a_started_job_is_not_handed_back(session, build):
 
 
 def listener() -> psycopg.Connection:
-    conn = psycopg.connect(claim_waits.listen_conninfo(), autocommit=True)
+    conn = psycopg.connect(listen_conninfo(), autocommit=True)
     conn.execute("LISTEN harmont_claims")
     return conn
 

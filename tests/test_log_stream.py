@@ -26,10 +26,10 @@ from typing import Any
 
 import jwt
 import pytest
-from django.db import OperationalError, connection, connections
+from django.db import OperationalError, connection, connections, transaction
 from django.utils import timezone
 
-from builds import services, stream
+from builds import notices, services, stream
 from builds.models import Build, Job, JobState, LogChunk, StreamKind
 from harmont.logtokens import mint_log_token
 from organizations import services as org_services
@@ -549,11 +549,50 @@ def test_many_streams_share_one_poll_per_tick(live_asgi, pipeline, monkeypatch):
     elapsed = time.monotonic() - started
 
     window = [call for call in calls if call[0] >= started]
-    # At most one poll per tick for the 20 streams (one per stream would be 20 per tick)...
-    assert 0 < len(window) <= elapsed / stream.TICK_SECONDS + 2, (len(window), elapsed)
-    # ...each covering every watched job, in the same two queries however many there are.
-    assert all(watched >= {job.pk for job in jobs} for _, watched, _ in window)
+    if notices.listening():
+        # PostgreSQL: a look per notice at most (10 appends), none while idle, each reading only
+        # jobs that had news, never one per stream...
+        assert 0 < len(window) <= 2 * len(jobs), (len(window), elapsed)
+        assert all(watched <= {job.pk for job in jobs} for _, watched, _ in window)
+    else:
+        # SQLite: at most one poll per tick for the 20 streams (one per stream would be 20 per tick),
+        # each covering every watched job...
+        assert 0 < len(window) <= elapsed / stream.TICK_SECONDS + 2, (len(window), elapsed)
+        assert all(watched >= {job.pk for job in jobs} for _, watched, _ in window)
+    # ...in the same two queries however many jobs it reads.
     assert {queries for _, _, queries in window} == {2}
+
+
+def test_on_postgresql_the_hub_looks_when_told_and_only_at_the_job_with_news(live_asgi, pipeline, monkeypatch):
+    if not notices.listening():
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's; SQLite polls each tick (above)")
+    build = make_build(pipeline, pipeline_ir=parallel_ir(3))
+    quiet, busy, ending = [job for job, _ in start_jobs(build).values()]
+    looks: list[tuple[float, frozenset]] = []
+    real_fetch = stream.fetch_updates
+
+    def recorded_fetch(cursors: dict) -> Any:
+        looks.append((time.monotonic(), frozenset(cursors)))
+        return real_fetch(cursors)
+
+    monkeypatch.setattr(stream, "fetch_updates", recorded_fetch)
+    watchers = {job.pk: watch(live_asgi, job) for job in (quiet, busy, ending)}
+    for events in watchers.values():
+        assert history_of(events) == []
+    time.sleep(0.5)
+    looks.clear()
+    watchers[quiet.pk].assert_silent(1.0)
+    assert looks == []  # nothing happened: no look at all (a poll would have looked five times)
+
+    written = time.monotonic()
+    write(busy, [1, 2])
+    assert [e.data for e in watchers[busy.pk].chunks(2)] == [chunk(busy, 1), chunk(busy, 2)]
+    assert watchers[busy.pk].events.qsize() == 0 and looks and looks[0][1] == {busy.pk}
+    assert looks[0][0] - written < 0.5  # told at once, not at the next tick of a poll
+
+    services.report_finish(job=ending, exit_code=0)  # an end with no new chunk is news too
+    assert until_done(watchers[ending.pk]) == []
+    assert all(watched <= {busy.pk, ending.pk} for _, watched in looks)
 
 
 def test_a_closed_stream_stops_being_watched(live_asgi, build, running):
@@ -883,3 +922,30 @@ def test_streaming_a_100_mib_history_raises_the_servers_memory_by_less_than_20_m
     assert status == 200 and received > 100 * MIB and last.endswith(b"event: done\ndata: {}\n\n")
     assert traced < 20 * MIB, f"{traced / MIB:.1f} MiB traced"
     assert rss < 20 * MIB, f"{rss / MIB:.1f} MiB resident"
+
+
+def test_on_postgresql_appends_and_ends_notify_the_logs_channel_once_per_job(transactional_db, pipeline):
+    """builds.sql's log triggers: one notice per job an append wrote (however many chunks), one when a job
+    ends; a heartbeat none."""
+    if not notices.listening():
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    import psycopg
+
+    build = make_build(pipeline, pipeline_ir=parallel_ir(2))
+    first, second = [job for job, _ in start_jobs(build).values()]
+    with psycopg.connect(notices.listen_conninfo(), autocommit=True) as conn:
+        conn.execute(f"LISTEN {notices.LOG_CHANNEL}")
+
+        def heard() -> list[str]:
+            return [note.payload for note in conn.notifies(timeout=0.5)]
+
+        write(first, range(1, 51))
+        assert heard() == [str(first.pk)]
+        with transaction.atomic():  # two appends of two jobs in one transaction
+            write(first, [51])
+            write(second, [1, 2])
+        assert sorted(heard()) == sorted([str(first.pk), str(second.pk)])
+        services.heartbeat(job=first)
+        assert heard() == []
+        services.report_finish(job=second, exit_code=0)
+        assert heard() == [str(second.pk)]

@@ -102,8 +102,8 @@ def measure_http_stack(port: int, server_pid: int, path: str = "/api/v0/ping",
                        seconds: float = 4.0) -> tuple[float, float] | None:
     """Server CPU ms per request and req/s for `GET path` (ping: no auth, no query), wrk -c8.
 
-    Every agent call pays this fixed cost (uvicorn's HTTP parsing, the ASGI to WSGI hop
-    through a2wsgi's thread pool, Django's middleware, DRF) before any work.
+    Every agent call pays this fixed cost (gunicorn's HTTP parsing on a worker thread,
+    Django's middleware, DRF) before any work.
     """
     if not shutil.which("wrk"):
         return None

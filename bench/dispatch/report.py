@@ -8,6 +8,7 @@ import statistics
 import time
 from typing import Any
 
+from bench.api.report import WORKER_KINDS
 from bench.dispatch import CLAIM_P95_TARGET, DB_NAME, THROUGHPUT_TARGET
 from bench.dispatch.calls import CallCost
 from bench.dispatch.phase import Phase
@@ -30,7 +31,7 @@ def report(phases: list[Phase], costs: dict[str, CallCost], args: argparse.Names
     say()
     say(f"Harmont dispatch bench, {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs, PostgreSQL "
         f"{PG_HOST}:{PG_PORT}/{DB_NAME}")
-    say(f"server: gunicorn harmont.asgi:application, {WORKERS} uvicorn workers (REST via a2wsgi threads), "
+    say(f"server: gunicorn, {WORKERS} {WORKER_KINDS[getattr(args, 'interface', 'worker')]}, "
         f"CONN_MAX_AGE={conn_max_age}, access log off")
     say(f"agents: {args.agents} x `manage.py runagent --poll-interval {args.poll_interval}`; jobs: "
         f"{args.builds} builds x {args.jobs_per_build} independent jobs per phase, cmd {args.command!r}")
