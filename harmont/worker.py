@@ -14,8 +14,11 @@ handed to the loop, socket and all, once read (harmont.handoff):
   the request's thread, like any request): the loop holds it
   (builds.claim_waits.hold_claim) and runs each later attempt on the threads.
 
-Everything else never leaves its thread. A handed-off connection counts
-among the worker's connections until it is answered, so a stopping worker
+Everything else never leaves its thread. An answer with a length (a held
+claim's) leaves the connection open, and the worker takes it back among its
+kept-alive connections for the client's next request; a stream ends its
+connection. A handed-off connection counts among the worker's connections
+meanwhile, so a stopping worker
 lets it finish within the graceful timeout; SIGTERM also answers the held
 claims and ends the streams with a reconnect hint at once (harmont.asgi.drain).
 """
@@ -23,14 +26,16 @@ claims and ends the streams with a reconnect hint at once (harmont.asgi.drain).
 from __future__ import annotations
 
 import asyncio
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from harmont import handoff
 
@@ -155,13 +160,23 @@ class Worker(ThreadWorker):
         sock = socket.socket(fileno=conn.sock.detach())
         sock.setblocking(False)
         future = asyncio.run_coroutine_threadsafe(handoff.serve(sock, scope, handed.body, handed.app), self.loop)
-        future.add_done_callback(lambda done: self.method_queue.defer(self._handed_back, done))
+        future.add_done_callback(lambda done: self.method_queue.defer(self._handed_back, done, sock, conn))
 
-    def _handed_back(self, future: Any) -> None:
-        """A handed-off request was answered (on the worker's main thread, like finish_request)."""
+    def _handed_back(self, future: Any, sock: socket.socket, conn: Any) -> None:
+        """A handed-off request was answered (on the worker's main thread, like finish_request): a connection
+        left open waits for the client's next request among the kept-alive ones."""
+        if future.cancelled() or future.exception() is not None:
+            self.log.error("handed-off request failed: %r", None if future.cancelled() else future.exception())
+            sock.close()
+        elif future.result() and self.alive:
+            kept = TConn(self.cfg, sock, conn.client, conn.server)  # a new parser for the next request
+            kept.set_timeout()
+            self.keepalived_conns.append(kept)
+            self.poller.register(kept.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, kept))
+            return  # still one of the worker's connections
+        elif future.result():
+            sock.close()  # stopping: no next request here
         self.nr_conns -= 1
-        if not future.cancelled() and future.exception() is not None:
-            self.log.error("handed-off request failed: %r", future.exception())
 
     def finish_request(self, conn: Any, fs: Any) -> None:
         if getattr(conn, "handed_off", False):

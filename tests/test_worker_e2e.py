@@ -146,6 +146,25 @@ def test_a_viewer_who_leaves_is_forgotten_and_the_next_one_is_served(live, build
     assert until_done(second) == []
 
 
+def test_a_held_claim_leaves_its_connection_open_for_the_next_request(live, agent_token, pipeline):
+    token = register(agent_token.raw).json()["session_token"]
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    conn = http.client.HTTPConnection(live.host, live.port, timeout=10)
+    conn.request("POST", "/api/v0/agent/claim", body=json.dumps({"wait": 1}), headers=headers)
+    held = conn.getresponse()
+    assert held.status == 204 and float(held.getheader("Harmont-Claim-Wait")) >= 1
+    assert held.getheader("Connection") is None and held.read() == b""
+    sock = conn.sock
+    make_build(pipeline, pipeline_ir=two_step_ir())
+    conn.request("POST", "/api/v0/agent/claim", body=json.dumps({"wait": 5}), headers=headers)
+    claimed = conn.getresponse()
+    assert claimed.status == 200 and json.loads(claimed.read())["job"]["step_key"] == "a"
+    assert conn.sock is sock  # the same connection, taken back by the worker after the held answer
+    conn.request("GET", "/api/v0/ping")
+    assert conn.getresponse().status == 200 and conn.sock is sock
+    conn.close()
+
+
 def test_a_claim_without_wait_is_answered_on_its_thread_at_once(live, agent_token: org_services.IssuedAgentToken,
                                                                pipeline):
     token = register(agent_token.raw).json()["session_token"]
