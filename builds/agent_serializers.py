@@ -315,10 +315,26 @@ def claim_ask(request: Request) -> ClaimAsk:
         data["wait"] = request.query_params["wait"]
     if not data:
         return ClaimAsk(claim_key=None, wait=0)  # the common empty claim: no serializer to run
+    plain = plain_claim(data)
+    if plain is not None:
+        return plain
     body = ClaimRequest(data=data)
     if not body.is_valid():
         raise validation_error(flatten_detail(body.errors))
     return ClaimAsk(claim_key=body.validated_data.get("claim_key"), wait=body.validated_data["wait"])
+
+
+def plain_claim(data: dict[str, Any]) -> ClaimAsk | None:
+    """A well-formed claim body (what agents send: a key and a number of seconds), checked by hand as
+    ClaimRequest would; None when anything is off, for the serializer to word the error."""
+    if not data.keys() <= {"claim_key", "wait"}:
+        return None
+    key, wait = data.get("claim_key"), data.get("wait", 0)
+    if key is not None and not (type(key) is str and CLAIM_KEY.match(key)):
+        return None
+    if type(wait) not in (int, float) or not 0 <= wait <= MAX_CLAIM_WAIT_SECONDS:
+        return None  # (a string of digits, as ?wait= is, takes the serializer's way)
+    return ClaimAsk(claim_key=key, wait=float(wait))
 
 
 def log_chunks(request: Request) -> list[ChunkIn]:

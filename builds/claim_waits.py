@@ -38,7 +38,6 @@ import json
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -49,6 +48,7 @@ from django.db import close_old_connections
 
 from builds import notices
 from harmont import claim_notices, metrics
+from harmont.loop_local import LoopLocal
 from pipelines import agent_tags
 
 log = logging.getLogger("harmont.claims")
@@ -153,9 +153,6 @@ class ClaimHub:
             return
         if not queue:
             del self.waiting[waiter.hold.organization_id]
-
-    def count(self) -> int:
-        return sum(len(queue) for queue in self.waiting.values())
 
     # ---------------------------------------------------------------- news
 
@@ -267,14 +264,7 @@ def _poll_in_thread(organization_ids: list[int], since: Any) -> tuple[Any, list[
     return poll_news(organization_ids, since)
 
 
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ClaimHub] = weakref.WeakKeyDictionary()
-
-
-def claim_hub() -> ClaimHub:
-    loop = asyncio.get_running_loop()
-    if loop not in _hubs:
-        _hubs[loop] = ClaimHub()
-    return _hubs[loop]
+claim_hub = LoopLocal(ClaimHub)  # the running event loop's hub
 
 
 # ------------------------------------------------------------------ the held request

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.db import connections
 
 from harmont import claim_notices
+from harmont.loop_local import LoopLocal
 
 log = logging.getLogger("harmont.notices")
 
@@ -90,15 +90,7 @@ class Listener:
                 self.connected = False
 
 
-_listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Listener] = weakref.WeakKeyDictionary()
-
-
-def listener() -> Listener:
-    """The running loop's listener."""
-    loop = asyncio.get_running_loop()
-    if loop not in _listeners:
-        _listeners[loop] = Listener()
-    return _listeners[loop]
+listener = LoopLocal(Listener)  # the running event loop's listener
 
 
 def listening() -> bool:

@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import uuid
-import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +43,7 @@ from builds.states import TERMINAL_JOB_STATES
 from harmont import metrics
 from harmont.errors import DATABASE_RETRY_AFTER_SECONDS, DATABASE_UNAVAILABLE_ERRORS
 from harmont.logtokens import LogTokenInvalid, verify_log_token
+from harmont.loop_local import LoopLocal
 from harmont.serializers import parse_uuid
 
 log = logging.getLogger("harmont.stream")
@@ -259,16 +259,9 @@ class LogHub:
             stalled.append(subscriber)
 
 
-# One hub per event loop: under ASGI that is one per process; under a WSGI
-# server each streaming request runs its own loop (and so its own hub).
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LogHub] = weakref.WeakKeyDictionary()
-
-
-def hub() -> LogHub:
-    loop = asyncio.get_running_loop()
-    if loop not in _hubs:
-        _hubs[loop] = LogHub()
-    return _hubs[loop]
+# One hub per event loop: in harmont.worker (or under ASGI) that is one per process.
+hub = LoopLocal(LogHub)
+_hubs = hub.instances
 
 
 def stream_error(code: str, message: str, status: int, request: HttpRequest) -> JsonResponse:

@@ -34,22 +34,7 @@ urlpatterns = [
          name="artifact-download"),
 ]
 
-AGENT_JOB = "agent/jobs/<str:job_id>"
-
 urlpatterns += [
-    path("agent/register", agent_api.RegisterView.as_view(), name="agent-register"),
-    path("agent/disconnect", agent_api.DisconnectView.as_view(), name="agent-disconnect"),
-    path("agent/claim", agent_api.ClaimView.as_view(), name="agent-claim"),
-    path(f"{AGENT_JOB}/start", agent_api.StartView.as_view(), name="agent-job-start"),
-    path(f"{AGENT_JOB}/heartbeat", agent_api.HeartbeatView.as_view(), name="agent-job-heartbeat"),
-    path(f"{AGENT_JOB}/logs", agent_api.LogsView.as_view(), name="agent-job-logs"),
-    path(f"{AGENT_JOB}/finish", agent_api.FinishView.as_view(), name="agent-job-finish"),
-    path(f"{AGENT_JOB}/pipeline", agent_api.RenderResultView.as_view(), name="agent-job-pipeline"),
-    path(f"{AGENT_JOB}/workspace", agent_api.WorkspaceUploadView.as_view(), name="agent-job-workspace"),
-    path(f"{AGENT_JOB}/artifacts", agent_api.ArtifactUploadView.as_view(), name="agent-job-artifacts"),
-    path(f"{AGENT_JOB}/parent-workspace", agent_api.ParentWorkspaceView.as_view(), name="agent-parent-workspace"),
-    path(f"{AGENT_JOB}/snapshot", agent_api.SnapshotUploadView.as_view(), name="agent-job-snapshot"),
-    path(f"{AGENT_JOB}/parent-snapshot", agent_api.ParentSnapshotView.as_view(), name="agent-parent-snapshot"),
     path("internal/builds/<str:build_uuid>/source.tar.gz", agent_api.SourceArchiveView.as_view(),
          name="build-source"),
 ]

@@ -1726,3 +1726,29 @@ def test_chunks_the_checks_leave_to_the_serializer_are_stored_as_it_says(running
     assert send_logs(job_client, spec["id"], chunks).status_code == 200
 
     assert stored_log(spec["id"]) == [(3, 1, "x" if chunks[0]["content"] == "x" else "5")]
+
+
+@pytest.mark.parametrize("body", [
+    {"wait": 0}, {"wait": 20}, {"wait": 30}, {"wait": 0.5}, {"claim_key": "a" * 64}, {"claim_key": None, "wait": 7},
+    {"claim_key": "Ab-_9", "wait": 30.0},
+])
+def test_checked_claims_are_what_the_serializer_makes_of_them(body):
+    from builds.agent_serializers import ClaimAsk, ClaimRequest, plain_claim
+
+    serializer = ClaimRequest(data=body)
+    assert serializer.is_valid(), serializer.errors
+    assert plain_claim(body) == ClaimAsk(claim_key=serializer.validated_data.get("claim_key"),
+                                         wait=serializer.validated_data["wait"])
+
+
+@pytest.mark.parametrize("body", [
+    {"wait": -1}, {"wait": 31}, {"wait": True}, {"wait": float("nan")}, {"wait": float("inf")}, {"wait": None},
+    {"wait": "5"}, {"claim_key": "a" * 65}, {"claim_key": "no spaces"}, {"claim_key": 5}, {"claim_key": "k\n"},
+    {"wait": 5, "other": 1},
+])
+def test_claims_the_checks_leave_to_the_serializer(body):
+    """Anything but the plain shape goes to ClaimRequest, which words the 422 (or, for `"5"`, `true`, a
+    trimmed key, unknown keys, accepts it as it always has)."""
+    from builds.agent_serializers import plain_claim
+
+    assert plain_claim(body) is None

@@ -114,6 +114,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--token", required=True, help="the organization's agent token (hma_...)")
     parser.add_argument("--agents", type=int, default=1000)
-    parser.add_argument("--wait", type=float, default=20.0, help="each claim's wait, in seconds")
+    # What real agents ask for (builds/agent/runner.py CLAIM_WAIT_SECONDS).
+    parser.add_argument("--wait", type=float, default=30.0, help="each claim's wait, in seconds (default 30)")
     asyncio.run(main(parser.parse_args()))
     sys.exit(0)

@@ -71,7 +71,7 @@ def report_fleet(phases: list[Phase], idle: list[dict[str, float]], counts: dict
         return window[name] / window["_wall"]
 
     say()
-    say(f"Idle fleet: {args.idle_fleet} simulated agents long-polling (wait 20 s), idle windows of "
+    say(f"Idle fleet: {args.idle_fleet} simulated agents long-polling (wait 30 s, as agents ask by default), idle windows of "
         f"{args.idle_seconds:.0f} s:")
     say(f"  {'share of one core':<44}{'without':>14}{'with fleet':>14}{'fleet costs':>14}")
     for name, label in (("server", "server (gunicorn master + workers)"), ("db", "PostgreSQL backends"),

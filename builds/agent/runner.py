@@ -48,7 +48,8 @@ log = logging.getLogger("harmont.agent")
 
 HEARTBEAT_INTERVAL = 5.0
 # How long an idle claim may be held by the server (a long poll), and the most it allows.
-CLAIM_WAIT_SECONDS = 20.0
+# As long as the server holds a claim: an idle agent costs the server one request per 30 s.
+CLAIM_WAIT_SECONDS = 30.0
 MAX_CLAIM_WAIT = 30.0
 # A server that held the claim answers with this header (builds.claim_waits); without it, poll.
 CLAIM_WAITED_HEADER = "Harmont-Claim-Wait"
