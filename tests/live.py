@@ -299,12 +299,21 @@ def gunicorn_server(e2e_database: None, tmp_path_factory: pytest.TempPathFactory
         print((work / "gunicorn.log").read_text()[-5000:])
 
 
-@pytest.fixture
-def live_asgi(asgi_server: tuple[str, int], transactional_db: None) -> Iterator[LiveServer]:
-    """The module's server, for one test; the streams the test opened are closed after it."""
-    live = LiveServer(*asgi_server)
+def serving(address: tuple[str, int]) -> Iterator[LiveServer]:
+    """A module's server, for one test; the streams the test opened are closed after it."""
+    live = LiveServer(*address)
     try:
         yield live
     finally:
         for stream in live.streams:
             stream.close()
+
+
+@pytest.fixture
+def live_asgi(asgi_server: tuple[str, int], transactional_db: None) -> Iterator[LiveServer]:
+    yield from serving(asgi_server)
+
+
+@pytest.fixture
+def live_gunicorn(gunicorn_server: tuple[str, int], transactional_db: None) -> Iterator[LiveServer]:
+    yield from serving(gunicorn_server)

@@ -33,13 +33,8 @@ THREADS = 8  # harmont/gunicorn_conf.py's default (HARMONT_THREADS)
 
 
 @pytest.fixture
-def live(gunicorn_server: tuple[str, int], e2e_settings: Any) -> Any:
-    server = LiveServer(*gunicorn_server)
-    try:
-        yield server
-    finally:
-        for stream in server.streams:
-            stream.close()
+def live(live_gunicorn: LiveServer, e2e_settings: Any) -> LiveServer:
+    return live_gunicorn
 
 
 @pytest.fixture
