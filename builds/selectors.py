@@ -31,8 +31,13 @@ AGENT_LIST_WINDOW = timedelta(days=1)
 
 
 def agent_for_session(raw: str) -> Agent | None:
-    """The agent an agent session belongs to (None: unknown, stopped, or its agent token was revoked)."""
-    return sql.agent_for_session(hash_secret(raw))
+    """The agent an agent session belongs to (None: unknown, stopped, or its agent token was revoked).
+
+    The request counts as seen: on PostgreSQL the lookup writes the last-seen time
+    itself (see builds.sql.agent_for_session), elsewhere builds.services.agents.agent_seen does.
+    """
+    now = timezone.now()
+    return sql.agent_for_session(hash_secret(raw), now=now, stale_before=now - AGENT_SEEN_RESOLUTION)
 
 
 def job_for_credential(raw: str, *, now: datetime | None = None) -> Job | None:

@@ -358,9 +358,40 @@ AGENT_FOR_SESSION_SQL = (
 )
 
 
-def agent_for_session(session_hash: str) -> Agent | None:
-    """The agent whose session hashes to `session_hash` (None: unknown, stopped, or its agent token was revoked)."""
-    cells = first_row(AGENT_FOR_SESSION_SQL, [session_hash])
+@functools.cache
+def _session_sql(vendor: str) -> str:
+    """The session lookup; on PostgreSQL it also refreshes the agent's last-seen time.
+
+    An idle agent's claims come 30 s apart, so each would find its last-seen time
+    stale and pay a second statement to write it (about a fifth of an idle claim's
+    CPU). On PostgreSQL a data-modifying WITH writes it in the lookup itself, for a
+    serving agent whose time is older than the cutoff; the lookup answers the new
+    time, so builds.services.agents.agent_seen finds nothing to do. SQLite has no
+    such WITH: there agent_seen writes it.
+    """
+    if vendor != "postgresql":
+        return AGENT_FOR_SESSION_SQL
+    agents, tokens = Table(Agent), Table(AgentToken)
+    seen = (f"UPDATE {agents} SET {agents.bare('last_seen_at')} = %s WHERE {agents.session_hash} = %s"
+            f" AND {agents.stopped_at} IS NULL AND {agents.last_seen_at} < %s"
+            f" AND {agents.token} IN (SELECT {tokens.id} FROM {tokens} WHERE {tokens.revoked_at} IS NULL)"
+            f" RETURNING {agents.last_seen_at}")
+    fresh = f"COALESCE((SELECT {agents.bare('last_seen_at')} FROM seen), {_SA.last_seen_at})"
+    columns = SESSION_AGENT.select(_SA).replace(_SA.last_seen_at, fresh)
+    return f"WITH seen AS ({seen}) {AGENT_FOR_SESSION_SQL.replace(SESSION_AGENT.select(_SA), columns, 1)}"
+
+
+def agent_for_session(session_hash: str, *, now: datetime, stale_before: datetime) -> Agent | None:
+    """The agent whose session hashes to `session_hash` (None: unknown, stopped, or its agent token was revoked).
+
+    On PostgreSQL, also sets its last-seen time to `now` if it is older than `stale_before`.
+    """
+    if connection.vendor == "postgresql":
+        params = [db_value(Agent, "last_seen_at", now), session_hash, db_value(Agent, "last_seen_at", stale_before),
+                  session_hash]
+    else:
+        params = [session_hash]
+    cells = first_row(_session_sql(connection.vendor), params)
     return None if cells is None else SESSION_AGENT.load(cells, connection)
 
 

@@ -33,7 +33,7 @@ from harmont.timestamps import ns_from_datetime
 from harmont.tokens import hash_secret
 from harmont.logtokens import mint_log_token
 from organizations import services as org_services
-from organizations.models import ApiToken
+from organizations.models import AgentToken, ApiToken
 from tests.dsl import hm
 from tests.helpers import (
     AGENT,
@@ -1630,6 +1630,17 @@ def test_the_job_credential_loads_what_the_orm_would(running, session, build):
     again = selectors.job_for_credential(raw)
     assert (again.agent_seen_recently, again.agent_serving, again.build_started) == (False, False, False)
     assert selectors.job_for_credential(raw + "x") is None
+
+
+@pytest.mark.django_db
+def test_a_refused_session_leaves_the_agents_last_seen_time_alone(session):
+    Agent.objects.filter(pk=session.agent.pk).update(last_seen_at=T0, stopped_at=T0)
+    assert selectors.agent_for_session(session.raw_token) is None
+    Agent.objects.filter(pk=session.agent.pk).update(stopped_at=None)
+    AgentToken.objects.filter(pk=session.agent.token_id).update(revoked_at=timezone.now())
+    assert selectors.agent_for_session(session.raw_token) is None
+
+    assert Agent.objects.get(pk=session.agent.pk).last_seen_at == T0
 
 
 @pytest.mark.django_db

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone as dt_timezone
 import pytest
 from django.utils import timezone
 
-from builds.models import Build, Job
+from builds.models import Agent, Build, Job
 from harmont.pagination import encode_cursor
 from organizations.models import ApiToken
 from pipelines import services as pipeline_services
@@ -282,3 +282,18 @@ def test_an_idle_claim_is_two_queries(session, pipeline, django_assert_num_queri
     with django_assert_num_queries(2):  # the session, the claim that finds nothing
         response = session.post(f"{AGENT}/claim")
     assert response.status_code == 204
+
+
+@pytest.mark.django_db
+def test_an_idle_claim_of_an_agent_last_seen_long_ago_writes_the_time_in_the_session_lookup(
+        session, pipeline, django_assert_num_queries):
+    # A long-polling idle agent's claims are 30 s apart: each finds its last-seen time stale.
+    Agent.objects.filter(pk=session.agent.pk).update(last_seen_at=timezone.now() - timedelta(minutes=1))
+    before = timezone.now()
+
+    # PostgreSQL writes it within the session lookup; SQLite in a statement of its own.
+    with django_assert_num_queries(2 if is_postgres() else 3):
+        response = session.post(f"{AGENT}/claim")
+
+    assert response.status_code == 204
+    assert Agent.objects.get(pk=session.agent.pk).last_seen_at >= before
