@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import emoji as emoji_codes
 from django import template
 from django.utils import timezone
 from django.utils.html import format_html
@@ -15,6 +16,15 @@ from builds.models import Build, Job
 from harmont.redaction import redact_url_credentials
 
 register = template.Library()
+
+
+@register.filter
+def emoji(label: str | None) -> str:
+    """`{{ job.name|emoji }}`: Buildkite/Slack shortcodes (`:wave: hello`) as emoji; unknown codes stay text.
+
+    Plain text in, plain text out: the template still escapes it.
+    """
+    return emoji_codes.emojize(label or "", language="alias")
 
 
 @register.filter
