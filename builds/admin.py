@@ -39,6 +39,7 @@ from builds.models import (
 from builds.services import caches, webhook_endpoints
 from builds.states import TERMINAL_BUILD_STATES
 from harmont.errors import ApiError
+from harmont.labels import with_emoji
 from harmont.timestamps import datetime_from_ns
 
 
@@ -52,9 +53,14 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+def job_label(job: Job) -> str:
+    """A job's name as the pages show it (shortcodes as emoji)."""
+    return with_emoji(job.name or job.step_key)
+
+
 class JobInline(admin.TabularInline):
     model = Job
-    fields = ["position", "step_key", "name", "state", "exit_code", "error_code", "agent", "started_at",
+    fields = ["position", "step_key", "label", "state", "exit_code", "error_code", "agent", "started_at",
               "finished_at"]
     readonly_fields = fields
     extra = 0
@@ -71,10 +77,13 @@ class JobInline(admin.TabularInline):
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
+    label = admin.display(description="name")(lambda self, job: job_label(job))
+
 
 @admin.register(Build)
 class BuildAdmin(ReadOnlyAdmin):
-    list_display = ["title", "state", "branch", "short_commit", "source", "created_by", "created_at", "finished_at"]
+    list_display = ["title", "state", "branch", "short_commit", "short_message", "source", "created_by", "created_at",
+                    "finished_at"]
     list_filter = ["state", "source", "fork", "created_at"]
     search_fields = ["=id", "branch", "commit", "message", "pipeline__slug", "pipeline__organization__slug",
                      "created_by__email"]
@@ -98,6 +107,11 @@ class BuildAdmin(ReadOnlyAdmin):
     def short_commit(self, build: Build) -> str:
         return build.commit[:12]
 
+    @admin.display(description="message")
+    def short_message(self, build: Build) -> str:
+        message = with_emoji(build.message)
+        return message if len(message) <= 80 else f"{message[:79]}…"
+
     @admin.action(description="Cancel selected builds", permissions=["view"])
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Build]) -> None:
         canceled = skipped = 0
@@ -113,9 +127,10 @@ class BuildAdmin(ReadOnlyAdmin):
 
 @admin.register(Job)
 class JobAdmin(ReadOnlyAdmin):
-    list_display = ["step_key", "build_title", "state", "exit_code", "error_code", "agent", "started_at",
+    list_display = ["step_key", "label", "build_title", "state", "exit_code", "error_code", "agent", "started_at",
                     "finished_at"]
     list_filter = ["state", "error_code"]
+    label = admin.display(description="name")(lambda self, job: job_label(job))
     search_fields = ["=id", "step_key", "name", "command", "build__pipeline__slug"]
     list_select_related = ["build", "build__pipeline", "build__pipeline__organization", "agent"]
     raw_id_fields = ["build", "organization", "agent", "retry_of", "reused_job"]

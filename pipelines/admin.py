@@ -6,6 +6,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from harmont.crypto import encrypt_text
+from harmont.labels import with_emoji
 from pipelines import agent_tags, ir
 from pipelines import schedules as schedule_services
 from pipelines.models import Pipeline, PipelineSchedule, Repository, ScheduledRun, Secret
@@ -43,8 +44,9 @@ class PipelineForm(forms.ModelForm):
 @admin.register(Pipeline)
 class PipelineAdmin(admin.ModelAdmin):
     form = PipelineForm
-    list_display = ["slug", "organization", "name", "repo_name", "source_slug", "allow_manual", "build_counter",
+    list_display = ["slug", "organization", "label", "repo_name", "source_slug", "allow_manual", "build_counter",
                     "created_at", "archived_at"]
+    label = admin.display(description="name", ordering="name")(lambda self, pipeline: with_emoji(pipeline.name))
     list_filter = ["allow_manual", "visibility", "fork_pull_requests", "cancel_intermediate_builds"]
     search_fields = ["slug", "name", "repo_name", "repository", "organization__slug"]
     list_select_related = ["organization"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import emoji as emoji_codes
 from django import template
 from django.utils import timezone
 from django.utils.html import format_html
@@ -13,6 +12,7 @@ from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 
 from builds.models import Build, Job
+from harmont.labels import with_emoji
 from harmont.redaction import redact_url_credentials
 
 register = template.Library()
@@ -20,11 +20,8 @@ register = template.Library()
 
 @register.filter
 def emoji(label: str | None) -> str:
-    """`{{ job.name|emoji }}`: Buildkite/Slack shortcodes (`:wave: hello`) as emoji; unknown codes stay text.
-
-    Plain text in, plain text out: the template still escapes it.
-    """
-    return emoji_codes.emojize(label or "", language="alias")
+    """`{{ job.name|emoji }}`: shortcodes as emoji (harmont.labels); the template still escapes the text."""
+    return with_emoji(label)
 
 
 @register.filter
