@@ -32,6 +32,8 @@ from builds.models import (
     LogChunk,
     Notification,
     NotificationAttempt,
+    TestFailure,
+    TestReport,
     WebhookDelivery,
     WebhookEndpoint,
     WebhookEvent,
@@ -377,3 +379,42 @@ class NotificationAttemptAdmin(ReadOnlyAdmin):
     raw_id_fields = ["notification"]
     readonly_fields = ["notification", "at", "status_code", "response_excerpt", "error", "duration_ms"]
     show_full_result_count = False
+
+
+@admin.register(TestReport)
+class TestReportAdmin(ReadOnlyAdmin):
+    """A JUnit report artifact as parsed (builds.services.test_results); written only by its task."""
+
+    list_display = ["artifact_path", "build_title", "job", "status", "tests", "failures", "errors", "skipped",
+                    "parsed_at"]
+    list_filter = ["status"]
+    list_select_related = ["artifact", "build", "build__pipeline", "build__pipeline__organization", "job"]
+    search_fields = ["=artifact__id", "artifact__path", "=build__id", "=job__id"]
+    raw_id_fields = ["artifact", "build", "job"]
+    readonly_fields = ["artifact", "build", "job", "status", "error", "tests", "failures", "errors", "skipped",
+                       "failures_stored", "parsed_at"]
+    show_full_result_count = False
+
+    @admin.display(description="file", ordering="artifact__path")
+    def artifact_path(self, report: TestReport) -> str:
+        return report.artifact.path
+
+    @admin.display(description="build", ordering="build__number")
+    def build_title(self, report: TestReport) -> str:
+        return f"{report.build.pipeline.organization.slug}/{report.build.pipeline.slug} #{report.build.number}"
+
+
+@admin.register(TestFailure)
+class TestFailureAdmin(ReadOnlyAdmin):
+    list_display = ["__str__", "build_title", "job", "kind", "flaky"]
+    list_filter = ["kind", "flaky"]
+    list_select_related = ["build", "build__pipeline", "build__pipeline__organization", "job"]
+    search_fields = ["name", "classname", "=identity", "=build__id", "=job__id"]
+    raw_id_fields = ["report", "build", "job"]
+    readonly_fields = ["report", "build", "job", "suite", "classname", "name", "identity", "kind", "message",
+                       "details", "duration", "flaky"]
+    show_full_result_count = False
+
+    @admin.display(description="build", ordering="build__number")
+    def build_title(self, failure: TestFailure) -> str:
+        return f"{failure.build.pipeline.organization.slug}/{failure.build.pipeline.slug} #{failure.build.number}"

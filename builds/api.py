@@ -20,7 +20,16 @@ from rest_framework.response import Response
 from builds import selectors, services
 from builds.filters import BUILD_FILTERS, ArtifactFilter, BuildFilter
 from builds.models import Artifact, Build, Job
-from builds.responses import artifact_response, raw_log_head, raw_log_response
+from builds.responses import (
+    SEARCH_DEFAULT_LIMIT,
+    SEARCH_MAX_LIMIT,
+    SEARCH_QUERY_MAX_CHARS,
+    artifact_response,
+    log_search_response,
+    parse_log_search,
+    raw_log_head,
+    raw_log_response,
+)
 from builds.serializers import (
     BUILD_COLUMNS,
     AgentListSerializer,
@@ -32,6 +41,7 @@ from builds.serializers import (
     CreateBuildRequestSerializer,
     CreateRepoBuildRequestSerializer,
     JobListSerializer,
+    JobLogMatchListSerializer,
     JobSerializer,
     build_row_data,
     LogTokenResponseSerializer,
@@ -253,9 +263,9 @@ class PlainTextRenderer(BaseRenderer):
 
 
 class JobLogView(BuildScopedView):
-    """The whole stored log of a job as plain text (all streams, in order)."""
+    """The whole stored log of a job as plain text (all streams, in order), or the lines matching `q`."""
 
-    # Errors still leave as the JSON envelope; a successful answer is text.
+    # Errors still leave as the JSON envelope; a successful answer is text (or, for `q`, JSON).
     renderer_classes = [JSONRenderer, PlainTextRenderer]
 
     def job(self, job_id: str) -> Job:
@@ -264,12 +274,39 @@ class JobLogView(BuildScopedView):
             raise ApiError("job_not_found", f"No job {job_id} in build #{self.build.number}.")
         return job
 
-    @extend_schema(operation_id="getJobLog", tags=["jobs"],
-                   parameters=[OpenApiParameter("Range", str, OpenApiParameter.HEADER,
-                                                description="`bytes=-N`: only the last N bytes (206).")],
-                   responses={(200, "text/plain"): str, (206, "text/plain"): str, 404: ErrorSerializer})
+    @extend_schema(
+        operation_id="getJobLog", tags=["jobs"],
+        parameters=[
+            OpenApiParameter("Range", str, OpenApiParameter.HEADER,
+                             description="`bytes=-N`: only the last N bytes (206). Not together with `q` (422)."),
+            OpenApiParameter("q", str, description=(
+                "Search instead: the lines containing this plain substring (not a pattern), case-insensitive, "
+                f"matched with ANSI escape sequences removed; 1 to {SEARCH_QUERY_MAX_CHARS} characters without a "
+                "line break (else 422). The answer is then JSON.")),
+            OpenApiParameter("limit", int, description=(
+                f"With `q`: at most this many matching lines, 1 to {SEARCH_MAX_LIMIT} (default "
+                f"{SEARCH_DEFAULT_LIMIT}; else 400 `invalid_limit`). Ignored without `q`.")),
+        ],
+        responses={(200, "text/plain"): str, (200, "application/json"): JobLogMatchListSerializer,
+                   (206, "text/plain"): str, 400: ErrorSerializer, 404: ErrorSerializer, 422: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str, number: str, job_id: str) -> HttpResponse:
-        return raw_log_response(self.job(job_id), request.headers.get("Range"))
+        """The raw log (`text/plain`), its tail for `Range: bytes=-N` (206), or with `q` the lines containing `q`.
+
+        A search answers `{"data": [{"line": 12, "text": "..."}], "truncated": false}`: the matching
+        lines in order, each with its 1-based number and its text as stored (escape sequences kept,
+        the line end dropped, cut to 4,096 characters); at most `limit` of them, `truncated` saying
+        whether more follow. Lines end at a line feed, as `grep -n` counts them and the build page
+        numbers them, so `line` is the page's `#job-<id>-L<line>`. One JSON object rather than JSON
+        lines: it has the shape of this API's lists, any JSON client reads it in one call, and a
+        connection cut midway leaves invalid JSON instead of what looks like a shorter complete
+        answer. It is still written as the log is read, piece by piece (builds.responses), and the
+        reading stops once the limit is passed.
+        """
+        job = self.job(job_id)
+        search = parse_log_search(request.query_params, request.headers.get("Range"))
+        if search is not None:
+            return log_search_response(job, search)
+        return raw_log_response(job, request.headers.get("Range"))
 
     @extend_schema(exclude=True)
     def head(self, request: Request, org: str, pipeline: str, number: str, job_id: str) -> HttpResponse:

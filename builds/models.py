@@ -564,3 +564,81 @@ class NotificationAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.status_code or self.error} at {self.at}"
+
+
+class TestReportStatus(models.TextChoices):
+    PARSED = "parsed"
+    # Over the size limit (builds.services.test_results): not read.
+    TOO_LARGE = "too_large"
+    # Not well-formed XML, or no JUnit report (`error` says which).
+    MALFORMED = "malformed"
+    # Declares a DTD or entities (an entity-expansion bomb, an external entity): refused unread.
+    UNSAFE = "unsafe"
+
+
+class TestReport(models.Model):
+    """One JUnit XML artifact of a job, as parsed (builds.services.test_results).
+
+    One row per artifact: a parse that runs again replaces the row's counts and
+    failures, never adds a second. The counts are the file's; a job's are the
+    sums over its reports.
+    """
+
+    __test__ = False  # not a test class, whatever pytest thinks of the name
+
+    artifact = models.OneToOneField(Artifact, on_delete=models.CASCADE, related_name="test_report")
+    build = models.ForeignKey(Build, on_delete=models.CASCADE, related_name="test_reports")
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="test_reports")
+    status = models.CharField(max_length=10, choices=TestReportStatus.choices)
+    # Why a file that is not `parsed` was not (shown on the build page and in the API).
+    error = models.CharField(max_length=500, blank=True, default="")
+    tests = models.PositiveIntegerField(default=0)
+    failures = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)
+    # Fewer than failures + errors once the job's cap on stored failures was reached.
+    failures_stored = models.PositiveIntegerField(default=0)
+    parsed_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["build", "job"], name="test_report_by_build")]
+
+    def __str__(self) -> str:
+        return f"{self.artifact_id} ({self.status})"
+
+
+class TestFailureKind(models.TextChoices):
+    FAILURE = "failure"  # an assertion did not hold
+    ERROR = "error"  # the test could not run to its assertions (an exception, a fixture's error)
+
+
+class TestFailure(models.Model):
+    """A test case that failed or errored in a report; passing cases are not stored (see the service)."""
+
+    __test__ = False
+
+    id = models.BigAutoField(primary_key=True)
+    report = models.ForeignKey(TestReport, on_delete=models.CASCADE, related_name="failed_cases")
+    build = models.ForeignKey(Build, on_delete=models.CASCADE, related_name="test_failures")
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="test_failures")
+    suite = models.CharField(max_length=500, blank=True, default="")
+    classname = models.CharField(max_length=500, blank=True, default="")
+    name = models.CharField(max_length=500)
+    # sha256 of (classname or suite, name), cut to 32 hex digits: the same test across jobs and builds.
+    identity = models.CharField(max_length=32)
+    kind = models.CharField(max_length=8, choices=TestFailureKind.choices)
+    message = models.TextField(blank=True, default="")
+    details = models.TextField(blank=True, default="")
+    duration = models.FloatField(null=True, blank=True)  # seconds
+    # A later job of the same step on the same commit passed it (a retry, a rebuild).
+    flaky = models.BooleanField(default=False)
+
+    class Meta:
+        indexes = [
+            # The build's failures, keyset-paged by id (the API, the build page); the pipeline
+            # page aggregates those of its last builds.
+            models.Index(fields=["build", "id"], name="test_failure_by_build"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.classname or self.suite}::{self.name}"

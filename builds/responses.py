@@ -1,16 +1,21 @@
-"""The file and text answers the API and the pages share: a job's raw log (whole, size, or tail), downloads."""
+"""The file and text answers the API and the pages share: a job's raw log (whole, size, tail, or the lines
+matching a search), downloads."""
 
 from __future__ import annotations
 
+import codecs
+import json
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from django.db.models import BigIntegerField, Func
 from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 
 from builds.models import Artifact, Job, LogChunk
+from harmont.errors import ApiError, validation_error
 
 SUFFIX_RANGE = re.compile(r"bytes=-([0-9]{1,18})")
 
@@ -147,6 +152,159 @@ def raw_log_head(job: Job) -> HttpResponse:
     response["Content-Length"] = str(job.log_bytes)
     response["Accept-Ranges"] = "bytes"
     return response
+
+
+# ------------------------------------------------------------------ search: GET .../log?q=
+
+SEARCH_QUERY_MAX_CHARS = 200
+SEARCH_DEFAULT_LIMIT = 100
+SEARCH_MAX_LIMIT = 1000
+# A matching line is answered cut to this many characters: one minified bundle or base64 dump
+# printed on one line must not make an answer of `limit` lines megabytes long.
+SEARCH_LINE_MAX_CHARS = 4096
+# What a terminal shows nothing of, removed before matching (the build page's AnsiConverter drops
+# the same): CSI sequences (colours, cursor movement), OSC sequences (titles, links), a stray ESC.
+ANSI_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b")
+# A sequence cut off where a piece of the log ends: held back until the next piece completes it.
+PARTIAL_ANSI = re.compile(r"\x1b(?:\[[0-9;?]*|\][^\x07\x1b]*)?\Z")
+# ...unless it is longer than any real one: a stray `ESC ]` must not hold back the rest of the line.
+PARTIAL_ANSI_MAX_CHARS = 256
+
+
+@dataclass(frozen=True)
+class LogSearch:
+    query: str
+    limit: int
+
+
+def parse_log_search(params: Mapping[str, str], range_header: str | None) -> LogSearch | None:
+    """The search `?q=&limit=` asks for, or None without `q` (the raw log; `limit` is then ignored).
+
+    A bad `limit` is 400 `invalid_limit`, worded as a list's; a bad `q`, or `q` with a Range
+    header, is 422 `validation_failed` naming `q`: a tail is bytes and a search answers lines, so
+    no answer could honour both, and quietly dropping either would be the wrong answer.
+    """
+    if "q" not in params:
+        return None
+    query = params["q"]
+    raw_limit = params.get("limit")
+    limit = SEARCH_DEFAULT_LIMIT
+    if raw_limit:
+        bounds = f"limit must be an integer from 1 to {SEARCH_MAX_LIMIT}"
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            raise ApiError("invalid_limit", f"{bounds}, got {raw_limit!r}.") from None
+        if not 1 <= limit <= SEARCH_MAX_LIMIT:
+            raise ApiError("invalid_limit", f"{bounds}, got {limit}.")
+    if not 1 <= len(query) <= SEARCH_QUERY_MAX_CHARS:
+        raise validation_error({"q": [f"q must be 1 to {SEARCH_QUERY_MAX_CHARS} characters, got {len(query)}."]})
+    if "\n" in query or "\r" in query:
+        raise validation_error({"q": ["q is matched within one line, so it can't hold a line break."]})
+    if range_header:
+        raise validation_error({"q": ["q searches the whole log; it can't be combined with a Range header."]})
+    return LogSearch(query=query, limit=limit)
+
+
+class LineMatcher:
+    """Numbers the lines of a log fed to it piece by piece and yields `(number, text)` of those containing `query`.
+
+    Lines end at "\n" (as `grep -n` counts them, and the build page numbers them); the text of
+    a line is its characters before its "\n" (and a "\r" before that), cut to
+    SEARCH_LINE_MAX_CHARS. Matching is on the line with its ANSI escapes removed, lower-cased
+    on both sides. Memory stays bounded however long a line is: of the current line only its
+    first SEARCH_LINE_MAX_CHARS, the last `len(query) - 1` visible characters (a match may
+    straddle two pieces) and a partial escape sequence are kept.
+    """
+
+    def __init__(self, query: str) -> None:
+        self.needle = query.lower()
+        self.number = 1
+        self._reset()
+
+    def _reset(self) -> None:
+        self.head = ""
+        self.overlap = ""
+        self.escape = ""
+        self.matched = False
+        self.started = False
+
+    def feed(self, text: str) -> Iterator[tuple[int, str]]:
+        start = 0
+        while (end := text.find("\n", start)) != -1:
+            self._scan(text[start:end], line_ends=True)
+            if self.matched:
+                yield self.number, self.head.removesuffix("\r")
+            self.number += 1
+            self._reset()
+            start = end + 1
+        if start < len(text):
+            self._scan(text[start:], line_ends=False)
+
+    def finish(self) -> Iterator[tuple[int, str]]:
+        """The last line, when the log does not end with a line break."""
+        if self.started:
+            self._scan("", line_ends=True)
+            if self.matched:
+                yield self.number, self.head.removesuffix("\r")
+
+    def _scan(self, segment: str, *, line_ends: bool) -> None:
+        self.started = True
+        if len(self.head) < SEARCH_LINE_MAX_CHARS:
+            self.head += segment[:SEARCH_LINE_MAX_CHARS - len(self.head)]
+        if self.matched:
+            return
+        raw, self.escape = self.escape + segment, ""
+        cut = None if line_ends else PARTIAL_ANSI.search(raw)
+        if cut and len(raw) - cut.start() < PARTIAL_ANSI_MAX_CHARS:
+            raw, self.escape = raw[:cut.start()], raw[cut.start():]
+        window = self.overlap + ANSI_SEQUENCE.sub("", raw).lower()
+        if self.needle in window:
+            self.matched = True
+        self.overlap = window[len(window) - len(self.needle) + 1:] if len(self.needle) > 1 else ""
+
+
+def search_log(job: Job, query: str) -> Iterator[tuple[int, str] | None]:
+    """The `(number, text)` of the job's lines containing `query`, read from the database piece by
+    piece as they are asked for; None after each piece (where an answer may write what it has)."""
+    matcher = LineMatcher(query)
+    # The log is text, so pieces (whole chunks) are whole UTF-8; only a log that grew while it
+    # was read can be cut inside a character, at the very end: replaced, not an error.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for piece in LogReader(job.pk, remaining=job.log_bytes):
+        yield from matcher.feed(decoder.decode(piece))
+        yield None
+    yield from matcher.feed(decoder.decode(b"", final=True))
+    yield from matcher.finish()
+
+
+def log_search_body(job: Job, search: LogSearch) -> Iterator[bytes]:
+    """The search's JSON answer, written as the log is read: one write per piece of the log with matches.
+
+    The reading stops at the first match past `limit`, which is only looked for to make `truncated` true.
+    """
+    found = 0
+    out = [b'{"data":[']
+    for match in search_log(job, search.query):
+        if match is None:
+            if out:
+                yield b"".join(out)
+                out = []
+            continue
+        if found == search.limit:
+            out.append(b'],"truncated":true}')
+            yield b"".join(out)
+            return
+        number, text = match
+        out.append((b"," if found else b"") + json.dumps({"line": number, "text": text}, ensure_ascii=False).encode())
+        found += 1
+    out.append(b'],"truncated":false}')
+    yield b"".join(out)
+
+
+def log_search_response(job: Job, search: LogSearch) -> StreamingHttpResponse:
+    """200 with `{"data": [{"line", "text"}], "truncated"}`, streamed (see JobLogView.get)."""
+    return StreamingHttpResponse(log_search_body(job, search), content_type="application/json")
 
 
 def download_name(path: str) -> str:

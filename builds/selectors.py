@@ -99,7 +99,7 @@ def jobs_with_prerequisites(build: Build) -> QuerySet[Job]:
     The edges alone miss what a job waits for through a wait (`after_segment`):
     `build_jobs` and `build_job` give every prerequisite.
     """
-    edges = JobDependency.objects.order_by("prerequisite__position").only("job_id", "prerequisite_id")
+    edges = JobDependency.objects.order_by("prerequisite__position").only("job_id", "prerequisite_id", "kind")
     return Job.objects.filter(build=build).prefetch_related(Prefetch("prerequisite_edges", queryset=edges))
 
 

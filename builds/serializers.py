@@ -10,7 +10,9 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.settings import api_settings
 
-from builds.models import Agent, Artifact, Build, BuildSource, BuildState, Job, SecretAccess
+from builds.models import (Agent, Artifact, Build, BuildSource, BuildState, Job, SecretAccess, TestFailureKind,
+                           TestReportStatus)
+from builds.responses import SEARCH_LINE_MAX_CHARS
 from harmont.serializers import page_serializer
 from pipelines import agent_tags
 
@@ -168,6 +170,19 @@ class JobListSerializer(serializers.Serializer):
     data = JobSerializer(many=True)
 
 
+class JobLogMatchSerializer(serializers.Serializer):
+    line = serializers.IntegerField(help_text="The line's number in the log, from 1.")
+    text = serializers.CharField(
+        help_text=f"The line as stored, without its line end, cut to {SEARCH_LINE_MAX_CHARS:,} characters.")
+
+
+class JobLogMatchListSerializer(serializers.Serializer):
+    """Schema of a log search's answer (`GET .../log?q=`), which builds.responses writes as it reads the log."""
+
+    data = JobLogMatchSerializer(many=True)
+    truncated = serializers.BooleanField(help_text="More lines match after the last one given (`limit` was reached).")
+
+
 class LogTokenResponseSerializer(serializers.Serializer):
     token = serializers.CharField(help_text="Build-scoped token for the log stream's `token` query parameter.")
     expires_at = serializers.DateTimeField()
@@ -240,3 +255,59 @@ class ArtifactSerializer(serializers.Serializer):
 
 
 ArtifactListSerializer = page_serializer("ArtifactList", ArtifactSerializer)
+
+
+# ------------------------------------------------------------------ test results (builds.test_results)
+
+
+class TestResultsSummarySerializer(serializers.Serializer):
+    tests = serializers.IntegerField(help_text="Test cases in the reports of the latest attempt of each step.")
+    failed = serializers.IntegerField(help_text="Of those, failed or errored.")
+    skipped = serializers.IntegerField()
+
+
+class JobTestCountsSerializer(serializers.Serializer):
+    job_id = serializers.UUIDField()
+    step_key = serializers.CharField()
+    attempt = serializers.IntegerField()
+    retried = serializers.BooleanField(help_text="A later attempt replaced this job: it does not count in `summary`.")
+    tests = serializers.IntegerField()
+    failed = serializers.IntegerField(help_text="Failed or errored test cases (`errors` of them errored).")
+    errors = serializers.IntegerField()
+    skipped = serializers.IntegerField()
+    reports = serializers.IntegerField(help_text="Report files of the job (`unparsed` of them could not be read).")
+    unparsed = serializers.IntegerField()
+
+
+class UnparsedReportSerializer(serializers.Serializer):
+    artifact_id = serializers.UUIDField()
+    job_id = serializers.UUIDField()
+    path = serializers.CharField(source="artifact__path")
+    status = serializers.ChoiceField(choices=[c for c in TestReportStatus.values if c != TestReportStatus.PARSED],
+                                     help_text="too_large, malformed (not XML, or not JUnit), or unsafe (declares "
+                                               "a DTD or entities).")
+    error = serializers.CharField(help_text="Why it was not read.")
+
+
+class TestFailureSerializer(serializers.Serializer):
+    id = serializers.IntegerField(help_text="Stable; the list is ordered by it.")
+    job_id = serializers.UUIDField()
+    artifact_id = serializers.UUIDField(source="report__artifact_id", help_text="The report it was read from.")
+    path = serializers.CharField(source="report__artifact__path")
+    suite = serializers.CharField()
+    classname = serializers.CharField()
+    name = serializers.CharField()
+    kind = serializers.ChoiceField(choices=TestFailureKind.choices,
+                                   help_text="`failure`: an assertion failed; `error`: the test could not run.")
+    message = serializers.CharField(help_text="At most 2,000 characters.")
+    details = serializers.CharField(help_text="The report's text for it (a stack trace), at most 4,000 characters.")
+    duration = serializers.FloatField(allow_null=True, help_text="Seconds.")
+    flaky = serializers.BooleanField(help_text="A later job of the same step on the same commit passed it.")
+
+
+class TestResultsSerializer(serializers.Serializer):
+    summary = TestResultsSummarySerializer()
+    jobs = JobTestCountsSerializer(many=True, help_text="Each job that stored a report, in dependency order.")
+    unparsed = UnparsedReportSerializer(many=True, help_text="Report files that could not be read (the first 100).")
+    data = TestFailureSerializer(many=True, help_text="Failed test cases, at most 1,000 stored per job.")
+    next_cursor = serializers.CharField(allow_null=True, help_text="Pass as `cursor` for the next page; null at the end.")

@@ -12,6 +12,7 @@ database spends answering (numbers in bench/README.md).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -635,3 +636,23 @@ def drop_claim_notification_sql() -> list[str]:
     return ([f"DROP TRIGGER IF EXISTS {name} ON {jobs}" for name in _TRIGGERS]
             + [f"DROP FUNCTION IF EXISTS {name}()" for name in _TRIGGER_FUNCTIONS])
 
+
+
+# ------------------------------------------------------------------ test results
+
+
+def lock_commit_test_results(*, pipeline_id: int, commit: str) -> None:
+    """Serialise the writers of one pipeline's test results for one commit (callers are inside a transaction).
+
+    Flaky marking (builds.services.test_results) reads the other reports of the
+    commit and writes its own: two at once would each miss the other's rows. A
+    transaction-scoped advisory lock on PostgreSQL, so no row that builds and
+    jobs lock on their hot paths is held; SQLite's IMMEDIATE transactions
+    serialise writers already.
+    """
+    if connection.vendor != "postgresql":
+        return
+    digest = hashlib.sha256(f"test-results\x00{pipeline_id}\x00{commit}".encode()).digest()
+    key = int.from_bytes(digest[:8], "big", signed=True)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [key])

@@ -11,7 +11,7 @@ import uuid
 
 from django_tasks import task
 
-from builds.services import discovery, notifications, webhooks
+from builds.services import discovery, notifications, test_results, webhooks
 
 
 @task()
@@ -33,3 +33,11 @@ def discover_pipelines(build_id: str, envelope: dict) -> int:
 def deliver_notifications(lane: str) -> int:
     """Post one lane's queued commit statuses or webhook events, in order; returns how many went out."""
     return notifications.deliver_lane(lane=lane)
+
+
+@task()
+def parse_test_report(artifact_id: str) -> str:
+    """Parse one stored JUnit XML artifact into its job's test results; returns the report's status ("gone": no
+    such artifact any more)."""
+    report = test_results.parse_test_report(artifact_id=uuid.UUID(artifact_id))
+    return "gone" if report is None else report.status

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from builds import agent_api, api, cache_api, delivery_api, outbound_api
+from builds import agent_api, api, cache_api, delivery_api, outbound_api, test_results_api
 
 BUILD = "organizations/<str:org>/pipelines/<str:pipeline>/builds/<str:number>"
 
@@ -30,6 +30,7 @@ urlpatterns = [
     path(f"{BUILD}/jobs/<str:job_id>/log", api.JobLogView.as_view(), name="job-log"),
     path(f"{BUILD}/jobs/<str:job_id>/retry", api.JobRetryView.as_view(), name="job-retry"),
     path(f"{BUILD}/artifacts", api.ArtifactListView.as_view(), name="artifact-list"),
+    path(f"{BUILD}/test-results", test_results_api.BuildTestResultsView.as_view(), name="build-test-results"),
     path(f"{BUILD}/artifacts/<str:artifact_id>/download", api.ArtifactDownloadView.as_view(),
          name="artifact-download"),
 ]

@@ -28,17 +28,19 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from builds import services
+from builds import graphs, services, trends
 from builds.filters import BuildFilter
 from builds.models import Artifact, Build, BuildSource, BuildState, Job
 from builds.responses import artifact_response, raw_log_response
 from builds.selectors import build_jobs, find_artifact, recent_agents, scoped_build, with_waiting_reasons
+from builds.test_results import build_test_results, pipeline_test_failures
 from builds.services.builds import BuildPlanRejected
 from builds.services.retries import retryable_by_hand
 from builds.states import TERMINAL_BUILD_STATES, TERMINAL_JOB_STATES
 from builds.templatetags.harmont_pages import duration_seconds, format_duration
 from builds.viewers import Viewer, members_or_public, members_or_public_json, viewed_build, viewed_pipeline
 from harmont.errors import ApiError
+from harmont.labels import with_emoji
 from harmont.logtokens import mint_log_token
 from harmont.pagination import decode_cursor, encode_cursor
 from organizations import services as org_services
@@ -49,13 +51,15 @@ from pipelines.models import Pipeline
 
 # What the build page reads of its jobs: a job's env can be large and is never shown.
 JOB_FIELDS = ("id", "build_id", "position", "step_key", "name", "command", "image", "state", "exit_code",
-              "error_code", "error_message", "signal", "started_at", "finished_at", "log_bytes", "log_truncated",
+              "error_code", "error_message", "signal", "scheduled_at", "started_at", "finished_at", "log_bytes",
+              "log_truncated",
               "kind", "attempt", "retried", "retry_policy", "soft_failed", "agents", "concurrency_group",
               "concurrency", "reused_job")
-# The 2-second poll redraws states only (and whether Retry is offered, and why a job waits).
-STATUS_JOB_FIELDS = ("id", "build_id", "position", "state", "exit_code", "error_code", "error_message", "started_at",
-                     "finished_at", "kind", "attempt", "retried", "retry_policy", "soft_failed", "agents",
-                     "concurrency_group", "concurrency")
+# The 2-second poll redraws states (and whether Retry is offered, and why a job waits) and the
+# timeline's bars, whose critical path needs each job's prerequisites.
+STATUS_JOB_FIELDS = ("id", "build_id", "position", "step_key", "name", "state", "exit_code", "error_code", "error_message",
+                     "scheduled_at", "started_at", "finished_at", "kind", "attempt", "retried", "retry_policy",
+                     "soft_failed", "agents", "concurrency_group", "concurrency")
 # The build page lists this many artifacts (oldest first); the API lists them all.
 ARTIFACTS_ON_PAGE = 100
 HISTORY_PAGE_SIZE = 25
@@ -95,12 +99,29 @@ def job_rows(build: Build, *, can_act: bool = True) -> list[Job]:
     return jobs
 
 
+def job_facts(jobs: list[Job]) -> list[graphs.JobFacts]:
+    """The latest attempt of each step as the graph and the timeline take it (`jobs` from build_jobs)."""
+    keys = {job.pk: job.step_key for job in jobs}  # older attempts too: an edge may still name one
+    return [
+        graphs.JobFacts(
+            id=str(job.pk), key=job.step_key, label=with_emoji(job.name or job.step_key),
+            state=job.state, position=job.position,
+            edges={keys[edge.prerequisite_id]: edge.kind for edge in job.prerequisite_edges.all()
+                   if edge.prerequisite_id in keys},
+            prerequisites=tuple(keys[pk] for pk in job.prerequisite_ids if pk in keys),
+            segment=job.segment, after_segment=job.after_segment,
+            scheduled_at=job.scheduled_at, started_at=job.started_at, finished_at=job.finished_at)
+        for job in jobs if not job.retried
+    ]
+
+
 def build_status(build: Build, jobs: list[Job], now: datetime, *, can_act: bool = True) -> dict[str, Any]:
-    """What the page's poll needs to redraw states: the build and each job, no log content.
+    """What the page's poll needs to redraw states: the build, each job and the timeline's bars, no log content.
 
     `can_act`: a member looks (a visitor of a public pipeline is offered no Cancel or Retry).
     """
     return {
+        "timeline": graphs.timeline_geometry(graphs.timeline(job_facts(jobs), now)),
         "build": {
             "number": build.number, "state": build.state, "error_code": build.error_code,
             "error_message": build.error_message, "waiting_reason": build.waiting_reason,
@@ -232,7 +253,8 @@ def _history_response(request: HttpRequest, viewer: Viewer, pipe: Pipeline, *, f
     schedule_form = schedule_form or ScheduleForm(initial={"branch": pipe.default_branch, "commit": "HEAD",
                                                            "timezone": "UTC"})
     return render(request, "builds/history.html", viewer.context(
-        pipeline=pipe, form=form, schedules=schedules, schedule_form=schedule_form, **history), status=status)
+        pipeline=pipe, form=form, schedules=schedules, schedule_form=schedule_form,
+        trends=trends.pipeline_trends(pipe), test_failures=pipeline_test_failures(pipe), **history), status=status)
 
 
 # ---------------------------------------------------------------- schedules (the pipeline page's section)
@@ -362,8 +384,11 @@ def build_detail(request: HttpRequest, org: str, pipeline: str, number: int) -> 
     step_keys = {job.pk: job.step_key for job in jobs}
     for artifact in artifacts:
         artifact.step_key = step_keys.get(artifact.job_id, "")
+    facts = job_facts(jobs)
     return render(request, "builds/build.html", viewer.context(
         pipeline=build.pipeline, build=build, jobs=jobs,
+        test_results=build_test_results(build, jobs=jobs, has_artifacts=bool(artifacts)),
+        graph=graphs.job_graph(facts), timeline=graphs.timeline(facts, timezone.now()),
         artifacts=artifacts[:ARTIFACTS_ON_PAGE], more_artifacts=len(artifacts) > ARTIFACTS_ON_PAGE,
         cancelable=viewer.is_member and build.state not in TERMINAL_BUILD_STATES,
         approvable=build.state == BuildState.HELD and viewer.page is not None and viewer.page.is_admin,
@@ -380,11 +405,11 @@ def build_detail(request: HttpRequest, org: str, pipeline: str, number: int) -> 
 @require_GET
 @never_cache
 def build_status_json(request: HttpRequest, org: str, pipeline: str, number: int) -> JsonResponse:
-    """Polled by the build page every ~2 s: membership, build, jobs; three queries however many jobs
-    (two more, for the waiting reasons, while some job is scheduled; a visitor's, one fewer)."""
+    """Polled by the build page every ~2 s: membership, build, jobs, their edges; four queries however many
+    jobs (two more, for the waiting reasons, while some job is scheduled; a visitor's, one fewer)."""
     viewer, build = viewed_build(request, org, pipeline, number)
-    jobs = list(Job.objects.filter(build=build).only(*STATUS_JOB_FIELDS).order_by("position", "attempt"))
-    with_waiting_reasons(jobs, organization_id=build.pipeline.organization_id)
+    jobs = with_waiting_reasons(build_jobs(build, fields=STATUS_JOB_FIELDS, include_retried=True),
+                                organization_id=build.pipeline.organization_id)
     return JsonResponse(build_status(build, jobs, timezone.now(), can_act=viewer.is_member))
 
 

@@ -91,7 +91,8 @@ CATALOG: dict[str, ErrorCode] = _catalog(
     ("unsupported_media_type", "invalid_request", "Unsupported content type",
      "This endpoint accepts only application/json request bodies."),
     ("invalid_limit", "invalid_request", "Invalid page size",
-     "The `limit` query parameter must be an integer from 1 to 100."),
+     "The `limit` query parameter must be an integer from 1 to 100 (from 1 to 1,000 for a job log search, "
+     "`GET .../jobs/{job_id}/log?q=`)."),
     ("invalid_cursor", "invalid_request", "Invalid cursor",
      "The `cursor` query parameter must be a `next_cursor` value returned by the same list endpoint."),
     ("invalid_filter", "invalid_request", "Invalid filter",

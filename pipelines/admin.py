@@ -52,7 +52,8 @@ class PipelineAdmin(admin.ModelAdmin):
     list_select_related = ["organization"]
     raw_id_fields = ["organization"]
     # The counter hands out build numbers; editing it by hand would create gaps or duplicates.
-    readonly_fields = ["build_counter", "created_at"]
+    # has_test_results is set by the first parsed test report (builds.services.test_results).
+    readonly_fields = ["build_counter", "has_test_results", "created_at"]
 
 
 class RepositoryForm(forms.ModelForm):

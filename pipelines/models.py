@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from organizations.models import Organization
 from pipelines import agent_tags
+from pipelines.result_globs import DEFAULT_TEST_RESULTS_GLOB, GLOB_MAX_CHARS, validate_glob
 
 
 class Visibility(models.TextChoices):
@@ -124,6 +125,11 @@ class Pipeline(models.Model):
     # The agent selector of steps without their own `agents` (pipelines.agent_tags), stored
     # as the `{key: pattern}` map; NULL: none (jobs want `queue=default`).
     default_agents = models.JSONField(null=True, blank=True, validators=[validate_default_agents])
+    # Which artifacts are JUnit XML reports, parsed into test results (pipelines.result_globs); empty: none.
+    test_results_glob = models.CharField(max_length=GLOB_MAX_CHARS, blank=True, default=DEFAULT_TEST_RESULTS_GLOB,
+                                         validators=[validate_glob])
+    # Set once a report of one of its builds was parsed: until then the pipeline page reads no test failures.
+    has_test_results = models.BooleanField(default=False)
     # The last build number handed out. Incremented under the row lock inside the
     # transaction that inserts the build, so numbers have no gaps or duplicates.
     build_counter = models.PositiveIntegerField(default=0)

@@ -11,8 +11,13 @@ from harmont.redaction import redact_url_credentials
 from harmont.serializers import page_serializer
 from pipelines import agent_tags
 from pipelines.models import PROTECTED_BRANCHES_MAX, ForkPullRequests, Pipeline, Visibility
+from pipelines.result_globs import DEFAULT_TEST_RESULTS_GLOB
 
 SELECTOR_SCHEMA = {"type": "object", "additionalProperties": {"type": "string"}, "nullable": True}
+TEST_RESULTS_GLOB_HELP = (
+    "Which artifacts are JUnit XML reports, parsed into the build's test results: glob patterns separated by "
+    "commas, matched against the artifact's path (`*` within a directory, `**/` across directories). Empty: "
+    "none. Default `test-results/**/*.xml`.")
 
 
 @extend_schema_field(SELECTOR_SCHEMA)
@@ -34,11 +39,12 @@ class PipelineSerializer(serializers.ModelSerializer):
         fields = ["slug", "name", "description", "repository", "repo_name", "default_branch", "visibility",
                   "allow_manual", "source_slug", "definition", "triggers", "fork_pull_requests", "protected_branches",
                   "default_retry", "cancel_intermediate_builds", "cancel_intermediate_builds_branch_filter",
-                  "max_concurrent_builds", "default_agents", "created_at"]
+                  "max_concurrent_builds", "default_agents", "test_results_glob", "created_at"]
         read_only_fields = fields
         extra_kwargs = {"default_agents": {"help_text": (
             "The agent selector (`{tag: value or glob}`) of steps without their own `agents`; a step's own "
-            "replaces it whole. Null: steps without `agents` want `queue=default`.")}}
+            "replaces it whole. Null: steps without `agents` want `queue=default`.")},
+            "test_results_glob": {"help_text": TEST_RESULTS_GLOB_HELP}}
 
     def to_representation(self, instance: Pipeline) -> dict[str, Any]:
         data = super().to_representation(instance)
@@ -103,6 +109,8 @@ class CreatePipelineRequestSerializer(serializers.Serializer):
         required=False, allow_null=True, default=None, min_value=1, max_value=10_000, help_text=(
             "At most this many builds of the pipeline are scheduled or running at once; later ones wait, "
             "`scheduled`, with `waiting_reason` set. Null: no limit."))
+    test_results_glob = StrictCharField(required=False, allow_blank=True, trim_whitespace=False,
+                                        default=DEFAULT_TEST_RESULTS_GLOB, help_text=TEST_RESULTS_GLOB_HELP)
 
 
 class UpdatePipelineRequestSerializer(CreatePipelineRequestSerializer):

@@ -14,6 +14,7 @@ from organizations.models import Organization
 from organizations.services import slugify_name
 from pipelines import agent_tags, ir
 from pipelines.models import ForkPullRequests, Pipeline, Visibility, branch_filter_errors, protected_branches_errors
+from pipelines.result_globs import DEFAULT_TEST_RESULTS_GLOB, glob_errors
 
 _SCP_LIKE = re.compile(r"^[^/@:]+@[^/:]+:")  # git@github.com:owner/repo
 _SCHEME_HOST = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*/?")
@@ -65,6 +66,7 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                     cancel_intermediate_builds: bool = False,
                     cancel_intermediate_builds_branch_filter: list[str] | None = None,
                     max_concurrent_builds: int | None = None, default_agents: Any = None,
+                    test_results_glob: str = DEFAULT_TEST_RESULTS_GLOB,
                     now: datetime | None = None) -> Pipeline:
     """A new pipeline of `org`, its slug made from `name` (a slug the organization already uses is an error).
 
@@ -86,6 +88,7 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
     _check_protected_branches(protected_branches or [])
     _check_build_control(cancel_intermediate_builds_branch_filter, max_concurrent_builds)
     default_agents = checked_default_agents(default_agents)
+    _check_test_results_glob(test_results_glob)
     if Pipeline.objects.filter(organization=org, slug=slug).exists():
         raise _slug_taken(slug)
     try:
@@ -100,7 +103,7 @@ def create_pipeline(*, org: Organization, name: str, repository: str, default_br
                 cancel_intermediate_builds_branch_filter=(None if cancel_intermediate_builds_branch_filter is None
                                                           else list(cancel_intermediate_builds_branch_filter)),
                 max_concurrent_builds=max_concurrent_builds, default_agents=default_agents,
-                created_at=now or timezone.now(),
+                test_results_glob=test_results_glob.strip(), created_at=now or timezone.now(),
             )
     except IntegrityError:  # lost a race for the same slug
         raise _slug_taken(slug) from None
@@ -112,7 +115,7 @@ UPDATABLE_FIELDS = frozenset({"name", "description", "repository", "repo_name", 
                               "allow_manual", "definition", "fork_pull_requests", "protected_branches",
                               "default_retry", "cancel_intermediate_builds",
                               "cancel_intermediate_builds_branch_filter", "max_concurrent_builds",
-                              "default_agents"})
+                              "default_agents", "test_results_glob"})
 
 
 def update_pipeline(*, pipeline: Pipeline, changes: dict[str, Any]) -> Pipeline:
@@ -142,6 +145,10 @@ def update_pipeline(*, pipeline: Pipeline, changes: dict[str, Any]) -> Pipeline:
         values["default_retry"] = validate_default_retry(values["default_retry"])
     if "default_agents" in values:
         values["default_agents"] = checked_default_agents(values["default_agents"])
+    if "test_results_glob" in values:
+        # Reports already parsed stay; the new patterns apply to artifacts stored from now on.
+        _check_test_results_glob(values["test_results_glob"])
+        values["test_results_glob"] = values["test_results_glob"].strip()
     # A raised (or removed) max_concurrent_builds admits waiting builds at the reaper's next pass.
     _check_build_control(values.get("cancel_intermediate_builds_branch_filter"), values.get("max_concurrent_builds"))
     if values:
@@ -168,6 +175,12 @@ def _check_build_control(branch_filter: list[str] | None, max_concurrent_builds:
     if max_concurrent_builds is not None and (isinstance(max_concurrent_builds, bool) or max_concurrent_builds < 1):
         raise ApiError("pipeline_invalid", "max_concurrent_builds is invalid.",
                        fields={"max_concurrent_builds": ["Must be null or a whole number of at least 1."]})
+
+
+def _check_test_results_glob(value: Any) -> None:
+    errors = glob_errors(value)
+    if errors:
+        raise ApiError("pipeline_invalid", "test_results_glob is invalid.", fields={"test_results_glob": errors})
 
 
 def _checked_repo_name(repo_name: str | None) -> str | None:

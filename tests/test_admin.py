@@ -33,6 +33,7 @@ from builds.models import (
 )
 from builds.services import store_artifact
 from builds.services import ChunkIn
+from builds.services import test_results
 from harmont.tokens import hash_secret
 from harmont.crypto import encrypt_text
 from organizations import idempotency
@@ -47,6 +48,9 @@ from tests.helpers import make_build, two_step_ir
 pytestmark = pytest.mark.django_db
 
 PROJECT_APPS = {"organizations", "pipelines", "builds"}
+# One failed test case: a TestReport and a TestFailure row.
+JUNIT_REPORT = (b'<testsuite name="s"><testcase classname="c" name="ok"/>'
+                b'<testcase classname="c" name="bad"><failure message="no"/></testcase></testsuite>')
 
 
 @pytest.fixture(autouse=True)
@@ -92,6 +96,8 @@ def populate(n: int) -> None:
         build_services.append_log(job=claim.job, chunks=[
             ChunkIn(seq=s, stream_kind=0, content=f"line {s}\n", ts=time.time_ns()) for s in (1, 2)])
         store_artifact(job=claim.job, path=f"reports/{i}.txt", content=b"report")
+        junit = store_artifact(job=claim.job, path=f"test-results/{i}.xml", content=JUNIT_REPORT).artifact
+        test_results.parse_test_report(artifact_id=junit.pk)
         ConcurrencySlot.objects.create(organization=org, group=f"deploy-{i}", index=0, holder=claim.job)
         repository = Repository.objects.create(organization=org, url=f"https://x/{i}.git", repo_name=f"x/{i}",
                                                webhook_secret_encrypted=encrypt_text("s"))

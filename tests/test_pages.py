@@ -425,15 +425,16 @@ def test_history_query_count_is_pinned_whatever_the_page(web: Client, owner: Use
             build_services.create_build(pipeline=pipeline, created_by=owner,
                                         request=build_services.validate_build_request(branch="main", commit="c0ffee"))
     create(2)
-    # session, user, memberships, pipeline, one page of builds (creators joined), the schedules
-    with django_assert_num_queries(6):
+    # session, user, memberships, pipeline, one page of builds (creators joined), the schedules, and the
+    # trends: the last builds, their jobs by step
+    with django_assert_num_queries(8):
         assert len(numbers_on(web.get(history_url(pipeline, query)))) == 2
     create(60)
-    with django_assert_num_queries(6):
+    with django_assert_num_queries(8):
         first = web.get(history_url(pipeline, query))
     assert len(numbers_on(first)) == 25
     older = re.search(r'href="\?([^"]+)" rel="next"', text(first))[1].replace("&amp;", "&")
-    with django_assert_num_queries(6):
+    with django_assert_num_queries(8):
         assert len(numbers_on(web.get(history_url(pipeline, older)))) == 25
 
 
@@ -533,8 +534,9 @@ def test_build_page_query_count_does_not_grow_with_jobs(web: Client, owner: User
     for build in (small, big):
         with django_assert_num_queries(8):
             assert web.get(build_url(build)).status_code == 200
-        # session, user, memberships, the build, its jobs, the connected agents' tags
-        with django_assert_num_queries(6):
+        # session, user, memberships, the build, its jobs, their edges (the timeline's critical path),
+        # the connected agents' tags
+        with django_assert_num_queries(7):
             assert web.get(build_url(build, "/status.json")).status_code == 200
 
 

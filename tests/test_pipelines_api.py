@@ -16,7 +16,7 @@ from tests.helpers import ISO_Z, assert_error, two_step_ir
 PIPELINE_KEYS = {"slug", "name", "description", "repository", "repo_name", "default_branch", "visibility",
                  "allow_manual", "source_slug", "definition", "triggers", "fork_pull_requests", "protected_branches",
                  "default_retry", "cancel_intermediate_builds", "cancel_intermediate_builds_branch_filter",
-                 "max_concurrent_builds", "default_agents", "created_at"}
+                 "max_concurrent_builds", "default_agents", "test_results_glob", "created_at"}
 
 
 def url(org_slug: str, pipeline_slug: str | None = None) -> str:
@@ -56,7 +56,7 @@ def test_list_is_oldest_first_with_full_body(api, org, pipeline, other_pipeline)
         "visibility": "private", "allow_manual": True, "source_slug": "ci", "definition": two_step_ir(),
         "triggers": None, "fork_pull_requests": "build_without_secrets", "protected_branches": [], "default_retry": None,
         "cancel_intermediate_builds": False, "cancel_intermediate_builds_branch_filter": None, "max_concurrent_builds": None, "default_agents": None,
-        "created_at": first["created_at"],
+        "test_results_glob": "test-results/**/*.xml", "created_at": first["created_at"],
     }
     assert ISO_Z.match(first["created_at"])
     assert body["data"][1]["slug"] == second.slug
@@ -144,7 +144,7 @@ def test_create_returns_full_body(admin_api, org):
         "visibility": "private", "allow_manual": True, "source_slug": "web-ci-nightly", "definition": None,
         "triggers": None, "fork_pull_requests": "build_without_secrets", "protected_branches": [], "default_retry": None,
         "cancel_intermediate_builds": False, "cancel_intermediate_builds_branch_filter": None, "max_concurrent_builds": None, "default_agents": None,
-        "created_at": body["created_at"],
+        "test_results_glob": "test-results/**/*.xml", "created_at": body["created_at"],
     }
     assert ISO_Z.match(body["created_at"])
     stored = Pipeline.objects.get(organization=org, slug="web-ci-nightly")

@@ -165,10 +165,10 @@ def test_members_still_get_their_controls_on_a_public_pipeline(owner, ran):
 
 def test_a_visitors_build_page_costs_a_fixed_number_of_queries(visitor, ran, django_assert_num_queries):
     visitor.get(page(ran))  # warm whatever is cached per process
-    # the build with its pipeline and organization, its jobs, their edges, its artifacts
-    with django_assert_num_queries(4):
+    # the build with its pipeline and organization, its jobs, their edges, its artifacts, the jobs' test counts
+    with django_assert_num_queries(5):
         assert visitor.get(page(ran)).status_code == 200
-    with django_assert_num_queries(2):  # the build, its jobs
+    with django_assert_num_queries(3):  # the build, its jobs, their edges
         assert visitor.get(page(ran, "/status.json")).status_code == 200
 
 

@@ -54,7 +54,8 @@ def test_register_creates_one_pipeline_per_entry(api, org, envelope, settings):
         "definition": envelope["pipelines"][0]["definition"], "triggers": envelope["pipelines"][0]["triggers"],
         "fork_pull_requests": "build_without_secrets", "protected_branches": [], "default_retry": None,
         "cancel_intermediate_builds": False, "cancel_intermediate_builds_branch_filter": None,
-        "max_concurrent_builds": None, "default_agents": None, "created_at": ci["created_at"],
+        "max_concurrent_builds": None, "default_agents": None, "test_results_glob": "test-results/**/*.xml",
+        "created_at": ci["created_at"],
     }
     assert (deploy["slug"], deploy["source_slug"], deploy["allow_manual"], deploy["triggers"]) == (
         "acme-web-deploy", "deploy", False, [{"event": "push", "tags": ["v*"]}])

@@ -31,6 +31,7 @@ from django.utils import timezone
 
 from builds import states
 from builds.models import Artifact, Job
+from builds.services import test_results
 from builds.services.agents import touch_job
 from harmont.errors import ApiError
 
@@ -222,6 +223,8 @@ def store_artifact(*, job: Job, path: str, content: bytes | IO[bytes], size: int
         raise
     if not result.created:
         default_storage.delete(stored_name)
+    else:
+        test_results.queue_report(artifact=result.artifact)  # a JUnit report: parsed once this upload committed
     # An upload is a sign of life: a job with many large artifacts sends no heartbeats meanwhile.
     touch_job(job=job, now=timezone.now())
     return result

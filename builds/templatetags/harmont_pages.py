@@ -62,6 +62,25 @@ def duration(row: Build | Job) -> str:
 
 
 @register.filter
+def seconds(value: float | None) -> str:
+    """`{{ trends.p50_seconds|seconds }}`: a number of seconds as `duration` words it; "—" for none."""
+    return format_duration(value) or "—"
+
+
+@register.filter
+def percent(value: float | None) -> str:
+    """`{{ 0.934|percent }}` → "93%" ("—" for none); never rounds a failure to 0% or a miss to 100%."""
+    if value is None:
+        return "—"
+    shown = round(value * 100)
+    if shown == 0 and value > 0:
+        return "<1%"
+    if shown == 100 and value < 1:
+        return ">99%"
+    return f"{shown}%"
+
+
+@register.filter
 def without_credentials(url: str | None) -> str:
     """A repository URL as pages show it: no user or token (those are for the agents' checkout)."""
     return redact_url_credentials(url or "")
