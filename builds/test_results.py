@@ -13,13 +13,13 @@ from typing import Any
 from django.db.models import Count, Max, Q, QuerySet, Sum
 
 from builds.models import Build, Job, TestFailure, TestReport, TestReportStatus
+from builds.trends import RECENT_BUILDS  # the pipeline page's window, the same for its trends
 from pipelines.models import Pipeline
 
 # The build page shows this many failures (and unreadable files); the API pages through all of them.
 FAILURES_ON_PAGE = 50
 UNPARSED_SHOWN = 20
-# The pipeline page's window and list lengths.
-RECENT_BUILDS = 100
+# The pipeline page's list lengths.
 TOP_TESTS = 10
 
 # What a failure row of the build page and of the API shows.

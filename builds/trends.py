@@ -25,6 +25,7 @@ from django.db.models import Avg, Count, DurationField, ExpressionWrapper, F, Q
 from builds.models import Build, BuildState, Job, JobState
 from pipelines.models import Pipeline
 
+# The pipeline page's window: its trends, and its most frequent and flaky tests (builds.test_results).
 RECENT_BUILDS = 100
 CHART_H = 120
 BAR_W = 8
