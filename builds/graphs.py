@@ -139,26 +139,9 @@ def job_graph(jobs: Sequence[JobFacts]) -> Graph:
         if job.segment is not None and job.segment in waited:
             links.append((job.key, f"wait-{job.segment}", "wait"))
     order = {key: index for index, key in enumerate(nodes)}
-    incoming: dict[str, list[str]] = defaultdict(list)
-    for source, target, _ in links:
-        incoming[target].append(source)
-    # A wait sits right of every job of its segment; jobs are listed in dependency order, and
-    # a wait's node is placed by its incoming links like any other.
-    layer: dict[str, int] = {}
-
-    def place(key: str, seen: frozenset[str] = frozenset()) -> int:
-        if key in layer:
-            return layer[key]
-        if key in seen:  # not a DAG (the planner refuses those): draw it flat rather than fail
-            return 0
-        parents = incoming.get(key, [])
-        layer[key] = 1 + max((place(p, seen | {key}) for p in parents), default=-1)
-        return layer[key]
-
-    for key in nodes:
-        place(key)
+    layer = _longest_path_layers(list(nodes), links)
     links = _without_implied(links, layer)
-    incoming = defaultdict(list)
+    incoming: dict[str, list[str]] = defaultdict(list)
     for source, target, _ in links:
         incoming[target].append(source)
     layers: dict[int, list[str]] = defaultdict(list)
@@ -186,6 +169,30 @@ def job_graph(jobs: Sequence[JobFacts]) -> Graph:
     graph.width = PAD * 2 + (max(layers) + 1) * (NODE_W + GAP_X) - GAP_X
     graph.height = PAD * 2 + tallest * (NODE_H + GAP_Y) - GAP_Y
     return graph
+
+
+def _longest_path_layers(keys: list[str], links: list[tuple[str, str, str]]) -> dict[str, int]:
+    """Each node's layer: one more than its furthest prerequisite's (0 for a root), in topological order.
+
+    Iterative (Kahn's order), not recursive: a chain of hundreds of steps with waits between them
+    is deeper than Python's recursion allows. Nodes on a cycle (the planner refuses those) stay
+    in layer 0 rather than fail the page.
+    """
+    layer = dict.fromkeys(keys, 0)
+    waiting_on = dict.fromkeys(keys, 0)
+    after: dict[str, list[str]] = defaultdict(list)
+    for source, target, _ in links:
+        after[source].append(target)
+        waiting_on[target] += 1
+    ready = [key for key in keys if not waiting_on[key]]
+    while ready:
+        key = ready.pop()
+        for target in after[key]:
+            layer[target] = max(layer[target], layer[key] + 1)
+            waiting_on[target] -= 1
+            if not waiting_on[target]:
+                ready.append(target)
+    return layer
 
 
 def _edge_path(a: Node, b: Node, columns: dict[int, list[Node]]) -> str:

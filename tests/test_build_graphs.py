@@ -106,6 +106,18 @@ def test_an_edge_to_a_step_outside_the_latest_attempts_is_left_out_and_labels_ar
     assert nodes["id-a"].short_label == long_label[:graphs.NODE_LABEL_CHARS - 1] + "…"
 
 
+def test_a_long_chain_of_steps_and_waits_is_laid_out_without_recursion() -> None:
+    # Each step waits for the one before it (a wait between every two): 800 layers deep with the waits.
+    jobs = [facts("s0", 0, segment=0)] + [
+        facts(f"s{i}", i, segment=i, after_segment=i - 1, after=(f"s{i - 1}",)) for i in range(1, graphs.MAX_GRAPH_NODES)]
+
+    graph = graphs.job_graph(jobs[::-1])  # the last step first: its layer is found through all the others
+
+    nodes = by_id(graph)
+    assert nodes[f"id-s{graphs.MAX_GRAPH_NODES - 1}"].layer == 2 * (graphs.MAX_GRAPH_NODES - 1)
+    assert len(graph.edges) == 2 * (graphs.MAX_GRAPH_NODES - 1)
+
+
 def test_a_build_too_large_to_draw_says_so() -> None:
     jobs = [facts(f"s{i}", i) for i in range(graphs.MAX_GRAPH_NODES + 1)]
     assert graphs.job_graph(jobs).too_large
