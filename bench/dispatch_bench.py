@@ -61,8 +61,9 @@ def main() -> int:
                              "cheap as `true`) so the script can prove every job ran exactly once")
     parser.add_argument("--idle-fleet", type=int, default=0,
                         help="also run the phases beside this many simulated idle agents (make bench-fleet: 1000)")
-    parser.add_argument("--idle-seconds", type=float, default=20.0,
-                        help="length of each idle window the fleet's CPU is measured over (default 20 s)")
+    parser.add_argument("--idle-seconds", type=float, default=30.0,
+                        help="length of each idle window the fleet's CPU is measured over (default 30 s: one "
+                             "claim wait, so every simulated agent's claim ends once in it)")
     parser.add_argument("--show-queries", action="store_true", help="print the SQL of each agent call")
     parser.add_argument("--interface", choices=list(ENTRY_POINTS), default="worker",
                         help="the server: worker (harmont/gunicorn_conf.py, what production runs; default), "

@@ -125,8 +125,9 @@ class StartView(JobView):
                    responses={200: Directive, 401: ErrorSerializer, 422: ErrorSerializer})
     def post(self, request: Request, job_id: str) -> Response:
         """The command is about to run. If the answer says cancel, don't run it."""
-        commit = validated(StartRequest, request).get("commit")
-        state = services.start_job(job=self.job(request, job_id), commit=commit)
+        data = validated(StartRequest, request)
+        state = services.start_job(job=self.job(request, job_id), commit=data.get("commit"),
+                                   elapsed_seconds=data["elapsed_seconds"])
         return Response(directive(state))
 
 

@@ -20,7 +20,7 @@ from rest_framework.request import Request
 
 from builds.models import Agent, JobState
 from builds.selectors import MAX_CLAIM_WAIT_SECONDS
-from builds.services import ChunkIn, Claim, FinishOutcome, job_spec
+from builds.services import ChunkIn, Claim, FinishOutcome, StartedIn, job_spec
 from builds.states import TERMINAL_JOB_STATES
 from harmont.errors import flatten_detail, validation_error
 from harmont.serializers import json_object, validated
@@ -111,6 +111,10 @@ class JobSpecSerializer(serializers.Serializer):
                                  help_text="Secret values in `env`: replace them with [REDACTED] in the output shipped.")
     render = RenderSpec(allow_null=True, help_text="Set for a render job: render the pipeline instead of "
                                                    "running `command`.")
+    start_with_finish = serializers.BooleanField(help_text=(
+        "The server takes a finish report that carries the job's start (`started`): an agent may hold the "
+        "start report back while the command runs, and send it on its own only if the command takes longer "
+        "than a moment."))
 
 
 class ClaimResponse(serializers.Serializer):
@@ -158,11 +162,27 @@ class Directive(serializers.Serializer):
     timeout = serializers.BooleanField(help_text="The job is over its time: stop it and finish as timed out.")
 
 
+FULL_COMMIT = re.compile(r"\A[0-9a-f]{40}(?:[0-9a-f]{24})?\Z")
+
+
+# A start held back this long at most (the server caps it at the job's timeout).
+MAX_START_ELAPSED_SECONDS = 7 * 24 * 3600
+
+
 class StartRequest(serializers.Serializer):
     agent_name = serializers.CharField(required=False, allow_blank=True, max_length=255)
-    commit = serializers.RegexField(r"\A[0-9a-f]{40}(?:[0-9a-f]{24})?\Z", required=False, allow_null=True, help_text=(
+    elapsed_seconds = serializers.FloatField(required=False, default=0, min_value=0,
+                                             max_value=MAX_START_ELAPSED_SECONDS, help_text=(
+        "How long ago the command started, for a start report the agent held back (the job spec's "
+        "`start_with_finish`): the server dates the start back by as much, from its own clock."))
+    commit = serializers.RegexField(FULL_COMMIT, required=False, allow_null=True, help_text=(
         "The full id of the commit the job's checkout landed on. A build whose commit was no full id (`HEAD`, a "
         "branch) takes it as its `commit`: later jobs check out the same one, and its commit statuses go there."))
+
+
+class StartedReport(StartRequest):
+    elapsed_seconds = serializers.FloatField(min_value=0, max_value=MAX_START_ELAPSED_SECONDS, help_text=(
+        "How long before this report the command started (the server dates the start from its own clock)."))
 
 
 class HeartbeatRequest(serializers.Serializer):
@@ -202,6 +222,9 @@ class FinishRequest(serializers.Serializer):
         "(null: none waiting). Only the report that ends the job claims a new one; a retried report answers "
         "the job its first attempt claimed under the same `claim_key`, and without a key leaves `next` out."))
     claim_key = ClaimKeyField()
+    started = StartedReport(required=False, allow_null=True, help_text=(
+        "The job's start, when the agent held its start report back (the job spec's `start_with_finish`) and "
+        "the command ended before it went out: the finish then also starts the job, as `start` would have."))
 
 
 class FinishResponse(Directive):
@@ -211,6 +234,7 @@ class FinishResponse(Directive):
 # The checks by hand (see the module's docstring) read their limits from the serializers' own fields.
 _CHUNK_FIELDS = ChunkSerializer().fields
 _FINISH_FIELDS = FinishRequest().fields
+_STARTED_FIELDS = StartedReport().fields
 REPORT_FIELDS = ("exit_code", "signal", "outcome", "error_code", "error_message")
 
 
@@ -258,7 +282,25 @@ def plain_finish(body: dict[str, Any]) -> dict[str, Any] | None:
     if type(claim_next) is not bool or not (claim_key is None or (type(claim_key) is str
                                                                   and CLAIM_KEY.fullmatch(claim_key))):
         return None
-    return {"chunks": chunks, "claim_next": claim_next, "claim_key": claim_key, **report}
+    started = body.get("started")
+    if started is not None and not _plain_started(started):
+        return None
+    return {"chunks": chunks, "claim_next": claim_next, "claim_key": claim_key, **report,
+            "started": None if started is None else started_report(started)}
+
+
+def _plain_started(started: Any) -> bool:
+    if not isinstance(started, dict) or not started.keys() <= {"agent_name", "commit", "elapsed_seconds"}:
+        return False
+    name, commit, elapsed = started.get("agent_name", ""), started.get("commit"), started.get("elapsed_seconds")
+    return (type(name) is str and name == name.strip() and len(name) <= _STARTED_FIELDS["agent_name"].max_length
+            and "\x00" not in name
+            and (commit is None or (type(commit) is str and FULL_COMMIT.fullmatch(commit) is not None))
+            and type(elapsed) in (int, float) and 0 <= elapsed <= MAX_START_ELAPSED_SECONDS)
+
+
+def started_report(started: dict[str, Any]) -> StartedIn:
+    return StartedIn(commit=started.get("commit"), elapsed_seconds=float(started["elapsed_seconds"]))
 
 
 class RenderResultRequest(serializers.Serializer):
@@ -353,6 +395,7 @@ def finish_report(request: Request) -> dict[str, Any]:
         report = {name: data.get(name) for name in REPORT_FIELDS}
         report["chunks"] = [ChunkIn(**chunk) for chunk in data.get("chunks") or []]
         report["claim_next"], report["claim_key"] = data["claim_next"], data.get("claim_key")
+        report["started"] = None if data.get("started") is None else started_report(data["started"])
     return report
 
 

@@ -75,8 +75,9 @@ JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     # (`reused_job` set) passes without an agent once its prerequisites are met (`settle_build`).
     J.PENDING: frozenset({J.SCHEDULED, J.PASSED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
     J.SCHEDULED: frozenset({J.ASSIGNED, J.SKIPPED, J.CANCELED, J.TIMED_OUT}),
-    # An agent that claimed a job but vanished before starting it hands it back.
-    J.ASSIGNED: frozenset({J.RUNNING, J.SCHEDULED, J.CANCELING, J.CANCELED, J.FAILED, J.TIMED_OUT}),
+    # An agent that claimed a job but vanished before starting it hands it back. A quick job's
+    # agent may report its start with its finish (builds.services.jobs.StartedIn): it passes from here.
+    J.ASSIGNED: frozenset({J.RUNNING, J.SCHEDULED, J.CANCELING, J.CANCELED, J.PASSED, J.FAILED, J.TIMED_OUT}),
     J.RUNNING: frozenset({J.PASSED, J.FAILED, J.CANCELING, J.TIMING_OUT, J.TIMED_OUT}),
     # Once a stop was requested, the agent's report ends the job in the requested
     # state whatever the exit status; a lost agent still fails it.

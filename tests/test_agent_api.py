@@ -60,7 +60,7 @@ from tests.helpers import (
 J = JobState
 SPEC_KEYS = {"id", "build_id", "build_number", "pipeline_slug", "step_key", "name", "command", "env",
              "timeout_seconds", "image", "source", "parent_workspace_path", "upload_workspace",
-             "parent_snapshot", "snapshot_upload", "cancel_grace_seconds", "render", "mask"}
+             "parent_snapshot", "snapshot_upload", "cancel_grace_seconds", "render", "mask", "start_with_finish"}
 T0 = AGENT_T0  # in the past: "now" is always later; `chunk` stamps its lines from here too
 
 
@@ -309,6 +309,7 @@ def test_claim_returns_the_full_job_spec_and_a_job_credential(session, pipeline,
         "snapshot_upload": {"path": f"{AGENT}/jobs/{a.id}/snapshot", "max_bytes": settings.SNAPSHOT_MAX_BYTES},
         "cancel_grace_seconds": settings.AGENT_CANCEL_GRACE_SECONDS, "render": None,
         "mask": [],  # no secrets (tests/test_secrets_api.py)
+        "start_with_finish": True,
     }
     token = body["job_token"]
     assert token.startswith("hmj_") and len(token) == 4 + 43
@@ -1714,16 +1715,19 @@ def test_a_timestamp_that_is_no_nanosecond_count_or_time_is_422(ts):
     {"outcome": "canceled", "error_message": ""}, {"error_code": "workspace_unavailable", "error_message": "no"},
     {"exit_code": 65535, "claim_next": True}, {}, {"exit_code": 0, "claim_next": True, "claim_key": "a" * 64},
     {"claim_next": True, "claim_key": None},
+    {"exit_code": 0, "started": {"agent_name": "a1", "elapsed_seconds": 0.25}},
+    {"exit_code": 0, "started": {"commit": "c" * 40, "elapsed_seconds": 3}}, {"exit_code": 0, "started": None},
 ])
 def test_checked_finish_reports_are_what_the_serializer_makes_of_them(body):
-    from builds.agent_serializers import REPORT_FIELDS, FinishRequest, plain_finish
+    from builds.agent_serializers import REPORT_FIELDS, FinishRequest, plain_finish, started_report
 
     serializer = FinishRequest(data=body)
     assert serializer.is_valid(), serializer.errors
     data = serializer.validated_data
 
+    started = None if data.get("started") is None else started_report(data["started"])
     assert plain_finish(body) == {"chunks": [], "claim_next": data["claim_next"], "claim_key": data.get("claim_key"),
-                                  **{name: data.get(name) for name in REPORT_FIELDS}}
+                                  **{name: data.get(name) for name in REPORT_FIELDS}, "started": started}
 
 
 @pytest.mark.django_db

@@ -263,6 +263,29 @@ def test_a_busy_agents_requests_cost_the_same_for_2_and_30_jobs(session, pipelin
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("size", [3, 30])
+def test_a_quick_jobs_start_riding_on_its_finish_costs_no_query_more(session, pipeline, size,
+                                                                      django_assert_num_queries):
+    # builds/agent/starts.py: a job that ends within a moment makes one request, the finish (which claims
+    # the next job), where it made two. The start's columns ride on the job's end statement.
+    make_build(pipeline, pipeline_ir=parallel_ir(size, prefix="p"))
+    response = session.post(f"{AGENT}/claim")
+    spec, job_client = response.json()["job"], bearer(response.json()["job_token"])
+    started = {"agent_name": "runner-1", "elapsed_seconds": 0.01}
+
+    with django_assert_num_queries(FINISH + end_job() + 1 + BUILD_EVENT + CLAIM):  # + the build's first start
+        response = job_client.post(job_url(spec["id"], "finish"), finish_body(claim_next=True, started=started),
+                                   format="json")
+    assert response.json()["state"] == "passed" and response.json()["next"]["job"]["step_key"] == "p1"
+    following = response.json()["next"]
+
+    with django_assert_num_queries(FINISH + end_job() + CLAIM):
+        response = bearer(following["job_token"]).post(job_url(following["job"]["id"], "finish"),
+                                                       finish_body(claim_next=True, started=started), format="json")
+    assert response.json()["state"] == "passed" and response.json()["next"]["job"]["step_key"] == "p2"
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize("length", [1, 29], ids=["2-jobs", "30-jobs"])
 def test_finishing_a_job_with_a_waiting_dependent_costs_one_query_more(session, pipeline, length,
                                                                        django_assert_num_queries):

@@ -235,7 +235,8 @@ class TestTransitionTable:
 
     def test_sources_for_inverts_the_table(self):
         assert sources_for(J.RUNNING) == {J.ASSIGNED}
-        assert sources_for(J.PASSED) == {J.RUNNING, J.PENDING}  # an agent's report, or a step cache hit
+        # An agent's report (of a job it started, or whose start rode on the report), or a step cache hit.
+        assert sources_for(J.PASSED) == {J.RUNNING, J.ASSIGNED, J.PENDING}
         assert sources_for(J.CANCELED) == {J.HELD, J.PENDING, J.SCHEDULED, J.ASSIGNED, J.CANCELING}
         assert sources_for(J.PENDING) == {J.SKIPPED, J.CANCELED, J.HELD}  # a retry's reopened dependents; a held job approved while no concurrency slot is free
         for target in J.values:

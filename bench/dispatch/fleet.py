@@ -8,7 +8,7 @@ find another organization empty), then claims with `wait` on a keep-alive connec
 again as soon as an answer comes. A tiny HTTP/1.1 client over asyncio streams: a thousand
 threads or processes would measure themselves, not the server.
 
-It prints `ready` once every agent is registered and its first claim sent, and on SIGTERM a line
+It prints `ready` once every agent is registered, and on SIGTERM a line
 of JSON: how many answers of each status it got, and how many were jobs (there must be none).
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import signal
 import sys
 from collections import Counter
@@ -72,9 +73,14 @@ async def one_agent(number: int, args: argparse.Namespace, counts: Counter, regi
         raise RuntimeError(f"register: {status} {data[:200]!r}")
     session = json.loads(data)["session_token"]
     registered.put_nowait(number)
+    # A fleet's agents came up at different times, so their held claims end spread over the wait,
+    # not all in the same second: the first claim waits a random share of it. (All in step, an idle
+    # window could fall between two waves and see nothing.)
+    wait = random.uniform(0.0, args.wait)
     while True:
         try:
-            status, data = await conn.request("/api/v0/agent/claim", session, {"wait": args.wait})
+            status, data = await conn.request("/api/v0/agent/claim", session, {"wait": round(wait, 3)})
+            wait = args.wait
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             counts["reconnects"] += 1
             conn.writer = None

@@ -4,7 +4,8 @@ It imports nothing from the server (no Django, no database), so it runs on any
 machine that has this project's code and can reach the server's URL.
 
 One job at a time:
-  claim → fetch source / parent workspace → start → run the command through the
+  claim → fetch source / parent workspace → start (held back for a moment: a quick job
+  reports it with its finish, see starts.py) → run the command through the
   agent's executor (`bash -c cmd` in its own process group on the host, or a fresh
   podman/docker container of the step's image; see executors/), shipping output as
   numbered chunks every 500 ms and heartbeating → upload the workspace (and, from a

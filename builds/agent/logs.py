@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from builds.agent.spec import JobSpec
 from builds.agent.transport import AgentError, Transport
@@ -101,6 +101,8 @@ class LogShipper:
     lock: threading.Lock = field(default_factory=threading.Lock)
     maskers: dict[int, SecretMasker] = field(default_factory=dict)  # one per stream kind
     ended: threading.Event = field(default_factory=threading.Event)  # the server ended the job
+    # Called before each shipment: a held-back start goes first (builds/agent/starts.py).
+    before_send: Callable[[], None] | None = None
 
     def add(self, stream_kind: int, text: str) -> None:
         if not text:
@@ -154,6 +156,8 @@ class LogShipper:
 
     def _send(self, batch: list[dict[str, Any]]) -> bool:
         """Ship one batch; False once the server has ended the job (nothing more is sent)."""
+        if self.before_send is not None:
+            self.before_send()
         try:
             answer = self.transport.json("POST", f"/api/v0/agent/jobs/{self.job.id}/logs", token=self.job.token,
                                          body={"chunks": batch})

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -41,6 +42,7 @@ from builds.agent.isolation import (
 )
 from builds.agent.logs import MAX_CHUNK_CHARS, META, LogShipper, clean_text
 from builds.agent.spec import JobSpec
+from builds.agent.starts import START_REPORT_DELAY, PendingStart
 from builds.agent.transport import VERSION, AgentError, Transport, Unauthorized
 from harmont.redaction import redact_url_credentials
 
@@ -72,7 +74,7 @@ class Agent:
                  heartbeat_interval: float = HEARTBEAT_INTERVAL, tags: dict[str, str] | None = None,
                  executor: str = "host", default_image: str | None = None, network: str | None = None,
                  memory: str | None = None, cpus: str | None = None, container_options: tuple[str, ...] = (),
-                 claim_wait: float = CLAIM_WAIT_SECONDS) -> None:
+                 claim_wait: float = CLAIM_WAIT_SECONDS, start_report_delay: float = START_REPORT_DELAY) -> None:
         # A held claim must not look like a dead connection.
         self.transport = Transport(server, timeout=max(30.0, claim_wait + 15))
         self.claim_wait = claim_wait
@@ -84,6 +86,9 @@ class Agent:
         self.once = once
         self.run_as = run_as
         self.heartbeat_interval = heartbeat_interval
+        # 0: report every start before the command runs (builds/agent/starts.py).
+        self.start_report_delay = start_report_delay
+        self.pending_start: PendingStart | None = None  # the current job's, while held back
         self.guard: subprocess.Popen | None = None  # see guard.py; started by run()
         self.session: str | None = None
         self.current_job: JobSpec | None = None
@@ -324,13 +329,15 @@ class Agent:
         shipper = LogShipper(self.transport, job)
         # The heartbeat has a thread and a connection of its own: a checkout, a download, an
         # upload or a slow log shipment takes as long as it takes without the job looking lost.
-        with Heartbeat(self.transport, job, shipper, interval=self.heartbeat_interval):
+        with Heartbeat(self.transport, job, shipper, interval=self.heartbeat_interval) as heartbeat:
             try:
-                self._run_job(job, shipper)
+                self._run_job(job, shipper, heartbeat)
             except AgentError:
                 raise
             except Exception as exc:  # noqa: BLE001 - see the docstring
                 log.exception("job %s failed on this agent", job.id)
+                if self.pending_start is not None:
+                    self.pending_start.take_for_finish()  # the command never ran: no start to report
                 reason = redact_url_credentials(f"{type(exc).__name__}: {exc}" if not isinstance(exc, JobStartFailed)
                                                 else str(exc))
                 shipper.add(META, f"harmont-agent: the job could not run: {reason}\n")
@@ -338,10 +345,11 @@ class Agent:
                 self._finish(job, {"exit_code": None, "error_code": "job_start_failed",
                                    "error_message": clean_text(reason)[:1000]}, shipper)
             finally:
+                self.pending_start = None
                 shutil.rmtree(self.workdir / job.id, ignore_errors=True)
                 shutil.rmtree(self._artifacts_dir(job), ignore_errors=True)
 
-    def _run_job(self, job: JobSpec, shipper: LogShipper) -> None:
+    def _run_job(self, job: JobSpec, shipper: LogShipper, heartbeat: Heartbeat) -> None:
         workspace = self.workdir / job.id
         shutil.rmtree(workspace, ignore_errors=True)
         workspace.mkdir(parents=True)
@@ -360,12 +368,19 @@ class Agent:
         start: dict[str, Any] = {"agent_name": self.name}
         if checked_out is not None:
             start["commit"] = checked_out  # a build of HEAD takes it as its commit
-        started = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/start", token=job.token, body=start)
-        if started.get("cancel"):
-            shipper.add(META, "harmont-agent: canceled before start\n")
-            self._ship_final(shipper)
-            self._finish(job, {"exit_code": None, "outcome": "canceled"}, shipper)
-            return
+        if job.start_with_finish and self.start_report_delay > 0:
+            # Held back (builds/agent/starts.py): a cancel meanwhile reaches the command as any other.
+            self.pending_start = PendingStart(start, lambda body: self._report_start(job, body, shipper),
+                                              delay=self.start_report_delay)
+            shipper.before_send = self.pending_start.send
+            heartbeat.expect_start(self.pending_start)
+        else:
+            started = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/start", token=job.token, body=start)
+            if started.get("cancel"):
+                shipper.add(META, "harmont-agent: canceled before start\n")
+                self._ship_final(shipper)
+                self._finish(job, {"exit_code": None, "outcome": "canceled"}, shipper)
+                return
         claimed_by = f" (claimed by request {job.claim_request_id})" if job.claim_request_id else ""
         shipper.add(META, f"harmont-agent: running {job.step_key} on {self.name}{claimed_by}\n")
         artifacts = self._artifacts_dir(job)
@@ -529,6 +544,12 @@ class Agent:
         shipper.add(META, f"harmont-agent: artifact {relative} refused ({code}): {message}\n")
         return status != 401 and code != "job_not_active"
 
+    def _report_start(self, job: JobSpec, body: dict[str, Any], shipper: LogShipper) -> None:
+        """A held-back start, sent on its own: the command outlived the delay, or output is about to ship."""
+        started = self.transport.json("POST", f"/api/v0/agent/jobs/{job.id}/start", token=job.token, body=body)
+        if started.get("cancel"):
+            shipper.cancel_requested.set()
+
     def _ship_final(self, shipper: LogShipper) -> None:
         # Large tails go ahead on their own; a small one rides along with the finish report.
         if sum(len(chunk["content"]) for chunk in shipper.pending) > MAX_CHUNK_CHARS:
@@ -540,6 +561,10 @@ class Agent:
             shipper.close()
             with shipper.lock:
                 body["chunks"] = list(shipper.pending)
+        if self.pending_start is not None:
+            started = self.pending_start.take_for_finish()
+            if started is not None:
+                body["started"] = started
         # A busy agent's next claim rides along with the report, unless it may claim no more.
         body["claim_next"] = not (self.once or self.stopping.is_set())
         if body["claim_next"]:
@@ -582,6 +607,8 @@ class Heartbeat:
         self.shipper = shipper
         self.interval = interval
         self.stop = threading.Event()
+        self.wake = threading.Event()  # set by stop and by expect_start: plan the next wait again
+        self.pending_start: PendingStart | None = None
         self.thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
 
     def __enter__(self) -> "Heartbeat":
@@ -590,12 +617,41 @@ class Heartbeat:
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
+        self.wake.set()
         self.thread.join(timeout=HEARTBEAT_JOIN_TIMEOUT)
+
+    def expect_start(self, pending: PendingStart) -> None:
+        """Send `pending` when it comes due, unless the finish or a log shipment took it first."""
+        self.pending_start = pending
+        self.wake.set()
 
     def _run(self) -> None:
         sent = False
+        next_beat = time.monotonic() + self.interval
         try:
-            while not self.stop.wait(self.interval):
+            while not self.stop.is_set():
+                pending = self.pending_start
+                wait = next_beat - time.monotonic()
+                if pending is not None:
+                    wait = min(wait, pending.due_in)
+                self.wake.wait(max(0.0, wait))
+                self.wake.clear()
+                if self.stop.is_set():
+                    break
+                if pending is not self.pending_start:
+                    continue  # a start to expect came meanwhile
+                if pending is not None and pending.due_in <= 0:
+                    self.pending_start = None
+                    sent = True
+                    try:
+                        pending.send()  # the start counts as a beat (the server takes it as one)
+                    except (OSError, http.client.HTTPException, ValueError, AgentError):
+                        log.warning("job %s: the start report did not go out; the finish will carry it", self.job.id)
+                    next_beat = time.monotonic() + self.interval
+                    continue
+                if time.monotonic() < next_beat:
+                    continue
+                next_beat = time.monotonic() + self.interval
                 sent = True
                 try:
                     status, data = self.transport.request("POST", f"/api/v0/agent/jobs/{self.job.id}/heartbeat",

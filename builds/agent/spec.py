@@ -35,6 +35,8 @@ class JobSpec:
     snapshot_upload: dict[str, Any] | None = None
     # The X-Request-Id of the request that claimed it (the server's log names it too).
     claim_request_id: str | None = None
+    # The server takes the start with the finish (builds/agent/starts.py).
+    start_with_finish: bool = False
 
     @classmethod
     def from_claim(cls, data: dict[str, Any]) -> "JobSpec":
@@ -49,4 +51,5 @@ class JobSpec:
             mask=job.get("mask", []),
             parent_snapshot=job.get("parent_snapshot"), snapshot_upload=job.get("snapshot_upload"),
             claim_request_id=data.get("claim_request_id"),
+            start_with_finish=job.get("start_with_finish", False) is True,
         )

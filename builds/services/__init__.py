@@ -21,7 +21,7 @@ from builds.services.claims import (
     hand_back_claim,
 )
 from builds.services.job_specs import job_spec
-from builds.services.jobs import finish_job, heartbeat, move_job, report_finish, start_job
+from builds.services.jobs import StartedIn, finish_job, heartbeat, move_job, report_finish, start_job
 from builds.services.logs import ChunkIn, append_log
 from builds.services.reaping import ReapReport, reap
 from builds.services.concurrency import admit_everywhere, admit_waiting_builds
@@ -58,7 +58,7 @@ __all__ = [
     "Claim", "FinishOutcome", "claim_for_agent", "claim_job", "finish_and_claim_next", "hand_back_claim",
     "job_spec",
     "finish_job", "heartbeat", "move_job", "report_finish", "start_job",
-    "ChunkIn", "append_log",
+    "ChunkIn", "append_log", "StartedIn",
     "ReapReport", "reap",
     "retry_job",
     "accept_rendered_pipeline", "fail_render", "record_render_result",

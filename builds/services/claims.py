@@ -18,7 +18,7 @@ from builds import sql, states
 from builds.models import Agent, Job, JobState
 from builds.selectors import BuildsInLinks
 from builds.services.agents import agent_seen
-from builds.services.jobs import report_finish
+from builds.services.jobs import StartedIn, report_finish
 from builds.services.logs import ChunkIn
 from harmont import metrics
 from harmont.tokens import JOB_CREDENTIAL_PREFIX, hash_secret, new_prefixed_secret
@@ -86,7 +86,8 @@ class FinishOutcome:
 def finish_and_claim_next(*, job: Job, exit_code: int | None, signal: int | None = None,
                           outcome: str | None = None, error_code: str | None = None,
                           error_message: str | None = None, chunks: Sequence[ChunkIn] = (),
-                          claim_next: bool = False, claim_key: str | None = None) -> FinishOutcome:
+                          claim_next: bool = False, claim_key: str | None = None,
+                          started: StartedIn | None = None) -> FinishOutcome:
     """`report_finish`, and with `claim_next` the agent's next job, which spares a busy agent a request per job.
 
     Only the report that ends the job claims a new one. A retried report (the
@@ -98,7 +99,7 @@ def finish_and_claim_next(*, job: Job, exit_code: int | None, signal: int | None
     """
     live = job.state not in states.TERMINAL_JOB_STATES
     state = report_finish(job=job, exit_code=exit_code, signal=signal, outcome=outcome, error_code=error_code,
-                          error_message=error_message, chunks=chunks)
+                          error_message=error_message, chunks=chunks, started=started)
     if not claim_next or not (live or claim_key):
         return FinishOutcome(state, answers_next=False, next=None)
     claim = None

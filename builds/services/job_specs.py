@@ -51,6 +51,7 @@ def job_spec(job: Job) -> dict[str, Any]:
         "render": {"source_slug": build.pipeline.source_slug, "result_path": f"/api/v0/agent/jobs/{job.pk}/pipeline",
                    "envelope": build.discovers_pipelines}
         if job.kind == JobKind.RENDER else None,
+        "start_with_finish": True,
     }
 
 

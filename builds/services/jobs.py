@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
@@ -18,10 +19,19 @@ from builds.services.logs import ChunkIn, store_chunks, store_fitting_chunks
 J = JobState
 
 
+@dataclasses.dataclass(frozen=True)
+class StartedIn:
+    """A job's start that its agent reported with the finish (the start report was held back, and the command
+    ended before it went out): when, as seconds before the report, and the commit its checkout landed on."""
+
+    elapsed_seconds: float
+    commit: str | None = None
+
+
 def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code: str | None = None,
                error_message: str | None = None, signal: int | None = None, now: datetime | None = None,
                expected: str | None = None, chunks: Sequence[ChunkIn] = (),
-               unchanged: Mapping[str, Any] | None = None) -> bool:
+               unchanged: Mapping[str, Any] | None = None, started_at: datetime | None = None) -> bool:
     """End a job in a terminal `state`; then skip/schedule what follows and roll up.
 
     Returns False (and changes nothing but storing `chunks`) when the job was
@@ -38,6 +48,9 @@ def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code
     `retried` and adds its next attempt; one its `soft_fail_policy` matches
     ends it `soft_failed` (builds.services.retries). `job` should come with its
     `kind`, `retry_policy`, `soft_fail_policy` and `automatic_retries` loaded.
+
+    `started_at`: the job never reported a start, and its agent says it started then
+    (`StartedIn`): written with the end, and the build's start if it had none.
     """
     if state not in states.TERMINAL_JOB_STATES:
         raise ValueError(f"{state} is not a terminal job state")
@@ -60,7 +73,10 @@ def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code
                                          only_from=None if expected is None else (expected,), unchanged=unchanged,
                                          exit_code=exit_code,
                                          error_code=error_code, error_message=error_message, signal=signal,
-                                         **log, **outcome)
+                                         **log, **outcome, **({} if started_at is None else {"started_at": started_at}))
+        if changed and started_at is not None and build.started_at is None:
+            states.mark_build_started(job.build_id, started_at)  # (under the build's lock, which it doesn't need)
+            build = dataclasses.replace(build, started_at=started_at)  # what the roll-up below must see
         if changed and retry_rule is not None:
             retries.retry_after_end(job_id=job.pk, rule=retry_rule, now=now)
         elif changed:
@@ -87,26 +103,36 @@ def move_job(*, job: Job, state: str, now: datetime | None = None, **fields: Any
     return bool(changed)
 
 
-def start_job(*, job: Job, commit: str | None = None, now: datetime | None = None) -> str:
+def start_job(*, job: Job, commit: str | None = None, now: datetime | None = None,
+              elapsed_seconds: float = 0.0) -> str:
     """The agent begins running the command: assigned → running. Returns the job's state after.
 
     `commit`: the full id the job's checkout landed on; a build whose commit was
     no full id takes it (`notifications.record_checked_out_commit`).
+    `elapsed_seconds`: the command started that long ago (a start report its agent
+    held back, builds/agent/starts.py), so the job's start is dated back.
     """
     now = now or timezone.now()
+    started_at = started_before(now, elapsed_seconds, job)
     if commit is not None:
         notifications.record_checked_out_commit(build_id=job.build_id, commit=commit, now=now)
     # assigned → running changes no roll-up (the build is running since the claim), so no
     # build lock: a compare-and-set on the job and the build's first start time.
-    started = states.transition_jobs([job.pk], to=J.RUNNING, now=now, last_heartbeat_at=now)
+    started = states.transition_jobs([job.pk], to=J.RUNNING, now=now, last_heartbeat_at=now, started_at=started_at)
     if started:
         # The credential's lookup read whether the build has a start time: once one job of
         # the build has started, the others have nothing to write there.
         if not getattr(job, "build_started", False):
-            states.mark_build_started(job.build_id, now)
-        job.state, job.started_at = J.RUNNING, now
+            states.mark_build_started(job.build_id, started_at)
+        job.state, job.started_at = J.RUNNING, started_at
     agent_seen_by(job=job, now=now)
     return J.RUNNING if started else Job.objects.values_list("state", flat=True).get(pk=job.pk)
+
+
+def started_before(now: datetime, elapsed_seconds: float, job: Job) -> datetime:
+    """When a command that started `elapsed_seconds` before `now` began: by the server's clock (agents'
+    clocks drift), and never longer ago than the job's timeout (which would have stopped it)."""
+    return now - timedelta(seconds=min(max(elapsed_seconds, 0.0), job.timeout_seconds))
 
 
 def heartbeat(*, job: Job, timing_out: bool = False, now: datetime | None = None) -> str:
@@ -142,14 +168,25 @@ def outcome_state(*, current: str, exit_code: int | None, outcome: str | None,
 
 def report_finish(*, job: Job, exit_code: int | None, signal: int | None = None, outcome: str | None = None,
                   error_code: str | None = None, error_message: str | None = None,
-                  chunks: Sequence[ChunkIn] = (), now: datetime | None = None) -> str:
+                  chunks: Sequence[ChunkIn] = (), now: datetime | None = None,
+                  started: StartedIn | None = None) -> str:
     """The agent's final report, with its last output. Idempotent: a retried report changes nothing.
+
+    `started`: the agent held the job's start report back and the command ended
+    first, so this report starts the job too. An `assigned` job is then judged
+    as the running job it was: a quick job costs its agent and the server one
+    request less (two instead of three with the claim riding on the finish).
 
     The output is stored with the report that ends the job (a seq already stored
     is skipped); a report on a job that had ended already stores none, as the log
     route refuses output for it: a retry's output went in with its original.
     """
     now = now or timezone.now()
+    started_at = None
+    if started is not None:
+        started_at = started_before(now, started.elapsed_seconds, job)
+        if started.commit is not None:
+            notifications.record_checked_out_commit(build_id=job.build_id, commit=started.commit, now=now)
     # The first verdict is judged from the job as the caller loaded it (for an agent's
     # request: as its credential was checked, a moment ago). The compare-and-set accepts
     # exactly that state, so a cancel or timeout landing in between makes it lose; judge
@@ -159,7 +196,11 @@ def report_finish(*, job: Job, exit_code: int | None, signal: int | None = None,
     for _ in range(3):
         if current in states.TERMINAL_JOB_STATES:
             return current
-        state, code = outcome_state(current=current, exit_code=exit_code, outcome=outcome, error_code=error_code)
+        # Only a job the server still has as assigned takes the start; one canceled before its start was
+        # heard of keeps none, as any job canceled before its start report.
+        starts = started_at is not None and current == J.ASSIGNED
+        state, code = outcome_state(current=J.RUNNING if starts else current, exit_code=exit_code, outcome=outcome,
+                                    error_code=error_code)
         message = error_message
         if state == J.TIMED_OUT and current_code == "pipeline_timeout":
             # Stopped because its build ran out of time (time_out_build), not its own timeout.
@@ -167,7 +208,8 @@ def report_finish(*, job: Job, exit_code: int | None, signal: int | None = None,
         if code == "job_timeout" and not message:
             message = f"The job ran longer than its timeout of {job.timeout_seconds} s."
         if finish_job(job=job, state=state, exit_code=exit_code, signal=signal, error_code=code,
-                      error_message=message, now=now, expected=current, chunks=chunks):
+                      error_message=message, now=now, expected=current, chunks=chunks,
+                      started_at=started_at if starts else None):
             agent_seen_by(job=job, now=now)
             return state
         chunks = ()  # stored by that attempt
