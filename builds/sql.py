@@ -17,13 +17,23 @@ import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone as dt_timezone
 from typing import Any
 
 from django.db import connection, models
 
 from builds import notices
-from builds.models import Agent, Build, ConcurrencySlot, EdgeKind, Job, JobDependency, JobState, LogChunk
+from builds.models import (
+    Agent,
+    Build,
+    ConcurrencySlot,
+    EdgeKind,
+    Job,
+    JobDependency,
+    JobState,
+    LogChunk,
+    WebhookEndpoint,
+)
 from harmont import claim_notices
 from harmont.rows import Columns, Table, db_value, first_row
 from organizations.models import AgentToken, Membership, Organization, User
@@ -51,6 +61,7 @@ class Add:
 
 
 _JOB = Table(Job)
+_ENDPOINT = Table(WebhookEndpoint, "w")
 _EDGE = Table(JobDependency, "e")
 _CHUNK, _CHUNK_C = Table(LogChunk), Table(LogChunk, "c")
 # Unqualified job columns, for SET and WHERE of an UPDATE of the job table.
@@ -91,9 +102,18 @@ def update_jobs(job_ids: Sequence[uuid.UUID], values: Mapping[str, object], *,
         return cursor.rowcount
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    changed: bool
+    others: set[str]  # the distinct states of the build's other jobs
+    # Whether a webhook endpoint of the job's organization subscribes to `listened_for`; None: not asked.
+    listened: bool | None = None
+
+
 def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, object],
             sources: Sequence[str], unchanged: Mapping[str, object] | None = None,
-            retried_as: str = "retried", soft_failed_as: str = "soft_failed") -> tuple[bool, set[str]]:
+            retried_as: str = "retried", soft_failed_as: str = "soft_failed",
+            listened_for: str | None = None) -> JobEnd:
     """Compare-and-set one job (from one of `sources`) to `values`, and the states of its build's other jobs.
 
     `unchanged`: columns that must still hold the values the caller read (none may be NULL).
@@ -104,7 +124,9 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, obje
     job's as of now. Every end of one of the build's jobs queues for that
     lock: on PostgreSQL a data-modifying WITH does both in one round trip
     (its read sees the other jobs, not this statement's own update, which is
-    why the job itself is left out of it).
+    why the job itself is left out of it). With `listened_for` (an event), the same
+    statement also says whether any webhook endpoint of the organization wants it,
+    which spares the job's end a query under the build's lock when none does.
     """
     t = _JOB
     assignments, params = _job_assignments(values)
@@ -119,16 +141,22 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, obje
     others_params = [retried_as, soft_failed_as, build, job]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
+            listens, listens_params = "NULL", []
+            if listened_for is not None:
+                w = _ENDPOINT
+                listens = (f"EXISTS(SELECT 1 FROM {w} WHERE {w.organization} = (SELECT {t.organization} FROM {t}"
+                           f" WHERE {t.id} = %s) AND {w.events} @> %s::jsonb)")
+                listens_params = [job, json.dumps([listened_for])]
             cursor.execute(f"WITH ended AS ({update} RETURNING 1)"
-                           f" SELECT (SELECT COUNT(*) FROM ended), ARRAY({others})",
-                           [*params, job, *sources, *guard_values, *others_params])
-            changed, other_states = cursor.fetchone()
-            return bool(changed), set(other_states)
+                           f" SELECT (SELECT COUNT(*) FROM ended), ARRAY({others}), {listens}",
+                           [*params, job, *sources, *guard_values, *others_params, *listens_params])
+            changed, other_states, listened = cursor.fetchone()
+            return JobEnd(bool(changed), set(other_states), listened)
         cursor.execute(update, [*params, job, *sources, *guard_values])
         if not cursor.rowcount:
-            return False, set()
+            return JobEnd(False, set())
         cursor.execute(others, others_params)
-        return True, {row[0] for row in cursor.fetchall()}
+        return JobEnd(True, {row[0] for row in cursor.fetchall()})
 
 
 # ------------------------------------------------------------------ the claim
@@ -656,3 +684,72 @@ def lock_commit_test_results(*, pipeline_id: int, commit: str) -> None:
     key = int.from_bytes(digest[:8], "big", signed=True)
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", [key])
+
+
+# ------------------------------------------------------------------ a pipeline's build list
+
+# The API's busiest list (builds.api.PipelineBuildsView, unfiltered). Through the ORM a 50-build
+# page spent most of its CPU building and compiling the query and on its 200 timestamps, which
+# psycopg parsed from text, Django moved to UTC and the serializer formatted back into text. On
+# PostgreSQL the statement writes the ids and times as the JSON shows them. The pipeline is a
+# scalar subquery, not a join: PostgreSQL then walks the (pipeline, number) index backwards for
+# one page, where the join sorted every build of the pipeline (0.2 against 11 ms for 10,000).
+_LB, _LP = Table(Build, "b"), Table(Pipeline, "p")
+# The API's strftime patterns for times, as to_char says them; `US` is %f's six digits, leading
+# zeros kept. Any other pattern is applied in Python, to times loaded as the ORM loads them.
+TO_CHAR_FORMATS = {"%Y-%m-%dT%H:%M:%S.%fZ": 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'}
+
+
+@dataclass(frozen=True)
+class _BuildListRead:
+    sql: str
+    loaded: Columns[Build] | None  # what to convert the cells with; None: the statement gave them as text
+
+
+def _text_cell(name: str, to_char: str) -> str:
+    column, field = getattr(_LB, name), Build._meta.get_field(name)
+    if isinstance(field, models.DateTimeField):
+        return f"to_char({column} AT TIME ZONE 'UTC', '{to_char}')"
+    return f"{column}::text" if isinstance(field, models.UUIDField) else column
+
+
+@functools.cache
+def _build_list_read(columns: tuple[str, ...], to_char: str | None, after: bool) -> _BuildListRead:
+    loaded: Columns[Build] | None = None
+    if to_char is None:
+        loaded = Columns(Build, columns)
+        select = loaded.select(_LB)
+    else:
+        select = ", ".join(_text_cell(name, to_char) for name in columns)
+    pipeline = (f"SELECT {_LP.id} FROM {_LP} WHERE {_LP.organization} = %s AND {_LP.slug} = %s"
+                f" AND {_LP.archived_at} IS NULL")
+    return _BuildListRead(
+        f"SELECT {select} FROM {_LB} WHERE {_LB.pipeline} = ({pipeline})"
+        f"{f' AND {_LB.number} < %s' if after else ''} ORDER BY {_LB.number} DESC LIMIT %s", loaded)
+
+
+def _as_text(value: Any, time_format: str) -> Any:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value.astimezone(dt_timezone.utc).strftime(time_format) if isinstance(value, datetime) else value
+
+
+def pipeline_builds(*, columns: tuple[str, ...], organization_id: int, pipeline_slug: str, before: int | None,
+                    limit: int, time_format: str) -> list[tuple[Any, ...]]:
+    """The cells of `columns` of up to `limit` builds of the organization's unarchived pipeline `pipeline_slug`.
+
+    Newest first, numbers below `before` if given. The cells are what the API's
+    JSON shows: UUIDs as text, times as text in UTC, formatted with the strftime
+    pattern `time_format`.
+    """
+    to_char = TO_CHAR_FORMATS.get(time_format) if connection.vendor == "postgresql" else None
+    read = _build_list_read(columns, to_char, before is not None)
+    params = [organization_id, pipeline_slug, *(() if before is None else (before,)), limit]
+    with connection.cursor() as cursor:
+        cursor.execute(read.sql, params)
+        rows = cursor.fetchall()
+    if read.loaded is None:
+        return rows
+    attnames = read.loaded.attnames
+    loaded_rows = (dict(zip(attnames, read.loaded.values(iter(row), connection))) for row in rows)
+    return [tuple(_as_text(values[name], time_format) for name in columns) for values in loaded_rows]

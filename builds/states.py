@@ -305,12 +305,13 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
     sources = sorted(_sources(to, only_from))
     if not sources:
         return False, set()
-    changed, others = sql.end_job(job_id=job_id, build_id=build_id, values=_transition_values(to, now, fields),
-                                  sources=sources, unchanged=unchanged, retried_as=RETRIED,
-                                  soft_failed_as=SOFT_FAILED)
-    if changed:
-        _notifications().record_jobs_finished(build_id=build_id, job_ids=[job_id], now=now)
-    return changed, others
+    notifications = _notifications()
+    end = sql.end_job(job_id=job_id, build_id=build_id, values=_transition_values(to, now, fields),
+                      sources=sources, unchanged=unchanged, retried_as=RETRIED, soft_failed_as=SOFT_FAILED,
+                      listened_for=notifications.JOB_FINISHED)
+    if end.changed and end.listened is not False:
+        notifications.record_jobs_finished(build_id=build_id, job_ids=[job_id], now=now)
+    return end.changed, end.others
 
 
 def _sources(to: str, only_from: Iterable[str] | None) -> frozenset[str]:

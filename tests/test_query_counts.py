@@ -210,17 +210,17 @@ def test_get_pipeline(quiet_api, django_assert_num_queries, pipeline):
 
 
 def end_job() -> int:
-    """A job's end and the read of the other jobs' states: one statement on PostgreSQL, two on SQLite.
+    """A job's end, the read of the other jobs' states and whether any webhook endpoint of the
+    organization wants job.finished: one statement on PostgreSQL, three on SQLite.
 
-    (See builds.states.end_job.)
+    (See builds.sql.end_job.)
     """
-    return 1 if is_postgres() else 2
+    return 1 if is_postgres() else 3
 
 
 # Finishing, without the statements of the job's end: the credential, the transaction
-# (savepoint here), the last log chunks, the build's lock, the organization's webhook
-# endpoints (does any want job.finished?).
-FINISH = 6
+# (savepoint here), the last log chunks, the build's lock.
+FINISH = 5
 # A build's start or end event: the build with the repository its commit statuses go to,
 # the organization's webhook endpoints (builds.services.notifications).
 BUILD_EVENT = 2
