@@ -9,6 +9,8 @@ class BuildsConfig(AppConfig):
         from builds.metrics import DatabaseCollector
         from builds.services.retention import connect_file_cleanup
         from harmont.metrics import register_scrape_collector
+        from harmont.pg_timestamps import use_native_timestamp_loader
 
         connect_file_cleanup()
+        use_native_timestamp_loader()
         register_scrape_collector(DatabaseCollector())
