@@ -16,6 +16,7 @@ from rest_framework import status
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 
 from builds import selectors, services
 from builds.filters import BUILD_FILTERS, ArtifactFilter, BuildFilter
@@ -43,12 +44,13 @@ from builds.serializers import (
     JobListSerializer,
     JobLogMatchListSerializer,
     JobSerializer,
-    build_row_data,
     LogTokenResponseSerializer,
+    build_cells_data,
+    build_row_data,
 )
 from harmont.errors import ApiError
 from harmont.logtokens import mint_log_token
-from harmont.pagination import paginate, paginate_by_creation, paginate_by_keys
+from harmont.pagination import Page, page_of, page_window, paginate, paginate_by_creation, paginate_by_keys
 from harmont.serializers import ErrorSerializer, filtered, json_object
 from organizations.access import OrgScopedView, membership_for
 from organizations.idempotency import IDEMPOTENCY_KEY_HEADER, IDEMPOTENCY_RESPONSES, idempotent
@@ -115,19 +117,32 @@ class PipelineBuildsView(OrgScopedView):
                    responses={200: BuildListSerializer, 400: ErrorSerializer, 404: ErrorSerializer})
     def get(self, request: Request, org: str, pipeline: str) -> Response:
         # The pipeline is found by the page's own query, and looked up alone only when the page is
-        # empty, to tell "no such pipeline" from "no builds": one query less on every list. A scalar
-        # subquery, not a join: PostgreSQL then walks the (pipeline, number) index backwards for
-        # one page, where the join sorted every build of the pipeline (0.2 against 11 ms for 10,000).
-        pipeline_id = Pipeline.objects.for_org(self.org).filter(slug=pipeline).values("id")[:1]
-        builds = Build.objects.filter(pipeline_id=Subquery(pipeline_id))
-        if not BUILD_FILTERS.isdisjoint(request.query_params):
-            builds = filtered(BuildFilter(request.query_params, queryset=builds))
-        page = paginate(request, builds.values(*BUILD_COLUMNS), key="number", descending=True)
+        # empty, to tell "no such pipeline" from "no builds": one query less on every list.
+        if BUILD_FILTERS.isdisjoint(request.query_params):
+            page = self.unfiltered_page(request, pipeline)
+        else:
+            page = self.filtered_page(request, pipeline)
         if not page.items:
             get_pipeline(self.org, pipeline)  # raises pipeline_not_found
+        return Response({"data": page.items, "next_cursor": page.next_cursor})
+
+    def unfiltered_page(self, request: Request, pipeline: str) -> Page[dict[str, Any]]:
+        # Raw SQL (builds.sql.pipeline_builds): the ORM's query building and its per-timestamp
+        # conversions were most of this list's CPU. The current time zone is UTC (TIME_ZONE), the
+        # zone the statement formats the times in.
+        limit, after = page_window(request)
+        rows = selectors.pipeline_builds(org=self.org, pipeline_slug=pipeline, before=after, limit=limit + 1,
+                                         columns=BUILD_COLUMNS, time_format=api_settings.DATETIME_FORMAT)
+        return page_of([build_cells_data(cells, pipeline) for cells in rows], limit=limit, key="number")
+
+    def filtered_page(self, request: Request, pipeline: str) -> Page[dict[str, Any]]:
+        # The FilterSet's queryset, over the same scalar subquery as the unfiltered page's SQL.
+        pipeline_id = Pipeline.objects.for_org(self.org).filter(slug=pipeline).values("id")[:1]
+        builds = filtered(BuildFilter(request.query_params, queryset=Build.objects.filter(
+            pipeline_id=Subquery(pipeline_id))))
+        page = paginate(request, builds.values(*BUILD_COLUMNS), key="number", descending=True)
         tz = timezone.get_current_timezone()
-        return Response({"data": [build_row_data(row, pipeline, tz) for row in page.items],
-                         "next_cursor": page.next_cursor})
+        return Page([build_row_data(row, pipeline, tz) for row in page.items], page.next_cursor)
 
     @extend_schema(operation_id="createBuild", tags=["builds"], request=CreateBuildRequestSerializer,
                    parameters=[IDEMPOTENCY_KEY_HEADER],

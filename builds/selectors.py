@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db.models import Count, Prefetch, Q, QuerySet
@@ -74,6 +75,21 @@ def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User,
         return None
     return sql.scoped_build(org_slug=org_slug, pipeline_slug=pipeline_slug, number=number, user_id=user.pk,
                             for_page=for_page)
+
+
+def pipeline_builds(*, org: Organization, pipeline_slug: str, before: int | None, limit: int,
+                    columns: tuple[str, ...], time_format: str) -> list[tuple[Any, ...]]:
+    """The cells of `columns` of up to `limit` builds of the org's pipeline, newest first, below `before` if given.
+
+    As the API's JSON shows them (see builds.sql.pipeline_builds); an unknown
+    pipeline has no builds.
+    """
+    if before is not None:
+        # A cursor's key beyond either end of the numbers means what that end means, as a value
+        # every database takes (SQLite refuses integers past 64 bits).
+        before = min(max(before, 0), MAX_BUILD_NUMBER + 1)
+    return sql.pipeline_builds(columns=columns, organization_id=org.pk, pipeline_slug=pipeline_slug, before=before,
+                               limit=limit, time_format=time_format)
 
 
 def public_build(*, org_slug: str, pipeline_slug: str, number: int) -> Build | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, tzinfo
 from typing import Any
 
@@ -109,6 +110,16 @@ def build_row_data(row: dict[str, Any], pipeline_slug: str, tz: tzinfo) -> dict[
         "started_at": _datetime(row["started_at"], tz),
         "finished_at": _datetime(row["finished_at"], tz),
     }
+
+
+# A build's JSON keys in the declared fields' order: BUILD_COLUMNS with the pipeline's slug fourth.
+BUILD_KEYS = (*BUILD_COLUMNS[:3], "pipeline_slug", *BUILD_COLUMNS[3:])
+
+
+def build_cells_data(cells: Sequence[Any], pipeline_slug: str) -> dict[str, Any]:
+    """`build_data` of a row of BUILD_COLUMNS whose cells are already what the JSON shows
+    (builds.selectors.pipeline_builds): the list's one statement formats its ids and times."""
+    return dict(zip(BUILD_KEYS, (*cells[:3], pipeline_slug, *cells[3:])))
 
 
 BuildListSerializer = page_serializer("BuildList", BuildSerializer)

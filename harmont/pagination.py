@@ -76,6 +76,22 @@ def decode_cursor(raw: str) -> int:
     return value
 
 
+def page_window(request: Request) -> tuple[int, int | None]:
+    """The page's `limit` and the key its cursor continues after (None: the first page); 400s for bad ones."""
+    limit = parse_limit(request)
+    cursor = request.query_params.get("cursor")
+    return limit, decode_cursor(cursor) if cursor else None
+
+
+def page_of(rows: list[Any], *, limit: int, key: str) -> Page[Any]:
+    """The page made of up to `limit + 1` rows read in key order: the extra row only says there is more."""
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    last = rows[-1] if has_more else None
+    next_cursor = encode_cursor(last[key] if isinstance(last, dict) else getattr(last, key)) if has_more else None
+    return Page(rows, next_cursor)
+
+
 def paginate(request: Request, queryset: QuerySet[M], *, key: str, descending: bool = False) -> Page[M]:
     """One keyset page of `queryset` ordered by the integer column `key`.
 
@@ -83,17 +99,10 @@ def paginate(request: Request, queryset: QuerySet[M], *, key: str, descending: b
     one pipeline), so "after the last key" never skips or repeats a row. The
     queryset may be of `.values()`: the rows are then dicts.
     """
-    limit = parse_limit(request)
-    cursor = request.query_params.get("cursor")
-    if cursor:
-        after = decode_cursor(cursor)
+    limit, after = page_window(request)
+    if after is not None:
         queryset = queryset.filter(**{f"{key}__{'lt' if descending else 'gt'}": after})
-    rows = list(queryset.order_by(f"-{key}" if descending else key)[: limit + 1])
-    has_more = len(rows) > limit
-    rows = rows[:limit]
-    last = rows[-1] if has_more else None
-    next_cursor = encode_cursor(last[key] if isinstance(last, dict) else getattr(last, key)) if has_more else None
-    return Page(rows, next_cursor)
+    return page_of(list(queryset.order_by(f"-{key}" if descending else key)[: limit + 1]), limit=limit, key=key)
 
 
 def encode_time_cursor(created_at: datetime, pk: Any) -> str:

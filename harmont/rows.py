@@ -85,13 +85,17 @@ class Columns(Generic[M]):
 
     def load(self, cells: Iterator[Any], connection: BaseDatabaseWrapper) -> M:
         """The next `len(self.fields)` values of a row, as an instance loaded from `connection`."""
+        return self.model.from_db(connection.alias, self.attnames, self.values(cells, connection))
+
+    def values(self, cells: Iterator[Any], connection: BaseDatabaseWrapper) -> list[Any]:
+        """The next `len(self.fields)` values of a row as the ORM converts them, in `attnames` order."""
         values = [next(cells) for _ in self.fields]
         for position, converters, column in self._converters_for(connection):
             value = values[position]
             for converter in converters:
                 value = converter(value, column, connection)
             values[position] = value
-        return self.model.from_db(connection.alias, self.attnames, values)
+        return values
 
     def _converters_for(self, connection: BaseDatabaseWrapper) -> list[tuple[int, list[Callable[..., Any]], Any]]:
         # What SQLCompiler.get_converters collects for a selected column; fixed per connection.

@@ -1,5 +1,6 @@
 """The reads every API request makes, written out as SQL, load what the ORM would;
-BuildSerializer renders exactly what its declared fields describe.
+BuildSerializer renders exactly what its declared fields describe, and so does
+the build list's one statement.
 
 Token authentication (`organizations.sql.token_with_user`) and the build behind a
 build-scoped URL (`builds.selectors.scoped_build`) skip the ORM's query compilation,
@@ -16,11 +17,14 @@ import pytest
 from django.db.models import F, Model
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
+from rest_framework.settings import api_settings
 
+from builds import selectors, sql
 from builds.selectors import scoped_build
 from builds.sql import SCOPED_BUILD_FIELDS as BUILD_FIELDS
 from builds.models import Build, BuildState
-from builds.serializers import BuildSerializer, build_data
+from builds.serializers import BUILD_COLUMNS, BuildSerializer, build_cells_data, build_data
+from harmont.pagination import encode_cursor
 from harmont.tokens import hash_secret
 from organizations.sql import token_with_user
 from organizations import services as org_services
@@ -188,3 +192,67 @@ def test_get_build_body_is_the_declared_rendering(api, org, owner, pipeline, bui
     assert response.status_code == 200
     build.refresh_from_db()
     assert response.json() == json.loads(JSONRenderer().render(declared_rendering(build)))
+
+
+# ===================================================================== the build list's statement
+
+UTC = dt_timezone.utc
+# Every shape of microseconds a time can have: none, trailing zeros, leading zeros, all six digits;
+# and a time given in another zone, shown in UTC.
+LIST_TIMES = {
+    "created_at": [datetime(2026, 6, 4, 12, 0, 0, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 120000, tzinfo=UTC)],
+    "scheduled_at": [None, datetime(2026, 6, 4, 12, 0, 0, 1, tzinfo=UTC)],
+    "started_at": [None, datetime(2026, 6, 4, 14, 0, 0, 500, tzinfo=dt_timezone(timedelta(hours=2)))],
+    "finished_at": [None, T0],
+}
+
+
+def list_builds_with_every_time(pipeline: Pipeline) -> None:
+    """Builds 1..16: every combination of LIST_TIMES' values, and the other nullable columns set on some."""
+    for n in range(16):
+        build = make_build(pipeline, message=None if n % 2 else f"change {n}")
+        times = {name: values[(n >> bit) & 1] for bit, (name, values) in enumerate(LIST_TIMES.items())}
+        extra = {"error_code": "x", "error_message": "why", "rebuild_of": 1, "waiting_reason": "slots", "fork": True,
+                 "state": BuildState.FAILED} if n % 3 == 0 else {}
+        Build.objects.filter(pk=build.pk).update(**times, **extra)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("in_sql", [True, False], ids=["times-formatted-by-the-database", "times-formatted-in-python"])
+def test_the_build_list_statement_renders_what_the_serializer_renders(org, pipeline, monkeypatch, in_sql):
+    """On PostgreSQL the statement writes ids and times as text; elsewhere (or for another format) Python does."""
+    if not in_sql:
+        monkeypatch.setattr(sql, "TO_CHAR_FORMATS", {})
+    list_builds_with_every_time(pipeline)
+    builds = list(Build.objects.select_related("pipeline").filter(pipeline=pipeline).order_by("-number"))
+
+    rows = selectors.pipeline_builds(org=org, pipeline_slug=pipeline.slug, before=None, limit=100,
+                                     columns=BUILD_COLUMNS, time_format=api_settings.DATETIME_FORMAT)
+    listed = [build_cells_data(cells, pipeline.slug) for cells in rows]
+
+    assert len(listed) == 16
+    for data, build in zip(listed, builds):
+        assert list(data) == list(BuildSerializer().fields)
+        assert JSONRenderer().render(data) == JSONRenderer().render(BuildSerializer(build).data)
+        assert data == declared_rendering(build)
+    assert {listed[-1]["created_at"], listed[-2]["created_at"]} == {"2026-06-04T12:00:00.000000Z",
+                                                                    "2026-01-02T03:04:05.120000Z"}
+    assert "2026-06-04T12:00:00.000500Z" in {data["started_at"] for data in listed}
+
+
+@pytest.mark.django_db
+def test_the_build_list_body_is_the_serializers_byte_for_byte(api, org, pipeline):
+    list_builds_with_every_time(pipeline)
+
+    def expected(numbers: range, next_cursor: str | None) -> bytes:
+        shown = Build.objects.select_related("pipeline").filter(pipeline=pipeline, number__in=numbers)
+        return JSONRenderer().render({"data": [BuildSerializer(b).data for b in shown.order_by("-number")],
+                                      "next_cursor": next_cursor})
+
+    first = api.get(builds_url(pipeline), {"limit": 5})
+    deeper = api.get(builds_url(pipeline), {"limit": 5, "cursor": first.json()["next_cursor"]})
+    last = api.get(builds_url(pipeline), {"cursor": encode_cursor(6)})
+
+    assert first.content == expected(range(12, 17), encode_cursor(12))
+    assert deeper.content == expected(range(7, 12), encode_cursor(7))
+    assert last.content == expected(range(1, 6), None)
