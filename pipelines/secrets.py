@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -147,12 +148,22 @@ def secrets_for_job(*, organization_id: int, pipeline_id: int | None, protected:
     after another.
     """
     rows = Secret.objects.filter(Q(pipeline__isnull=True) | Q(pipeline_id=pipeline_id),
-                                 organization_id=organization_id).values_list("name", "pipeline_id", "protected",
-                                                                               "value_encrypted")
+                                 organization_id=organization_id).values_list(*SECRET_ROW)
+    return compose_secrets(rows, organization_id=organization_id, pipeline_id=pipeline_id, protected=protected)
+
+
+# What `compose_secrets` reads of each secret of the organization (its own and its pipelines').
+SECRET_ROW = ("name", "pipeline_id", "protected", "value_encrypted")
+
+
+def compose_secrets(rows: Iterable[Sequence[Any]], *, organization_id: int, pipeline_id: int | None,
+                    protected: bool = True) -> dict[str, str]:
+    """`secrets_for_job` of rows of SECRET_ROW already read: the organization's secrets and the pipeline's
+    (builds.sql.claimed_job reads them with the claimed job, in its one query)."""
     org_level: dict[str, tuple[bool, str]] = {}
     pipeline_level: dict[str, tuple[bool, str]] = {}
     for name, row_pipeline_id, is_protected, encrypted in rows:
-        (org_level if row_pipeline_id is None else pipeline_level)[name] = (is_protected, encrypted)
+        (org_level if row_pipeline_id is None else pipeline_level)[name] = (bool(is_protected), encrypted)
     values: dict[str, str] = {}
     for name, (is_protected, encrypted) in {**org_level, **pipeline_level}.items():
         if is_protected and not protected:

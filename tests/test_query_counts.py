@@ -224,8 +224,8 @@ FINISH = 5
 # A build's start or end event: the build with the repository its commit statuses go to,
 # the organization's webhook endpoints (builds.services.notifications).
 BUILD_EVENT = 2
-# Claiming: the claim, the job with its build and pipeline, its secrets (the job spec).
-CLAIM = 3
+# Claiming: the claim, then the job with its build, its pipeline and its secrets (the job spec).
+CLAIM = 2
 
 
 def finish_body(**extra) -> dict:

@@ -8,7 +8,7 @@ from django.conf import settings
 
 from builds.models import Build, Job, JobKind, SecretAccess
 from builds.selectors import builds_in_links
-from pipelines.secrets import secrets_for_job
+from pipelines.secrets import compose_secrets, secrets_for_job
 
 
 def job_spec(job: Job) -> dict[str, Any]:
@@ -23,8 +23,13 @@ def job_spec(job: Job) -> dict[str, Any]:
     # so a build request can't put its own value under an admin's secret name; the server's
     # variables come last (secret names can't take them: pipelines.secrets.is_reserved_name).
     # What the build may have was decided when it was created (Build.secret_access).
-    secrets = secrets_for_job(organization_id=build.pipeline.organization_id, pipeline_id=build.pipeline_id,
-                              protected=build.secret_access == SecretAccess.ALL) if gets_secrets(job) else {}
+    secrets: dict[str, str] = {}
+    if gets_secrets(job):
+        scope = {"organization_id": build.pipeline.organization_id, "pipeline_id": build.pipeline_id,
+                 "protected": build.secret_access == SecretAccess.ALL}
+        # A claim's job comes with its secrets' rows (builds.sql.claimed_job); others read them.
+        rows = getattr(job, "secret_rows", None)
+        secrets = secrets_for_job(**scope) if rows is None else compose_secrets(rows, **scope)
     env = {
         **job.env, **secrets,
         "CI": "true", "HARMONT": "true", "HARMONT_BUILD_ID": str(build.pk), "HARMONT_BUILD_NUMBER": str(build.number),
