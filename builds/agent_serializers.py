@@ -338,7 +338,7 @@ def directive(state: str) -> dict[str, Any]:
 
 
 def claim_answer(claim: Claim) -> dict[str, Any]:
-    return {"job": JobSpecSerializer(job_spec(claim.job)).data, "job_token": claim.credential}
+    return {"job": job_spec(claim.job), "job_token": claim.credential}  # already as JobSpecSerializer renders it
 
 
 @dataclass(frozen=True)

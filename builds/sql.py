@@ -160,6 +160,31 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, obje
         return JobEnd(True, {row[0] for row in cursor.fetchall()})
 
 
+# ------------------------------------------------------------------ the build's lock
+
+_RB = Table(Build, "b")
+# What a job's end reads of its build under the build's lock (builds.states.RollUpInputs).
+ROLL_UP_BUILD = Columns(Build, ("id", "state", "cancel_requested_at", "error_code", "started_at", "finished_at",
+                                "reuses_jobs"))
+
+
+@functools.cache
+def _lock_build_sql(locks: bool) -> str:
+    return f"SELECT {ROLL_UP_BUILD.select(_RB)} FROM {_RB} WHERE {_RB.id} = %s{' FOR UPDATE' if locks else ''}"
+
+
+def lock_build_for_roll_up(build_id: uuid.UUID) -> dict[str, Any]:
+    """Take the build's row lock (where the database has row locks) and read ROLL_UP_BUILD's columns.
+
+    SQL: every end of a job runs it, under the lock it takes; building the ORM's
+    `select_for_update().values_list().get()` cost more than the statement.
+    """
+    cells = first_row(_lock_build_sql(connection.features.has_select_for_update), [db_value(Build, "id", build_id)])
+    if cells is None:
+        raise Build.DoesNotExist(f"no build {build_id}")
+    return dict(zip(ROLL_UP_BUILD.attnames, ROLL_UP_BUILD.values(cells, connection)))
+
+
 # ------------------------------------------------------------------ the claim
 
 

@@ -341,11 +341,9 @@ def lock_build_for_roll_up(build_id: uuid.UUID) -> RollUpInputs:
     The same lock as `lock_build`, for the hot path of a job's end: five plain
     values instead of a model instance (callers are inside a transaction).
     """
-    row = (Build.objects.select_for_update().filter(pk=build_id)
-           .values_list("state", "cancel_requested_at", "error_code", "started_at", "finished_at", "reuses_jobs").get())
-    state, cancel_requested_at, error_code, started_at, finished_at, reuses_jobs = row
-    return RollUpInputs(state, cancel_requested_at is not None, error_code is not None, started_at, finished_at,
-                        reuses_jobs)
+    row = sql.lock_build_for_roll_up(build_id)
+    return RollUpInputs(row["state"], row["cancel_requested_at"] is not None, row["error_code"] is not None,
+                        row["started_at"], row["finished_at"], row["reuses_jobs"])
 
 
 def lock_build(build_id: uuid.UUID) -> Build:

@@ -174,7 +174,7 @@ def test_the_next_build_reuses_the_passed_job_without_an_agent(pipeline):
     entry = CacheEntry.objects.get()
     assert entry.hits == 1 and entry.last_used_at >= entry.created_at
     spec = job_spec(claimed_job(jobs["test"].pk))
-    assert spec["parent_snapshot"]["job_id"] == original.pk
+    assert spec["parent_snapshot"]["job_id"] == str(original.pk)
 
 
 @pytest.mark.django_db
@@ -233,7 +233,7 @@ def test_a_hit_whose_parent_runs_passes_when_the_parent_passes_and_is_never_clai
     jobs = jobs_of(build)
     assert jobs["b"].state == J.PASSED and jobs["b"].agent_id is None
     assert jobs["c"].state == J.SCHEDULED
-    assert job_spec(claimed_job(jobs["c"].pk))["parent_snapshot"]["job_id"] == first_b
+    assert job_spec(claimed_job(jobs["c"].pk))["parent_snapshot"]["job_id"] == str(first_b)
 
 
 @pytest.mark.django_db

@@ -14,7 +14,10 @@ from pipelines.secrets import compose_secrets, secrets_for_job
 def job_spec(job: Job) -> dict[str, Any]:
     """The claim answer's `job`: command, environment (secrets included), where its files come from.
 
-    `job` is a claim's job, with its build and pipeline loaded.
+    `job` is a claim's job, with its build and pipeline loaded. The values are the
+    JSON's own (ids as text, keys in the schema's order): every claim answers one, and
+    passing it through JobSpecSerializer cost more than composing it (a test holds
+    the serializer's rendering of it equal to it).
     """
     build: Build = job.build
     links = builds_in_links(job)
@@ -37,7 +40,8 @@ def job_spec(job: Job) -> dict[str, Any]:
         "HARMONT_STEP_KEY": job.step_key, "HARMONT_PULL_REQUEST_FORK": "true" if build.fork else "false",
     }
     return {
-        "id": job.pk, "build_id": build.pk, "build_number": build.number, "pipeline_slug": build.pipeline.slug,
+        "id": str(job.pk), "build_id": str(build.pk), "build_number": build.number,
+        "pipeline_slug": build.pipeline.slug,
         "step_key": job.step_key, "name": job.name, "command": job.command, "env": env,
         "timeout_seconds": job.timeout_seconds, "image": job.image,
         "source": source_spec(build) if root else None,
@@ -46,7 +50,7 @@ def job_spec(job: Job) -> dict[str, Any]:
         "upload_workspace": links.has_children or bool(job.cache_key),
         # For container executors: the parent's whole filesystem, named by the job whose snapshot it is
         # (an agent that made or loaded it already starts from its own copy), and where this job's goes.
-        "parent_snapshot": None if root else {"job_id": links.parent_id,
+        "parent_snapshot": None if root else {"job_id": str(links.parent_id),
                                               "path": f"/api/v0/agent/jobs/{job.pk}/parent-snapshot"},
         "snapshot_upload": {"path": f"/api/v0/agent/jobs/{job.pk}/snapshot", "max_bytes": settings.SNAPSHOT_MAX_BYTES}
         if links.has_children or job.cache_key else None,
@@ -75,12 +79,15 @@ def gets_secrets(job: Job) -> bool:
 
 def source_spec(build: Build) -> dict[str, Any] | None:
     """Where the build's code comes from: the upload, a tarball URL, else the pipeline's repository."""
-    spec = dict.fromkeys(("path", "url", "sha256", "commit", "branch"))
     if build.source_archive:
-        return {**spec, "kind": "archive", "path": f"/api/v0/internal/builds/{build.pk}/source.tar.gz"}
+        return _source("archive", path=f"/api/v0/internal/builds/{build.pk}/source.tar.gz")
     if build.source_url:
-        return {**spec, "kind": "url", "url": build.source_url, "sha256": build.source_sha256}
+        return _source("url", url=build.source_url, sha256=build.source_sha256)
     repository = build.pipeline.repository.strip()
     if repository:
-        return {**spec, "kind": "git", "url": repository, "commit": build.commit, "branch": build.branch}
+        return _source("git", url=repository, commit=build.commit, branch=build.branch)
     return None
+
+
+def _source(kind: str, **given: str | None) -> dict[str, Any]:
+    return {"kind": kind, **{key: given.get(key) for key in ("path", "url", "sha256", "commit", "branch")}}
