@@ -293,12 +293,14 @@ def _notifications():  # type: ignore[no-untyped-def]
 
 def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
             only_from: Iterable[str] | None = None, unchanged: Mapping[str, object] | None = None,
-            **fields: object) -> tuple[bool, set[str]]:
+            build_starts_at: datetime | None = None, **fields: object) -> tuple[bool, set[str]]:
     """`transition_jobs` for one job that ends, and the states of the build's other jobs (`sql.end_job`),
     as `counted_state` counts them.
 
     `fields` may hold `sql.Add` values (output counted without the job's row lock); `unchanged`
-    columns must still hold what the caller read, or nothing changes.
+    columns must still hold what the caller read, or nothing changes. `build_starts_at`: the
+    job started and ended in one report, and its build had no start: the build's start is
+    written with the end, its `build.started` recorded before the job's `job.finished`.
     """
     if to not in TERMINAL_JOB_STATES:
         raise ValueError(f"{to} is not a terminal job state")
@@ -309,6 +311,8 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
     end = sql.end_job(job_id=job_id, build_id=build_id, values=_transition_values(to, now, fields),
                       sources=sources, unchanged=unchanged, retried_as=RETRIED, soft_failed_as=SOFT_FAILED,
                       listened_for=notifications.JOB_FINISHED)
+    if end.changed and build_starts_at is not None:
+        mark_build_started(build_id, build_starts_at)
     if end.changed and end.listened is not False:
         notifications.record_jobs_finished(build_id=build_id, job_ids=[job_id], now=now)
     return end.changed, end.others

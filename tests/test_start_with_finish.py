@@ -45,6 +45,21 @@ def test_a_finish_that_carries_the_start_starts_and_passes_an_assigned_job(sessi
 
 
 @pytest.mark.django_db
+def test_the_builds_start_is_told_before_the_quick_jobs_end(session, build, org):
+    from builds.models import Notification, WebhookEndpoint
+    from harmont.crypto import encrypt_text
+
+    WebhookEndpoint.objects.create(organization=org, url="http://hooks.example.test/in", secret_encrypted=encrypt_text(
+        "whsec_x"), events=["build.created", "build.started", "job.finished", "build.finished"])
+    spec, job_client = claim(session)
+
+    finish(job_client, spec["id"], exit_code=0, started={"elapsed_seconds": 0.1})
+
+    events = list(Notification.objects.filter(build=build).order_by("id").values_list("event", flat=True))
+    assert events == ["build.started", "job.finished"]  # (the endpoint came after the build's creation)
+
+
+@pytest.mark.django_db
 def test_a_failing_quick_job_fails_and_skips_its_dependents(session, pipeline):
     from tests.dsl import hm
 

@@ -45,8 +45,9 @@ def measure_agent_calls(probe: Seed, jobs_per_build: int, runs_file: Path) -> di
 
     Goes through the full middleware and DRF stack with django.test.Client, against the
     probe organization (its own agent token), so the measured agents never see these jobs.
-    The first build's jobs go as an agent coming back from idle does them (claim, start,
-    finish); the others as a busy agent does (start, then a finish that claims the next job).
+    The first build's jobs go as an agent coming back from idle does them with a job that
+    outlives the start report's delay (claim, start, finish); the others as a busy agent does
+    quick jobs (one finish that carries the start and claims the next, builds/agent/starts.py).
     """
     from django.db import connection
     from django.test import Client
@@ -82,13 +83,17 @@ def measure_agent_calls(probe: Seed, jobs_per_build: int, runs_file: Path) -> di
         busy = i >= jobs_per_build
         claimed = handed_over or call("claim (200)", "/api/v0/agent/claim", session)
         job_id, job_token = claimed["job"]["id"], claimed["job_token"]
-        call("start", f"/api/v0/agent/jobs/{job_id}/start", job_token, {"agent_name": "probe-agent"})
+        if not busy:
+            call("start", f"/api/v0/agent/jobs/{job_id}/start", job_token, {"agent_name": "probe-agent"})
         # What a real agent sends for a silent command: two meta lines riding on the finish.
         now = time.time_ns()
         chunks = [{"seq": 1, "stream_kind": 2, "content": "harmont-agent: running job on probe-agent\n", "ts": now},
                   {"seq": 2, "stream_kind": 2, "content": "harmont-agent: exit status 0\n", "ts": now}]
+        body = {"exit_code": 0, "chunks": chunks, "claim_next": busy}
+        if busy:
+            body["started"] = {"agent_name": "probe-agent", "elapsed_seconds": 0.002}
         answer = call("finish + next claim" if busy else "finish", f"/api/v0/agent/jobs/{job_id}/finish", job_token,
-                      {"exit_code": 0, "chunks": chunks, "claim_next": busy})
+                      body)
         handed_over = answer.get("next")
     for _ in range(5):
         call("claim (204, idle)", "/api/v0/agent/claim", session, expect=204)

@@ -87,7 +87,7 @@ def report(phases: list[Phase], costs: dict[str, CallCost], args: argparse.Names
     say("Fixed costs, measured after the phases:")
     if stack:
         say(f"  HTTP stack, GET /api/v0/ping (no auth, no query), wrk -c8: {stack[0]:.2f} ms server CPU per "
-            f"request ({stack[1]:.0f} req/s); a busy agent makes 2 requests per job")
+            f"request ({stack[1]:.0f} req/s); a busy agent makes 1 request per quick job")
     say(f"  the agent's spawn of `bash -c` (Popen, new session, two pipes, wait): {spawn[0]:.1f} ms wall, "
         f"{spawn[1]:.1f} ms CPU")
     say()
@@ -95,11 +95,8 @@ def report(phases: list[Phase], costs: dict[str, CallCost], args: argparse.Names
     say(f"  {'call':<24} {'queries':>8} {'ms p50':>8}")
     for cost in costs.values():
         say(f"  {cost.name:<24} {statistics.median(cost.queries):8.0f} {percentile(cost.seconds, 50) * 1000:8.2f}")
-    busy = ("start", "finish + next claim")
-    per_job = sum(statistics.median(costs[n].queries) for n in busy)
-    per_job_ms = sum(percentile(costs[n].seconds, 50) for n in busy) * 1000
-    say(f"  {'start + finish/claim':<24} {per_job:8.0f} {per_job_ms:8.2f}   (one job of a busy agent, server side, "
-        f"no HTTP/ASGI overhead)")
+    say("  (one quick job of a busy agent is its `finish + next claim`, which carries its start: server side, "
+        "no HTTP overhead)")
     if args.show_queries:
         for cost in costs.values():
             say(f"  {cost.name}:")

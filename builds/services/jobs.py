@@ -73,9 +73,9 @@ def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code
                                          only_from=None if expected is None else (expected,), unchanged=unchanged,
                                          exit_code=exit_code,
                                          error_code=error_code, error_message=error_message, signal=signal,
+                                         build_starts_at=started_at if build.started_at is None else None,
                                          **log, **outcome, **({} if started_at is None else {"started_at": started_at}))
         if changed and started_at is not None and build.started_at is None:
-            states.mark_build_started(job.build_id, started_at)  # (under the build's lock, which it doesn't need)
             build = dataclasses.replace(build, started_at=started_at)  # what the roll-up below must see
         if changed and retry_rule is not None:
             retries.retry_after_end(job_id=job.pk, rule=retry_rule, now=now)
