@@ -29,9 +29,15 @@ class Writer:
 
         from builds import services
         from builds.models import Job
+        from builds.sql import CREDENTIAL_JOB
 
         try:
-            handles = {job_id: Job.objects.only("id").get(pk=job_id) for job_id in self.jobs}
+            # Loaded as the log route's credential lookup loads them (the state, the log's size, the
+            # agent's last sight), so an append costs here what it costs behind the agent API.
+            handles = {job_id: Job.objects.only(*(f.name for f in CREDENTIAL_JOB.fields)).get(pk=job_id)
+                       for job_id in self.jobs}
+            for handle in handles.values():
+                handle.agent_seen_recently = True
             self.appended = {job_id: 1 for job_id in self.jobs}  # seq 1 was seeded
             start = time.monotonic()
             self.began = time.time()
