@@ -60,6 +60,32 @@ def test_the_builds_start_is_told_before_the_quick_jobs_end(session, build, org)
 
 
 @pytest.mark.django_db
+def test_a_finish_that_overtakes_its_start_report_still_dates_the_start(session, build):
+    # The start was on its way (or never sent) when the finish came: the job ran, so it started by now.
+    spec, job_client = claim(session)
+
+    assert finish(job_client, spec["id"], exit_code=0).json()["state"] == "passed"
+    response = job_client.post(job_url(spec["id"], "start"), {"elapsed_seconds": 0.5}, format="json")
+
+    job = Job.objects.get(pk=spec["id"])
+    assert (job.state, job.exit_code) == (J.PASSED, 0)
+    assert job.started_at is not None and job.started_at <= job.finished_at
+    assert response.status_code == 200 and response.json()["cancel"] is True  # over: nothing changes
+    assert Job.objects.get(pk=spec["id"]).started_at == job.started_at
+    assert Build.objects.get(pk=build.pk).started_at == job.started_at
+
+
+@pytest.mark.django_db
+def test_a_job_that_could_not_start_fails_without_a_start(session, build):
+    spec, job_client = claim(session)
+
+    finish(job_client, spec["id"], exit_code=None, error_code="workspace_unavailable", error_message="no")
+
+    job = Job.objects.get(pk=spec["id"])
+    assert (job.state, job.error_code, job.started_at) == (J.FAILED, "workspace_unavailable", None)
+
+
+@pytest.mark.django_db
 def test_a_failing_quick_job_fails_and_skips_its_dependents(session, pipeline):
     from tests.dsl import hm
 
@@ -188,6 +214,31 @@ def test_a_start_that_failed_to_go_out_rides_on_the_finish():
         pending.send()
 
     assert pending.take_for_finish() is not None
+
+
+def test_a_finish_waits_for_a_start_report_in_flight():
+    # Else the finish could reach the server first, and the start find the job over.
+    in_flight, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def slow_send(body: dict[str, Any]) -> None:
+        in_flight.set()
+        release.wait(5)
+        order.append("start")
+
+    pending = PendingStart({"agent_name": "a"}, slow_send, delay=0.0)
+    sender = threading.Thread(target=pending.send)
+    sender.start()
+    assert in_flight.wait(5)
+    taker = threading.Thread(target=lambda: order.append(f"finish {pending.take_for_finish()}"))
+    taker.start()
+    taker.join(0.2)
+    assert taker.is_alive()  # held until the start's request is answered
+    release.set()
+    sender.join(5)
+    taker.join(5)
+
+    assert order == ["start", "finish None"]
 
 
 def test_racing_takers_get_the_start_exactly_once():

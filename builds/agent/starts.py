@@ -32,11 +32,6 @@ class PendingStart:
         self._began = time.monotonic()
         self._taken = False
 
-    def _take(self) -> bool:
-        with self._lock:
-            taken, self._taken = self._taken, True
-            return not taken
-
     @property
     def due_in(self) -> float:
         """Seconds until the report should go out on its own (0: now)."""
@@ -47,18 +42,25 @@ class PendingStart:
 
         A request that failed leaves the report to the finish, which carries it then.
         """
-        if not self._take():
-            return
-        try:
-            self._send(self._report())
-        except BaseException:
-            with self._lock:
+        # The lock is held through the request: a finish taking the report meanwhile waits for
+        # it, so the start never reaches the server after the finish.
+        with self._lock:
+            if self._taken:
+                return
+            self._taken = True
+            try:
+                self._send(self._report())
+            except BaseException:
                 self._taken = False
-            raise
+                raise
 
     def take_for_finish(self) -> dict[str, Any] | None:
         """The start for the finish report (`started`), when it has not gone out: with how long ago it was."""
-        return self._report() if self._take() else None
+        with self._lock:
+            if self._taken:
+                return None
+            self._taken = True
+            return self._report()
 
     def _report(self) -> dict[str, Any]:
         # The command started a while ago: the server dates the start back by as much.

@@ -187,6 +187,11 @@ def report_finish(*, job: Job, exit_code: int | None, signal: int | None = None,
         started_at = started_before(now, started.elapsed_seconds, job)
         if started.commit is not None:
             notifications.record_checked_out_commit(build_id=job.build_id, commit=started.commit, now=now)
+    elif error_code is None and (exit_code is not None or signal is not None):
+        # The command ran, yet the job may still be assigned: its start report is still on the way
+        # (or an agent that never sends one). It started by now, at the latest; the start that
+        # arrives later finds the job ended and changes nothing.
+        started_at = now
     # The first verdict is judged from the job as the caller loaded it (for an agent's
     # request: as its credential was checked, a moment ago). The compare-and-set accepts
     # exactly that state, so a cancel or timeout landing in between makes it lose; judge
