@@ -21,6 +21,7 @@ from rest_framework.request import Request
 from builds.models import Agent, JobState
 from builds.selectors import MAX_CLAIM_WAIT_SECONDS
 from builds.services import ChunkIn, Claim, FinishOutcome, StartedIn, job_spec
+from builds.services.notifications import is_full_commit
 from builds.states import TERMINAL_JOB_STATES
 from harmont.errors import flatten_detail, validation_error
 from harmont.serializers import json_object, validated
@@ -295,7 +296,7 @@ def _plain_started(started: Any) -> bool:
     name, commit, elapsed = started.get("agent_name", ""), started.get("commit"), started.get("elapsed_seconds")
     return (type(name) is str and name == name.strip() and len(name) <= _STARTED_FIELDS["agent_name"].max_length
             and "\x00" not in name
-            and (commit is None or (type(commit) is str and FULL_COMMIT.fullmatch(commit) is not None))
+            and (commit is None or (type(commit) is str and is_full_commit(commit)))
             and type(elapsed) in (int, float) and 0 <= elapsed <= MAX_START_ELAPSED_SECONDS)
 
 

@@ -45,7 +45,7 @@ from builds.serializers import (
     JobLogMatchListSerializer,
     JobSerializer,
     LogTokenResponseSerializer,
-    build_cells_data,
+    build_list_data,
     build_row_data,
 )
 from harmont.errors import ApiError
@@ -131,9 +131,9 @@ class PipelineBuildsView(OrgScopedView):
         # conversions were most of this list's CPU. The current time zone is UTC (TIME_ZONE), the
         # zone the statement formats the times in.
         limit, after = page_window(request)
-        rows = selectors.pipeline_builds(org=self.org, pipeline_slug=pipeline, before=after, limit=limit + 1,
+        read = selectors.pipeline_builds(org=self.org, pipeline_slug=pipeline, before=after, limit=limit + 1,
                                          columns=BUILD_COLUMNS, time_format=api_settings.DATETIME_FORMAT)
-        return page_of([build_cells_data(cells, pipeline) for cells in rows], limit=limit, key="number")
+        return page_of(build_list_data(read, pipeline), limit=limit, key="number")
 
     def filtered_page(self, request: Request, pipeline: str) -> Page[dict[str, Any]]:
         # The FilterSet's queryset, over the same scalar subquery as the unfiltered page's SQL.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from django.conf import settings
 from django.db.models import Count, Prefetch, Q, QuerySet
@@ -78,7 +77,7 @@ def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user: User,
 
 
 def pipeline_builds(*, org: Organization, pipeline_slug: str, before: int | None, limit: int,
-                    columns: tuple[str, ...], time_format: str) -> list[tuple[Any, ...]]:
+                    columns: tuple[str, ...], time_format: str) -> sql.BuildListRows:
     """The cells of `columns` of up to `limit` builds of the org's pipeline, newest first, below `before` if given.
 
     As the API's JSON shows them (see builds.sql.pipeline_builds); an unknown

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, tzinfo
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
@@ -16,6 +16,9 @@ from builds.models import (Agent, Artifact, Build, BuildSource, BuildState, Job,
 from builds.responses import SEARCH_LINE_MAX_CHARS
 from harmont.serializers import page_serializer
 from pipelines import agent_tags
+
+if TYPE_CHECKING:
+    from builds.sql import BuildListRows
 
 
 class BuildSerializer(serializers.Serializer):
@@ -120,6 +123,14 @@ def build_cells_data(cells: Sequence[Any], pipeline_slug: str) -> dict[str, Any]
     """`build_data` of a row of BUILD_COLUMNS whose cells are already what the JSON shows
     (builds.selectors.pipeline_builds): the list's one statement formats its ids and times."""
     return dict(zip(BUILD_KEYS, (*cells[:3], pipeline_slug, *cells[3:])))
+
+
+def build_list_data(read: BuildListRows, pipeline_slug: str) -> list[dict[str, Any]]:
+    """`build_data` of each row of a build list read (builds.selectors.pipeline_builds), formatted or not."""
+    if read.formatted:
+        return [build_cells_data(cells, pipeline_slug) for cells in read.rows]
+    tz = timezone.get_current_timezone()
+    return [build_row_data(row, pipeline_slug, tz) for row in read.rows]
 
 
 BuildListSerializer = page_serializer("BuildList", BuildSerializer)

@@ -17,7 +17,7 @@ import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone as dt_timezone
+from datetime import datetime
 from typing import Any
 
 from django.db import connection, models
@@ -770,19 +770,21 @@ def _build_list_read(columns: tuple[str, ...], to_char: str | None, after: bool)
         f"{f' AND {_LB.number} < %s' if after else ''} ORDER BY {_LB.number} DESC LIMIT %s", loaded)
 
 
-def _as_text(value: Any, time_format: str) -> Any:
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    return value.astimezone(dt_timezone.utc).strftime(time_format) if isinstance(value, datetime) else value
+@dataclass(frozen=True)
+class BuildListRows:
+    # formatted: tuples of the cells of `columns` as the JSON shows them (the statement wrote them);
+    # else dicts of the values as the ORM loads them, which the serializers format.
+    rows: list[Any]
+    formatted: bool
 
 
 def pipeline_builds(*, columns: tuple[str, ...], organization_id: int, pipeline_slug: str, before: int | None,
-                    limit: int, time_format: str) -> list[tuple[Any, ...]]:
+                    limit: int, time_format: str) -> BuildListRows:
     """The cells of `columns` of up to `limit` builds of the organization's unarchived pipeline `pipeline_slug`.
 
-    Newest first, numbers below `before` if given. The cells are what the API's
-    JSON shows: UUIDs as text, times as text in UTC, formatted with the strftime
-    pattern `time_format`.
+    Newest first, numbers below `before` if given. On PostgreSQL, for a `time_format`
+    (strftime pattern) it can say, the statement writes the UUIDs as text and the times
+    as text in UTC; elsewhere the values come as the ORM loads them.
     """
     to_char = TO_CHAR_FORMATS.get(time_format) if connection.vendor == "postgresql" else None
     read = _build_list_read(columns, to_char, before is not None)
@@ -791,7 +793,7 @@ def pipeline_builds(*, columns: tuple[str, ...], organization_id: int, pipeline_
         cursor.execute(read.sql, params)
         rows = cursor.fetchall()
     if read.loaded is None:
-        return rows
+        return BuildListRows(rows, formatted=True)
     attnames = read.loaded.attnames
-    loaded_rows = (dict(zip(attnames, read.loaded.values(iter(row), connection))) for row in rows)
-    return [tuple(_as_text(values[name], time_format) for name in columns) for values in loaded_rows]
+    return BuildListRows([dict(zip(attnames, read.loaded.values(iter(row), connection))) for row in rows],
+                         formatted=False)

@@ -26,7 +26,7 @@ from django.db.models import Exists, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from builds import sql
-from builds.models import Build, BuildState, Job, JobDependency, JobState
+from builds.models import Build, BuildState, Job, JobDependency, JobState, WebhookEvent
 
 J = JobState
 
@@ -307,14 +307,14 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, to: str, now: datetime,
     sources = sorted(_sources(to, only_from))
     if not sources:
         return False, set()
-    notifications = _notifications()
+    # The statement also asks whether any webhook endpoint wants job.finished: most ends then need no query for it.
     end = sql.end_job(job_id=job_id, build_id=build_id, values=_transition_values(to, now, fields),
                       sources=sources, unchanged=unchanged, retried_as=RETRIED, soft_failed_as=SOFT_FAILED,
-                      listened_for=notifications.JOB_FINISHED)
+                      listened_for=WebhookEvent.JOB_FINISHED.value)
     if end.changed and build_starts_at is not None:
         mark_build_started(build_id, build_starts_at)
     if end.changed and end.listened is not False:
-        notifications.record_jobs_finished(build_id=build_id, job_ids=[job_id], now=now)
+        _notifications().record_jobs_finished(build_id=build_id, job_ids=[job_id], now=now)
     return end.changed, end.others
 
 

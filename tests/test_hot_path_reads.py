@@ -23,7 +23,7 @@ from builds import selectors, sql
 from builds.selectors import scoped_build
 from builds.sql import SCOPED_BUILD_FIELDS as BUILD_FIELDS
 from builds.models import Build, BuildState
-from builds.serializers import BUILD_COLUMNS, BuildSerializer, build_cells_data, build_data
+from builds.serializers import BUILD_COLUMNS, BuildSerializer, build_data, build_list_data
 from harmont.pagination import encode_cursor
 from harmont.tokens import hash_secret
 from organizations.sql import token_with_user
@@ -226,9 +226,9 @@ def test_the_build_list_statement_renders_what_the_serializer_renders(org, pipel
     list_builds_with_every_time(pipeline)
     builds = list(Build.objects.select_related("pipeline").filter(pipeline=pipeline).order_by("-number"))
 
-    rows = selectors.pipeline_builds(org=org, pipeline_slug=pipeline.slug, before=None, limit=100,
+    read = selectors.pipeline_builds(org=org, pipeline_slug=pipeline.slug, before=None, limit=100,
                                      columns=BUILD_COLUMNS, time_format=api_settings.DATETIME_FORMAT)
-    listed = [build_cells_data(cells, pipeline.slug) for cells in rows]
+    listed = build_list_data(read, pipeline.slug)
 
     assert len(listed) == 16
     for data, build in zip(listed, builds):

@@ -67,16 +67,17 @@ def finish_job(*, job: Job, state: str, exit_code: int | None = None, error_code
             log = store_chunks(job.pk, chunks, now)[1]
         # An automatic retry or a soft failure is decided here, in the transaction that ends the
         # job, so no follow-up ever skips its dependents in between (builds.services.retries).
+        build_starts_at = started_at if build.started_at is None else None  # the job starts its build too
         outcome, retry_rule = retries.end_columns(job, state=state, exit_code=exit_code, error_code=error_code,
                                                   build=build)
         changed, others = states.end_job(job_id=job.pk, build_id=job.build_id, to=state, now=now,
                                          only_from=None if expected is None else (expected,), unchanged=unchanged,
                                          exit_code=exit_code,
                                          error_code=error_code, error_message=error_message, signal=signal,
-                                         build_starts_at=started_at if build.started_at is None else None,
+                                         build_starts_at=build_starts_at,
                                          **log, **outcome, **({} if started_at is None else {"started_at": started_at}))
-        if changed and started_at is not None and build.started_at is None:
-            build = dataclasses.replace(build, started_at=started_at)  # what the roll-up below must see
+        if changed and build_starts_at is not None:
+            build = dataclasses.replace(build, started_at=build_starts_at)  # what the roll-up below must see
         if changed and retry_rule is not None:
             retries.retry_after_end(job_id=job.pk, rule=retry_rule, now=now)
         elif changed:

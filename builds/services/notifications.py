@@ -63,9 +63,6 @@ WINDOW = {C.COMMIT_STATUS: timedelta(hours=1), C.WEBHOOK: timedelta(hours=24)}
 # The longest wait between two attempts (the doubling stops there).
 LONGEST_DELAY = {C.COMMIT_STATUS: timedelta(minutes=5), C.WEBHOOK: timedelta(hours=1)}
 
-# The event a job's end statement asks about (builds.sql.end_job), so most ends need no query for it.
-JOB_FINISHED = WebhookEvent.JOB_FINISHED.value
-
 # GitHub's limit on a status's description.
 DESCRIPTION_MAX = 140
 USER_AGENT = "harmont-server"
