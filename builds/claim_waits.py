@@ -143,16 +143,18 @@ class ClaimHub:
         if self.closing:
             waiter.wake()
 
-    def remove(self, waiter: Waiter) -> None:
+    def remove(self, waiter: Waiter) -> bool:
+        """Forget `waiter`; whether it was waiting."""
         queue = self.waiting.get(waiter.hold.organization_id)
         if queue is None:
-            return
+            return False
         try:
             queue.remove(waiter)
         except ValueError:
-            return
+            return False
         if not queue:
             del self.waiting[waiter.hold.organization_id]
+        return True
 
     # ---------------------------------------------------------------- news
 
@@ -402,17 +404,32 @@ async def hold_claim(try_claim: Callable[[], Awaitable[Answer]], receive: Receiv
     gone = asyncio.Event()
     watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
     waiter: Waiter | None = None
+    # Job notices this claim was woken for and won't use: passed on to the next waiter once it is gone
+    # (not before, or the oldest waiter, itself, would take them back).
+    pass_on: list[dict[str, str]] = []
     outcome = "gone"
+
+    def leave() -> None:
+        if waiter is None or not hub.remove(waiter):
+            return
+        if waiter.event.is_set() and waiter.selector is not None:
+            pass_on.append(waiter.selector)  # a job's notice came during the last attempt
+        for selector in pass_on:
+            hub.job_claimable(waiter.hold.organization_id, selector)
+
     try:
         while True:
+            woken_for = None
             if waiter is not None:
-                waiter.event.clear()  # news from now on counts for the next attempt
+                # What woke this attempt is taken now; news from now on counts for the next attempt.
+                woken_for, waiter.selector = waiter.selector, None
+                waiter.event.clear()
             answer, first = (first, None) if first is not None else (await try_claim(), None)
             hold = answer.header(HOLD_HEADER)
-            if waiter is not None and waiter.selector is not None and answer.status == 200:
-                # Woken for a job and got one: the notice may have stood for more.
-                hub.job_claimable(waiter.hold.organization_id, waiter.selector)
+            if woken_for is not None and answer.status == 200:
+                pass_on.append(woken_for)  # woken for a job and got one: the notice may have stood for more
             if answer.status != 204 or hold is None:
+                leave()
                 if gone.is_set() and answer.status == 200:
                     await sync_to_async(_hand_back, thread_sensitive=False)(answer.body)
                     return
@@ -423,7 +440,6 @@ async def hold_claim(try_claim: Callable[[], Awaitable[Answer]], receive: Receiv
                 waiter = Waiter(Hold.parse(hold), since)
                 hub.add(waiter)
                 metrics.CLAIMS_HELD.inc()
-            waiter.selector = None
             left = waiter.hold.wait - (time.monotonic() - started)
             if not gone.is_set() and left > 0 and not hub.closing and not waiter.event.is_set():
                 await _wait_for(waiter, gone, left)
@@ -435,8 +451,8 @@ async def hold_claim(try_claim: Callable[[], Awaitable[Answer]], receive: Receiv
                 return
     finally:
         watcher.cancel()
+        leave()
         if waiter is not None:
-            hub.remove(waiter)
             metrics.CLAIMS_HELD.dec()
             metrics.CLAIM_HOLD_SECONDS.labels(outcome).observe(time.monotonic() - started)
 

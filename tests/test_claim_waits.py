@@ -172,6 +172,78 @@ def test_a_job_notice_without_a_selector_is_a_default_queue_job():
     assert in_loop(work) == (True, False)
 
 
+class HeldClaims:
+    """Claims held by `hold_claim` in this loop, each attempting against `jobs` (the queue)."""
+
+    def __init__(self) -> None:
+        hub = claim_waits.claim_hub()
+        hub.task, hub.following = asyncio.get_running_loop().create_future(), True  # no listening here
+        self.hub = hub
+        self.jobs: list[str] = []
+        self.gates: dict[str, asyncio.Event] = {}  # an agent whose next fruitless attempt waits for its gate
+        self.answers: dict[str, list[int]] = {}
+
+    def start(self, agent: str) -> asyncio.Task:
+        value = claim_waits.hold_value(organization_id=1, agent_id=uuid.uuid4(), wait=5, tags={})
+        sent: list[int] = self.answers.setdefault(agent, [])
+
+        async def try_claim() -> claim_waits.Answer:
+            await asyncio.sleep(0)
+            if self.jobs:
+                return claim_waits.Answer(200, [], json.dumps({"job": {"id": self.jobs.pop(0)}}).encode())
+            gate = self.gates.pop(agent, None)
+            if gate is not None:
+                await gate.wait()  # found nothing; news comes before the answer does
+            return claim_waits.Answer(204, [(claim_waits.HOLD_HEADER.encode(), value.encode())], b"")
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                sent.append(message["status"])
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # the client stays
+            return {}
+
+        return asyncio.get_running_loop().create_task(claim_waits.hold_claim(try_claim, receive, send))
+
+    async def until_waiting(self, count: int) -> None:
+        while sum(len(queue) for queue in self.hub.waiting.values()) < count:
+            await asyncio.sleep(0.001)
+
+
+def test_one_notice_for_two_jobs_reaches_two_waiters_of_one_process():
+    """The waiter that claims passes the notice on to the next one, not back to itself."""
+    async def work() -> dict[str, list[int]]:
+        claims = HeldClaims()
+        tasks = [claims.start("a"), claims.start("b")]
+        await claims.until_waiting(2)
+        claims.jobs += ["j1", "j2"]  # one transaction: its two identical notices arrive once
+        claims.hub.job_claimable(1, {"queue": "default"})
+        await asyncio.wait_for(asyncio.gather(*tasks), 2)
+        return claims.answers
+
+    assert in_loop(work) == {"a": [200], "b": [200]}
+
+
+def test_a_notice_that_comes_while_an_attempt_finds_nothing_is_passed_on_after_the_next_claims():
+    async def work() -> dict[str, list[int]]:
+        claims = HeldClaims()
+        tasks = [claims.start("a"), claims.start("b")]
+        await claims.until_waiting(2)
+        gate = claims.gates["a"] = asyncio.Event()
+        a = next(waiter for waiter in claims.hub.waiting[1])
+        claims.hub.recheck(agent_id=a.hold.agent_id)  # a tries again, finds nothing, and before it answers...
+        while "a" in claims.gates:
+            await asyncio.sleep(0.001)
+        claims.jobs += ["j1", "j2"]
+        claims.hub.job_claimable(1, {"queue": "default"})  # ...two jobs come: the notice wakes a again
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 2)
+        return claims.answers
+
+    assert in_loop(work) == {"a": [200], "b": [200]}
+
+
 # ------------------------------------------------------------------ handing a claim back
 
 
