@@ -17,7 +17,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from builds import claim_waits, selectors, services
+from builds import claim_resumes, claim_waits, selectors, services
 from builds.agent_auth import (
     AgentSessionAuthentication,
     AgentTokenAuthentication,
@@ -100,12 +100,17 @@ class ClaimView(AgentView):
     authentication_classes = [AgentSessionAuthentication]
 
     @extend_schema(operation_id="agentClaim", tags=["agent"], request=ClaimRequest,
-                   responses={200: ClaimResponse, 204: None, 401: ErrorSerializer, 422: ErrorSerializer})
+                   responses={200: ClaimResponse, 204: None, 401: ErrorSerializer, 422: ErrorSerializer},
+                   parameters=[OpenApiParameter(
+                       claim_resumes.RESUME_HEADER, str, OpenApiParameter.HEADER, required=False, description=(
+                           "The key the 204 of this agent's previous claim carried in this header, sent only "
+                           "straight after that 204: the server may then hold this claim without looking again."))])
     def post(self, request: Request) -> Response:
         """Take the oldest scheduled job of the organization (204: none waiting; poll again).
 
         With `wait`, the server may hold the request until a job this agent may
-        take is scheduled, or `wait` seconds pass (then 204).
+        take is scheduled, or `wait` seconds pass (then 204). A held claim's 204
+        may carry a `Harmont-Claim-Resume` key for the next claim.
         """
         ask = claim_ask(request)
         agent = request.auth

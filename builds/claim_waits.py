@@ -46,7 +46,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
 
-from builds import notices
+from builds import claim_resumes, notices
 from harmont import claim_notices, metrics
 from harmont.loop_local import LoopLocal
 from pipelines import agent_tags
@@ -74,7 +74,7 @@ App = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 def hold_value(*, organization_id: int, agent_id: uuid.UUID, wait: float, tags: dict[str, str]) -> str:
     """What the claim view puts in HOLD_HEADER (ASCII: the tags' JSON escapes the rest)."""
-    return f"{organization_id} {agent_id} {wait:g} {json.dumps(agent_tags.effective_tags(tags), sort_keys=True)}"
+    return Hold(organization_id, str(agent_id), wait, agent_tags.effective_tags(tags)).value()
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,15 @@ class Hold:
     organization_id: int
     agent_id: str
     wait: float
-    tags: dict[str, str]
+    tags: dict[str, str]  # effective: with the default queue
 
     @classmethod
     def parse(cls, value: str) -> Hold:
         organization, agent, wait, tags = value.split(" ", 3)
         return cls(int(organization), agent, float(wait), json.loads(tags))
+
+    def value(self) -> str:
+        return f"{self.organization_id} {self.agent_id} {self.wait:g} {json.dumps(self.tags, sort_keys=True)}"
 
 
 @dataclass(eq=False)
@@ -110,8 +113,15 @@ class Waiter:
 @dataclass(frozen=True)
 class Notice:
     at: float
-    organization_id: int
-    selector: dict[str, str] | None  # None: check credentials again (`o`)
+    organization_id: int | None  # None: an agent's (`a`)
+    selector: dict[str, str] | None  # None: check credentials again (`o`, `a`)
+    agent_id: str | None = None
+
+    def concerns(self, waiter: Waiter) -> bool:
+        if self.agent_id is not None:
+            return self.agent_id == waiter.hold.agent_id
+        return self.organization_id == waiter.hold.organization_id and (
+            self.selector is None or waiter.matches(self.selector))
 
 
 class ClaimHub:
@@ -136,8 +146,7 @@ class ClaimHub:
         elif self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._poll())
         for notice in self.recent:
-            if notice.at >= waiter.since and notice.organization_id == waiter.hold.organization_id and (
-                    notice.selector is None or waiter.matches(notice.selector)):
+            if notice.at >= waiter.since and notice.concerns(waiter):
                 waiter.wake(notice.selector)
                 return
         if self.closing:
@@ -169,8 +178,8 @@ class ClaimHub:
 
     def recheck(self, organization_id: int | None = None, agent_id: str | None = None) -> None:
         """Credentials changed (or news may have been missed): the waiters concerned try again."""
-        if organization_id is not None:
-            self._remember(Notice(time_now(), organization_id, None))
+        if organization_id is not None or agent_id is not None:
+            self._remember(Notice(time_now(), organization_id, None, agent_id))
         for queue in list(self.waiting.values()):
             for waiter in queue:
                 if (organization_id is None and agent_id is None) or waiter.hold.organization_id == organization_id \
@@ -180,6 +189,7 @@ class ClaimHub:
     def close(self) -> None:
         """The server is stopping: every waiting claim is answered now (204), none is held again."""
         self.closing = True
+        claim_resumes.resume_book().close()
         self.recheck()
 
     def dispatch(self, payload: str) -> None:
@@ -348,10 +358,12 @@ def attempt_environ(environ: dict[str, Any]) -> dict[str, Any]:
     return {"HTTP_X_REQUEST_ID": uuid.uuid4().hex, **environ, LONG_POLL_META: "1"}
 
 
-async def send_answer(send: Send, answer: Answer, *, waited: float | None) -> None:
+async def send_answer(send: Send, answer: Answer, *, waited: float | None, resume_key: str | None = None) -> None:
     headers = [(key, value) for key, value in answer.headers if key != HOLD_HEADER.encode()]
     if waited is not None:
         headers.append((WAITED_HEADER.lower().encode(), f"{waited:.3f}".encode()))
+    if resume_key is not None:
+        headers.append((claim_resumes.RESUME_HEADER.lower().encode(), resume_key.encode()))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": answer.body, "more_body": False})
 
@@ -389,18 +401,49 @@ async def long_poll_claim(scope: dict[str, Any], receive: Receive, send: Send, a
         await _pass_through(scope, body, receive, send, app)
         return
     scope = attempt_scope(scope)
-    await hold_claim(lambda: attempt(app, scope, body), receive, send)
+    headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+    await resume_or_hold(lambda: attempt(app, scope, body), receive, send, header=headers.get, body=body,
+                         query=scope.get("query_string", b"").decode("latin-1"), request_id=headers["x-request-id"])
+
+
+async def resume_or_hold(try_claim: Callable[[], Awaitable[Answer]], receive: Receive, send: Send, *,
+                         header: Callable[[str], str | None], body: bytes, query: str, request_id: str) -> None:
+    """A claim handed to the loop before any attempt: held at once if it resumes the agent's last one and
+    may (builds.claim_resumes), else attempted (`try_claim`) and held as any."""
+    session_hash = claim_resumes.session_hash(header)
+    key = header(claim_resumes.RESUME_HEADER.lower())
+    resume = claim_resumes.resume_book().take(key, session_hash) if key and session_hash else None
+    wait = claim_resumes.plain_wait(body, query) if resume is not None else None
+    if resume is None or wait is None:
+        await hold_claim(try_claim, receive, send, session_hash=session_hash)
+        return
+    started = time.perf_counter()
+    hold = Hold(resume.hold.organization_id, resume.hold.agent_id, wait, resume.hold.tags)
+    headers = [(name, value) for name, value in resume.answer.headers
+               if name not in (HOLD_HEADER.encode(), b"x-request-id")]
+    first = Answer(204, [*headers, (b"x-request-id", request_id.encode()), (HOLD_HEADER.encode(), hold.value().encode())],
+                   b"")
+    claim_resumes.resume_book().seen(hold.agent_id)
+    claim_resumes.log_resumed(request_id=request_id, hold=hold, started=started)
+    await hold_claim(try_claim, receive, send, first=first, session_hash=session_hash, resumed=resume)
 
 
 async def hold_claim(try_claim: Callable[[], Awaitable[Answer]], receive: Receive, send: Send, *,
-                     first: Answer | None = None, started: float | None = None) -> None:
+                     first: Answer | None = None, started: float | None = None, session_hash: str | None = None,
+                     resumed: claim_resumes.Resume | None = None) -> None:
     """Attempt the claim (`try_claim`, or `first`: the answer of an attempt made before, which
-    began at `started`, time.monotonic()) and attempt it again each time news may concern it, for
-    as long as its `wait`; then send the answer."""
+    began at `started`, time.monotonic(), or of the claim it resumes) and attempt it again each time
+    news may concern it, for as long as its `wait`; then send the answer. A claim that ran out
+    leaves a resume key for the next (with the hash of its session token, `session_hash`)."""
     hub = claim_hub()
-    # The loop's clock is time.monotonic(): a first attempt made on a thread began at `since`.
-    since = time_now() if started is None else started
-    started = time.monotonic() if started is None else started
+    if resumed is not None:
+        # Held as the last claim was: news since that one stopped waiting concerns this one.
+        since, attempted_at, started = resumed.ended_at, resumed.attempted_at, time.monotonic()
+    else:
+        # The loop's clock is time.monotonic(): a first attempt made on a thread began at `since`.
+        since = time_now() if started is None else started
+        started = time.monotonic() if started is None else started
+        attempted_at = since
     gone = asyncio.Event()
     watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
     waiter: Waiter | None = None
@@ -424,6 +467,8 @@ async def hold_claim(try_claim: Callable[[], Awaitable[Answer]], receive: Receiv
                 # What woke this attempt is taken now; news from now on counts for the next attempt.
                 woken_for, waiter.selector = waiter.selector, None
                 waiter.event.clear()
+            if first is None:
+                attempted_at = time_now()
             answer, first = (first, None) if first is not None else (await try_claim(), None)
             hold = answer.header(HOLD_HEADER)
             if woken_for is not None and answer.status == 200:
@@ -447,7 +492,10 @@ async def hold_claim(try_claim: Callable[[], Awaitable[Answer]], receive: Receiv
                 return
             if not waiter.event.is_set() or hub.closing:
                 outcome = "empty"  # the wait is over (or the server is stopping)
-                await send_answer(send, answer, waited=time.monotonic() - started)
+                leave()
+                key = None if session_hash is None else claim_resumes.resume_book().issue(claim_resumes.Resume(
+                    session_hash, answer, waiter.hold, attempted_at, time_now()))
+                await send_answer(send, answer, waited=time.monotonic() - started, resume_key=key)
                 return
     finally:
         watcher.cancel()

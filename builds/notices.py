@@ -54,7 +54,12 @@ class Listener:
     def __init__(self) -> None:
         self.followers: dict[str, Follower] = {}
         self.task: asyncio.Task | None = None
-        self.connected = False
+        # Loop time the current connection began listening (None: not listening): news since then was heard.
+        self.connected_since: float | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.connected_since is not None
 
     def follow(self, channel: str, follower: Follower) -> asyncio.Task:
         """`follower` hears `channel` from now on; the task that listens (it runs for good)."""
@@ -74,7 +79,7 @@ class Listener:
                 async with conn:
                     for channel in CHANNELS:
                         await conn.execute(f"LISTEN {channel}")
-                    self.connected = True
+                    self.connected_since = asyncio.get_running_loop().time()
                     for follower in list(self.followers.values()):
                         follower.on_connect()
                     async for notify in conn.notifies():
@@ -87,7 +92,7 @@ class Listener:
                 log.warning("notices: %s; listening again in %.0f s", exc, RETRY_SECONDS)
                 await asyncio.sleep(RETRY_SECONDS)
             finally:
-                self.connected = False
+                self.connected_since = None
 
 
 listener = LoopLocal(Listener)  # the running event loop's listener

@@ -38,6 +38,8 @@ CLAIM_LATENCY = Histogram("harmont_claim_latency_seconds",
 CLAIM_HOLD_SECONDS = Histogram("harmont_claim_hold_seconds",
                                "How long long-poll claims were held, by how they ended (job, empty, 401, gone).",
                                ["outcome"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30))
+CLAIMS_RESUMED = Counter("harmont_claims_resumed", "Held claims that began without an attempt, resumed from the "
+                         "agent's last one (builds.claim_resumes).")
 CLAIMS_HELD = Gauge("harmont_claims_held", "Long-poll claims held now.", multiprocess_mode="livesum")
 LOG_BYTES = Counter("harmont_log_bytes_ingested", "Log content stored, in bytes (UTF-8).")
 LOG_CHUNKS = Counter("harmont_log_chunks_ingested", "Log chunks stored.")

@@ -95,6 +95,8 @@ class LoopRequests:
             return self.app(environ, start_response)  # not a claim worth holding: as any request
         body = environ["wsgi.input"].read(length) if length else b""
         environ = claim_waits.attempt_environ(environ)
+        if environ.get(claim_waits.claim_resumes.RESUME_META):
+            raise HandOff(self.hold(environ, body), body)  # the loop may hold it without an attempt
         started = time.monotonic()
         answer = claim_waits.attempt_wsgi(self.app, environ, body)
         if answer.status == 204 and answer.header(claim_waits.HOLD_HEADER) is not None:
@@ -103,8 +105,14 @@ class LoopRequests:
         start_response(f"{answer.status} {handoff.reason(answer.status)}", headers)
         return [answer.body]
 
-    def hold(self, environ: dict[str, Any], body: bytes, first: Any, started: float) -> handoff.App:
+    def hold(self, environ: dict[str, Any], body: bytes, first: Any = None, started: float | None = None
+             ) -> handoff.App:
+        """The claim in the loop: held after `first`, the answer of its first attempt (begun at `started`),
+        or, without one, resumed or attempted there (claim_waits.resume_or_hold)."""
         worker, claim_waits = self.worker, self.claim_waits
+
+        def header(name: str) -> str | None:
+            return environ.get("HTTP_" + name.upper().replace("-", "_"))
 
         async def held(scope: dict[str, Any], receive: Any, send: Any) -> None:
             loop = asyncio.get_running_loop()
@@ -112,7 +120,13 @@ class LoopRequests:
             async def try_claim() -> Any:
                 return await loop.run_in_executor(worker.tpool, claim_waits.attempt_wsgi, self.app, environ, body)
 
-            await claim_waits.hold_claim(try_claim, receive, send, first=first, started=started)
+            if first is None:
+                await claim_waits.resume_or_hold(try_claim, receive, send, header=header, body=body,
+                                                 query=environ.get("QUERY_STRING", ""),
+                                                 request_id=environ["HTTP_X_REQUEST_ID"])
+            else:
+                await claim_waits.hold_claim(try_claim, receive, send, first=first, started=started,
+                                             session_hash=claim_waits.claim_resumes.session_hash(header))
 
         return held
 

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from django.utils import timezone
 
-from builds import claim_waits, services, states
+from builds import claim_resumes, claim_waits, services, states
 from builds.claim_waits import ClaimHub, Hold, Waiter
 from builds.notices import listen_conninfo
 from builds.models import Agent, Job, JobState
@@ -469,3 +469,132 @@ def test_a_body_too_large_to_hold_is_passed_through_whole():
                            {"type": "http.request", "body": b"tail", "more_body": False}])
 
     assert seen == [part + b"tail"] and sent[0]["status"] == 413
+
+
+# ------------------------------------------------------------------ resume keys (builds.claim_resumes)
+
+
+def listening_since(monkeypatch: pytest.MonkeyPatch, since: float | None) -> None:
+    from builds import notices
+
+    monkeypatch.setattr(notices, "listening", lambda: True)
+    notices.listener().connected_since = since
+
+
+def a_resume(session_hash: str = "s" * 64, *, attempted_at: float, ended_at: float) -> claim_resumes.Resume:
+    return claim_resumes.Resume(session_hash, claim_waits.Answer(204, [], b""), hold(), attempted_at, ended_at)
+
+
+def test_a_resume_key_is_good_once_for_its_own_session_within_the_gap(monkeypatch):
+    async def work() -> list[bool]:
+        now = claim_waits.time_now()
+        listening_since(monkeypatch, now - 100)
+        book = claim_resumes.ResumeBook()
+        resume = a_resume(attempted_at=now - 30, ended_at=now)
+        seen = []
+        key = book.issue(resume)
+        seen.append(book.take(key, "s" * 64) is resume)
+        seen.append(book.take(key, "s" * 64) is None)  # spent
+        other = book.issue(resume)
+        seen.append(book.take(other, "t" * 64) is None)  # another session's token
+        seen.append(book.take(other, "s" * 64) is None)  # ...spent it all the same
+        seen.append(book.take("made-up", "s" * 64) is None)
+        return seen
+
+    assert in_loop(work) == [True, True, True, True, True]
+
+
+def test_a_resume_key_is_refused_after_the_gap_a_reconnection_or_too_long_without_an_attempt(monkeypatch):
+    async def work() -> list[bool]:
+        now = claim_waits.time_now()
+        listening_since(monkeypatch, now - 1000)
+        book = claim_resumes.ResumeBook()
+        late = book.issue(a_resume(attempted_at=now - 40, ended_at=now - claim_resumes.GAP_SECONDS - 0.1))
+        stale = book.issue(a_resume(attempted_at=now - claim_resumes.MAX_RESUME_SECONDS - 1, ended_at=now))
+        fine = book.issue(a_resume(attempted_at=now - 30, ended_at=now))
+        reconnected = book.issue(a_resume(attempted_at=now - 30, ended_at=now))
+        refused = [book.take(late, "s" * 64) is None, book.take(stale, "s" * 64) is None,
+                   book.take(fine, "s" * 64) is not None]
+        from builds import notices
+
+        notices.listener().connected_since = now - 10  # listening again since: news may have been missed
+        refused.append(book.take(reconnected, "s" * 64) is None)
+        refused.append(book.issue(a_resume(attempted_at=now - 30, ended_at=now)) is None)
+        notices.listener().connected_since = None
+        refused.append(book.issue(a_resume(attempted_at=now, ended_at=now)) is None)  # not listening now
+        notices.listener().connected_since = now - 1000
+        closing = book.issue(a_resume(attempted_at=now - 30, ended_at=now))
+        book.close()  # stopping: no claim is resumed here
+        refused += [book.take(closing, "s" * 64) is None, book.issue(a_resume(attempted_at=now, ended_at=now)) is None]
+        return refused
+
+    assert in_loop(work) == [True] * 8
+
+
+def test_keys_are_forgotten_once_their_gap_is_over(monkeypatch):
+    async def work() -> int:
+        now = claim_waits.time_now()
+        listening_since(monkeypatch, now - 1000)
+        book = claim_resumes.ResumeBook()
+        for ended in range(10):
+            book.issue(a_resume(attempted_at=now - 60, ended_at=now - 60 + ended))
+        book.issue(a_resume(attempted_at=now - 1, ended_at=now))
+        return len(book.issued)
+
+    assert in_loop(work) == 1
+
+
+def test_sqlite_issues_no_resume_keys():
+    async def work() -> str | None:
+        now = claim_waits.time_now()
+        return claim_resumes.ResumeBook().issue(a_resume(attempted_at=now, ended_at=now))
+
+    if is_postgres():
+        pytest.skip("on PostgreSQL the hub listens")
+    assert in_loop(work) is None
+
+
+@pytest.mark.parametrize("body, query, wait", [
+    (b'{"wait": 30, "claim_key": "abcdefghijklmnop"}', "", 30),
+    (b"", "wait=2.5", 2.5),
+    (b'{"claim_key": "abcdefghijklmnop"}', "wait=4", 4),
+    (b'{"wait": 0}', "", None),  # no wait: answered at once, by an attempt
+    (b'{"wait": 31}', "", None),
+    (b'{"wait": "soon"}', "", None),
+    (b'{"wait": 5, "extra": 1}', "", None),
+    (b"[5]", "", None),
+    (b"{", "", None),
+    (b"", "wait=later", None),
+])
+def test_only_a_plain_claim_that_asks_to_wait_may_resume(body, query, wait):
+    assert claim_resumes.plain_wait(body, query) == wait
+
+
+def test_a_notice_about_an_agent_wakes_its_claim_registered_after_it():
+    async def work() -> tuple[bool, bool]:
+        hub = ClaimHub()
+        hub.task, hub.following = asyncio.get_running_loop().create_future(), True
+        since = claim_waits.time_now()
+        hub.dispatch("a a1")  # its session ended in the gap between two claims
+        mine, other = Waiter(hold(agent="a1"), since), Waiter(hold(agent="a2"), since)
+        hub.add(mine)
+        hub.add(other)
+        return mine.event.is_set(), other.event.is_set()
+
+    assert in_loop(work) == (True, False)
+
+
+@pytest.mark.django_db
+def test_resumed_agents_are_seen_in_one_statement_unless_stopped(session, agent_token, django_assert_num_queries):
+    from tests.helpers import register
+
+    stopped = Agent.objects.get(pk=register(agent_token.raw).json()["agent"]["id"])
+    long_ago = timezone.now() - timedelta(hours=1)
+    Agent.objects.filter(pk__in=[session.agent.pk, stopped.pk]).update(last_seen_at=long_ago)
+    Agent.objects.filter(pk=stopped.pk).update(stopped_at=timezone.now())
+
+    with django_assert_num_queries(1):
+        assert services.mark_agents_seen(agent_ids=[session.agent.pk, stopped.pk]) == 1
+
+    assert Agent.objects.get(pk=session.agent.pk).last_seen_at > long_ago
+    assert Agent.objects.get(pk=stopped.pk).last_seen_at == long_ago

@@ -20,21 +20,27 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
+from builds import claim_resumes
 from builds.models import Agent, Job, JobState
+from harmont.tokens import hash_secret
 from organizations import services as org_services
+from organizations.models import AgentToken
 from pipelines.models import Pipeline
 from tests.e2e import Agents, finished, job_log, jobs_by_key, wait_for
-from tests.helpers import make_build, register, two_step_ir
+from tests.helpers import is_postgres, make_build, register, two_step_ir
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 # Far below every wait asked here: an answer this soon was woken, not timed out.
 PROMPT_SECONDS = 5.0
+RESUME = "Harmont-Claim-Resume"
 
 
 @pytest.fixture(params=["worker", "asgi"])
@@ -51,9 +57,10 @@ def agent_session(agent_token: org_services.IssuedAgentToken) -> dict[str, str]:
 class HeldClaim(threading.Thread):
     """`POST /api/v0/agent/claim` with `wait`, on a thread: `.status`, `.headers`, `.body`, `.elapsed`."""
 
-    def __init__(self, server: tuple[str, int], token: str, *, wait: float, query: bool = False) -> None:
+    def __init__(self, server: tuple[str, int], token: str, *, wait: float, query: bool = False,
+                 resume: str | None = None) -> None:
         super().__init__(daemon=True)
-        self.server, self.token, self.wait, self.query = server, token, wait, query
+        self.server, self.token, self.wait, self.query, self.resume = server, token, wait, query, resume
         self.status: int | None = None
         self.headers: dict[str, str] = {}
         self.body = b""
@@ -67,7 +74,8 @@ class HeldClaim(threading.Thread):
         path = f"/api/v0/agent/claim?wait={self.wait}" if self.query else "/api/v0/agent/claim"
         body = None if self.query else json.dumps({"wait": self.wait, "claim_key": "held-claim-key-1"})
         conn.request("POST", path, body=body, headers={"Authorization": f"Bearer {self.token}",
-                                                       "Content-Type": "application/json", "X-Request-Id": "held-1"})
+                                                       "Content-Type": "application/json", "X-Request-Id": "held-1",
+                                                       **({RESUME: self.resume} if self.resume else {})})
         response = conn.getresponse()
         self.body = response.read()
         self.elapsed = time.monotonic() - started
@@ -154,6 +162,85 @@ def test_a_client_that_leaves_a_held_claim_takes_no_job(server, agent_session, p
     assert HeldClaim(server, agent_session["token"], wait=25).answer().status == 200
 
 
+# ------------------------------------------------------------------ resumed claims (builds.claim_resumes)
+
+
+def resume_key(server: tuple[str, int], token: str) -> str:
+    """The key of a held claim that ran out (PostgreSQL: the server hears every notice, so it issues one)."""
+    held = HeldClaim(server, token, wait=0.5).answer()
+    assert held.status == 204
+    if not is_postgres():
+        assert RESUME.lower() not in held.headers  # SQLite's hub polls: it can't vouch for the gap
+        pytest.skip("keys are issued on PostgreSQL only")
+    return held.headers[RESUME.lower()]
+
+
+def test_a_claim_with_the_last_ones_key_is_held_without_an_attempt_and_its_agent_still_seen(
+        server, agent_session, agent_token, pipeline):
+    key = resume_key(server, agent_session["token"])
+    # Unannounced (no service, no notice), so only an attempt could see it: the resumed claim makes none.
+    AgentToken.objects.filter(pk=agent_token.token.pk).update(revoked_at=timezone.now())
+    Agent.objects.filter(pk=agent_session["agent_id"]).update(last_seen_at=timezone.now() - timedelta(hours=1))
+
+    resumed = HeldClaim(server, agent_session["token"], wait=1, resume=key).answer()
+
+    assert resumed.status == 204 and resumed.elapsed >= 1
+    assert resumed.headers["x-request-id"] == "held-1" and "x-harmont-claim-hold" not in resumed.headers
+    assert resumed.headers[RESUME.lower()] not in ("", key)
+    # Its last-seen time is written as an attempt would have, in the next batch.
+    wait_for(lambda: Agent.objects.get(pk=agent_session["agent_id"]).last_seen_at > timezone.now() - timedelta(
+        minutes=1), 10, what="the resumed agent's last-seen time")
+    # A key is good once: its retry is attempted, and the attempt sees the revocation.
+    assert HeldClaim(server, agent_session["token"], wait=1, resume=key).answer().status == 401
+
+
+def test_a_resumed_claim_is_answered_with_a_job_scheduled_while_it_waits(server, agent_session, pipeline):
+    key = resume_key(server, agent_session["token"])
+    held = HeldClaim(server, agent_session["token"], wait=25, resume=key)
+
+    build = make_build(pipeline, pipeline_ir=two_step_ir())
+
+    assert held.answer().status == 200 and held.elapsed < PROMPT_SECONDS
+    job = json.loads(held.body)["job"]
+    assert (job["build_id"], job["step_key"]) == (str(build.pk), "a")
+    assert RESUME.lower() not in held.headers
+
+
+def test_a_job_scheduled_between_two_claims_is_taken_by_the_resumed_one(server, agent_session, pipeline):
+    key = resume_key(server, agent_session["token"])
+    build = make_build(pipeline, pipeline_ir=two_step_ir())  # after the 204, before the next claim
+
+    held = HeldClaim(server, agent_session["token"], wait=25, resume=key).answer()
+
+    assert held.status == 200 and held.elapsed < PROMPT_SECONDS
+    assert json.loads(held.body)["job"]["build_id"] == str(build.pk)
+
+
+def test_revoking_the_token_ends_a_resumed_claim_with_401(server, agent_session, agent_token, pipeline):
+    key = resume_key(server, agent_session["token"])
+    held = HeldClaim(server, agent_session["token"], wait=25, resume=key)
+
+    org_services.revoke_agent_token(token=agent_token.token)
+
+    assert held.answer().status == 401 and held.elapsed < PROMPT_SECONDS
+
+
+def test_another_agents_session_with_a_key_is_attempted_as_itself(server, agent_session, agent_token, pipeline):
+    key = resume_key(server, agent_session["token"])
+    other = register(agent_token.raw, tags={"queue": "arm64"}).json()["session_token"]
+    Agent.objects.filter(session_hash=hash_secret(other)).update(stopped_at=timezone.now())  # unannounced
+
+    assert HeldClaim(server, other, wait=1, resume=key).answer().status == 401
+
+
+def test_a_key_presented_after_the_gap_is_attempted(server, agent_session, agent_token, pipeline):
+    key = resume_key(server, agent_session["token"])
+    AgentToken.objects.filter(pk=agent_token.token.pk).update(revoked_at=timezone.now())
+    time.sleep(claim_resumes.GAP_SECONDS + 0.5)  # news of a gap this long may be forgotten
+
+    assert HeldClaim(server, agent_session["token"], wait=1, resume=key).answer().status == 401
+
+
 # ------------------------------------------------------------------ real agents
 
 
@@ -204,3 +291,19 @@ def test_an_agent_stopped_while_its_claim_is_held_exits_at_once(asgi_agents, pip
 
 def agent_registered(name: str) -> bool:
     return Agent.objects.filter(name=name).exists()
+
+
+def test_an_idle_agent_sends_each_claims_resume_key_back_with_the_next(asgi_agents, request, pipeline):
+    from harmont import metrics
+
+    if request.node.callspec.params["server"] != "asgi" or not is_postgres():
+        pytest.skip("counted in this process: the ASGI server of this module, on PostgreSQL (keys need notices)")
+    before = metrics.CLAIMS_RESUMED._value.get()
+    agent = asgi_agents.start("resuming", poll_interval=30, options=("--claim-wait", "0.5"))
+    wait_for(lambda: agent_registered("resuming"), 20, what="the agent to register")
+
+    wait_for(lambda: metrics.CLAIMS_RESUMED._value.get() >= before + 3, 20, what="three resumed claims")
+    # And a job still starts at once.
+    build = make_build(pipeline, pipeline_ir=two_step_ir())
+    wait_for(lambda: finished(build), 20, what="the build to finish")
+    assert build.state == "passed" and agent.process.poll() is None

@@ -23,6 +23,7 @@ import sys
 from collections import Counter
 
 TAGS = {"queue": "fleet-idle"}
+RESUME_HEADER = "Harmont-Claim-Resume"
 
 
 class Connection:
@@ -31,12 +32,14 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, path: str, token: str, body: dict) -> tuple[int, bytes]:
+    async def request(self, path: str, token: str, body: dict, *, headers: dict[str, str] | None = None
+                      ) -> tuple[int, bytes, dict[str, str]]:
         if self.writer is None or self.writer.is_closing():
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         payload = json.dumps(body).encode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {token}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {token}\r\n{extra}"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
         await self.writer.drain()
         assert self.reader is not None
@@ -45,28 +48,26 @@ class Connection:
             self.writer = None
             raise ConnectionError("the server closed the connection")
         status = int(status_line.split()[1])
-        length, close = 0, False
+        answer: dict[str, str] = {}
         while True:
             line = await self.reader.readline()
             if line in (b"\r\n", b""):
                 break
             name, _, value = line.decode("latin-1").partition(":")
-            if name.lower() == "content-length":
-                length = int(value.strip())
-            elif name.lower() == "connection" and value.strip().lower() == "close":
-                close = True
+            answer[name.strip().lower()] = value.strip()
+        length = int(answer.get("content-length", "0"))
         data = await self.reader.readexactly(length) if length else b""
-        if close:
+        if answer.get("connection", "").lower() == "close":
             self.writer.close()
             self.writer = None
-        return status, data
+        return status, data, answer
 
 
 async def one_agent(number: int, args: argparse.Namespace, counts: Counter, registered: asyncio.Queue,
                     gate: asyncio.Semaphore) -> None:
     conn = Connection(args.host, args.port)
     async with gate:  # registrations a few at a time, as a fleet rolls out
-        status, data = await conn.request("/api/v0/agent/register", args.token, {
+        status, data, _ = await conn.request("/api/v0/agent/register", args.token, {
             "name": f"fleet-{number:04d}", "hostname": "fleet", "version": "bench", "os": "simulated",
             "tags": TAGS})
     if status != 201:
@@ -77,16 +78,23 @@ async def one_agent(number: int, args: argparse.Namespace, counts: Counter, regi
     # not all in the same second: the first claim waits a random share of it. (All in step, an idle
     # window could fall between two waves and see nothing.)
     wait = random.uniform(0.0, args.wait)
+    resume: str | None = None  # as real agents do (builds/agent/runner.py): the key of the last 204, sent back
     while True:
         try:
-            status, data = await conn.request("/api/v0/agent/claim", session, {"wait": round(wait, 3)})
+            status, data, answer = await conn.request(
+                "/api/v0/agent/claim", session, {"wait": round(wait, 3)},
+                headers={RESUME_HEADER: resume} if resume and not args.no_resume else None)
             wait = args.wait
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             counts["reconnects"] += 1
             conn.writer = None
+            resume = None
             await asyncio.sleep(0.5)
             continue
+        resume = answer.get(RESUME_HEADER.lower()) if status == 204 else None
         counts[str(status)] += 1
+        if resume:
+            counts["resume keys"] += 1
         if status == 200:
             counts["jobs"] += 1  # a job no fleet agent should have been given
         elif status != 204:
@@ -121,6 +129,8 @@ if __name__ == "__main__":
     parser.add_argument("--token", required=True, help="the organization's agent token (hma_...)")
     parser.add_argument("--agents", type=int, default=1000)
     # What real agents ask for (builds/agent/runner.py CLAIM_WAIT_SECONDS).
+    parser.add_argument("--no-resume", action="store_true",
+                        help="never send a 204's resume key back: each claim's first attempt is made")
     parser.add_argument("--wait", type=float, default=30.0, help="each claim's wait, in seconds (default 30)")
     asyncio.run(main(parser.parse_args()))
     sys.exit(0)

@@ -55,6 +55,8 @@ CLAIM_WAIT_SECONDS = 30.0
 MAX_CLAIM_WAIT = 30.0
 # A server that held the claim answers with this header (builds.claim_waits); without it, poll.
 CLAIM_WAITED_HEADER = "Harmont-Claim-Wait"
+# A held claim's 204 may carry a key for the next claim, which the server can then hold at once.
+CLAIM_RESUME_HEADER = "Harmont-Claim-Resume"
 RENDERER = Path(__file__).with_name("render_pipeline.py")
 GUARD = Path(__file__).with_name("guard.py")
 LOCK_FILE = ".agent.lock"  # in the work directory, held for the agent's life
@@ -98,6 +100,7 @@ class Agent:
         self.has_handover = False
         # Whether idle claims pause `poll_interval` between them: until a server holds one (`claim_wait`).
         self.polling = True
+        self.claim_resume: str | None = None  # the key the last claim's 204 carried (CLAIM_RESUME_HEADER)
         self.stopping = threading.Event()  # first SIGTERM: finish the current job, claim no more
         self.abort = threading.Event()  # second SIGTERM: cancel the current job too
         context = AgentContext(transport=self.transport, workdir=self.workdir, abort=self.abort,
@@ -303,10 +306,14 @@ class Agent:
         body: dict[str, Any] = {"claim_key": uuid.uuid4().hex}
         if self.claim_wait:
             body["wait"] = self.claim_wait
-        status, data = self.transport.request("POST", "/api/v0/agent/claim", token=self.session, body=body)
+        # Only straight after a 204: after anything else the server must look (builds.claim_resumes).
+        resume, self.claim_resume = self.claim_resume, None
+        status, data = self.transport.request("POST", "/api/v0/agent/claim", token=self.session, body=body,
+                                              headers={CLAIM_RESUME_HEADER: resume} if resume else None)
         if status == 204:
             # A server that held the claim says so; one that didn't (or an older one) is polled.
             self.polling = self.transport.last_header(CLAIM_WAITED_HEADER) is None
+            self.claim_resume = self.transport.last_header(CLAIM_RESUME_HEADER)
             return None
         if status == 401:
             if self.stopping.is_set():

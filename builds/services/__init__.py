@@ -1,7 +1,7 @@
 """Every write to builds and jobs. Callers use `from builds import services`."""
 
 from builds.services.artifacts import StoredArtifact, store_artifact
-from builds.services.agents import Registration, agent_seen, disconnect_agent, register_agent
+from builds.services.agents import Registration, agent_seen, disconnect_agent, mark_agents_seen, register_agent
 from builds.services.builds import (
     BuildRequest,
     approve_build,
@@ -51,7 +51,7 @@ from builds.services.workspaces import store_workspace
 
 __all__ = [
     "StoredArtifact", "store_artifact",
-    "Registration", "agent_seen", "disconnect_agent", "register_agent",
+    "Registration", "agent_seen", "disconnect_agent", "mark_agents_seen", "register_agent",
     "BuildRequest", "approve_build", "cancel_build", "cancel_superseded_builds", "create_build",
     "find_pipeline_by_repo", "rebuild_build", "validate_build_request",
     "admit_everywhere", "admit_waiting_builds",

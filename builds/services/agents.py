@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -57,6 +58,12 @@ def agent_seen(*, agent: Agent, now: datetime | None = None) -> None:
         return
     Agent.objects.filter(pk=agent.pk).update(last_seen_at=now)
     agent.last_seen_at = now
+
+
+def mark_agents_seen(*, agent_ids: list[uuid.UUID], now: datetime | None = None) -> int:
+    """Claims of these agents began without an attempt (builds.claim_resumes): their last-seen time, as each
+    attempt would have written it, in one statement; how many were written (a stopped agent is not)."""
+    return Agent.objects.filter(pk__in=agent_ids, stopped_at__isnull=True).update(last_seen_at=now or timezone.now())
 
 
 def agent_seen_by(*, job: Job, now: datetime) -> None:
