@@ -100,6 +100,7 @@ class Waiter:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     # The selector of the job it was woken for: a claim then wakes the next waiter for it.
     selector: dict[str, str] | None = None
+    expired_at: float | None = None  # loop time its wait ran out (from then on, news went to others)
 
     def matches(self, selector: dict[str, str]) -> bool:
         return agent_tags.selector_matches(selector, self.hold.tags)
@@ -108,6 +109,11 @@ class Waiter:
         if selector is not None:
             self.selector = selector
         self.event.set()
+
+    def expire(self) -> None:
+        if not self.event.is_set():
+            self.expired_at = time_now()
+            self.event.set()
 
 
 @dataclass(frozen=True)
@@ -376,22 +382,22 @@ def attempt_scope(scope: dict[str, Any]) -> dict[str, Any]:
     return {**scope, "headers": [*headers, (LONG_POLL_HEADER.encode(), b"1")]}
 
 
-async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+async def _watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            gone.set()
+            on_gone()
             return
 
 
-async def _wait_for(waiter: Waiter, gone: asyncio.Event, timeout: float) -> None:
-    woken = asyncio.ensure_future(waiter.event.wait())
-    left = asyncio.ensure_future(gone.wait())
+async def _wait_for(waiter: Waiter, timeout: float) -> None:
+    """Until news wakes `waiter`, the client leaves (which wakes it too), or `timeout` runs out (which
+    expires it). One event and a timer: a thousand idle claims start and end a wait every 30 s."""
+    timer = asyncio.get_running_loop().call_later(timeout, waiter.expire)
     try:
-        await asyncio.wait({woken, left}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await waiter.event.wait()
     finally:
-        woken.cancel()
-        left.cancel()
+        timer.cancel()
 
 
 async def long_poll_claim(scope: dict[str, Any], receive: Receive, send: Send, app: App) -> None:
@@ -445,8 +451,14 @@ async def hold_claim(try_claim: Callable[[], Awaitable[Answer]], receive: Receiv
         started = time.monotonic() if started is None else started
         attempted_at = since
     gone = asyncio.Event()
-    watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
     waiter: Waiter | None = None
+
+    def on_gone() -> None:
+        gone.set()
+        if waiter is not None:
+            waiter.event.set()  # ends its wait (and no news is handed to it any more)
+
+    watcher = asyncio.ensure_future(_watch_disconnect(receive, on_gone))
     # Job notices this claim was woken for and won't use: passed on to the next waiter once it is gone
     # (not before, or the oldest waiter, itself, would take them back).
     pass_on: list[dict[str, str]] = []
@@ -487,14 +499,14 @@ async def hold_claim(try_claim: Callable[[], Awaitable[Answer]], receive: Receiv
                 metrics.CLAIMS_HELD.inc()
             left = waiter.hold.wait - (time.monotonic() - started)
             if not gone.is_set() and left > 0 and not hub.closing and not waiter.event.is_set():
-                await _wait_for(waiter, gone, left)
+                await _wait_for(waiter, left)
             if gone.is_set():
                 return
-            if not waiter.event.is_set() or hub.closing:
+            if waiter.expired_at is not None or not waiter.event.is_set() or hub.closing:
                 outcome = "empty"  # the wait is over (or the server is stopping)
                 leave()
                 key = None if session_hash is None else claim_resumes.resume_book().issue(claim_resumes.Resume(
-                    session_hash, answer, waiter.hold, attempted_at, time_now()))
+                    session_hash, answer, waiter.hold, attempted_at, waiter.expired_at or time_now()))
                 await send_answer(send, answer, waited=time.monotonic() - started, resume_key=key)
                 return
     finally:

@@ -100,4 +100,10 @@ listener = LoopLocal(Listener)  # the running event loop's listener
 
 def listening() -> bool:
     """Whether hubs of this process hear of news (PostgreSQL), or must poll (SQLite)."""
-    return connections["default"].vendor == "postgresql"
+    global _vendor
+    if _vendor is None:  # asked for every held claim; a process serves one database all its life
+        _vendor = connections["default"].vendor
+    return _vendor == "postgresql"
+
+
+_vendor: str | None = None
