@@ -600,22 +600,29 @@ def insert_chunks(job_id: uuid.UUID, rows: Sequence[tuple[int, int, str, int]], 
     return inserted
 
 
-def chunks_after(cursors: Mapping[uuid.UUID, int]) -> list[tuple]:
-    """PostgreSQL: (job id, seq, stream kind, content, ts) of every chunk past its job's cursor, in order.
+_UPDATES_J = Table(Job, "j")
+_UPDATES_SQL = (
+    f"SELECT {_UPDATES_J.id}, {_UPDATES_J.state}, {_CHUNK_C.seq}, {_CHUNK_C.stream_kind}, {_CHUNK_C.content},"
+    f" {_CHUNK_C.ts} FROM unnest(%s::uuid[], %s::integer[]) AS w(job_id, seq)"
+    f" JOIN {_UPDATES_J} ON {_UPDATES_J.id} = w.job_id"
+    f" LEFT JOIN {_CHUNK_C} ON {_CHUNK_C.job} = w.job_id AND {_CHUNK_C.seq} > w.seq"
+    f" ORDER BY {_UPDATES_J.id}, {_CHUNK_C.seq}"
+)
 
-    Hundreds of watched jobs: one join against two array parameters. The ORM's
-    OR of per-job conditions costs the process far more to build than the
-    database to answer.
+
+def updates_after(cursors: Mapping[uuid.UUID, int]) -> tuple[dict[uuid.UUID, str], list[tuple]]:
+    """PostgreSQL: the watched jobs' states, and (job id, seq, stream kind, content, ts) of every chunk
+    past its job's cursor, in order.
+
+    One statement, so one snapshot: a job seen ended here has every chunk it stored in the same
+    answer. Hundreds of watched jobs: one join against two array parameters (the ORM's OR of per-job
+    conditions costs the process far more to build than the database to answer).
     """
-    c = _CHUNK_C
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {c.job}, {c.seq}, {c.stream_kind}, {c.content}, {c.ts} FROM {c}"
-            f" JOIN unnest(%s::uuid[], %s::integer[]) AS w(job_id, seq)"
-            f" ON {c.job} = w.job_id AND {c.seq} > w.seq ORDER BY {c.job}, {c.seq}",
-            [list(cursors), list(cursors.values())],
-        )
-        return cursor.fetchall()
+        cursor.execute(_UPDATES_SQL, [list(cursors), list(cursors.values())])
+        rows = cursor.fetchall()
+    states = {job_id: state for job_id, state, *_ in rows}
+    return states, [(job_id, seq, kind, content, ts) for job_id, _, seq, kind, content, ts in rows if seq is not None]
 
 
 # ------------------------------------------------------------------ waking long-polling claims (PostgreSQL)

@@ -91,24 +91,21 @@ class Subscriber:
 
 
 def fetch_updates(cursors: dict[uuid.UUID, int]) -> tuple[dict[uuid.UUID, str], list[tuple]]:
-    """States of the watched jobs, then their chunks past each cursor (in that order: a job
-    seen terminal here has all of its chunks in the second answer)."""
+    """States of the watched jobs, and their chunks past each cursor: a job seen terminal here has
+    all of its chunks in the answer (one statement on PostgreSQL; on SQLite the states are read
+    first)."""
     try:
+        if connection.vendor == "postgresql":
+            return sql.updates_after(cursors)
         states = dict(Job.objects.filter(pk__in=list(cursors)).values_list("id", "state"))
-        return states, new_chunks(cursors)
+        condition = Q()
+        for job_id, seq in cursors.items():
+            condition |= Q(job_id=job_id, seq__gt=seq)
+        return states, list(LogChunk.objects.filter(condition).order_by("job_id", "seq")
+                            .values_list("job_id", "seq", "stream_kind", "content", "ts"))
     except DatabaseError:
         close_old_connections()  # a dropped connection is replaced on the next tick
         raise
-
-
-def new_chunks(cursors: dict[uuid.UUID, int]) -> list[tuple]:
-    if connection.vendor == "postgresql":
-        return sql.chunks_after(cursors)
-    condition = Q()
-    for job_id, seq in cursors.items():
-        condition |= Q(job_id=job_id, seq__gt=seq)
-    return list(LogChunk.objects.filter(condition).order_by("job_id", "seq")
-                .values_list("job_id", "seq", "stream_kind", "content", "ts"))
 
 
 class LogHub:
