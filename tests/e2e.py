@@ -217,8 +217,28 @@ class Agents:
                     os.kill(int(proc.name), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        database_quiet()
         for agent in self.started:
             print(agent.output())
+
+
+def database_quiet(timeout: float = 10.0) -> None:
+    """PostgreSQL: wait until no other session on the test database runs a statement or holds a
+    transaction open. A request the server is still answering for an agent just killed would
+    otherwise race the teardown's TRUNCATE of every table for their locks (PostgreSQL then cancels
+    one of the two as a deadlock)."""
+    connection = connections["default"]
+    if connection.vendor != "postgresql":
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                           " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                           " AND state IS DISTINCT FROM 'idle'")
+            if cursor.fetchone()[0] == 0:
+                return
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
