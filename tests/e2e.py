@@ -217,7 +217,6 @@ class Agents:
                     os.kill(int(proc.name), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        database_quiet()
         for agent in self.started:
             print(agent.output())
 
@@ -312,6 +311,7 @@ def agents(e2e_server: str, transactional_db: None, e2e_settings: Any,
         yield pool
     finally:
         pool.close()
+        database_quiet()
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from harmont.tokens import hash_secret
 from organizations import services as org_services
 from organizations.models import AgentToken
 from pipelines.models import Pipeline
-from tests.e2e import Agents, finished, job_log, jobs_by_key, wait_for
+from tests.e2e import Agents, database_quiet, finished, job_log, jobs_by_key, wait_for
 from tests.helpers import is_postgres, make_build, register, two_step_ir
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -257,6 +257,7 @@ def asgi_agents(server: tuple[str, int], transactional_db: None, agent_token: or
         yield pool
     finally:
         pool.close()
+        database_quiet()
 
 
 def test_an_idle_agent_long_polls_so_a_new_job_starts_at_once_whatever_its_poll_interval(asgi_agents, pipeline):
