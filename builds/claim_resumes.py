@@ -46,6 +46,7 @@ from django.db import close_old_connections
 from builds import notices
 from harmont import metrics
 from harmont.log_format import REQUEST_ID
+from harmont.logs import log_request
 from harmont.loop_local import LoopLocal
 from harmont.tokens import hash_secret
 
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
     from builds.claim_waits import Answer, Hold
 
 log = logging.getLogger("harmont.claims")
-request_log = logging.getLogger("harmont.requests")
 
 # On a held claim's 204, and on the agent's next claim.
 RESUME_HEADER = "Harmont-Claim-Resume"
@@ -177,18 +177,14 @@ def plain_wait(body: bytes, query: str) -> float | None:
     return ask.wait if ask is not None and ask.wait > 0 else None
 
 
-def log_resumed(*, request_id: str, hold: Hold, started: float) -> None:
+def log_resumed(*, path: str, request_id: str, hold: Hold, started: float) -> None:
     """The request line and metric a resumed claim's skipped attempt would have had (harmont.logs)."""
     duration = time.perf_counter() - started
-    metrics.REQUEST_SECONDS.labels("POST", "/api/v0/agent/claim", "204").observe(duration)
+    metrics.REQUEST_SECONDS.labels("POST", path, "204").observe(duration)
     metrics.CLAIMS_RESUMED.inc()
-    if not request_log.isEnabledFor(logging.INFO):
-        return
     token = REQUEST_ID.set(request_id)
     try:
-        request_log.info("request", extra={
-            "method": "POST", "route": "/api/v0/agent/claim", "path": "/api/v0/agent/claim", "status": 204,
-            "duration_ms": round(duration * 1000, 2), "agent_id": hold.agent_id,
-            "organization_id": hold.organization_id, "resumed": True})
+        log_request(method="POST", route=path, path=path, status=204, duration=duration, agent_id=hold.agent_id,
+                    organization_id=hold.organization_id, resumed=True)
     finally:
         REQUEST_ID.reset(token)

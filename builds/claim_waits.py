@@ -39,7 +39,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -424,13 +424,13 @@ async def resume_or_hold(try_claim: Callable[[], Awaitable[Answer]], receive: Re
         await hold_claim(try_claim, receive, send, session_hash=session_hash)
         return
     started = time.perf_counter()
-    hold = Hold(resume.hold.organization_id, resume.hold.agent_id, wait, resume.hold.tags)
+    hold = replace(resume.hold, wait=wait)
     headers = [(name, value) for name, value in resume.answer.headers
                if name not in (HOLD_HEADER.encode(), b"x-request-id")]
     first = Answer(204, [*headers, (b"x-request-id", request_id.encode()), (HOLD_HEADER.encode(), hold.value().encode())],
                    b"")
     claim_resumes.resume_book().seen(hold.agent_id)
-    claim_resumes.log_resumed(request_id=request_id, hold=hold, started=started)
+    claim_resumes.log_resumed(path=CLAIM_PATH, request_id=request_id, hold=hold, started=started)
     await hold_claim(try_claim, receive, send, first=first, session_hash=session_hash, resumed=resume)
 
 

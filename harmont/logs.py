@@ -47,6 +47,13 @@ def who(request: HttpRequest) -> dict[str, Any]:
     return fields
 
 
+def log_request(*, method: str, route: str, path: str, status: int, duration: float, **caller: Any) -> None:
+    """The line of one request (`duration` in seconds; `caller` as `who` gives it), if request lines are on."""
+    if request_log.isEnabledFor(logging.INFO):
+        request_log.info("request", extra={"method": method, "route": route, "path": path, "status": status,
+                                           "duration_ms": round(duration * 1000, 2), **caller})
+
+
 class RequestLogMiddleware:
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -57,10 +64,8 @@ class RequestLogMiddleware:
         try:
             response = self.get_response(request)
             if request_log.isEnabledFor(logging.INFO):
-                request_log.info("request", extra={
-                    "method": request.method, "route": route_of(request), "path": request.path,
-                    "status": response.status_code,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2), **who(request)})
+                log_request(method=request.method or "", route=route_of(request), path=request.path,
+                            status=response.status_code, duration=time.perf_counter() - started, **who(request))
             return response
         finally:
             REQUEST_ID.reset(token)
