@@ -34,7 +34,7 @@ from builds.models import (
     LogChunk,
     WebhookEndpoint,
 )
-from harmont import claim_notices
+from harmont import claim_notices, prepared
 from harmont.rows import Columns, Table, db_value, first_row
 from organizations.models import AgentToken, Membership, Organization, User
 from pipelines import agent_tags
@@ -148,9 +148,9 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, obje
                 listens = (f"EXISTS(SELECT 1 FROM {w} WHERE {w.organization} = (SELECT {t.organization} FROM {t}"
                            f" WHERE {t.id} = %s) AND {w.events} @> %s::jsonb)")
                 listens_params = [job, json.dumps([listened_for])]
-            cursor.execute(f"WITH ended AS ({update} RETURNING 1)"
-                           f" SELECT (SELECT COUNT(*) FROM ended), ARRAY({others}), {listens}",
-                           [*params, job, *sources, *guard_values, *others_params, *listens_params])
+            prepared.execute(cursor, "end_job", f"WITH ended AS ({update} RETURNING 1)"
+                             f" SELECT (SELECT COUNT(*) FROM ended), ARRAY({others}), {listens}",
+                             [*params, job, *sources, *guard_values, *others_params, *listens_params])
             changed, other_states, listened = cursor.fetchone()
             return JobEnd(bool(changed), set(other_states), listened)
         cursor.execute(update, [*params, job, *sources, *guard_values])
@@ -179,7 +179,8 @@ def lock_build_for_roll_up(build_id: uuid.UUID) -> dict[str, Any]:
     SQL: every end of a job runs it, under the lock it takes; building the ORM's
     `select_for_update().values_list().get()` cost more than the statement.
     """
-    cells = first_row(_lock_build_sql(connection.features.has_select_for_update), [db_value(Build, "id", build_id)])
+    cells = first_row(_lock_build_sql(connection.features.has_select_for_update), [db_value(Build, "id", build_id)],
+                      prepared_as="lock_build")
     if cells is None:
         raise Build.DoesNotExist(f"no build {build_id}")
     return dict(zip(ROLL_UP_BUILD.attnames, ROLL_UP_BUILD.values(cells, connection)))
@@ -356,7 +357,7 @@ def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_has
         params = [*me, *params, *held, *waiting, *guard]
     with connection.cursor() as cursor:
         for _attempt in range(CLAIM_ATTEMPTS):
-            cursor.execute(_claim_sql(fresh), params)
+            prepared.execute(cursor, "claim", _claim_sql(fresh), params)
             row = cursor.fetchone()
             if row is None:
                 return None
@@ -403,7 +404,7 @@ def claimed_job(job_id: Any) -> Job:
     SQL, because building the ORM's three-table query was a sixth of a busy
     server's CPU.
     """
-    cells = first_row(_claimed_job_sql(connection.vendor), [db_value(Job, "id", job_id)])
+    cells = first_row(_claimed_job_sql(connection.vendor), [db_value(Job, "id", job_id)], prepared_as="claimed_job")
     assert cells is not None, "a job just claimed exists"
     job = CLAIMED_JOB.load(cells, connection)
     job.build = CLAIMED_BUILD.load(cells, connection)
@@ -461,7 +462,7 @@ def agent_for_session(session_hash: str, *, now: datetime, stale_before: datetim
                   session_hash]
     else:
         params = [session_hash]
-    cells = first_row(_session_sql(connection.vendor), params)
+    cells = first_row(_session_sql(connection.vendor), params, prepared_as="agent_session")
     return None if cells is None else SESSION_AGENT.load(cells, connection)
 
 
@@ -490,7 +491,7 @@ def job_for_credential(credential_hash: str, *, seen_since: datetime, ended_sinc
     `build_started` (its build has a start time).
     """
     cells = first_row(JOB_FOR_CREDENTIAL_SQL, [db_value(Agent, "last_seen_at", seen_since), credential_hash,
-                                               db_value(Job, "finished_at", ended_since)])
+                                               db_value(Job, "finished_at", ended_since)], prepared_as="job_credential")
     if cells is None:
         return None
     job = CREDENTIAL_JOB.load(cells, connection)
@@ -553,7 +554,7 @@ def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user_id: int
     and `created_by`); its other columns are deferred.
     """
     read = SCOPED_BUILD_READS[for_page]
-    cells = first_row(read.sql, [org_slug, user_id, pipeline_slug, number])
+    cells = first_row(read.sql, [org_slug, user_id, pipeline_slug, number], prepared_as="scoped_build")
     if cells is None:
         return None
     build = read.build.load(cells, connection)

@@ -143,6 +143,10 @@ def database_from_url(url: str) -> dict:
     }
 
 
+# The statements every agent request runs are prepared once per PostgreSQL connection
+# (harmont.prepared); off for a pooler in transaction mode, which shares server sessions.
+PREPARED_STATEMENTS = env_bool("HARMONT_PREPARED_STATEMENTS", True)
+
 DEBUG = env_bool("HARMONT_DEBUG", False)
 
 SECRET_KEY = env_str("HARMONT_SECRET_KEY")
