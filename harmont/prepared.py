@@ -8,7 +8,9 @@ driver's connection, so it is no query of the request's own and query counts sta
 what they were) and from then on run with EXECUTE through Django's cursor, which
 counts and logs it as the one query it is. PostgreSQL plans a prepared statement
 again by itself when a table it reads changes (a migration), and otherwise keeps a
-generic plan once that costs no more than the plans it made for the values.
+generic plan once that costs no more than the plans it made for the values; a
+migration that changes the type of a column the statement answers fails it once
+per connection, which is then replaced.
 
 A prepared statement lives as long as the database session, and only there:
 HARMONT_PREPARED_STATEMENTS=0 turns this off for a pooler that hands a server
@@ -22,12 +24,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.db.backends.utils import CursorWrapper
 
 # What psycopg's client-side binding reads in a query: `%s` a parameter, `%%` a percent sign.
@@ -38,6 +42,8 @@ _prepared: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary(
 # Each name's statement, for reading a logged EXECUTE back (text_of).
 _texts: dict[str, str] = {}
 _EXECUTE = re.compile(r"EXECUTE (\w+)")
+# feature_not_supported: "cached plan must not change result type".
+_CACHED_PLAN_CHANGED = "0A000"
 
 
 @dataclass(frozen=True)
@@ -96,4 +102,12 @@ def execute(cursor: CursorWrapper, label: str, sql: str, params: Sequence[Any]) 
         with cursor.db.wrap_database_errors:
             driver.execute(prepared.prepare)
         names.add(prepared.name)
-    cursor.execute(prepared.execute, params)
+    try:
+        cursor.execute(prepared.execute, params)
+    except DatabaseError as error:
+        if getattr(error.__cause__, "sqlstate", None) == _CACHED_PLAN_CHANGED:
+            # A migration changed the type of a column the statement answers, and PostgreSQL
+            # won't run its plan with the new type. The connection goes at the end of the request
+            # (as one past CONN_MAX_AGE), and the next one prepares the statement as it now reads.
+            cursor.db.close_at = time.monotonic()
+        raise

@@ -428,8 +428,23 @@ def test_no_endpoint_and_no_token_cost_one_query_per_job_end(pipeline, django_as
     job = Job.objects.get(build=build, step_key="a")
     with django_assert_num_queries(1):
         assert notifications.record_jobs_finished(build_id=build.pk, job_ids=[job.pk]) == 0
-    with django_assert_num_queries(2):
+    with django_assert_num_queries(1):
         assert notifications.record_build_event(build_id=build.pk, event="build.started") == 0
+
+
+def test_an_endpoint_of_other_events_costs_a_build_event_one_query(pipeline, org, django_assert_num_queries):
+    endpoint(org, events=["job.finished"])
+    build = make_build(pipeline, commit=SHA)
+    with django_assert_num_queries(1):
+        assert notifications.record_build_event(build_id=build.pk, event="build.started") == 0
+    assert notifications.record_build_event(build_id=build.pk, event="job.finished") == 1
+
+
+def test_a_reopened_build_tells_its_endpoints_nothing(pipeline, org, django_assert_num_queries):
+    endpoint(org)
+    build = make_build(pipeline, commit=SHA)
+    with django_assert_num_queries(1):
+        assert notifications.record_build_event(build_id=build.pk, event=notifications.REOPENED) == 0
 
 
 

@@ -221,9 +221,9 @@ def end_job() -> int:
 # Finishing, without the statements of the job's end: the credential, the transaction
 # (savepoint here), the last log chunks, the build's lock.
 FINISH = 5
-# A build's start or end event: the build with the repository its commit statuses go to,
-# the organization's webhook endpoints (builds.services.notifications).
-BUILD_EVENT = 2
+# A build's start or end event that nobody listens to: whether a webhook endpoint or a status
+# repository would hear of it (builds.sql.build_event_receivers).
+BUILD_EVENT = 1
 # Claiming: the claim, then the job with its build, its pipeline and its secrets (the job spec).
 CLAIM = 2
 

@@ -36,7 +36,7 @@ from django.utils import timezone
 from rest_framework.settings import api_settings
 from standardwebhooks.webhooks import Webhook
 
-from builds import outbound
+from builds import outbound, sql
 from builds.models import (
     Build,
     BuildState,
@@ -155,15 +155,23 @@ REOPENED = "build.reopened"
 def record_build_event(*, build_id: uuid.UUID, event: str, now: datetime | None = None) -> int:
     """Record what `event` of the build tells the outside world; returns the messages recorded.
 
-    Call inside the transaction that makes the change. Two queries when nobody
-    listens (the build with its status repository, the organization's endpoints).
+    Call inside the transaction that makes the change. One query when nobody
+    listens (builds.sql.build_event_receivers), three when somebody does.
     """
+    receivers = sql.build_event_receivers(build_id, event)
+    if receivers is None:
+        return 0
+    endpoints_listen, has_status_repository = receivers
+    if event == REOPENED:
+        endpoints_listen = False  # a reopened build tells only its commit status
+    if not (endpoints_listen or has_status_repository):
+        return 0
     now = now or timezone.now()
     build = _events_build(build_id)
     if build is None:
         return 0
     rows: list[Notification] = []
-    if event != REOPENED:
+    if endpoints_listen:
         endpoints = _subscribed(WebhookEndpoint.objects.filter(organization_id=build.pipeline.organization_id),
                                 event)
         if endpoints:
