@@ -130,7 +130,8 @@ def database_from_url(url: str) -> dict:
     if not name:
         raise ImproperlyConfigured("DATABASE_URL names no database (postgres://user@host:port/NAME)")
     return {
-        "ENGINE": "django.db.backends.postgresql",
+        # Django's backend, with a health check that costs a round trip only when in doubt.
+        "ENGINE": "harmont.postgres",
         "NAME": name,
         "USER": unquote(parts.username or ""),
         "PASSWORD": unquote(parts.password or ""),
