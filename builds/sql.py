@@ -140,7 +140,7 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, obje
     others = (f"SELECT DISTINCT CASE WHEN {t.retried} THEN %s WHEN {t.soft_failed} THEN %s ELSE {t.state} END"
               f" FROM {t} WHERE {t.build} = %s AND {t.id} <> %s")
     others_params = [retried_as, soft_failed_as, build, job]
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         if connection.vendor == "postgresql":
             listens, listens_params = "NULL", []
             if listened_for is not None:
@@ -148,9 +148,9 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, obje
                 listens = (f"EXISTS(SELECT 1 FROM {w} WHERE {w.organization} = (SELECT {t.organization} FROM {t}"
                            f" WHERE {t.id} = %s) AND {w.events} @> %s::jsonb)")
                 listens_params = [job, json.dumps([listened_for])]
-            prepared.execute(cursor, "end_job", f"WITH ended AS ({update} RETURNING 1)"
-                             f" SELECT (SELECT COUNT(*) FROM ended), ARRAY({others}), {listens}",
-                             [*params, job, *sources, *guard_values, *others_params, *listens_params])
+            cursor.execute(f"WITH ended AS ({update} RETURNING 1)"
+                           f" SELECT (SELECT COUNT(*) FROM ended), ARRAY({others}), {listens}",
+                           [*params, job, *sources, *guard_values, *others_params, *listens_params])
             changed, other_states, listened = cursor.fetchone()
             return JobEnd(bool(changed), set(other_states), listened)
         cursor.execute(update, [*params, job, *sources, *guard_values])
@@ -189,7 +189,7 @@ def build_event_receivers(build_id: uuid.UUID, event: str) -> tuple[bool, bool] 
     """
     subscribed = json.dumps([event]) if connection.vendor == "postgresql" else event
     cells = first_row(_event_receivers_sql(connection.vendor), [subscribed, db_value(Build, "id", build_id)],
-                      prepared_as="build_event_receivers")
+                      prepared=True)
     return None if cells is None else (bool(next(cells)), bool(next(cells)))
 
 
@@ -213,7 +213,7 @@ def lock_build_for_roll_up(build_id: uuid.UUID) -> dict[str, Any]:
     `select_for_update().values_list().get()` cost more than the statement.
     """
     cells = first_row(_lock_build_sql(connection.features.has_select_for_update), [db_value(Build, "id", build_id)],
-                      prepared_as="lock_build")
+                      prepared=True)
     if cells is None:
         raise Build.DoesNotExist(f"no build {build_id}")
     return dict(zip(ROLL_UP_BUILD.attnames, ROLL_UP_BUILD.values(cells, connection)))
@@ -388,9 +388,9 @@ def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_has
         params = [*held, *me, *waiting, organization_id, *params, *guard]
     else:
         params = [*me, *params, *held, *waiting, *guard]
-    with connection.cursor() as cursor:
+    with prepared.cursor() as cursor:
         for _attempt in range(CLAIM_ATTEMPTS):
-            prepared.execute(cursor, "claim", _claim_sql(fresh), params)
+            cursor.execute(_claim_sql(fresh), params)
             row = cursor.fetchone()
             if row is None:
                 return None
@@ -437,7 +437,7 @@ def claimed_job(job_id: Any) -> Job:
     SQL, because building the ORM's three-table query was a sixth of a busy
     server's CPU.
     """
-    cells = first_row(_claimed_job_sql(connection.vendor), [db_value(Job, "id", job_id)], prepared_as="claimed_job")
+    cells = first_row(_claimed_job_sql(connection.vendor), [db_value(Job, "id", job_id)], prepared=True)
     assert cells is not None, "a job just claimed exists"
     job = CLAIMED_JOB.load(cells, connection)
     job.build = CLAIMED_BUILD.load(cells, connection)
@@ -495,7 +495,7 @@ def agent_for_session(session_hash: str, *, now: datetime, stale_before: datetim
                   session_hash]
     else:
         params = [session_hash]
-    cells = first_row(_session_sql(connection.vendor), params, prepared_as="agent_session")
+    cells = first_row(_session_sql(connection.vendor), params, prepared=True)
     return None if cells is None else SESSION_AGENT.load(cells, connection)
 
 
@@ -524,7 +524,7 @@ def job_for_credential(credential_hash: str, *, seen_since: datetime, ended_sinc
     `build_started` (its build has a start time).
     """
     cells = first_row(JOB_FOR_CREDENTIAL_SQL, [db_value(Agent, "last_seen_at", seen_since), credential_hash,
-                                               db_value(Job, "finished_at", ended_since)], prepared_as="job_credential")
+                                               db_value(Job, "finished_at", ended_since)], prepared=True)
     if cells is None:
         return None
     job = CREDENTIAL_JOB.load(cells, connection)
@@ -587,7 +587,7 @@ def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user_id: int
     and `created_by`); its other columns are deferred.
     """
     read = SCOPED_BUILD_READS[for_page]
-    cells = first_row(read.sql, [org_slug, user_id, pipeline_slug, number], prepared_as="scoped_build")
+    cells = first_row(read.sql, [org_slug, user_id, pipeline_slug, number], prepared=True)
     if cells is None:
         return None
     build = read.build.load(cells, connection)

@@ -28,7 +28,7 @@ from django.db import connection
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 
-from harmont import prepared
+from harmont import prepared as prepared_statements
 
 M = TypeVar("M", bound=Model)
 
@@ -113,16 +113,13 @@ class Columns(Generic[M]):
         return found
 
 
-def first_row(sql: str, params: Sequence[Any], *, prepared_as: str | None = None) -> Iterator[Any] | None:
+def first_row(sql: str, params: Sequence[Any], *, prepared: bool = False) -> Iterator[Any] | None:
     """The cells of the query's first row, in order, for `Columns.load`; None when there is no row.
 
-    With `prepared_as` (a label), PostgreSQL runs it as a statement prepared once per
-    connection (harmont.prepared): for the few reads every agent request makes.
+    `prepared`: on PostgreSQL the statement is prepared once per connection
+    (harmont.prepared), for the few reads every agent request makes.
     """
-    with connection.cursor() as cursor:
-        if prepared_as is None:
-            cursor.execute(sql, params)
-        else:
-            prepared.execute(cursor, prepared_as, sql, params)
+    with (prepared_statements.cursor() if prepared else connection.cursor()) as cursor:
+        cursor.execute(sql, params)
         row = cursor.fetchone()
     return None if row is None else iter(row)

@@ -16,7 +16,6 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from harmont import prepared
 from harmont.crypto import decrypt_text
 from organizations.models import ApiToken, User
 from pipelines import secrets as secret_services
@@ -443,7 +442,7 @@ def claim_queries(session_client, org, pipeline) -> list[str]:  # noqa: ANN001
     with CaptureQueriesContext(connection) as queries:
         response = session_client.post("/api/v0/agent/claim")
     assert response.status_code == 200
-    return [prepared.text_of(q["sql"]) for q in queries.captured_queries]
+    return [q["sql"] for q in queries.captured_queries]
 
 
 def test_claim_costs_one_query_for_secrets_however_many_there_are(session, org, pipeline):
