@@ -56,6 +56,8 @@ def database_down(db) -> Any:
             raise error("connection to server at \"127.0.0.1\", port 5432 failed: Connection refused")
 
         patch.setattr(connection, "cursor", refused)
+        if hasattr(connection, "prepared_cursor"):  # the hot statements' cursor (harmont.prepared)
+            patch.setattr(connection, "prepared_cursor", refused)
 
     arm.undo = patch.undo  # type: ignore[attr-defined]
     yield arm
