@@ -604,6 +604,8 @@ def scoped_build(*, org_slug: str, pipeline_slug: str, number: int, user_id: int
 
 # Rows per INSERT: 6 parameters each stays far below SQLite's limit on parameters.
 INSERT_BATCH = 500
+# Batches of up to this many chunks are inserted with a prepared statement (one per size).
+PREPARED_CHUNK_ROWS = 8
 _INSERT_CHUNKS = (f"INSERT INTO {_CHUNK} ("
                   + ", ".join(_CHUNK.bare(name) for name in ("job", "seq", "stream_kind", "content", "ts", "created_at"))
                   + ") VALUES ")
@@ -625,7 +627,9 @@ def insert_chunks(job_id: uuid.UUID, rows: Sequence[tuple[int, int, str, int]], 
         params: list[Any] = []
         for seq, stream_kind, content, ts in part:
             params += [job, seq, int(stream_kind), content, ts, created]
-        with connection.cursor() as cursor:
+        # A few rows, what a quick job's finish carries, come often enough to keep prepared (and
+        # bound by the server: no quoting of the output into the statement's text).
+        with (prepared.cursor() if len(part) <= PREPARED_CHUNK_ROWS else connection.cursor()) as cursor:
             cursor.execute(
                 _INSERT_CHUNKS + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(part)) + _SKIP_STORED_CHUNKS,
                 params,
