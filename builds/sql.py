@@ -15,7 +15,7 @@ import functools
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -227,6 +227,8 @@ class Assigned:
     job_id: Any
     builds_in_parent_id: uuid.UUID | None  # the job whose files this one starts from
     builds_in_children: bool  # some job starts from this one's files
+    # On PostgreSQL the claim's statement also reads what `claimed_job` would; elsewhere None.
+    job: Job | None = None
 
 
 # Jobs stored before selectors existed (agents NULL) want what a job without one wants.
@@ -294,12 +296,17 @@ def _claim_sql(fresh: bool) -> str:
     guard = f" AND ({c['state']} = %s OR ({c['state']} = %s AND {c['claim_key']} = %s AND {c['agent']} = %s))"
     # The parent a child starts from: the job a step cache hit reuses, when its parent is one.
     pj = _PARENT
-    returning = (f" RETURNING {t.id},"
-                 f" (SELECT COALESCE({pj.reused_job}, {e.prerequisite}) FROM {e} JOIN {pj} ON {pj.id} = {e.prerequisite}"
-                 f" WHERE {e.job} = {t.id} AND {e.kind} = %s LIMIT 1) AS parent,"
-                 f" EXISTS (SELECT 1 FROM {e} WHERE {e.prerequisite} = {t.id} AND {e.kind} = %s) AS children")
+    links = (f"(SELECT COALESCE({pj.reused_job}, {e.prerequisite}) FROM {e} JOIN {pj} ON {pj.id} = {e.prerequisite}"
+             f" WHERE {e.job} = {t.id} AND {e.kind} = %s LIMIT 1) AS parent,"
+             f" EXISTS (SELECT 1 FROM {e} WHERE {e.prerequisite} = {t.id} AND {e.kind} = %s) AS children")
+    # PostgreSQL answers the job's CLAIMED_JOB columns as the update left them (see _claimed_read).
+    returning = f" RETURNING {t.id}, {links}"
+    claimed_returning = f" RETURNING {CLAIMED_JOB.select(t)}, {links}"
     if not fresh:
-        return f"UPDATE {t} SET {assign} WHERE {c['id']} = ({held}){guard}{returning}"
+        retry = f"UPDATE {t} SET {assign} WHERE {c['id']} = ({held}){guard}"
+        if connection.vendor != "postgresql":
+            return retry + returning
+        return f"WITH claimed AS ({retry}{claimed_returning}){_claimed_read('FALSE')}"
     a, s, j = Table(Agent, "ag"), _SLOT, Table(Job, "j")
     me = f"SELECT json_patch(%s, {a.tags}) AS tags FROM {a} WHERE {a.id} = %s"
     waiting = f"{j.organization} = %s AND {j.state} = %s AND {_selector_matches(j)}"
@@ -339,10 +346,23 @@ def _claim_sql(fresh: bool) -> str:
         # The job only with its slot: if every free slot went to racers, nothing is claimed.
         f" target AS (SELECT id FROM held UNION ALL"
         f" SELECT id FROM candidate WHERE grp IS NULL OR EXISTS (SELECT 1 FROM taken)),"
-        f" claimed AS (UPDATE {t} SET {assign} WHERE {c['id']} = (SELECT id FROM target LIMIT 1){guard}{returning})"
-        # One row always: the claim (or NULLs), and whether a job was picked (a lost slot race).
-        f" SELECT claimed.*, EXISTS (SELECT 1 FROM candidate) FROM (SELECT 1) one LEFT JOIN claimed ON TRUE"
+        f" claimed AS (UPDATE {t} SET {assign} WHERE {c['id']} = (SELECT id FROM target LIMIT 1){guard}"
+        f"{claimed_returning})"
+        + _claimed_read("EXISTS (SELECT 1 FROM candidate)")
     )
+
+
+def _claimed_read(picked: str) -> str:
+    """PostgreSQL: the claim's answer, one row always: the claimed job (or NULLs), whether a job was
+    picked at all (`picked`: false after a lost slot race), and what `claimed_job` reads with the job.
+
+    The build and the pipeline are read in the claim's own statement: a round trip less per claim.
+    """
+    build = _JOB.bare("build")
+    return (f" SELECT claimed.*, {picked}, {CLAIMED_BUILD.select(_CB)}, {CLAIMED_PIPELINE.select(_CP)},"
+            f" {_claimed_secrets('postgresql')}"
+            f" FROM (SELECT 1) one LEFT JOIN claimed ON TRUE LEFT JOIN {_CB} ON {_CB.id} = claimed.{build}"
+            f" LEFT JOIN {_CP} ON {_CP.id} = {_CB.pipeline}")
 
 
 # A claim that lost every free slot of its job's group to racers tries again, this often.
@@ -388,20 +408,32 @@ def assign_next_job(*, organization_id: int, agent_id: uuid.UUID, credential_has
         params = [*held, *me, *waiting, organization_id, *params, *guard]
     else:
         params = [*me, *params, *held, *waiting, *guard]
+    if connection.vendor == "postgresql":
+        return _assign_on_postgresql(params, fresh)
+    with connection.cursor() as cursor:
+        cursor.execute(_claim_sql(fresh), params)
+        row = cursor.fetchone()
+    if row is None or row[0] is None:
+        return None
+    job_id, parent_id, children = row[:3]
+    return Assigned(job_id, None if parent_id is None else uuid.UUID(str(parent_id)), bool(children))
+
+
+def _assign_on_postgresql(params: list[Any], fresh: bool) -> Assigned | None:
     with prepared.cursor() as cursor:
         for _attempt in range(CLAIM_ATTEMPTS):
             cursor.execute(_claim_sql(fresh), params)
-            row = cursor.fetchone()
-            if row is None:
-                return None
-            if row[0] is not None:
+            cells = iter(cursor.fetchone())
+            job = CLAIMED_JOB.load(cells, connection)
+            parent_id, children, picked = next(cells), next(cells), next(cells)
+            if job.pk is not None:
                 break
-            if not (fresh and connection.vendor == "postgresql" and row[3]):
+            if not (fresh and picked):
                 return None  # nothing this agent may take (not a lost race)
         else:
             return None
-    job_id, parent_id, children = row[:3]
-    return Assigned(job_id, None if parent_id is None else uuid.UUID(str(parent_id)), bool(children))
+    _attach_claimed_build(job, cells)
+    return Assigned(job.pk, None if parent_id is None else uuid.UUID(str(parent_id)), bool(children), job)
 
 
 # What the job spec reads of the build and the pipeline (builds.services.job_specs),
@@ -417,15 +449,19 @@ CLAIMED_PIPELINE = Columns(Pipeline, ("id", "organization", "slug", "repository"
 _CS = Table(Secret, "s")
 
 
-@functools.cache
-def _claimed_job_sql(vendor: str) -> str:
+def _claimed_secrets(vendor: str) -> str:
     # The secrets of the organization and the pipeline ride along as one JSON array of SECRET_ROW
     # arrays (a job that may not have them ignores them): one round trip less per claim.
     row = ", ".join(getattr(_CS, name.removesuffix("_id")) for name in SECRET_ROW)
     array, aggregate = ("json_build_array", "json_agg") if vendor == "postgresql" else ("json_array", "json_group_array")
-    secrets = (f"(SELECT {aggregate}({array}({row})) FROM {_CS} WHERE {_CS.organization} = {_CP.organization}"
-               f" AND ({_CS.pipeline} IS NULL OR {_CS.pipeline} = {_CP.id}))")
-    return (f"SELECT {CLAIMED_JOB.select(_CJ)}, {CLAIMED_BUILD.select(_CB)}, {CLAIMED_PIPELINE.select(_CP)}, {secrets}"
+    return (f"(SELECT {aggregate}({array}({row})) FROM {_CS} WHERE {_CS.organization} = {_CP.organization}"
+            f" AND ({_CS.pipeline} IS NULL OR {_CS.pipeline} = {_CP.id}))")
+
+
+@functools.cache
+def _claimed_job_sql(vendor: str) -> str:
+    return (f"SELECT {CLAIMED_JOB.select(_CJ)}, {CLAIMED_BUILD.select(_CB)}, {CLAIMED_PIPELINE.select(_CP)},"
+            f" {_claimed_secrets(vendor)}"
             f" FROM {_CJ} JOIN {_CB} ON {_CB.id} = {_CJ.build} JOIN {_CP} ON {_CP.id} = {_CB.pipeline}"
             f" WHERE {_CJ.id} = %s")
 
@@ -440,13 +476,18 @@ def claimed_job(job_id: Any) -> Job:
     cells = first_row(_claimed_job_sql(connection.vendor), [db_value(Job, "id", job_id)], prepared=True)
     assert cells is not None, "a job just claimed exists"
     job = CLAIMED_JOB.load(cells, connection)
+    _attach_claimed_build(job, cells)
+    return job
+
+
+def _attach_claimed_build(job: Job, cells: Iterator[Any]) -> None:
+    """The rest of a claimed job's row: its build, its pipeline and the secrets it may get."""
     job.build = CLAIMED_BUILD.load(cells, connection)
     job.build.pipeline = CLAIMED_PIPELINE.load(cells, connection)
     secrets = next(cells)
     if isinstance(secrets, str):  # SQLite answers the JSON as text
         secrets = json.loads(secrets)
     job.secret_rows = [tuple(row) for row in secrets or ()]
-    return job
 
 
 # ------------------------------------------------------------------ agent credentials

@@ -224,8 +224,12 @@ FINISH = 5
 # A build's start or end event that nobody listens to: whether a webhook endpoint or a status
 # repository would hear of it (builds.sql.build_event_receivers).
 BUILD_EVENT = 1
-# Claiming: the claim, then the job with its build, its pipeline and its secrets (the job spec).
-CLAIM = 2
+
+
+def claim_queries() -> int:
+    """Claiming: the claim, and the job with its build, its pipeline and its secrets (the job spec),
+    in the claim's own statement on PostgreSQL, in a second query on SQLite (builds.sql.assign_next_job)."""
+    return 1 if is_postgres() else 2
 
 
 def finish_body(**extra) -> dict:
@@ -238,7 +242,7 @@ def finish_body(**extra) -> dict:
 def test_a_busy_agents_requests_cost_the_same_for_2_and_30_jobs(session, pipeline, size, django_assert_num_queries):
     make_build(pipeline, pipeline_ir=parallel_ir(size, prefix="p"))
 
-    with django_assert_num_queries(1 + CLAIM + 1):  # the session; the build's first claim marks it running
+    with django_assert_num_queries(1 + claim_queries() + 1):  # the session; the build's first claim marks it running
         response = session.post(f"{AGENT}/claim")
     assert response.status_code == 200
     spec, job_client = response.json()["job"], bearer(response.json()["job_token"])
@@ -248,7 +252,7 @@ def test_a_busy_agents_requests_cost_the_same_for_2_and_30_jobs(session, pipelin
         response = job_client.post(job_url(spec["id"], "logs"), {"chunks": [chunk(1, "x\n")]}, format="json")
     assert response.json()["state"] == "running"
 
-    with django_assert_num_queries(FINISH + end_job() + CLAIM):
+    with django_assert_num_queries(FINISH + end_job() + claim_queries()):
         response = job_client.post(job_url(spec["id"], "finish"), finish_body(claim_next=True), format="json")
     assert response.json()["state"] == "passed" and response.json()["next"]["job"]["step_key"] == "p1"
 
@@ -273,13 +277,13 @@ def test_a_quick_jobs_start_riding_on_its_finish_costs_no_query_more(session, pi
     spec, job_client = response.json()["job"], bearer(response.json()["job_token"])
     started = {"agent_name": "runner-1", "elapsed_seconds": 0.01}
 
-    with django_assert_num_queries(FINISH + end_job() + 1 + BUILD_EVENT + CLAIM):  # + the build's first start
+    with django_assert_num_queries(FINISH + end_job() + 1 + BUILD_EVENT + claim_queries()):  # + the build's first start
         response = job_client.post(job_url(spec["id"], "finish"), finish_body(claim_next=True, started=started),
                                    format="json")
     assert response.json()["state"] == "passed" and response.json()["next"]["job"]["step_key"] == "p1"
     following = response.json()["next"]
 
-    with django_assert_num_queries(FINISH + end_job() + CLAIM):
+    with django_assert_num_queries(FINISH + end_job() + claim_queries()):
         response = bearer(following["job_token"]).post(job_url(following["job"]["id"], "finish"),
                                                        finish_body(claim_next=True, started=started), format="json")
     assert response.json()["state"] == "passed" and response.json()["next"]["job"]["step_key"] == "p2"

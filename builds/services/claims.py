@@ -50,10 +50,11 @@ def claim_for_agent(*, agent_id: uuid.UUID, organization_id: int, now: datetime 
                     claim_key: str | None = None, fresh: bool = True) -> Claim | None:
     """`claim_job` by the agent's id (a finish report's job names its agent; it needn't be loaded).
 
-    The claim itself is one statement (which also answers the job's
-    `builds_in` links); then one query reads the job with its build and
-    pipeline for the job spec. `fresh=False`: only re-answer the job already
-    claimed under `claim_key` (a retried finish report).
+    The claim itself is one statement, which also answers the job's
+    `builds_in` links and, on PostgreSQL, the job with its build and pipeline
+    for the job spec (on SQLite a second query reads those). `fresh=False`:
+    only re-answer the job already claimed under `claim_key` (a retried
+    finish report).
     """
     now = now or timezone.now()
     credential = new_prefixed_secret(JOB_CREDENTIAL_PREFIX)
@@ -62,7 +63,7 @@ def claim_for_agent(*, agent_id: uuid.UUID, organization_id: int, now: datetime 
                                    fresh=fresh)
     if assigned is None:
         return None
-    job = sql.claimed_job(assigned.job_id)
+    job = assigned.job if assigned.job is not None else sql.claimed_job(assigned.job_id)
     if fresh and job.scheduled_at is not None:
         metrics.CLAIM_LATENCY.observe(max(0.0, (now - job.scheduled_at).total_seconds()))
     job.builds_in = BuildsInLinks(assigned.builds_in_parent_id, assigned.builds_in_children)
