@@ -13,7 +13,8 @@ other gets Django's real check, and a dead one is replaced before the request us
 it, as before. A connection that broke silently (a network cut with no reset) fails
 either way: the `SELECT 1` would hang where the request's query does.
 
-Prepared statements (`prepared_cursor`, used through harmont.prepared).
+And a cursor whose statements are prepared (`prepared_cursor`): what
+harmont.prepared runs the agent path's statements on.
 """
 
 from __future__ import annotations
