@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,6 +364,12 @@ def job_user() -> Iterator[pwd.struct_passwd]:
         yield pwd.getpwnam(name)
     finally:
         subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+        # The signal is sent, not yet done: userdel refuses a user with a process left (status 8)
+        # until the killed ones are gone and reaped.
+        deadline = time.monotonic() + 10
+        while (subprocess.run(["pgrep", "-u", name], capture_output=True).returncode == 0
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
         subprocess.run(["userdel", name], check=True, capture_output=True)
 
 
