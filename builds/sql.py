@@ -162,7 +162,7 @@ def end_job(*, job_id: uuid.UUID, build_id: uuid.UUID, values: Mapping[str, obje
 
 # ------------------------------------------------------------------ who hears of a build's event
 
-_EB, _EP, _ER = Table(Build, "b"), Table(Pipeline, "p"), Table(Repository, "r")
+_ER = Table(Repository, "r")
 
 
 @functools.cache
@@ -173,11 +173,11 @@ def _event_receivers_sql(vendor: str) -> str:
     else:
         subscribed = f"EXISTS (SELECT 1 FROM json_each({w.events}) e WHERE e.value = %s)"
     # The repository a build's commit statuses go to: as builds.services.notifications matches it.
-    repository = (f"SELECT 1 FROM {_ER} WHERE {_ER.organization} = {_EP.organization}"
-                  f" AND LOWER({_ER.repo_name}) = LOWER({_EP.repo_name}) AND {_ER.github_token_encrypted} <> ''")
-    return (f"SELECT EXISTS (SELECT 1 FROM {w} WHERE {w.organization} = {_EP.organization} AND {subscribed}),"
+    repository = (f"SELECT 1 FROM {_ER} WHERE {_ER.organization} = {_CP.organization}"
+                  f" AND LOWER({_ER.repo_name}) = LOWER({_CP.repo_name}) AND {_ER.github_token_encrypted} <> ''")
+    return (f"SELECT EXISTS (SELECT 1 FROM {w} WHERE {w.organization} = {_CP.organization} AND {subscribed}),"
             f" EXISTS ({repository})"
-            f" FROM {_EB} JOIN {_EP} ON {_EP.id} = {_EB.pipeline} WHERE {_EB.id} = %s")
+            f" FROM {_CB} JOIN {_CP} ON {_CP.id} = {_CB.pipeline} WHERE {_CB.id} = %s")
 
 
 def build_event_receivers(build_id: uuid.UUID, event: str) -> tuple[bool, bool] | None:

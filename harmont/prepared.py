@@ -12,11 +12,9 @@ that costs no more than the plans it made for the values.
 
 Only these statements: the ORM's queries keep the client-side binding Django
 uses by default. A prepared statement lives as long as the database session:
-HARMONT_PREPARED_STATEMENTS=0 turns this off for a pooler that hands a server
-session from one client to another between transactions (PgBouncer in
-transaction mode), where a statement prepared through one session would be
-missing in the next. SQLite runs every statement as it is (its connection
-already caches them).
+HARMONT_PREPARED_STATEMENTS=0 turns this off for a pooler that can't keep a
+session's prepared statements. SQLite runs every statement as it is (its
+connection already caches them).
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def database_from_url(url: str) -> dict:
 
 
 # The statements every agent request runs are prepared once per PostgreSQL connection
-# (harmont.prepared); off for a pooler in transaction mode, which shares server sessions.
+# (harmont.prepared); off for a pooler that can't keep a session's prepared statements.
 PREPARED_STATEMENTS = env_bool("HARMONT_PREPARED_STATEMENTS", True)
 
 DEBUG = env_bool("HARMONT_DEBUG", False)
