@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from builds import claim_resumes
@@ -257,6 +258,11 @@ def asgi_agents(server: tuple[str, int], transactional_db: None, agent_token: or
         yield pool
     finally:
         pool.close()
+        if connection.vendor == "postgresql":
+            # A resumed claim's last-seen time is written up to SEEN_FLUSH_SECONDS after it
+            # (builds.claim_resumes), by this process's server: once that has passed, the killed
+            # agents leave nothing to write that could race the teardown's TRUNCATE for locks.
+            time.sleep(claim_resumes.SEEN_FLUSH_SECONDS + 0.5)
         database_quiet()
 
 
